@@ -1,0 +1,986 @@
+//! The job configuration: where a config comes from, its schema, `--set`
+//! overrides and validation.
+//!
+//! Loading has two stages, as in ripgrep: a *raw* stage ([`RawConfig`]: the
+//! TOML table as written, plus `--set` overrides, every key checked against
+//! [`SCHEMA`]) and a *resolved* stage ([`Config`]: typed, derived defaults
+//! filled in, every value checked). Only a resolved config leaves this
+//! module; each component then takes only its own section.
+//!
+//! This module must not guess: an unknown section or key, a wrong type or an
+//! impossible value is an error naming the file (or the `--set` argument),
+//! the key and what is wrong, with the nearest valid key for a typo.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The presets shipped inside every binary, so `--config tiny` works from
+/// any directory. Files in `configs/` take precedence (see [`RawConfig::locate`]).
+pub const PRESETS: &[(&str, &str)] = &[
+    ("tiny", include_str!("../../configs/tiny.toml")),
+    ("h100_1k", include_str!("../../configs/h100_1k.toml")),
+    ("h100", include_str!("../../configs/h100.toml")),
+];
+
+/// Every valid `section.key`. SPEC §5 fixes these names so that `--set`
+/// means the same thing everywhere; a test checks this list against the
+/// fields of [`Config`].
+pub const SCHEMA: &[(&str, &[&str])] = &[
+    ("model", &["n_layer", "n_head", "n_embd", "vocab_size", "context"]),
+    (
+        "data",
+        &[
+            "train",
+            "val",
+            "stride",
+            "val_fraction",
+            "synthetic_tokens",
+            "synthetic_branching",
+        ],
+    ),
+    (
+        "train",
+        &[
+            "max_steps",
+            "warmup_steps",
+            "lr",
+            "min_lr_ratio",
+            "decay",
+            "global_batch",
+            "micro_batch",
+            "eval_interval",
+            "eval_batches",
+            "seed",
+        ],
+    ),
+    (
+        "optim",
+        &["beta1", "beta2", "eps", "weight_decay", "grad_clip"],
+    ),
+    ("checkpoint", &["dir", "interval", "keep_last"]),
+    ("worker", &["device", "threads"]),
+    (
+        "cluster",
+        &[
+            "workers",
+            "min_workers",
+            "max_workers",
+            "heartbeat_interval_s",
+            "heartbeat_timeout_s",
+            "startup_timeout_s",
+            "step_timeout_s",
+            "max_restarts",
+        ],
+    ),
+];
+
+/// Largest vocabulary a `uint16` token file can address.
+pub const MAX_VOCAB: usize = 1 << 16;
+
+/// What went wrong while loading a config. Every variant names where the
+/// value came from (`origin`: a file, an embedded preset or a `--set`).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "config `{name}` not found: tried {tried}; built-in presets are {presets} (pass a path or one of those names)"
+    )]
+    NotFound {
+        name: String,
+        tried: String,
+        presets: String,
+    },
+    #[error("{origin}: cannot read: {message}")]
+    Io { origin: String, message: String },
+    #[error("{origin}: not valid TOML: {message}")]
+    Syntax { origin: String, message: String },
+    #[error("{origin}: unknown section `[{section}]`{hint}; valid sections are {valid}")]
+    UnknownSection {
+        origin: String,
+        section: String,
+        hint: Hint,
+        valid: String,
+    },
+    #[error("{origin}: unknown key `{key}`{hint}")]
+    UnknownKey {
+        origin: String,
+        key: String,
+        hint: Hint,
+    },
+    #[error("{origin}: `{key}` has the wrong type: {message}")]
+    WrongType {
+        origin: String,
+        key: String,
+        message: String,
+    },
+    #[error("{origin}: `{key}` = {value}: {reason}")]
+    Invalid {
+        origin: String,
+        key: String,
+        value: String,
+        reason: String,
+    },
+    #[error("--set {arg}: {reason} (expected `section.key=value`, e.g. `--set train.lr=3e-4`)")]
+    BadOverride { arg: String, reason: String },
+}
+
+/// An optional "did you mean" suffix for an error message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hint(pub Option<String>);
+
+impl fmt::Display for Hint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(s) => write!(f, " (did you mean `{s}`?)"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Where a config's text came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    File(PathBuf),
+    Embedded(&'static str),
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigSource::File(p) => write!(f, "{}", p.display()),
+            ConfigSource::Embedded(n) => write!(f, "built-in preset `{n}`"),
+        }
+    }
+}
+
+/// Stage one: the TOML table as written, with `--set` overrides applied and
+/// every key known, but nothing typed or checked for sense yet.
+#[derive(Debug, Clone)]
+pub struct RawConfig {
+    /// A short name for the run (file stem or preset name), used for the
+    /// default run directory `runs/<name>`.
+    pub name: String,
+    pub source: ConfigSource,
+    table: toml::Table,
+    overridden: BTreeSet<String>,
+}
+
+impl RawConfig {
+    /// Finds `name` as a path, else `configs/<name>.toml` (relative to the
+    /// current directory), else the preset embedded in the binary.
+    pub fn locate(name: &str) -> Result<RawConfig, ConfigError> {
+        let direct = Path::new(name);
+        let in_configs = Path::new("configs").join(format!("{name}.toml"));
+        let source = if direct.is_file() {
+            ConfigSource::File(direct.to_path_buf())
+        } else if !name.contains(['/', '\\']) && in_configs.is_file() {
+            ConfigSource::File(in_configs)
+        } else if let Some((preset, _)) = PRESETS.iter().find(|(n, _)| *n == name) {
+            ConfigSource::Embedded(preset)
+        } else {
+            return Err(ConfigError::NotFound {
+                name: name.to_string(),
+                tried: format!("`{}`, `{}`", direct.display(), in_configs.display()),
+                presets: preset_names(),
+            });
+        };
+        let text = match &source {
+            ConfigSource::File(p) => std::fs::read_to_string(p).map_err(|e| ConfigError::Io {
+                origin: p.display().to_string(),
+                message: e.to_string(),
+            })?,
+            ConfigSource::Embedded(n) => preset_text(n).unwrap_or_default().to_string(),
+        };
+        let stem = match &source {
+            ConfigSource::File(p) => p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "run".to_string()),
+            ConfigSource::Embedded(n) => (*n).to_string(),
+        };
+        RawConfig::parse(&text, stem, source)
+    }
+
+    /// Parses TOML text and checks every section and key against [`SCHEMA`].
+    pub fn parse(text: &str, name: String, source: ConfigSource) -> Result<RawConfig, ConfigError> {
+        let origin = source.to_string();
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            origin: origin.clone(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        check_keys(&table, &origin)?;
+        Ok(RawConfig {
+            name,
+            source,
+            table,
+            overridden: BTreeSet::new(),
+        })
+    }
+
+    /// Applies one `--set section.key=value`. The value is read as a TOML
+    /// value (`3e-4`, `true`, `"x"`); anything that is not valid TOML is
+    /// taken as a string, so `--set worker.device=cuda:0` works unquoted.
+    /// An empty value removes the key (back to its default).
+    pub fn set(&mut self, arg: &str) -> Result<(), ConfigError> {
+        let bad = |reason: &str| ConfigError::BadOverride {
+            arg: arg.to_string(),
+            reason: reason.to_string(),
+        };
+        let (path, value) = arg.split_once('=').ok_or_else(|| bad("missing `=`"))?;
+        let path = path.trim();
+        let (section, key) = path
+            .split_once('.')
+            .ok_or_else(|| bad("the key must be `section.key`"))?;
+        let origin = format!("--set {arg}");
+        let mut probe = toml::Table::new();
+        let mut inner = toml::Table::new();
+        inner.insert(key.to_string(), toml::Value::Boolean(true));
+        probe.insert(section.to_string(), toml::Value::Table(inner));
+        check_keys(&probe, &origin)?;
+
+        let value = value.trim();
+        let entry = self
+            .table
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let toml::Value::Table(sec) = entry else {
+            return Err(bad("the section is not a table in the config file"));
+        };
+        if value.is_empty() {
+            sec.remove(key);
+        } else {
+            sec.insert(key.to_string(), parse_value(value));
+        }
+        self.overridden.insert(path.to_string());
+        Ok(())
+    }
+
+    /// Stage two: types, derived defaults and validation.
+    pub fn resolve(&self) -> Result<Config, ConfigError> {
+        let mut table = self.table.clone();
+        fill_derived_defaults(&mut table);
+        let origin_of = |key: &str| {
+            if self.overridden.contains(key) {
+                format!("--set {key}")
+            } else {
+                self.source.to_string()
+            }
+        };
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                ConfigError::WrongType {
+                    origin: origin_of(&key),
+                    message: e.inner().to_string().trim_end().to_string(),
+                    key,
+                }
+            })?;
+        config.validate().map_err(|v| ConfigError::Invalid {
+            origin: origin_of(&v.key),
+            key: v.key,
+            value: v.value,
+            reason: v.reason,
+        })?;
+        Ok(config)
+    }
+}
+
+fn parse_value(text: &str) -> toml::Value {
+    format!("v = {text}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+}
+
+fn preset_names() -> String {
+    PRESETS
+        .iter()
+        .map(|(n, _)| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The embedded text of a preset.
+pub fn preset_text(name: &str) -> Option<&'static str> {
+    PRESETS.iter().find(|(n, _)| *n == name).map(|(_, t)| *t)
+}
+
+fn schema_keys(section: &str) -> Option<&'static [&'static str]> {
+    SCHEMA.iter().find(|(s, _)| *s == section).map(|(_, k)| *k)
+}
+
+/// The closest valid `section.key` to a mistyped `section.key`, if any is
+/// close enough to be worth suggesting.
+fn suggest_key(section: &str, key: &str) -> Option<String> {
+    let mut best: Option<(f64, String)> = None;
+    for (s, keys) in SCHEMA {
+        for k in *keys {
+            let mut score = strsim::normalized_damerau_levenshtein(key, k);
+            if *s == section {
+                score += 0.05;
+            }
+            if best.as_ref().is_none_or(|(b, _)| score > *b) {
+                best = Some((score, format!("{s}.{k}")));
+            }
+        }
+    }
+    best.filter(|(score, _)| *score >= 0.6).map(|(_, k)| k)
+}
+
+fn check_keys(table: &toml::Table, origin: &str) -> Result<(), ConfigError> {
+    for (section, value) in table {
+        let Some(keys) = schema_keys(section) else {
+            let hint = SCHEMA
+                .iter()
+                .map(|(s, _)| (strsim::normalized_damerau_levenshtein(section, s), *s))
+                .filter(|(score, _)| *score >= 0.5)
+                .max_by(|a, b| a.0.total_cmp(&b.0))
+                .map(|(_, s)| s.to_string());
+            // A top-level key such as `lr = 1e-3` outside any section is the
+            // most common mistake: point at the section it belongs to.
+            let hint = hint.or_else(|| {
+                SCHEMA
+                    .iter()
+                    .find(|(_, ks)| ks.contains(&section.as_str()))
+                    .map(|(s, _)| format!("[{s}] {section}"))
+            });
+            return Err(ConfigError::UnknownSection {
+                origin: origin.to_string(),
+                section: section.clone(),
+                hint: Hint(hint),
+                valid: SCHEMA
+                    .iter()
+                    .map(|(s, _)| format!("[{s}]"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        };
+        let toml::Value::Table(entries) = value else {
+            return Err(ConfigError::WrongType {
+                origin: origin.to_string(),
+                key: section.clone(),
+                message: format!("expected a `[{section}]` table, found a {}", value.type_str()),
+            });
+        };
+        for key in entries.keys() {
+            if !keys.contains(&key.as_str()) {
+                return Err(ConfigError::UnknownKey {
+                    origin: origin.to_string(),
+                    key: format!("{section}.{key}"),
+                    hint: Hint(suggest_key(section, key)),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Defaults that depend on other keys: `data.stride` = `model.context`
+/// (non-overlapping windows), `cluster.min_workers`/`max_workers` =
+/// `cluster.workers` (a fixed-size job unless told otherwise).
+fn fill_derived_defaults(table: &mut toml::Table) {
+    let get = |t: &toml::Table, s: &str, k: &str| {
+        t.get(s).and_then(|v| v.as_table()).and_then(|t| t.get(k)).cloned()
+    };
+    let context = get(table, "model", "context")
+        .unwrap_or(toml::Value::Integer(ModelConfig::default().context as i64));
+    let workers = get(table, "cluster", "workers")
+        .unwrap_or(toml::Value::Integer(ClusterConfig::default().workers as i64));
+    let mut set_default = |s: &str, k: &str, v: toml::Value| {
+        let sec = table
+            .entry(s.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let toml::Value::Table(sec) = sec {
+            sec.entry(k.to_string()).or_insert(v);
+        }
+    };
+    set_default("data", "stride", context);
+    set_default("cluster", "min_workers", workers.clone());
+    set_default("cluster", "max_workers", workers);
+}
+
+/// A resolved, validated job configuration. Serialises to the TOML saved as
+/// `config.toml` in every checkpoint and sent to every worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub optim: OptimConfig,
+    pub checkpoint: CheckpointConfig,
+    pub worker: WorkerConfig,
+    pub cluster: ClusterConfig,
+}
+
+/// GPT-2 architecture sizes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Transformer blocks.
+    pub n_layer: usize,
+    /// Attention heads per block; must divide `n_embd`.
+    pub n_head: usize,
+    /// Width of the residual stream.
+    pub n_embd: usize,
+    /// Embedding rows; GPT-2's 50,257 tokens padded to 50,304 (a multiple of 64).
+    pub vocab_size: usize,
+    /// Tokens per sample (the attention window).
+    pub context: usize,
+}
+
+impl Default for ModelConfig {
+    /// GPT-2 small (124M parameters).
+    fn default() -> Self {
+        ModelConfig {
+            n_layer: 12,
+            n_head: 12,
+            n_embd: 768,
+            vocab_size: 50_304,
+            context: 1024,
+        }
+    }
+}
+
+/// Where the tokens come from and how they are cut into samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataConfig {
+    /// Training token file (nanoGPT `uint16` or llm.c); absent = built-in synthetic corpus.
+    pub train: Option<PathBuf>,
+    /// Validation token file; absent = the last `val_fraction` of the training source.
+    pub val: Option<PathBuf>,
+    /// Distance between the starts of consecutive samples; default = `model.context`.
+    pub stride: usize,
+    /// Share of tokens held out for validation when there is no `val` file
+    /// (and the default split of `coordinator prepare`).
+    pub val_fraction: f64,
+    /// Length of the built-in synthetic corpus, in tokens.
+    pub synthetic_tokens: usize,
+    /// Possible successors of each token in the synthetic Markov source.
+    pub synthetic_branching: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            train: None,
+            val: None,
+            stride: ModelConfig::default().context,
+            val_fraction: 0.1,
+            synthetic_tokens: 1_000_000,
+            synthetic_branching: 4,
+        }
+    }
+}
+
+/// How the learning rate decays after warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Decay {
+    Constant,
+    Cosine,
+    Linear,
+}
+
+/// The optimisation schedule and batch geometry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Total optimiser steps of the run.
+    pub max_steps: u64,
+    /// Steps of linear warmup to the peak LR: `lr(s) = lr · (s+1)/warmup_steps`.
+    pub warmup_steps: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Floor of any decay, as a fraction of `lr` (also used by `--extend-steps`).
+    pub min_lr_ratio: f64,
+    /// Shape after warmup: `constant`, `cosine` or `linear` (to `min_lr_ratio · lr`).
+    pub decay: Decay,
+    /// Samples per optimiser step, summed over all workers; never changes with the worker count.
+    pub global_batch: usize,
+    /// Samples per forward/backward pass on one worker.
+    pub micro_batch: usize,
+    /// Evaluate every this many steps (0 = only at the end).
+    pub eval_interval: u64,
+    /// Validation samples per evaluation, in units of `global_batch` (0 = the whole split).
+    pub eval_batches: usize,
+    /// Seed of weight initialisation, data order and the synthetic corpus.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            max_steps: 1000,
+            warmup_steps: 100,
+            lr: 1e-3,
+            min_lr_ratio: 0.1,
+            decay: Decay::Constant,
+            global_batch: 8,
+            micro_batch: 1,
+            eval_interval: 100,
+            eval_batches: 4,
+            seed: 1337,
+        }
+    }
+}
+
+/// AdamW and gradient clipping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// First-moment decay.
+    pub beta1: f64,
+    /// Second-moment decay.
+    pub beta2: f64,
+    /// Added to the denominator for numerical safety.
+    pub eps: f64,
+    /// Decoupled weight decay, applied to matrices (2-D weights) only.
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this value (0 = no clipping).
+    pub grad_clip: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+/// Where and how often checkpoints are written.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Folder of `step-NNNNNNNN/` directories and the `best`/`latest` pointers.
+    pub dir: PathBuf,
+    /// Checkpoint every this many steps (0 = only at the end and on a new best).
+    pub interval: u64,
+    /// Complete checkpoints to keep, besides `best`.
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            dir: PathBuf::from("checkpoints"),
+            interval: 100,
+            keep_last: 3,
+        }
+    }
+}
+
+/// The compute device of a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Device {
+    Cpu,
+    /// `cuda` (the worker's local rank picks the GPU) or `cuda:N`.
+    Cuda(Option<usize>),
+}
+
+impl TryFrom<String> for Device {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(None)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(|n| Device::Cuda(Some(n)))
+                .ok_or_else(|| format!("unknown device `{other}`: expected `cpu`, `cuda` or `cuda:N`")),
+        }
+    }
+}
+
+impl From<Device> for String {
+    fn from(d: Device) -> String {
+        d.to_string()
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(None) => write!(f, "cuda"),
+            Device::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// What each worker process runs on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// `cpu`, `cuda` or `cuda:N`.
+    pub device: Device,
+    /// CPU threads per worker (0 = the machine's cores divided among local workers).
+    pub threads: usize,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            device: Device::Cpu,
+            threads: 0,
+        }
+    }
+}
+
+/// The worker set and failure handling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// Workers the job starts with (`--workers` overrides).
+    pub workers: usize,
+    /// Fewest workers a restarted job may continue with; default = `workers`.
+    pub min_workers: usize,
+    /// Most workers a restarted job may use; default = `workers`.
+    pub max_workers: usize,
+    /// Period of heartbeats on each worker stream.
+    pub heartbeat_interval_s: f64,
+    /// A worker silent for this long is declared lost.
+    pub heartbeat_timeout_s: f64,
+    /// Time for all workers to register and load (long: model building, checkpoint loading).
+    pub startup_timeout_s: f64,
+    /// Time for every rank to report one step (short: names the ranks that did not).
+    pub step_timeout_s: f64,
+    /// Automatic restarts from the latest checkpoint before the job gives up.
+    pub max_restarts: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            workers: 1,
+            min_workers: 1,
+            max_workers: 1,
+            heartbeat_interval_s: 2.0,
+            heartbeat_timeout_s: 10.0,
+            startup_timeout_s: 300.0,
+            step_timeout_s: 120.0,
+            max_restarts: 3,
+        }
+    }
+}
+
+/// A value that failed validation: which key, what it was, why.
+#[derive(Debug)]
+struct Violation {
+    key: String,
+    value: String,
+    reason: String,
+}
+
+fn check(ok: bool, key: &str, value: impl fmt::Display, reason: &str) -> Result<(), Violation> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Violation {
+            key: key.to_string(),
+            value: value.to_string(),
+            reason: reason.to_string(),
+        })
+    }
+}
+
+impl Config {
+    fn validate(&self) -> Result<(), Violation> {
+        let m = &self.model;
+        check(m.n_layer >= 1, "model.n_layer", m.n_layer, "must be at least 1")?;
+        check(m.n_head >= 1, "model.n_head", m.n_head, "must be at least 1")?;
+        check(
+            m.n_embd >= 1 && m.n_embd.is_multiple_of(m.n_head),
+            "model.n_embd",
+            m.n_embd,
+            &format!("must be a positive multiple of model.n_head = {}", m.n_head),
+        )?;
+        check(
+            (2..=MAX_VOCAB).contains(&m.vocab_size),
+            "model.vocab_size",
+            m.vocab_size,
+            &format!("must be in 2..={MAX_VOCAB} (token files hold uint16 ids)"),
+        )?;
+        check(m.context >= 1, "model.context", m.context, "must be at least 1")?;
+
+        let d = &self.data;
+        check(d.stride >= 1, "data.stride", d.stride, "must be at least 1 (1 = every offset, context = non-overlapping windows)")?;
+        check(
+            (0.0..1.0).contains(&d.val_fraction),
+            "data.val_fraction",
+            d.val_fraction,
+            "must be in [0, 1)",
+        )?;
+        check(
+            d.synthetic_branching >= 1 && d.synthetic_branching <= m.vocab_size,
+            "data.synthetic_branching",
+            d.synthetic_branching,
+            &format!("must be in 1..=model.vocab_size ({})", m.vocab_size),
+        )?;
+        check(
+            d.synthetic_tokens > m.context + 1,
+            "data.synthetic_tokens",
+            d.synthetic_tokens,
+            &format!("must exceed model.context + 1 = {}", m.context + 1),
+        )?;
+
+        let t = &self.train;
+        check(t.max_steps >= 1, "train.max_steps", t.max_steps, "must be at least 1")?;
+        check(
+            t.warmup_steps <= t.max_steps,
+            "train.warmup_steps",
+            t.warmup_steps,
+            &format!("must not exceed train.max_steps = {}", t.max_steps),
+        )?;
+        check(t.lr.is_finite() && t.lr > 0.0, "train.lr", t.lr, "must be a positive number")?;
+        check(
+            (0.0..=1.0).contains(&t.min_lr_ratio),
+            "train.min_lr_ratio",
+            t.min_lr_ratio,
+            "must be in [0, 1]",
+        )?;
+        check(t.micro_batch >= 1, "train.micro_batch", t.micro_batch, "must be at least 1")?;
+        check(t.global_batch >= 1, "train.global_batch", t.global_batch, "must be at least 1")?;
+        self.accumulation(self.cluster.workers)?;
+
+        let o = &self.optim;
+        check((0.0..1.0).contains(&o.beta1), "optim.beta1", o.beta1, "must be in [0, 1)")?;
+        check((0.0..1.0).contains(&o.beta2), "optim.beta2", o.beta2, "must be in [0, 1)")?;
+        check(o.eps > 0.0, "optim.eps", o.eps, "must be positive")?;
+        check(o.weight_decay >= 0.0, "optim.weight_decay", o.weight_decay, "must not be negative")?;
+        check(o.grad_clip >= 0.0, "optim.grad_clip", o.grad_clip, "must not be negative (0 = no clipping)")?;
+
+        let c = &self.checkpoint;
+        check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be at least 1")?;
+
+        let cl = &self.cluster;
+        check(cl.workers >= 1, "cluster.workers", cl.workers, "must be at least 1")?;
+        check(
+            cl.min_workers >= 1 && cl.min_workers <= cl.workers,
+            "cluster.min_workers",
+            cl.min_workers,
+            &format!("must be in 1..=cluster.workers ({})", cl.workers),
+        )?;
+        check(
+            cl.max_workers >= cl.workers,
+            "cluster.max_workers",
+            cl.max_workers,
+            &format!("must be at least cluster.workers ({})", cl.workers),
+        )?;
+        for (key, v) in [
+            ("cluster.heartbeat_interval_s", cl.heartbeat_interval_s),
+            ("cluster.heartbeat_timeout_s", cl.heartbeat_timeout_s),
+            ("cluster.startup_timeout_s", cl.startup_timeout_s),
+            ("cluster.step_timeout_s", cl.step_timeout_s),
+        ] {
+            check(v.is_finite() && v > 0.0, key, v, "must be a positive number of seconds")?;
+        }
+        check(
+            cl.heartbeat_timeout_s > cl.heartbeat_interval_s,
+            "cluster.heartbeat_timeout_s",
+            cl.heartbeat_timeout_s,
+            &format!(
+                "must exceed cluster.heartbeat_interval_s = {}",
+                cl.heartbeat_interval_s
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// Gradient accumulation steps for `workers` workers:
+    /// `global_batch / (workers × micro_batch)`, which must divide exactly.
+    fn accumulation(&self, workers: usize) -> Result<usize, Violation> {
+        let t = &self.train;
+        let per_pass = workers.max(1) * t.micro_batch;
+        check(
+            t.global_batch.is_multiple_of(per_pass),
+            "train.global_batch",
+            t.global_batch,
+            &format!(
+                "must be divisible by workers × train.micro_batch = {workers} × {} = {per_pass}",
+                t.micro_batch
+            ),
+        )?;
+        Ok(t.global_batch / per_pass)
+    }
+
+    /// Gradient accumulation steps with `workers` workers, or a message
+    /// saying why the global batch cannot be shared among them.
+    pub fn accumulation_for(&self, workers: usize) -> Result<usize, String> {
+        self.accumulation(workers)
+            .map_err(|v| format!("`{}` = {}: {}", v.key, v.value, v.reason))
+    }
+
+    /// The resolved config as TOML, every key present (the text saved as
+    /// `config.toml` and sent to workers).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot serialise config: {e}\n"))
+    }
+
+    /// Reads a resolved config back (a worker's job, a checkpoint's
+    /// `config.toml`), with the same checks as a user's file.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        RawConfig::parse(text, "job".to_string(), ConfigSource::File(PathBuf::from(origin)))?
+            .resolve()
+    }
+
+    /// sha256 of the resolved TOML: two runs with the same hash have the
+    /// same configuration.
+    pub fn hash(&self) -> String {
+        hex(&Sha256::digest(self.to_toml().as_bytes()))
+    }
+}
+
+/// Lower-case hex of bytes.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(text: &str) -> Result<RawConfig, ConfigError> {
+        RawConfig::parse(text, "t".into(), ConfigSource::File("t.toml".into()))
+    }
+
+    fn resolve(text: &str) -> Result<Config, ConfigError> {
+        raw(text)?.resolve()
+    }
+
+    #[test]
+    fn schema_matches_the_config_fields() {
+        let mut c = Config::default();
+        c.data.train = Some("a".into());
+        c.data.val = Some("b".into());
+        let table: toml::Table = c.to_toml().parse().expect("serialised config parses");
+        let mut from_struct: Vec<String> = Vec::new();
+        for (s, v) in &table {
+            for k in v.as_table().expect("section").keys() {
+                from_struct.push(format!("{s}.{k}"));
+            }
+        }
+        let mut from_schema: Vec<String> = SCHEMA
+            .iter()
+            .flat_map(|(s, ks)| ks.iter().map(move |k| format!("{s}.{k}")))
+            .collect();
+        from_struct.sort();
+        from_schema.sort();
+        assert_eq!(from_struct, from_schema);
+    }
+
+    #[test]
+    fn presets_resolve_and_round_trip() {
+        for (name, text) in PRESETS {
+            let c = RawConfig::parse(text, name.to_string(), ConfigSource::Embedded(name))
+                .and_then(|r| r.resolve())
+                .unwrap_or_else(|e| panic!("preset {name}: {e}"));
+            let again = Config::from_toml(&c.to_toml(), "x").expect("round trip");
+            assert_eq!(c, again, "{name}");
+            assert_eq!(c.hash(), again.hash());
+        }
+    }
+
+    #[test]
+    fn bad_inputs_name_the_key_and_the_problem() {
+        // (config text, substrings the error must contain)
+        let cases: &[(&str, &[&str])] = &[
+            ("[train]\nlrr = 1e-3\n", &["t.toml", "unknown key `train.lrr`", "did you mean `train.lr`"]),
+            ("[train]\nbeta1 = 0.9\n", &["unknown key `train.beta1`", "`optim.beta1`"]),
+            ("[trian]\nlr = 1e-3\n", &["unknown section `[trian]`", "`train`"]),
+            ("lr = 1e-3\n", &["unknown section `[lr]`", "[train] lr"]),
+            ("[train]\nlr = \"fast\"\n", &["`train.lr` has the wrong type", "string"]),
+            ("[train]\nmax_steps = -3\n", &["`train.max_steps` has the wrong type"]),
+            ("[train]\ndecay = \"cosin\"\n", &["`train.decay`", "cosine"]),
+            ("[worker]\ndevice = \"gpu\"\n", &["`worker.device`", "cuda:N"]),
+            ("[train]\nmax_steps = 10\nwarmup_steps = 20\n", &["`train.warmup_steps` = 20", "must not exceed train.max_steps = 10"]),
+            ("[data]\nstride = 0\n", &["`data.stride` = 0", "at least 1"]),
+            (
+                "[train]\nglobal_batch = 10\nmicro_batch = 4\n",
+                &["`train.global_batch` = 10", "divisible by workers × train.micro_batch = 1 × 4"],
+            ),
+            ("[model]\nn_embd = 100\nn_head = 12\n", &["`model.n_embd` = 100", "multiple of model.n_head"]),
+            ("[model]\nvocab_size = 70000\n", &["`model.vocab_size`", "uint16"]),
+            ("[train\nlr = 1\n", &["t.toml: not valid TOML"]),
+            ("model = 3\n", &["`model` has the wrong type"]),
+        ];
+        for (text, needles) in cases {
+            let err = resolve(text).expect_err(text).to_string();
+            for n in *needles {
+                assert!(err.contains(n), "for {text:?}: error `{err}` lacks `{n}`");
+            }
+        }
+    }
+
+    #[test]
+    fn overrides_apply_and_are_checked() {
+        let mut r = raw("[train]\nlr = 1e-3\n").expect("parses");
+        r.set("train.lr=3e-4").expect("set lr");
+        r.set("worker.device=cuda:1").expect("set device");
+        r.set("data.train=data/x.bin").expect("set path");
+        r.set("cluster.workers=4").expect("set workers");
+        r.set("train.global_batch=8").expect("set batch");
+        let c = r.resolve().expect("resolves");
+        assert_eq!(c.train.lr, 3e-4);
+        assert_eq!(c.worker.device, Device::Cuda(Some(1)));
+        assert_eq!(c.data.train, Some(PathBuf::from("data/x.bin")));
+        assert_eq!((c.cluster.min_workers, c.cluster.max_workers), (4, 4));
+
+        r.set("data.train=").expect("unset");
+        assert_eq!(r.resolve().expect("resolves").data.train, None);
+
+        let e = r.set("train.lrr=1").expect_err("unknown").to_string();
+        assert!(e.contains("--set train.lrr=1") && e.contains("did you mean `train.lr`"), "{e}");
+        let e = r.set("lr=1").expect_err("no section").to_string();
+        assert!(e.contains("section.key"), "{e}");
+        r.set("train.max_steps=abc").expect("set is syntactic");
+        let e = r.resolve().expect_err("wrong type").to_string();
+        assert!(e.starts_with("--set train.max_steps"), "{e}");
+    }
+
+    #[test]
+    fn derived_defaults() {
+        let c = resolve("[model]\ncontext = 64\n[cluster]\nworkers = 2\n[train]\nglobal_batch = 2\n")
+            .expect("resolves");
+        assert_eq!(c.data.stride, 64);
+        assert_eq!((c.cluster.min_workers, c.cluster.max_workers), (2, 2));
+        let c = resolve("[model]\ncontext = 64\n[data]\nstride = 1\n").expect("resolves");
+        assert_eq!(c.data.stride, 1);
+    }
+
+    #[test]
+    fn accumulation_is_derived_from_the_worker_count() {
+        let c = resolve("[train]\nglobal_batch = 16\nmicro_batch = 2\n").expect("resolves");
+        assert_eq!(c.accumulation_for(1), Ok(8));
+        assert_eq!(c.accumulation_for(4), Ok(2));
+        assert_eq!(c.accumulation_for(8), Ok(1));
+        let e = c.accumulation_for(3).expect_err("16 / (3·2)");
+        assert!(e.contains("3 × 2 = 6"), "{e}");
+    }
+
+    #[test]
+    fn locate_falls_back_to_the_embedded_preset() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("mine.toml");
+        std::fs::write(&file, "[train]\nlr = 0.5\n").expect("write");
+        let r = RawConfig::locate(file.to_str().expect("utf8")).expect("by path");
+        assert_eq!(r.name, "mine");
+        assert_eq!(r.resolve().expect("resolves").train.lr, 0.5);
+        let r = RawConfig::locate("h100_1k").expect("preset");
+        assert_eq!(r.name, "h100_1k");
+        let e = RawConfig::locate("nope").expect_err("missing").to_string();
+        assert!(e.contains("`nope` not found") && e.contains("`tiny`"), "{e}");
+    }
+}

@@ -1,0 +1,318 @@
+//! The data plan: which samples exist, in which order they are read, and
+//! which rank reads which.
+//!
+//! A sample is the window of `context + 1` tokens starting at `i · stride`
+//! (input = the first `context`, target = the same shifted by one), so a
+//! split of N tokens has `floor((N − context − 1)/stride) + 1` samples.
+//!
+//! Each epoch reads every sample once, in a permutation seeded by
+//! (seed, epoch). The coordinator takes each step's global batch as the next
+//! `global_batch` entries of that endless stream (crossing into the next
+//! epoch when one runs out) and splits it among ranks. The [`DataCursor`]
+//! (epoch, position in the epoch's permutation) is all the state there is:
+//! saved in a checkpoint, it reproduces the exact future sample stream, and
+//! because the stream never depends on the number of workers, a resume with
+//! another world size reads the same samples in the same steps.
+
+use serde::{Deserialize, Serialize};
+
+use crate::rng::{Rng, Stream};
+
+/// Number of windows of `context + 1` tokens at `stride` in `tokens` tokens.
+pub fn window_count(tokens: usize, context: usize, stride: usize) -> u64 {
+    if stride == 0 || tokens < context + 1 {
+        return 0;
+    }
+    ((tokens - context - 1) / stride + 1) as u64
+}
+
+/// Where sample `i` starts.
+pub fn window_start(sample: u64, stride: usize) -> usize {
+    sample as usize * stride
+}
+
+/// The permutation of `0..samples` for one epoch.
+pub fn epoch_permutation(samples: u64, seed: u64, epoch: u64) -> Vec<u64> {
+    let mut perm: Vec<u64> = (0..samples).collect();
+    Rng::new(seed, Stream::Epoch(epoch)).shuffle(&mut perm);
+    perm
+}
+
+/// Position of the data stream: the next sample is entry `position` of
+/// epoch `epoch`'s permutation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataCursor {
+    pub epoch: u64,
+    pub position: u64,
+}
+
+/// One step's global batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    /// Global sample indices, in order.
+    pub samples: Vec<u64>,
+    /// The epoch of the first sample.
+    pub epoch: u64,
+}
+
+/// Hands out global batches from the seeded epoch stream.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    samples: u64,
+    seed: u64,
+    cursor: DataCursor,
+    /// The permutation of `cursor.epoch`, computed on first use.
+    perm: Option<(u64, Vec<u64>)>,
+}
+
+impl Sampler {
+    /// A sampler positioned at `cursor` (the start is `DataCursor::default()`).
+    pub fn new(samples: u64, seed: u64, cursor: DataCursor) -> Result<Sampler, String> {
+        if samples == 0 {
+            return Err("the training split has no complete sample".into());
+        }
+        if cursor.position > samples {
+            return Err(format!(
+                "data cursor position {} is beyond the {samples} samples of an epoch (was the checkpoint made on another corpus?)",
+                cursor.position
+            ));
+        }
+        Ok(Sampler {
+            samples,
+            seed,
+            cursor,
+            perm: None,
+        })
+    }
+
+    pub fn cursor(&self) -> DataCursor {
+        self.cursor
+    }
+
+    /// The next `size` samples of the stream.
+    pub fn next_batch(&mut self, size: usize) -> Batch {
+        if self.cursor.position == self.samples {
+            self.cursor = DataCursor {
+                epoch: self.cursor.epoch + 1,
+                position: 0,
+            };
+        }
+        let epoch = self.cursor.epoch;
+        let mut samples = Vec::with_capacity(size);
+        while samples.len() < size {
+            if self.cursor.position == self.samples {
+                self.cursor = DataCursor {
+                    epoch: self.cursor.epoch + 1,
+                    position: 0,
+                };
+            }
+            let e = self.cursor.epoch;
+            if self.perm.as_ref().is_none_or(|(pe, _)| *pe != e) {
+                self.perm = Some((e, epoch_permutation(self.samples, self.seed, e)));
+            }
+            let perm = self.perm.as_ref().map(|(_, p)| p.as_slice()).unwrap_or_default();
+            let from = self.cursor.position as usize;
+            let take = (size - samples.len()).min(perm.len() - from);
+            samples.extend_from_slice(&perm[from..from + take]);
+            self.cursor.position += take as u64;
+        }
+        Batch { samples, epoch }
+    }
+}
+
+/// Rank `rank`'s contiguous share of a global batch that divides evenly
+/// (training: `global_batch = world × micro_batch × accumulation`).
+pub fn shard(samples: &[u64], world: usize, rank: usize) -> &[u64] {
+    let per = samples.len() / world.max(1);
+    &samples[rank * per..(rank + 1) * per]
+}
+
+/// Rank `rank`'s contiguous share when the count need not divide
+/// (evaluation): the first `len % world` ranks get one more.
+pub fn shard_uneven(samples: &[u64], world: usize, rank: usize) -> &[u64] {
+    let world = world.max(1);
+    let (per, extra) = (samples.len() / world, samples.len() % world);
+    let start = rank * per + rank.min(extra);
+    let len = per + usize::from(rank < extra);
+    &samples[start..start + len]
+}
+
+/// The validation samples of one evaluation: the first
+/// `eval_batches × global_batch` windows of the split, in order (all of
+/// them when `eval_batches` is 0), the same at every evaluation.
+pub fn eval_samples(val_samples: u64, eval_batches: usize, global_batch: usize) -> Vec<u64> {
+    let n = if eval_batches == 0 {
+        val_samples
+    } else {
+        val_samples.min((eval_batches * global_batch) as u64)
+    };
+    (0..n).collect()
+}
+
+/// Epoch arithmetic of a run, as `plan` prints it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EpochStats {
+    pub samples: u64,
+    pub global_batch: usize,
+    pub steps_per_epoch: f64,
+    pub epochs: f64,
+}
+
+impl EpochStats {
+    pub fn new(samples: u64, global_batch: usize, max_steps: u64) -> EpochStats {
+        let steps_per_epoch = samples as f64 / global_batch as f64;
+        EpochStats {
+            samples,
+            global_batch,
+            steps_per_epoch,
+            epochs: max_steps as f64 / steps_per_epoch,
+        }
+    }
+}
+
+/// What a token split yields at a context and stride, as `inspect-data`
+/// prints it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DataStats {
+    pub tokens: u64,
+    pub samples: u64,
+    pub context: usize,
+    pub stride: usize,
+    /// Share of a window that the next window repeats: `max(0, context − stride)/context`.
+    pub overlap: f64,
+    /// Input tokens read per epoch: `samples × context`.
+    pub tokens_per_epoch: u64,
+    /// How often the average token is read per epoch: `tokens_per_epoch / tokens`.
+    pub views_per_token: f64,
+}
+
+impl DataStats {
+    pub fn new(tokens: usize, context: usize, stride: usize) -> DataStats {
+        let samples = window_count(tokens, context, stride);
+        let tokens_per_epoch = samples * context as u64;
+        DataStats {
+            tokens: tokens as u64,
+            samples,
+            context,
+            stride,
+            overlap: context.saturating_sub(stride) as f64 / context.max(1) as f64,
+            tokens_per_epoch,
+            views_per_token: tokens_per_epoch as f64 / tokens.max(1) as f64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_counts_of_the_seed_corpus() {
+        // SPEC §2's reference numbers: N = 991,386 tokens, context 1024.
+        assert_eq!(window_count(991_386, 1024, 1), 990_362);
+        assert_eq!(window_count(991_386, 1024, 1024), 968);
+        let table = [
+            // (tokens, context, stride, samples)
+            (1025, 1024, 1024, 1),
+            (1024, 1024, 1024, 0),
+            (2049, 1024, 1024, 2),
+            (2048, 1024, 1024, 1),
+            (10, 3, 2, 4), // starts 0,2,4,6: window 6..10 fits
+            (0, 3, 1, 0),
+        ];
+        for (n, c, s, want) in table {
+            assert_eq!(window_count(n, c, s), want, "{n} {c} {s}");
+            if want > 0 {
+                // The last window ends inside the data, one more would not.
+                let last = window_start(want - 1, s) + c + 1;
+                assert!(last <= n && last + s > n, "{n} {c} {s}");
+            }
+        }
+        let st = DataStats::new(991_386, 1024, 1);
+        assert!((st.overlap - 1023.0 / 1024.0).abs() < 1e-12);
+        assert!((st.views_per_token - 1023.0).abs() < 1.0, "{}", st.views_per_token);
+    }
+
+    #[test]
+    fn an_epoch_reads_every_sample_once() {
+        let mut s = Sampler::new(100, 7, DataCursor::default()).expect("sampler");
+        let mut seen: Vec<u64> = (0..10).flat_map(|_| s.next_batch(10).samples).collect();
+        assert_eq!(s.cursor(), DataCursor { epoch: 0, position: 100 });
+        seen.sort_unstable();
+        assert_eq!(seen, (0..100).collect::<Vec<_>>());
+        // The next epoch is another permutation.
+        let b = s.next_batch(100);
+        assert_eq!(b.epoch, 1);
+        assert_ne!(b.samples, epoch_permutation(100, 7, 0));
+    }
+
+    #[test]
+    fn batches_cross_epoch_boundaries_without_loss() {
+        let mut s = Sampler::new(10, 1, DataCursor::default()).expect("sampler");
+        let a = s.next_batch(4);
+        let b = s.next_batch(4);
+        let c = s.next_batch(4); // 2 from epoch 0, 2 from epoch 1
+        assert_eq!(c.epoch, 0);
+        let e0 = epoch_permutation(10, 1, 0);
+        let e1 = epoch_permutation(10, 1, 1);
+        let all: Vec<u64> = [a.samples, b.samples, c.samples].concat();
+        assert_eq!(&all[..10], &e0[..]);
+        assert_eq!(&all[10..], &e1[..2]);
+        assert_eq!(s.cursor(), DataCursor { epoch: 1, position: 2 });
+    }
+
+    #[test]
+    fn a_restored_cursor_continues_the_same_stream() {
+        let mut straight = Sampler::new(37, 3, DataCursor::default()).expect("sampler");
+        let mut first: Vec<Vec<u64>> = Vec::new();
+        for _ in 0..5 {
+            first.push(straight.next_batch(8).samples);
+        }
+        let saved = straight.cursor();
+        let rest: Vec<Vec<u64>> = (0..20).map(|_| straight.next_batch(8).samples).collect();
+        let mut resumed = Sampler::new(37, 3, saved).expect("sampler");
+        let again: Vec<Vec<u64>> = (0..20).map(|_| resumed.next_batch(8).samples).collect();
+        assert_eq!(rest, again);
+    }
+
+    #[test]
+    fn the_stream_does_not_depend_on_the_world_size() {
+        // The same global batches, sharded for 1, 2 and 4 ranks, put back
+        // together in rank order, are the same batches.
+        let batches: Vec<Vec<u64>> = {
+            let mut s = Sampler::new(50, 9, DataCursor::default()).expect("sampler");
+            (0..10).map(|_| s.next_batch(8).samples).collect()
+        };
+        for world in [1, 2, 4] {
+            for b in &batches {
+                let joined: Vec<u64> = (0..world).flat_map(|r| shard(b, world, r).to_vec()).collect();
+                assert_eq!(&joined, b);
+            }
+        }
+    }
+
+    #[test]
+    fn uneven_shards_cover_everything_once() {
+        let v: Vec<u64> = (0..10).collect();
+        for world in 1..=4 {
+            let joined: Vec<u64> = (0..world).flat_map(|r| shard_uneven(&v, world, r).to_vec()).collect();
+            assert_eq!(joined, v);
+        }
+        assert_eq!(eval_samples(100, 2, 16).len(), 32);
+        assert_eq!(eval_samples(20, 2, 16).len(), 20);
+        assert_eq!(eval_samples(20, 0, 16).len(), 20);
+    }
+
+    #[test]
+    fn bad_cursors_are_refused() {
+        assert!(Sampler::new(0, 1, DataCursor::default()).is_err());
+        assert!(Sampler::new(10, 1, DataCursor { epoch: 0, position: 11 }).is_err());
+    }
+
+    #[test]
+    fn epoch_arithmetic_of_h100_1k() {
+        let e = EpochStats::new(968, 8, 1000);
+        assert_eq!(e.steps_per_epoch, 121.0);
+        assert!((e.epochs - 1000.0 / 121.0).abs() < 1e-12);
+    }
+}

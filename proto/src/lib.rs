@@ -1,0 +1,14 @@
+//! Generated gRPC types and stubs for `stride.v1` (see `stride/v1/stride.proto`).
+//!
+//! This crate owns the wire contract only: no logic, no validation. Both
+//! binaries depend on it; the coordinator serves `Coordinator`, workers are
+//! its clients.
+
+/// Bumped on every incompatible change of the `.proto` files; checked at
+/// registration together with the crate version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+#[allow(missing_docs, unused_qualifications, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("stride.v1");
+}

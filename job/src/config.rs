@@ -11,7 +11,7 @@
 //! impossible value is an error naming the file (or the `--set` argument),
 //! the key and what is wrong, with the nearest valid key for a typo.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -30,7 +30,10 @@ pub const PRESETS: &[(&str, &str)] = &[
 /// means the same thing everywhere; a test checks this list against the
 /// fields of [`Config`].
 pub const SCHEMA: &[(&str, &[&str])] = &[
-    ("model", &["n_layer", "n_head", "n_embd", "vocab_size", "context"]),
+    (
+        "model",
+        &["n_layer", "n_head", "n_embd", "vocab_size", "context"],
+    ),
     (
         "data",
         &[
@@ -165,7 +168,8 @@ pub struct RawConfig {
     pub name: String,
     pub source: ConfigSource,
     table: toml::Table,
-    overridden: BTreeSet<String>,
+    /// `section.key` → the flag that set it, for error messages.
+    overridden: BTreeMap<String, String>,
 }
 
 impl RawConfig {
@@ -207,16 +211,18 @@ impl RawConfig {
     /// Parses TOML text and checks every section and key against [`SCHEMA`].
     pub fn parse(text: &str, name: String, source: ConfigSource) -> Result<RawConfig, ConfigError> {
         let origin = source.to_string();
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
-            origin: origin.clone(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let table: toml::Table =
+            text.parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    origin: origin.clone(),
+                    message: e.to_string().trim_end().to_string(),
+                })?;
         check_keys(&table, &origin)?;
         Ok(RawConfig {
             name,
             source,
             table,
-            overridden: BTreeSet::new(),
+            overridden: BTreeMap::new(),
         })
     }
 
@@ -225,6 +231,12 @@ impl RawConfig {
     /// taken as a string, so `--set worker.device=cuda:0` works unquoted.
     /// An empty value removes the key (back to its default).
     pub fn set(&mut self, arg: &str) -> Result<(), ConfigError> {
+        self.set_from(arg, &format!("--set {arg}"))
+    }
+
+    /// [`RawConfig::set`] for a value that came from another flag (such as
+    /// `--workers 4`), named by `flag` in error messages.
+    pub fn set_from(&mut self, arg: &str, flag: &str) -> Result<(), ConfigError> {
         let bad = |reason: &str| ConfigError::BadOverride {
             arg: arg.to_string(),
             reason: reason.to_string(),
@@ -234,7 +246,7 @@ impl RawConfig {
         let (section, key) = path
             .split_once('.')
             .ok_or_else(|| bad("the key must be `section.key`"))?;
-        let origin = format!("--set {arg}");
+        let origin = flag.to_string();
         let mut probe = toml::Table::new();
         let mut inner = toml::Table::new();
         inner.insert(key.to_string(), toml::Value::Boolean(true));
@@ -254,8 +266,33 @@ impl RawConfig {
         } else {
             sec.insert(key.to_string(), parse_value(value));
         }
-        self.overridden.insert(path.to_string());
+        self.overridden.insert(path.to_string(), flag.to_string());
         Ok(())
+    }
+
+    /// `--workers N`: sets `cluster.workers` and widens
+    /// `cluster.min_workers..=cluster.max_workers` to include N when the
+    /// file set them narrower (an explicit worker count is the user's
+    /// intent; the bounds only matter for restarts).
+    pub fn set_workers(&mut self, n: usize) -> Result<(), ConfigError> {
+        let flag = format!("--workers {n}");
+        let current = |s: &RawConfig, k: &str| {
+            s.table
+                .get("cluster")
+                .and_then(|c| c.get(k))
+                .and_then(|v| v.as_integer())
+        };
+        if let Some(min) = current(self, "min_workers")
+            && min > n as i64
+        {
+            self.set_from(&format!("cluster.min_workers={n}"), &flag)?;
+        }
+        if let Some(max) = current(self, "max_workers")
+            && max < n as i64
+        {
+            self.set_from(&format!("cluster.max_workers={n}"), &flag)?;
+        }
+        self.set_from(&format!("cluster.workers={n}"), &flag)
     }
 
     /// Stage two: types, derived defaults and validation.
@@ -263,11 +300,10 @@ impl RawConfig {
         let mut table = self.table.clone();
         fill_derived_defaults(&mut table);
         let origin_of = |key: &str| {
-            if self.overridden.contains(key) {
-                format!("--set {key}")
-            } else {
-                self.source.to_string()
-            }
+            self.overridden
+                .get(key)
+                .cloned()
+                .unwrap_or_else(|| self.source.to_string())
         };
         let config: Config =
             serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
@@ -363,7 +399,10 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<(), ConfigError> {
             return Err(ConfigError::WrongType {
                 origin: origin.to_string(),
                 key: section.clone(),
-                message: format!("expected a `[{section}]` table, found a {}", value.type_str()),
+                message: format!(
+                    "expected a `[{section}]` table, found a {}",
+                    value.type_str()
+                ),
             });
         };
         for key in entries.keys() {
@@ -384,12 +423,16 @@ fn check_keys(table: &toml::Table, origin: &str) -> Result<(), ConfigError> {
 /// `cluster.workers` (a fixed-size job unless told otherwise).
 fn fill_derived_defaults(table: &mut toml::Table) {
     let get = |t: &toml::Table, s: &str, k: &str| {
-        t.get(s).and_then(|v| v.as_table()).and_then(|t| t.get(k)).cloned()
+        t.get(s)
+            .and_then(|v| v.as_table())
+            .and_then(|t| t.get(k))
+            .cloned()
     };
     let context = get(table, "model", "context")
         .unwrap_or(toml::Value::Integer(ModelConfig::default().context as i64));
-    let workers = get(table, "cluster", "workers")
-        .unwrap_or(toml::Value::Integer(ClusterConfig::default().workers as i64));
+    let workers = get(table, "cluster", "workers").unwrap_or(toml::Value::Integer(
+        ClusterConfig::default().workers as i64,
+    ));
     let mut set_default = |s: &str, k: &str, v: toml::Value| {
         let sec = table
             .entry(s.to_string())
@@ -599,7 +642,9 @@ impl TryFrom<String> for Device {
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(|n| Device::Cuda(Some(n)))
-                .ok_or_else(|| format!("unknown device `{other}`: expected `cpu`, `cuda` or `cuda:N`")),
+                .ok_or_else(|| {
+                    format!("unknown device `{other}`: expected `cpu`, `cuda` or `cuda:N`")
+                }),
         }
     }
 }
@@ -699,8 +744,18 @@ fn check(ok: bool, key: &str, value: impl fmt::Display, reason: &str) -> Result<
 impl Config {
     fn validate(&self) -> Result<(), Violation> {
         let m = &self.model;
-        check(m.n_layer >= 1, "model.n_layer", m.n_layer, "must be at least 1")?;
-        check(m.n_head >= 1, "model.n_head", m.n_head, "must be at least 1")?;
+        check(
+            m.n_layer >= 1,
+            "model.n_layer",
+            m.n_layer,
+            "must be at least 1",
+        )?;
+        check(
+            m.n_head >= 1,
+            "model.n_head",
+            m.n_head,
+            "must be at least 1",
+        )?;
         check(
             m.n_embd >= 1 && m.n_embd.is_multiple_of(m.n_head),
             "model.n_embd",
@@ -713,10 +768,20 @@ impl Config {
             m.vocab_size,
             &format!("must be in 2..={MAX_VOCAB} (token files hold uint16 ids)"),
         )?;
-        check(m.context >= 1, "model.context", m.context, "must be at least 1")?;
+        check(
+            m.context >= 1,
+            "model.context",
+            m.context,
+            "must be at least 1",
+        )?;
 
         let d = &self.data;
-        check(d.stride >= 1, "data.stride", d.stride, "must be at least 1 (1 = every offset, context = non-overlapping windows)")?;
+        check(
+            d.stride >= 1,
+            "data.stride",
+            d.stride,
+            "must be at least 1 (1 = every offset, context = non-overlapping windows)",
+        )?;
         check(
             (0.0..1.0).contains(&d.val_fraction),
             "data.val_fraction",
@@ -737,36 +802,86 @@ impl Config {
         )?;
 
         let t = &self.train;
-        check(t.max_steps >= 1, "train.max_steps", t.max_steps, "must be at least 1")?;
+        check(
+            t.max_steps >= 1,
+            "train.max_steps",
+            t.max_steps,
+            "must be at least 1",
+        )?;
         check(
             t.warmup_steps <= t.max_steps,
             "train.warmup_steps",
             t.warmup_steps,
             &format!("must not exceed train.max_steps = {}", t.max_steps),
         )?;
-        check(t.lr.is_finite() && t.lr > 0.0, "train.lr", t.lr, "must be a positive number")?;
+        check(
+            t.lr.is_finite() && t.lr > 0.0,
+            "train.lr",
+            t.lr,
+            "must be a positive number",
+        )?;
         check(
             (0.0..=1.0).contains(&t.min_lr_ratio),
             "train.min_lr_ratio",
             t.min_lr_ratio,
             "must be in [0, 1]",
         )?;
-        check(t.micro_batch >= 1, "train.micro_batch", t.micro_batch, "must be at least 1")?;
-        check(t.global_batch >= 1, "train.global_batch", t.global_batch, "must be at least 1")?;
+        check(
+            t.micro_batch >= 1,
+            "train.micro_batch",
+            t.micro_batch,
+            "must be at least 1",
+        )?;
+        check(
+            t.global_batch >= 1,
+            "train.global_batch",
+            t.global_batch,
+            "must be at least 1",
+        )?;
         self.accumulation(self.cluster.workers)?;
 
         let o = &self.optim;
-        check((0.0..1.0).contains(&o.beta1), "optim.beta1", o.beta1, "must be in [0, 1)")?;
-        check((0.0..1.0).contains(&o.beta2), "optim.beta2", o.beta2, "must be in [0, 1)")?;
+        check(
+            (0.0..1.0).contains(&o.beta1),
+            "optim.beta1",
+            o.beta1,
+            "must be in [0, 1)",
+        )?;
+        check(
+            (0.0..1.0).contains(&o.beta2),
+            "optim.beta2",
+            o.beta2,
+            "must be in [0, 1)",
+        )?;
         check(o.eps > 0.0, "optim.eps", o.eps, "must be positive")?;
-        check(o.weight_decay >= 0.0, "optim.weight_decay", o.weight_decay, "must not be negative")?;
-        check(o.grad_clip >= 0.0, "optim.grad_clip", o.grad_clip, "must not be negative (0 = no clipping)")?;
+        check(
+            o.weight_decay >= 0.0,
+            "optim.weight_decay",
+            o.weight_decay,
+            "must not be negative",
+        )?;
+        check(
+            o.grad_clip >= 0.0,
+            "optim.grad_clip",
+            o.grad_clip,
+            "must not be negative (0 = no clipping)",
+        )?;
 
         let c = &self.checkpoint;
-        check(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be at least 1")?;
+        check(
+            c.keep_last >= 1,
+            "checkpoint.keep_last",
+            c.keep_last,
+            "must be at least 1",
+        )?;
 
         let cl = &self.cluster;
-        check(cl.workers >= 1, "cluster.workers", cl.workers, "must be at least 1")?;
+        check(
+            cl.workers >= 1,
+            "cluster.workers",
+            cl.workers,
+            "must be at least 1",
+        )?;
         check(
             cl.min_workers >= 1 && cl.min_workers <= cl.workers,
             "cluster.min_workers",
@@ -785,7 +900,12 @@ impl Config {
             ("cluster.startup_timeout_s", cl.startup_timeout_s),
             ("cluster.step_timeout_s", cl.step_timeout_s),
         ] {
-            check(v.is_finite() && v > 0.0, key, v, "must be a positive number of seconds")?;
+            check(
+                v.is_finite() && v > 0.0,
+                key,
+                v,
+                "must be a positive number of seconds",
+            )?;
         }
         check(
             cl.heartbeat_timeout_s > cl.heartbeat_interval_s,
@@ -832,8 +952,12 @@ impl Config {
     /// Reads a resolved config back (a worker's job, a checkpoint's
     /// `config.toml`), with the same checks as a user's file.
     pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        RawConfig::parse(text, "job".to_string(), ConfigSource::File(PathBuf::from(origin)))?
-            .resolve()
+        RawConfig::parse(
+            text,
+            "job".to_string(),
+            ConfigSource::File(PathBuf::from(origin)),
+        )?
+        .resolve()
     }
 
     /// sha256 of the resolved TOML: two runs with the same hash have the
@@ -897,22 +1021,59 @@ mod tests {
     fn bad_inputs_name_the_key_and_the_problem() {
         // (config text, substrings the error must contain)
         let cases: &[(&str, &[&str])] = &[
-            ("[train]\nlrr = 1e-3\n", &["t.toml", "unknown key `train.lrr`", "did you mean `train.lr`"]),
-            ("[train]\nbeta1 = 0.9\n", &["unknown key `train.beta1`", "`optim.beta1`"]),
-            ("[trian]\nlr = 1e-3\n", &["unknown section `[trian]`", "`train`"]),
+            (
+                "[train]\nlrr = 1e-3\n",
+                &[
+                    "t.toml",
+                    "unknown key `train.lrr`",
+                    "did you mean `train.lr`",
+                ],
+            ),
+            (
+                "[train]\nbeta1 = 0.9\n",
+                &["unknown key `train.beta1`", "`optim.beta1`"],
+            ),
+            (
+                "[trian]\nlr = 1e-3\n",
+                &["unknown section `[trian]`", "`train`"],
+            ),
             ("lr = 1e-3\n", &["unknown section `[lr]`", "[train] lr"]),
-            ("[train]\nlr = \"fast\"\n", &["`train.lr` has the wrong type", "string"]),
-            ("[train]\nmax_steps = -3\n", &["`train.max_steps` has the wrong type"]),
+            (
+                "[train]\nlr = \"fast\"\n",
+                &["`train.lr` has the wrong type", "string"],
+            ),
+            (
+                "[train]\nmax_steps = -3\n",
+                &["`train.max_steps` has the wrong type"],
+            ),
             ("[train]\ndecay = \"cosin\"\n", &["`train.decay`", "cosine"]),
-            ("[worker]\ndevice = \"gpu\"\n", &["`worker.device`", "cuda:N"]),
-            ("[train]\nmax_steps = 10\nwarmup_steps = 20\n", &["`train.warmup_steps` = 20", "must not exceed train.max_steps = 10"]),
+            (
+                "[worker]\ndevice = \"gpu\"\n",
+                &["`worker.device`", "cuda:N"],
+            ),
+            (
+                "[train]\nmax_steps = 10\nwarmup_steps = 20\n",
+                &[
+                    "`train.warmup_steps` = 20",
+                    "must not exceed train.max_steps = 10",
+                ],
+            ),
             ("[data]\nstride = 0\n", &["`data.stride` = 0", "at least 1"]),
             (
                 "[train]\nglobal_batch = 10\nmicro_batch = 4\n",
-                &["`train.global_batch` = 10", "divisible by workers × train.micro_batch = 1 × 4"],
+                &[
+                    "`train.global_batch` = 10",
+                    "divisible by workers × train.micro_batch = 1 × 4",
+                ],
             ),
-            ("[model]\nn_embd = 100\nn_head = 12\n", &["`model.n_embd` = 100", "multiple of model.n_head"]),
-            ("[model]\nvocab_size = 70000\n", &["`model.vocab_size`", "uint16"]),
+            (
+                "[model]\nn_embd = 100\nn_head = 12\n",
+                &["`model.n_embd` = 100", "multiple of model.n_head"],
+            ),
+            (
+                "[model]\nvocab_size = 70000\n",
+                &["`model.vocab_size`", "uint16"],
+            ),
             ("[train\nlr = 1\n", &["t.toml: not valid TOML"]),
             ("model = 3\n", &["`model` has the wrong type"]),
         ];
@@ -941,19 +1102,42 @@ mod tests {
         r.set("data.train=").expect("unset");
         assert_eq!(r.resolve().expect("resolves").data.train, None);
 
+        let mut w =
+            raw("[cluster]\nworkers = 8\nmin_workers = 8\nmax_workers = 8\n").expect("parses");
+        w.set_workers(2).expect("set workers");
+        let c = w.resolve().expect("resolves");
+        assert_eq!(
+            (
+                c.cluster.workers,
+                c.cluster.min_workers,
+                c.cluster.max_workers
+            ),
+            (2, 2, 8)
+        );
+        w.set_workers(0).expect("syntactically fine");
+        let e = w.resolve().expect_err("zero workers").to_string();
+        assert!(
+            e.starts_with("--workers 0:") && e.contains("cluster.workers"),
+            "{e}"
+        );
+
         let e = r.set("train.lrr=1").expect_err("unknown").to_string();
-        assert!(e.contains("--set train.lrr=1") && e.contains("did you mean `train.lr`"), "{e}");
+        assert!(
+            e.contains("--set train.lrr=1") && e.contains("did you mean `train.lr`"),
+            "{e}"
+        );
         let e = r.set("lr=1").expect_err("no section").to_string();
         assert!(e.contains("section.key"), "{e}");
         r.set("train.max_steps=abc").expect("set is syntactic");
         let e = r.resolve().expect_err("wrong type").to_string();
-        assert!(e.starts_with("--set train.max_steps"), "{e}");
+        assert!(e.starts_with("--set train.max_steps=abc"), "{e}");
     }
 
     #[test]
     fn derived_defaults() {
-        let c = resolve("[model]\ncontext = 64\n[cluster]\nworkers = 2\n[train]\nglobal_batch = 2\n")
-            .expect("resolves");
+        let c =
+            resolve("[model]\ncontext = 64\n[cluster]\nworkers = 2\n[train]\nglobal_batch = 2\n")
+                .expect("resolves");
         assert_eq!(c.data.stride, 64);
         assert_eq!((c.cluster.min_workers, c.cluster.max_workers), (2, 2));
         let c = resolve("[model]\ncontext = 64\n[data]\nstride = 1\n").expect("resolves");
@@ -981,6 +1165,9 @@ mod tests {
         let r = RawConfig::locate("h100_1k").expect("preset");
         assert_eq!(r.name, "h100_1k");
         let e = RawConfig::locate("nope").expect_err("missing").to_string();
-        assert!(e.contains("`nope` not found") && e.contains("`tiny`"), "{e}");
+        assert!(
+            e.contains("`nope` not found") && e.contains("`tiny`"),
+            "{e}"
+        );
     }
 }

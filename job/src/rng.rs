@@ -97,7 +97,9 @@ mod tests {
 
     #[test]
     fn same_seed_same_numbers_other_stream_other_numbers() {
-        let a: Vec<u64> = (0..4).map(|_| Rng::new(7, Stream::Init).next_u64()).collect();
+        let a: Vec<u64> = (0..4)
+            .map(|_| Rng::new(7, Stream::Init).next_u64())
+            .collect();
         assert!(a.iter().all(|x| *x == a[0]));
         let mut e0 = Rng::new(7, Stream::Epoch(0));
         let mut e1 = Rng::new(7, Stream::Epoch(1));
@@ -132,7 +134,10 @@ mod tests {
         let xs: Vec<f64> = (0..100_000).map(|_| r.normal()).collect();
         let mean = xs.iter().sum::<f64>() / xs.len() as f64;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / xs.len() as f64;
-        assert!(mean.abs() < 0.02 && (var - 1.0).abs() < 0.02, "{mean} {var}");
+        assert!(
+            mean.abs() < 0.02 && (var - 1.0).abs() < 0.02,
+            "{mean} {var}"
+        );
     }
 
     #[test]

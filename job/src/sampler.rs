@@ -110,7 +110,11 @@ impl Sampler {
             if self.perm.as_ref().is_none_or(|(pe, _)| *pe != e) {
                 self.perm = Some((e, epoch_permutation(self.samples, self.seed, e)));
             }
-            let perm = self.perm.as_ref().map(|(_, p)| p.as_slice()).unwrap_or_default();
+            let perm = self
+                .perm
+                .as_ref()
+                .map(|(_, p)| p.as_slice())
+                .unwrap_or_default();
             let from = self.cursor.position as usize;
             let take = (size - samples.len()).min(perm.len() - from);
             samples.extend_from_slice(&perm[from..from + take]);
@@ -230,14 +234,24 @@ mod tests {
         }
         let st = DataStats::new(991_386, 1024, 1);
         assert!((st.overlap - 1023.0 / 1024.0).abs() < 1e-12);
-        assert!((st.views_per_token - 1023.0).abs() < 1.0, "{}", st.views_per_token);
+        assert!(
+            (st.views_per_token - 1023.0).abs() < 1.0,
+            "{}",
+            st.views_per_token
+        );
     }
 
     #[test]
     fn an_epoch_reads_every_sample_once() {
         let mut s = Sampler::new(100, 7, DataCursor::default()).expect("sampler");
         let mut seen: Vec<u64> = (0..10).flat_map(|_| s.next_batch(10).samples).collect();
-        assert_eq!(s.cursor(), DataCursor { epoch: 0, position: 100 });
+        assert_eq!(
+            s.cursor(),
+            DataCursor {
+                epoch: 0,
+                position: 100
+            }
+        );
         seen.sort_unstable();
         assert_eq!(seen, (0..100).collect::<Vec<_>>());
         // The next epoch is another permutation.
@@ -258,7 +272,13 @@ mod tests {
         let all: Vec<u64> = [a.samples, b.samples, c.samples].concat();
         assert_eq!(&all[..10], &e0[..]);
         assert_eq!(&all[10..], &e1[..2]);
-        assert_eq!(s.cursor(), DataCursor { epoch: 1, position: 2 });
+        assert_eq!(
+            s.cursor(),
+            DataCursor {
+                epoch: 1,
+                position: 2
+            }
+        );
     }
 
     #[test]
@@ -285,7 +305,9 @@ mod tests {
         };
         for world in [1, 2, 4] {
             for b in &batches {
-                let joined: Vec<u64> = (0..world).flat_map(|r| shard(b, world, r).to_vec()).collect();
+                let joined: Vec<u64> = (0..world)
+                    .flat_map(|r| shard(b, world, r).to_vec())
+                    .collect();
                 assert_eq!(&joined, b);
             }
         }
@@ -295,7 +317,9 @@ mod tests {
     fn uneven_shards_cover_everything_once() {
         let v: Vec<u64> = (0..10).collect();
         for world in 1..=4 {
-            let joined: Vec<u64> = (0..world).flat_map(|r| shard_uneven(&v, world, r).to_vec()).collect();
+            let joined: Vec<u64> = (0..world)
+                .flat_map(|r| shard_uneven(&v, world, r).to_vec())
+                .collect();
             assert_eq!(joined, v);
         }
         assert_eq!(eval_samples(100, 2, 16).len(), 32);
@@ -306,7 +330,17 @@ mod tests {
     #[test]
     fn bad_cursors_are_refused() {
         assert!(Sampler::new(0, 1, DataCursor::default()).is_err());
-        assert!(Sampler::new(10, 1, DataCursor { epoch: 0, position: 11 }).is_err());
+        assert!(
+            Sampler::new(
+                10,
+                1,
+                DataCursor {
+                    epoch: 0,
+                    position: 11
+                }
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -72,7 +72,13 @@ pub struct Segment {
 }
 
 impl Segment {
-    fn new(kind: SegmentKind, start_step: u64, end_step: u64, start_lr: f64, end_lr: f64) -> Segment {
+    fn new(
+        kind: SegmentKind,
+        start_step: u64,
+        end_step: u64,
+        start_lr: f64,
+        end_lr: f64,
+    ) -> Segment {
         Segment {
             kind,
             start_step,
@@ -188,7 +194,12 @@ impl Schedule {
     /// Strategy A: keep the schedule up to `resume_step` exactly, then decay
     /// with a cosine from the LR in force (the LR of step `resume_step − 1`,
     /// so `lr(R) == lr(R−1)`: no jump) to `floor` at `new_total`.
-    pub fn extend(&self, resume_step: u64, new_total: u64, floor: f64) -> Result<Schedule, ScheduleError> {
+    pub fn extend(
+        &self,
+        resume_step: u64,
+        new_total: u64,
+        floor: f64,
+    ) -> Result<Schedule, ScheduleError> {
         if new_total <= resume_step {
             return Err(ScheduleError::ExtendNotAfterResume {
                 resume_step,
@@ -233,7 +244,10 @@ impl Schedule {
                 ));
             }
             if s.end_step <= s.start_step {
-                return bad(format!("segment {i} is empty ({}..{})", s.start_step, s.end_step));
+                return bad(format!(
+                    "segment {i} is empty ({}..{})",
+                    s.start_step, s.end_step
+                ));
             }
             for lr in [s.start_lr, s.end_lr] {
                 if !lr.is_finite() || lr < 0.0 {
@@ -299,7 +313,11 @@ mod tests {
         assert_eq!(sch.max_steps(), 1000);
         for s in 0..1000 {
             let want = if s < 100 { warmup(1e-3, 100, s) } else { 1e-3 };
-            assert!(close(sch.lr_at(s), want), "step {s}: {} vs {want}", sch.lr_at(s));
+            assert!(
+                close(sch.lr_at(s), want),
+                "step {s}: {} vs {want}",
+                sch.lr_at(s)
+            );
         }
         assert!(close(sch.lr_at(0), 1e-5));
         assert_eq!(sch.lr_at(99), 1e-3);
@@ -309,7 +327,10 @@ mod tests {
     fn configured_cosine_and_linear_follow_the_formulas() {
         let sch = Schedule::from_config(&train(1000, 100, Decay::Cosine));
         for s in 100..1000 {
-            assert!(close(sch.lr_at(s), cosine(1e-4, 1e-3, 100, 1000, s)), "step {s}");
+            assert!(
+                close(sch.lr_at(s), cosine(1e-4, 1e-3, 100, 1000, s)),
+                "step {s}"
+            );
         }
         let sch = Schedule::from_config(&train(1000, 100, Decay::Linear));
         for s in 100..1000 {
@@ -329,7 +350,10 @@ mod tests {
             assert_eq!(sch.lr_at(s), phase1.lr_at(s), "history changed at {s}");
         }
         for s in 1000..10_000 {
-            assert!(close(sch.lr_at(s), cosine(1e-4, 1e-3, 1000, 10_000, s)), "step {s}");
+            assert!(
+                close(sch.lr_at(s), cosine(1e-4, 1e-3, 1000, 10_000, s)),
+                "step {s}"
+            );
         }
         assert!(close(sch.segments[2].lr_at(10_000), 1e-4));
         // Strictly decreasing after R, never below the floor.
@@ -349,7 +373,10 @@ mod tests {
             assert!(close(sch.lr_at(s), warmup(1e-3, 100, s)), "step {s}");
         }
         for s in r..500 {
-            assert!(close(sch.lr_at(s), cosine(1e-4, in_force, r, 500, s)), "step {s}");
+            assert!(
+                close(sch.lr_at(s), cosine(1e-4, in_force, r, 500, s)),
+                "step {s}"
+            );
         }
     }
 
@@ -366,7 +393,10 @@ mod tests {
         assert_eq!(b.lr_at(6000), b.lr_at(5999));
         let lr_r = a.lr_at(5999);
         for s in 6000..20_000 {
-            assert!(close(b.lr_at(s), cosine(1e-4, lr_r, 6000, 20_000, s)), "step {s}");
+            assert!(
+                close(b.lr_at(s), cosine(1e-4, lr_r, 6000, 20_000, s)),
+                "step {s}"
+            );
         }
         // Round trip through JSON (as in train_state.json) keeps every LR.
         let json = serde_json::to_string(&b).expect("json");
@@ -394,7 +424,10 @@ mod tests {
                 let (before, after) = (sch.lr_at(b - 1), sch.lr_at(b));
                 // Every boundary Stride makes is flat: the last warmup step
                 // reaches the peak, a decay starts from the LR in force.
-                assert!(close(before, after), "jump at {b}: {before} → {after} in {sch:?}");
+                assert!(
+                    close(before, after),
+                    "jump at {b}: {before} → {after} in {sch:?}"
+                );
             }
         }
     }

@@ -32,7 +32,9 @@ impl MarkovSource {
             .map(|_| {
                 rng.shuffle(&mut ids);
                 // Exponential weights normalised = a uniform Dirichlet draw.
-                let weights: Vec<f64> = (0..branching).map(|_| -(1.0 - rng.uniform()).ln()).collect();
+                let weights: Vec<f64> = (0..branching)
+                    .map(|_| -(1.0 - rng.uniform()).ln())
+                    .collect();
                 let total: f64 = weights.iter().sum();
                 ids[..branching]
                     .iter()
@@ -94,7 +96,12 @@ impl MarkovSource {
         self.successors
             .iter()
             .zip(&pi)
-            .map(|(row, p)| p * row.iter().map(|&(_, q)| if q > 0.0 { -q * q.ln() } else { 0.0 }).sum::<f64>())
+            .map(|(row, p)| {
+                p * row
+                    .iter()
+                    .map(|&(_, q)| if q > 0.0 { -q * q.ln() } else { 0.0 })
+                    .sum::<f64>()
+            })
             .sum()
     }
 }

@@ -63,7 +63,10 @@ impl fmt::Display for TokenFormat {
 #[derive(Debug)]
 enum Backing {
     /// Little-endian u16 tokens at `offset` bytes into the map.
-    Mapped { map: Mmap, offset: usize },
+    Mapped {
+        map: Mmap,
+        offset: usize,
+    },
     Memory(Vec<u16>),
 }
 
@@ -81,7 +84,8 @@ pub struct Tokens {
 impl Tokens {
     /// Memory-maps a token file and checks its layout.
     pub fn open(path: &Path) -> Result<Tokens, DataError> {
-        let file = std::fs::File::open(path).map_err(|e| file_err(path, format!("cannot open: {e}")))?;
+        let file =
+            std::fs::File::open(path).map_err(|e| file_err(path, format!("cannot open: {e}")))?;
         let bytes = file
             .metadata()
             .map_err(|e| file_err(path, format!("cannot stat: {e}")))?
@@ -94,7 +98,8 @@ impl Tokens {
         // running job by someone else is outside what we can defend against
         // (as with every mmap-based loader).
         #[allow(unsafe_code)]
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| file_err(path, format!("cannot map: {e}")))?;
+        let map =
+            unsafe { Mmap::map(&file) }.map_err(|e| file_err(path, format!("cannot map: {e}")))?;
         let (format, offset) = detect(path, &map)?;
         let len = (bytes - offset) / 2;
         Ok(Tokens {
@@ -129,7 +134,12 @@ impl Tokens {
     /// Token `i` of this view (panics past the end: callers index windows
     /// they computed from `len`).
     pub fn get(&self, i: usize) -> u16 {
-        assert!(i < self.len, "token {i} out of range of {} ({} tokens)", self.name, self.len);
+        assert!(
+            i < self.len,
+            "token {i} out of range of {} ({} tokens)",
+            self.name,
+            self.len
+        );
         let i = self.start + i;
         match &*self.backing {
             Backing::Mapped { map, offset } => {
@@ -211,7 +221,9 @@ fn detect(path: &Path, map: &[u8]) -> Result<(TokenFormat, usize), DataError> {
         if version != LLMC_VERSION {
             return Err(file_err(
                 path,
-                format!("llm.c header version {version} is not supported (Stride reads version {LLMC_VERSION}: uint16 tokens)"),
+                format!(
+                    "llm.c header version {version} is not supported (Stride reads version {LLMC_VERSION}: uint16 tokens)"
+                ),
             ));
         }
         let count = int(2).unwrap_or(-1);
@@ -227,7 +239,7 @@ fn detect(path: &Path, map: &[u8]) -> Result<(TokenFormat, usize), DataError> {
         }
         return Ok((TokenFormat::LlmC, LLMC_HEADER_BYTES));
     }
-    if map.len() % 2 != 0 {
+    if !map.len().is_multiple_of(2) {
         return Err(file_err(
             path,
             format!(
@@ -275,8 +287,14 @@ pub fn write_atomic(
     path: &Path,
     fill: impl FnOnce(&mut std::io::BufWriter<&std::fs::File>) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let result = (|| {
         let file = std::fs::File::create(&tmp)?;
@@ -291,6 +309,27 @@ pub fn write_atomic(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Where a single token source is cut into train (before) and validation
+/// (after): the last `val_fraction` of the tokens, rounded, are validation.
+pub fn split_point(tokens: usize, val_fraction: f64) -> usize {
+    let val_len = (tokens as f64 * val_fraction).round() as usize;
+    tokens - val_len.min(tokens)
+}
+
+/// The length of the training split the config names, without generating
+/// or scanning anything (for `plan`).
+pub fn train_split_len(data: &DataConfig) -> Result<usize, DataError> {
+    let total = match &data.train {
+        Some(path) => Tokens::open(path)?.len(),
+        None => data.synthetic_tokens,
+    };
+    Ok(if data.val.is_some() {
+        total
+    } else {
+        split_point(total, data.val_fraction)
+    })
 }
 
 /// The train and validation tokens of a job.
@@ -321,11 +360,17 @@ impl Corpus {
             Some(path) => (train_all, Tokens::open(path)?),
             None => {
                 let n = train_all.len();
-                let val_len = (n as f64 * data.val_fraction).round() as usize;
-                let cut = n - val_len.min(n);
+                let cut = split_point(n, data.val_fraction);
+                let val_len = n - cut;
                 let train_name = format!("{} (first {cut} tokens)", train_all.name);
-                let val_name = format!("{} (last {val_len} tokens, data.val_fraction)", train_all.name);
-                (train_all.slice(0, cut, train_name), train_all.slice(cut, n, val_name))
+                let val_name = format!(
+                    "{} (last {val_len} tokens, data.val_fraction)",
+                    train_all.name
+                );
+                (
+                    train_all.slice(0, cut, train_name),
+                    train_all.slice(cut, n, val_name),
+                )
             }
         };
         let window = model.context + 1;
@@ -344,7 +389,11 @@ impl Corpus {
             }
             t.check_vocab(model.vocab_size)?;
         }
-        Ok(Corpus { train, val, synthetic })
+        Ok(Corpus {
+            train,
+            val,
+            synthetic,
+        })
     }
 }
 
@@ -374,7 +423,14 @@ mod tests {
             assert_eq!(s.get(0), tokens[10]);
             let mut out = Vec::new();
             s.read(2, 3, &mut out);
-            assert_eq!(out, vec![u32::from(tokens[12]), u32::from(tokens[13]), u32::from(tokens[14])]);
+            assert_eq!(
+                out,
+                vec![
+                    u32::from(tokens[12]),
+                    u32::from(tokens[13]),
+                    u32::from(tokens[14])
+                ]
+            );
         }
     }
 
@@ -393,19 +449,36 @@ mod tests {
         let cases: Vec<(&str, Vec<u8>, &str)> = vec![
             ("empty.bin", vec![], "the file is empty"),
             ("odd.bin", vec![1, 0, 2], "odd length of 3 bytes"),
-            ("short_header.bin", header[..100].to_vec(), "shorter than its 1024-byte header"),
+            (
+                "short_header.bin",
+                header[..100].to_vec(),
+                "shorter than its 1024-byte header",
+            ),
             ("version.bin", wrong_version, "version 2 is not supported"),
-            ("truncated.bin", truncated_body, "header says 10 tokens (20 bytes) but 8 bytes follow"),
+            (
+                "truncated.bin",
+                truncated_body,
+                "header says 10 tokens (20 bytes) but 8 bytes follow",
+            ),
         ];
         for (name, bytes, want) in cases {
             let p = dir.path().join(name);
             std::fs::write(&p, &bytes).expect("write");
             let e = Tokens::open(&p).expect_err(name).to_string();
             assert!(e.contains(name) && e.contains(want), "{name}: {e}");
-            assert_eq!(std::fs::read(&p).expect("read"), bytes, "{name} was modified");
+            assert_eq!(
+                std::fs::read(&p).expect("read"),
+                bytes,
+                "{name} was modified"
+            );
         }
-        let e = Tokens::open(&dir.path().join("missing.bin")).expect_err("missing").to_string();
-        assert!(e.contains("missing.bin") && e.contains("cannot open"), "{e}");
+        let e = Tokens::open(&dir.path().join("missing.bin"))
+            .expect_err("missing")
+            .to_string();
+        assert!(
+            e.contains("missing.bin") && e.contains("cannot open"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -417,30 +490,61 @@ mod tests {
         write_nanogpt(&p, &tokens).expect("write");
         let t = Tokens::open(&p).expect("open");
         let e = t.check_vocab(50_304).expect_err("too big").to_string();
-        assert!(e.contains("big.bin") && e.contains("60000 at position 1234"), "{e}");
+        assert!(
+            e.contains("big.bin") && e.contains("60000 at position 1234"),
+            "{e}"
+        );
         t.check_vocab(65_536).expect("fits u16 vocab");
     }
 
     #[test]
     fn corpus_splits_and_checks() {
         let dir = tmp();
-        let model = ModelConfig { context: 16, vocab_size: 100, ..ModelConfig::default() };
+        let model = ModelConfig {
+            context: 16,
+            vocab_size: 100,
+            ..ModelConfig::default()
+        };
         let p = dir.path().join("train.bin");
         write_nanogpt(&p, &(0..1000).map(|i| (i % 100) as u16).collect::<Vec<_>>()).expect("write");
-        let data = DataConfig { train: Some(p.clone()), val_fraction: 0.1, stride: 16, ..DataConfig::default() };
+        let data = DataConfig {
+            train: Some(p.clone()),
+            val_fraction: 0.1,
+            stride: 16,
+            ..DataConfig::default()
+        };
         let c = Corpus::open(&data, &model, 1).expect("opens");
         assert_eq!((c.train.len(), c.val.len()), (900, 100));
         assert_eq!(c.val.get(0), (900 % 100) as u16);
 
-        let short = DataConfig { val_fraction: 0.99, ..data.clone() };
-        let e = Corpus::open(&short, &model, 1).expect_err("train too short").to_string();
-        assert!(e.contains("shorter than one training window of model.context + 1 = 17"), "{e}");
+        let short = DataConfig {
+            val_fraction: 0.99,
+            ..data.clone()
+        };
+        let e = Corpus::open(&short, &model, 1)
+            .expect_err("train too short")
+            .to_string();
+        assert!(
+            e.contains("shorter than one training window of model.context + 1 = 17"),
+            "{e}"
+        );
 
-        let small_vocab = ModelConfig { vocab_size: 50, ..model.clone() };
-        let e = Corpus::open(&data, &small_vocab, 1).expect_err("vocab").to_string();
-        assert!(e.contains("train.bin") && e.contains("not below model.vocab_size = 50"), "{e}");
+        let small_vocab = ModelConfig {
+            vocab_size: 50,
+            ..model.clone()
+        };
+        let e = Corpus::open(&data, &small_vocab, 1)
+            .expect_err("vocab")
+            .to_string();
+        assert!(
+            e.contains("train.bin") && e.contains("not below model.vocab_size = 50"),
+            "{e}"
+        );
 
-        let synth = DataConfig { synthetic_tokens: 2000, ..DataConfig::default() };
+        let synth = DataConfig {
+            synthetic_tokens: 2000,
+            ..DataConfig::default()
+        };
         let c = Corpus::open(&synth, &model, 1).expect("synthetic");
         assert_eq!((c.train.len(), c.val.len()), (1800, 200));
         assert!(c.synthetic.is_some());

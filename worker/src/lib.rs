@@ -1,0 +1,9 @@
+//! The Stride worker: a GPT-2 model on Candle ([`model`]), Stride's own
+//! AdamW with clipping ([`optim`]), the gradient collective
+//! ([`collective`]), the training step ([`trainer`]) and the gRPC session
+//! with the coordinator ([`session`]).
+//!
+//! A worker never decides anything about the schedule, the data order or
+//! when to evaluate or stop: it applies the coordinator's plans and reports.
+
+pub mod model;

@@ -332,6 +332,16 @@ pub fn train_split_len(data: &DataConfig) -> Result<usize, DataError> {
     })
 }
 
+/// How much of a corpus to check when opening it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scan {
+    /// Layout and lengths, plus one pass over every token for ids outside
+    /// the vocabulary (the coordinator, once per job).
+    Full,
+    /// Layout and lengths only (workers: the coordinator has scanned).
+    Layout,
+}
+
 /// The train and validation tokens of a job.
 #[derive(Debug, Clone)]
 pub struct Corpus {
@@ -347,7 +357,7 @@ impl Corpus {
     /// every token below the vocabulary, every split long enough for one
     /// window of `context + 1` tokens (the validation split may be empty
     /// only when `val_fraction` is 0 and there is no `val` file).
-    pub fn open(data: &DataConfig, model: &ModelConfig, seed: u64) -> Result<Corpus, DataError> {
+    pub fn open(data: &DataConfig, model: &ModelConfig, seed: u64, scan: Scan) -> Result<Corpus, DataError> {
         let (train_all, synthetic) = match &data.train {
             Some(path) => (Tokens::open(path)?, None),
             None => {
@@ -387,7 +397,9 @@ impl Corpus {
                     ),
                 });
             }
-            t.check_vocab(model.vocab_size)?;
+            if scan == Scan::Full {
+                t.check_vocab(model.vocab_size)?;
+            }
         }
         Ok(Corpus {
             train,
@@ -513,7 +525,7 @@ mod tests {
             stride: 16,
             ..DataConfig::default()
         };
-        let c = Corpus::open(&data, &model, 1).expect("opens");
+        let c = Corpus::open(&data, &model, 1, Scan::Full).expect("opens");
         assert_eq!((c.train.len(), c.val.len()), (900, 100));
         assert_eq!(c.val.get(0), (900 % 100) as u16);
 
@@ -521,7 +533,7 @@ mod tests {
             val_fraction: 0.99,
             ..data.clone()
         };
-        let e = Corpus::open(&short, &model, 1)
+        let e = Corpus::open(&short, &model, 1, Scan::Full)
             .expect_err("train too short")
             .to_string();
         assert!(
@@ -533,7 +545,7 @@ mod tests {
             vocab_size: 50,
             ..model.clone()
         };
-        let e = Corpus::open(&data, &small_vocab, 1)
+        let e = Corpus::open(&data, &small_vocab, 1, Scan::Full)
             .expect_err("vocab")
             .to_string();
         assert!(
@@ -545,7 +557,7 @@ mod tests {
             synthetic_tokens: 2000,
             ..DataConfig::default()
         };
-        let c = Corpus::open(&synth, &model, 1).expect("synthetic");
+        let c = Corpus::open(&synth, &model, 1, Scan::Full).expect("synthetic");
         assert_eq!((c.train.len(), c.val.len()), (1800, 200));
         assert!(c.synthetic.is_some());
     }

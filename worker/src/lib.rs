@@ -7,3 +7,6 @@
 //! when to evaluate or stop: it applies the coordinator's plans and reports.
 
 pub mod model;
+pub mod collective;
+pub mod optim;
+pub mod trainer;

@@ -1,0 +1,367 @@
+//! Gradient collectives: the only code in Stride that moves tensors between
+//! workers.
+//!
+//! [`Collective`] is the seam between the training step and the transport:
+//! an in-place sum of an `f32` buffer over all ranks, and a barrier. On CPUs
+//! the transport is [`TcpRing`], a ring all-reduce over TCP between worker
+//! processes (NCCL takes this place on GPUs). Peer addresses come from the
+//! coordinator; each worker listens on port 0 and reports the port it got.
+//!
+//! Determinism: the ring splits the buffer into `world` chunks with fixed
+//! bounds and sums each chunk in ring order, so for a given world size the
+//! result is the same bits on every rank and in every run. The data is sent
+//! as native-endian `f32` (all supported targets are little-endian).
+//!
+//! Sockets carry read/write timeouts, so a dead peer turns into an error
+//! naming the peer rank instead of a hang.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+/// What went wrong in a collective.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    #[error("collective: {op} with rank {peer} failed: {source}")]
+    Peer {
+        op: &'static str,
+        peer: usize,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("collective: {0}")]
+    Setup(String),
+}
+
+/// Sums over all ranks; see the module doc.
+pub trait Collective: Send + std::fmt::Debug {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Element-wise sum of `buf` over all ranks, in place. Every rank must
+    /// call it with a buffer of the same length; every rank ends with the
+    /// same bits.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+    /// Returns once every rank has called it.
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        let mut token = [0f32];
+        self.all_reduce_sum(&mut token)
+    }
+}
+
+/// The collective of a one-worker job: nothing to exchange.
+#[derive(Debug, Default)]
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
+/// Magic bytes opening a ring connection ("STRD").
+const HELLO: [u8; 4] = *b"STRD";
+
+/// A bound, not yet connected, ring endpoint.
+#[derive(Debug)]
+pub struct RingListener {
+    listener: TcpListener,
+}
+
+impl RingListener {
+    /// Listens on `host`, port 0 (the OS picks a free port).
+    pub fn bind(host: IpAddr) -> std::io::Result<RingListener> {
+        Ok(RingListener {
+            listener: TcpListener::bind(SocketAddr::new(host, 0))?,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Joins the ring: connects to rank + 1 and accepts rank − 1 (both
+    /// introduce themselves with their rank and the job generation, so a
+    /// stale connection from an aborted generation is refused).
+    pub fn connect(
+        &self,
+        rank: usize,
+        peers: &[SocketAddr],
+        generation: u64,
+        timeout: Duration,
+    ) -> Result<Box<dyn Collective>, CollectiveError> {
+        let world = peers.len();
+        if rank >= world {
+            return Err(CollectiveError::Setup(format!("rank {rank} outside a world of {world}")));
+        }
+        if world == 1 {
+            return Ok(Box::new(Solo));
+        }
+        let next_rank = (rank + 1) % world;
+        let prev_rank = (rank + world - 1) % world;
+        let deadline = Instant::now() + timeout;
+        let peer_err = |op, peer, source| CollectiveError::Peer { op, peer, source };
+
+        // Outgoing: the listener of the next rank was bound before it
+        // registered, so connecting succeeds even before it accepts.
+        let next = loop {
+            match TcpStream::connect_timeout(&peers[next_rank], Duration::from_secs(5)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => return Err(peer_err("connect", next_rank, e)),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        configure(&next, timeout).map_err(|e| peer_err("configure", next_rank, e))?;
+        let mut hello = Vec::with_capacity(16);
+        hello.extend_from_slice(&HELLO);
+        hello.extend_from_slice(&(rank as u32).to_le_bytes());
+        hello.extend_from_slice(&generation.to_le_bytes());
+        (&next).write_all(&hello).map_err(|e| peer_err("handshake", next_rank, e))?;
+
+        // Incoming: accept until the previous rank of this generation calls.
+        self.listener
+            .set_nonblocking(true)
+            .map_err(|e| CollectiveError::Setup(e.to_string()))?;
+        let prev = loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).map_err(|e| peer_err("accept", prev_rank, e))?;
+                    configure(&s, timeout).map_err(|e| peer_err("configure", prev_rank, e))?;
+                    let mut buf = [0u8; 16];
+                    if (&s).read_exact(&mut buf).is_err() {
+                        continue;
+                    }
+                    let from = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
+                    let gen_bytes: [u8; 8] = buf[8..16].try_into().unwrap_or_default();
+                    if buf[..4] == HELLO && from == prev_rank && u64::from_le_bytes(gen_bytes) == generation {
+                        break s;
+                    }
+                    tracing::warn!(from, "refused a ring connection from another rank or generation");
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() >= deadline {
+                        return Err(peer_err(
+                            "accept",
+                            prev_rank,
+                            std::io::Error::new(std::io::ErrorKind::TimedOut, "the previous rank never connected"),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(peer_err("accept", prev_rank, e)),
+            }
+        };
+        Ok(Box::new(TcpRing {
+            rank,
+            world,
+            next,
+            prev,
+            scratch: Vec::new(),
+        }))
+    }
+}
+
+fn configure(s: &TcpStream, timeout: Duration) -> std::io::Result<()> {
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))
+}
+
+/// Ring all-reduce over TCP; see the module doc.
+#[derive(Debug)]
+pub struct TcpRing {
+    rank: usize,
+    world: usize,
+    /// To rank + 1.
+    next: TcpStream,
+    /// From rank − 1.
+    prev: TcpStream,
+    scratch: Vec<f32>,
+}
+
+impl TcpRing {
+    /// Bounds of chunk `i` of a buffer of `n` elements.
+    fn chunk(&self, n: usize, i: usize) -> std::ops::Range<usize> {
+        let i = i % self.world;
+        (i * n / self.world)..((i + 1) * n / self.world)
+    }
+
+    /// Sends `send` to the next rank while receiving `recv_len` values from
+    /// the previous one into the scratch buffer.
+    fn exchange(&mut self, send: &[f32], recv_len: usize) -> Result<(), CollectiveError> {
+        self.scratch.resize(recv_len, 0.0);
+        let (next_rank, prev_rank) = ((self.rank + 1) % self.world, (self.rank + self.world - 1) % self.world);
+        let next = &self.next;
+        let mut prev = &self.prev;
+        let scratch = &mut self.scratch;
+        std::thread::scope(|s| {
+            let writer = s.spawn(move || {
+                let mut w = next;
+                w.write_all(bytemuck::cast_slice(send))
+            });
+            let read = prev.read_exact(bytemuck::cast_slice_mut(scratch.as_mut_slice()));
+            let wrote = writer
+                .join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")));
+            read.map_err(|e| CollectiveError::Peer { op: "receive", peer: prev_rank, source: e })?;
+            wrote.map_err(|e| CollectiveError::Peer { op: "send", peer: next_rank, source: e })
+        })
+    }
+}
+
+impl Collective for TcpRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let (n, w, r) = (buf.len(), self.world, self.rank);
+        // Reduce-scatter: after w − 1 rounds rank r holds the full sum of
+        // chunk r + 1, accumulated in ring order.
+        for s in 0..w - 1 {
+            let send = self.chunk(n, r + w - s);
+            let recv = self.chunk(n, r + w - s - 1);
+            let out = buf[send].to_vec();
+            self.exchange(&out, recv.len())?;
+            for (x, y) in buf[recv].iter_mut().zip(&self.scratch) {
+                *x += *y;
+            }
+        }
+        // All-gather: pass the finished chunks around the ring.
+        for s in 0..w - 1 {
+            let send = self.chunk(n, r + 1 + w - s);
+            let recv = self.chunk(n, r + w - s);
+            let out = buf[send].to_vec();
+            self.exchange(&out, recv.len())?;
+            buf[recv].copy_from_slice(&self.scratch);
+        }
+        Ok(())
+    }
+}
+
+/// Starts `world` ring members in threads of this process on 127.0.0.1 and
+/// runs `f` on each (tests and benchmarks).
+pub fn local_ring<T: Send>(
+    world: usize,
+    f: impl Fn(Box<dyn Collective>) -> T + Sync,
+) -> Result<Vec<T>, CollectiveError> {
+    let listeners: Vec<RingListener> = (0..world)
+        .map(|_| RingListener::bind(IpAddr::from([127, 0, 0, 1])))
+        .collect::<Result<_, _>>()
+        .map_err(|e| CollectiveError::Setup(e.to_string()))?;
+    let peers: Vec<SocketAddr> = listeners
+        .iter()
+        .map(|l| SocketAddr::from(([127, 0, 0, 1], l.port())))
+        .collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = listeners
+            .iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let (peers, f) = (&peers, &f);
+                s.spawn(move || {
+                    let c = l.connect(rank, peers, 1, Duration::from_secs(30))?;
+                    Ok(f(c))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(CollectiveError::Setup("ring member panicked".into()))))
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stride_job::rng::{Rng, Stream};
+
+    fn input(rank: usize, n: usize, integer: bool) -> Vec<f32> {
+        let mut rng = Rng::new(rank as u64, Stream::Init);
+        (0..n)
+            .map(|_| if integer { rng.below(1000) as f32 - 500.0 } else { rng.normal() as f32 })
+            .collect()
+    }
+
+    #[test]
+    fn ring_sums_match_a_straightforward_sum() {
+        // Lengths: empty, shorter than the world, not divisible, large.
+        for world in 1..=4 {
+            for n in [0, 1, 3, 7, 1000, 100_003] {
+                for integer in [true, false] {
+                    let results = local_ring(world, |mut c| {
+                        let mut buf = input(c.rank(), n, integer);
+                        c.all_reduce_sum(&mut buf).map(|_| buf)
+                    })
+                    .expect("ring");
+                    let inputs: Vec<Vec<f32>> = (0..world).map(|r| input(r, n, integer)).collect();
+                    let want: Vec<f64> = (0..n)
+                        .map(|i| inputs.iter().map(|x| f64::from(x[i])).sum())
+                        .collect();
+                    let first = results[0].as_ref().expect("rank 0");
+                    for (rank, r) in results.iter().enumerate() {
+                        let got = r.as_ref().expect("all-reduce");
+                        // Every rank holds the same bits.
+                        assert!(
+                            got.iter().zip(first).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "world {world} n {n}: rank {rank} differs from rank 0"
+                        );
+                        for i in 0..n {
+                            let tol = if integer { 0.0 } else { 1e-5 };
+                            assert!(
+                                (f64::from(got[i]) - want[i]).abs() <= tol,
+                                "world {world} n {n} [{i}]: {} vs {}",
+                                got[i],
+                                want[i]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_sum_is_the_same_bits_every_time() {
+        let run = || {
+            local_ring(3, |mut c| {
+                let mut buf = input(c.rank(), 10_001, false);
+                c.all_reduce_sum(&mut buf).map(|_| buf)
+            })
+            .expect("ring")
+            .into_iter()
+            .map(|r| r.expect("all-reduce"))
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn barrier_and_a_dead_peer() {
+        let ok = local_ring(3, |mut c| c.barrier().is_ok()).expect("ring");
+        assert!(ok.iter().all(|b| *b));
+        // A peer that never joins: connect fails with a named rank, no hang.
+        let l = RingListener::bind(IpAddr::from([127, 0, 0, 1])).expect("bind");
+        let ghost = RingListener::bind(IpAddr::from([127, 0, 0, 1])).expect("bind");
+        let peers = [
+            SocketAddr::from(([127, 0, 0, 1], l.port())),
+            SocketAddr::from(([127, 0, 0, 1], ghost.port())),
+        ];
+        let e = l
+            .connect(0, &peers, 1, Duration::from_millis(300))
+            .err()
+            .expect("must time out")
+            .to_string();
+        assert!(e.contains("rank 1"), "{e}");
+    }
+}

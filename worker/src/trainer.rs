@@ -1,0 +1,281 @@
+//! One worker's training state and its step, read top to bottom: forward and
+//! backward over the micro-batches of this rank, **the gradient all-reduce**,
+//! averaging, clipping, the AdamW update, and the hash of the new weights.
+//!
+//! The trainer owns the master weights (a flat `f32` buffer in parameter-name
+//! order), the optimiser state and the collective. It does what a plan says
+//! — which samples, which LR — and never chooses either.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+use stride_job::config::Config;
+use stride_job::sampler::window_start;
+use stride_job::tokens::{Corpus, Scan, Tokens};
+
+use crate::collective::Collective;
+use crate::model::{self, Gpt, Slot};
+use crate::optim::{AdamW, clip_global_norm};
+
+/// What one step did on this rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepOutcome {
+    /// Mean loss over this rank's micro-batches.
+    pub loss: f64,
+    /// Global gradient norm (after averaging over ranks, before clipping).
+    pub grad_norm: f64,
+    pub tokens: u64,
+    pub compute_s: f64,
+    pub allreduce_s: f64,
+    pub total_s: f64,
+    pub weights_hash: u64,
+}
+
+#[derive(Debug)]
+pub struct Trainer {
+    pub config: Config,
+    model: Gpt,
+    slots: Vec<Slot>,
+    /// Master weights, flat, in `slots` order.
+    weights: Vec<f32>,
+    /// Gradient accumulator, same layout.
+    grad: Vec<f32>,
+    pub optimizer: AdamW,
+    corpus: Corpus,
+    collective: Box<dyn Collective>,
+    device: Device,
+    accumulation: usize,
+    /// Reused token buffer.
+    window: Vec<u32>,
+}
+
+impl Trainer {
+    /// A trainer with freshly initialised weights (from `train.seed`).
+    pub fn new(config: &Config, collective: Box<dyn Collective>, accumulation: usize, device: Device) -> Result<Trainer> {
+        let corpus = Corpus::open(&config.data, &config.model, config.train.seed, Scan::Layout)?;
+        let slots = model::layout(&config.model);
+        let weights = model::initial_weights(&config.model, config.train.seed);
+        let model = Gpt::new(&config.model, &weights, DType::F32, &device)?;
+        Ok(Trainer {
+            config: config.clone(),
+            optimizer: AdamW::new(&config.optim, &slots),
+            grad: vec![0.0; weights.len()],
+            model,
+            slots,
+            weights,
+            corpus,
+            collective,
+            device,
+            accumulation,
+            window: Vec::new(),
+        })
+    }
+
+    pub fn slots(&self) -> &[Slot] {
+        &self.slots
+    }
+
+    pub fn weights(&self) -> &[f32] {
+        &self.weights
+    }
+
+    /// Replaces the weights (checkpoint loading).
+    pub fn set_weights(&mut self, weights: Vec<f32>) -> Result<()> {
+        anyhow::ensure!(weights.len() == self.weights.len(), "weights of the wrong size");
+        self.weights = weights;
+        self.model.load_flat(&self.weights)?;
+        Ok(())
+    }
+
+    /// Hash of the parameter names and shapes: ranks must agree before step 0.
+    pub fn layout_hash(&self) -> u64 {
+        let text: String = self
+            .slots
+            .iter()
+            .map(|s| format!("{}:{:?};", s.name, s.shape))
+            .collect();
+        xxhash_rust::xxh3::xxh3_64(text.as_bytes())
+    }
+
+    /// Hash of the weights' bits, in parameter-name order.
+    pub fn weights_hash(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(&self.weights))
+    }
+
+    /// Inputs (B, T) and targets (B, T) of the samples `samples` of `tokens`.
+    fn batch(&mut self, tokens: &Tokens, samples: &[u64]) -> Result<(Tensor, Tensor)> {
+        let (t, stride) = (self.config.model.context, self.config.data.stride);
+        let mut x = Vec::with_capacity(samples.len() * t);
+        let mut y = Vec::with_capacity(samples.len() * t);
+        for &s in samples {
+            tokens.read(window_start(s, stride), t + 1, &mut self.window);
+            x.extend_from_slice(&self.window[..t]);
+            y.extend_from_slice(&self.window[1..]);
+        }
+        let b = samples.len();
+        Ok((
+            Tensor::from_vec(x, (b, t), &self.device)?,
+            Tensor::from_vec(y, (b, t), &self.device)?,
+        ))
+    }
+
+    /// One optimiser step on this rank's `samples` (accumulation ×
+    /// micro_batch of them) at learning rate `lr`.
+    pub fn step(&mut self, samples: &[u64], lr: f64) -> Result<StepOutcome> {
+        let start = Instant::now();
+        let micro = self.config.train.micro_batch;
+        anyhow::ensure!(
+            samples.len() == micro * self.accumulation,
+            "plan gave {} samples, expected micro_batch {micro} × accumulation {}",
+            samples.len(),
+            self.accumulation
+        );
+        let train = self.corpus.train.clone();
+
+        // Forward and backward over this rank's micro-batches, summing
+        // gradients into the flat accumulator.
+        self.grad.fill(0.0);
+        let mut loss_sum = 0.0;
+        for chunk in samples.chunks(micro) {
+            let (x, y) = self.batch(&train, chunk)?;
+            let loss = self.model.loss(&x, &y)?;
+            loss_sum += f64::from(loss.to_scalar::<f32>()?);
+            let grads = loss.backward()?;
+            for (slot, (name, var)) in self.slots.iter().zip(self.model.vars()) {
+                let g = grads
+                    .get(var.as_tensor())
+                    .with_context(|| format!("no gradient reached {name}"))?
+                    .flatten_all()?
+                    .to_dtype(DType::F32)?
+                    .to_vec1::<f32>()?;
+                for (acc, v) in self.grad[slot.offset..slot.offset + slot.len].iter_mut().zip(g) {
+                    *acc += v;
+                }
+            }
+        }
+        let compute_s = start.elapsed().as_secs_f64();
+
+        // ---- Gradient synchronisation: the only exchange between ranks ----
+        let reduce_start = Instant::now();
+        self.collective.all_reduce_sum(&mut self.grad)?;
+        let allreduce_s = reduce_start.elapsed().as_secs_f64();
+
+        // Sum over all micro-batches of all ranks → mean over the global batch.
+        let scale = 1.0 / (self.accumulation * self.collective.world_size()) as f32;
+        for g in &mut self.grad {
+            *g *= scale;
+        }
+        let grad_norm = clip_global_norm(&mut self.grad, self.config.optim.grad_clip);
+        self.optimizer.update(&mut self.weights, &self.grad, lr);
+        self.model.load_flat(&self.weights)?;
+
+        Ok(StepOutcome {
+            loss: loss_sum / self.accumulation as f64,
+            grad_norm,
+            tokens: (samples.len() * self.config.model.context) as u64,
+            compute_s,
+            allreduce_s,
+            total_s: start.elapsed().as_secs_f64(),
+            weights_hash: self.weights_hash(),
+        })
+    }
+
+    /// Sum of token losses and token count over validation `samples`.
+    pub fn evaluate(&mut self, samples: &[u64]) -> Result<(f64, u64)> {
+        let val = self.corpus.val.clone();
+        let t = self.config.model.context;
+        let mut loss_sum = 0.0;
+        let mut tokens = 0;
+        for chunk in samples.chunks(self.config.train.micro_batch) {
+            let (x, y) = self.batch(&val, chunk)?;
+            let loss = self.model.loss(&x, &y)?.to_scalar::<f32>()?;
+            let n = (chunk.len() * t) as u64;
+            loss_sum += f64::from(loss) * n as f64;
+            tokens += n;
+        }
+        Ok((loss_sum, tokens))
+    }
+
+    /// The synthetic corpus's entropy rate, when the corpus is built in.
+    pub fn entropy_floor(&self) -> Option<f64> {
+        self.corpus.synthetic.as_ref().map(|s| s.entropy_rate())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collective::{Solo, local_ring};
+    use stride_job::config::{ConfigSource, RawConfig};
+    use stride_job::sampler::{DataCursor, Sampler, shard};
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            "[model]\nn_layer = 1\nn_head = 2\nn_embd = 16\nvocab_size = 32\ncontext = 16\n\
+             [data]\nsynthetic_tokens = 20000\n[train]\nglobal_batch = 8\nmicro_batch = 2\nwarmup_steps = 0\nlr = 1e-2\n{extra}"
+        );
+        RawConfig::parse(&text, "t".into(), ConfigSource::File("t.toml".into()))
+            .and_then(|r| r.resolve())
+            .expect("config")
+    }
+
+    fn samples_of(c: &Config, steps: usize) -> Vec<Vec<u64>> {
+        let t = Corpus::open(&c.data, &c.model, c.train.seed, Scan::Layout).expect("corpus");
+        let n = stride_job::sampler::window_count(t.train.len(), c.model.context, c.data.stride);
+        let mut s = Sampler::new(n, c.train.seed, DataCursor::default()).expect("sampler");
+        (0..steps).map(|_| s.next_batch(c.train.global_batch).samples).collect()
+    }
+
+    #[test]
+    fn loss_falls_on_one_worker() {
+        let c = config("");
+        let mut t = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+        let batches = samples_of(&c, 30);
+        let first = t.step(&batches[0], 1e-2).expect("step").loss;
+        let mut last = first;
+        for b in &batches[1..] {
+            last = t.step(b, 1e-2).expect("step").loss;
+        }
+        assert!(last < first - 0.5, "loss {first} → {last}");
+        let (sum, n) = t.evaluate(&[0, 1, 2]).expect("eval");
+        assert_eq!(n, 48);
+        assert!((sum / n as f64).is_finite());
+    }
+
+    #[test]
+    fn world_sizes_agree_and_ranks_stay_identical() {
+        // 1 × accumulation 4, 2 × 2, 4 × 1: same global batch, same math.
+        let c = config("");
+        let batches = samples_of(&c, 8);
+        let mut per_world: Vec<Vec<f64>> = Vec::new();
+        for world in [1usize, 2, 4] {
+            let accumulation = 8 / (world * 2);
+            let results = local_ring(world, |coll| {
+                let rank = coll.rank();
+                let mut t = Trainer::new(&c, coll, accumulation, Device::Cpu).expect("trainer");
+                batches
+                    .iter()
+                    .map(|b| {
+                        let o = t.step(shard(b, world, rank), 1e-2).expect("step");
+                        (o.loss, o.weights_hash)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .expect("ring");
+            for step in 0..batches.len() {
+                let hashes: Vec<u64> = results.iter().map(|r| r[step].1).collect();
+                assert!(hashes.iter().all(|h| *h == hashes[0]), "world {world} step {step}: {hashes:?}");
+            }
+            let mean_loss = (0..batches.len())
+                .map(|s| results.iter().map(|r| r[s].0).sum::<f64>() / world as f64)
+                .collect();
+            per_world.push(mean_loss);
+        }
+        for w in &per_world[1..] {
+            for (a, b) in per_world[0].iter().zip(w) {
+                assert!(((a - b) / a).abs() < 1e-4, "{:?}", per_world);
+            }
+        }
+    }
+}

@@ -6,26 +6,61 @@
 //! them once, with their context chain. It must never link Candle, CUDA or
 //! NCCL, and never touch a tensor.
 
+mod driver;
 mod inspect;
+mod local;
+mod output;
 mod plan;
 mod prepare;
+mod server;
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use stride_job::config::{ConfigError, RawConfig};
+use stride_job::sampler::{DataCursor, window_count};
+use stride_job::schedule::Schedule;
+use stride_job::tokens::{Corpus, Scan};
+use stride_proto::v1::coordinator_server::CoordinatorServer;
+
+/// Default gRPC address without `--local` (torchrun's rendezvous port).
+const DEFAULT_LISTEN: &str = "127.0.0.1:29400";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "coordinator",
     version,
-    about = "Stride coordinator: owns a GPT training job and drives its workers"
+    about = "Stride coordinator: owns a GPT training job and drives its workers",
+    long_about = "Stride coordinator: owns a GPT training job and drives its workers.\n\n\
+        Without a subcommand it runs a job: `coordinator --config tiny --workers 2 --local` \
+        starts two local workers itself; without --local it waits for `worker --connect URL`.",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Running a job (no subcommand).
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    config: ConfigArgs,
+    /// Start the workers as processes on this machine.
+    #[arg(long)]
+    local: bool,
+    /// gRPC address to listen on [default: 127.0.0.1:0 with --local, else 127.0.0.1:29400].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Where train.log, metrics.jsonl and worker logs go [default: runs/<config name>].
+    #[arg(long)]
+    run_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -125,25 +160,32 @@ struct PrepareArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
     let cli = Cli::parse();
-    match run(cli) {
+    let result = match cli.command {
+        Some(command) => {
+            output::init_console_logging();
+            offline(command)
+        }
+        None => tokio::runtime::Runtime::new()
+            .context("cannot start the async runtime")
+            .and_then(|rt| rt.block_on(train(cli.run))),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::from(exit_code(&e))
         }
     }
 }
 
-/// 2 for input the user can fix (config, data, flags), 1 otherwise.
+/// 2 for input the user can fix (config, data, flags), 130 for Ctrl-C,
+/// 1 otherwise.
 fn exit_code(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| c.is::<driver::Interrupted>()) {
+        return 130;
+    }
     let user_error = e.chain().any(|c| {
         c.is::<ConfigError>()
             || c.is::<stride_job::tokens::DataError>()
@@ -152,8 +194,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     if user_error { 2 } else { 1 }
 }
 
-fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+fn offline(command: Command) -> Result<()> {
+    match command {
         Command::Plan(a) => {
             let (raw, config) = a.config.load()?;
             let plan = plan::build(&config, a.extend_steps, a.batches)?;
@@ -192,4 +234,133 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Runs a training job: checks the config and data, serves gRPC, starts
+/// local workers if asked, and hands over to the driver.
+async fn train(args: RunArgs) -> Result<()> {
+    let (raw, config) = args.config.load()?;
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| Path::new("runs").join(&raw.name));
+    let run = output::RunDir::create(&run_dir)?;
+    let schedule = Schedule::from_config(&config.train);
+    let bar = output::init_run_logging(&run.log_path(), schedule.max_steps())?;
+    tracing::info!(
+        "job `{}` from {} (config hash {}), run directory {}",
+        raw.name,
+        raw.source,
+        &config.hash()[..16],
+        run_dir.display()
+    );
+
+    // Check the data once, here, before any worker starts.
+    let corpus = Corpus::open(&config.data, &config.model, config.train.seed, Scan::Full)?;
+    let (context, stride) = (config.model.context, config.data.stride);
+    let train_samples = window_count(corpus.train.len(), context, stride);
+    let val_samples = window_count(corpus.val.len(), context, stride);
+    let entropy_floor = corpus.synthetic.as_ref().map(|s| s.entropy_rate());
+    tracing::info!(
+        "data: {} training samples ({} tokens), {} validation samples{}",
+        train_samples,
+        corpus.train.len(),
+        val_samples,
+        entropy_floor
+            .map(|f| format!("; synthetic source, entropy floor {f:.4} nats/token"))
+            .unwrap_or_default()
+    );
+    if val_samples == 0 {
+        tracing::warn!("no validation split (data.val_fraction = 0 and no data.val): evaluation is skipped");
+    }
+    drop(corpus);
+
+    let listen = match args.listen {
+        Some(a) => a,
+        None if args.local => SocketAddr::from(([127, 0, 0, 1], 0)),
+        None => DEFAULT_LISTEN.parse().context("bad default address")?,
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (is another coordinator running? pick another with --listen)"))?;
+    let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!("listening on {addr}, reachable from other machines");
+    }
+    let url = format!("http://{addr}");
+    std::fs::write(run_dir.join("coordinator.addr"), format!("{url}\n"))
+        .with_context(|| format!("cannot write {}", run_dir.join("coordinator.addr").display()))?;
+
+    let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let shared = server::Shared::new(
+        events_tx.clone(),
+        Duration::from_secs_f64(config.cluster.heartbeat_interval_s),
+    );
+    let service = CoordinatorServer::new(server::Service { shared: shared.clone() })
+        .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(server::MAX_MESSAGE_BYTES);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serve = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
+    tokio::spawn(forward_signals(events_tx));
+
+    let workers = config.cluster.workers;
+    let local = if args.local {
+        let threads = local::threads_per_worker(config.worker.threads, workers);
+        tracing::info!("starting {workers} local workers ({threads} threads each), logs in {}", run_dir.display());
+        Some(local::LocalWorkers::spawn(workers, &url, threads, &run_dir)?)
+    } else {
+        tracing::info!("listening on {url}; waiting for {workers} workers: `worker --connect {url}`");
+        None
+    };
+
+    let spec = driver::JobSpec {
+        name: raw.name.clone(),
+        config,
+        schedule,
+        train_samples,
+        val_samples,
+        start_step: 0,
+        cursor: DataCursor::default(),
+        entropy_floor,
+    };
+    let mut driver = driver::Driver::new(spec, events_rx, shared, local, run, bar);
+    let result = driver.run().await;
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), serve).await;
+    let summary = result?;
+    let val = summary
+        .final_val_loss
+        .map(|v| format!(", val loss {v:.4}"))
+        .unwrap_or_default();
+    let floor = entropy_floor
+        .map(|f| format!(" (entropy floor {f:.4})"))
+        .unwrap_or_default();
+    tracing::info!(
+        "done: {} steps in {:.1} s; final train loss {:.4}{val}{floor}; {:.0} tokens/s",
+        summary.steps,
+        summary.wall_s,
+        summary.final_loss,
+        summary.tokens as f64 / summary.wall_s.max(1e-9)
+    );
+    Ok(())
+}
+
+/// Turns Ctrl-C and SIGTERM into an event the driver handles like any
+/// other: it stops the workers and exits with 130.
+async fn forward_signals(events: tokio::sync::mpsc::UnboundedSender<server::Event>) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot watch SIGTERM: {e}");
+            return;
+        }
+    };
+    let which = tokio::select! {
+        _ = tokio::signal::ctrl_c() => "Ctrl-C",
+        _ = term.recv() => "SIGTERM",
+    };
+    let _ = events.send(server::Event::Interrupted(which));
 }

@@ -10,3 +10,4 @@ pub mod model;
 pub mod collective;
 pub mod optim;
 pub mod trainer;
+pub mod session;

@@ -1,1 +1,65 @@
-fn main() {}
+//! `worker`: joins a Stride job. `worker --connect http://HOST:PORT` is all
+//! it needs: the coordinator sends its rank, the whole resolved job and its
+//! peers. Exit code: what the coordinator asked for at shutdown, 1 when the
+//! worker itself failed.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use stride_worker::session::{self, Options};
+
+#[derive(Debug, Parser)]
+#[command(name = "worker", version, about = "Stride worker: trains its share of a job driven by a coordinator")]
+struct Cli {
+    /// The coordinator's gRPC URL, e.g. http://127.0.0.1:29400.
+    #[arg(long)]
+    connect: String,
+    /// A stable name for this worker (ranks are given in its natural order);
+    /// default: the Indexed Job's completion index, else host-pid.
+    #[arg(long, env = "STRIDE_WORKER_IDENTITY")]
+    identity: Option<String>,
+    /// CPU threads for compute [default: the job's worker.threads, else all cores].
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Keep trying to reach the coordinator for this many seconds.
+    #[arg(long, default_value_t = 120.0)]
+    connect_timeout: f64,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let identity = cli.identity.unwrap_or_else(|| match std::env::var("JOB_COMPLETION_INDEX") {
+        Ok(i) => format!("index-{i}"),
+        Err(_) => format!("pid-{}", std::process::id()),
+    });
+    let opts = Options {
+        url: cli.connect,
+        identity,
+        threads: cli.threads,
+        connect_timeout: Duration::from_secs_f64(cli.connect_timeout.max(0.0)),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(session::run(opts)) {
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,539 @@
+//! The job driver: forms the worker set, then runs the training loop top to
+//! bottom — for each step the LR from the schedule, the global batch from
+//! the sampler, one plan per rank, the reports back, the metrics line, and
+//! evaluation when due.
+//!
+//! The driver alone advances the global step. It never sees a tensor: ranks
+//! report scalars and hashes. Every failure it reports names the rank, its
+//! host and pid, and the step.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+use indicatif::ProgressBar;
+use stride_job::config::Config;
+use stride_job::sampler::{DataCursor, Sampler, eval_samples, shard, shard_uneven};
+use stride_job::schedule::Schedule;
+use stride_proto::v1::{
+    Assignment, CoordinatorMessage, EvalPlan, PeerAddress, RankStatus, Shutdown, StepPlan, coordinator_message,
+    worker_message,
+};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::time::Instant as TokioInstant;
+
+use crate::local::LocalWorkers;
+use crate::output::{MetricsRecord, RunDir, STEP_TARGET};
+use crate::server::{Event, Outbound, Shared, WorkerInfo};
+
+/// The job was stopped by a signal (Ctrl-C or SIGTERM); exit code 130.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by {0}; all workers were stopped")]
+pub struct Interrupted(pub &'static str);
+
+/// Everything the driver needs to run a job.
+#[derive(Debug)]
+pub struct JobSpec {
+    pub name: String,
+    pub config: Config,
+    pub schedule: Schedule,
+    /// Samples in the training / validation split.
+    pub train_samples: u64,
+    pub val_samples: u64,
+    /// First step to run, and the data cursor at that step.
+    pub start_step: u64,
+    pub cursor: DataCursor,
+    /// The entropy rate of a synthetic corpus (reported next to losses).
+    pub entropy_floor: Option<f64>,
+}
+
+/// How a finished job went.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub final_val_loss: Option<f64>,
+    pub tokens: u64,
+    pub wall_s: f64,
+}
+
+/// A worker that holds a rank.
+#[derive(Debug)]
+struct Rank {
+    worker_id: String,
+    info: WorkerInfo,
+    outbound: Outbound,
+    last_step: u64,
+    last_step_s: f64,
+}
+
+impl Rank {
+    fn describe(&self, rank: usize) -> String {
+        format!("rank {rank} ({}, pid {})", self.info.host, self.info.pid)
+    }
+}
+
+#[derive(Debug)]
+pub struct Driver {
+    spec: JobSpec,
+    events: UnboundedReceiver<Event>,
+    shared: Arc<Shared>,
+    local: Option<LocalWorkers>,
+    run: RunDir,
+    bar: Option<ProgressBar>,
+    ranks: Vec<Rank>,
+    by_id: HashMap<String, usize>,
+    generation: u64,
+    step: u64,
+}
+
+/// What waiting for an event can produce besides an event.
+enum Wait {
+    Event(Event),
+    TimedOut,
+}
+
+impl Driver {
+    pub fn new(
+        spec: JobSpec,
+        events: UnboundedReceiver<Event>,
+        shared: Arc<Shared>,
+        local: Option<LocalWorkers>,
+        run: RunDir,
+        bar: Option<ProgressBar>,
+    ) -> Driver {
+        let step = spec.start_step;
+        Driver {
+            spec,
+            events,
+            shared,
+            local,
+            run,
+            bar,
+            ranks: Vec::new(),
+            by_id: HashMap::new(),
+            generation: 0,
+            step,
+        }
+    }
+
+    /// Runs the job to its end. Whatever happens, the workers are told to
+    /// stop and local worker processes are reaped before this returns.
+    pub async fn run(&mut self) -> Result<Summary> {
+        let result = self.run_inner().await;
+        let (reason, code) = match &result {
+            Ok(_) => ("training finished".to_string(), 0),
+            Err(e) => (format!("the job failed: {e:#}"), 1),
+        };
+        for r in &self.ranks {
+            let _ = r
+                .outbound
+                .send(Ok(message(coordinator_message::Body::Shutdown(Shutdown {
+                    reason: reason.clone(),
+                    exit_code: code,
+                }))))
+                .await;
+        }
+        if let Some(local) = &mut self.local {
+            local.stop(Duration::from_secs(10)).await;
+        }
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        result
+    }
+
+    async fn next_event(&mut self, deadline: TokioInstant) -> Result<Wait> {
+        let local = self.local.as_mut();
+        tokio::select! {
+            ev = self.events.recv() => ev.map(Wait::Event).ok_or_else(|| anyhow!("the gRPC service stopped")),
+            (slot, status) = async move {
+                match local {
+                    Some(l) => l.exited().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let who = self
+                    .ranks
+                    .iter()
+                    .position(|r| r.info.identity == format!("local-{slot}"))
+                    .map(|r| format!("rank {r}"))
+                    .unwrap_or_else(|| "a worker without a rank yet".into());
+                Err(anyhow!("local worker {slot} ({who}) exited at step {}: {status}", self.step))
+            }
+            _ = tokio::time::sleep_until(deadline) => Ok(Wait::TimedOut),
+        }
+    }
+
+    async fn run_inner(&mut self) -> Result<Summary> {
+        let c = self.spec.config.clone();
+        self.form_world().await?;
+        let world = self.ranks.len();
+        let accumulation = c.accumulation_for(world).map_err(anyhow::Error::msg)?;
+        tracing::info!(
+            "{} workers: global batch {} = {} × micro-batch {} × accumulation {}",
+            world,
+            c.train.global_batch,
+            world,
+            c.train.micro_batch,
+            accumulation
+        );
+
+        let mut sampler =
+            Sampler::new(self.spec.train_samples, c.train.seed, self.spec.cursor).map_err(anyhow::Error::msg)?;
+        let eval_set = eval_samples(self.spec.val_samples, c.train.eval_batches, c.train.global_batch);
+        let max_steps = self.spec.schedule.max_steps();
+        let tokens_per_step = (c.train.global_batch * c.model.context) as u64;
+        let started = Instant::now();
+        let mut tokens = 0u64;
+        let mut last = Summary {
+            steps: 0,
+            final_loss: f64::NAN,
+            final_val_loss: None,
+            tokens: 0,
+            wall_s: 0.0,
+        };
+        if let Some(bar) = &self.bar {
+            bar.set_position(self.step);
+        }
+
+        while self.step < max_steps {
+            let step = self.step;
+            let lr = self.spec.schedule.lr_at(step);
+            let batch = sampler.next_batch(c.train.global_batch);
+            let step_start = Instant::now();
+            for rank in 0..world {
+                let plan = StepPlan {
+                    generation: self.generation,
+                    step,
+                    lr,
+                    samples: shard(&batch.samples, world, rank).to_vec(),
+                    epoch: batch.epoch,
+                };
+                self.send(rank, coordinator_message::Body::Step(plan)).await?;
+            }
+            let reports = self.collect_step(step).await?;
+            let step_s = step_start.elapsed().as_secs_f64();
+            tokens += tokens_per_step;
+
+            let first_hash = &reports[0].weights_hash;
+            if let Some(bad) = reports.iter().position(|r| &r.weights_hash != first_hash) {
+                bail!(
+                    "{} holds different weights from rank 0 after step {step}: data parallelism is broken (different binaries or hardware?)",
+                    self.ranks[bad].describe(bad)
+                );
+            }
+            let loss = reports.iter().map(|r| r.loss).sum::<f64>() / world as f64;
+            let grad_norm = reports[0].grad_norm;
+            for (rank, rep) in reports.iter().enumerate() {
+                self.ranks[rank].last_step = step;
+                self.ranks[rank].last_step_s = rep.total_s;
+            }
+            self.step = step + 1;
+
+            let due = c.train.eval_interval > 0 && self.step.is_multiple_of(c.train.eval_interval);
+            let val_loss = if (due || self.step == max_steps) && !eval_set.is_empty() {
+                Some(self.evaluate(step, &eval_set).await?)
+            } else {
+                None
+            };
+
+            let record = MetricsRecord {
+                step,
+                loss,
+                val_loss,
+                lr,
+                grad_norm,
+                tokens_per_s: tokens_per_step as f64 / step_s,
+                epoch: batch.epoch,
+                tokens,
+                step_s,
+                workers: world,
+                elapsed_s: started.elapsed().as_secs_f64(),
+                weights_hash: stride_job::config::hex(first_hash),
+            };
+            self.run.write_metrics(&record)?;
+            tracing::info!(
+                target: STEP_TARGET,
+                "step {step:>6}/{max_steps} | loss {loss:.4} | lr {lr:.3e} | grad norm {grad_norm:.3} | {:.0} tok/s | epoch {}",
+                record.tokens_per_s,
+                batch.epoch
+            );
+            if let Some(v) = val_loss {
+                let floor = self
+                    .spec
+                    .entropy_floor
+                    .map(|f| format!(" (entropy floor {f:.4})"))
+                    .unwrap_or_default();
+                tracing::info!("step {step:>6}: val loss {v:.4}{floor}");
+                last.final_val_loss = Some(v);
+            }
+            if let Some(bar) = &self.bar {
+                bar.set_position(self.step);
+                bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}"));
+            }
+            self.update_status(loss, lr, val_loss, started, max_steps);
+            last.final_loss = loss;
+        }
+        last.steps = self.step - self.spec.start_step;
+        last.tokens = tokens;
+        last.wall_s = started.elapsed().as_secs_f64();
+        Ok(last)
+    }
+
+    /// Waits for `workers` workers, gives them ranks and the job, and checks
+    /// that they built the same model.
+    async fn form_world(&mut self) -> Result<()> {
+        let c = self.spec.config.clone();
+        let want = c.cluster.workers;
+        let startup = Duration::from_secs_f64(c.cluster.startup_timeout_s);
+        let deadline = TokioInstant::now() + startup;
+        let mut joined: Vec<(String, WorkerInfo, Outbound)> = Vec::new();
+        while joined.len() < want {
+            match self.next_event(deadline).await? {
+                Wait::TimedOut => bail!(
+                    "only {} of {want} workers joined within cluster.startup_timeout_s = {}s; start more `worker --connect` processes or pass --workers {}",
+                    joined.len(),
+                    c.cluster.startup_timeout_s,
+                    joined.len().max(1)
+                ),
+                Wait::Event(Event::Joined { worker_id, info, outbound }) => {
+                    tracing::info!("worker {} joined ({}, pid {}, {})", info.identity, info.host, info.pid, info.device);
+                    joined.push((worker_id, info, outbound));
+                }
+                Wait::Event(Event::Left { worker_id, reason }) => {
+                    joined.retain(|(id, _, _)| *id != worker_id);
+                    tracing::warn!("a worker left before the job started: {reason}");
+                }
+                Wait::Event(Event::Interrupted(sig)) => return Err(Interrupted(sig).into()),
+                Wait::Event(Event::Message { .. }) => {}
+            }
+        }
+        // Stable ranks: by identity (local-0, local-1, …, or pod index), in
+        // natural order; ties keep join order.
+        joined.sort_by_key(|(_, info, _)| natural_key(&info.identity));
+        self.generation += 1;
+        let peers: Vec<PeerAddress> = joined
+            .iter()
+            .map(|(_, info, _)| PeerAddress {
+                host: info.collective_host.clone(),
+                port: u32::from(info.collective_port),
+            })
+            .collect();
+        let world = joined.len();
+        let accumulation = c.accumulation_for(world).map_err(anyhow::Error::msg)?;
+        self.ranks = joined
+            .into_iter()
+            .map(|(worker_id, info, outbound)| Rank {
+                worker_id,
+                info,
+                outbound,
+                last_step: 0,
+                last_step_s: 0.0,
+            })
+            .collect();
+        self.by_id = self
+            .ranks
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.worker_id.clone(), i))
+            .collect();
+        let config_toml = c.to_toml();
+        for rank in 0..world {
+            let a = Assignment {
+                rank: rank as u32,
+                world_size: world as u32,
+                generation: self.generation,
+                config_toml: config_toml.clone(),
+                peers: peers.clone(),
+                accumulation: accumulation as u32,
+                load_checkpoint: String::new(),
+                weights_only: false,
+            };
+            self.send(rank, coordinator_message::Body::Assignment(a)).await?;
+        }
+
+        // Every rank must report the same parameter layout and initial weights.
+        let mut ready: Vec<Option<(Vec<u8>, Vec<u8>)>> = vec![None; world];
+        while ready.iter().any(Option::is_none) {
+            let (rank, body) = self.next_rank_message(deadline, "to build its model").await?;
+            if let worker_message::Body::Ready(r) = body
+                && r.generation == self.generation
+            {
+                ready[rank] = Some((r.parameter_layout_hash, r.weights_hash));
+            }
+        }
+        let first = ready[0].clone().unwrap_or_default();
+        for (rank, r) in ready.iter().enumerate().skip(1) {
+            let r = r.clone().unwrap_or_default();
+            if r.0 != first.0 {
+                bail!(
+                    "{} built a model with other parameter names or shapes than rank 0; every worker must run the same config and binary",
+                    self.ranks[rank].describe(rank)
+                );
+            }
+            if r.1 != first.1 {
+                bail!(
+                    "{} initialised different weights from rank 0 (seeded initialisation disagrees)",
+                    self.ranks[rank].describe(rank)
+                );
+            }
+        }
+        tracing::info!("all {world} ranks built the same model; training starts at step {}", self.step);
+        Ok(())
+    }
+
+    async fn send(&self, rank: usize, body: coordinator_message::Body) -> Result<()> {
+        self.ranks[rank]
+            .outbound
+            .send(Ok(message(body)))
+            .await
+            .map_err(|_| anyhow!("{} lost at step {}: its session is closed", self.ranks[rank].describe(rank), self.step))
+    }
+
+    /// The next message from a ranked worker, turning failures into errors
+    /// that name the rank. `what` says what the ranks are doing, for the
+    /// timeout message.
+    async fn next_rank_message(&mut self, deadline: TokioInstant, what: &str) -> Result<(usize, worker_message::Body)> {
+        loop {
+            match self.next_event(deadline).await? {
+                Wait::TimedOut => bail!("timed out at step {} waiting for ranks {what}", self.step),
+                Wait::Event(Event::Interrupted(sig)) => return Err(Interrupted(sig).into()),
+                Wait::Event(Event::Left { worker_id, reason }) => {
+                    if let Some(&rank) = self.by_id.get(&worker_id) {
+                        bail!("{} lost at step {}: {reason}", self.ranks[rank].describe(rank), self.step);
+                    }
+                }
+                Wait::Event(Event::Joined { info, outbound, .. }) => {
+                    tracing::warn!("turned away worker {} ({}): the job is full", info.identity, info.host);
+                    let _ = outbound
+                        .send(Ok(message(coordinator_message::Body::Shutdown(Shutdown {
+                            reason: "the job already has all its workers".into(),
+                            exit_code: 0,
+                        }))))
+                        .await;
+                }
+                Wait::Event(Event::Message { worker_id, body }) => {
+                    let Some(&rank) = self.by_id.get(&worker_id) else { continue };
+                    match body {
+                        worker_message::Body::Error(e) => {
+                            bail!("{} failed at step {}: {}", self.ranks[rank].describe(rank), self.step, e.message)
+                        }
+                        worker_message::Body::Heartbeat(_) => {}
+                        other => return Ok((rank, other)),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn collect_step(&mut self, step: u64) -> Result<Vec<stride_proto::v1::StepReport>> {
+        let world = self.ranks.len();
+        let timeout = Duration::from_secs_f64(self.spec.config.cluster.step_timeout_s);
+        let deadline = TokioInstant::now() + timeout;
+        let mut reports: Vec<Option<stride_proto::v1::StepReport>> = vec![None; world];
+        while reports.iter().any(Option::is_none) {
+            let missing: Vec<String> = reports
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.is_none())
+                .map(|(i, _)| self.ranks[i].describe(i))
+                .collect();
+            let (rank, body) = self
+                .next_rank_message(deadline, &format!("to report (not reported: {})", missing.join(", ")))
+                .await?;
+            if let worker_message::Body::Step(r) = body
+                && r.generation == self.generation
+                && r.step == step
+            {
+                reports[rank] = Some(r);
+            }
+        }
+        Ok(reports.into_iter().flatten().collect())
+    }
+
+    async fn evaluate(&mut self, step: u64, samples: &[u64]) -> Result<f64> {
+        let world = self.ranks.len();
+        for rank in 0..world {
+            let plan = EvalPlan {
+                generation: self.generation,
+                step,
+                samples: shard_uneven(samples, world, rank).to_vec(),
+            };
+            self.send(rank, coordinator_message::Body::Eval(plan)).await?;
+        }
+        let timeout = Duration::from_secs_f64(self.spec.config.cluster.step_timeout_s);
+        let deadline = TokioInstant::now() + timeout;
+        let mut got: Vec<Option<(f64, u64)>> = vec![None; world];
+        while got.iter().any(Option::is_none) {
+            let (rank, body) = self.next_rank_message(deadline, "to finish evaluation").await?;
+            if let worker_message::Body::Eval(r) = body
+                && r.generation == self.generation
+                && r.step == step
+            {
+                got[rank] = Some((r.loss_sum, r.tokens));
+            }
+        }
+        let (sum, n) = got
+            .into_iter()
+            .flatten()
+            .fold((0.0, 0u64), |(s, n), (ls, t)| (s + ls, n + t));
+        Ok(sum / n.max(1) as f64)
+    }
+
+    fn update_status(&self, loss: f64, lr: f64, val: Option<f64>, started: Instant, max_steps: u64) {
+        if let Ok(mut s) = self.shared.status.lock() {
+            let done = self.step - self.spec.start_step;
+            let per_step = started.elapsed().as_secs_f64() / done.max(1) as f64;
+            s.config_name = self.spec.name.clone();
+            s.step = self.step;
+            s.max_steps = max_steps;
+            s.lr = lr;
+            s.last_loss = loss;
+            if let Some(v) = val {
+                s.last_val_loss = v;
+            } else if s.step <= 1 {
+                s.last_val_loss = f64::NAN;
+            }
+            s.eta_s = per_step * (max_steps - self.step) as f64;
+            s.workers_connected = self.ranks.len() as u32;
+            s.world_size = self.ranks.len() as u32;
+            s.ranks = self
+                .ranks
+                .iter()
+                .enumerate()
+                .map(|(i, r)| RankStatus {
+                    rank: i as u32,
+                    host: r.info.host.clone(),
+                    pid: r.info.pid,
+                    last_step: r.last_step,
+                    step_s: r.last_step_s,
+                })
+                .collect();
+        }
+    }
+}
+
+fn message(body: coordinator_message::Body) -> CoordinatorMessage {
+    CoordinatorMessage { body: Some(body) }
+}
+
+/// Sort key that orders "local-2" before "local-10".
+fn natural_key(s: &str) -> (String, u64) {
+    let digits = s.len() - s.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    let (head, num) = s.split_at(s.len() - digits);
+    (head.to_string(), num.parse().unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::natural_key;
+
+    #[test]
+    fn identities_sort_naturally() {
+        let mut v = vec!["local-10", "local-2", "local-0", "pod"];
+        v.sort_by_key(|s| natural_key(s));
+        assert_eq!(v, vec!["local-0", "local-2", "local-10", "pod"]);
+    }
+}

@@ -1,0 +1,130 @@
+//! `--local`: the coordinator starts its own worker processes on this
+//! machine (the laptop and CI path).
+//!
+//! Each worker runs `worker --connect URL --identity local-I` in its own
+//! process group (so a Ctrl-C reaches only the coordinator, which then stops
+//! the workers in order), with stdout/stderr in `worker-I.log` of the run
+//! directory, and with the machine's cores divided among the workers
+//! (`worker.threads`, else cores / workers) so N workers on few cores do not
+//! thrash. Children are killed if the coordinator drops them; none outlives
+//! a test.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tokio::process::{Child, Command};
+
+/// glibc allocator settings that roughly halve a CPU step (SPEC §3):
+/// no mmap for large blocks, no trimming; only set when the user has not.
+const MALLOC_ENV: [(&str, &str); 2] = [("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", "4294967296")];
+
+#[derive(Debug)]
+pub struct LocalWorkers {
+    children: Vec<Option<Child>>,
+    logs: Vec<PathBuf>,
+}
+
+/// Where the `worker` binary is: `STRIDE_WORKER_BIN`, else next to this
+/// executable.
+pub fn worker_binary() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("STRIDE_WORKER_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let me = std::env::current_exe().context("cannot locate the coordinator executable")?;
+    let p = me.with_file_name(format!("worker{}", std::env::consts::EXE_SUFFIX));
+    if !p.is_file() {
+        bail!(
+            "the worker binary is not at {} (next to the coordinator); build both with `cargo build --release` or set STRIDE_WORKER_BIN",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+/// Threads per local worker: `configured`, else the cores divided among them.
+pub fn threads_per_worker(configured: usize, workers: usize) -> usize {
+    if configured > 0 {
+        return configured;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / workers.max(1)).max(1)
+}
+
+impl LocalWorkers {
+    pub fn spawn(count: usize, url: &str, threads: usize, run_dir: &Path) -> Result<LocalWorkers> {
+        let bin = worker_binary()?;
+        let mut children = Vec::with_capacity(count);
+        let mut logs = Vec::with_capacity(count);
+        for i in 0..count {
+            let log_path = run_dir.join(format!("worker-{i}.log"));
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .with_context(|| format!("cannot open {}", log_path.display()))?;
+            let err = log.try_clone().context("cannot duplicate a log handle")?;
+            let mut cmd = Command::new(&bin);
+            cmd.arg("--connect")
+                .arg(url)
+                .arg("--identity")
+                .arg(format!("local-{i}"))
+                .arg("--threads")
+                .arg(threads.to_string())
+                .env("RAYON_NUM_THREADS", threads.to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(log))
+                .stderr(Stdio::from(err))
+                .process_group(0)
+                .kill_on_drop(true);
+            for (k, v) in MALLOC_ENV {
+                if std::env::var_os(k).is_none() {
+                    cmd.env(k, v);
+                }
+            }
+            let child = cmd
+                .spawn()
+                .with_context(|| format!("cannot start {}", bin.display()))?;
+            children.push(Some(child));
+            logs.push(log_path);
+        }
+        Ok(LocalWorkers { children, logs })
+    }
+
+    /// Resolves when a worker process exits on its own; returns its slot,
+    /// its status and the tail of its log.
+    pub async fn exited(&mut self) -> (usize, String) {
+        loop {
+            for (i, c) in self.children.iter_mut().enumerate() {
+                if let Some(child) = c
+                    && let Ok(Some(status)) = child.try_wait()
+                {
+                    *c = None;
+                    return (i, format!("{status}; last lines of {}:\n{}", self.logs[i].display(), tail(&self.logs[i], 8)));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits up to `grace` for every worker to exit, then kills the rest.
+    pub async fn stop(&mut self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        for c in self.children.iter_mut() {
+            if let Some(child) = c {
+                if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
+                    let _ = child.kill().await;
+                }
+                *c = None;
+            }
+        }
+    }
+}
+
+/// The last `n` lines of a file (for error messages).
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -1,0 +1,210 @@
+//! What a user watches: the run directory, `train.log`, `metrics.jsonl`, the
+//! console (a progress bar with ETA on a terminal, plain lines otherwise).
+//!
+//! `train.log` receives every log line the console shows (and the per-step
+//! lines even when a progress bar replaces them on screen), so
+//! `tail -f runs/<name>/train.log` works as the seed's `tail -f
+//! training_1k.log` did. `metrics.jsonl` is one JSON object per step.
+//! Earlier logs in a reused run directory are kept under a numbered name,
+//! never overwritten.
+
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Target of the per-step log lines (hidden on the console while a progress
+/// bar shows the same information).
+pub const STEP_TARGET: &str = "stride::step";
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct MetricsRecord {
+    pub step: u64,
+    pub loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub epoch: u64,
+    /// Tokens trained on so far in this run (all ranks).
+    pub tokens: u64,
+    /// Wall time of this step, as seen by the coordinator.
+    pub step_s: f64,
+    /// Workers that took part.
+    pub workers: usize,
+    /// Seconds since the job started.
+    pub elapsed_s: f64,
+    /// Hash of the weights after the step (identical on every rank; the
+    /// coordinator fails the job if they differ).
+    pub weights_hash: String,
+}
+
+/// The run directory and its append-only files.
+#[derive(Debug)]
+pub struct RunDir {
+    pub path: PathBuf,
+    metrics: File,
+}
+
+/// Moves `path` to `path.N` (first free N) if it exists.
+fn keep_old(path: &Path) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    for n in 1.. {
+        let old = PathBuf::from(format!("{}.{n}", path.display()));
+        if !old.exists() {
+            std::fs::rename(path, &old).with_context(|| format!("cannot move {} aside", path.display()))?;
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+impl RunDir {
+    /// Creates (or reuses) `path`; a fresh run moves earlier logs aside.
+    pub fn create(path: &Path) -> Result<RunDir> {
+        std::fs::create_dir_all(path).with_context(|| format!("cannot create run directory {}", path.display()))?;
+        keep_old(&path.join("metrics.jsonl"))?;
+        keep_old(&path.join("train.log"))?;
+        let metrics = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path.join("metrics.jsonl"))
+            .with_context(|| format!("cannot open {}", path.join("metrics.jsonl").display()))?;
+        Ok(RunDir {
+            path: path.to_path_buf(),
+            metrics,
+        })
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.path.join("train.log")
+    }
+
+    pub fn write_metrics(&mut self, record: &MetricsRecord) -> Result<()> {
+        let mut line = serde_json::to_string(record)?;
+        line.push('\n');
+        self.metrics
+            .write_all(line.as_bytes())
+            .context("cannot append to metrics.jsonl")
+    }
+}
+
+/// Console writer that clears the progress bar around each line.
+#[derive(Clone, Debug)]
+struct ConsoleWriter {
+    bar: Option<ProgressBar>,
+}
+
+impl Write for ConsoleWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| std::io::stderr().write_all(buf))?,
+            None => std::io::stderr().write_all(buf)?,
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+impl<'a> MakeWriter<'a> for ConsoleWriter {
+    type Writer = ConsoleWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+#[derive(Clone, Debug)]
+struct FileWriter(Arc<Mutex<File>>);
+
+impl Write for FileWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut f = self.0.lock().map_err(|_| std::io::Error::other("log file lock poisoned"))?;
+        f.write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for FileWriter {
+    type Writer = FileWriter;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+fn filter() -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,tonic=warn"))
+}
+
+/// Logging for the offline commands: stderr only.
+pub fn init_console_logging() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(filter())
+        .try_init();
+}
+
+/// Logging for a training run: console (through the progress bar, if any)
+/// and `train.log`. Returns the progress bar when stderr is a terminal.
+pub fn init_run_logging(log: &Path, max_steps: u64) -> Result<Option<ProgressBar>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?;
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = ProgressBar::new(max_steps);
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {elapsed_precise} ETA {eta_precise}  {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let console_filter = {
+        let f = filter();
+        if bar.is_some() {
+            f.add_directive(
+                format!("{STEP_TARGET}=off")
+                    .parse()
+                    .context("bad log directive")?,
+            )
+        } else {
+            f
+        }
+    };
+    let console = tracing_subscriber::fmt::layer()
+        .with_writer(ConsoleWriter { bar: bar.clone() })
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .with_filter(console_filter);
+    let to_file = tracing_subscriber::fmt::layer()
+        .with_writer(FileWriter(Arc::new(Mutex::new(file))))
+        .with_ansi(false)
+        .with_target(false)
+        .with_filter(filter());
+    tracing_subscriber::registry()
+        .with(console)
+        .with(to_file)
+        .try_init()
+        .context("logging was already initialised")?;
+    Ok(bar)
+}
+
+use tracing_subscriber::Layer as _;

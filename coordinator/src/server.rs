@@ -1,0 +1,184 @@
+//! The gRPC boundary: the `stride.v1.Coordinator` service.
+//!
+//! This module only translates between the wire and the driver: it checks
+//! versions at registration, turns each worker's session stream into
+//! [`Event`]s on one channel, and hands the driver a sender for messages to
+//! that worker. It decides nothing about the job; `tonic::Status` does not
+//! leave this file.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stride_proto::PROTOCOL_VERSION;
+use stride_proto::v1::coordinator_server::Coordinator;
+use stride_proto::v1::{
+    CoordinatorMessage, RegisterRequest, RegisterResponse, StatusRequest, StatusResponse, WorkerMessage,
+    worker_message,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// The version every worker must share with the coordinator.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Bound on any single gRPC message, both directions.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// What a worker told us about itself at registration.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    pub host: String,
+    pub pid: u32,
+    pub collective_host: String,
+    pub collective_port: u16,
+    pub device: String,
+    pub identity: String,
+}
+
+/// Messages to one worker.
+pub type Outbound = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
+/// What the driver hears from the service.
+#[derive(Debug)]
+pub enum Event {
+    /// A registered worker opened its session stream.
+    Joined {
+        worker_id: String,
+        info: WorkerInfo,
+        outbound: Outbound,
+    },
+    /// A message on a worker's stream.
+    Message {
+        worker_id: String,
+        body: worker_message::Body,
+    },
+    /// A worker's stream ended or failed.
+    Left { worker_id: String, reason: String },
+    /// The user pressed Ctrl-C (or the process got SIGTERM).
+    Interrupted(&'static str),
+}
+
+/// State shared between the service and the driver.
+#[derive(Debug)]
+pub struct Shared {
+    pub events: mpsc::UnboundedSender<Event>,
+    pub heartbeat_interval: Duration,
+    pub status: Mutex<StatusResponse>,
+    registered: Mutex<HashMap<String, WorkerInfo>>,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(events: mpsc::UnboundedSender<Event>, heartbeat_interval: Duration) -> Arc<Shared> {
+        Arc::new(Shared {
+            events,
+            heartbeat_interval,
+            status: Mutex::new(StatusResponse::default()),
+            registered: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub shared: Arc<Shared>,
+}
+
+#[tonic::async_trait]
+impl Coordinator for Service {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let peer = request.remote_addr();
+        let r = request.into_inner();
+        if r.version != VERSION || r.protocol_version != PROTOCOL_VERSION {
+            tracing::warn!(?peer, worker_version = %r.version, "refused a worker of another version");
+            return Err(Status::failed_precondition(format!(
+                "worker version {} (protocol {}) cannot join coordinator version {VERSION} (protocol {PROTOCOL_VERSION}); run the same Stride release on both sides",
+                r.version, r.protocol_version
+            )));
+        }
+        let port = u16::try_from(r.collective_port)
+            .map_err(|_| Status::invalid_argument(format!("collective port {} is not a port", r.collective_port)))?;
+        let worker_id = format!("w{}", self.shared.next_id.fetch_add(1, Ordering::Relaxed));
+        let info = WorkerInfo {
+            host: r.host,
+            pid: r.pid,
+            collective_host: r.collective_host,
+            collective_port: port,
+            device: r.device,
+            identity: r.identity,
+        };
+        tracing::debug!(%worker_id, host = %info.host, pid = info.pid, "worker registered");
+        self.shared
+            .registered
+            .lock()
+            .map_err(|_| Status::internal("registry poisoned"))?
+            .insert(worker_id.clone(), info);
+        Ok(Response::new(RegisterResponse {
+            worker_id,
+            coordinator_version: VERSION.to_string(),
+            protocol_version: PROTOCOL_VERSION,
+            heartbeat_interval_ms: self.shared.heartbeat_interval.as_millis() as u32,
+        }))
+    }
+
+    type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
+
+    async fn session(&self, request: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .and_then(|m| m.body)
+            .ok_or_else(|| Status::invalid_argument("a session must open with Hello"))?;
+        let worker_message::Body::Hello(hello) = first else {
+            return Err(Status::invalid_argument("a session must open with Hello"));
+        };
+        let info = self
+            .shared
+            .registered
+            .lock()
+            .map_err(|_| Status::internal("registry poisoned"))?
+            .get(&hello.worker_id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("unknown worker id {}: call Register first", hello.worker_id)))?;
+        let (tx, rx) = mpsc::channel(64);
+        let worker_id = hello.worker_id;
+        let events = self.shared.events.clone();
+        let _ = events.send(Event::Joined {
+            worker_id: worker_id.clone(),
+            info,
+            outbound: tx,
+        });
+        tokio::spawn(async move {
+            let reason = loop {
+                match inbound.message().await {
+                    Ok(Some(WorkerMessage { body: Some(body) })) => {
+                        let _ = events.send(Event::Message {
+                            worker_id: worker_id.clone(),
+                            body,
+                        });
+                    }
+                    Ok(Some(WorkerMessage { body: None })) => {}
+                    Ok(None) => break "the worker closed its session".to_string(),
+                    Err(s) => break format!("connection lost ({})", s.message()),
+                }
+            };
+            let _ = events.send(Event::Left { worker_id, reason });
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let s = self
+            .shared
+            .status
+            .lock()
+            .map_err(|_| Status::internal("status poisoned"))?
+            .clone();
+        Ok(Response::new(s))
+    }
+}

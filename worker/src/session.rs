@@ -1,0 +1,360 @@
+//! The worker's side of the gRPC contract: register, keep one session
+//! stream, and turn the coordinator's plans into work for the compute
+//! thread.
+//!
+//! Two threads of control: the async session (network, heartbeats) and one
+//! blocking compute thread that owns the [`Trainer`] — so a long step never
+//! delays a heartbeat. The session obeys; it never decides a step, an LR or
+//! a sample.
+
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use candle_core::Device;
+use stride_job::config::{Config, Device as DeviceKind};
+use stride_proto::PROTOCOL_VERSION;
+use stride_proto::v1::coordinator_client::CoordinatorClient;
+use stride_proto::v1::{
+    Assignment, EvalPlan, EvalReport, Heartbeat, Hello, Ready, RegisterRequest, StepPlan, StepReport, WorkerError,
+    WorkerMessage, coordinator_message, worker_message,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::collective::RingListener;
+use crate::trainer::Trainer;
+
+/// This binary's version; the coordinator refuses any other.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// How the worker was started.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub url: String,
+    pub identity: String,
+    /// CPU threads for compute (0 = from the job's `worker.threads`, else all cores).
+    pub threads: usize,
+    /// How long to keep trying to reach the coordinator.
+    pub connect_timeout: Duration,
+}
+
+/// Work for the compute thread.
+enum Work {
+    Assign(Assignment),
+    Step(StepPlan),
+    Eval(EvalPlan),
+}
+
+fn msg(body: worker_message::Body) -> WorkerMessage {
+    WorkerMessage { body: Some(body) }
+}
+
+/// Runs the worker until the coordinator says stop; returns the exit code
+/// it asked for.
+pub async fn run(opts: Options) -> Result<i32> {
+    let endpoint = Endpoint::from_shared(opts.url.clone())
+        .with_context(|| format!("--connect {}: not a URL such as http://HOST:PORT", opts.url))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = connect_with_retry(&endpoint, &opts).await?;
+    let mut client = CoordinatorClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+    // The ring listens on the address this machine uses to reach the
+    // coordinator: loopback stays loopback, a pod advertises its pod IP.
+    let advertised = local_ip_towards(&opts.url).await?;
+    let bind_ip = if advertised.is_loopback() { advertised } else { IpAddr::from([0, 0, 0, 0]) };
+    let listener = RingListener::bind(bind_ip).context("cannot open the collective's listening socket")?;
+    let host = hostname();
+    let reg = client
+        .register(RegisterRequest {
+            version: VERSION.to_string(),
+            protocol_version: PROTOCOL_VERSION,
+            host: host.clone(),
+            pid: std::process::id(),
+            collective_host: advertised.to_string(),
+            collective_port: u32::from(listener.port()),
+            device: "cpu".to_string(),
+            identity: opts.identity.clone(),
+        })
+        .await
+        .map_err(|s| anyhow!("the coordinator refused registration: {}", s.message()))?
+        .into_inner();
+    tracing::info!(
+        "registered with coordinator {} as {} ({host}, pid {})",
+        reg.coordinator_version,
+        reg.worker_id,
+        std::process::id()
+    );
+
+    let (out_tx, out_rx) = mpsc::channel::<WorkerMessage>(64);
+    out_tx
+        .send(msg(worker_message::Body::Hello(Hello {
+            worker_id: reg.worker_id.clone(),
+        })))
+        .await
+        .map_err(|_| anyhow!("session closed before it opened"))?;
+    let mut inbound = client
+        .session(ReceiverStream::new(out_rx))
+        .await
+        .map_err(|s| anyhow!("cannot open the session: {}", s.message()))?
+        .into_inner();
+
+    // Heartbeats carry the last completed step.
+    let last_step = Arc::new(AtomicU64::new(0));
+    let beat = {
+        let tx = out_tx.clone();
+        let last_step = last_step.clone();
+        let every = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.max(100)));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let hb = Heartbeat {
+                    step: last_step.load(Ordering::Relaxed),
+                    unix_ms: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64),
+                };
+                if tx.send(msg(worker_message::Body::Heartbeat(hb))).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+
+    let (work_tx, work_rx) = std::sync::mpsc::channel::<Work>();
+    let compute = {
+        let tx = out_tx.clone();
+        let threads = opts.threads;
+        std::thread::Builder::new()
+            .name("compute".into())
+            .spawn(move || compute_loop(work_rx, tx, listener, threads, last_step))
+            .context("cannot start the compute thread")?
+    };
+    drop(out_tx);
+
+    let code = loop {
+        let next = inbound.message().await;
+        let body = match next {
+            Ok(Some(m)) => m.body,
+            Ok(None) => bail!("the coordinator closed the session without a shutdown"),
+            Err(s) => bail!("lost the coordinator: {}", s.message()),
+        };
+        match body {
+            Some(coordinator_message::Body::Assignment(a)) => send_work(&work_tx, Work::Assign(a))?,
+            Some(coordinator_message::Body::Step(p)) => send_work(&work_tx, Work::Step(p))?,
+            Some(coordinator_message::Body::Eval(p)) => send_work(&work_tx, Work::Eval(p))?,
+            Some(coordinator_message::Body::Shutdown(s)) => {
+                tracing::info!("coordinator: {}", s.reason);
+                break s.exit_code;
+            }
+            Some(coordinator_message::Body::Abort(a)) => {
+                tracing::warn!("coordinator aborted generation {}: {}", a.generation, a.reason);
+            }
+            Some(
+                coordinator_message::Body::Heartbeat(_)
+                | coordinator_message::Body::Checkpoint(_)
+                | coordinator_message::Body::Bootstrap(_),
+            )
+            | None => {}
+        }
+    };
+    beat.abort();
+    drop(work_tx);
+    // The compute thread ends when its queue closes; it may be mid-step if
+    // the job failed elsewhere, so do not wait for it forever.
+    let _ = tokio::task::spawn_blocking(move || compute.join()).await;
+    Ok(code)
+}
+
+fn send_work(tx: &std::sync::mpsc::Sender<Work>, w: Work) -> Result<()> {
+    tx.send(w).map_err(|_| anyhow!("the compute thread stopped"))
+}
+
+async fn connect_with_retry(endpoint: &Endpoint, opts: &Options) -> Result<Channel> {
+    let deadline = tokio::time::Instant::now() + opts.connect_timeout;
+    let mut wait = Duration::from_millis(100);
+    let mut told = false;
+    loop {
+        match endpoint.connect().await {
+            Ok(c) => return Ok(c),
+            Err(e) => {
+                if tokio::time::Instant::now() + wait > deadline {
+                    bail!(
+                        "no coordinator answered at {} within {:.0}s ({e}); start `coordinator` first, check the address, or raise --connect-timeout",
+                        opts.url,
+                        opts.connect_timeout.as_secs_f64()
+                    );
+                }
+                if !told {
+                    tracing::info!("waiting for the coordinator at {} ...", opts.url);
+                    told = true;
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// The local address used to reach the coordinator's host (no packet is
+/// sent: connecting a UDP socket only picks a route).
+async fn local_ip_towards(url: &str) -> Result<IpAddr> {
+    let uri: tonic::transport::Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
+    let host = uri.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']).to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let target = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .with_context(|| format!("cannot resolve {host}"))?
+        .next()
+        .ok_or_else(|| anyhow!("{host} resolves to no address"))?;
+    let any: SocketAddr = if target.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let sock = std::net::UdpSocket::bind(any)?;
+    sock.connect(target)?;
+    Ok(sock.local_addr()?.ip())
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The compute thread: builds the trainer on assignment, then runs plans.
+fn compute_loop(
+    work: std::sync::mpsc::Receiver<Work>,
+    out: mpsc::Sender<WorkerMessage>,
+    listener: RingListener,
+    threads: usize,
+    last_step: Arc<AtomicU64>,
+) {
+    let mut trainer: Option<(u64, Trainer)> = None;
+    let send = |body| {
+        let _ = out.blocking_send(msg(body));
+    };
+    let fail = |generation: u64, e: anyhow::Error| {
+        tracing::error!("{e:#}");
+        let _ = out.blocking_send(msg(worker_message::Body::Error(WorkerError {
+            generation,
+            message: format!("{e:#}"),
+            fatal: true,
+        })));
+    };
+    while let Ok(w) = work.recv() {
+        match w {
+            Work::Assign(a) => {
+                let generation = a.generation;
+                match assign(&a, &listener, threads) {
+                    Ok(t) => {
+                        send(worker_message::Body::Ready(Ready {
+                            generation,
+                            parameter_layout_hash: t.layout_hash().to_le_bytes().to_vec(),
+                            weights_hash: t.weights_hash().to_le_bytes().to_vec(),
+                            parameter_count: t.weights().len() as u64,
+                        }));
+                        trainer = Some((generation, t));
+                    }
+                    Err(e) => {
+                        fail(generation, e);
+                        return;
+                    }
+                }
+            }
+            Work::Step(p) => {
+                let Some((generation, t)) = trainer.as_mut().filter(|(g, _)| *g == p.generation) else {
+                    continue;
+                };
+                match t.step(&p.samples, p.lr) {
+                    Ok(o) => {
+                        last_step.store(p.step, Ordering::Relaxed);
+                        send(worker_message::Body::Step(StepReport {
+                            generation: *generation,
+                            step: p.step,
+                            loss: o.loss,
+                            grad_norm: o.grad_norm,
+                            tokens: o.tokens,
+                            compute_s: o.compute_s,
+                            allreduce_s: o.allreduce_s,
+                            total_s: o.total_s,
+                            weights_hash: o.weights_hash.to_le_bytes().to_vec(),
+                        }));
+                    }
+                    Err(e) => {
+                        fail(p.generation, e.context(format!("step {}", p.step)));
+                        return;
+                    }
+                }
+            }
+            Work::Eval(p) => {
+                let Some((generation, t)) = trainer.as_mut().filter(|(g, _)| *g == p.generation) else {
+                    continue;
+                };
+                match t.evaluate(&p.samples) {
+                    Ok((loss_sum, tokens)) => send(worker_message::Body::Eval(EvalReport {
+                        generation: *generation,
+                        step: p.step,
+                        loss_sum,
+                        tokens,
+                    })),
+                    Err(e) => {
+                        fail(p.generation, e.context(format!("evaluation after step {}", p.step)));
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Builds the trainer for an assignment: config, device, threads, ring.
+fn assign(a: &Assignment, listener: &RingListener, threads: usize) -> Result<Trainer> {
+    let config = Config::from_toml(&a.config_toml, "the job sent by the coordinator")?;
+    let device = match config.worker.device {
+        DeviceKind::Cpu => Device::Cpu,
+        DeviceKind::Cuda(_) => bail!(
+            "worker.device = \"{}\" but this worker was built without CUDA support; rebuild with `cargo build --release -p stride-worker --features cuda`, or run with --set worker.device=cpu",
+            config.worker.device
+        ),
+    };
+    let threads = if threads > 0 { threads } else { config.worker.threads };
+    if threads > 0 {
+        // Fails harmlessly if the pool already exists (a later generation).
+        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+    }
+    let peers: Vec<SocketAddr> = a
+        .peers
+        .iter()
+        .map(|p| {
+            (p.host.as_str(), p.port as u16)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut it| it.next())
+                .ok_or_else(|| anyhow!("cannot resolve peer {}:{}", p.host, p.port))
+        })
+        .collect::<Result<_>>()?;
+    let timeout = Duration::from_secs_f64(config.cluster.step_timeout_s);
+    tracing::info!(
+        "rank {} of {}: device {}, {} threads, accumulation {}",
+        a.rank,
+        a.world_size,
+        config.worker.device,
+        rayon::current_num_threads(),
+        a.accumulation
+    );
+    let collective = listener
+        .connect(a.rank as usize, &peers, a.generation, timeout)
+        .with_context(|| format!("rank {} could not join the ring", a.rank))?;
+    Trainer::new(&config, collective, a.accumulation as usize, device)
+}

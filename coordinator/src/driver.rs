@@ -17,8 +17,8 @@ use stride_job::config::Config;
 use stride_job::sampler::{DataCursor, Sampler, eval_samples, shard, shard_uneven};
 use stride_job::schedule::Schedule;
 use stride_proto::v1::{
-    Assignment, CoordinatorMessage, EvalPlan, PeerAddress, RankStatus, Shutdown, StepPlan, coordinator_message,
-    worker_message,
+    Assignment, CoordinatorMessage, EvalPlan, PeerAddress, RankStatus, Shutdown, StepPlan,
+    coordinator_message, worker_message,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant as TokioInstant;
@@ -180,9 +180,13 @@ impl Driver {
             accumulation
         );
 
-        let mut sampler =
-            Sampler::new(self.spec.train_samples, c.train.seed, self.spec.cursor).map_err(anyhow::Error::msg)?;
-        let eval_set = eval_samples(self.spec.val_samples, c.train.eval_batches, c.train.global_batch);
+        let mut sampler = Sampler::new(self.spec.train_samples, c.train.seed, self.spec.cursor)
+            .map_err(anyhow::Error::msg)?;
+        let eval_set = eval_samples(
+            self.spec.val_samples,
+            c.train.eval_batches,
+            c.train.global_batch,
+        );
         let max_steps = self.spec.schedule.max_steps();
         let tokens_per_step = (c.train.global_batch * c.model.context) as u64;
         let started = Instant::now();
@@ -211,7 +215,8 @@ impl Driver {
                     samples: shard(&batch.samples, world, rank).to_vec(),
                     epoch: batch.epoch,
                 };
-                self.send(rank, coordinator_message::Body::Step(plan)).await?;
+                self.send(rank, coordinator_message::Body::Step(plan))
+                    .await?;
             }
             let reports = self.collect_step(step).await?;
             let step_s = step_start.elapsed().as_secs_f64();
@@ -298,8 +303,18 @@ impl Driver {
                     c.cluster.startup_timeout_s,
                     joined.len().max(1)
                 ),
-                Wait::Event(Event::Joined { worker_id, info, outbound }) => {
-                    tracing::info!("worker {} joined ({}, pid {}, {})", info.identity, info.host, info.pid, info.device);
+                Wait::Event(Event::Joined {
+                    worker_id,
+                    info,
+                    outbound,
+                }) => {
+                    tracing::info!(
+                        "worker {} joined ({}, pid {}, {})",
+                        info.identity,
+                        info.host,
+                        info.pid,
+                        info.device
+                    );
                     joined.push((worker_id, info, outbound));
                 }
                 Wait::Event(Event::Left { worker_id, reason }) => {
@@ -351,13 +366,16 @@ impl Driver {
                 load_checkpoint: String::new(),
                 weights_only: false,
             };
-            self.send(rank, coordinator_message::Body::Assignment(a)).await?;
+            self.send(rank, coordinator_message::Body::Assignment(a))
+                .await?;
         }
 
         // Every rank must report the same parameter layout and initial weights.
         let mut ready: Vec<Option<(Vec<u8>, Vec<u8>)>> = vec![None; world];
         while ready.iter().any(Option::is_none) {
-            let (rank, body) = self.next_rank_message(deadline, "to build its model").await?;
+            let (rank, body) = self
+                .next_rank_message(deadline, "to build its model")
+                .await?;
             if let worker_message::Body::Ready(r) = body
                 && r.generation == self.generation
             {
@@ -380,7 +398,10 @@ impl Driver {
                 );
             }
         }
-        tracing::info!("all {world} ranks built the same model; training starts at step {}", self.step);
+        tracing::info!(
+            "all {world} ranks built the same model; training starts at step {}",
+            self.step
+        );
         Ok(())
     }
 
@@ -389,24 +410,42 @@ impl Driver {
             .outbound
             .send(Ok(message(body)))
             .await
-            .map_err(|_| anyhow!("{} lost at step {}: its session is closed", self.ranks[rank].describe(rank), self.step))
+            .map_err(|_| {
+                anyhow!(
+                    "{} lost at step {}: its session is closed",
+                    self.ranks[rank].describe(rank),
+                    self.step
+                )
+            })
     }
 
     /// The next message from a ranked worker, turning failures into errors
     /// that name the rank. `what` says what the ranks are doing, for the
     /// timeout message.
-    async fn next_rank_message(&mut self, deadline: TokioInstant, what: &str) -> Result<(usize, worker_message::Body)> {
+    async fn next_rank_message(
+        &mut self,
+        deadline: TokioInstant,
+        what: &str,
+    ) -> Result<(usize, worker_message::Body)> {
         loop {
             match self.next_event(deadline).await? {
                 Wait::TimedOut => bail!("timed out at step {} waiting for ranks {what}", self.step),
                 Wait::Event(Event::Interrupted(sig)) => return Err(Interrupted(sig).into()),
                 Wait::Event(Event::Left { worker_id, reason }) => {
                     if let Some(&rank) = self.by_id.get(&worker_id) {
-                        bail!("{} lost at step {}: {reason}", self.ranks[rank].describe(rank), self.step);
+                        bail!(
+                            "{} lost at step {}: {reason}",
+                            self.ranks[rank].describe(rank),
+                            self.step
+                        );
                     }
                 }
                 Wait::Event(Event::Joined { info, outbound, .. }) => {
-                    tracing::warn!("turned away worker {} ({}): the job is full", info.identity, info.host);
+                    tracing::warn!(
+                        "turned away worker {} ({}): the job is full",
+                        info.identity,
+                        info.host
+                    );
                     let _ = outbound
                         .send(Ok(message(coordinator_message::Body::Shutdown(Shutdown {
                             reason: "the job already has all its workers".into(),
@@ -415,10 +454,17 @@ impl Driver {
                         .await;
                 }
                 Wait::Event(Event::Message { worker_id, body }) => {
-                    let Some(&rank) = self.by_id.get(&worker_id) else { continue };
+                    let Some(&rank) = self.by_id.get(&worker_id) else {
+                        continue;
+                    };
                     match body {
                         worker_message::Body::Error(e) => {
-                            bail!("{} failed at step {}: {}", self.ranks[rank].describe(rank), self.step, e.message)
+                            bail!(
+                                "{} failed at step {}: {}",
+                                self.ranks[rank].describe(rank),
+                                self.step,
+                                e.message
+                            )
                         }
                         worker_message::Body::Heartbeat(_) => {}
                         other => return Ok((rank, other)),
@@ -441,7 +487,10 @@ impl Driver {
                 .map(|(i, _)| self.ranks[i].describe(i))
                 .collect();
             let (rank, body) = self
-                .next_rank_message(deadline, &format!("to report (not reported: {})", missing.join(", ")))
+                .next_rank_message(
+                    deadline,
+                    &format!("to report (not reported: {})", missing.join(", ")),
+                )
                 .await?;
             if let worker_message::Body::Step(r) = body
                 && r.generation == self.generation
@@ -461,13 +510,16 @@ impl Driver {
                 step,
                 samples: shard_uneven(samples, world, rank).to_vec(),
             };
-            self.send(rank, coordinator_message::Body::Eval(plan)).await?;
+            self.send(rank, coordinator_message::Body::Eval(plan))
+                .await?;
         }
         let timeout = Duration::from_secs_f64(self.spec.config.cluster.step_timeout_s);
         let deadline = TokioInstant::now() + timeout;
         let mut got: Vec<Option<(f64, u64)>> = vec![None; world];
         while got.iter().any(Option::is_none) {
-            let (rank, body) = self.next_rank_message(deadline, "to finish evaluation").await?;
+            let (rank, body) = self
+                .next_rank_message(deadline, "to finish evaluation")
+                .await?;
             if let worker_message::Body::Eval(r) = body
                 && r.generation == self.generation
                 && r.step == step
@@ -482,7 +534,14 @@ impl Driver {
         Ok(sum / n.max(1) as f64)
     }
 
-    fn update_status(&self, loss: f64, lr: f64, val: Option<f64>, started: Instant, max_steps: u64) {
+    fn update_status(
+        &self,
+        loss: f64,
+        lr: f64,
+        val: Option<f64>,
+        started: Instant,
+        max_steps: u64,
+    ) {
         if let Ok(mut s) = self.shared.status.lock() {
             let done = self.step - self.spec.start_step;
             let per_step = started.elapsed().as_secs_f64() / done.max(1) as f64;

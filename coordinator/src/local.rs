@@ -18,7 +18,10 @@ use tokio::process::{Child, Command};
 
 /// glibc allocator settings that roughly halve a CPU step (SPEC §3):
 /// no mmap for large blocks, no trimming; only set when the user has not.
-const MALLOC_ENV: [(&str, &str); 2] = [("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", "4294967296")];
+const MALLOC_ENV: [(&str, &str); 2] = [
+    ("MALLOC_MMAP_MAX_", "0"),
+    ("MALLOC_TRIM_THRESHOLD_", "4294967296"),
+];
 
 #[derive(Debug)]
 pub struct LocalWorkers {
@@ -101,7 +104,14 @@ impl LocalWorkers {
                     && let Ok(Some(status)) = child.try_wait()
                 {
                     *c = None;
-                    return (i, format!("{status}; last lines of {}:\n{}", self.logs[i].display(), tail(&self.logs[i], 8)));
+                    return (
+                        i,
+                        format!(
+                            "{status}; last lines of {}:\n{}",
+                            self.logs[i].display(),
+                            tail(&self.logs[i], 8)
+                        ),
+                    );
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -113,7 +123,10 @@ impl LocalWorkers {
         let deadline = tokio::time::Instant::now() + grace;
         for c in self.children.iter_mut() {
             if let Some(child) = c {
-                if tokio::time::timeout_at(deadline, child.wait()).await.is_err() {
+                if tokio::time::timeout_at(deadline, child.wait())
+                    .await
+                    .is_err()
+                {
                     let _ = child.kill().await;
                 }
                 *c = None;

@@ -240,7 +240,10 @@ fn offline(command: Command) -> Result<()> {
 /// local workers if asked, and hands over to the driver.
 async fn train(args: RunArgs) -> Result<()> {
     let (raw, config) = args.config.load()?;
-    let run_dir = args.run_dir.clone().unwrap_or_else(|| Path::new("runs").join(&raw.name));
+    let run_dir = args
+        .run_dir
+        .clone()
+        .unwrap_or_else(|| Path::new("runs").join(&raw.name));
     let run = output::RunDir::create(&run_dir)?;
     let schedule = Schedule::from_config(&config.train);
     let bar = output::init_run_logging(&run.log_path(), schedule.max_steps())?;
@@ -268,7 +271,9 @@ async fn train(args: RunArgs) -> Result<()> {
             .unwrap_or_default()
     );
     if val_samples == 0 {
-        tracing::warn!("no validation split (data.val_fraction = 0 and no data.val): evaluation is skipped");
+        tracing::warn!(
+            "no validation split (data.val_fraction = 0 and no data.val): evaluation is skipped"
+        );
     }
     drop(corpus);
 
@@ -285,34 +290,50 @@ async fn train(args: RunArgs) -> Result<()> {
         tracing::warn!("listening on {addr}, reachable from other machines");
     }
     let url = format!("http://{addr}");
-    std::fs::write(run_dir.join("coordinator.addr"), format!("{url}\n"))
-        .with_context(|| format!("cannot write {}", run_dir.join("coordinator.addr").display()))?;
+    std::fs::write(run_dir.join("coordinator.addr"), format!("{url}\n")).with_context(|| {
+        format!(
+            "cannot write {}",
+            run_dir.join("coordinator.addr").display()
+        )
+    })?;
 
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let shared = server::Shared::new(
         events_tx.clone(),
         Duration::from_secs_f64(config.cluster.heartbeat_interval_s),
     );
-    let service = CoordinatorServer::new(server::Service { shared: shared.clone() })
-        .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(server::MAX_MESSAGE_BYTES);
+    let service = CoordinatorServer::new(server::Service {
+        shared: shared.clone(),
+    })
+    .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(server::MAX_MESSAGE_BYTES);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serve = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
-                let _ = stop_rx.await;
-            }),
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
     );
     tokio::spawn(forward_signals(events_tx));
 
     let workers = config.cluster.workers;
     let local = if args.local {
         let threads = local::threads_per_worker(config.worker.threads, workers);
-        tracing::info!("starting {workers} local workers ({threads} threads each), logs in {}", run_dir.display());
-        Some(local::LocalWorkers::spawn(workers, &url, threads, &run_dir)?)
+        tracing::info!(
+            "starting {workers} local workers ({threads} threads each), logs in {}",
+            run_dir.display()
+        );
+        Some(local::LocalWorkers::spawn(
+            workers, &url, threads, &run_dir,
+        )?)
     } else {
-        tracing::info!("listening on {url}; waiting for {workers} workers: `worker --connect {url}`");
+        tracing::info!(
+            "listening on {url}; waiting for {workers} workers: `worker --connect {url}`"
+        );
         None
     };
 

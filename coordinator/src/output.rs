@@ -64,7 +64,8 @@ fn keep_old(path: &Path) -> Result<()> {
     for n in 1.. {
         let old = PathBuf::from(format!("{}.{n}", path.display()));
         if !old.exists() {
-            std::fs::rename(path, &old).with_context(|| format!("cannot move {} aside", path.display()))?;
+            std::fs::rename(path, &old)
+                .with_context(|| format!("cannot move {} aside", path.display()))?;
             return Ok(());
         }
     }
@@ -74,7 +75,8 @@ fn keep_old(path: &Path) -> Result<()> {
 impl RunDir {
     /// Creates (or reuses) `path`; a fresh run moves earlier logs aside.
     pub fn create(path: &Path) -> Result<RunDir> {
-        std::fs::create_dir_all(path).with_context(|| format!("cannot create run directory {}", path.display()))?;
+        std::fs::create_dir_all(path)
+            .with_context(|| format!("cannot create run directory {}", path.display()))?;
         keep_old(&path.join("metrics.jsonl"))?;
         keep_old(&path.join("train.log"))?;
         let metrics = OpenOptions::new()
@@ -132,7 +134,10 @@ struct FileWriter(Arc<Mutex<File>>);
 
 impl Write for FileWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut f = self.0.lock().map_err(|_| std::io::Error::other("log file lock poisoned"))?;
+        let mut f = self
+            .0
+            .lock()
+            .map_err(|_| std::io::Error::other("log file lock poisoned"))?;
         f.write_all(buf)?;
         Ok(buf.len())
     }
@@ -149,7 +154,8 @@ impl<'a> MakeWriter<'a> for FileWriter {
 }
 
 fn filter() -> EnvFilter {
-    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,tonic=warn"))
+    EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,tonic=warn"))
 }
 
 /// Logging for the offline commands: stderr only.
@@ -172,8 +178,10 @@ pub fn init_run_logging(log: &Path, max_steps: u64) -> Result<Option<ProgressBar
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = ProgressBar::new(max_steps);
         bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {elapsed_precise} ETA {eta_precise}  {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} steps  {elapsed_precise} ETA {eta_precise}  {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar
     });

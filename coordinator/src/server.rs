@@ -14,8 +14,8 @@ use std::time::Duration;
 use stride_proto::PROTOCOL_VERSION;
 use stride_proto::v1::coordinator_server::Coordinator;
 use stride_proto::v1::{
-    CoordinatorMessage, RegisterRequest, RegisterResponse, StatusRequest, StatusResponse, WorkerMessage,
-    worker_message,
+    CoordinatorMessage, RegisterRequest, RegisterResponse, StatusRequest, StatusResponse,
+    WorkerMessage, worker_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -90,7 +90,10 @@ pub struct Service {
 
 #[tonic::async_trait]
 impl Coordinator for Service {
-    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
         let peer = request.remote_addr();
         let r = request.into_inner();
         if r.version != VERSION || r.protocol_version != PROTOCOL_VERSION {
@@ -100,8 +103,12 @@ impl Coordinator for Service {
                 r.version, r.protocol_version
             )));
         }
-        let port = u16::try_from(r.collective_port)
-            .map_err(|_| Status::invalid_argument(format!("collective port {} is not a port", r.collective_port)))?;
+        let port = u16::try_from(r.collective_port).map_err(|_| {
+            Status::invalid_argument(format!(
+                "collective port {} is not a port",
+                r.collective_port
+            ))
+        })?;
         let worker_id = format!("w{}", self.shared.next_id.fetch_add(1, Ordering::Relaxed));
         let info = WorkerInfo {
             host: r.host,
@@ -127,7 +134,10 @@ impl Coordinator for Service {
 
     type SessionStream = ReceiverStream<Result<CoordinatorMessage, Status>>;
 
-    async fn session(&self, request: Request<Streaming<WorkerMessage>>) -> Result<Response<Self::SessionStream>, Status> {
+    async fn session(
+        &self,
+        request: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -144,7 +154,12 @@ impl Coordinator for Service {
             .map_err(|_| Status::internal("registry poisoned"))?
             .get(&hello.worker_id)
             .cloned()
-            .ok_or_else(|| Status::not_found(format!("unknown worker id {}: call Register first", hello.worker_id)))?;
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "unknown worker id {}: call Register first",
+                    hello.worker_id
+                ))
+            })?;
         let (tx, rx) = mpsc::channel(64);
         let worker_id = hello.worker_id;
         let events = self.shared.events.clone();
@@ -172,7 +187,10 @@ impl Coordinator for Service {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         let s = self
             .shared
             .status

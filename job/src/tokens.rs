@@ -357,7 +357,12 @@ impl Corpus {
     /// every token below the vocabulary, every split long enough for one
     /// window of `context + 1` tokens (the validation split may be empty
     /// only when `val_fraction` is 0 and there is no `val` file).
-    pub fn open(data: &DataConfig, model: &ModelConfig, seed: u64, scan: Scan) -> Result<Corpus, DataError> {
+    pub fn open(
+        data: &DataConfig,
+        model: &ModelConfig,
+        seed: u64,
+        scan: Scan,
+    ) -> Result<Corpus, DataError> {
         let (train_all, synthetic) = match &data.train {
             Some(path) => (Tokens::open(path)?, None),
             None => {

@@ -97,7 +97,9 @@ impl RingListener {
     ) -> Result<Box<dyn Collective>, CollectiveError> {
         let world = peers.len();
         if rank >= world {
-            return Err(CollectiveError::Setup(format!("rank {rank} outside a world of {world}")));
+            return Err(CollectiveError::Setup(format!(
+                "rank {rank} outside a world of {world}"
+            )));
         }
         if world == 1 {
             return Ok(Box::new(Solo));
@@ -112,7 +114,9 @@ impl RingListener {
         let next = loop {
             match TcpStream::connect_timeout(&peers[next_rank], Duration::from_secs(5)) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() >= deadline => return Err(peer_err("connect", next_rank, e)),
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(peer_err("connect", next_rank, e));
+                }
                 Err(_) => std::thread::sleep(Duration::from_millis(50)),
             }
         };
@@ -121,7 +125,9 @@ impl RingListener {
         hello.extend_from_slice(&HELLO);
         hello.extend_from_slice(&(rank as u32).to_le_bytes());
         hello.extend_from_slice(&generation.to_le_bytes());
-        (&next).write_all(&hello).map_err(|e| peer_err("handshake", next_rank, e))?;
+        (&next)
+            .write_all(&hello)
+            .map_err(|e| peer_err("handshake", next_rank, e))?;
 
         // Incoming: accept until the previous rank of this generation calls.
         self.listener
@@ -130,7 +136,8 @@ impl RingListener {
         let prev = loop {
             match self.listener.accept() {
                 Ok((s, _)) => {
-                    s.set_nonblocking(false).map_err(|e| peer_err("accept", prev_rank, e))?;
+                    s.set_nonblocking(false)
+                        .map_err(|e| peer_err("accept", prev_rank, e))?;
                     configure(&s, timeout).map_err(|e| peer_err("configure", prev_rank, e))?;
                     let mut buf = [0u8; 16];
                     if (&s).read_exact(&mut buf).is_err() {
@@ -138,17 +145,26 @@ impl RingListener {
                     }
                     let from = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
                     let gen_bytes: [u8; 8] = buf[8..16].try_into().unwrap_or_default();
-                    if buf[..4] == HELLO && from == prev_rank && u64::from_le_bytes(gen_bytes) == generation {
+                    if buf[..4] == HELLO
+                        && from == prev_rank
+                        && u64::from_le_bytes(gen_bytes) == generation
+                    {
                         break s;
                     }
-                    tracing::warn!(from, "refused a ring connection from another rank or generation");
+                    tracing::warn!(
+                        from,
+                        "refused a ring connection from another rank or generation"
+                    );
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
                         return Err(peer_err(
                             "accept",
                             prev_rank,
-                            std::io::Error::new(std::io::ErrorKind::TimedOut, "the previous rank never connected"),
+                            std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                "the previous rank never connected",
+                            ),
                         ));
                     }
                     std::thread::sleep(Duration::from_millis(5));
@@ -195,7 +211,10 @@ impl TcpRing {
     /// the previous one into the scratch buffer.
     fn exchange(&mut self, send: &[f32], recv_len: usize) -> Result<(), CollectiveError> {
         self.scratch.resize(recv_len, 0.0);
-        let (next_rank, prev_rank) = ((self.rank + 1) % self.world, (self.rank + self.world - 1) % self.world);
+        let (next_rank, prev_rank) = (
+            (self.rank + 1) % self.world,
+            (self.rank + self.world - 1) % self.world,
+        );
         let next = &self.next;
         let mut prev = &self.prev;
         let scratch = &mut self.scratch;
@@ -208,8 +227,16 @@ impl TcpRing {
             let wrote = writer
                 .join()
                 .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")));
-            read.map_err(|e| CollectiveError::Peer { op: "receive", peer: prev_rank, source: e })?;
-            wrote.map_err(|e| CollectiveError::Peer { op: "send", peer: next_rank, source: e })
+            read.map_err(|e| CollectiveError::Peer {
+                op: "receive",
+                peer: prev_rank,
+                source: e,
+            })?;
+            wrote.map_err(|e| CollectiveError::Peer {
+                op: "send",
+                peer: next_rank,
+                source: e,
+            })
         })
     }
 }
@@ -276,7 +303,10 @@ pub fn local_ring<T: Send>(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_else(|_| Err(CollectiveError::Setup("ring member panicked".into()))))
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(CollectiveError::Setup("ring member panicked".into())))
+            })
             .collect()
     })
 }
@@ -289,7 +319,13 @@ mod tests {
     fn input(rank: usize, n: usize, integer: bool) -> Vec<f32> {
         let mut rng = Rng::new(rank as u64, Stream::Init);
         (0..n)
-            .map(|_| if integer { rng.below(1000) as f32 - 500.0 } else { rng.normal() as f32 })
+            .map(|_| {
+                if integer {
+                    rng.below(1000) as f32 - 500.0
+                } else {
+                    rng.normal() as f32
+                }
+            })
             .collect()
     }
 
@@ -313,7 +349,9 @@ mod tests {
                         let got = r.as_ref().expect("all-reduce");
                         // Every rank holds the same bits.
                         assert!(
-                            got.iter().zip(first).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            got.iter()
+                                .zip(first)
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
                             "world {world} n {n}: rank {rank} differs from rank 0"
                         );
                         for i in 0..n {
@@ -359,8 +397,7 @@ mod tests {
         ];
         let e = l
             .connect(0, &peers, 1, Duration::from_millis(300))
-            .err()
-            .expect("must time out")
+            .expect_err("must time out")
             .to_string();
         assert!(e.contains("rank 1"), "{e}");
     }

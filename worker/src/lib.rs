@@ -6,8 +6,8 @@
 //! A worker never decides anything about the schedule, the data order or
 //! when to evaluate or stop: it applies the coordinator's plans and reports.
 
-pub mod model;
 pub mod collective;
+pub mod model;
 pub mod optim;
-pub mod trainer;
 pub mod session;
+pub mod trainer;

@@ -10,7 +10,11 @@ use clap::Parser;
 use stride_worker::session::{self, Options};
 
 #[derive(Debug, Parser)]
-#[command(name = "worker", version, about = "Stride worker: trains its share of a job driven by a coordinator")]
+#[command(
+    name = "worker",
+    version,
+    about = "Stride worker: trains its share of a job driven by a coordinator"
+)]
 struct Cli {
     /// The coordinator's gRPC URL, e.g. http://127.0.0.1:29400.
     #[arg(long)]
@@ -32,22 +36,29 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn")
+            }),
         )
         .init();
     let cli = Cli::parse();
-    let identity = cli.identity.unwrap_or_else(|| match std::env::var("JOB_COMPLETION_INDEX") {
-        Ok(i) => format!("index-{i}"),
-        Err(_) => format!("pid-{}", std::process::id()),
-    });
+    let identity = cli
+        .identity
+        .unwrap_or_else(|| match std::env::var("JOB_COMPLETION_INDEX") {
+            Ok(i) => format!("index-{i}"),
+            Err(_) => format!("pid-{}", std::process::id()),
+        });
     let opts = Options {
         url: cli.connect,
         identity,
         threads: cli.threads,
         connect_timeout: Duration::from_secs_f64(cli.connect_timeout.max(0.0)),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -80,7 +80,12 @@ pub fn layout(c: &ModelConfig) -> Vec<Slot> {
         .into_iter()
         .map(|(name, shape)| {
             let len = shape.iter().product();
-            let slot = Slot { name, shape, offset, len };
+            let slot = Slot {
+                name,
+                shape,
+                offset,
+                len,
+            };
             offset += len;
             slot
         })
@@ -108,7 +113,11 @@ pub fn initial_weights(c: &ModelConfig, seed: u64) -> Vec<f32> {
         } else if s.name.contains(".ln_") || s.name.contains("ln_f") {
             dst.fill(1.0);
         } else {
-            let std = if s.name.ends_with("c_proj.weight") { residual_std } else { 0.02 };
+            let std = if s.name.ends_with("c_proj.weight") {
+                residual_std
+            } else {
+                0.02
+            };
             for x in dst.iter_mut() {
                 *x = (rng.normal() * std) as f32;
             }
@@ -119,7 +128,12 @@ pub fn initial_weights(c: &ModelConfig, seed: u64) -> Vec<f32> {
 
 impl Gpt {
     /// A model holding `weights` (a flat buffer in [`layout`] order).
-    pub fn new(config: &ModelConfig, weights: &[f32], dtype: DType, device: &Device) -> Result<Gpt> {
+    pub fn new(
+        config: &ModelConfig,
+        weights: &[f32],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Gpt> {
         let slots = layout(config);
         if weights.len() != parameter_count(&slots) {
             candle_core::bail!(
@@ -130,13 +144,23 @@ impl Gpt {
         }
         let mut params = BTreeMap::new();
         for s in &slots {
-            let t = Tensor::from_slice(&weights[s.offset..s.offset + s.len], s.shape.as_slice(), device)?
-                .to_dtype(dtype)?;
+            let t = Tensor::from_slice(
+                &weights[s.offset..s.offset + s.len],
+                s.shape.as_slice(),
+                device,
+            )?
+            .to_dtype(dtype)?;
             params.insert(s.name.clone(), Var::from_tensor(&t)?);
         }
         let t = config.context;
         let mask: Vec<f32> = (0..t * t)
-            .map(|i| if i % t > i / t { f32::NEG_INFINITY } else { 0.0 })
+            .map(|i| {
+                if i % t > i / t {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
             .collect();
         let mask = Tensor::from_vec(mask, (t, t), device)?.to_dtype(dtype)?;
         Ok(Gpt {
@@ -161,8 +185,12 @@ impl Gpt {
     /// Overwrites every parameter from a flat buffer in [`layout`] order.
     pub fn load_flat(&self, weights: &[f32]) -> Result<()> {
         for (slot, (_, var)) in layout(&self.config).iter().zip(&self.params) {
-            let t = Tensor::from_slice(&weights[slot.offset..slot.offset + slot.len], slot.shape.as_slice(), var.device())?
-                .to_dtype(var.dtype())?;
+            let t = Tensor::from_slice(
+                &weights[slot.offset..slot.offset + slot.len],
+                slot.shape.as_slice(),
+                var.device(),
+            )?
+            .to_dtype(var.dtype())?;
             var.set(&t)?;
         }
         Ok(())
@@ -218,16 +246,29 @@ impl Gpt {
     pub fn forward(&self, idx: &Tensor) -> Result<Tensor> {
         let (_b, t) = idx.dims2()?;
         if t > self.config.context {
-            candle_core::bail!("sequence of {t} tokens exceeds model.context {}", self.config.context);
+            candle_core::bail!(
+                "sequence of {t} tokens exceeds model.context {}",
+                self.config.context
+            );
         }
         let wte = self.p("transformer.wte.weight")?; // (V, C)
-        let tok = wte.embedding(&idx.flatten_all()?)?.reshape((idx.dim(0)?, t, ()))?; // (B, T, C)
+        let tok = wte
+            .embedding(&idx.flatten_all()?)?
+            .reshape((idx.dim(0)?, t, ()))?; // (B, T, C)
         let pos = self.p("transformer.wpe.weight")?.narrow(0, 0, t)?; // (T, C)
         let mut x = tok.broadcast_add(&pos)?;
         for i in 0..self.config.n_layer {
             let p = format!("transformer.h.{i}");
-            x = (&x + self.attention(&self.layer_norm(&x, &format!("{p}.ln_1"))?, &format!("{p}.attn"))?)?;
-            x = (&x + self.mlp(&self.layer_norm(&x, &format!("{p}.ln_2"))?, &format!("{p}.mlp"))?)?;
+            x = (&x
+                + self.attention(
+                    &self.layer_norm(&x, &format!("{p}.ln_1"))?,
+                    &format!("{p}.attn"),
+                )?)?;
+            x = (&x
+                + self.mlp(
+                    &self.layer_norm(&x, &format!("{p}.ln_2"))?,
+                    &format!("{p}.mlp"),
+                )?)?;
         }
         let x = self.layer_norm(&x, "transformer.ln_f")?; // (B, T, C)
         x.broadcast_matmul(&wte.t()?) // tied LM head: (B, T, V)
@@ -274,7 +315,9 @@ mod tests {
 
     fn batch(dev: &Device, c: &ModelConfig) -> (Tensor, Tensor) {
         let t = c.context;
-        let ids: Vec<u32> = (0..2 * (t + 1)).map(|i| (i * 7 % c.vocab_size) as u32).collect();
+        let ids: Vec<u32> = (0..2 * (t + 1))
+            .map(|i| (i * 7 % c.vocab_size) as u32)
+            .collect();
         let x: Vec<u32> = [&ids[0..t], &ids[t + 1..2 * t + 1]].concat();
         let y: Vec<u32> = [&ids[1..t + 1], &ids[t + 2..2 * t + 2]].concat();
         (
@@ -299,11 +342,17 @@ mod tests {
         ] {
             assert!(names.contains(&want), "{want} missing from {names:?}");
         }
-        assert!(!names.iter().any(|n| n.contains("lm_head")), "LM head is tied to wte");
+        assert!(
+            !names.iter().any(|n| n.contains("lm_head")),
+            "LM head is tied to wte"
+        );
         let mut sorted = names.clone();
         sorted.sort_unstable();
         assert_eq!(names, sorted);
-        let fc = slots.iter().find(|s| s.name == "transformer.h.0.mlp.c_fc.weight").expect("c_fc");
+        let fc = slots
+            .iter()
+            .find(|s| s.name == "transformer.h.0.mlp.c_fc.weight")
+            .expect("c_fc");
         assert_eq!(fc.shape, vec![32, 8], "Linear weights are (out, in)");
         // GPT-2 small has 124M parameters with the tied head (vocab 50,304).
         let small = layout(&ModelConfig::default());
@@ -312,7 +361,13 @@ mod tests {
 
     #[test]
     fn initialisation_is_deterministic_and_gpt2_scaled() {
-        let c = ModelConfig { n_layer: 4, n_embd: 64, n_head: 4, vocab_size: 512, context: 32 };
+        let c = ModelConfig {
+            n_layer: 4,
+            n_embd: 64,
+            n_head: 4,
+            vocab_size: 512,
+            context: 32,
+        };
         let a = initial_weights(&c, 7);
         assert_eq!(a, initial_weights(&c, 7));
         assert_ne!(a, initial_weights(&c, 8));
@@ -343,8 +398,14 @@ mod tests {
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{name} received no gradient"));
             let g: Vec<f32> = g.flatten_all().and_then(|t| t.to_vec1()).expect("values");
-            assert!(g.iter().all(|v| v.is_finite()), "{name} has a non-finite gradient");
-            assert!(g.iter().any(|v| *v != 0.0), "{name} has an all-zero gradient");
+            assert!(
+                g.iter().all(|v| v.is_finite()),
+                "{name} has a non-finite gradient"
+            );
+            assert!(
+                g.iter().any(|v| *v != 0.0),
+                "{name} has an all-zero gradient"
+            );
         }
         // Initial loss ≈ ln(vocab): the model starts uniform.
         let l: f32 = loss.to_scalar().expect("scalar");
@@ -365,7 +426,9 @@ mod tests {
         let (x, y) = batch(&dev, &c);
         let loss_at = |weights: &[f32]| -> f64 {
             let m = Gpt::new(&c, weights, DType::F64, &dev).expect("model");
-            m.loss(&x, &y).and_then(|l| l.to_scalar::<f64>()).expect("loss")
+            m.loss(&x, &y)
+                .and_then(|l| l.to_scalar::<f64>())
+                .expect("loss")
         };
         let m = Gpt::new(&c, &w, DType::F64, &dev).expect("model");
         let grads = m.loss(&x, &y).and_then(|l| l.backward()).expect("backward");
@@ -381,7 +444,11 @@ mod tests {
         ];
         for (name, i) in checks {
             let slot = slots.iter().find(|s| s.name == name).expect("slot");
-            let var = m.vars().find(|(n, _)| *n == name).map(|(_, v)| v).expect("var");
+            let var = m
+                .vars()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v)
+                .expect("var");
             let g: Vec<f64> = grads
                 .get(var.as_tensor())
                 .and_then(|g| g.flatten_all().ok())

@@ -33,7 +33,11 @@ impl AdamW {
         let n = slots.last().map_or(0, |s| s.offset + s.len);
         AdamW {
             config: config.clone(),
-            decay_mask: slots.iter().filter(|s| s.decays()).map(|s| (s.offset, s.len)).collect(),
+            decay_mask: slots
+                .iter()
+                .filter(|s| s.decays())
+                .map(|s| (s.offset, s.len))
+                .collect(),
             m: vec![0.0; n],
             v: vec![0.0; n],
             step: 0,
@@ -74,7 +78,10 @@ impl AdamW {
 /// The L2 norm of a gradient, accumulated in f64 in a fixed order (so every
 /// rank computes the same bits from the same gradient).
 pub fn global_norm(grad: &[f32]) -> f64 {
-    grad.iter().map(|g| f64::from(*g) * f64::from(*g)).sum::<f64>().sqrt()
+    grad.iter()
+        .map(|g| f64::from(*g) * f64::from(*g))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Scales `grad` so its global norm is at most `max_norm` (0 = no clipping).
@@ -96,8 +103,18 @@ mod tests {
 
     fn slots() -> Vec<Slot> {
         vec![
-            Slot { name: "a.bias".into(), shape: vec![2], offset: 0, len: 2 },
-            Slot { name: "a.weight".into(), shape: vec![1, 2], offset: 2, len: 2 },
+            Slot {
+                name: "a.bias".into(),
+                shape: vec![2],
+                offset: 0,
+                len: 2,
+            },
+            Slot {
+                name: "a.weight".into(),
+                shape: vec![1, 2],
+                offset: 2,
+                len: 2,
+            },
         ]
     }
 
@@ -105,7 +122,13 @@ mod tests {
     fn matches_pytorch_adamw_by_hand() {
         // Two steps of torch.optim.AdamW(lr=0.1, betas=(0.9, 0.95), eps=1e-8,
         // weight_decay=0.1) worked by hand in f64.
-        let cfg = OptimConfig { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, grad_clip: 0.0 };
+        let cfg = OptimConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 0.0,
+        };
         let mut opt = AdamW::new(&cfg, &slots());
         let mut w = vec![1.0f32, -1.0, 0.5, 2.0];
         let grads = [[0.5f32, -0.25, 1.0, 0.0], [0.1, 0.2, -0.3, 0.4]];
@@ -127,7 +150,12 @@ mod tests {
             opt.update(&mut w, g, 0.1);
         }
         for i in 0..4 {
-            assert!((f64::from(w[i]) - expect[i]).abs() < 1e-6, "{i}: {} vs {}", w[i], expect[i]);
+            assert!(
+                (f64::from(w[i]) - expect[i]).abs() < 1e-6,
+                "{i}: {} vs {}",
+                w[i],
+                expect[i]
+            );
         }
         assert_eq!(opt.step, 2);
     }

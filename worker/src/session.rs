@@ -18,8 +18,8 @@ use stride_job::config::{Config, Device as DeviceKind};
 use stride_proto::PROTOCOL_VERSION;
 use stride_proto::v1::coordinator_client::CoordinatorClient;
 use stride_proto::v1::{
-    Assignment, EvalPlan, EvalReport, Heartbeat, Hello, Ready, RegisterRequest, StepPlan, StepReport, WorkerError,
-    WorkerMessage, coordinator_message, worker_message,
+    Assignment, EvalPlan, EvalReport, Heartbeat, Hello, Ready, RegisterRequest, StepPlan,
+    StepReport, WorkerError, WorkerMessage, coordinator_message, worker_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -68,8 +68,13 @@ pub async fn run(opts: Options) -> Result<i32> {
     // The ring listens on the address this machine uses to reach the
     // coordinator: loopback stays loopback, a pod advertises its pod IP.
     let advertised = local_ip_towards(&opts.url).await?;
-    let bind_ip = if advertised.is_loopback() { advertised } else { IpAddr::from([0, 0, 0, 0]) };
-    let listener = RingListener::bind(bind_ip).context("cannot open the collective's listening socket")?;
+    let bind_ip = if advertised.is_loopback() {
+        advertised
+    } else {
+        IpAddr::from([0, 0, 0, 0])
+    };
+    let listener =
+        RingListener::bind(bind_ip).context("cannot open the collective's listening socket")?;
     let host = hostname();
     let reg = client
         .register(RegisterRequest {
@@ -121,7 +126,11 @@ pub async fn run(opts: Options) -> Result<i32> {
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_millis() as u64),
                 };
-                if tx.send(msg(worker_message::Body::Heartbeat(hb))).await.is_err() {
+                if tx
+                    .send(msg(worker_message::Body::Heartbeat(hb)))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -155,7 +164,11 @@ pub async fn run(opts: Options) -> Result<i32> {
                 break s.exit_code;
             }
             Some(coordinator_message::Body::Abort(a)) => {
-                tracing::warn!("coordinator aborted generation {}: {}", a.generation, a.reason);
+                tracing::warn!(
+                    "coordinator aborted generation {}: {}",
+                    a.generation,
+                    a.reason
+                );
             }
             Some(
                 coordinator_message::Body::Heartbeat(_)
@@ -174,7 +187,8 @@ pub async fn run(opts: Options) -> Result<i32> {
 }
 
 fn send_work(tx: &std::sync::mpsc::Sender<Work>, w: Work) -> Result<()> {
-    tx.send(w).map_err(|_| anyhow!("the compute thread stopped"))
+    tx.send(w)
+        .map_err(|_| anyhow!("the compute thread stopped"))
 }
 
 async fn connect_with_retry(endpoint: &Endpoint, opts: &Options) -> Result<Channel> {
@@ -207,7 +221,11 @@ async fn connect_with_retry(endpoint: &Endpoint, opts: &Options) -> Result<Chann
 /// sent: connecting a UDP socket only picks a route).
 async fn local_ip_towards(url: &str) -> Result<IpAddr> {
     let uri: tonic::transport::Uri = url.parse().with_context(|| format!("bad URL {url}"))?;
-    let host = uri.host().unwrap_or("127.0.0.1").trim_matches(['[', ']']).to_string();
+    let host = uri
+        .host()
+        .unwrap_or("127.0.0.1")
+        .trim_matches(['[', ']'])
+        .to_string();
     let port = uri.port_u16().unwrap_or(80);
     let target = tokio::net::lookup_host((host.as_str(), port))
         .await
@@ -228,7 +246,11 @@ fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
         .unwrap_or_else(|| "localhost".into())
 }
 
@@ -273,7 +295,8 @@ fn compute_loop(
                 }
             }
             Work::Step(p) => {
-                let Some((generation, t)) = trainer.as_mut().filter(|(g, _)| *g == p.generation) else {
+                let Some((generation, t)) = trainer.as_mut().filter(|(g, _)| *g == p.generation)
+                else {
                     continue;
                 };
                 match t.step(&p.samples, p.lr) {
@@ -298,7 +321,8 @@ fn compute_loop(
                 }
             }
             Work::Eval(p) => {
-                let Some((generation, t)) = trainer.as_mut().filter(|(g, _)| *g == p.generation) else {
+                let Some((generation, t)) = trainer.as_mut().filter(|(g, _)| *g == p.generation)
+                else {
                     continue;
                 };
                 match t.evaluate(&p.samples) {
@@ -309,7 +333,10 @@ fn compute_loop(
                         tokens,
                     })),
                     Err(e) => {
-                        fail(p.generation, e.context(format!("evaluation after step {}", p.step)));
+                        fail(
+                            p.generation,
+                            e.context(format!("evaluation after step {}", p.step)),
+                        );
                         return;
                     }
                 }
@@ -328,10 +355,16 @@ fn assign(a: &Assignment, listener: &RingListener, threads: usize) -> Result<Tra
             config.worker.device
         ),
     };
-    let threads = if threads > 0 { threads } else { config.worker.threads };
+    let threads = if threads > 0 {
+        threads
+    } else {
+        config.worker.threads
+    };
     if threads > 0 {
         // Fails harmlessly if the pool already exists (a later generation).
-        let _ = rayon::ThreadPoolBuilder::new().num_threads(threads).build_global();
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global();
     }
     let peers: Vec<SocketAddr> = a
         .peers

@@ -52,7 +52,12 @@ pub struct Trainer {
 
 impl Trainer {
     /// A trainer with freshly initialised weights (from `train.seed`).
-    pub fn new(config: &Config, collective: Box<dyn Collective>, accumulation: usize, device: Device) -> Result<Trainer> {
+    pub fn new(
+        config: &Config,
+        collective: Box<dyn Collective>,
+        accumulation: usize,
+        device: Device,
+    ) -> Result<Trainer> {
         let corpus = Corpus::open(&config.data, &config.model, config.train.seed, Scan::Layout)?;
         let slots = model::layout(&config.model);
         let weights = model::initial_weights(&config.model, config.train.seed);
@@ -82,7 +87,10 @@ impl Trainer {
 
     /// Replaces the weights (checkpoint loading).
     pub fn set_weights(&mut self, weights: Vec<f32>) -> Result<()> {
-        anyhow::ensure!(weights.len() == self.weights.len(), "weights of the wrong size");
+        anyhow::ensure!(
+            weights.len() == self.weights.len(),
+            "weights of the wrong size"
+        );
         self.weights = weights;
         self.model.load_flat(&self.weights)?;
         Ok(())
@@ -149,7 +157,10 @@ impl Trainer {
                     .flatten_all()?
                     .to_dtype(DType::F32)?
                     .to_vec1::<f32>()?;
-                for (acc, v) in self.grad[slot.offset..slot.offset + slot.len].iter_mut().zip(g) {
+                for (acc, v) in self.grad[slot.offset..slot.offset + slot.len]
+                    .iter_mut()
+                    .zip(g)
+                {
                     *acc += v;
                 }
             }
@@ -224,7 +235,9 @@ mod tests {
         let t = Corpus::open(&c.data, &c.model, c.train.seed, Scan::Layout).expect("corpus");
         let n = stride_job::sampler::window_count(t.train.len(), c.model.context, c.data.stride);
         let mut s = Sampler::new(n, c.train.seed, DataCursor::default()).expect("sampler");
-        (0..steps).map(|_| s.next_batch(c.train.global_batch).samples).collect()
+        (0..steps)
+            .map(|_| s.next_batch(c.train.global_batch).samples)
+            .collect()
     }
 
     #[test]
@@ -265,7 +278,10 @@ mod tests {
             .expect("ring");
             for step in 0..batches.len() {
                 let hashes: Vec<u64> = results.iter().map(|r| r[step].1).collect();
-                assert!(hashes.iter().all(|h| *h == hashes[0]), "world {world} step {step}: {hashes:?}");
+                assert!(
+                    hashes.iter().all(|h| *h == hashes[0]),
+                    "world {world} step {step}: {hashes:?}"
+                );
             }
             let mean_loss = (0..batches.len())
                 .map(|s| results.iter().map(|r| r[s].0).sum::<f64>() / world as f64)

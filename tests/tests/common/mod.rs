@@ -1,0 +1,126 @@
+//! Helpers for the end-to-end tests: find the built binaries, run them with
+//! a deadline, read what they wrote. Every process a test starts is killed
+//! when the test's handle drops, and every server listens on 127.0.0.1.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// A binary of this workspace, built next to the test executable
+/// (`target/<profile>/deps/e2e-…` → `target/<profile>/<name>`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} is not built; run the tests with `cargo test --workspace` (which builds every binary)",
+        p.display()
+    );
+    p
+}
+
+/// A child process killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits up to `limit`; panics (after killing it) if it runs longer.
+    pub fn wait(&mut self, limit: Duration) -> ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("{} did not finish within {limit:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Starts `coordinator ARGS` in `cwd`, output to `cwd/<log>`.
+pub fn spawn(name: &str, args: &[&str], cwd: &Path, log: &str) -> Proc {
+    let out = std::fs::File::create(cwd.join(log)).expect("log file");
+    let err = out.try_clone().expect("log handle");
+    let child = Command::new(bin(name))
+        .args(args)
+        .current_dir(cwd)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .expect("spawn");
+    Proc {
+        child,
+        name: format!("{name} {}", args.join(" ")),
+    }
+}
+
+/// Runs `coordinator ARGS` to completion within `limit`; returns the exit
+/// status and its combined output.
+pub fn run(args: &[&str], cwd: &Path, limit: Duration) -> (ExitStatus, String) {
+    let mut p = spawn("coordinator", args, cwd, "coordinator.out");
+    let status = p.wait(limit);
+    let out = std::fs::read_to_string(cwd.join("coordinator.out")).unwrap_or_default();
+    (status, out)
+}
+
+/// The objects of a run's metrics.jsonl.
+pub fn metrics(run_dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("metrics line is JSON"))
+        .collect()
+}
+
+/// Polls `f` until it returns Some, or panics after `limit`.
+pub fn eventually<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Worker pids the coordinator logged ("… joined (host, pid N, …)").
+pub fn worker_pids(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter(|l| l.contains(" joined ("))
+        .filter_map(|l| l.split("pid ").nth(1))
+        .filter_map(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+/// Whether a process is still alive (zombies count as gone).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}

@@ -1,0 +1,237 @@
+//! End-to-end: real coordinator and worker processes on 127.0.0.1.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{alive, eventually, metrics, run, spawn, worker_pids};
+use stride_job::config::RawConfig;
+use stride_job::synthetic::MarkovSource;
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+#[test]
+fn the_main_job_trains_tiny_to_its_entropy_floor() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (status, out) = run(
+        &["--config", "tiny", "--workers", "2", "--local"],
+        dir.path(),
+        LIMIT,
+    );
+    assert!(status.success(), "{out}");
+
+    let config = RawConfig::locate("tiny")
+        .and_then(|r| r.resolve())
+        .expect("tiny");
+    let floor = MarkovSource::new(
+        config.model.vocab_size,
+        config.data.synthetic_branching,
+        config.train.seed,
+    )
+    .entropy_rate();
+    let m = metrics(&dir.path().join("runs/tiny"));
+    assert_eq!(
+        m.len() as u64,
+        config.train.max_steps,
+        "one metrics line per step"
+    );
+    for (i, rec) in m.iter().enumerate() {
+        assert_eq!(rec["step"], i as u64);
+        for key in ["loss", "lr", "grad_norm", "tokens_per_s", "epoch"] {
+            assert!(!rec[key].is_null(), "step {i} lacks {key}");
+        }
+    }
+    let first = m[0]["loss"].as_f64().expect("loss");
+    let vocab = config.model.vocab_size as f64;
+    assert!(
+        (first - vocab.ln()).abs() < 0.3,
+        "starts near ln(vocab): {first}"
+    );
+    let val = m
+        .last()
+        .and_then(|r| r["val_loss"].as_f64())
+        .expect("final val_loss");
+    assert!(
+        val - floor < 0.15,
+        "val loss {val} is not within 0.15 nats of the entropy floor {floor}"
+    );
+    assert!(
+        val > floor - 0.05,
+        "val loss {val} below the floor {floor}: the floor or the loss is wrong"
+    );
+    let evaluated = m.iter().filter(|r| !r["val_loss"].is_null()).count() as u64;
+    assert_eq!(
+        evaluated,
+        config.train.max_steps / config.train.eval_interval
+    );
+
+    let log = std::fs::read_to_string(dir.path().join("runs/tiny/train.log")).expect("train.log");
+    assert!(
+        log.contains("done: ") && log.contains("tokens/s"),
+        "summary missing: {log}"
+    );
+    let pids = worker_pids(&log);
+    assert_eq!(pids.len(), 2, "{log}");
+    assert!(
+        pids.iter().all(|p| !alive(*p)),
+        "local workers outlived the coordinator"
+    );
+}
+
+/// Per-step losses of a short run with `workers` workers.
+fn losses(workers: usize) -> Vec<f64> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let w = workers.to_string();
+    let (status, out) = run(
+        &[
+            "--config",
+            "tiny",
+            "--workers",
+            &w,
+            "--local",
+            "--set",
+            "train.max_steps=20",
+            "--set",
+            "train.warmup_steps=5",
+            "--set",
+            "train.global_batch=16",
+            "--set",
+            "train.micro_batch=4",
+            "--set",
+            "train.eval_interval=0",
+            "--set",
+            "train.eval_batches=1",
+        ],
+        dir.path(),
+        LIMIT,
+    );
+    assert!(status.success(), "{workers} workers: {out}");
+    let m = metrics(&dir.path().join("runs/tiny"));
+    assert_eq!(m.len(), 20);
+    assert!(m.iter().all(|r| r["workers"] == workers as u64));
+    m.iter()
+        .map(|r| r["loss"].as_f64().expect("loss"))
+        .collect()
+}
+
+#[test]
+fn one_two_and_four_workers_train_the_same_model() {
+    // Same global batch (16): 1 × micro 4 × accumulation 4, 2 × 4 × 2,
+    // 4 × 4 × 1. The coordinator itself fails a run whose ranks disagree on
+    // the weights after any step, so success also means bit-identical ranks.
+    let one = losses(1);
+    for workers in [2, 4] {
+        let other = losses(workers);
+        for (step, (a, b)) in one.iter().zip(&other).enumerate() {
+            assert!(
+                ((a - b) / a).abs() < 1e-4,
+                "step {step}: 1 worker loss {a}, {workers} workers loss {b}"
+            );
+        }
+    }
+}
+
+#[test]
+fn workers_started_separately_join_by_url() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut coord = spawn(
+        "coordinator",
+        &[
+            "--config",
+            "tiny",
+            "--workers",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--set",
+            "train.max_steps=5",
+            "--set",
+            "train.warmup_steps=0",
+        ],
+        dir.path(),
+        "coordinator.out",
+    );
+    let addr_file = dir.path().join("runs/tiny/coordinator.addr");
+    let url = eventually(Duration::from_secs(60), "coordinator.addr", || {
+        if let Ok(Some(status)) = coord.child.try_wait() {
+            let out =
+                std::fs::read_to_string(dir.path().join("coordinator.out")).unwrap_or_default();
+            panic!("coordinator exited early ({status}): {out}");
+        }
+        std::fs::read_to_string(&addr_file)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    });
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let mut w0 = spawn("worker", &["--connect", &url], dir.path(), "w0.out");
+    let mut w1 = spawn("worker", &["--connect", &url], dir.path(), "w1.out");
+    let status = coord.wait(LIMIT);
+    let out = std::fs::read_to_string(dir.path().join("coordinator.out")).unwrap_or_default();
+    assert!(status.success(), "{out}");
+    assert!(w0.wait(Duration::from_secs(30)).success());
+    assert!(w1.wait(Duration::from_secs(30)).success());
+    assert_eq!(metrics(&dir.path().join("runs/tiny")).len(), 5);
+}
+
+#[test]
+fn ctrl_c_stops_the_coordinator_and_its_local_workers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut coord = spawn(
+        "coordinator",
+        &[
+            "--config",
+            "tiny",
+            "--workers",
+            "2",
+            "--local",
+            "--set",
+            "train.max_steps=100000",
+        ],
+        dir.path(),
+        "coordinator.out",
+    );
+    let run_dir = dir.path().join("runs/tiny");
+    eventually(Duration::from_secs(120), "three steps", || {
+        (metrics(&run_dir).len() >= 3).then_some(())
+    });
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &coord.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let status = coord.wait(Duration::from_secs(60));
+    assert_eq!(status.code(), Some(130), "Ctrl-C exits with 130");
+    let log = std::fs::read_to_string(run_dir.join("train.log")).expect("train.log");
+    assert!(log.contains("interrupted by Ctrl-C"), "{log}");
+    let pids = worker_pids(&log);
+    assert_eq!(pids.len(), 2);
+    for p in pids {
+        assert!(!alive(p), "worker {p} outlived Ctrl-C");
+    }
+}
+
+#[test]
+fn a_missing_data_file_fails_before_any_worker_starts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (status, out) = run(
+        &[
+            "--config",
+            "tiny",
+            "--local",
+            "--set",
+            "data.train=nothere.bin",
+        ],
+        dir.path(),
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(
+        out.contains("nothere.bin") && out.contains("cannot open"),
+        "{out}"
+    );
+    assert!(
+        !dir.path().join("runs/tiny/worker-0.log").exists(),
+        "no worker may start"
+    );
+}

@@ -1,0 +1,35 @@
+//! The worker binary on its own: what a user sees when there is no
+//! coordinator to talk to.
+
+use std::process::Command;
+
+#[test]
+fn no_coordinator_is_a_clear_timeout() {
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["--connect", &url, "--connect-timeout", "1"])
+        .output()
+        .expect("worker runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("no coordinator answered at {url} within 1s")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_bad_url_is_named() {
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["--connect", "not a url"])
+        .output()
+        .expect("worker runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--connect not a url"), "{err}");
+}

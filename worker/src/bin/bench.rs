@@ -50,7 +50,9 @@ fn bench_model(name: &str, c: &ModelConfig, micro_batch: usize, steps: usize) ->
     let mut opt = AdamW::new(&OptimConfig::default(), &slots);
     let mut grad = vec![0f32; weights.len()];
     let t = c.context;
-    let ids: Vec<u32> = (0..micro_batch * (t + 1)).map(|i| (i * 7919 % c.vocab_size) as u32).collect();
+    let ids: Vec<u32> = (0..micro_batch * (t + 1))
+        .map(|i| (i * 7919 % c.vocab_size) as u32)
+        .collect();
     let x: Vec<u32> = ids.chunks(t + 1).flat_map(|w| w[..t].to_vec()).collect();
     let y: Vec<u32> = ids.chunks(t + 1).flat_map(|w| w[1..].to_vec()).collect();
     let x = Tensor::from_vec(x, (micro_batch, t), &dev)?;
@@ -145,12 +147,17 @@ fn models(steps: usize) -> Result<()> {
 fn child_models(steps: usize, env: &[(&str, &str)], label: &str) -> Result<Vec<f64>> {
     let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.args(["--models-only", "--steps", &steps.to_string()]);
-    cmd.env_remove("MALLOC_MMAP_MAX_").env_remove("MALLOC_TRIM_THRESHOLD_");
+    cmd.env_remove("MALLOC_MMAP_MAX_")
+        .env_remove("MALLOC_TRIM_THRESHOLD_");
     for (k, v) in env {
         cmd.env(k, v);
     }
     let out = cmd.output()?;
-    anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let mut rates = Vec::new();
     for line in text.lines() {
@@ -180,11 +187,17 @@ fn main() -> Result<()> {
     let plain = child_models(args.steps, &[], "glibc default")?;
     let tuned = child_models(
         args.steps,
-        &[("MALLOC_MMAP_MAX_", "0"), ("MALLOC_TRIM_THRESHOLD_", "4294967296")],
+        &[
+            ("MALLOC_MMAP_MAX_", "0"),
+            ("MALLOC_TRIM_THRESHOLD_", "4294967296"),
+        ],
         "MALLOC_MMAP_MAX_=0 ",
     )?;
     for (i, (a, b)) in plain.iter().zip(&tuned).enumerate() {
-        println!("model {i}: tuned allocator / default = {:.2}x tokens/s", b / a);
+        println!(
+            "model {i}: tuned allocator / default = {:.2}x tokens/s",
+            b / a
+        );
     }
     for mib in [4, 64] {
         bench_ring(mib, args.reps)?;

@@ -1,0 +1,718 @@
+//! The checkpoint format and its rules (SPEC §4).
+//!
+//! ```text
+//! <checkpoint.dir>/
+//!   step-00001000/
+//!     model.safetensors        weights, nanoGPT names, f32
+//!     optimizer.safetensors    AdamW moments: exp_avg.<name>, exp_avg_sq.<name>
+//!     train_state.json         step, max_steps, schedule, data cursor, RNG, world
+//!                              size, config hash, metrics so far, sha256 of files
+//!     config.toml              the resolved config of the run
+//!     COMPLETE                 written last
+//!   best   -> step-00000900    symlink: lowest validation loss
+//!   latest -> step-00001000    symlink: newest complete checkpoint
+//! ```
+//!
+//! A checkpoint is written under a temporary name in the same folder
+//! (`.tmp-step-…`), every file fsynced, `COMPLETE` last, then renamed into
+//! place and the folder fsynced; pointers are replaced by renaming a new
+//! symlink over the old. **A directory without `COMPLETE`, or whose files do
+//! not match their sha256, does not exist**: [`validate`] refuses it.
+//! Nothing here deletes anything except [`prune`], which removes complete
+//! `step-*` directories beyond keep-last-k that are not `best`.
+//!
+//! The weights and moments are flat `f32` buffers in parameter-name order on
+//! the worker; this module converts them to and from safetensors by name, so
+//! other tools (PyTorch, numpy) read `model.safetensors` directly.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, SafeTensors, View};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::hex;
+use crate::sampler::DataCursor;
+use crate::schedule::Schedule;
+
+/// Version of this layout; a checkpoint from a newer Stride is refused.
+pub const FORMAT_VERSION: u32 = 1;
+pub const MODEL_FILE: &str = "model.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+pub const STATE_FILE: &str = "train_state.json";
+pub const CONFIG_FILE: &str = "config.toml";
+pub const COMPLETE_FILE: &str = "COMPLETE";
+pub const BEST: &str = "best";
+pub const LATEST: &str = "latest";
+
+/// `step-00001000`.
+pub fn step_dir_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+fn parse_step_dir(name: &str) -> Option<u64> {
+    name.strip_prefix("step-").and_then(|n| n.parse().ok())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint {path}: does not exist")]
+    NotFound { path: PathBuf },
+    #[error(
+        "checkpoint {path}: incomplete (no COMPLETE marker: the write was interrupted); it is never loaded"
+    )]
+    Incomplete { path: PathBuf },
+    #[error("checkpoint {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error(
+        "checkpoint {path}: format version {found} is newer than this Stride understands ({FORMAT_VERSION}); use the Stride release that wrote it"
+    )]
+    FutureFormat { path: PathBuf, found: u32 },
+    #[error(
+        "checkpoint {path}: {file} does not match its sha256 (expected {expected}, found {found}): the file is corrupted or was modified"
+    )]
+    Checksum {
+        path: PathBuf,
+        file: String,
+        expected: String,
+        found: String,
+    },
+    #[error("no complete, valid checkpoint in {dir}{skipped}")]
+    NoneValid { dir: PathBuf, skipped: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The summary of training so far, carried from checkpoint to checkpoint.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetricsSoFar {
+    pub last_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub best_step: Option<u64>,
+    /// (step, val_loss) of every evaluation.
+    pub val_history: Vec<(u64, f64)>,
+    /// Tokens trained on since step 0.
+    pub tokens: u64,
+}
+
+/// One change of a run's course: a start, a resume, an extension.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEvent {
+    pub step: u64,
+    pub event: String,
+    pub detail: String,
+}
+
+/// How the random numbers of a run are determined. Stride's RNG streams are
+/// pure functions of (seed, purpose, epoch), so the seed and the data cursor
+/// are the whole RNG state; nothing else draws random numbers during
+/// training (no dropout).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RngState {
+    pub seed: u64,
+    pub algorithm: String,
+}
+
+/// `train_state.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    pub format_version: u32,
+    pub stride_version: String,
+    /// Steps completed: the next step to run.
+    pub step: u64,
+    pub max_steps: u64,
+    pub schedule: Schedule,
+    pub data_cursor: DataCursor,
+    pub rng: RngState,
+    pub world_size: usize,
+    pub config_name: String,
+    pub config_hash: String,
+    pub run_dir: PathBuf,
+    /// The xxh3 of the weights the workers report (compare with `Ready`).
+    pub weights_hash: String,
+    /// AdamW updates applied.
+    pub optimizer_step: u64,
+    pub metrics: MetricsSoFar,
+    pub history: Vec<HistoryEvent>,
+    /// File name → sha256 (hex) of every other file in the directory.
+    pub files: BTreeMap<String, String>,
+}
+
+/// A checkpoint that passed [`validate`].
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub dir: PathBuf,
+    pub state: TrainState,
+}
+
+pub fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
+    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// Checks that `dir` is a complete checkpoint whose files match their sums.
+pub fn validate(dir: &Path) -> Result<Checkpoint, CheckpointError> {
+    if !dir.is_dir() {
+        return Err(CheckpointError::NotFound {
+            path: dir.to_path_buf(),
+        });
+    }
+    if !dir.join(COMPLETE_FILE).is_file() {
+        return Err(CheckpointError::Incomplete {
+            path: dir.to_path_buf(),
+        });
+    }
+    let invalid = |message: String| CheckpointError::Invalid {
+        path: dir.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(dir.join(STATE_FILE))
+        .map_err(|e| invalid(format!("cannot read {STATE_FILE}: {e}")))?;
+    // Read the version first, so a future format is reported as such and
+    // not as a parse error of fields this version does not know.
+    let version = serde_json::from_str::<serde_json::Value>(&text)
+        .map_err(|e| invalid(format!("{STATE_FILE} is not valid JSON: {e}")))?
+        .get("format_version")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| invalid(format!("{STATE_FILE} has no format_version")))?;
+    if version > u64::from(FORMAT_VERSION) {
+        return Err(CheckpointError::FutureFormat {
+            path: dir.to_path_buf(),
+            found: version as u32,
+        });
+    }
+    let state: TrainState = serde_json::from_str(&text)
+        .map_err(|e| invalid(format!("{STATE_FILE} does not parse: {e}")))?;
+    state
+        .schedule
+        .validate()
+        .map_err(|e| invalid(format!("{STATE_FILE}: {e}")))?;
+    for required in [MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE] {
+        if !state.files.contains_key(required) {
+            return Err(invalid(format!(
+                "{STATE_FILE} lists no checksum for {required}"
+            )));
+        }
+    }
+    for (file, expected) in &state.files {
+        let found = sha256_file(&dir.join(file)).map_err(|e| invalid(format!("{file}: {e}")))?;
+        if &found != expected {
+            return Err(CheckpointError::Checksum {
+                path: dir.to_path_buf(),
+                file: file.clone(),
+                expected: expected.clone(),
+                found,
+            });
+        }
+    }
+    Ok(Checkpoint {
+        dir: dir.to_path_buf(),
+        state,
+    })
+}
+
+/// Complete-looking `step-*` directories of a checkpoint folder, oldest first.
+pub fn list_steps(folder: &Path) -> Vec<(u64, PathBuf)> {
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(folder)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let path = e.path();
+            let is_link = e.file_type().map(|t| t.is_symlink()).unwrap_or(true);
+            parse_step_dir(&name)
+                .filter(|_| !is_link && path.is_dir())
+                .map(|s| (s, path))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The newest valid checkpoint in `folder`, with a warning for every newer
+/// one that was skipped.
+pub fn newest_valid(folder: &Path) -> Result<(Checkpoint, Vec<String>), CheckpointError> {
+    let mut skipped = Vec::new();
+    for (_, dir) in list_steps(folder).into_iter().rev() {
+        match validate(&dir) {
+            Ok(c) => return Ok((c, skipped)),
+            Err(e) => skipped.push(format!("skipped {e}")),
+        }
+    }
+    Err(CheckpointError::NoneValid {
+        dir: folder.to_path_buf(),
+        skipped: if skipped.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", skipped.join("; "))
+        },
+    })
+}
+
+/// What `--resume PATH` / `--init-from PATH` names: a step directory (must
+/// be valid), the `best` pointer (must be valid), the `latest` pointer or a
+/// checkpoint folder (the newest valid checkpoint, warning about any newer
+/// one that was skipped). Returns the checkpoint and the warnings.
+pub fn resolve(path: &Path) -> Result<(Checkpoint, Vec<String>), CheckpointError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if name == LATEST {
+        let folder = path.parent().unwrap_or(Path::new("."));
+        return match validate(path) {
+            Ok(c) => Ok((c, Vec::new())),
+            Err(e) => {
+                let (c, mut warnings) = newest_valid(folder)?;
+                warnings.insert(
+                    0,
+                    format!(
+                        "`latest` is not usable ({e}); falling back to {}",
+                        c.dir.display()
+                    ),
+                );
+                Ok((c, warnings))
+            }
+        };
+    }
+    if name == BEST
+        || parse_step_dir(&name).is_some()
+        || path.join(STATE_FILE).exists()
+        || path.join(COMPLETE_FILE).exists()
+    {
+        return validate(path).map(|c| (c, Vec::new()));
+    }
+    if path.is_dir() {
+        return newest_valid(path);
+    }
+    Err(CheckpointError::NotFound {
+        path: path.to_path_buf(),
+    })
+}
+
+/// A flat `f32` buffer's slice as a safetensors view.
+struct F32View<'a> {
+    shape: &'a [usize],
+    data: &'a [f32],
+}
+
+impl View for F32View<'_> {
+    fn dtype(&self) -> Dtype {
+        Dtype::F32
+    }
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Owned(self.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+    fn data_len(&self) -> usize {
+        self.data.len() * 4
+    }
+}
+
+/// One named tensor of a safetensors file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+/// Writes `tensors` (name, shape, values) as f32 safetensors with
+/// `metadata`, fsyncs the file, and returns its sha256.
+pub fn write_tensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, &[f32])],
+    metadata: HashMap<String, String>,
+) -> Result<String, CheckpointError> {
+    let views = tensors
+        .iter()
+        .map(|(n, s, d)| (n.clone(), F32View { shape: s, data: d }));
+    safetensors::tensor::serialize_to_file(views, Some(metadata), path).map_err(|e| {
+        CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("cannot write: {e}"),
+        }
+    })?;
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(path))?;
+    sha256_file(path)
+}
+
+/// Reads every tensor of an f32 safetensors file, and its metadata.
+pub fn read_tensors(
+    path: &Path,
+) -> Result<(Vec<NamedTensor>, HashMap<String, String>), CheckpointError> {
+    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    let invalid = |m: String| CheckpointError::Invalid {
+        path: path.to_path_buf(),
+        message: m,
+    };
+    let (_, meta) = SafeTensors::read_metadata(&bytes)
+        .map_err(|e| invalid(format!("not a safetensors file: {e}")))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .map_err(|e| invalid(format!("not a safetensors file: {e}")))?;
+    let mut out = Vec::new();
+    for (name, view) in st.tensors() {
+        if view.dtype() != Dtype::F32 {
+            return Err(invalid(format!(
+                "tensor {name} is {:?}, expected F32",
+                view.dtype()
+            )));
+        }
+        let data = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.push(NamedTensor {
+            name,
+            shape: view.shape().to_vec(),
+            data,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok((out, meta.metadata().clone().unwrap_or_default()))
+}
+
+/// Names and shapes of the tensors of a safetensors file (header only).
+pub fn tensor_shapes(path: &Path) -> Result<BTreeMap<String, Vec<usize>>, CheckpointError> {
+    let mut f = std::fs::File::open(path).map_err(io_err(path))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(io_err(path))?;
+    let n = u64::from_le_bytes(len) as usize;
+    let invalid = |m: String| CheckpointError::Invalid {
+        path: path.to_path_buf(),
+        message: m,
+    };
+    if n > 100 << 20 {
+        return Err(invalid(format!(
+            "header of {n} bytes: not a safetensors file"
+        )));
+    }
+    let mut header = vec![0u8; n];
+    f.read_exact(&mut header).map_err(io_err(path))?;
+    let json: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| invalid(format!("bad safetensors header: {e}")))?;
+    Ok(json
+        .into_iter()
+        .filter(|(k, _)| k != "__metadata__")
+        .map(|(k, v)| {
+            let shape = v
+                .get("shape")
+                .and_then(|s| s.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_u64())
+                        .map(|x| x as usize)
+                        .collect()
+                })
+                .unwrap_or_default();
+            (k, shape)
+        })
+        .collect())
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), CheckpointError> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(io_err(dir))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<String, CheckpointError> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).map_err(io_err(path))?;
+    f.write_all(bytes).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))?;
+    Ok(hex(&Sha256::digest(bytes)))
+}
+
+/// A fresh temporary directory for the checkpoint of `step` in `folder`.
+pub fn temp_dir(folder: &Path, step: u64, tag: &str) -> Result<PathBuf, CheckpointError> {
+    std::fs::create_dir_all(folder).map_err(io_err(folder))?;
+    let dir = folder.join(format!(".tmp-{}-{tag}", step_dir_name(step)));
+    std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    Ok(dir)
+}
+
+/// Finishes a checkpoint whose tensor files are already in `tmp`: writes
+/// config.toml and train_state.json (with every file's sha256), COMPLETE
+/// last, fsyncs, and renames it to `step-NNNNNNNN`. An existing directory
+/// of that name (a checkpoint of an earlier attempt at the same step) is
+/// moved aside to `.superseded-…`, never deleted.
+pub fn commit(
+    tmp: &Path,
+    folder: &Path,
+    mut state: TrainState,
+    config_toml: &str,
+) -> Result<PathBuf, CheckpointError> {
+    let sum = write_synced(&tmp.join(CONFIG_FILE), config_toml.as_bytes())?;
+    state.files.insert(CONFIG_FILE.to_string(), sum);
+    let json = serde_json::to_string_pretty(&state).map_err(|e| CheckpointError::Invalid {
+        path: tmp.to_path_buf(),
+        message: format!("cannot serialise the train state: {e}"),
+    })?;
+    write_synced(&tmp.join(STATE_FILE), json.as_bytes())?;
+    write_synced(&tmp.join(COMPLETE_FILE), b"")?;
+    fsync_dir(tmp)?;
+    let dest = folder.join(step_dir_name(state.step));
+    if dest.exists() {
+        let aside = folder.join(format!(
+            ".superseded-{}-{}",
+            step_dir_name(state.step),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+        ));
+        std::fs::rename(&dest, &aside).map_err(io_err(&dest))?;
+    }
+    std::fs::rename(tmp, &dest).map_err(io_err(tmp))?;
+    fsync_dir(folder)?;
+    Ok(dest)
+}
+
+/// Points `folder/name` at `step-NNNNNNNN` by renaming a new symlink over
+/// the old one (atomic: a reader sees the old or the new target).
+pub fn set_pointer(folder: &Path, name: &str, step: u64) -> Result<(), CheckpointError> {
+    let link = folder.join(name);
+    let tmp = folder.join(format!(".{name}.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(step_dir_name(step), &tmp).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &link).map_err(io_err(&link))?;
+    fsync_dir(folder)
+}
+
+/// The step a pointer names, if it exists.
+pub fn pointer_step(folder: &Path, name: &str) -> Option<u64> {
+    std::fs::read_link(folder.join(name))
+        .ok()
+        .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .and_then(|n| parse_step_dir(&n))
+}
+
+/// Removes complete `step-*` directories beyond the newest `keep_last`,
+/// except the one `best` points at. Returns what was removed.
+pub fn prune(folder: &Path, keep_last: usize) -> Result<Vec<PathBuf>, CheckpointError> {
+    let best = pointer_step(folder, BEST);
+    let complete: Vec<(u64, PathBuf)> = list_steps(folder)
+        .into_iter()
+        .filter(|(_, d)| d.join(COMPLETE_FILE).is_file())
+        .collect();
+    let cut = complete.len().saturating_sub(keep_last);
+    let mut removed = Vec::new();
+    for (step, dir) in &complete[..cut] {
+        if Some(*step) == best {
+            continue;
+        }
+        std::fs::remove_dir_all(dir).map_err(io_err(dir))?;
+        removed.push(dir.clone());
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TrainConfig;
+
+    fn state(step: u64) -> TrainState {
+        TrainState {
+            format_version: FORMAT_VERSION,
+            stride_version: "test".into(),
+            step,
+            max_steps: 100,
+            schedule: Schedule::from_config(&TrainConfig::default()),
+            data_cursor: DataCursor {
+                epoch: 1,
+                position: 7,
+            },
+            rng: RngState {
+                seed: 1,
+                algorithm: "chacha8".into(),
+            },
+            world_size: 2,
+            config_name: "t".into(),
+            config_hash: "h".into(),
+            run_dir: "runs/t".into(),
+            weights_hash: "00".into(),
+            optimizer_step: step,
+            metrics: MetricsSoFar::default(),
+            history: vec![],
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Writes a complete checkpoint of `step` into `folder`.
+    fn make(folder: &Path, step: u64) -> PathBuf {
+        let tmp = temp_dir(folder, step, "t").expect("tmp");
+        let w = [1.0f32, 2.0, 3.0];
+        let mut s = state(step);
+        let m = write_tensors(
+            &tmp.join(MODEL_FILE),
+            &[("a.weight".into(), vec![3], &w)],
+            HashMap::new(),
+        )
+        .expect("model");
+        let o = write_tensors(
+            &tmp.join(OPTIMIZER_FILE),
+            &[("exp_avg.a.weight".into(), vec![3], &w)],
+            HashMap::new(),
+        )
+        .expect("opt");
+        s.files.insert(MODEL_FILE.into(), m);
+        s.files.insert(OPTIMIZER_FILE.into(), o);
+        commit(&tmp, folder, s, "[train]\n").expect("commit")
+    }
+
+    #[test]
+    fn a_committed_checkpoint_validates_and_reads_back() {
+        let d = tempfile::tempdir().expect("tmp");
+        let dir = make(d.path(), 10);
+        assert_eq!(
+            dir.file_name().and_then(|n| n.to_str()),
+            Some("step-00000010")
+        );
+        let c = validate(&dir).expect("valid");
+        assert_eq!(
+            c.state.data_cursor,
+            DataCursor {
+                epoch: 1,
+                position: 7
+            }
+        );
+        let (t, _) = read_tensors(&dir.join(MODEL_FILE)).expect("read");
+        assert_eq!(t[0].data, vec![1.0, 2.0, 3.0]);
+        assert_eq!(
+            tensor_shapes(&dir.join(MODEL_FILE)).expect("shapes")["a.weight"],
+            vec![3]
+        );
+        assert!(!d.path().join(".tmp-step-00000010-t").exists());
+    }
+
+    #[test]
+    fn damaged_checkpoints_are_refused_by_name() {
+        let d = tempfile::tempdir().expect("tmp");
+        type Damage = fn(&Path);
+        let cases: Vec<(&str, Damage, &str)> = vec![
+            (
+                "no COMPLETE",
+                |p| std::fs::remove_file(p.join(COMPLETE_FILE)).expect("rm"),
+                "incomplete",
+            ),
+            (
+                "truncated model",
+                |p| {
+                    let f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(p.join(MODEL_FILE))
+                        .expect("open");
+                    f.set_len(10).expect("truncate");
+                },
+                "does not match its sha256",
+            ),
+            (
+                "bad json",
+                |p| std::fs::write(p.join(STATE_FILE), "{not json").expect("w"),
+                "not valid JSON",
+            ),
+            (
+                "future version",
+                |p| {
+                    let t = std::fs::read_to_string(p.join(STATE_FILE)).expect("r");
+                    std::fs::write(
+                        p.join(STATE_FILE),
+                        t.replace("\"format_version\": 1", "\"format_version\": 99"),
+                    )
+                    .expect("w");
+                },
+                "format version 99 is newer",
+            ),
+        ];
+        for (i, (what, damage, want)) in cases.into_iter().enumerate() {
+            let dir = make(d.path(), i as u64);
+            damage(&dir);
+            let e = validate(&dir).expect_err(what).to_string();
+            assert!(
+                e.contains(&dir.display().to_string()) && e.contains(want),
+                "{what}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn latest_falls_back_explicit_paths_do_not() {
+        let d = tempfile::tempdir().expect("tmp");
+        make(d.path(), 10);
+        let newer = make(d.path(), 20);
+        set_pointer(d.path(), LATEST, 20).expect("ptr");
+        std::fs::remove_file(newer.join(COMPLETE_FILE)).expect("rm");
+        let (c, warnings) = resolve(&d.path().join(LATEST)).expect("falls back");
+        assert_eq!(c.state.step, 10);
+        assert!(warnings[0].contains("falling back"), "{warnings:?}");
+        let (c, warnings) = resolve(d.path()).expect("folder");
+        assert_eq!(c.state.step, 10);
+        assert!(warnings[0].contains("step-00000020"), "{warnings:?}");
+        let e = resolve(&newer).expect_err("explicit").to_string();
+        assert!(e.contains("incomplete"), "{e}");
+        let empty = tempfile::tempdir().expect("tmp");
+        assert!(resolve(empty.path()).is_err());
+    }
+
+    #[test]
+    fn prune_keeps_the_last_k_and_best() {
+        let d = tempfile::tempdir().expect("tmp");
+        for s in [10, 20, 30, 40, 50] {
+            make(d.path(), s);
+        }
+        set_pointer(d.path(), BEST, 20).expect("best");
+        let removed = prune(d.path(), 2).expect("prune");
+        assert_eq!(removed.len(), 2);
+        let left: Vec<u64> = list_steps(d.path()).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(left, vec![20, 40, 50]);
+        assert_eq!(pointer_step(d.path(), BEST), Some(20));
+    }
+
+    #[test]
+    fn recommitting_a_step_keeps_the_old_one_aside() {
+        let d = tempfile::tempdir().expect("tmp");
+        make(d.path(), 10);
+        make(d.path(), 10);
+        let aside = std::fs::read_dir(d.path())
+            .expect("ls")
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".superseded-step-00000010")
+            })
+            .count();
+        assert_eq!(aside, 1);
+        validate(&d.path().join("step-00000010")).expect("valid");
+    }
+}

@@ -7,18 +7,20 @@
 //! report scalars and hashes. Every failure it reports names the rank, its
 //! host and pid, and the step.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
 use indicatif::ProgressBar;
+use stride_job::checkpoint::{self, HistoryEvent, MetricsSoFar, RngState, TrainState};
 use stride_job::config::Config;
 use stride_job::sampler::{DataCursor, Sampler, eval_samples, shard, shard_uneven};
 use stride_job::schedule::Schedule;
 use stride_proto::v1::{
-    Assignment, CoordinatorMessage, EvalPlan, PeerAddress, RankStatus, Shutdown, StepPlan,
-    coordinator_message, worker_message,
+    Assignment, CheckpointPlan, CheckpointReport, CoordinatorMessage, EvalPlan, PeerAddress,
+    RankStatus, Shutdown, StepPlan, coordinator_message, worker_message,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant as TokioInstant;
@@ -46,6 +48,26 @@ pub struct JobSpec {
     pub cursor: DataCursor,
     /// The entropy rate of a synthetic corpus (reported next to losses).
     pub entropy_floor: Option<f64>,
+    /// The folder of `step-*` checkpoints, `best` and `latest`.
+    pub checkpoint_dir: PathBuf,
+    pub run_dir: PathBuf,
+    /// A checkpoint every worker loads before step `start_step`, and
+    /// whether only its weights are used (Strategy B).
+    pub load: Option<(PathBuf, bool)>,
+    /// The weights hash the loaded checkpoint recorded (checked against
+    /// what the ranks report).
+    pub expected_weights_hash: Option<String>,
+    /// Carried over from the checkpoint a run resumes.
+    pub metrics_so_far: MetricsSoFar,
+    pub history: Vec<HistoryEvent>,
+}
+
+/// A checkpoint planned at a step boundary whose files are being written.
+#[derive(Debug)]
+struct Pending {
+    tmp: PathBuf,
+    state: TrainState,
+    best: bool,
 }
 
 /// How a finished job went.
@@ -86,6 +108,8 @@ pub struct Driver {
     by_id: HashMap<String, usize>,
     generation: u64,
     step: u64,
+    pending: BTreeMap<u64, Pending>,
+    last_weights_hash: Vec<u8>,
 }
 
 /// What waiting for an event can produce besides an event.
@@ -115,6 +139,8 @@ impl Driver {
             by_id: HashMap::new(),
             generation: 0,
             step,
+            pending: BTreeMap::new(),
+            last_weights_hash: Vec::new(),
         }
     }
 
@@ -190,7 +216,8 @@ impl Driver {
         let max_steps = self.spec.schedule.max_steps();
         let tokens_per_step = (c.train.global_batch * c.model.context) as u64;
         let started = Instant::now();
-        let mut tokens = 0u64;
+        let mut tokens = self.spec.metrics_so_far.tokens;
+        let run_start_tokens = tokens;
         let mut last = Summary {
             steps: 0,
             final_loss: f64::NAN,
@@ -257,6 +284,7 @@ impl Driver {
                 workers: world,
                 elapsed_s: started.elapsed().as_secs_f64(),
                 weights_hash: stride_job::config::hex(first_hash),
+                samples_digest: samples_digest(&batch.samples),
             };
             self.run.write_metrics(&record)?;
             tracing::info!(
@@ -265,6 +293,26 @@ impl Driver {
                 record.tokens_per_s,
                 batch.epoch
             );
+            self.last_weights_hash = first_hash.clone();
+            let so_far = &mut self.spec.metrics_so_far;
+            so_far.last_loss = Some(loss);
+            so_far.tokens = tokens;
+            let mut improved = false;
+            if let Some(v) = val_loss {
+                so_far.val_history.push((step, v));
+                if so_far.best_val_loss.is_none_or(|b| v < b) {
+                    so_far.best_val_loss = Some(v);
+                    so_far.best_step = Some(self.step);
+                    improved = true;
+                }
+            }
+            let interval = c.checkpoint.interval;
+            if (interval > 0 && self.step.is_multiple_of(interval))
+                || self.step == max_steps
+                || improved
+            {
+                self.plan_checkpoint(improved, sampler.cursor()).await?;
+            }
             if let Some(v) = val_loss {
                 let floor = self
                     .spec
@@ -281,8 +329,9 @@ impl Driver {
             self.update_status(loss, lr, val_loss, started, max_steps);
             last.final_loss = loss;
         }
+        self.finish_checkpoints().await?;
         last.steps = self.step - self.spec.start_step;
-        last.tokens = tokens;
+        last.tokens = tokens - run_start_tokens;
         last.wall_s = started.elapsed().as_secs_f64();
         Ok(last)
     }
@@ -363,8 +412,13 @@ impl Driver {
                 config_toml: config_toml.clone(),
                 peers: peers.clone(),
                 accumulation: accumulation as u32,
-                load_checkpoint: String::new(),
-                weights_only: false,
+                load_checkpoint: self
+                    .spec
+                    .load
+                    .as_ref()
+                    .map(|(d, _)| d.display().to_string())
+                    .unwrap_or_default(),
+                weights_only: self.spec.load.as_ref().is_some_and(|(_, w)| *w),
             };
             self.send(rank, coordinator_message::Body::Assignment(a))
                 .await?;
@@ -373,9 +427,12 @@ impl Driver {
         // Every rank must report the same parameter layout and initial weights.
         let mut ready: Vec<Option<(Vec<u8>, Vec<u8>)>> = vec![None; world];
         while ready.iter().any(Option::is_none) {
-            let (rank, body) = self
+            let Some((rank, body)) = self
                 .next_rank_message(deadline, "to build its model")
-                .await?;
+                .await?
+            else {
+                continue;
+            };
             if let worker_message::Body::Ready(r) = body
                 && r.generation == self.generation
             {
@@ -397,6 +454,15 @@ impl Driver {
                     self.ranks[rank].describe(rank)
                 );
             }
+        }
+        if let Some(expected) = &self.spec.expected_weights_hash {
+            let got = stride_job::config::hex(&first.1);
+            if &got != expected {
+                bail!(
+                    "the ranks loaded weights with hash {got}, but the checkpoint recorded {expected}: the checkpoint changed after it was validated"
+                );
+            }
+            tracing::info!("all {world} ranks loaded the checkpoint's weights (hash {got})");
         }
         tracing::info!(
             "all {world} ranks built the same model; training starts at step {}",
@@ -420,13 +486,13 @@ impl Driver {
     }
 
     /// The next message from a ranked worker, turning failures into errors
-    /// that name the rank. `what` says what the ranks are doing, for the
+    /// that name the rank; `None` when a checkpoint report was handled. `what` says what the ranks are doing, for the
     /// timeout message.
     async fn next_rank_message(
         &mut self,
         deadline: TokioInstant,
         what: &str,
-    ) -> Result<(usize, worker_message::Body)> {
+    ) -> Result<Option<(usize, worker_message::Body)>> {
         loop {
             match self.next_event(deadline).await? {
                 Wait::TimedOut => bail!("timed out at step {} waiting for ranks {what}", self.step),
@@ -467,7 +533,11 @@ impl Driver {
                             )
                         }
                         worker_message::Body::Heartbeat(_) => {}
-                        other => return Ok((rank, other)),
+                        worker_message::Body::Checkpoint(r) => {
+                            self.commit_checkpoint(rank, r)?;
+                            return Ok(None);
+                        }
+                        other => return Ok(Some((rank, other))),
                     }
                 }
             }
@@ -486,12 +556,15 @@ impl Driver {
                 .filter(|(_, r)| r.is_none())
                 .map(|(i, _)| self.ranks[i].describe(i))
                 .collect();
-            let (rank, body) = self
+            let Some((rank, body)) = self
                 .next_rank_message(
                     deadline,
                     &format!("to report (not reported: {})", missing.join(", ")),
                 )
-                .await?;
+                .await?
+            else {
+                continue;
+            };
             if let worker_message::Body::Step(r) = body
                 && r.generation == self.generation
                 && r.step == step
@@ -517,9 +590,12 @@ impl Driver {
         let deadline = TokioInstant::now() + timeout;
         let mut got: Vec<Option<(f64, u64)>> = vec![None; world];
         while got.iter().any(Option::is_none) {
-            let (rank, body) = self
+            let Some((rank, body)) = self
                 .next_rank_message(deadline, "to finish evaluation")
-                .await?;
+                .await?
+            else {
+                continue;
+            };
             if let worker_message::Body::Eval(r) = body
                 && r.generation == self.generation
                 && r.step == step
@@ -532,6 +608,109 @@ impl Driver {
             .flatten()
             .fold((0.0, 0u64), |(s, n), (ls, t)| (s + ls, n + t));
         Ok(sum / n.max(1) as f64)
+    }
+
+    /// Stops every rank at this step boundary for a checkpoint: rank 0
+    /// copies its state and writes it in the background; the commit happens
+    /// when it reports (see `commit_checkpoint`).
+    async fn plan_checkpoint(&mut self, best: bool, cursor: DataCursor) -> Result<()> {
+        let c = &self.spec.config;
+        let folder = self.spec.checkpoint_dir.clone();
+        let tag = format!("{}-g{}", std::process::id(), self.generation);
+        let tmp = std::path::absolute(checkpoint::temp_dir(&folder, self.step, &tag)?)?;
+        let state = TrainState {
+            format_version: checkpoint::FORMAT_VERSION,
+            stride_version: crate::server::VERSION.to_string(),
+            step: self.step,
+            max_steps: self.spec.schedule.max_steps(),
+            schedule: self.spec.schedule.clone(),
+            data_cursor: cursor,
+            rng: RngState {
+                seed: c.train.seed,
+                algorithm: "ChaCha8 streams per (seed, purpose, epoch); no other randomness".into(),
+            },
+            world_size: self.ranks.len(),
+            config_name: self.spec.name.clone(),
+            config_hash: c.hash(),
+            run_dir: self.spec.run_dir.clone(),
+            weights_hash: stride_job::config::hex(&self.last_weights_hash),
+            optimizer_step: self.step,
+            metrics: self.spec.metrics_so_far.clone(),
+            history: self.spec.history.clone(),
+            files: BTreeMap::new(),
+        };
+        for rank in 0..self.ranks.len() {
+            let plan = CheckpointPlan {
+                generation: self.generation,
+                step: self.step,
+                tmp_dir: tmp.display().to_string(),
+                write: rank == 0,
+            };
+            self.send(rank, coordinator_message::Body::Checkpoint(plan))
+                .await?;
+        }
+        self.pending.insert(self.step, Pending { tmp, state, best });
+        Ok(())
+    }
+
+    /// Rank 0 wrote its files: write the manifest and COMPLETE, rename into
+    /// place, move the pointers, prune.
+    fn commit_checkpoint(&mut self, rank: usize, r: CheckpointReport) -> Result<()> {
+        if rank != 0 || r.generation != self.generation {
+            return Ok(());
+        }
+        let Some(mut p) = self.pending.remove(&r.step) else {
+            return Ok(());
+        };
+        for file in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE] {
+            if !r.sha256.contains_key(file) {
+                bail!(
+                    "rank 0 reported the checkpoint of step {} without {file}",
+                    r.step
+                );
+            }
+        }
+        p.state.files = r.sha256.into_iter().collect();
+        let folder = &self.spec.checkpoint_dir;
+        let dir = checkpoint::commit(&p.tmp, folder, p.state, &self.spec.config.to_toml())?;
+        if checkpoint::pointer_step(folder, checkpoint::LATEST).is_none_or(|s| s <= r.step) {
+            checkpoint::set_pointer(folder, checkpoint::LATEST, r.step)?;
+        }
+        if p.best {
+            checkpoint::set_pointer(folder, checkpoint::BEST, r.step)?;
+        }
+        let removed = checkpoint::prune(folder, self.spec.config.checkpoint.keep_last)?;
+        let pruned = if removed.is_empty() {
+            String::new()
+        } else {
+            let names: Vec<String> = removed.iter().map(|d| d.display().to_string()).collect();
+            format!("; pruned {}", names.join(", "))
+        };
+        tracing::info!(
+            "checkpoint {} committed{} (written in {:.2} s in the background){pruned}",
+            dir.display(),
+            if p.best { " as best" } else { "" },
+            r.write_s,
+        );
+        Ok(())
+    }
+
+    /// Waits until every planned checkpoint is committed.
+    async fn finish_checkpoints(&mut self) -> Result<()> {
+        let limit = Duration::from_secs_f64(self.spec.config.cluster.startup_timeout_s);
+        let deadline = TokioInstant::now() + limit;
+        while !self.pending.is_empty() {
+            let Some((rank, body)) = self
+                .next_rank_message(deadline, "to finish writing checkpoints")
+                .await?
+            else {
+                continue;
+            };
+            tracing::debug!(
+                "ignored a message of rank {rank} while finishing checkpoints: {body:?}"
+            );
+        }
+        Ok(())
     }
 
     fn update_status(
@@ -576,6 +755,16 @@ impl Driver {
 
 fn message(body: coordinator_message::Body) -> CoordinatorMessage {
     CoordinatorMessage { body: Some(body) }
+}
+
+/// Short sha256 of a list of sample indices.
+fn samples_digest(samples: &[u64]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for s in samples {
+        h.update(s.to_le_bytes());
+    }
+    stride_job::config::hex(&h.finalize()[..8])
 }
 
 /// Sort key that orders "local-2" before "local-10".

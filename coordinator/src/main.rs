@@ -13,17 +13,17 @@ mod output;
 mod plan;
 mod prepare;
 mod server;
+mod start;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use stride_job::config::{ConfigError, RawConfig};
-use stride_job::sampler::{DataCursor, window_count};
-use stride_job::schedule::Schedule;
+use stride_job::sampler::window_count;
 use stride_job::tokens::{Corpus, Scan};
 use stride_proto::v1::coordinator_server::CoordinatorServer;
 
@@ -58,9 +58,22 @@ struct RunArgs {
     /// gRPC address to listen on [default: 127.0.0.1:0 with --local, else 127.0.0.1:29400].
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Where train.log, metrics.jsonl and worker logs go [default: runs/<config name>].
+    /// Where train.log, metrics.jsonl and worker logs go [default: runs/<config name>,
+    /// or the resumed run's directory].
     #[arg(long)]
     run_dir: Option<PathBuf>,
+    /// Continue a run from a checkpoint: a step directory, `…/best`,
+    /// `…/latest`, or a checkpoint folder (its newest complete checkpoint).
+    #[arg(long, value_name = "PATH", conflicts_with = "init_from")]
+    resume: Option<PathBuf>,
+    /// With --resume: the new total number of steps; a cosine decay from the
+    /// LR in force to min_lr_ratio × lr is appended (Strategy A).
+    #[arg(long, value_name = "N", requires = "resume")]
+    extend_steps: Option<u64>,
+    /// Start a new run (step 0, fresh optimizer, the config's schedule) from
+    /// a checkpoint's weights (Strategy B).
+    #[arg(long, value_name = "PATH")]
+    init_from: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,8 +91,8 @@ enum Command {
 struct ConfigArgs {
     /// A preset name (`tiny`, `h100_1k`, `h100`) or a TOML path; a name is
     /// looked up as a path, then `configs/NAME.toml`, then the built-in preset.
-    #[arg(long, short = 'c', default_value = "tiny")]
-    config: String,
+    #[arg(long, short = 'c')]
+    config: Option<String>,
     /// Override any key: `--set train.lr=3e-4` (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
     set: Vec<String>,
@@ -90,7 +103,7 @@ struct ConfigArgs {
 
 impl ConfigArgs {
     fn load(&self) -> Result<(RawConfig, stride_job::Config), ConfigError> {
-        let mut raw = RawConfig::locate(&self.config)?;
+        let mut raw = RawConfig::locate(self.config.as_deref().unwrap_or("tiny"))?;
         if let Some(n) = self.workers {
             raw.set_workers(n)?;
         }
@@ -188,6 +201,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
     let user_error = e.chain().any(|c| {
         c.is::<ConfigError>()
+            || c.is::<start::Refused>()
+            || c.is::<stride_job::checkpoint::CheckpointError>()
             || c.is::<stride_job::tokens::DataError>()
             || c.is::<stride_job::schedule::ScheduleError>()
     });
@@ -239,21 +254,37 @@ fn offline(command: Command) -> Result<()> {
 /// Runs a training job: checks the config and data, serves gRPC, starts
 /// local workers if asked, and hands over to the driver.
 async fn train(args: RunArgs) -> Result<()> {
-    let (raw, config) = args.config.load()?;
-    let run_dir = args
-        .run_dir
-        .clone()
-        .unwrap_or_else(|| Path::new("runs").join(&raw.name));
-    let run = output::RunDir::create(&run_dir)?;
-    let schedule = Schedule::from_config(&config.train);
+    let request = start::Request {
+        config: args.config.config.as_deref(),
+        set: &args.config.set,
+        workers: args.config.workers,
+        run_dir: args.run_dir.as_deref(),
+        resume: args.resume.as_deref(),
+        extend_steps: args.extend_steps,
+        init_from: args.init_from.as_deref(),
+    };
+    let sp = start::start(&request)?;
+    let config = sp.config.clone();
+    let run_dir = sp.run_dir.clone();
+    let mut run = output::RunDir::create(&run_dir, sp.fresh_run_dir)?;
+    let schedule = sp.schedule.clone();
     let bar = output::init_run_logging(&run.log_path(), schedule.max_steps())?;
     tracing::info!(
         "job `{}` from {} (config hash {}), run directory {}",
-        raw.name,
-        raw.source,
+        sp.name,
+        sp.source,
         &config.hash()[..16],
         run_dir.display()
     );
+    for w in &sp.warnings {
+        tracing::warn!("{w}");
+    }
+    for n in &sp.notes {
+        tracing::info!("{n}");
+    }
+    if let Some(marker) = &sp.marker {
+        run.write_line(marker)?;
+    }
 
     // Check the data once, here, before any worker starts.
     let corpus = Corpus::open(&config.data, &config.model, config.train.seed, Scan::Full)?;
@@ -338,14 +369,20 @@ async fn train(args: RunArgs) -> Result<()> {
     };
 
     let spec = driver::JobSpec {
-        name: raw.name.clone(),
+        name: sp.name.clone(),
+        checkpoint_dir: config.checkpoint.dir.clone(),
         config,
         schedule,
         train_samples,
         val_samples,
-        start_step: 0,
-        cursor: DataCursor::default(),
+        start_step: sp.start_step,
+        cursor: sp.cursor,
         entropy_floor,
+        run_dir: run_dir.clone(),
+        load: sp.load,
+        expected_weights_hash: sp.expected_weights_hash,
+        metrics_so_far: sp.metrics_so_far,
+        history: sp.history,
     };
     let mut driver = driver::Driver::new(spec, events_rx, shared, local, run, bar);
     let result = driver.run().await;

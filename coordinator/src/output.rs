@@ -47,6 +47,9 @@ pub struct MetricsRecord {
     /// Hash of the weights after the step (identical on every rank; the
     /// coordinator fails the job if they differ).
     pub weights_hash: String,
+    /// sha256 (first 16 hex digits) of the step's global sample indices:
+    /// equal digests mean the same samples in the same order.
+    pub samples_digest: String,
 }
 
 /// The run directory and its append-only files.
@@ -73,12 +76,15 @@ fn keep_old(path: &Path) -> Result<()> {
 }
 
 impl RunDir {
-    /// Creates (or reuses) `path`; a fresh run moves earlier logs aside.
-    pub fn create(path: &Path) -> Result<RunDir> {
+    /// Creates (or reuses) `path`; a fresh run moves earlier logs aside, a
+    /// resumed run appends to them.
+    pub fn create(path: &Path, fresh: bool) -> Result<RunDir> {
         std::fs::create_dir_all(path)
             .with_context(|| format!("cannot create run directory {}", path.display()))?;
-        keep_old(&path.join("metrics.jsonl"))?;
-        keep_old(&path.join("train.log"))?;
+        if fresh {
+            keep_old(&path.join("metrics.jsonl"))?;
+            keep_old(&path.join("train.log"))?;
+        }
         let metrics = OpenOptions::new()
             .create(true)
             .append(true)
@@ -95,6 +101,11 @@ impl RunDir {
     }
 
     pub fn write_metrics(&mut self, record: &MetricsRecord) -> Result<()> {
+        self.write_line(record)
+    }
+
+    /// A line that is not a step (e.g. `{"event": "resume", …}`).
+    pub fn write_line(&mut self, record: &impl Serialize) -> Result<()> {
         let mut line = serde_json::to_string(record)?;
         line.push('\n');
         self.metrics

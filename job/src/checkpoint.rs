@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::hex;
+use crate::params::Slot;
 use crate::sampler::DataCursor;
 use crate::schedule::Schedule;
 
@@ -282,9 +283,14 @@ pub fn resolve(path: &Path) -> Result<(Checkpoint, Vec<String>), CheckpointError
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
+    // A pointer is reported as the step directory it names.
+    let target = |p: &Path| match std::fs::read_link(p) {
+        Ok(t) => p.parent().unwrap_or(Path::new(".")).join(t),
+        Err(_) => p.to_path_buf(),
+    };
     if name == LATEST {
         let folder = path.parent().unwrap_or(Path::new("."));
-        return match validate(path) {
+        return match validate(&target(path)) {
             Ok(c) => Ok((c, Vec::new())),
             Err(e) => {
                 let (c, mut warnings) = newest_valid(folder)?;
@@ -304,7 +310,7 @@ pub fn resolve(path: &Path) -> Result<(Checkpoint, Vec<String>), CheckpointError
         || path.join(STATE_FILE).exists()
         || path.join(COMPLETE_FILE).exists()
     {
-        return validate(path).map(|c| (c, Vec::new()));
+        return validate(&target(path)).map(|c| (c, Vec::new()));
     }
     if path.is_dir() {
         return newest_valid(path);
@@ -437,6 +443,134 @@ pub fn tensor_shapes(path: &Path) -> Result<BTreeMap<String, Vec<usize>>, Checkp
             (k, shape)
         })
         .collect())
+}
+
+/// How the tensors of a file differ from a model layout: one line per
+/// missing, unexpected or differently shaped tensor (empty = they match).
+pub fn layout_mismatch(shapes: &BTreeMap<String, Vec<usize>>, slots: &[Slot]) -> Vec<String> {
+    let mut out = Vec::new();
+    for s in slots {
+        match shapes.get(&s.name) {
+            None => out.push(format!(
+                "{} {:?}: missing from the checkpoint",
+                s.name, s.shape
+            )),
+            Some(shape) if *shape != s.shape => out.push(format!(
+                "{}: checkpoint {:?}, model {:?}",
+                s.name, shape, s.shape
+            )),
+            Some(_) => {}
+        }
+    }
+    for (name, shape) in shapes {
+        if !slots.iter().any(|s| &s.name == name) {
+            out.push(format!(
+                "{name} {shape:?}: in the checkpoint, not in the model"
+            ));
+        }
+    }
+    out
+}
+
+/// Writes `model.safetensors` from flat weights; returns its sha256.
+pub fn write_model(dir: &Path, slots: &[Slot], weights: &[f32]) -> Result<String, CheckpointError> {
+    let tensors: Vec<(String, Vec<usize>, &[f32])> = slots
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                s.shape.clone(),
+                &weights[s.offset..s.offset + s.len],
+            )
+        })
+        .collect();
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_tensors(&dir.join(MODEL_FILE), &tensors, meta)
+}
+
+/// Writes `optimizer.safetensors` (AdamW moments as `exp_avg.<name>` and
+/// `exp_avg_sq.<name>`, PyTorch's names; the update count as metadata).
+pub fn write_optimizer(
+    dir: &Path,
+    slots: &[Slot],
+    m: &[f32],
+    v: &[f32],
+    step: u64,
+) -> Result<String, CheckpointError> {
+    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+    for s in slots {
+        tensors.push((
+            format!("exp_avg.{}", s.name),
+            s.shape.clone(),
+            &m[s.offset..s.offset + s.len],
+        ));
+        tensors.push((
+            format!("exp_avg_sq.{}", s.name),
+            s.shape.clone(),
+            &v[s.offset..s.offset + s.len],
+        ));
+    }
+    let meta = HashMap::from([("step".to_string(), step.to_string())]);
+    write_tensors(&dir.join(OPTIMIZER_FILE), &tensors, meta)
+}
+
+fn flat_from(
+    path: &Path,
+    tensors: &[NamedTensor],
+    slots: &[Slot],
+    prefix: &str,
+) -> Result<Vec<f32>, CheckpointError> {
+    let shapes: BTreeMap<String, Vec<usize>> = tensors
+        .iter()
+        .filter_map(|t| {
+            t.name
+                .strip_prefix(prefix)
+                .map(|n| (n.to_string(), t.shape.clone()))
+        })
+        .collect();
+    let diff = layout_mismatch(&shapes, slots);
+    if !diff.is_empty() {
+        return Err(CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("tensors differ from the model:\n  {}", diff.join("\n  ")),
+        });
+    }
+    let mut flat = vec![0f32; slots.last().map_or(0, |s| s.offset + s.len)];
+    for t in tensors {
+        if let Some(name) = t.name.strip_prefix(prefix)
+            && let Some(s) = slots.iter().find(|s| s.name == name)
+        {
+            flat[s.offset..s.offset + s.len].copy_from_slice(&t.data);
+        }
+    }
+    Ok(flat)
+}
+
+/// Reads `model.safetensors` into a flat buffer in `slots` order; a layout
+/// difference is an error listing the tensors that differ.
+pub fn read_model(dir: &Path, slots: &[Slot]) -> Result<Vec<f32>, CheckpointError> {
+    let path = dir.join(MODEL_FILE);
+    let (tensors, _) = read_tensors(&path)?;
+    flat_from(&path, &tensors, slots, "")
+}
+
+/// Reads `optimizer.safetensors`: first moments, second moments, update count.
+pub fn read_optimizer(
+    dir: &Path,
+    slots: &[Slot],
+) -> Result<(Vec<f32>, Vec<f32>, u64), CheckpointError> {
+    let path = dir.join(OPTIMIZER_FILE);
+    let (tensors, meta) = read_tensors(&path)?;
+    let m = flat_from(&path, &tensors, slots, "exp_avg.")?;
+    let v = flat_from(&path, &tensors, slots, "exp_avg_sq.")?;
+    let step = meta
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| CheckpointError::Invalid {
+            path: path.clone(),
+            message: "no `step` in the metadata".into(),
+        })?;
+    Ok((m, v, step))
 }
 
 fn fsync_dir(dir: &Path) -> Result<(), CheckpointError> {

@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod params;
 pub mod rng;
 pub mod sampler;
 pub mod schedule;

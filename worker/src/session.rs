@@ -18,8 +18,9 @@ use stride_job::config::{Config, Device as DeviceKind};
 use stride_proto::PROTOCOL_VERSION;
 use stride_proto::v1::coordinator_client::CoordinatorClient;
 use stride_proto::v1::{
-    Assignment, EvalPlan, EvalReport, Heartbeat, Hello, Ready, RegisterRequest, StepPlan,
-    StepReport, WorkerError, WorkerMessage, coordinator_message, worker_message,
+    Assignment, CheckpointPlan, CheckpointReport, EvalPlan, EvalReport, Heartbeat, Hello, Ready,
+    RegisterRequest, StepPlan, StepReport, WorkerError, WorkerMessage, coordinator_message,
+    worker_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -48,6 +49,7 @@ enum Work {
     Assign(Assignment),
     Step(StepPlan),
     Eval(EvalPlan),
+    Checkpoint(CheckpointPlan),
 }
 
 fn msg(body: worker_message::Body) -> WorkerMessage {
@@ -159,6 +161,9 @@ pub async fn run(opts: Options) -> Result<i32> {
             Some(coordinator_message::Body::Assignment(a)) => send_work(&work_tx, Work::Assign(a))?,
             Some(coordinator_message::Body::Step(p)) => send_work(&work_tx, Work::Step(p))?,
             Some(coordinator_message::Body::Eval(p)) => send_work(&work_tx, Work::Eval(p))?,
+            Some(coordinator_message::Body::Checkpoint(p)) => {
+                send_work(&work_tx, Work::Checkpoint(p))?
+            }
             Some(coordinator_message::Body::Shutdown(s)) => {
                 tracing::info!("coordinator: {}", s.reason);
                 break s.exit_code;
@@ -171,9 +176,7 @@ pub async fn run(opts: Options) -> Result<i32> {
                 );
             }
             Some(
-                coordinator_message::Body::Heartbeat(_)
-                | coordinator_message::Body::Checkpoint(_)
-                | coordinator_message::Body::Bootstrap(_),
+                coordinator_message::Body::Heartbeat(_) | coordinator_message::Body::Bootstrap(_),
             )
             | None => {}
         }
@@ -320,6 +323,50 @@ fn compute_loop(
                     }
                 }
             }
+            Work::Checkpoint(p) => {
+                let Some((generation, t)) = trainer.as_ref().filter(|(g, _)| *g == p.generation)
+                else {
+                    continue;
+                };
+                if !p.write {
+                    continue;
+                }
+                // Copy the state now (the step boundary) and write it while
+                // the next steps run; the coordinator commits on the report.
+                let snapshot = t.snapshot();
+                let generation = *generation;
+                let out = out.clone();
+                let spawned =
+                    std::thread::Builder::new()
+                        .name("checkpoint".into())
+                        .spawn(move || {
+                            let start = std::time::Instant::now();
+                            let body = match snapshot.write(std::path::Path::new(&p.tmp_dir)) {
+                                Ok(sha256) => worker_message::Body::Checkpoint(CheckpointReport {
+                                    generation,
+                                    step: p.step,
+                                    sha256: sha256.into_iter().collect(),
+                                    write_s: start.elapsed().as_secs_f64(),
+                                }),
+                                Err(e) => worker_message::Body::Error(WorkerError {
+                                    generation,
+                                    message: format!(
+                                        "writing the checkpoint of step {} into {}: {e:#}",
+                                        p.step, p.tmp_dir
+                                    ),
+                                    fatal: true,
+                                }),
+                            };
+                            let _ = out.blocking_send(msg(body));
+                        });
+                if let Err(e) = spawned {
+                    fail(
+                        generation,
+                        anyhow!("cannot start the checkpoint writer: {e}"),
+                    );
+                    return;
+                }
+            }
             Work::Eval(p) => {
                 let Some((generation, t)) = trainer.as_mut().filter(|(g, _)| *g == p.generation)
                 else {
@@ -389,5 +436,21 @@ fn assign(a: &Assignment, listener: &RingListener, threads: usize) -> Result<Tra
     let collective = listener
         .connect(a.rank as usize, &peers, a.generation, timeout)
         .with_context(|| format!("rank {} could not join the ring", a.rank))?;
-    Trainer::new(&config, collective, a.accumulation as usize, device)
+    let mut trainer = Trainer::new(&config, collective, a.accumulation as usize, device)?;
+    if !a.load_checkpoint.is_empty() {
+        let dir = std::path::Path::new(&a.load_checkpoint);
+        trainer
+            .load_checkpoint(dir, a.weights_only)
+            .with_context(|| format!("loading {}", dir.display()))?;
+        tracing::info!(
+            "loaded {} from {}",
+            if a.weights_only {
+                "weights"
+            } else {
+                "weights and optimizer state"
+            },
+            dir.display()
+        );
+    }
+    Ok(trainer)
 }

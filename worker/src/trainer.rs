@@ -6,10 +6,13 @@
 //! order), the optimiser state and the collective. It does what a plan says
 //! — which samples, which LR — and never chooses either.
 
+use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
+use stride_job::checkpoint;
 use stride_job::config::Config;
 use stride_job::sampler::window_start;
 use stride_job::tokens::{Corpus, Scan, Tokens};
@@ -17,6 +20,30 @@ use stride_job::tokens::{Corpus, Scan, Tokens};
 use crate::collective::Collective;
 use crate::model::{self, Gpt, Slot};
 use crate::optim::{AdamW, clip_global_norm};
+
+/// The state a checkpoint saves from a worker.
+#[derive(Debug)]
+pub struct Snapshot {
+    slots: Vec<Slot>,
+    weights: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    optimizer_step: u64,
+}
+
+impl Snapshot {
+    /// Writes model.safetensors and optimizer.safetensors into `dir`
+    /// (fsynced); returns file name → sha256.
+    pub fn write(&self, dir: &Path) -> Result<BTreeMap<String, String>> {
+        let model = checkpoint::write_model(dir, &self.slots, &self.weights)?;
+        let optim =
+            checkpoint::write_optimizer(dir, &self.slots, &self.m, &self.v, self.optimizer_step)?;
+        Ok(BTreeMap::from([
+            (checkpoint::MODEL_FILE.to_string(), model),
+            (checkpoint::OPTIMIZER_FILE.to_string(), optim),
+        ]))
+    }
+}
 
 /// What one step did on this rank.
 #[derive(Debug, Clone, PartialEq)]
@@ -94,6 +121,32 @@ impl Trainer {
         self.weights = weights;
         self.model.load_flat(&self.weights)?;
         Ok(())
+    }
+
+    /// Loads weights (and, unless `weights_only`, the optimiser state) from a
+    /// checkpoint directory the coordinator has validated.
+    pub fn load_checkpoint(&mut self, dir: &Path, weights_only: bool) -> Result<()> {
+        let weights = checkpoint::read_model(dir, &self.slots)?;
+        self.set_weights(weights)?;
+        if !weights_only {
+            let (m, v, step) = checkpoint::read_optimizer(dir, &self.slots)?;
+            self.optimizer.m = m;
+            self.optimizer.v = v;
+            self.optimizer.step = step;
+        }
+        Ok(())
+    }
+
+    /// A copy of everything a checkpoint holds from this rank, taken at a
+    /// step boundary so that the files can be written while training goes on.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            slots: self.slots.clone(),
+            weights: self.weights.clone(),
+            m: self.optimizer.m.clone(),
+            v: self.optimizer.v.clone(),
+            optimizer_step: self.optimizer.step,
+        }
     }
 
     /// Hash of the parameter names and shapes: ranks must agree before step 0.

@@ -1,0 +1,352 @@
+//! How a job starts: fresh from a config, resumed from a checkpoint (with an
+//! optional `--extend-steps`, Strategy A), or initialised from a
+//! checkpoint's weights (`--init-from`, Strategy B).
+//!
+//! This module decides what carries over and refuses to guess: a resume
+//! whose model, optimiser, schedule or data settings differ from the
+//! checkpoint's is an error listing the keys, naming `--init-from` and
+//! `--extend-steps`. It reads checkpoints but never writes or deletes one.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use stride_job::checkpoint::{self, Checkpoint, HistoryEvent, MetricsSoFar};
+use stride_job::config::{Config, ConfigError, ConfigSource, RawConfig};
+use stride_job::params;
+use stride_job::sampler::DataCursor;
+use stride_job::schedule::Schedule;
+
+/// A start that was refused because of what the user asked (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
+
+/// Everything `train()` needs to know about where the job starts.
+#[derive(Debug)]
+pub struct StartPoint {
+    pub name: String,
+    pub source: String,
+    pub config: Config,
+    pub schedule: Schedule,
+    pub start_step: u64,
+    pub cursor: DataCursor,
+    pub load: Option<(PathBuf, bool)>,
+    pub expected_weights_hash: Option<String>,
+    pub metrics_so_far: MetricsSoFar,
+    pub history: Vec<HistoryEvent>,
+    pub run_dir: PathBuf,
+    /// False when a resumed run appends to its earlier logs.
+    pub fresh_run_dir: bool,
+    /// Line appended to metrics.jsonl to mark a resume.
+    pub marker: Option<serde_json::Value>,
+    /// Said once the log is open (fallbacks, extensions).
+    pub notes: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// How the user asked to start.
+#[derive(Debug, Default)]
+pub struct Request<'a> {
+    pub config: Option<&'a str>,
+    pub set: &'a [String],
+    pub workers: Option<usize>,
+    pub run_dir: Option<&'a Path>,
+    pub resume: Option<&'a Path>,
+    pub extend_steps: Option<u64>,
+    pub init_from: Option<&'a Path>,
+}
+
+/// Keys a resume must not change: they define the model, the optimiser,
+/// the schedule and the data stream. (`max_steps` changes only through
+/// `--extend-steps`.) Everything else — workers, micro-batch, evaluation,
+/// checkpointing, timeouts, data paths — may change on resume.
+const MUST_MATCH: &[(&str, Option<&[&str]>)] = &[
+    ("model", None),
+    ("optim", None),
+    (
+        "train",
+        Some(&[
+            "max_steps",
+            "warmup_steps",
+            "lr",
+            "min_lr_ratio",
+            "decay",
+            "global_batch",
+            "seed",
+        ]),
+    ),
+    (
+        "data",
+        Some(&[
+            "stride",
+            "val_fraction",
+            "synthetic_tokens",
+            "synthetic_branching",
+        ]),
+    ),
+];
+
+/// `section.key: checkpoint A, now B` for every guarded key that differs.
+pub fn differing_keys(checkpoint: &Config, now: &Config) -> Vec<String> {
+    let table = |c: &Config| c.to_toml().parse::<toml::Table>().unwrap_or_default();
+    let (a, b) = (table(checkpoint), table(now));
+    let mut out = Vec::new();
+    for (section, keys) in MUST_MATCH {
+        let sa = a
+            .get(*section)
+            .and_then(|v| v.as_table())
+            .cloned()
+            .unwrap_or_default();
+        let sb = b
+            .get(*section)
+            .and_then(|v| v.as_table())
+            .cloned()
+            .unwrap_or_default();
+        let mut names: Vec<&String> = sa.keys().chain(sb.keys()).collect();
+        names.sort();
+        names.dedup();
+        for k in names {
+            if keys.is_some_and(|ks| !ks.contains(&k.as_str())) {
+                continue;
+            }
+            let (va, vb) = (sa.get(k), sb.get(k));
+            if va != vb {
+                let show =
+                    |v: Option<&toml::Value>| v.map_or("absent".to_string(), |v| v.to_string());
+                out.push(format!(
+                    "{section}.{k}: checkpoint {}, now {}",
+                    show(va),
+                    show(vb)
+                ));
+            }
+        }
+    }
+    out
+}
+
+fn apply_flags(raw: &mut RawConfig, req: &Request) -> Result<Config, ConfigError> {
+    if let Some(n) = req.workers {
+        raw.set_workers(n)?;
+    }
+    for s in req.set {
+        raw.set(s)?;
+    }
+    raw.resolve()
+}
+
+/// The checkpoint folder already holding checkpoints, if any.
+fn existing_checkpoints(folder: &Path) -> Option<String> {
+    let steps = checkpoint::list_steps(folder);
+    steps.last().map(|(s, _)| checkpoint::step_dir_name(*s))
+}
+
+pub fn start(req: &Request) -> Result<StartPoint> {
+    if let Some(path) = req.resume {
+        return resume(req, path);
+    }
+    let mut raw = RawConfig::locate(req.config.unwrap_or("tiny"))?;
+    let config = apply_flags(&mut raw, req)?;
+    let run_dir = req
+        .run_dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| Path::new("runs").join(&raw.name));
+    let folder = &config.checkpoint.dir;
+    let mut sp = StartPoint {
+        name: raw.name.clone(),
+        source: raw.source.to_string(),
+        schedule: Schedule::from_config(&config.train),
+        config: config.clone(),
+        start_step: 0,
+        cursor: DataCursor::default(),
+        load: None,
+        expected_weights_hash: None,
+        metrics_so_far: MetricsSoFar::default(),
+        history: vec![HistoryEvent {
+            step: 0,
+            event: "start".into(),
+            detail: format!("config `{}` from {}", raw.name, raw.source),
+        }],
+        run_dir,
+        fresh_run_dir: true,
+        marker: None,
+        notes: Vec::new(),
+        warnings: Vec::new(),
+    };
+    if let Some(path) = req.init_from {
+        let (ckpt, warnings) = checkpoint::resolve(path)?;
+        sp.warnings.extend(warnings);
+        let shapes = checkpoint::tensor_shapes(&ckpt.dir.join(checkpoint::MODEL_FILE))?;
+        let diff = checkpoint::layout_mismatch(&shapes, &params::layout(&config.model));
+        if !diff.is_empty() {
+            return Err(Refused(format!(
+                "--init-from {}: the checkpoint's tensors do not fit the model of `{}`:\n  {}",
+                ckpt.dir.display(),
+                raw.name,
+                diff.join("\n  ")
+            ))
+            .into());
+        }
+        let src_folder = ckpt.dir.parent().unwrap_or(Path::new("."));
+        if same_dir(src_folder, folder) {
+            return Err(Refused(format!(
+                "--init-from {}: this run would write its own checkpoints into {} and prune the one it starts from; give it another folder with --set checkpoint.dir=DIR",
+                ckpt.dir.display(),
+                folder.display()
+            )).into());
+        }
+        sp.notes.push(format!(
+            "Strategy B: weights from {} (step {} of run `{}`); step 0, fresh optimizer, schedule and data order of `{}`",
+            ckpt.dir.display(),
+            ckpt.state.step,
+            ckpt.state.config_name,
+            raw.name
+        ));
+        sp.history.push(HistoryEvent {
+            step: 0,
+            event: "init-from".into(),
+            detail: format!(
+                "weights of {} (step {})",
+                ckpt.dir.display(),
+                ckpt.state.step
+            ),
+        });
+        sp.expected_weights_hash = Some(ckpt.state.weights_hash.clone());
+        sp.load = Some((std::path::absolute(&ckpt.dir)?, true));
+    }
+    if let Some(last) = existing_checkpoints(folder) {
+        return Err(Refused(format!(
+            "{} already holds checkpoints of a run (newest {last}); continue it with `--resume {}`, or start a new run elsewhere with --set checkpoint.dir=DIR",
+            folder.display(),
+            folder.join(checkpoint::LATEST).display()
+        )).into());
+    }
+    Ok(sp)
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
+    let (ckpt, warnings): (Checkpoint, Vec<String>) = checkpoint::resolve(path)?;
+    let state = &ckpt.state;
+    let config_path = ckpt.dir.join(checkpoint::CONFIG_FILE);
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let saved = Config::from_toml(&text, &config_path.display().to_string())?;
+    let mut raw = match req.config {
+        Some(name) => RawConfig::locate(name)?,
+        None => RawConfig::parse(
+            &text,
+            state.config_name.clone(),
+            ConfigSource::File(config_path.clone()),
+        )?,
+    };
+    let mut config = apply_flags(&mut raw, req)?;
+    let diff = differing_keys(&saved, &config);
+    if !diff.is_empty() {
+        return Err(Refused(format!(
+            "--resume {} continues the checkpoint's own run, but the requested config differs from it in:\n  {}\n\
+             A resume never guesses which to trust. To train further with a new decay from step {}, use \
+             `--resume {} --extend-steps N` (Strategy A); to start a new run from these weights with \
+             another config, use `--config NAME --init-from {}` (Strategy B).",
+            path.display(),
+            diff.join("\n  "),
+            state.step,
+            path.display(),
+            path.display()
+        )).into());
+    }
+    let r = state.step;
+    let mut schedule = state.schedule.clone();
+    let mut notes = Vec::new();
+    let mut history = state.history.clone();
+    let old_max = schedule.max_steps();
+    if let Some(n) = req.extend_steps {
+        schedule = schedule.extend(r, n, config.train.lr * config.train.min_lr_ratio)?;
+        config.train.max_steps = n;
+        let seg = schedule.segments.last().copied();
+        let detail = seg.map_or(String::new(), |s| {
+            format!(
+                "max_steps {old_max} → {n}: appended {} segment, steps {}..{}, lr {:.6e} → {:.6e}",
+                s.kind.name(),
+                s.start_step,
+                s.end_step,
+                s.start_lr,
+                s.end_lr
+            )
+        });
+        notes.push(format!(
+            "Strategy A: {detail} (lr at step {} = lr at step {})",
+            r,
+            r.saturating_sub(1)
+        ));
+        if seg.is_some_and(|s| s.start_lr < s.end_lr) {
+            notes.push(
+                "the LR in force is below min_lr_ratio × lr: this \"decay\" rises to the floor"
+                    .into(),
+            );
+        }
+        history.push(HistoryEvent {
+            step: r,
+            event: "extend".into(),
+            detail,
+        });
+    } else if r >= old_max {
+        return Err(Refused(format!(
+            "{} is the end of its run (step {r} of {old_max}): nothing left to train; `--extend-steps N` continues it with a cosine decay to step N",
+            ckpt.dir.display()
+        )).into());
+    }
+    history.push(HistoryEvent {
+        step: r,
+        event: "resume".into(),
+        detail: format!(
+            "from {} with {} workers",
+            ckpt.dir.display(),
+            config.cluster.workers
+        ),
+    });
+    let run_dir = req
+        .run_dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| state.run_dir.clone());
+    let marker = serde_json::json!({
+        "event": "resume",
+        "step": r,
+        "checkpoint": ckpt.dir.display().to_string(),
+        "previous_max_steps": old_max,
+        "max_steps": schedule.max_steps(),
+        "workers": config.cluster.workers,
+    });
+    notes.insert(
+        0,
+        format!(
+            "resuming {} at step {r} (epoch {}, position {}), max_steps {}",
+            ckpt.dir.display(),
+            state.data_cursor.epoch,
+            state.data_cursor.position,
+            schedule.max_steps()
+        ),
+    );
+    Ok(StartPoint {
+        name: state.config_name.clone(),
+        source: raw.source.to_string(),
+        config,
+        schedule,
+        start_step: r,
+        cursor: state.data_cursor,
+        load: Some((std::path::absolute(&ckpt.dir)?, false)),
+        expected_weights_hash: Some(state.weights_hash.clone()),
+        metrics_so_far: state.metrics.clone(),
+        history,
+        run_dir,
+        fresh_run_dir: false,
+        marker: Some(marker),
+        notes,
+        warnings,
+    })
+}

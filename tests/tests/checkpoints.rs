@@ -1,0 +1,583 @@
+//! Checkpoints end to end: exact resume after SIGKILL, resume with another
+//! worker count, Strategy A (extend) and B (init-from), refusals, damage.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::f64::consts::PI;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{eventually, metrics, run, spawn, worker_pids};
+use serde_json::Value;
+use stride_job::checkpoint;
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// tiny, shortened: warmup 10, evaluation only at the end.
+fn args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "--config",
+        "tiny",
+        "--local",
+        "--set",
+        "train.warmup_steps=10",
+        "--set",
+        "train.eval_interval=0",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+fn ok(args: &[&str], cwd: &Path) -> String {
+    let (status, out) = run(args, cwd, LIMIT);
+    assert!(status.success(), "{args:?} failed:\n{out}");
+    out
+}
+
+fn refused(args: &[&str], cwd: &Path, needles: &[&str]) {
+    let (status, out) = run(args, cwd, LIMIT);
+    assert_eq!(
+        status.code(),
+        Some(2),
+        "{args:?} must be refused with exit code 2:\n{out}"
+    );
+    for n in needles {
+        assert!(out.contains(n), "{args:?}: output lacks `{n}`:\n{out}");
+    }
+}
+
+/// Step lines only (not resume markers), the last occurrence of each step.
+fn steps(run_dir: &Path) -> BTreeMap<u64, Value> {
+    metrics(run_dir)
+        .into_iter()
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| (r["step"].as_u64().expect("step"), r))
+        .collect()
+}
+
+fn state(dir: &Path) -> checkpoint::TrainState {
+    checkpoint::validate(dir).expect("valid checkpoint").state
+}
+
+/// Every file under `dir` with its sha256 (to prove nothing was touched).
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("ls").flatten() {
+            let p = e.path();
+            let meta = std::fs::symlink_metadata(&p).expect("stat");
+            if meta.file_type().is_symlink() {
+                out.insert(
+                    p.clone(),
+                    format!("-> {}", std::fs::read_link(&p).expect("link").display()),
+                );
+            } else if meta.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), checkpoint::sha256_file(&p).expect("sha"));
+            }
+        }
+    }
+    out
+}
+
+fn lr_of(m: &BTreeMap<u64, Value>, step: u64) -> f64 {
+    m[&step]["lr"].as_f64().expect("lr")
+}
+
+fn cosine(min: f64, lr_r: f64, r: u64, n: u64, s: u64) -> f64 {
+    min + (lr_r - min) * 0.5 * (1.0 + (PI * (s - r) as f64 / (n - r) as f64).cos())
+}
+
+#[test]
+fn resume_after_sigkill_is_exact_and_independent_of_the_worker_count() {
+    let straight = tempfile::tempdir().expect("tmp");
+    let base = args(&[
+        "--workers",
+        "2",
+        "--set",
+        "train.max_steps=60",
+        "--set",
+        "checkpoint.interval=30",
+    ]);
+    ok(&base, straight.path());
+    let a_ckpt = straight.path().join("runs/tiny/checkpoints");
+    let a_steps = steps(&straight.path().join("runs/tiny"));
+    assert_eq!(a_steps.len(), 60);
+
+    // The same job, killed with SIGKILL (coordinator and workers) once the
+    // checkpoint at step 30 is complete, then resumed.
+    let killed = tempfile::tempdir().expect("tmp");
+    let mut coord = spawn("coordinator", &base, killed.path(), "coordinator.out");
+    let ckpt = killed.path().join("runs/tiny/checkpoints");
+    eventually(LIMIT, "checkpoint at step 30", || {
+        ckpt.join("step-00000030/COMPLETE").exists().then_some(())
+    });
+    let log = std::fs::read_to_string(killed.path().join("runs/tiny/train.log")).expect("log");
+    let mut victims = worker_pids(&log);
+    victims.push(coord.pid());
+    for pid in victims {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    }
+    coord.wait(Duration::from_secs(30));
+    let before = steps(&killed.path().join("runs/tiny")).len();
+    assert!(before < 60, "the job finished before it could be killed");
+
+    let out = ok(
+        &["--resume", "runs/tiny/checkpoints/latest", "--local"],
+        killed.path(),
+    );
+    assert!(
+        out.contains("resuming") && out.contains("at step 30"),
+        "{out}"
+    );
+    let all = metrics(&killed.path().join("runs/tiny"));
+    let marker = all
+        .iter()
+        .rposition(|r| r["event"] == "resume")
+        .expect("resume marker");
+    assert_eq!(all[marker]["step"], 30);
+    let resumed: Vec<&Value> = all[marker + 1..].iter().collect();
+    assert_eq!(resumed.len(), 30);
+    for r in &resumed {
+        let s = r["step"].as_u64().expect("step");
+        assert_eq!(
+            r["loss"], a_steps[&s]["loss"],
+            "loss at step {s} differs from the uninterrupted run"
+        );
+        assert_eq!(
+            r["samples_digest"], a_steps[&s]["samples_digest"],
+            "samples at step {s}"
+        );
+    }
+    // Bit-identical weights and optimizer state at the end.
+    let (a, b) = (
+        state(&a_ckpt.join("step-00000060")),
+        state(&ckpt.join("step-00000060")),
+    );
+    for f in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE] {
+        assert_eq!(a.files[f], b.files[f], "{f} differs after the resume");
+    }
+    assert_eq!(a.data_cursor, b.data_cursor);
+
+    // The 2-worker checkpoint of step 30, resumed with 1 and with 4 workers:
+    // the same samples in every step, the same losses within 1e-4.
+    let from = a_ckpt.join("step-00000030");
+    let from = from.to_str().expect("utf8");
+    // (4 × micro-batch 16 would exceed the global batch of 32: the
+    // micro-batch may change on resume, the global batch may not.)
+    for (workers, micro) in [("1", "16"), ("4", "8")] {
+        let d = tempfile::tempdir().expect("tmp");
+        let micro = format!("train.micro_batch={micro}");
+        ok(
+            &[
+                "--resume",
+                from,
+                "--workers",
+                workers,
+                "--local",
+                "--set",
+                &micro,
+            ],
+            d.path(),
+        );
+        let m = steps(&d.path().join("runs/tiny"));
+        assert_eq!(m.len(), 30, "{workers} workers");
+        for (s, r) in &m {
+            assert_eq!(r["workers"], workers.parse::<u64>().expect("n"));
+            assert_eq!(
+                r["samples_digest"], a_steps[s]["samples_digest"],
+                "{workers} workers, step {s}"
+            );
+            let (x, y) = (
+                r["loss"].as_f64().expect("loss"),
+                a_steps[s]["loss"].as_f64().expect("loss"),
+            );
+            assert!(
+                ((x - y) / y).abs() < 1e-4,
+                "{workers} workers, step {s}: {x} vs {y}"
+            );
+        }
+    }
+}
+
+#[test]
+fn strategy_a_extends_with_a_cosine_that_starts_where_the_run_stopped() {
+    let d = tempfile::tempdir().expect("tmp");
+    let run_dir = d.path().join("runs/tiny");
+    // Phase 1: warmup 30, then constant, to step 40; a checkpoint every 10.
+    ok(
+        &args(&[
+            "--workers",
+            "2",
+            "--set",
+            "train.max_steps=40",
+            "--set",
+            "train.warmup_steps=30",
+            "--set",
+            "checkpoint.interval=10",
+            "--set",
+            "checkpoint.keep_last=10",
+        ]),
+        d.path(),
+    );
+    let (peak, floor) = (3e-3, 3e-4);
+    let p1 = steps(&run_dir);
+    assert_eq!(lr_of(&p1, 35), peak);
+
+    // Extend 40 → 70.
+    let out = ok(
+        &[
+            "--resume",
+            "runs/tiny/checkpoints/latest",
+            "--extend-steps",
+            "70",
+            "--local",
+        ],
+        d.path(),
+    );
+    assert!(out.contains("max_steps 40 → 70"), "{out}");
+    let m = steps(&run_dir);
+    assert_eq!(lr_of(&m, 40), lr_of(&m, 39));
+    for s in 40..70 {
+        assert!(
+            (lr_of(&m, s) - cosine(floor, peak, 40, 70, s)).abs() < 1e-9,
+            "step {s}"
+        );
+    }
+    let last = state(&d.path().join("runs/tiny/checkpoints/step-00000070"));
+    assert_eq!(last.max_steps, 70);
+    assert!((last.schedule.segments.last().expect("seg").lr_at(70) - floor).abs() < 1e-12);
+
+    // An extension can be extended again: 70 → 90 from the LR in force.
+    let lr69 = lr_of(&m, 69);
+    ok(
+        &[
+            "--resume",
+            "runs/tiny/checkpoints/latest",
+            "--extend-steps",
+            "90",
+            "--local",
+        ],
+        d.path(),
+    );
+    let m = steps(&run_dir);
+    assert_eq!(lr_of(&m, 70), lr69);
+    for s in 70..90 {
+        assert!(
+            (lr_of(&m, s) - cosine(floor, lr69, 70, 90, s)).abs() < 1e-9,
+            "step {s}"
+        );
+    }
+
+    // From the middle of warmup (step 20 of 30), into a separate folder.
+    let lr19 = peak * 20.0 / 30.0;
+    assert!((lr_of(&p1, 19) - lr19).abs() < 1e-12);
+    ok(
+        &[
+            "--resume",
+            "runs/tiny/checkpoints/step-00000020",
+            "--extend-steps",
+            "50",
+            "--local",
+            "--set",
+            "checkpoint.dir=mid",
+            "--run-dir",
+            "runs/mid",
+        ],
+        d.path(),
+    );
+    let m = steps(&d.path().join("runs/mid"));
+    assert_eq!(lr_of(&m, 20), lr19);
+    for s in 20..50 {
+        assert!(
+            (lr_of(&m, s) - cosine(floor, lr19, 20, 50, s)).abs() < 1e-9,
+            "step {s}"
+        );
+    }
+
+    // N ≤ the resume step is refused, and nothing on disk changes.
+    let before = snapshot(&d.path().join("runs/tiny/checkpoints"));
+    refused(
+        &[
+            "--resume",
+            "runs/tiny/checkpoints/latest",
+            "--extend-steps",
+            "90",
+            "--local",
+        ],
+        d.path(),
+        &["--extend-steps 90", "greater than", "(90)"],
+    );
+    assert_eq!(before, snapshot(&d.path().join("runs/tiny/checkpoints")));
+}
+
+#[test]
+fn strategy_b_and_the_refusals_that_point_to_it() {
+    let d = tempfile::tempdir().expect("tmp");
+    ok(
+        &args(&["--workers", "1", "--set", "train.max_steps=20"]),
+        d.path(),
+    );
+    let best = d.path().join("runs/tiny/checkpoints/best");
+    let best_state = state(&best);
+    let best_s = best.to_str().expect("utf8");
+    let before = snapshot(&d.path().join("runs/tiny/checkpoints"));
+
+    // Strategy B: weights only, step 0, warmup again, a new folder.
+    let out = ok(
+        &[
+            "--config",
+            "tiny",
+            "--workers",
+            "1",
+            "--local",
+            "--init-from",
+            best_s,
+            "--set",
+            "checkpoint.dir=ckpt_b",
+            "--run-dir",
+            "runs/b",
+            "--set",
+            "train.max_steps=5",
+            "--set",
+            "train.warmup_steps=5",
+        ],
+        d.path(),
+    );
+    assert!(
+        out.contains(&format!(
+            "loaded the checkpoint's weights (hash {})",
+            best_state.weights_hash
+        )),
+        "step 0 must start from the checkpoint's weights:\n{out}"
+    );
+    let m = steps(&d.path().join("runs/b"));
+    assert_eq!(m.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4]);
+    assert!(
+        (lr_of(&m, 0) - 3e-3 / 5.0).abs() < 1e-15,
+        "the warmup restarts"
+    );
+    let b = state(&d.path().join("ckpt_b/step-00000005"));
+    assert_eq!(b.optimizer_step, 5, "a fresh optimizer");
+
+    // --config X --resume with a different schedule or optimiser: refused,
+    // naming the keys and both strategies.
+    refused(
+        &["--config", "tiny", "--resume", best_s, "--local"],
+        d.path(),
+        &[
+            "train.max_steps: checkpoint 20, now 400",
+            "--init-from",
+            "--extend-steps",
+        ],
+    );
+    refused(
+        &["--resume", best_s, "--local", "--set", "optim.beta2=0.99"],
+        d.path(),
+        &["optim.beta2", "--init-from", "--extend-steps"],
+    );
+    // A model of another shape cannot start from these weights.
+    refused(
+        &[
+            "--config",
+            "tiny",
+            "--local",
+            "--init-from",
+            best_s,
+            "--set",
+            "model.n_embd=32",
+            "--set",
+            "checkpoint.dir=ckpt_c",
+        ],
+        d.path(),
+        &["transformer.wte.weight: checkpoint [128, 64], model [128, 32]"],
+    );
+    // A fresh run into a folder that holds checkpoints would prune them.
+    refused(
+        &args(&["--workers", "1"]),
+        d.path(),
+        &["already holds checkpoints", "--resume"],
+    );
+    assert_eq!(
+        before,
+        snapshot(&d.path().join("runs/tiny/checkpoints")),
+        "a refused start changed the checkpoints"
+    );
+}
+
+#[test]
+fn damaged_checkpoints_are_refused_or_skipped_never_touched() {
+    let d = tempfile::tempdir().expect("tmp");
+    ok(
+        &args(&[
+            "--workers",
+            "1",
+            "--set",
+            "train.max_steps=20",
+            "--set",
+            "checkpoint.interval=10",
+        ]),
+        d.path(),
+    );
+    let good = d.path().join("runs/tiny/checkpoints");
+
+    type Damage = fn(&Path);
+    let cases: Vec<(&str, Damage, &str)> = vec![
+        (
+            "no-complete",
+            |p| std::fs::remove_file(p.join("COMPLETE")).expect("rm"),
+            "incomplete",
+        ),
+        (
+            "truncated-model",
+            |p| {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(p.join("model.safetensors"))
+                    .expect("open");
+                f.set_len(100).expect("truncate");
+            },
+            "model.safetensors does not match its sha256",
+        ),
+        (
+            "modified-model",
+            |p| {
+                let mut bytes = std::fs::read(p.join("model.safetensors")).expect("read");
+                let n = bytes.len();
+                bytes[n - 1] ^= 0x40;
+                std::fs::write(p.join("model.safetensors"), bytes).expect("write");
+            },
+            "does not match its sha256",
+        ),
+        (
+            "bad-state",
+            |p| std::fs::write(p.join("train_state.json"), "{\"format_version\": 1,").expect("w"),
+            "not valid JSON",
+        ),
+        (
+            "future-version",
+            |p| {
+                let t = std::fs::read_to_string(p.join("train_state.json")).expect("r");
+                std::fs::write(
+                    p.join("train_state.json"),
+                    t.replace("\"format_version\": 1", "\"format_version\": 7"),
+                )
+                .expect("w");
+            },
+            "format version 7 is newer",
+        ),
+    ];
+    for (name, damage, want) in cases {
+        let folder = d.path().join(name);
+        let status = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&good)
+            .arg(&folder)
+            .status()
+            .expect("cp");
+        assert!(status.success());
+        damage(&folder.join("step-00000020"));
+        let before = snapshot(&folder);
+        let explicit = folder.join("step-00000020");
+        refused(
+            &[
+                "--resume",
+                explicit.to_str().expect("utf8"),
+                "--local",
+                "--set",
+                &format!("checkpoint.dir={name}"),
+            ],
+            d.path(),
+            &[&explicit.display().to_string(), want],
+        );
+        assert_eq!(
+            before,
+            snapshot(&folder),
+            "{name}: a failed resume changed the folder"
+        );
+    }
+
+    // `latest` (and a folder) fall back to the newest valid checkpoint,
+    // saying what was skipped; the damaged directory is kept.
+    let folder = d.path().join("no-complete");
+    let out = ok(
+        &[
+            "--resume",
+            "no-complete/latest",
+            "--local",
+            "--set",
+            "checkpoint.dir=no-complete",
+            "--run-dir",
+            "runs/fallback",
+        ],
+        d.path(),
+    );
+    assert!(
+        out.contains("`latest` is not usable") && out.contains("falling back to"),
+        "{out}"
+    );
+    assert!(out.contains("at step 10"), "{out}");
+    let kept = std::fs::read_dir(&folder).expect("ls").flatten().any(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .starts_with(".superseded-step-00000020")
+    });
+    assert!(
+        kept,
+        "the incomplete step-20 must be moved aside, not deleted"
+    );
+}
+
+#[test]
+fn model_safetensors_has_the_names_and_shapes_of_a_nanogpt_gpt() {
+    let d = tempfile::tempdir().expect("tmp");
+    ok(
+        &args(&[
+            "--workers",
+            "1",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.warmup_steps=1",
+        ]),
+        d.path(),
+    );
+    let shapes = checkpoint::tensor_shapes(
+        &d.path()
+            .join("runs/tiny/checkpoints/latest/model.safetensors"),
+    )
+    .expect("header");
+    // nanoGPT's GPT(GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64,
+    // vocab_size=128, bias=True)).state_dict(), without the tied lm_head.
+    let (c, v, t) = (64usize, 128usize, 64usize);
+    let mut want: BTreeMap<String, Vec<usize>> = BTreeMap::from([
+        ("transformer.wte.weight".into(), vec![v, c]),
+        ("transformer.wpe.weight".into(), vec![t, c]),
+        ("transformer.ln_f.weight".into(), vec![c]),
+        ("transformer.ln_f.bias".into(), vec![c]),
+    ]);
+    for i in 0..2 {
+        for (k, s) in [
+            ("ln_1.weight", vec![c]),
+            ("ln_1.bias", vec![c]),
+            ("attn.c_attn.weight", vec![3 * c, c]),
+            ("attn.c_attn.bias", vec![3 * c]),
+            ("attn.c_proj.weight", vec![c, c]),
+            ("attn.c_proj.bias", vec![c]),
+            ("ln_2.weight", vec![c]),
+            ("ln_2.bias", vec![c]),
+            ("mlp.c_fc.weight", vec![4 * c, c]),
+            ("mlp.c_fc.bias", vec![4 * c]),
+            ("mlp.c_proj.weight", vec![c, 4 * c]),
+            ("mlp.c_proj.bias", vec![c]),
+        ] {
+            want.insert(format!("transformer.h.{i}.{k}"), s);
+        }
+    }
+    assert_eq!(shapes, want);
+}

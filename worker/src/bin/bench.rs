@@ -28,6 +28,12 @@ struct Args {
     /// Repetitions of each all-reduce.
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// Skip the checkpoint benchmark (it writes ~1.5 GB to --checkpoint-dir).
+    #[arg(long)]
+    no_checkpoint: bool,
+    /// Where the checkpoint benchmark writes (the disk checkpoints go to).
+    #[arg(long, default_value = "target/bench-checkpoint")]
+    checkpoint_dir: std::path::PathBuf,
     /// Only run the model benchmarks in this process (used by the parent
     /// run to compare allocator settings side by side).
     #[arg(long, hide = true)]
@@ -173,6 +179,62 @@ fn child_models(steps: usize, env: &[(&str, &str)], label: &str) -> Result<Vec<f
     Ok(rates)
 }
 
+/// Checkpoint of GPT-2 small (124M parameters: weights + two AdamW moments):
+/// the in-memory snapshot (the only stall training sees), the background
+/// write with fsync against `dd` of the same size to the same disk, and the
+/// load a resume does before its first step.
+fn bench_checkpoint(dir: &std::path::Path) -> Result<()> {
+    use stride_job::checkpoint;
+    let c = ModelConfig::default();
+    let slots = model::layout(&c);
+    let weights = model::initial_weights(&c, 1);
+    let m = weights.iter().map(|w| w * 0.5).collect::<Vec<f32>>();
+    let v = weights.iter().map(|w| w * w).collect::<Vec<f32>>();
+    std::fs::create_dir_all(dir)?;
+    let t = Instant::now();
+    let snapshot = (weights.clone(), m.clone(), v.clone());
+    let stall = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    checkpoint::write_model(dir, &slots, &snapshot.0)?;
+    checkpoint::write_optimizer(dir, &slots, &snapshot.1, &snapshot.2, 1)?;
+    let write = t.elapsed().as_secs_f64();
+    let bytes: u64 = [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE]
+        .iter()
+        .map(|f| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len()))
+        .sum();
+    let dd_file = dir.join("dd.bin");
+    let t = Instant::now();
+    let dd = std::process::Command::new("dd")
+        .arg("if=/dev/zero")
+        .arg(format!("of={}", dd_file.display()))
+        .arg("bs=1M")
+        .arg(format!("count={}", bytes >> 20))
+        .arg("conv=fsync")
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    let dd_s = t.elapsed().as_secs_f64();
+    anyhow::ensure!(dd.success(), "dd failed");
+    let t = Instant::now();
+    let loaded = checkpoint::read_model(dir, &slots)?;
+    let (lm, _, _) = checkpoint::read_optimizer(dir, &slots)?;
+    let load = t.elapsed().as_secs_f64();
+    anyhow::ensure!(loaded == weights && lm == m, "checkpoint did not round-trip");
+    let mb = bytes as f64 / 1e6;
+    println!(
+        "checkpoint of GPT-2 small ({:.0} MB): snapshot (training stall) {:.0} ms; background write+fsync {:.2} s = {:.0} MB/s; dd conv=fsync {:.2} s = {:.0} MB/s (ratio {:.2}); load for resume {:.2} s",
+        mb,
+        1e3 * stall,
+        write,
+        mb / write,
+        dd_s,
+        mb / dd_s,
+        (mb / write) / (mb / dd_s),
+        load
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if args.models_only {
@@ -201,6 +263,9 @@ fn main() -> Result<()> {
     }
     for mib in [4, 64] {
         bench_ring(mib, args.reps)?;
+    }
+    if !args.no_checkpoint {
+        bench_checkpoint(&args.checkpoint_dir)?;
     }
     Ok(())
 }

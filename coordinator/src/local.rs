@@ -56,7 +56,13 @@ pub fn threads_per_worker(configured: usize, workers: usize) -> usize {
 }
 
 impl LocalWorkers {
-    pub fn spawn(count: usize, url: &str, threads: usize, run_dir: &Path) -> Result<LocalWorkers> {
+    pub fn spawn(
+        count: usize,
+        url: &str,
+        threads: usize,
+        run_dir: &Path,
+        token: &str,
+    ) -> Result<LocalWorkers> {
         let bin = worker_binary()?;
         let mut children = Vec::with_capacity(count);
         let mut logs = Vec::with_capacity(count);
@@ -76,6 +82,7 @@ impl LocalWorkers {
                 .arg("--threads")
                 .arg(threads.to_string())
                 .env("RAYON_NUM_THREADS", threads.to_string())
+                .env(stride_job::auth::TOKEN_ENV, token)
                 .stdin(Stdio::null())
                 .stdout(Stdio::from(log))
                 .stderr(Stdio::from(err))

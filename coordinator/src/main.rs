@@ -70,6 +70,12 @@ struct RunArgs {
     /// LR in force to min_lr_ratio × lr is appended (Strategy A).
     #[arg(long, value_name = "N", requires = "resume")]
     extend_steps: Option<u64>,
+    /// File holding the shared job token (else $STRIDE_TOKEN; --local makes one).
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// Check the flags and the config, print what would run, and exit.
+    #[arg(long)]
+    dry_run: bool,
     /// Start a new run (step 0, fresh optimizer, the config's schedule) from
     /// a checkpoint's weights (Strategy B).
     #[arg(long, value_name = "PATH")]
@@ -186,8 +192,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
-            eprintln!("error: {e:#}");
+            if output::RUN_LOGGING.load(std::sync::atomic::Ordering::SeqCst) {
+                tracing::error!("{e:#}");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::from(exit_code(&e))
         }
     }
@@ -202,6 +211,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     let user_error = e.chain().any(|c| {
         c.is::<ConfigError>()
             || c.is::<start::Refused>()
+            || c.is::<stride_job::auth::TokenError>()
             || c.is::<stride_job::checkpoint::CheckpointError>()
             || c.is::<stride_job::tokens::DataError>()
             || c.is::<stride_job::schedule::ScheduleError>()
@@ -264,6 +274,27 @@ async fn train(args: RunArgs) -> Result<()> {
         init_from: args.init_from.as_deref(),
     };
     let sp = start::start(&request)?;
+    if args.dry_run {
+        println!(
+            "dry run: would train `{}` ({}) from step {} to {} with {} workers, listening on {}, run directory {}",
+            sp.name,
+            sp.source,
+            sp.start_step,
+            sp.schedule.max_steps(),
+            sp.config.cluster.workers,
+            args.listen
+                .map_or_else(|| "the default address".to_string(), |a| a.to_string()),
+            sp.run_dir.display()
+        );
+        return Ok(());
+    }
+    let token = match stride_job::auth::load(args.token_file.as_deref())? {
+        Some(t) => t,
+        None if args.local => {
+            stride_job::auth::generate().context("cannot generate a job token")?
+        }
+        None => return Err(stride_job::auth::TokenError::Missing.into()),
+    };
     let config = sp.config.clone();
     let run_dir = sp.run_dir.clone();
     let mut run = output::RunDir::create(&run_dir, sp.fresh_run_dir)?;
@@ -333,15 +364,27 @@ async fn train(args: RunArgs) -> Result<()> {
         events_tx.clone(),
         Duration::from_secs_f64(config.cluster.heartbeat_interval_s),
     );
-    let service = CoordinatorServer::new(server::Service {
-        shared: shared.clone(),
-    })
-    .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
-    .max_encoding_message_size(server::MAX_MESSAGE_BYTES);
+    let service = tonic::service::interceptor::InterceptedService::new(
+        CoordinatorServer::new(server::Service {
+            shared: shared.clone(),
+        })
+        .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(server::MAX_MESSAGE_BYTES),
+        server::Authenticator::new(&token),
+    );
+    // The standard gRPC health service answers Kubernetes probes without a
+    // token: it reveals nothing but "serving".
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    for name in ["", "stride.v1.Coordinator"] {
+        health_reporter
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let serve = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(service)
+            .add_service(health)
             .serve_with_incoming_shutdown(
                 tokio_stream::wrappers::TcpListenerStream::new(listener),
                 async {
@@ -359,7 +402,7 @@ async fn train(args: RunArgs) -> Result<()> {
             run_dir.display()
         );
         Some(local::LocalWorkers::spawn(
-            workers, &url, threads, &run_dir,
+            workers, &url, threads, &run_dir, &token,
         )?)
     } else {
         tracing::info!(

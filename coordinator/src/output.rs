@@ -21,6 +21,10 @@ use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+/// Set once a run's logging (console + train.log) is active: errors then go
+/// through `tracing` (and so into train.log) instead of plain stderr.
+pub static RUN_LOGGING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Target of the per-step log lines (hidden on the console while a progress
 /// bar shows the same information).
 pub const STEP_TARGET: &str = "stride::step";
@@ -223,6 +227,7 @@ pub fn init_run_logging(log: &Path, max_steps: u64) -> Result<Option<ProgressBar
         .with(to_file)
         .try_init()
         .context("logging was already initialised")?;
+    RUN_LOGGING.store(true, std::sync::atomic::Ordering::SeqCst);
     Ok(bar)
 }
 

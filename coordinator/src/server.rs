@@ -21,6 +21,41 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+/// Checks the job token of every RPC (constant-time), and logs refusals
+/// with the peer's address. A refused call changes no state.
+#[derive(Debug, Clone)]
+pub struct Authenticator {
+    expected: Arc<Vec<u8>>,
+}
+
+impl Authenticator {
+    pub fn new(token: &str) -> Authenticator {
+        Authenticator {
+            expected: Arc::new(stride_job::auth::bearer(token).into_bytes()),
+        }
+    }
+}
+
+impl tonic::service::Interceptor for Authenticator {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let presented = request
+            .metadata()
+            .get(stride_job::auth::METADATA_KEY)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        if stride_job::auth::matches(presented, &self.expected) {
+            return Ok(request);
+        }
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "an unknown peer".to_string(), |a| a.to_string());
+        tracing::warn!("refused an RPC from {peer}: missing or wrong job token");
+        Err(Status::unauthenticated(
+            "missing or wrong job token: pass the coordinator's token with --token-file or STRIDE_TOKEN",
+        ))
+    }
+}
+
 /// The version every worker must share with the coordinator.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

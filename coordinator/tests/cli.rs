@@ -235,7 +235,7 @@ fn bad_configs_exit_2_naming_file_and_key() {
         ),
         (
             &["plan", "--config", "tiny", "--workers", "3"],
-            &["train.global_batch", "3 × 8"],
+            &["train.global_batch", "3 × 16"],
         ),
         (
             &["plan", "--config", "tiny", "--workers", "0"],

@@ -7,6 +7,7 @@
 //! This crate must stay free of tensors, devices and networking: the
 //! coordinator links it and must never link Candle, CUDA or NCCL.
 
+pub mod auth;
 pub mod checkpoint;
 pub mod config;
 pub mod params;

@@ -235,3 +235,63 @@ fn a_missing_data_file_fails_before_any_worker_starts() {
         "no worker may start"
     );
 }
+
+#[test]
+fn a_worker_with_the_wrong_token_is_refused_and_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut coord = spawn(
+        "coordinator",
+        &[
+            "--config",
+            "tiny",
+            "--workers",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.warmup_steps=0",
+        ],
+        dir.path(),
+        "coordinator.out",
+    );
+    let addr_file = dir.path().join("runs/tiny/coordinator.addr");
+    let url = eventually(Duration::from_secs(60), "coordinator.addr", || {
+        std::fs::read_to_string(&addr_file)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    });
+    let intruder = std::process::Command::new(common::bin("worker"))
+        .args(["--connect", &url])
+        .env("STRIDE_TOKEN", "not-the-token")
+        .output()
+        .expect("worker runs");
+    assert!(!intruder.status.success());
+    let err = String::from_utf8_lossy(&intruder.stderr);
+    assert!(err.contains("missing or wrong job token"), "{err}");
+    let mut ok = spawn("worker", &["--connect", &url], dir.path(), "w.out");
+    assert!(coord.wait(LIMIT).success());
+    assert!(ok.wait(Duration::from_secs(30)).success());
+    let log = std::fs::read_to_string(dir.path().join("runs/tiny/train.log")).expect("log");
+    assert!(log.contains("refused an RPC from 127.0.0.1:"), "{log}");
+    assert!(
+        log.contains("1 workers: global batch"),
+        "the refused worker must not have joined: {log}"
+    );
+}
+
+#[test]
+fn without_a_token_a_cluster_coordinator_refuses_to_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = std::process::Command::new(common::bin("coordinator"))
+        .args(["--config", "tiny", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env_remove("STRIDE_TOKEN")
+        .output()
+        .expect("coordinator runs");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no job token"), "{err}");
+}

@@ -26,6 +26,12 @@ struct Cli {
     /// CPU threads for compute [default: the job's worker.threads, else all cores].
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// File holding the shared job token [default: $STRIDE_TOKEN].
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<std::path::PathBuf>,
+    /// Check the flags and the token, print what would run, and exit.
+    #[arg(long)]
+    dry_run: bool,
     /// Keep trying to reach the coordinator for this many seconds.
     #[arg(long, default_value_t = 120.0)]
     connect_timeout: f64,
@@ -48,7 +54,30 @@ fn main() -> ExitCode {
             Ok(i) => format!("index-{i}"),
             Err(_) => format!("pid-{}", std::process::id()),
         });
+    if cli.dry_run {
+        println!(
+            "dry run: would join {} as {identity} (token from {})",
+            cli.connect,
+            cli.token_file.as_ref().map_or_else(
+                || format!("${}", stride_job::auth::TOKEN_ENV),
+                |p| p.display().to_string()
+            )
+        );
+        return ExitCode::SUCCESS;
+    }
+    let token = match stride_job::auth::load(cli.token_file.as_deref()) {
+        Ok(Some(t)) => t,
+        Ok(None) => {
+            eprintln!("error: {}", stride_job::auth::TokenError::Missing);
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let opts = Options {
+        token,
         url: cli.connect,
         identity,
         threads: cli.threads,

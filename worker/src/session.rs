@@ -42,6 +42,8 @@ pub struct Options {
     pub threads: usize,
     /// How long to keep trying to reach the coordinator.
     pub connect_timeout: Duration,
+    /// The shared job token sent with every RPC.
+    pub token: String,
 }
 
 /// Work for the compute thread.
@@ -63,7 +65,16 @@ pub async fn run(opts: Options) -> Result<i32> {
         .with_context(|| format!("--connect {}: not a URL such as http://HOST:PORT", opts.url))?
         .connect_timeout(Duration::from_secs(5));
     let channel = connect_with_retry(&endpoint, &opts).await?;
-    let mut client = CoordinatorClient::new(channel)
+    let auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+        stride_job::auth::bearer(&opts.token)
+            .parse()
+            .map_err(|_| anyhow!("the job token must be printable ASCII"))?;
+    let mut client =
+        CoordinatorClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            req.metadata_mut()
+                .insert(stride_job::auth::METADATA_KEY, auth.clone());
+            Ok(req)
+        })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 

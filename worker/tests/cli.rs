@@ -13,6 +13,7 @@ fn no_coordinator_is_a_clear_timeout() {
     let url = format!("http://127.0.0.1:{port}");
     let out = Command::new(env!("CARGO_BIN_EXE_worker"))
         .args(["--connect", &url, "--connect-timeout", "1"])
+        .env("STRIDE_TOKEN", "t")
         .output()
         .expect("worker runs");
     assert_eq!(out.status.code(), Some(1));
@@ -27,9 +28,25 @@ fn no_coordinator_is_a_clear_timeout() {
 fn a_bad_url_is_named() {
     let out = Command::new(env!("CARGO_BIN_EXE_worker"))
         .args(["--connect", "not a url"])
+        .env("STRIDE_TOKEN", "t")
         .output()
         .expect("worker runs");
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--connect not a url"), "{err}");
+}
+
+#[test]
+fn no_token_is_refused_before_connecting() {
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["--connect", "http://127.0.0.1:9"])
+        .env_remove("STRIDE_TOKEN")
+        .output()
+        .expect("worker runs");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no job token") && err.contains("--token-file"),
+        "{err}"
+    );
 }

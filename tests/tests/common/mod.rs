@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+/// The job token every test process gets through `STRIDE_TOKEN`.
+pub const TOKEN: &str = "e2e-token";
+
 /// A binary of this workspace, built next to the test executable
 /// (`target/<profile>/deps/e2e-…` → `target/<profile>/<name>`).
 pub fn bin(name: &str) -> PathBuf {
@@ -63,6 +66,7 @@ pub fn spawn(name: &str, args: &[&str], cwd: &Path, log: &str) -> Proc {
         .args(args)
         .current_dir(cwd)
         .env("RUST_LOG", "info")
+        .env("STRIDE_TOKEN", TOKEN)
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)

@@ -218,7 +218,10 @@ fn bench_checkpoint(dir: &std::path::Path) -> Result<()> {
     let loaded = checkpoint::read_model(dir, &slots)?;
     let (lm, _, _) = checkpoint::read_optimizer(dir, &slots)?;
     let load = t.elapsed().as_secs_f64();
-    anyhow::ensure!(loaded == weights && lm == m, "checkpoint did not round-trip");
+    anyhow::ensure!(
+        loaded == weights && lm == m,
+        "checkpoint did not round-trip"
+    );
     let mb = bytes as f64 / 1e6;
     println!(
         "checkpoint of GPT-2 small ({:.0} MB): snapshot (training stall) {:.0} ms; background write+fsync {:.2} s = {:.0} MB/s; dd conv=fsync {:.2} s = {:.0} MB/s (ratio {:.2}); load for resume {:.2} s",

@@ -148,9 +148,26 @@ impl Driver {
     /// stop and local worker processes are reaped before this returns.
     pub async fn run(&mut self) -> Result<Summary> {
         let result = self.run_inner().await;
+        if result.is_err() && !self.pending.is_empty() {
+            // Stopped (e.g. SIGTERM from Kubernetes) while a checkpoint was
+            // being written: let it finish, within the grace period.
+            tracing::info!(
+                "finishing {} checkpoint(s) in flight before stopping",
+                self.pending.len()
+            );
+            match tokio::time::timeout(Duration::from_secs(240), self.finish_checkpoints()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!("a checkpoint in flight was not committed: {e:#}"),
+                Err(_) => tracing::warn!(
+                    "a checkpoint in flight did not finish in time; it is left incomplete and will never be loaded"
+                ),
+            }
+        }
         let (reason, code) = match &result {
             Ok(_) => ("training finished".to_string(), 0),
-            Err(e) => (format!("the job failed: {e:#}"), 1),
+            // 3 = "the job failed, do not restart me" (the Kubernetes pod
+            // failure policy fails the worker Job on it).
+            Err(e) => (format!("the job failed: {e:#}"), 3),
         };
         for r in &self.ranks {
             let _ = r

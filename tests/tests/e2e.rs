@@ -295,3 +295,29 @@ fn without_a_token_a_cluster_coordinator_refuses_to_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("no job token"), "{err}");
 }
+
+#[test]
+fn asking_a_cpu_build_for_cuda_is_one_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (status, out) = run(
+        &[
+            "--config",
+            "tiny",
+            "--workers",
+            "1",
+            "--local",
+            "--set",
+            "worker.device=cuda",
+        ],
+        dir.path(),
+        Duration::from_secs(120),
+    );
+    assert!(!status.success(), "{out}");
+    assert!(
+        out.contains("rank 0 (")
+            && out.contains("built without CUDA support")
+            && out.contains("--features cuda"),
+        "{out}"
+    );
+    assert!(!out.contains("panicked"), "{out}");
+}

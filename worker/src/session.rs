@@ -408,10 +408,7 @@ fn assign(a: &Assignment, listener: &RingListener, threads: usize) -> Result<Tra
     let config = Config::from_toml(&a.config_toml, "the job sent by the coordinator")?;
     let device = match config.worker.device {
         DeviceKind::Cpu => Device::Cpu,
-        DeviceKind::Cuda(_) => bail!(
-            "worker.device = \"{}\" but this worker was built without CUDA support; rebuild with `cargo build --release -p stride-worker --features cuda`, or run with --set worker.device=cpu",
-            config.worker.device
-        ),
+        DeviceKind::Cuda(ordinal) => cuda_device(ordinal)?,
     };
     let threads = if threads > 0 {
         threads
@@ -464,4 +461,25 @@ fn assign(a: &Assignment, listener: &RingListener, threads: usize) -> Result<Tra
         );
     }
     Ok(trainer)
+}
+
+/// The GPU of `cuda:N`, or for plain `cuda` the local rank's GPU
+/// (`LOCAL_RANK`, else 0: one GPU per pod in the Indexed Job).
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: Option<usize>) -> Result<Device> {
+    let ordinal = ordinal
+        .or_else(|| {
+            std::env::var("LOCAL_RANK")
+                .ok()
+                .and_then(|r| r.parse().ok())
+        })
+        .unwrap_or(0);
+    Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_ordinal: Option<usize>) -> Result<Device> {
+    bail!(
+        "worker.device asks for CUDA, but this worker was built without CUDA support; rebuild with `cargo build --release -p stride-worker --features cuda` (see deploy/Dockerfile.cuda), or run with --set worker.device=cpu"
+    )
 }

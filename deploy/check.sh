@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Checks deploy/k8s without a cluster (see deploy/k8s/check.py): renders the
+# overlay, validates it against the Kubernetes schemas (strict), checks it
+# against the product, and runs the job locally with the manifests' command
+# lines. Installs its pinned Python tools into target/deploy-venv.
+# Needs the debug binaries: run `cargo build` (or the tests) first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=target/deploy-venv
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install --quiet --disable-pip-version-check \
+  kubernetes-validate==1.33.0 jsonpatch==1.33 PyYAML==6.0.2
+"$venv/bin/python" deploy/k8s/check.py --bin target/debug "$@"

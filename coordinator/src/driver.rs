@@ -19,7 +19,7 @@ use stride_job::config::Config;
 use stride_job::sampler::{DataCursor, Sampler, eval_samples, shard, shard_uneven};
 use stride_job::schedule::Schedule;
 use stride_proto::v1::{
-    Assignment, CheckpointPlan, CheckpointReport, CoordinatorMessage, EvalPlan, PeerAddress,
+    Abort, Assignment, CheckpointPlan, CheckpointReport, CoordinatorMessage, EvalPlan, PeerAddress,
     RankStatus, Shutdown, StepPlan, coordinator_message, worker_message,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -33,6 +33,16 @@ use crate::server::{Event, Outbound, Shared, WorkerInfo};
 #[derive(Debug, thiserror::Error)]
 #[error("interrupted by {0}; all workers were stopped")]
 pub struct Interrupted(pub &'static str);
+
+/// A failure the job can recover from by restarting from its latest
+/// checkpoint: a rank lost, frozen, too slow, or failed in a step.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct RankFailure {
+    /// The worker to replace (None: a step timeout with several missing).
+    pub worker_id: Option<String>,
+    pub message: String,
+}
 
 /// Everything the driver needs to run a job.
 #[derive(Debug)]
@@ -110,6 +120,23 @@ pub struct Driver {
     step: u64,
     pending: BTreeMap<u64, Pending>,
     last_weights_hash: Vec<u8>,
+    /// Connected workers without a rank (survivors of a failure, newcomers).
+    pool: Vec<(String, WorkerInfo, Outbound)>,
+    /// When each worker was last heard from.
+    last_seen: HashMap<String, Instant>,
+    /// Checkpoints this job committed, oldest first (a restart resumes from
+    /// the newest of these, never from another run's checkpoint).
+    committed: Vec<PathBuf>,
+    /// Where the job started (the restart point when nothing was committed).
+    initial: (
+        u64,
+        DataCursor,
+        Option<(PathBuf, bool)>,
+        Option<String>,
+        MetricsSoFar,
+    ),
+    restarts: u32,
+    failures: Vec<String>,
 }
 
 /// What waiting for an event can produce besides an event.
@@ -128,7 +155,20 @@ impl Driver {
         bar: Option<ProgressBar>,
     ) -> Driver {
         let step = spec.start_step;
+        let initial = (
+            spec.start_step,
+            spec.cursor,
+            spec.load.clone(),
+            spec.expected_weights_hash.clone(),
+            spec.metrics_so_far.clone(),
+        );
         Driver {
+            pool: Vec::new(),
+            last_seen: HashMap::new(),
+            committed: Vec::new(),
+            initial,
+            restarts: 0,
+            failures: Vec::new(),
             spec,
             events,
             shared,
@@ -147,7 +187,7 @@ impl Driver {
     /// Runs the job to its end. Whatever happens, the workers are told to
     /// stop and local worker processes are reaped before this returns.
     pub async fn run(&mut self) -> Result<Summary> {
-        let result = self.run_inner().await;
+        let result = self.run_with_restarts().await;
         if result.is_err() && !self.pending.is_empty() {
             // Stopped (e.g. SIGTERM from Kubernetes) while a checkpoint was
             // being written: let it finish, within the grace period.
@@ -169,9 +209,13 @@ impl Driver {
             // failure policy fails the worker Job on it).
             Err(e) => (format!("the job failed: {e:#}"), 3),
         };
-        for r in &self.ranks {
-            let _ = r
-                .outbound
+        for outbound in self
+            .ranks
+            .iter()
+            .map(|r| &r.outbound)
+            .chain(self.pool.iter().map(|p| &p.2))
+        {
+            let _ = outbound
                 .send(Ok(message(coordinator_message::Body::Shutdown(Shutdown {
                     reason: reason.clone(),
                     exit_code: code,
@@ -197,16 +241,134 @@ impl Driver {
                     None => std::future::pending().await,
                 }
             } => {
-                let who = self
-                    .ranks
-                    .iter()
-                    .position(|r| r.info.identity == format!("local-{slot}"))
-                    .map(|r| format!("rank {r}"))
-                    .unwrap_or_else(|| "a worker without a rank yet".into());
-                Err(anyhow!("local worker {slot} ({who}) exited at step {}: {status}", self.step))
+                let identity = format!("local-{slot}");
+                let rank = self.ranks.iter().position(|r| r.info.identity == identity);
+                let who = rank
+                    .map(|r| self.ranks[r].describe(r))
+                    .unwrap_or_else(|| format!("local worker {slot}"));
+                let worker_id = rank
+                    .map(|r| self.ranks[r].worker_id.clone())
+                    .or_else(|| self.pool.iter().find(|p| p.1.identity == identity).map(|p| p.0.clone()));
+                Err(RankFailure {
+                    worker_id,
+                    message: format!("{who} lost at step {}: the process exited ({status})", self.step),
+                }
+                .into())
             }
             _ = tokio::time::sleep_until(deadline) => Ok(Wait::TimedOut),
         }
+    }
+
+    /// Runs attempts until one finishes; after a recoverable failure the
+    /// job restarts from its latest checkpoint, up to `max_restarts` times.
+    async fn run_with_restarts(&mut self) -> Result<Summary> {
+        loop {
+            let err = match self.run_inner().await {
+                Ok(summary) => return Ok(summary),
+                Err(e) => e,
+            };
+            let Some(failure) = err.downcast_ref::<RankFailure>() else {
+                return Err(err);
+            };
+            let max = self.spec.config.cluster.max_restarts;
+            self.failures
+                .push(format!("step {}: {}", self.step, failure.message));
+            if self.restarts >= max {
+                bail!(
+                    "{failure}; giving up after {} restart(s) (cluster.max_restarts = {max}). Failures:\n  {}",
+                    self.restarts,
+                    self.failures.join("\n  ")
+                );
+            }
+            self.restarts += 1;
+            tracing::warn!("{failure}");
+            let failed = failure.worker_id.clone();
+            self.recover(failed).await?;
+            tracing::warn!(
+                "restart {}/{max}: resuming at step {} with the workers that are present",
+                self.restarts,
+                self.step
+            );
+        }
+    }
+
+    /// After a failure: stop the surviving ranks' step, drop the failed
+    /// worker (restarting it in --local mode), and rewind to the newest
+    /// checkpoint this job committed (or to where the job started).
+    async fn recover(&mut self, failed: Option<String>) -> Result<()> {
+        let generation = self.generation;
+        let reason = self.failures.last().cloned().unwrap_or_default();
+        let ranks = std::mem::take(&mut self.ranks);
+        self.by_id.clear();
+        for r in ranks {
+            let dead = failed.as_ref() == Some(&r.worker_id);
+            let abort = if dead {
+                coordinator_message::Body::Shutdown(Shutdown {
+                    reason: "removed from the job after a failure".into(),
+                    exit_code: 3,
+                })
+            } else {
+                coordinator_message::Body::Abort(Abort {
+                    generation,
+                    reason: reason.clone(),
+                })
+            };
+            let _ = r.outbound.send(Ok(message(abort))).await;
+            if dead {
+                if let Some(slot) = r
+                    .info
+                    .identity
+                    .strip_prefix("local-")
+                    .and_then(|s| s.parse().ok())
+                    && let Some(local) = &mut self.local
+                {
+                    local.restart(slot).await?;
+                    tracing::info!("restarted local worker {slot}");
+                }
+            } else {
+                self.pool.push((r.worker_id, r.info, r.outbound));
+            }
+        }
+        if let Some(id) = &failed {
+            self.pool.retain(|p| &p.0 != id);
+        }
+        self.pending.clear();
+        let newest = self
+            .committed
+            .iter()
+            .rev()
+            .find_map(|d| checkpoint::validate(d).ok());
+        match newest {
+            Some(ckpt) => {
+                let st = &ckpt.state;
+                self.spec.start_step = st.step;
+                self.spec.cursor = st.data_cursor;
+                self.spec.load = Some((ckpt.dir.clone(), false));
+                self.spec.expected_weights_hash = Some(st.weights_hash.clone());
+                self.spec.metrics_so_far = st.metrics.clone();
+            }
+            None => {
+                let (step, cursor, load, hash, metrics) = self.initial.clone();
+                self.spec.start_step = step;
+                self.spec.cursor = cursor;
+                self.spec.load = load;
+                self.spec.expected_weights_hash = hash;
+                self.spec.metrics_so_far = metrics;
+            }
+        }
+        self.step = self.spec.start_step;
+        self.spec.history.push(HistoryEvent {
+            step: self.step,
+            event: "restart".into(),
+            detail: reason.clone(),
+        });
+        self.run.write_line(&serde_json::json!({
+            "event": "restart",
+            "step": self.step,
+            "restart": self.restarts,
+            "reason": reason,
+        }))?;
+        Ok(())
     }
 
     async fn run_inner(&mut self) -> Result<Summary> {
@@ -360,15 +522,30 @@ impl Driver {
         let want = c.cluster.workers;
         let startup = Duration::from_secs_f64(c.cluster.startup_timeout_s);
         let deadline = TokioInstant::now() + startup;
-        let mut joined: Vec<(String, WorkerInfo, Outbound)> = Vec::new();
+        let mut joined: Vec<(String, WorkerInfo, Outbound)> = std::mem::take(&mut self.pool);
         while joined.len() < want {
             match self.next_event(deadline).await? {
-                Wait::TimedOut => bail!(
-                    "only {} of {want} workers joined within cluster.startup_timeout_s = {}s; start more `worker --connect` processes or pass --workers {}",
-                    joined.len(),
-                    c.cluster.startup_timeout_s,
-                    joined.len().max(1)
-                ),
+                Wait::TimedOut => {
+                    // After a failure, continue with fewer workers if the
+                    // global batch divides among them (cluster.min_workers).
+                    let usable = (c.cluster.min_workers..=joined.len())
+                        .rev()
+                        .find(|n| c.accumulation_for(*n).is_ok());
+                    if self.restarts > 0
+                        && let Some(n) = usable
+                    {
+                        tracing::warn!("continuing with {n} of {want} workers");
+                        joined.sort_by_key(|(_, info, _)| natural_key(&info.identity));
+                        self.pool = joined.split_off(n);
+                        break;
+                    }
+                    bail!(
+                        "only {} of {want} workers joined within cluster.startup_timeout_s = {}s; start more `worker --connect` processes or pass --workers {}",
+                        joined.len(),
+                        c.cluster.startup_timeout_s,
+                        joined.len().max(1)
+                    )
+                }
                 Wait::Event(Event::Joined {
                     worker_id,
                     info,
@@ -381,6 +558,7 @@ impl Driver {
                         info.pid,
                         info.device
                     );
+                    self.last_seen.insert(worker_id.clone(), Instant::now());
                     joined.push((worker_id, info, outbound));
                 }
                 Wait::Event(Event::Left { worker_id, reason }) => {
@@ -510,20 +688,74 @@ impl Driver {
         deadline: TokioInstant,
         what: &str,
     ) -> Result<Option<(usize, worker_message::Body)>> {
+        let hb_every = Duration::from_secs_f64(self.spec.config.cluster.heartbeat_interval_s);
+        let hb_timeout = Duration::from_secs_f64(self.spec.config.cluster.heartbeat_timeout_s);
         loop {
-            match self.next_event(deadline).await? {
-                Wait::TimedOut => bail!("timed out at step {} waiting for ranks {what}", self.step),
-                Wait::Event(Event::Interrupted(sig)) => return Err(Interrupted(sig).into()),
-                Wait::Event(Event::Left { worker_id, reason }) => {
-                    if let Some(&rank) = self.by_id.get(&worker_id) {
-                        bail!(
-                            "{} lost at step {}: {reason}",
-                            self.ranks[rank].describe(rank),
+            // Wake at least every heartbeat interval to look for silent ranks.
+            let wake = deadline.min(TokioInstant::now() + hb_every);
+            match self.next_event(wake).await? {
+                Wait::TimedOut if TokioInstant::now() >= deadline => {
+                    return Err(RankFailure {
+                        worker_id: None,
+                        message: format!(
+                            "timed out at step {} waiting for ranks {what}",
                             self.step
-                        );
+                        ),
+                    }
+                    .into());
+                }
+                Wait::TimedOut => {
+                    for (rank, r) in self.ranks.iter().enumerate() {
+                        let silent = self
+                            .last_seen
+                            .get(&r.worker_id)
+                            .map_or(Duration::ZERO, |t| t.elapsed());
+                        if silent > hb_timeout {
+                            return Err(RankFailure {
+                                worker_id: Some(r.worker_id.clone()),
+                                message: format!(
+                                    "{} lost at step {}: no heartbeat for {:.1}s (cluster.heartbeat_timeout_s = {}): frozen, overloaded or cut off",
+                                    r.describe(rank),
+                                    self.step,
+                                    silent.as_secs_f64(),
+                                    self.spec.config.cluster.heartbeat_timeout_s
+                                ),
+                            }
+                            .into());
+                        }
                     }
                 }
-                Wait::Event(Event::Joined { info, outbound, .. }) => {
+                Wait::Event(Event::Interrupted(sig)) => return Err(Interrupted(sig).into()),
+                Wait::Event(Event::Left { worker_id, reason }) => {
+                    self.pool.retain(|p| p.0 != worker_id);
+                    if let Some(&rank) = self.by_id.get(&worker_id) {
+                        return Err(RankFailure {
+                            message: format!(
+                                "{} lost at step {}: {reason}",
+                                self.ranks[rank].describe(rank),
+                                self.step
+                            ),
+                            worker_id: Some(worker_id),
+                        }
+                        .into());
+                    }
+                }
+                Wait::Event(Event::Joined {
+                    worker_id,
+                    info,
+                    outbound,
+                }) => {
+                    if self.ranks.len() + self.pool.len() < self.spec.config.cluster.max_workers {
+                        tracing::info!(
+                            "worker {} ({}, pid {}) joined as a spare; it takes part from the next restart",
+                            info.identity,
+                            info.host,
+                            info.pid
+                        );
+                        self.last_seen.insert(worker_id.clone(), Instant::now());
+                        self.pool.push((worker_id, info, outbound));
+                        continue;
+                    }
                     tracing::warn!(
                         "turned away worker {} ({}): the job is full",
                         info.identity,
@@ -537,19 +769,30 @@ impl Driver {
                         .await;
                 }
                 Wait::Event(Event::Message { worker_id, body }) => {
+                    self.last_seen.insert(worker_id.clone(), Instant::now());
                     let Some(&rank) = self.by_id.get(&worker_id) else {
                         continue;
                     };
                     match body {
-                        worker_message::Body::Error(e) => {
-                            bail!(
+                        worker_message::Body::Error(e)
+                            if e.generation == self.generation || e.fatal =>
+                        {
+                            let message = format!(
                                 "{} failed at step {}: {}",
                                 self.ranks[rank].describe(rank),
                                 self.step,
                                 e.message
-                            )
+                            );
+                            if e.fatal {
+                                bail!(message);
+                            }
+                            return Err(RankFailure {
+                                worker_id: Some(worker_id),
+                                message,
+                            }
+                            .into());
                         }
-                        worker_message::Body::Heartbeat(_) => {}
+                        worker_message::Body::Error(_) | worker_message::Body::Heartbeat(_) => {}
                         worker_message::Body::Checkpoint(r) => {
                             self.commit_checkpoint(rank, r)?;
                             return Ok(None);
@@ -690,6 +933,7 @@ impl Driver {
         p.state.files = r.sha256.into_iter().collect();
         let folder = &self.spec.checkpoint_dir;
         let dir = checkpoint::commit(&p.tmp, folder, p.state, &self.spec.config.to_toml())?;
+        self.committed.push(dir.clone());
         if checkpoint::pointer_step(folder, checkpoint::LATEST).is_none_or(|s| s <= r.step) {
             checkpoint::set_pointer(folder, checkpoint::LATEST, r.step)?;
         }

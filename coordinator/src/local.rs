@@ -27,6 +27,10 @@ const MALLOC_ENV: [(&str, &str); 2] = [
 pub struct LocalWorkers {
     children: Vec<Option<Child>>,
     logs: Vec<PathBuf>,
+    bin: PathBuf,
+    url: String,
+    threads: usize,
+    token: String,
 }
 
 /// Where the `worker` binary is: `STRIDE_WORKER_BIN`, else next to this
@@ -63,43 +67,68 @@ impl LocalWorkers {
         run_dir: &Path,
         token: &str,
     ) -> Result<LocalWorkers> {
-        let bin = worker_binary()?;
-        let mut children = Vec::with_capacity(count);
-        let mut logs = Vec::with_capacity(count);
+        let mut w = LocalWorkers {
+            children: Vec::with_capacity(count),
+            logs: (0..count)
+                .map(|i| run_dir.join(format!("worker-{i}.log")))
+                .collect(),
+            bin: worker_binary()?,
+            url: url.to_string(),
+            threads,
+            token: token.to_string(),
+        };
         for i in 0..count {
-            let log_path = run_dir.join(format!("worker-{i}.log"));
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .with_context(|| format!("cannot open {}", log_path.display()))?;
-            let err = log.try_clone().context("cannot duplicate a log handle")?;
-            let mut cmd = Command::new(&bin);
-            cmd.arg("--connect")
-                .arg(url)
-                .arg("--identity")
-                .arg(format!("local-{i}"))
-                .arg("--threads")
-                .arg(threads.to_string())
-                .env("RAYON_NUM_THREADS", threads.to_string())
-                .env(stride_job::auth::TOKEN_ENV, token)
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(log))
-                .stderr(Stdio::from(err))
-                .process_group(0)
-                .kill_on_drop(true);
-            for (k, v) in MALLOC_ENV {
-                if std::env::var_os(k).is_none() {
-                    cmd.env(k, v);
-                }
-            }
-            let child = cmd
-                .spawn()
-                .with_context(|| format!("cannot start {}", bin.display()))?;
-            children.push(Some(child));
-            logs.push(log_path);
+            let child = w.start(i)?;
+            w.children.push(Some(child));
         }
-        Ok(LocalWorkers { children, logs })
+        Ok(w)
+    }
+
+    fn start(&self, i: usize) -> Result<Child> {
+        let log_path = &self.logs[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        let err = log.try_clone().context("cannot duplicate a log handle")?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("--connect")
+            .arg(&self.url)
+            .arg("--identity")
+            .arg(format!("local-{i}"))
+            .arg("--threads")
+            .arg(self.threads.to_string())
+            // A local worker outliving its coordinator gives up soon.
+            .arg("--connect-timeout")
+            .arg("15")
+            .env("RAYON_NUM_THREADS", self.threads.to_string())
+            .env(stride_job::auth::TOKEN_ENV, &self.token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .process_group(0)
+            .kill_on_drop(true);
+        for (k, v) in MALLOC_ENV {
+            if std::env::var_os(k).is_none() {
+                cmd.env(k, v);
+            }
+        }
+        cmd.spawn()
+            .with_context(|| format!("cannot start {}", self.bin.display()))
+    }
+
+    /// Kills local worker `slot` if it still runs (e.g. frozen) and starts a
+    /// fresh one in its place.
+    pub async fn restart(&mut self, slot: usize) -> Result<()> {
+        if let Some(Some(child)) = self.children.get_mut(slot) {
+            let _ = child.kill().await;
+        }
+        let child = self.start(slot)?;
+        if let Some(c) = self.children.get_mut(slot) {
+            *c = Some(child);
+        }
+        Ok(())
     }
 
     /// Resolves when a worker process exits on its own; returns its slot,

@@ -297,6 +297,7 @@ async fn train(args: RunArgs) -> Result<()> {
     };
     let config = sp.config.clone();
     let run_dir = sp.run_dir.clone();
+    let _lock = output::RunLock::acquire(&run_dir)?;
     let mut run = output::RunDir::create(&run_dir, sp.fresh_run_dir)?;
     let schedule = sp.schedule.clone();
     let bar = output::init_run_logging(&run.log_path(), schedule.max_steps())?;

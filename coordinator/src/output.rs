@@ -118,6 +118,43 @@ impl RunDir {
     }
 }
 
+/// Exclusive hold on a run directory: a second coordinator on the same run
+/// is refused (an OS file lock, released even on SIGKILL), with the holder's
+/// pid and host in the message.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: File,
+}
+
+impl RunLock {
+    pub fn acquire(run_dir: &Path) -> Result<RunLock> {
+        std::fs::create_dir_all(run_dir)
+            .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+        let path = run_dir.join("coordinator.lock");
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        if file.try_lock().is_err() {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(crate::start::Refused(format!(
+                "run directory {} is in use by another coordinator ({}); stop it first, or use another --run-dir",
+                run_dir.display(),
+                holder.trim()
+            ))
+            .into());
+        }
+        let host =
+            std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "unknown host".into());
+        file.set_len(0)?;
+        write!(file, "pid {} on {}", std::process::id(), host.trim())?;
+        Ok(RunLock { _file: file })
+    }
+}
+
 /// Console writer that clears the progress bar around each line.
 #[derive(Clone, Debug)]
 struct ConsoleWriter {

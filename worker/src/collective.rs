@@ -41,10 +41,30 @@ pub trait Collective: Send + std::fmt::Debug {
     /// call it with a buffer of the same length; every rank ends with the
     /// same bits.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+    /// A handle another thread can use to make a blocked collective call
+    /// fail at once (when the coordinator aborts the step).
+    fn abort_handle(&self) -> Option<AbortHandle> {
+        None
+    }
     /// Returns once every rank has called it.
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         let mut token = [0f32];
         self.all_reduce_sum(&mut token)
+    }
+}
+
+/// Breaks a collective's connections from another thread: a rank blocked
+/// in an all-reduce on a frozen or dead peer returns an error immediately.
+#[derive(Debug)]
+pub struct AbortHandle {
+    streams: Vec<TcpStream>,
+}
+
+impl AbortHandle {
+    pub fn abort(&self) {
+        for s in &self.streams {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -246,6 +266,14 @@ impl Collective for TcpRing {
         self.rank
     }
 
+    fn abort_handle(&self) -> Option<AbortHandle> {
+        let streams = [&self.next, &self.prev]
+            .iter()
+            .filter_map(|s| s.try_clone().ok())
+            .collect();
+        Some(AbortHandle { streams })
+    }
+
     fn world_size(&self) -> usize {
         self.world
     }
@@ -382,6 +410,29 @@ mod tests {
             .collect::<Vec<_>>()
         };
         assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn an_abort_unblocks_a_rank_waiting_on_a_frozen_peer() {
+        // Rank 1 never calls the all-reduce (as if frozen); rank 0 is
+        // blocked in it until its abort handle is used.
+        let results = local_ring(2, |mut c| {
+            if c.rank() == 1 {
+                std::thread::sleep(Duration::from_millis(600));
+                return Ok(());
+            }
+            let handle = c.abort_handle().expect("a ring has an abort handle");
+            let aborter = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                handle.abort();
+            });
+            let mut buf = vec![1.0f32; 1 << 20];
+            let r = c.all_reduce_sum(&mut buf);
+            let _ = aborter.join();
+            r
+        })
+        .expect("ring");
+        assert!(results[0].is_err(), "the aborted all-reduce must fail");
     }
 
     #[test]

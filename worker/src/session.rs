@@ -8,8 +8,8 @@
 //! a sample.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::collective::RingListener;
+use crate::collective::{AbortHandle, CollectiveError, RingListener};
 use crate::trainer::Trainer;
 
 /// This binary's version; the coordinator refuses any other.
@@ -49,6 +49,8 @@ pub struct Options {
 /// Work for the compute thread.
 enum Work {
     Assign(Assignment),
+    /// The coordinator aborted the generation: drop the trainer.
+    Reset,
     Step(StepPlan),
     Eval(EvalPlan),
     Checkpoint(CheckpointPlan),
@@ -58,13 +60,35 @@ fn msg(body: worker_message::Body) -> WorkerMessage {
     WorkerMessage { body: Some(body) }
 }
 
+/// The coordinator went away without saying stop (killed, restarted, or
+/// the network failed): the worker reconnects and rejoins.
+#[derive(Debug, thiserror::Error)]
+#[error("lost the coordinator: {0}")]
+pub struct CoordinatorLost(String);
+
 /// Runs the worker until the coordinator says stop; returns the exit code
-/// it asked for.
+/// it asked for. If the coordinator disappears, the worker keeps trying to
+/// reach it again (a restarted coordinator at the same address) for
+/// `connect_timeout`, then rejoins as a new worker.
 pub async fn run(opts: Options) -> Result<i32> {
+    loop {
+        match run_session(&opts).await {
+            Err(e) if e.is::<CoordinatorLost>() => {
+                tracing::warn!(
+                    "{e:#}; reconnecting (for up to {:.0}s)",
+                    opts.connect_timeout.as_secs_f64()
+                );
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn run_session(opts: &Options) -> Result<i32> {
     let endpoint = Endpoint::from_shared(opts.url.clone())
         .with_context(|| format!("--connect {}: not a URL such as http://HOST:PORT", opts.url))?
         .connect_timeout(Duration::from_secs(5));
-    let channel = connect_with_retry(&endpoint, &opts).await?;
+    let channel = connect_with_retry(&endpoint, opts).await?;
     let auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
         stride_job::auth::bearer(&opts.token)
             .parse()
@@ -151,12 +175,14 @@ pub async fn run(opts: Options) -> Result<i32> {
     };
 
     let (work_tx, work_rx) = std::sync::mpsc::channel::<Work>();
+    let abort: AbortSlot = Arc::new(Mutex::new(None));
     let compute = {
         let tx = out_tx.clone();
         let threads = opts.threads;
+        let abort = abort.clone();
         std::thread::Builder::new()
             .name("compute".into())
-            .spawn(move || compute_loop(work_rx, tx, listener, threads, last_step))
+            .spawn(move || compute_loop(work_rx, tx, listener, threads, last_step, abort))
             .context("cannot start the compute thread")?
     };
     drop(out_tx);
@@ -165,8 +191,12 @@ pub async fn run(opts: Options) -> Result<i32> {
         let next = inbound.message().await;
         let body = match next {
             Ok(Some(m)) => m.body,
-            Ok(None) => bail!("the coordinator closed the session without a shutdown"),
-            Err(s) => bail!("lost the coordinator: {}", s.message()),
+            Ok(None) => {
+                return Err(
+                    CoordinatorLost("it closed the session without a shutdown".into()).into(),
+                );
+            }
+            Err(s) => return Err(CoordinatorLost(s.message().to_string()).into()),
         };
         match body {
             Some(coordinator_message::Body::Assignment(a)) => send_work(&work_tx, Work::Assign(a))?,
@@ -185,6 +215,14 @@ pub async fn run(opts: Options) -> Result<i32> {
                     a.generation,
                     a.reason
                 );
+                // Unblock a step stuck in the collective on a dead peer,
+                // then drop the trainer and wait for a new assignment.
+                if let Ok(mut h) = abort.lock()
+                    && let Some(h) = h.take()
+                {
+                    h.abort();
+                }
+                send_work(&work_tx, Work::Reset)?;
             }
             Some(
                 coordinator_message::Body::Heartbeat(_) | coordinator_message::Body::Bootstrap(_),
@@ -194,8 +232,13 @@ pub async fn run(opts: Options) -> Result<i32> {
     };
     beat.abort();
     drop(work_tx);
-    // The compute thread ends when its queue closes; it may be mid-step if
-    // the job failed elsewhere, so do not wait for it forever.
+    if let Ok(mut h) = abort.lock()
+        && let Some(h) = h.take()
+    {
+        h.abort();
+    }
+    // The compute thread ends when its queue closes (a step in the
+    // collective was just aborted).
     let _ = tokio::task::spawn_blocking(move || compute.join()).await;
     Ok(code)
 }
@@ -269,30 +312,37 @@ fn hostname() -> String {
 }
 
 /// The compute thread: builds the trainer on assignment, then runs plans.
+/// Where the compute thread leaves the abort handle of its collective.
+type AbortSlot = Arc<Mutex<Option<AbortHandle>>>;
+
 fn compute_loop(
     work: std::sync::mpsc::Receiver<Work>,
     out: mpsc::Sender<WorkerMessage>,
     listener: RingListener,
     threads: usize,
     last_step: Arc<AtomicU64>,
+    abort: AbortSlot,
 ) {
     let mut trainer: Option<(u64, Trainer)> = None;
     let send = |body| {
         let _ = out.blocking_send(msg(body));
     };
-    let fail = |generation: u64, e: anyhow::Error| {
+    // Fatal: retrying cannot help (bad config, data, device). Not fatal: a
+    // step failed (a peer died); the coordinator restarts the generation.
+    let fail = |generation: u64, e: anyhow::Error, fatal: bool| {
         tracing::error!("{e:#}");
         let _ = out.blocking_send(msg(worker_message::Body::Error(WorkerError {
             generation,
             message: format!("{e:#}"),
-            fatal: true,
+            fatal,
         })));
     };
     while let Ok(w) = work.recv() {
         match w {
             Work::Assign(a) => {
                 let generation = a.generation;
-                match assign(&a, &listener, threads) {
+                trainer = None;
+                match assign(&a, &listener, threads, &abort) {
                     Ok(t) => {
                         send(worker_message::Body::Ready(Ready {
                             generation,
@@ -303,9 +353,20 @@ fn compute_loop(
                         trainer = Some((generation, t));
                     }
                     Err(e) => {
-                        fail(generation, e);
-                        return;
+                        // A ring that could not form (a peer died meanwhile)
+                        // is retried by the coordinator; anything else is not.
+                        let transient = e.chain().any(|c| c.is::<CollectiveError>());
+                        fail(generation, e, !transient);
+                        if !transient {
+                            return;
+                        }
                     }
+                }
+            }
+            Work::Reset => {
+                trainer = None;
+                if let Ok(mut h) = abort.lock() {
+                    *h = None;
                 }
             }
             Work::Step(p) => {
@@ -329,8 +390,8 @@ fn compute_loop(
                         }));
                     }
                     Err(e) => {
-                        fail(p.generation, e.context(format!("step {}", p.step)));
-                        return;
+                        fail(p.generation, e.context(format!("step {}", p.step)), false);
+                        trainer = None;
                     }
                 }
             }
@@ -374,6 +435,7 @@ fn compute_loop(
                     fail(
                         generation,
                         anyhow!("cannot start the checkpoint writer: {e}"),
+                        true,
                     );
                     return;
                 }
@@ -394,8 +456,9 @@ fn compute_loop(
                         fail(
                             p.generation,
                             e.context(format!("evaluation after step {}", p.step)),
+                            false,
                         );
-                        return;
+                        trainer = None;
                     }
                 }
             }
@@ -404,7 +467,12 @@ fn compute_loop(
 }
 
 /// Builds the trainer for an assignment: config, device, threads, ring.
-fn assign(a: &Assignment, listener: &RingListener, threads: usize) -> Result<Trainer> {
+fn assign(
+    a: &Assignment,
+    listener: &RingListener,
+    threads: usize,
+    abort: &AbortSlot,
+) -> Result<Trainer> {
     let config = Config::from_toml(&a.config_toml, "the job sent by the coordinator")?;
     let device = match config.worker.device {
         DeviceKind::Cpu => Device::Cpu,
@@ -444,6 +512,9 @@ fn assign(a: &Assignment, listener: &RingListener, threads: usize) -> Result<Tra
     let collective = listener
         .connect(a.rank as usize, &peers, a.generation, timeout)
         .with_context(|| format!("rank {} could not join the ring", a.rank))?;
+    if let Ok(mut h) = abort.lock() {
+        *h = collective.abort_handle();
+    }
     let mut trainer = Trainer::new(&config, collective, a.accumulation as usize, device)?;
     if !a.load_checkpoint.is_empty() {
         let dir = std::path::Path::new(&a.load_checkpoint);

@@ -1,0 +1,273 @@
+//! Failures with real processes: a worker killed with SIGKILL or frozen
+//! with SIGSTOP is named and replaced and the job ends with the same weights
+//! as an uninterrupted run; a killed coordinator is restarted and its
+//! workers rejoin; a second coordinator on a live run is refused.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::{Proc, eventually, metrics, run, spawn, worker_pids};
+use stride_job::checkpoint;
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// tiny for 60 steps, a checkpoint every 20, evaluation every 25.
+const JOB: &[&str] = &[
+    "--config",
+    "tiny",
+    "--workers",
+    "2",
+    "--set",
+    "train.max_steps=60",
+    "--set",
+    "train.warmup_steps=10",
+    "--set",
+    "checkpoint.interval=20",
+    "--set",
+    "train.eval_interval=25",
+];
+
+fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = JOB.to_vec();
+    v.extend_from_slice(extra);
+    v
+}
+
+/// sha256 of the final model and optimizer files of a run in `dir`.
+fn final_state(dir: &Path) -> (String, String) {
+    let s = checkpoint::validate(&dir.join("runs/tiny/checkpoints/step-00000060"))
+        .expect("final checkpoint")
+        .state;
+    (
+        s.files[checkpoint::MODEL_FILE].clone(),
+        s.files[checkpoint::OPTIMIZER_FILE].clone(),
+    )
+}
+
+fn reference() -> (String, String) {
+    let d = tempfile::tempdir().expect("tmp");
+    let (status, out) = run(&with(&["--local"]), d.path(), LIMIT);
+    assert!(status.success(), "{out}");
+    final_state(d.path())
+}
+
+fn steps_done(dir: &Path) -> usize {
+    metrics(&dir.join("runs/tiny"))
+        .iter()
+        .filter(|r| r.get("loss").is_some())
+        .count()
+}
+
+fn signal(sig: &str, pid: u32) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(ok.success(), "kill {sig} {pid}");
+}
+
+/// A small seeded generator for "random" steps and victims; the seed is
+/// printed so that a failure can be replayed.
+fn seed() -> u64 {
+    let s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    println!("failure-test seed {s}");
+    s
+}
+
+fn next(state: &mut u64, below: u64) -> u64 {
+    *state = state
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (*state >> 33) % below
+}
+
+/// Live worker pids of the current attempt (the last two "joined" lines).
+fn current_workers(dir: &Path) -> Vec<u32> {
+    let log = std::fs::read_to_string(dir.join("runs/tiny/train.log")).unwrap_or_default();
+    let pids = worker_pids(&log);
+    pids[pids.len().saturating_sub(2)..].to_vec()
+}
+
+#[test]
+fn killed_and_frozen_workers_are_named_replaced_and_change_nothing() {
+    let want = reference();
+    let mut rng = seed();
+
+    // SIGKILL of a random worker at a random step, then a second kill, and a
+    // SIGSTOP: three failures in one run (chaos).
+    let d = tempfile::tempdir().expect("tmp");
+    let mut coord = spawn(
+        "coordinator",
+        &with(&["--local", "--set", "cluster.max_restarts=5"]),
+        d.path(),
+        "c.out",
+    );
+    let first = 3 + next(&mut rng, 30) as usize;
+    for (round, action) in [(first, "-9"), (first + 8, "-9"), (first + 16, "-STOP")] {
+        eventually(LIMIT, "training progress", || {
+            (steps_done(d.path()) >= round).then_some(())
+        });
+        let victims = current_workers(d.path());
+        let victim = victims[next(&mut rng, victims.len() as u64) as usize];
+        println!(
+            "{action} worker {victim} after {} steps",
+            steps_done(d.path())
+        );
+        signal(action, victim);
+        // Wait for the coordinator to notice before the next failure.
+        let restarts = round_restarts(d.path());
+        eventually(LIMIT, "a restart", || {
+            (round_restarts(d.path()) > restarts).then_some(())
+        });
+    }
+    let status = coord.wait(LIMIT);
+    let out = std::fs::read_to_string(d.path().join("c.out")).unwrap_or_default();
+    assert!(status.success(), "{out}");
+    assert!(out.contains("lost at step"), "{out}");
+    assert!(
+        out.contains("no heartbeat for"),
+        "the frozen worker must be named: {out}"
+    );
+    assert!(out.contains("restart 3/5"), "{out}");
+    assert_eq!(
+        final_state(d.path()),
+        want,
+        "after three failures the weights differ from the uninterrupted run"
+    );
+}
+
+fn round_restarts(dir: &Path) -> usize {
+    std::fs::read_to_string(dir.join("runs/tiny/train.log"))
+        .unwrap_or_default()
+        .matches(" restart ")
+        .count()
+}
+
+#[test]
+fn exhausted_restarts_fail_with_a_summary() {
+    let d = tempfile::tempdir().expect("tmp");
+    let mut coord = spawn(
+        "coordinator",
+        &with(&["--local", "--set", "cluster.max_restarts=0"]),
+        d.path(),
+        "c.out",
+    );
+    eventually(LIMIT, "training progress", || {
+        (steps_done(d.path()) >= 5).then_some(())
+    });
+    signal("-9", current_workers(d.path())[0]);
+    let status = coord.wait(LIMIT);
+    let out = std::fs::read_to_string(d.path().join("c.out")).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("giving up after 0 restart(s)")
+            && out.contains("Failures:")
+            && out.contains("lost at step"),
+        "{out}"
+    );
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+#[test]
+fn a_killed_coordinator_is_restarted_and_its_workers_rejoin() {
+    let want = reference();
+    let d = tempfile::tempdir().expect("tmp");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let url = format!("http://{listen}");
+    let mut coord = spawn(
+        "coordinator",
+        &with(&["--listen", &listen]),
+        d.path(),
+        "c1.out",
+    );
+    let workers: Vec<Proc> = (0..2)
+        .map(|i| {
+            spawn(
+                "worker",
+                &["--connect", &url, "--connect-timeout", "60"],
+                d.path(),
+                &format!("w{i}.out"),
+            )
+        })
+        .collect();
+    let ckpt = d
+        .path()
+        .join("runs/tiny/checkpoints/step-00000020/COMPLETE");
+    eventually(LIMIT, "the first checkpoint", || {
+        ckpt.exists().then_some(())
+    });
+    signal("-9", coord.pid());
+    coord.wait(Duration::from_secs(30));
+
+    // A second coordinator on the same run directory while the first is alive
+    // is refused; here the first is dead, so the restart may take over.
+    let mut again = spawn(
+        "coordinator",
+        &[
+            "--resume",
+            "runs/tiny/checkpoints/latest",
+            "--listen",
+            &listen,
+        ],
+        d.path(),
+        "c2.out",
+    );
+    let status = again.wait(LIMIT);
+    let out = std::fs::read_to_string(d.path().join("c2.out")).unwrap_or_default();
+    assert!(status.success(), "{out}");
+    for (i, mut w) in workers.into_iter().enumerate() {
+        let s = w.wait(Duration::from_secs(60));
+        let wout = std::fs::read_to_string(d.path().join(format!("w{i}.out"))).unwrap_or_default();
+        assert!(s.success(), "worker {i}: {wout}");
+        assert!(
+            wout.contains("lost the coordinator") && wout.contains("reconnecting"),
+            "{wout}"
+        );
+    }
+    assert_eq!(
+        final_state(d.path()),
+        want,
+        "the restarted job ended with other weights"
+    );
+}
+
+#[test]
+fn a_second_coordinator_on_a_live_run_is_refused() {
+    let d = tempfile::tempdir().expect("tmp");
+    let mut first = spawn(
+        "coordinator",
+        &["--config", "tiny", "--listen", "127.0.0.1:0"],
+        d.path(),
+        "c1.out",
+    );
+    let addr = d.path().join("runs/tiny/coordinator.addr");
+    eventually(Duration::from_secs(60), "the first coordinator", || {
+        addr.exists().then_some(())
+    });
+    let (status, out) = run(
+        &["--config", "tiny", "--listen", "127.0.0.1:0"],
+        d.path(),
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(
+        out.contains("is in use by another coordinator")
+            && out.contains(&format!("pid {}", first.pid())),
+        "{out}"
+    );
+    assert!(
+        first.child.try_wait().expect("wait").is_none(),
+        "the first coordinator must be unharmed"
+    );
+}

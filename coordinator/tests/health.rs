@@ -5,8 +5,8 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use stride_proto::v1::StatusRequest;
 use stride_proto::v1::coordinator_client::CoordinatorClient;
+use stride_proto::v1::{RegisterRequest, StatusRequest};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
@@ -94,4 +94,76 @@ async fn health_is_open_and_the_job_service_needs_the_token() {
         .expect("status with the token")
         .into_inner();
     assert_eq!(s.step, 0);
+}
+
+#[tokio::test]
+async fn another_version_and_oversized_messages_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let _coord = Kill(
+        Command::new(env!("CARGO_BIN_EXE_coordinator"))
+            .args([
+                "--config",
+                "tiny",
+                "--workers",
+                "1",
+                "--listen",
+                "127.0.0.1:0",
+            ])
+            .current_dir(dir.path())
+            .env("STRIDE_TOKEN", "v")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("coordinator starts"),
+    );
+    let addr_file = dir.path().join("runs/tiny/coordinator.addr");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let url = loop {
+        if let Ok(s) = std::fs::read_to_string(&addr_file)
+            && !s.trim().is_empty()
+        {
+            break s.trim().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the coordinator never wrote its address"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = CoordinatorClient::with_interceptor(channel, |mut req: tonic::Request<()>| {
+        req.metadata_mut()
+            .insert("authorization", "Bearer v".parse().expect("ascii"));
+        Ok(req)
+    })
+    .max_encoding_message_size(64 << 20);
+    let e = client
+        .register(RegisterRequest {
+            version: "0.0.1-old".into(),
+            protocol_version: 1,
+            ..Default::default()
+        })
+        .await
+        .expect_err("another version");
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message().contains("0.0.1-old") && e.message().contains(env!("CARGO_PKG_VERSION")),
+        "{}",
+        e.message()
+    );
+    // 20 MiB is above the 16 MiB bound of any message.
+    let e = client
+        .register(RegisterRequest {
+            version: env!("CARGO_PKG_VERSION").into(),
+            protocol_version: 1,
+            host: "x".repeat(20 << 20),
+            ..Default::default()
+        })
+        .await
+        .expect_err("too large");
+    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
 }

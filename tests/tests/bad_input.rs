@@ -1,0 +1,276 @@
+//! One table of bad inputs for the coordinator and the worker: each gets one
+//! clear error naming the file, key or rank, a non-zero exit code, and no
+//! change to an existing checkpoint folder.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::{eventually, run, spawn};
+use stride_job::checkpoint;
+use stride_job::tokens::write_nanogpt;
+
+/// Every file under `dir` with its sha256 (symlinks by target).
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("ls").flatten() {
+            let p = e.path();
+            let meta = std::fs::symlink_metadata(&p).expect("stat");
+            if meta.file_type().is_symlink() {
+                out.insert(
+                    p.clone(),
+                    format!("-> {}", std::fs::read_link(&p).expect("link").display()),
+                );
+            } else if meta.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(p.clone(), checkpoint::sha256_file(&p).expect("sha"));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_bad_input_is_one_clear_error_and_damages_nothing() {
+    let d = tempfile::tempdir().expect("tmp");
+    let dir = d.path();
+    // A run with checkpoints at steps 2 and 4, which no case may touch.
+    let (status, out) = run(
+        &[
+            "--config",
+            "tiny",
+            "--workers",
+            "1",
+            "--local",
+            "--set",
+            "train.max_steps=4",
+            "--set",
+            "train.warmup_steps=1",
+            "--set",
+            "checkpoint.interval=2",
+            "--set",
+            "train.eval_interval=0",
+        ],
+        dir,
+        Duration::from_secs(300),
+    );
+    assert!(status.success(), "{out}");
+    let ckpts = dir.join("runs/tiny/checkpoints");
+
+    // Inputs on disk.
+    std::fs::write(dir.join("malformed.toml"), "[train\nlr = 1e-3\n").expect("w");
+    std::fs::write(dir.join("unknown.toml"), "[train]\nlearning_rate = 1e-3\n").expect("w");
+    std::fs::write(
+        dir.join("wrongtype.toml"),
+        "[train]\nmax_steps = \"many\"\n",
+    )
+    .expect("w");
+    std::fs::write(
+        dir.join("impossible.toml"),
+        "[train]\nmax_steps = 10\nwarmup_steps = 11\n",
+    )
+    .expect("w");
+    std::fs::write(dir.join("odd.bin"), [1u8, 0, 2]).expect("w");
+    write_nanogpt(&dir.join("bigid.bin"), &[7u16, 200, 3].repeat(100)).expect("w");
+    let corrupted = dir.join("corrupted");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(&ckpts)
+        .arg(&corrupted)
+        .status()
+        .expect("cp");
+    assert!(copied.success());
+    let model = corrupted.join("step-00000004/model.safetensors");
+    let mut bytes = std::fs::read(&model).expect("read");
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    std::fs::write(&model, bytes).expect("write");
+    let corrupted_step = corrupted.join("step-00000004");
+    let corrupted_step = corrupted_step.to_str().expect("utf8");
+
+    // A live coordinator holding runs/live.
+    let mut live = spawn(
+        "coordinator",
+        &[
+            "--config",
+            "tiny",
+            "--listen",
+            "127.0.0.1:0",
+            "--run-dir",
+            "runs/live",
+            "--set",
+            "checkpoint.dir=live",
+        ],
+        dir,
+        "live.out",
+    );
+    let addr = dir.join("runs/live/coordinator.addr");
+    eventually(Duration::from_secs(60), "the live coordinator", || {
+        addr.exists().then_some(())
+    });
+
+    let fresh = [
+        "--set",
+        "checkpoint.dir=elsewhere",
+        "--run-dir",
+        "runs/elsewhere",
+    ];
+    // (binary, arguments, exit code, what the message must name)
+    let cases: Vec<(&str, Vec<&str>, i32, Vec<&str>)> = vec![
+        (
+            "coordinator",
+            vec!["--config", "malformed.toml"],
+            2,
+            vec!["malformed.toml", "not valid TOML"],
+        ),
+        (
+            "coordinator",
+            vec!["--config", "unknown.toml"],
+            2,
+            vec!["unknown.toml", "train.learning_rate"],
+        ),
+        (
+            "coordinator",
+            vec!["--config", "wrongtype.toml"],
+            2,
+            vec!["wrongtype.toml", "train.max_steps", "wrong type"],
+        ),
+        (
+            "coordinator",
+            vec!["--config", "impossible.toml"],
+            2,
+            vec!["impossible.toml", "train.warmup_steps"],
+        ),
+        (
+            "coordinator",
+            vec!["--set", "data.train=missing.bin"],
+            2,
+            vec!["missing.bin", "cannot open"],
+        ),
+        (
+            "coordinator",
+            vec!["--set", "data.train=odd.bin"],
+            2,
+            vec!["odd.bin", "odd length"],
+        ),
+        (
+            "coordinator",
+            vec![
+                "--set",
+                "data.train=bigid.bin",
+                "--set",
+                "data.val_fraction=0.5",
+                "--set",
+                "model.context=8",
+            ],
+            2,
+            vec!["bigid.bin", "token id 200", "model.vocab_size = 128"],
+        ),
+        (
+            "coordinator",
+            vec!["--resume", corrupted_step],
+            2,
+            vec![
+                corrupted_step,
+                "model.safetensors does not match its sha256",
+            ],
+        ),
+        (
+            "coordinator",
+            vec![
+                "--resume",
+                "runs/tiny/checkpoints/latest",
+                "--extend-steps",
+                "4",
+            ],
+            2,
+            vec!["--extend-steps 4", "(4)"],
+        ),
+        (
+            "coordinator",
+            vec!["--workers", "0"],
+            2,
+            vec!["--workers 0", "cluster.workers"],
+        ),
+        (
+            "coordinator",
+            vec![
+                "--config",
+                "tiny",
+                "--listen",
+                "127.0.0.1:0",
+                "--run-dir",
+                "runs/live",
+                "--set",
+                "checkpoint.dir=live2",
+            ],
+            2,
+            vec!["runs/live", "in use by another coordinator"],
+        ),
+        (
+            "worker",
+            vec!["--connect", "http://127.0.0.1:9", "--connect-timeout", "1"],
+            1,
+            vec!["no coordinator answered at http://127.0.0.1:9"],
+        ),
+        (
+            "worker",
+            vec![
+                "--connect",
+                "http://127.0.0.1:9",
+                "--token-file",
+                "missing-token",
+            ],
+            2,
+            vec!["missing-token"],
+        ),
+    ];
+    let before = (snapshot(&ckpts), snapshot(&corrupted));
+    for (binary, args, code, needles) in cases {
+        let mut argv: Vec<&str> = args.clone();
+        let needs_fresh =
+            binary == "coordinator" && !args.contains(&"--resume") && !args.contains(&"--run-dir");
+        if needs_fresh {
+            argv.extend_from_slice(&fresh);
+        }
+        if binary == "coordinator" && !args.contains(&"--listen") {
+            argv.push("--local");
+        }
+        let out = std::process::Command::new(common::bin(binary))
+            .args(&argv)
+            .current_dir(dir)
+            .env("STRIDE_TOKEN", common::TOKEN)
+            .output()
+            .expect("runs");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(code), "{binary} {argv:?}:\n{text}");
+        for n in needles {
+            assert!(
+                text.contains(n),
+                "{binary} {argv:?}: the message lacks `{n}`:\n{text}"
+            );
+        }
+        assert!(
+            !text.contains("panicked"),
+            "{binary} {argv:?} panicked:\n{text}"
+        );
+        assert_eq!(
+            before,
+            (snapshot(&ckpts), snapshot(&corrupted)),
+            "{binary} {argv:?} changed a checkpoint"
+        );
+    }
+    assert!(
+        live.child.try_wait().expect("wait").is_none(),
+        "the live coordinator must be unharmed"
+    );
+}

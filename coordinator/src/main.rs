@@ -76,6 +76,15 @@ struct RunArgs {
     /// Check the flags and the config, print what would run, and exit.
     #[arg(long)]
     dry_run: bool,
+    /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Start a new run (step 0, fresh optimizer, the config's schedule) from
     /// a checkpoint's weights (Strategy B).
     #[arg(long, value_name = "PATH")]
@@ -349,10 +358,13 @@ async fn train(args: RunArgs) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {listen} (is another coordinator running? pick another with --listen)"))?;
     let addr = listener.local_addr()?;
-    if !addr.ip().is_loopback() {
-        tracing::warn!("listening on {addr}, reachable from other machines");
+    let tls = tls_config(&args)?;
+    if !addr.ip().is_loopback() && tls.is_none() {
+        tracing::warn!(
+            "listening on {addr} without TLS: the job token and all traffic cross the network in clear; pass --tls-cert and --tls-key"
+        );
     }
-    let url = format!("http://{addr}");
+    let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
     std::fs::write(run_dir.join("coordinator.addr"), format!("{url}\n")).with_context(|| {
         format!(
             "cannot write {}",
@@ -382,8 +394,12 @@ async fn train(args: RunArgs) -> Result<()> {
             .await;
     }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls).context("bad TLS configuration")?;
+    }
     let serve = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
             .add_service(service)
             .add_service(health)
             .serve_with_incoming_shutdown(
@@ -465,4 +481,20 @@ async fn forward_signals(events: tokio::sync::mpsc::UnboundedSender<server::Even
         _ = term.recv() => "SIGTERM",
     };
     let _ = events.send(server::Event::Interrupted(which));
+}
+
+/// The server TLS configuration the flags ask for, if any.
+fn tls_config(args: &RunArgs) -> Result<Option<tonic::transport::ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let read =
+        |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let mut tls = tonic::transport::ServerTlsConfig::new().identity(
+        tonic::transport::Identity::from_pem(read(cert)?, read(key)?),
+    );
+    if let Some(ca) = &args.tls_client_ca {
+        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
 }

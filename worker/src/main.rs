@@ -29,6 +29,18 @@ struct Cli {
     /// File holding the shared job token [default: $STRIDE_TOKEN].
     #[arg(long, value_name = "PATH")]
     token_file: Option<std::path::PathBuf>,
+    /// Trust this CA (PEM) for an https:// coordinator.
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate (PEM) for a coordinator that requires mutual TLS.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Server name to verify in the coordinator's certificate [default: the URL's host].
+    #[arg(long)]
+    tls_domain: Option<String>,
     /// Check the flags and the token, print what would run, and exit.
     #[arg(long)]
     dry_run: bool,
@@ -48,12 +60,13 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    let identity = cli
-        .identity
-        .unwrap_or_else(|| match std::env::var("JOB_COMPLETION_INDEX") {
-            Ok(i) => format!("index-{i}"),
-            Err(_) => format!("pid-{}", std::process::id()),
-        });
+    let identity =
+        cli.identity
+            .clone()
+            .unwrap_or_else(|| match std::env::var("JOB_COMPLETION_INDEX") {
+                Ok(i) => format!("index-{i}"),
+                Err(_) => format!("pid-{}", std::process::id()),
+            });
     if cli.dry_run {
         println!(
             "dry run: would join {} as {identity} (token from {})",
@@ -76,7 +89,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let tls = match tls_config(&cli) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let opts = Options {
+        tls,
         token,
         url: cli.connect,
         identity,
@@ -102,4 +123,36 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The client TLS configuration the flags ask for: for an https:// URL,
+/// the system roots plus --tls-ca, and a client identity for mutual TLS.
+fn tls_config(cli: &Cli) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+    use anyhow::Context;
+    if !cli.connect.starts_with("https://") {
+        if cli.tls_ca.is_some() || cli.tls_cert.is_some() {
+            anyhow::bail!(
+                "--tls-* flags need an https:// coordinator URL, not {}",
+                cli.connect
+            );
+        }
+        return Ok(None);
+    }
+    let read = |p: &std::path::PathBuf| {
+        std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    let mut tls = tonic::transport::ClientTlsConfig::new();
+    if let Some(ca) = &cli.tls_ca {
+        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
+        tls = tls.identity(tonic::transport::Identity::from_pem(
+            read(cert)?,
+            read(key)?,
+        ));
+    }
+    if let Some(d) = &cli.tls_domain {
+        tls = tls.domain_name(d.clone());
+    }
+    Ok(Some(tls))
 }

@@ -44,6 +44,8 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// The shared job token sent with every RPC.
     pub token: String,
+    /// TLS towards an `https://` coordinator.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Work for the compute thread.
@@ -88,6 +90,12 @@ async fn run_session(opts: &Options) -> Result<i32> {
     let endpoint = Endpoint::from_shared(opts.url.clone())
         .with_context(|| format!("--connect {}: not a URL such as http://HOST:PORT", opts.url))?
         .connect_timeout(Duration::from_secs(5));
+    let endpoint = match &opts.tls {
+        Some(tls) => endpoint
+            .tls_config(tls.clone())
+            .context("bad TLS configuration")?,
+        None => endpoint,
+    };
     let channel = connect_with_retry(&endpoint, opts).await?;
     let auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
         stride_job::auth::bearer(&opts.token)

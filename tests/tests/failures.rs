@@ -271,3 +271,20 @@ fn a_second_coordinator_on_a_live_run_is_refused() {
         "the first coordinator must be unharmed"
     );
 }
+
+#[test]
+fn the_control_plane_holds_two_hundred_simulated_workers() {
+    // The load test binary asserts that every step ran and that the
+    // coordinator's memory stayed bounded; figures in BENCHMARKS.md.
+    let out = Command::new(common::bin("loadtest"))
+        .args(["--workers", "200", "--steps", "100"])
+        .output()
+        .expect("loadtest runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("200 simulated workers, 100 steps"), "{text}");
+}

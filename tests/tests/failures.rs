@@ -86,11 +86,22 @@ fn next(state: &mut u64, below: u64) -> u64 {
     (*state >> 33) % below
 }
 
-/// Live worker pids of the current attempt (the last two "joined" lines).
+/// The live pid of each local worker: the last "worker local-N joined (…,
+/// pid P" line per identity.
 fn current_workers(dir: &Path) -> Vec<u32> {
     let log = std::fs::read_to_string(dir.join("runs/tiny/train.log")).unwrap_or_default();
-    let pids = worker_pids(&log);
-    pids[pids.len().saturating_sub(2)..].to_vec()
+    let mut by_identity = std::collections::BTreeMap::new();
+    for line in log.lines().filter(|l| l.contains(" joined (")) {
+        let identity = line
+            .split("worker ")
+            .nth(1)
+            .and_then(|r| r.split(' ').next());
+        let pid = worker_pids(line).first().copied();
+        if let (Some(identity), Some(pid)) = (identity, pid) {
+            by_identity.insert(identity.to_string(), pid);
+        }
+    }
+    by_identity.into_values().collect()
 }
 
 #[test]
@@ -98,8 +109,10 @@ fn killed_and_frozen_workers_are_named_replaced_and_change_nothing() {
     let want = reference();
     let mut rng = seed();
 
-    // SIGKILL of a random worker at a random step, then a second kill, and a
-    // SIGSTOP: three failures in one run (chaos).
+    // Three failures in one run (chaos): a SIGKILL during the evaluation
+    // after step 24, a SIGKILL while the checkpoint of step 40 is being
+    // written (when the timing allows: its temporary directory is watched),
+    // and a SIGSTOP at a random step. Each victim is a random worker.
     let d = tempfile::tempdir().expect("tmp");
     let mut coord = spawn(
         "coordinator",
@@ -107,15 +120,44 @@ fn killed_and_frozen_workers_are_named_replaced_and_change_nothing() {
         d.path(),
         "c.out",
     );
-    let first = 3 + next(&mut rng, 30) as usize;
-    for (round, action) in [(first, "-9"), (first + 8, "-9"), (first + 16, "-STOP")] {
-        eventually(LIMIT, "training progress", || {
-            (steps_done(d.path()) >= round).then_some(())
-        });
+    let ckpt = d.path().join("runs/tiny/checkpoints");
+    let writing = |step: u64| {
+        std::fs::read_dir(&ckpt)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!(".tmp-step-{step:08}"))
+            })
+    };
+    for (n, action) in ["-9", "-9", "-STOP"].into_iter().enumerate() {
+        match n {
+            0 => {
+                eventually(LIMIT, "step 24", || {
+                    (steps_done(d.path()) >= 24).then_some(())
+                });
+                std::thread::sleep(Duration::from_millis(150)); // step 24 done, evaluating
+            }
+            1 => {
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while !writing(40) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            _ => {
+                let now = steps_done(d.path());
+                let at = now + 2 + next(&mut rng, 6) as usize;
+                eventually(LIMIT, "training progress", || {
+                    (steps_done(d.path()) >= at).then_some(())
+                });
+            }
+        }
         let victims = current_workers(d.path());
         let victim = victims[next(&mut rng, victims.len() as u64) as usize];
         println!(
-            "{action} worker {victim} after {} steps",
+            "{action} worker {victim} after {} step lines",
             steps_done(d.path())
         );
         signal(action, victim);

@@ -620,23 +620,20 @@ impl Driver {
         }
 
         // Every rank must report the same parameter layout and initial weights.
-        let mut ready: Vec<Option<(Vec<u8>, Vec<u8>)>> = vec![None; world];
-        while ready.iter().any(Option::is_none) {
-            let Some((rank, body)) = self
-                .next_rank_message(deadline, "to build its model")
-                .await?
-            else {
-                continue;
-            };
-            if let worker_message::Body::Ready(r) = body
-                && r.generation == self.generation
-            {
-                ready[rank] = Some((r.parameter_layout_hash, r.weights_hash));
-            }
-        }
-        let first = ready[0].clone().unwrap_or_default();
+        let ready = self
+            .gather(
+                deadline,
+                "to build its model",
+                |generation, body| match body {
+                    worker_message::Body::Ready(r) if r.generation == generation => {
+                        Some((r.parameter_layout_hash, r.weights_hash))
+                    }
+                    _ => None,
+                },
+            )
+            .await?;
+        let first = ready[0].clone();
         for (rank, r) in ready.iter().enumerate().skip(1) {
-            let r = r.clone().unwrap_or_default();
             if r.0 != first.0 {
                 bail!(
                     "{} built a model with other parameter names or shapes than rank 0; every worker must run the same config and binary",
@@ -804,35 +801,47 @@ impl Driver {
         }
     }
 
-    async fn collect_step(&mut self, step: u64) -> Result<Vec<stride_proto::v1::StepReport>> {
-        let world = self.ranks.len();
-        let timeout = Duration::from_secs_f64(self.spec.config.cluster.step_timeout_s);
-        let deadline = TokioInstant::now() + timeout;
-        let mut reports: Vec<Option<stride_proto::v1::StepReport>> = vec![None; world];
-        while reports.iter().any(Option::is_none) {
-            let missing: Vec<String> = reports
+    /// One reply from every rank: `pick` keeps the messages that answer
+    /// (the right kind, generation and step). A timeout names the ranks
+    /// that have not answered.
+    async fn gather<T>(
+        &mut self,
+        deadline: TokioInstant,
+        what: &str,
+        mut pick: impl FnMut(u64, worker_message::Body) -> Option<T>,
+    ) -> Result<Vec<T>> {
+        let mut got: Vec<Option<T>> = (0..self.ranks.len()).map(|_| None).collect();
+        while got.iter().any(Option::is_none) {
+            let missing: Vec<String> = got
                 .iter()
                 .enumerate()
                 .filter(|(_, r)| r.is_none())
                 .map(|(i, _)| self.ranks[i].describe(i))
                 .collect();
-            let Some((rank, body)) = self
-                .next_rank_message(
-                    deadline,
-                    &format!("to report (not reported: {})", missing.join(", ")),
-                )
-                .await?
-            else {
+            let waiting = format!("{what} (not answered: {})", missing.join(", "));
+            let Some((rank, body)) = self.next_rank_message(deadline, &waiting).await? else {
                 continue;
             };
-            if let worker_message::Body::Step(r) = body
-                && r.generation == self.generation
-                && r.step == step
-            {
-                reports[rank] = Some(r);
+            if let Some(v) = pick(self.generation, body) {
+                got[rank] = Some(v);
             }
         }
-        Ok(reports.into_iter().flatten().collect())
+        Ok(got.into_iter().flatten().collect())
+    }
+
+    async fn collect_step(&mut self, step: u64) -> Result<Vec<stride_proto::v1::StepReport>> {
+        let timeout = Duration::from_secs_f64(self.spec.config.cluster.step_timeout_s);
+        self.gather(
+            TokioInstant::now() + timeout,
+            "to report the step",
+            |generation, body| match body {
+                worker_message::Body::Step(r) if r.generation == generation && r.step == step => {
+                    Some(r)
+                }
+                _ => None,
+            },
+        )
+        .await
     }
 
     async fn evaluate(&mut self, step: u64, samples: &[u64]) -> Result<f64> {
@@ -847,25 +856,22 @@ impl Driver {
                 .await?;
         }
         let timeout = Duration::from_secs_f64(self.spec.config.cluster.step_timeout_s);
-        let deadline = TokioInstant::now() + timeout;
-        let mut got: Vec<Option<(f64, u64)>> = vec![None; world];
-        while got.iter().any(Option::is_none) {
-            let Some((rank, body)) = self
-                .next_rank_message(deadline, "to finish evaluation")
-                .await?
-            else {
-                continue;
-            };
-            if let worker_message::Body::Eval(r) = body
-                && r.generation == self.generation
-                && r.step == step
-            {
-                got[rank] = Some((r.loss_sum, r.tokens));
-            }
-        }
+        let got = self
+            .gather(
+                TokioInstant::now() + timeout,
+                "to finish evaluation",
+                |generation, body| match body {
+                    worker_message::Body::Eval(r)
+                        if r.generation == generation && r.step == step =>
+                    {
+                        Some((r.loss_sum, r.tokens))
+                    }
+                    _ => None,
+                },
+            )
+            .await?;
         let (sum, n) = got
             .into_iter()
-            .flatten()
             .fold((0.0, 0u64), |(s, n), (ls, t)| (s + ls, n + t));
         Ok(sum / n.max(1) as f64)
     }

@@ -18,10 +18,9 @@ impl Drop for Kill {
     }
 }
 
-#[tokio::test]
-async fn health_is_open_and_the_job_service_needs_the_token() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let _coord = Kill(
+/// A coordinator waiting for its one worker, and the URL it listens on.
+async fn start_coordinator(dir: &std::path::Path, token: &str) -> (Kill, String) {
+    let coord = Kill(
         Command::new(env!("CARGO_BIN_EXE_coordinator"))
             .args([
                 "--config",
@@ -31,27 +30,33 @@ async fn health_is_open_and_the_job_service_needs_the_token() {
                 "--listen",
                 "127.0.0.1:0",
             ])
-            .current_dir(dir.path())
-            .env("STRIDE_TOKEN", "health-test")
+            .current_dir(dir)
+            .env("STRIDE_TOKEN", token)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("coordinator starts"),
     );
-    let addr_file = dir.path().join("runs/tiny/coordinator.addr");
+    let addr_file = dir.join("runs/tiny/coordinator.addr");
     let deadline = Instant::now() + Duration::from_secs(60);
-    let url = loop {
+    loop {
         if let Ok(s) = std::fs::read_to_string(&addr_file)
             && !s.trim().is_empty()
         {
-            break s.trim().to_string();
+            return (coord, s.trim().to_string());
         }
         assert!(
             Instant::now() < deadline,
             "the coordinator never wrote its address"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    }
+}
+
+#[tokio::test]
+async fn health_is_open_and_the_job_service_needs_the_token() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_coord, url) = start_coordinator(dir.path(), "health-test").await;
 
     let channel = tonic::transport::Endpoint::from_shared(url.clone())
         .expect("url")
@@ -99,37 +104,7 @@ async fn health_is_open_and_the_job_service_needs_the_token() {
 #[tokio::test]
 async fn another_version_and_oversized_messages_are_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let _coord = Kill(
-        Command::new(env!("CARGO_BIN_EXE_coordinator"))
-            .args([
-                "--config",
-                "tiny",
-                "--workers",
-                "1",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .current_dir(dir.path())
-            .env("STRIDE_TOKEN", "v")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("coordinator starts"),
-    );
-    let addr_file = dir.path().join("runs/tiny/coordinator.addr");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let url = loop {
-        if let Ok(s) = std::fs::read_to_string(&addr_file)
-            && !s.trim().is_empty()
-        {
-            break s.trim().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the coordinator never wrote its address"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (_coord, url) = start_coordinator(dir.path(), "v").await;
     let channel = tonic::transport::Endpoint::from_shared(url)
         .expect("url")
         .connect()

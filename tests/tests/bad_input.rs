@@ -4,36 +4,10 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{eventually, run, spawn};
-use stride_job::checkpoint;
+use common::{eventually, run, snapshot, spawn};
 use stride_job::tokens::write_nanogpt;
-
-/// Every file under `dir` with its sha256 (symlinks by target).
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("ls").flatten() {
-            let p = e.path();
-            let meta = std::fs::symlink_metadata(&p).expect("stat");
-            if meta.file_type().is_symlink() {
-                out.insert(
-                    p.clone(),
-                    format!("-> {}", std::fs::read_link(&p).expect("link").display()),
-                );
-            } else if meta.is_dir() {
-                stack.push(p);
-            } else {
-                out.insert(p.clone(), checkpoint::sha256_file(&p).expect("sha"));
-            }
-        }
-    }
-    out
-}
 
 #[test]
 fn every_bad_input_is_one_clear_error_and_damages_nothing() {

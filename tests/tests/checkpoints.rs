@@ -5,10 +5,10 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::f64::consts::PI;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use common::{eventually, metrics, run, spawn, worker_pids};
+use common::{eventually, metrics, run, snapshot, spawn, worker_pids};
 use serde_json::Value;
 use stride_job::checkpoint;
 
@@ -58,29 +58,6 @@ fn steps(run_dir: &Path) -> BTreeMap<u64, Value> {
 
 fn state(dir: &Path) -> checkpoint::TrainState {
     checkpoint::validate(dir).expect("valid checkpoint").state
-}
-
-/// Every file under `dir` with its sha256 (to prove nothing was touched).
-fn snapshot(dir: &Path) -> BTreeMap<PathBuf, String> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).expect("ls").flatten() {
-            let p = e.path();
-            let meta = std::fs::symlink_metadata(&p).expect("stat");
-            if meta.file_type().is_symlink() {
-                out.insert(
-                    p.clone(),
-                    format!("-> {}", std::fs::read_link(&p).expect("link").display()),
-                );
-            } else if meta.is_dir() {
-                stack.push(p);
-            } else {
-                out.insert(p.clone(), checkpoint::sha256_file(&p).expect("sha"));
-            }
-        }
-    }
-    out
 }
 
 fn lr_of(m: &BTreeMap<u64, Value>, step: u64) -> f64 {

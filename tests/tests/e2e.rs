@@ -151,18 +151,7 @@ fn workers_started_separately_join_by_url() {
         dir.path(),
         "coordinator.out",
     );
-    let addr_file = dir.path().join("runs/tiny/coordinator.addr");
-    let url = eventually(Duration::from_secs(60), "coordinator.addr", || {
-        if let Ok(Some(status)) = coord.child.try_wait() {
-            let out =
-                std::fs::read_to_string(dir.path().join("coordinator.out")).unwrap_or_default();
-            panic!("coordinator exited early ({status}): {out}");
-        }
-        std::fs::read_to_string(&addr_file)
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-    });
+    let url = common::coordinator_url(dir.path(), "tiny", &mut coord);
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     let mut w0 = spawn("worker", &["--connect", &url], dir.path(), "w0.out");
     let mut w1 = spawn("worker", &["--connect", &url], dir.path(), "w1.out");
@@ -256,13 +245,7 @@ fn a_worker_with_the_wrong_token_is_refused_and_named() {
         dir.path(),
         "coordinator.out",
     );
-    let addr_file = dir.path().join("runs/tiny/coordinator.addr");
-    let url = eventually(Duration::from_secs(60), "coordinator.addr", || {
-        std::fs::read_to_string(&addr_file)
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-    });
+    let url = common::coordinator_url(dir.path(), "tiny", &mut coord);
     let intruder = std::process::Command::new(common::bin("worker"))
         .args(["--connect", &url])
         .env("STRIDE_TOKEN", "not-the-token")

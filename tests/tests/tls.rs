@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{eventually, spawn};
+use common::spawn;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
 /// Writes ca.pem, server.pem/server.key (for 127.0.0.1 and localhost) and
@@ -35,19 +35,6 @@ fn certificates(dir: &Path) {
     }
 }
 
-fn coordinator_url(dir: &Path, coord: &mut common::Proc) -> String {
-    let addr = dir.join("runs/tiny/coordinator.addr");
-    eventually(Duration::from_secs(60), "coordinator.addr", || {
-        if let Ok(Some(s)) = coord.child.try_wait() {
-            panic!("coordinator exited early: {s}");
-        }
-        std::fs::read_to_string(&addr)
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-    })
-}
-
 #[test]
 fn tls_workers_train_and_plaintext_is_refused() {
     let d = tempfile::tempdir().expect("tmp");
@@ -73,7 +60,7 @@ fn tls_workers_train_and_plaintext_is_refused() {
         d.path(),
         "c.out",
     );
-    let url = coordinator_url(d.path(), &mut coord);
+    let url = common::coordinator_url(d.path(), "tiny", &mut coord);
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
 
     let plain = url.replacen("https://", "http://", 1);
@@ -123,7 +110,7 @@ fn mutual_tls_refuses_a_worker_without_a_client_certificate() {
         d.path(),
         "c.out",
     );
-    let url = coordinator_url(d.path(), &mut coord);
+    let url = common::coordinator_url(d.path(), "tiny", &mut coord);
     let out = std::process::Command::new(common::bin("worker"))
         .args([
             "--connect",

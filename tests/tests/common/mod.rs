@@ -128,3 +128,45 @@ pub fn alive(pid: u32) -> bool {
         Err(_) => false,
     }
 }
+
+/// The URL a coordinator started in `cwd` (run directory `runs/<run>`)
+/// wrote to `coordinator.addr`; panics if it exits first.
+pub fn coordinator_url(cwd: &Path, run: &str, coord: &mut Proc) -> String {
+    let addr = cwd.join("runs").join(run).join("coordinator.addr");
+    eventually(Duration::from_secs(60), "coordinator.addr", || {
+        if let Ok(Some(status)) = coord.child.try_wait() {
+            panic!("{} exited early ({status})", coord.name);
+        }
+        std::fs::read_to_string(&addr)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    })
+}
+
+/// Every file under `dir` with its sha256 (symlinks by target): equal
+/// snapshots mean nothing was written, renamed or deleted.
+pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, String> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("ls").flatten() {
+            let p = e.path();
+            let meta = std::fs::symlink_metadata(&p).expect("stat");
+            if meta.file_type().is_symlink() {
+                out.insert(
+                    p.clone(),
+                    format!("-> {}", std::fs::read_link(&p).expect("link").display()),
+                );
+            } else if meta.is_dir() {
+                stack.push(p);
+            } else {
+                out.insert(
+                    p.clone(),
+                    stride_job::checkpoint::sha256_file(&p).expect("sha"),
+                );
+            }
+        }
+    }
+    out
+}

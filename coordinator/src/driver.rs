@@ -684,6 +684,7 @@ impl Driver {
         &mut self,
         deadline: TokioInstant,
         what: &str,
+        waiting_for: &[usize],
     ) -> Result<Option<(usize, worker_message::Body)>> {
         let hb_every = Duration::from_secs_f64(self.spec.config.cluster.heartbeat_interval_s);
         let hb_timeout = Duration::from_secs_f64(self.spec.config.cluster.heartbeat_timeout_s);
@@ -692,11 +693,25 @@ impl Driver {
             let wake = deadline.min(TokioInstant::now() + hb_every);
             match self.next_event(wake).await? {
                 Wait::TimedOut if TokioInstant::now() >= deadline => {
+                    // Name who did not answer, and when each was last heard
+                    // (a rank blocked on a dead peer is heard, a frozen one not).
+                    let missing: Vec<String> = waiting_for
+                        .iter()
+                        .filter_map(|&i| self.ranks.get(i).map(|r| (i, r)))
+                        .map(|(i, r)| {
+                            let heard =
+                                self.last_seen.get(&r.worker_id).map_or(String::new(), |t| {
+                                    format!(", last heard {:.1}s ago", t.elapsed().as_secs_f64())
+                                });
+                            format!("{}{heard}", r.describe(i))
+                        })
+                        .collect();
                     return Err(RankFailure {
                         worker_id: None,
                         message: format!(
-                            "timed out at step {} waiting for ranks {what}",
-                            self.step
+                            "timed out at step {} waiting for ranks {what} (not answered: {})",
+                            self.step,
+                            missing.join("; ")
                         ),
                     }
                     .into());
@@ -812,14 +827,13 @@ impl Driver {
     ) -> Result<Vec<T>> {
         let mut got: Vec<Option<T>> = (0..self.ranks.len()).map(|_| None).collect();
         while got.iter().any(Option::is_none) {
-            let missing: Vec<String> = got
+            let missing: Vec<usize> = got
                 .iter()
                 .enumerate()
                 .filter(|(_, r)| r.is_none())
-                .map(|(i, _)| self.ranks[i].describe(i))
+                .map(|(i, _)| i)
                 .collect();
-            let waiting = format!("{what} (not answered: {})", missing.join(", "));
-            let Some((rank, body)) = self.next_rank_message(deadline, &waiting).await? else {
+            let Some((rank, body)) = self.next_rank_message(deadline, what, &missing).await? else {
                 continue;
             };
             if let Some(v) = pick(self.generation, body) {
@@ -968,7 +982,7 @@ impl Driver {
         let deadline = TokioInstant::now() + limit;
         while !self.pending.is_empty() {
             let Some((rank, body)) = self
-                .next_rank_message(deadline, "to finish writing checkpoints")
+                .next_rank_message(deadline, "to finish writing checkpoints", &[0])
                 .await?
             else {
                 continue;

@@ -330,3 +330,40 @@ fn the_control_plane_holds_two_hundred_simulated_workers() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("200 simulated workers, 100 steps"), "{text}");
 }
+
+#[test]
+fn a_step_past_the_step_timeout_names_the_ranks_that_did_not_report() {
+    // Heartbeats alone would take 30 s to notice the frozen worker; the
+    // 2-second step timeout fires first and names it.
+    let d = tempfile::tempdir().expect("tmp");
+    let mut coord = spawn(
+        "coordinator",
+        &with(&[
+            "--local",
+            "--set",
+            "cluster.step_timeout_s=2",
+            "--set",
+            "cluster.heartbeat_timeout_s=30",
+            "--set",
+            "cluster.max_restarts=0",
+        ]),
+        d.path(),
+        "c.out",
+    );
+    eventually(LIMIT, "training progress", || {
+        (steps_done(d.path()) >= 3).then_some(())
+    });
+    let victim = current_workers(d.path())[1];
+    signal("-STOP", victim);
+    let status = coord.wait(LIMIT);
+    let _ = Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status();
+    let out = std::fs::read_to_string(d.path().join("c.out")).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("to report the step (not answered: ")
+            && out.contains(&format!("pid {victim}), last heard")),
+        "the timeout must name the silent rank: {out}"
+    );
+}

@@ -1010,11 +1010,15 @@ impl Driver {
             s.max_steps = max_steps;
             s.lr = lr;
             s.last_loss = loss;
-            if let Some(v) = val {
-                s.last_val_loss = v;
-            } else if s.step <= 1 {
-                s.last_val_loss = f64::NAN;
-            }
+            s.last_val_loss = val
+                .or_else(|| self.spec.metrics_so_far.val_history.last().map(|(_, v)| *v))
+                .unwrap_or(f64::NAN);
+            s.restarts = self.restarts;
+            s.last_checkpoint = self
+                .committed
+                .last()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default();
             s.eta_s = per_step * (max_steps - self.step) as f64;
             s.workers_connected = self.ranks.len() as u32;
             s.world_size = self.ranks.len() as u32;

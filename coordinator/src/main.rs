@@ -14,6 +14,7 @@ mod plan;
 mod prepare;
 mod server;
 mod start;
+mod status;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -99,6 +100,24 @@ enum Command {
     InspectData(InspectArgs),
     /// Tokenise UTF-8 text with GPT-2 BPE into train.bin / val.bin.
     Prepare(PrepareArgs),
+    /// Print the live state of a running job (authenticated like a worker).
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+struct StatusArgs {
+    /// The coordinator's URL (see runs/<name>/coordinator.addr).
+    #[arg(long)]
+    connect: String,
+    /// File holding the job token [default: $STRIDE_TOKEN].
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// Trust this CA (PEM) for an https:// coordinator.
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// Print the raw status as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 /// Selecting and adjusting a config (shared by every command that takes one).
@@ -230,6 +249,16 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn offline(command: Command) -> Result<()> {
     match command {
+        Command::Status(a) => {
+            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let text = rt.block_on(status::fetch(
+                &a.connect,
+                a.token_file.as_deref(),
+                a.tls_ca.as_deref(),
+                a.json,
+            ))?;
+            print!("{text}");
+        }
         Command::Plan(a) => {
             let (raw, config) = a.config.load()?;
             let plan = plan::build(&config, a.extend_steps, a.batches)?;

@@ -304,3 +304,62 @@ fn asking_a_cpu_build_for_cuda_is_one_clear_error() {
     );
     assert!(!out.contains("panicked"), "{out}");
 }
+
+#[test]
+fn status_shows_the_live_job_to_token_holders_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut coord = spawn(
+        "coordinator",
+        &[
+            "--config",
+            "tiny",
+            "--workers",
+            "2",
+            "--local",
+            "--set",
+            "train.max_steps=100000",
+            "--set",
+            "checkpoint.interval=5",
+        ],
+        dir.path(),
+        "coordinator.out",
+    );
+    let url = common::coordinator_url(dir.path(), "tiny", &mut coord);
+    let run_dir = dir.path().join("runs/tiny");
+    eventually(Duration::from_secs(120), "six steps", || {
+        (metrics(&run_dir).len() >= 6).then_some(())
+    });
+    let status = |token: &str| {
+        std::process::Command::new(common::bin("coordinator"))
+            .args(["status", "--connect", &url])
+            .env("STRIDE_TOKEN", token)
+            .output()
+            .expect("status runs")
+    };
+    let out = status(common::TOKEN);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "job `tiny`: step ",
+        "/100000",
+        "ETA",
+        "lr ",
+        "workers 2/2, restarts 0",
+        "step-00000005",
+        "rank 0",
+        "rank 1",
+    ] {
+        assert!(text.contains(want), "status lacks `{want}`:\n{text}");
+    }
+    let out = status("wrong");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing or wrong job token"));
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &coord.pid().to_string()])
+        .status();
+    assert_eq!(coord.wait(Duration::from_secs(60)).code(), Some(130));
+}

@@ -1,0 +1,104 @@
+//! `coordinator status`: the live state of a running job, read over the
+//! same authenticated gRPC service the workers use (`Status` RPC). Read
+//! only: it changes nothing in the job.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow};
+use stride_proto::v1::StatusRequest;
+use stride_proto::v1::coordinator_client::CoordinatorClient;
+
+/// Fetches the status and renders it (text, or JSON with `json`).
+pub async fn fetch(
+    url: &str,
+    token_file: Option<&Path>,
+    tls_ca: Option<&Path>,
+    json: bool,
+) -> Result<String> {
+    let token = stride_job::auth::load(token_file)?.ok_or(stride_job::auth::TokenError::Missing)?;
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("--connect {url}: not a URL such as http://HOST:PORT"))?;
+    if url.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = tls_ca {
+            let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("no coordinator answered at {url}"))?;
+    let auth: tonic::metadata::MetadataValue<_> = stride_job::auth::bearer(&token)
+        .parse()
+        .map_err(|_| anyhow!("the job token must be printable ASCII"))?;
+    let mut client =
+        CoordinatorClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
+            r.metadata_mut()
+                .insert(stride_job::auth::METADATA_KEY, auth.clone());
+            Ok(r)
+        });
+    let s = client
+        .status(StatusRequest {})
+        .await
+        .map_err(|e| anyhow!("status refused: {}", e.message()))?
+        .into_inner();
+    if json {
+        let ranks: Vec<serde_json::Value> = s
+            .ranks
+            .iter()
+            .map(|r| serde_json::json!({"rank": r.rank, "host": r.host, "pid": r.pid, "last_step": r.last_step, "step_s": r.step_s}))
+            .collect();
+        let v = serde_json::json!({
+            "config_name": s.config_name, "step": s.step, "max_steps": s.max_steps, "lr": s.lr,
+            "last_loss": s.last_loss, "last_val_loss": if s.last_val_loss.is_nan() { None } else { Some(s.last_val_loss) },
+            "eta_s": s.eta_s, "workers_connected": s.workers_connected, "world_size": s.world_size,
+            "restarts": s.restarts, "last_checkpoint": s.last_checkpoint, "ranks": ranks,
+        });
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&v)?));
+    }
+    let mut out = String::new();
+    if s.max_steps == 0 {
+        let _ = writeln!(
+            out,
+            "job `{}`: waiting for workers (no step yet)",
+            s.config_name
+        );
+        return Ok(out);
+    }
+    let _ = writeln!(
+        out,
+        "job `{}`: step {}/{} ({:.1}%), ETA {:.0} s",
+        s.config_name,
+        s.step,
+        s.max_steps,
+        100.0 * s.step as f64 / s.max_steps as f64,
+        s.eta_s
+    );
+    let val = if s.last_val_loss.is_nan() {
+        "no evaluation yet".to_string()
+    } else {
+        format!("val loss {:.4}", s.last_val_loss)
+    };
+    let _ = writeln!(out, "lr {:.3e}, loss {:.4}, {val}", s.lr, s.last_loss);
+    let ckpt = if s.last_checkpoint.is_empty() {
+        "none yet"
+    } else {
+        s.last_checkpoint.as_str()
+    };
+    let _ = writeln!(
+        out,
+        "workers {}/{}, restarts {}, last checkpoint {ckpt}",
+        s.workers_connected, s.world_size, s.restarts
+    );
+    for r in &s.ranks {
+        let _ = writeln!(
+            out,
+            "  rank {:<3} {} pid {:<8} last step {:<8} step {:.3} s",
+            r.rank, r.host, r.pid, r.last_step, r.step_s
+        );
+    }
+    Ok(out)
+}

@@ -326,16 +326,22 @@ async fn train(args: RunArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let token = match stride_job::auth::load(args.token_file.as_deref())? {
-        Some(t) => t,
-        None if args.local => {
-            stride_job::auth::generate().context("cannot generate a job token")?
-        }
+    let (token, generated) = match stride_job::auth::load(args.token_file.as_deref())? {
+        Some(t) => (t, false),
+        None if args.local => (
+            stride_job::auth::generate().context("cannot generate a job token")?,
+            true,
+        ),
         None => return Err(stride_job::auth::TokenError::Missing.into()),
     };
     let config = sp.config.clone();
     let run_dir = sp.run_dir.clone();
     let _lock = output::RunLock::acquire(&run_dir)?;
+    if generated {
+        // Kept in the run directory (owner-only) so that `coordinator status
+        // --token-file runs/<name>/token` can read the job.
+        write_private(&run_dir.join("token"), &token)?;
+    }
     let mut run = output::RunDir::create(&run_dir, sp.fresh_run_dir)?;
     let schedule = sp.schedule.clone();
     let bar = output::init_run_logging(&run.log_path(), schedule.max_steps())?;
@@ -526,4 +532,19 @@ fn tls_config(args: &RunArgs) -> Result<Option<tonic::transport::ServerTlsConfig
         tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
     }
     Ok(Some(tls))
+}
+
+/// Writes a file only its owner can read.
+fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())?;
+    Ok(())
 }

@@ -138,13 +138,7 @@ struct ConfigArgs {
 impl ConfigArgs {
     fn load(&self) -> Result<(RawConfig, stride_job::Config), ConfigError> {
         let mut raw = RawConfig::locate(self.config.as_deref().unwrap_or("tiny"))?;
-        if let Some(n) = self.workers {
-            raw.set_workers(n)?;
-        }
-        for s in &self.set {
-            raw.set(s)?;
-        }
-        let config = raw.resolve()?;
+        let config = raw.resolve_with(self.workers, &self.set)?;
         Ok((raw, config))
     }
 }

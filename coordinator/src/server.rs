@@ -31,7 +31,7 @@ pub struct Authenticator {
 impl Authenticator {
     pub fn new(token: &str) -> Authenticator {
         Authenticator {
-            expected: Arc::new(stride_job::auth::bearer(token).into_bytes()),
+            expected: Arc::new(stride_proto::client::bearer(token).into_bytes()),
         }
     }
 }
@@ -40,7 +40,7 @@ impl tonic::service::Interceptor for Authenticator {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
         let presented = request
             .metadata()
-            .get(stride_job::auth::METADATA_KEY)
+            .get(stride_proto::client::AUTH_METADATA_KEY)
             .map(|v| v.as_bytes())
             .unwrap_or_default();
         if stride_job::auth::matches(presented, &self.expected) {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use stride_job::checkpoint::{self, Checkpoint, HistoryEvent, MetricsSoFar};
-use stride_job::config::{Config, ConfigError, ConfigSource, RawConfig};
+use stride_job::config::{Config, ConfigSource, RawConfig};
 use stride_job::params;
 use stride_job::sampler::DataCursor;
 use stride_job::schedule::Schedule;
@@ -124,16 +124,6 @@ pub fn differing_keys(checkpoint: &Config, now: &Config) -> Vec<String> {
     out
 }
 
-fn apply_flags(raw: &mut RawConfig, req: &Request) -> Result<Config, ConfigError> {
-    if let Some(n) = req.workers {
-        raw.set_workers(n)?;
-    }
-    for s in req.set {
-        raw.set(s)?;
-    }
-    raw.resolve()
-}
-
 /// The checkpoint folder already holding checkpoints, if any.
 fn existing_checkpoints(folder: &Path) -> Option<String> {
     let steps = checkpoint::list_steps(folder);
@@ -145,7 +135,7 @@ pub fn start(req: &Request) -> Result<StartPoint> {
         return resume(req, path);
     }
     let mut raw = RawConfig::locate(req.config.unwrap_or("tiny"))?;
-    let config = apply_flags(&mut raw, req)?;
+    let config = raw.resolve_with(req.workers, req.set)?;
     let run_dir = req
         .run_dir
         .map(Path::to_path_buf)
@@ -245,7 +235,7 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
             ConfigSource::File(config_path.clone()),
         )?,
     };
-    let mut config = apply_flags(&mut raw, req)?;
+    let mut config = raw.resolve_with(req.workers, req.set)?;
     let diff = differing_keys(&saved, &config);
     if !diff.is_empty() {
         return Err(Refused(format!(

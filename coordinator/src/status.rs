@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
+use stride_proto::client::TokenInterceptor;
 use stride_proto::v1::StatusRequest;
 use stride_proto::v1::coordinator_client::CoordinatorClient;
 
@@ -20,26 +21,13 @@ pub async fn fetch(
     let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("--connect {url}: not a URL such as http://HOST:PORT"))?;
     if url.starts_with("https://") {
-        let mut tls = tonic::transport::ClientTlsConfig::new();
-        if let Some(ca) = tls_ca {
-            let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
-            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
-        }
-        endpoint = endpoint.tls_config(tls)?;
+        endpoint = endpoint.tls_config(stride_proto::client::client_tls(tls_ca, None, None)?)?;
     }
     let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("no coordinator answered at {url}"))?;
-    let auth: tonic::metadata::MetadataValue<_> = stride_job::auth::bearer(&token)
-        .parse()
-        .map_err(|_| anyhow!("the job token must be printable ASCII"))?;
-    let mut client =
-        CoordinatorClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-            r.metadata_mut()
-                .insert(stride_job::auth::METADATA_KEY, auth.clone());
-            Ok(r)
-        });
+    let mut client = CoordinatorClient::with_interceptor(channel, TokenInterceptor::new(&token)?);
     let s = client
         .status(StatusRequest {})
         .await

@@ -1,6 +1,7 @@
 //! The shared job token: where it comes from and how it is compared.
 //!
-//! Every RPC to the coordinator carries `authorization: Bearer <token>`.
+//! Every RPC to the coordinator carries `authorization: Bearer <token>`
+//! (the wire format is `stride_proto::client`).
 //! The token comes from a file (`--token-file`, e.g. a mounted Kubernetes
 //! Secret) or the `STRIDE_TOKEN` environment variable; `coordinator --local`
 //! generates one and hands it to the workers it starts. Comparison takes
@@ -10,8 +11,6 @@ use std::path::Path;
 
 /// Environment variable holding the token.
 pub const TOKEN_ENV: &str = "STRIDE_TOKEN";
-/// gRPC metadata key of the token.
-pub const METADATA_KEY: &str = "authorization";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
@@ -51,11 +50,6 @@ pub fn generate() -> std::io::Result<String> {
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
     Ok(crate::config::hex(&bytes))
-}
-
-/// The metadata value for `token`.
-pub fn bearer(token: &str) -> String {
-    format!("Bearer {token}")
 }
 
 /// Compares `presented` with `expected` in time independent of where they

@@ -295,6 +295,23 @@ impl RawConfig {
         self.set_from(&format!("cluster.workers={n}"), &flag)
     }
 
+    /// The command-line adjustments every command shares, in order:
+    /// `--workers N` (see [`RawConfig::set_workers`]) then each `--set`;
+    /// then stage two.
+    pub fn resolve_with(
+        &mut self,
+        workers: Option<usize>,
+        sets: &[String],
+    ) -> Result<Config, ConfigError> {
+        if let Some(n) = workers {
+            self.set_workers(n)?;
+        }
+        for s in sets {
+            self.set(s)?;
+        }
+        self.resolve()
+    }
+
     /// Stage two: types, derived defaults and validation.
     pub fn resolve(&self) -> Result<Config, ConfigError> {
         let mut table = self.table.clone();

@@ -253,13 +253,16 @@ fn detect(path: &Path, map: &[u8]) -> Result<(TokenFormat, usize), DataError> {
 
 /// Writes tokens in the nanoGPT format, atomically (temporary file, fsync, rename).
 pub fn write_nanogpt(path: &Path, tokens: &[u16]) -> std::io::Result<()> {
-    write_atomic(path, |w| {
-        for chunk in tokens.chunks(1 << 16) {
-            let bytes: Vec<u8> = chunk.iter().flat_map(|t| t.to_le_bytes()).collect();
-            w.write_all(&bytes)?;
-        }
-        Ok(())
-    })
+    write_atomic(path, |w| write_u16s(w, tokens))
+}
+
+/// Tokens as little-endian u16, in bounded chunks.
+fn write_u16s(w: &mut impl Write, tokens: &[u16]) -> std::io::Result<()> {
+    for chunk in tokens.chunks(1 << 16) {
+        let bytes: Vec<u8> = chunk.iter().flat_map(|t| t.to_le_bytes()).collect();
+        w.write_all(&bytes)?;
+    }
+    Ok(())
 }
 
 /// Writes tokens in the llm.c format, atomically.
@@ -273,11 +276,7 @@ pub fn write_llmc(path: &Path, tokens: &[u16]) -> std::io::Result<()> {
         header[2] = count;
         let bytes: Vec<u8> = header.iter().flat_map(|h| h.to_le_bytes()).collect();
         w.write_all(&bytes)?;
-        for chunk in tokens.chunks(1 << 16) {
-            let bytes: Vec<u8> = chunk.iter().flat_map(|t| t.to_le_bytes()).collect();
-            w.write_all(&bytes)?;
-        }
-        Ok(())
+        write_u16s(w, tokens)
     })
 }
 

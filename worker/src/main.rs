@@ -128,7 +128,6 @@ fn main() -> ExitCode {
 /// The client TLS configuration the flags ask for: for an https:// URL,
 /// the system roots plus --tls-ca, and a client identity for mutual TLS.
 fn tls_config(cli: &Cli) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
-    use anyhow::Context;
     if !cli.connect.starts_with("https://") {
         if cli.tls_ca.is_some() || cli.tls_cert.is_some() {
             anyhow::bail!(
@@ -138,21 +137,10 @@ fn tls_config(cli: &Cli) -> anyhow::Result<Option<tonic::transport::ClientTlsCon
         }
         return Ok(None);
     }
-    let read = |p: &std::path::PathBuf| {
-        std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
-    };
-    let mut tls = tonic::transport::ClientTlsConfig::new();
-    if let Some(ca) = &cli.tls_ca {
-        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(read(ca)?));
-    }
-    if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
-        tls = tls.identity(tonic::transport::Identity::from_pem(
-            read(cert)?,
-            read(key)?,
-        ));
-    }
-    if let Some(d) = &cli.tls_domain {
-        tls = tls.domain_name(d.clone());
-    }
-    Ok(Some(tls))
+    let identity = cli.tls_cert.as_deref().zip(cli.tls_key.as_deref());
+    Ok(Some(stride_proto::client::client_tls(
+        cli.tls_ca.as_deref(),
+        identity,
+        cli.tls_domain.as_deref(),
+    )?))
 }

@@ -16,6 +16,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use candle_core::Device;
 use stride_job::config::{Config, Device as DeviceKind};
 use stride_proto::PROTOCOL_VERSION;
+use stride_proto::client::TokenInterceptor;
 use stride_proto::v1::coordinator_client::CoordinatorClient;
 use stride_proto::v1::{
     Assignment, CheckpointPlan, CheckpointReport, EvalPlan, EvalReport, Heartbeat, Hello, Ready,
@@ -97,18 +98,10 @@ async fn run_session(opts: &Options) -> Result<i32> {
         None => endpoint,
     };
     let channel = connect_with_retry(&endpoint, opts).await?;
-    let auth: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
-        stride_job::auth::bearer(&opts.token)
-            .parse()
-            .map_err(|_| anyhow!("the job token must be printable ASCII"))?;
     let mut client =
-        CoordinatorClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-            req.metadata_mut()
-                .insert(stride_job::auth::METADATA_KEY, auth.clone());
-            Ok(req)
-        })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        CoordinatorClient::with_interceptor(channel, TokenInterceptor::new(&opts.token)?)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
     // The ring listens on the address this machine uses to reach the
     // coordinator: loopback stays loopback, a pod advertises its pod IP.

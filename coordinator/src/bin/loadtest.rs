@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use stride_proto::PROTOCOL_VERSION;
+use stride_proto::client::TokenInterceptor;
 use stride_proto::v1::coordinator_client::CoordinatorClient;
 use stride_proto::v1::{
     CheckpointReport, EvalReport, Heartbeat, Hello, Ready, RegisterRequest, StepReport,
@@ -41,12 +42,7 @@ async fn fake_worker(url: String, i: usize) -> Result<()> {
     let channel = tonic::transport::Endpoint::from_shared(url)?
         .connect()
         .await?;
-    let auth: tonic::metadata::MetadataValue<_> = format!("Bearer {TOKEN}").parse()?;
-    let mut client =
-        CoordinatorClient::with_interceptor(channel, move |mut r: tonic::Request<()>| {
-            r.metadata_mut().insert("authorization", auth.clone());
-            Ok(r)
-        });
+    let mut client = CoordinatorClient::with_interceptor(channel, TokenInterceptor::new(TOKEN)?);
     let reg = client
         .register(RegisterRequest {
             version: env!("CARGO_PKG_VERSION").into(),

@@ -14,6 +14,17 @@ use stride_job::checkpoint;
 
 const LIMIT: Duration = Duration::from_secs(300);
 
+/// The tests of this file each run a whole job and then kill, freeze or
+/// time out parts of it; run on 2 cores side by side, their heartbeat and
+/// step timeouts would measure each other's load. They take turns.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// tiny for 60 steps, a checkpoint every 20, evaluation every 25.
 const JOB: &[&str] = &[
     "--config",
@@ -106,6 +117,7 @@ fn current_workers(dir: &Path) -> Vec<u32> {
 
 #[test]
 fn killed_and_frozen_workers_are_named_replaced_and_change_nothing() {
+    let _turn = turn();
     let want = reference();
     let mut rng = seed();
 
@@ -192,6 +204,7 @@ fn round_restarts(dir: &Path) -> usize {
 
 #[test]
 fn exhausted_restarts_fail_with_a_summary() {
+    let _turn = turn();
     let d = tempfile::tempdir().expect("tmp");
     let mut coord = spawn(
         "coordinator",
@@ -223,6 +236,7 @@ fn free_port() -> u16 {
 
 #[test]
 fn a_killed_coordinator_is_restarted_and_its_workers_rejoin() {
+    let _turn = turn();
     let want = reference();
     let d = tempfile::tempdir().expect("tmp");
     let listen = format!("127.0.0.1:{}", free_port());
@@ -286,6 +300,7 @@ fn a_killed_coordinator_is_restarted_and_its_workers_rejoin() {
 
 #[test]
 fn a_second_coordinator_on_a_live_run_is_refused() {
+    let _turn = turn();
     let d = tempfile::tempdir().expect("tmp");
     let mut first = spawn(
         "coordinator",
@@ -316,6 +331,7 @@ fn a_second_coordinator_on_a_live_run_is_refused() {
 
 #[test]
 fn the_control_plane_holds_two_hundred_simulated_workers() {
+    let _turn = turn();
     // The load test binary asserts that every step ran and that the
     // coordinator's memory stayed bounded; figures in BENCHMARKS.md.
     let out = Command::new(common::bin("loadtest"))
@@ -333,6 +349,7 @@ fn the_control_plane_holds_two_hundred_simulated_workers() {
 
 #[test]
 fn a_step_past_the_step_timeout_names_the_ranks_that_did_not_report() {
+    let _turn = turn();
     // Heartbeats alone would take 30 s to notice the frozen worker; the
     // 2-second step timeout fires first and names it.
     let d = tempfile::tempdir().expect("tmp");

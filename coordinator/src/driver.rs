@@ -78,6 +78,9 @@ struct Pending {
     tmp: PathBuf,
     state: TrainState,
     best: bool,
+    planned: Instant,
+    /// Open from the plan to the commit.
+    span: tracing::Span,
 }
 
 /// How a finished job went.
@@ -137,6 +140,8 @@ pub struct Driver {
     ),
     restarts: u32,
     failures: Vec<String>,
+    /// Root of the job's trace; steps, formations and restarts link to it.
+    job_span: tracing::Span,
 }
 
 /// What waiting for an event can produce besides an event.
@@ -162,7 +167,16 @@ impl Driver {
             spec.expected_weights_hash.clone(),
             spec.metrics_so_far.clone(),
         );
+        let job_span = tracing::info_span!(
+            parent: None,
+            "job",
+            job = %spec.name,
+            start_step = spec.start_step,
+            max_steps = spec.schedule.max_steps(),
+            workers = spec.config.cluster.workers,
+        );
         Driver {
+            job_span,
             pool: Vec::new(),
             last_seen: HashMap::new(),
             committed: Vec::new(),
@@ -298,6 +312,16 @@ impl Driver {
     async fn recover(&mut self, failed: Option<String>) -> Result<()> {
         let generation = self.generation;
         let reason = self.failures.last().cloned().unwrap_or_default();
+        let span = tracing::info_span!(
+            parent: None,
+            "restart",
+            restart = self.restarts,
+            failed_at_step = self.step,
+            reason = %reason,
+            resume_step = tracing::field::Empty,
+        );
+        span.follows_from(&self.job_span);
+        self.shared.metrics.restarts.inc();
         let ranks = std::mem::take(&mut self.ranks);
         self.by_id.clear();
         for r in ranks {
@@ -357,6 +381,7 @@ impl Driver {
             }
         }
         self.step = self.spec.start_step;
+        span.record("resume_step", self.step);
         self.spec.history.push(HistoryEvent {
             step: self.step,
             event: "restart".into(),
@@ -413,6 +438,22 @@ impl Driver {
             let lr = self.spec.schedule.lr_at(step);
             let batch = sampler.next_batch(c.train.global_batch);
             let step_start = Instant::now();
+            // Each step is a trace of its own (linked to the job's), so a
+            // long run is many small traces rather than one unbounded one.
+            let span = tracing::info_span!(
+                parent: None,
+                "step",
+                step,
+                lr,
+                epoch = batch.epoch,
+                generation = self.generation,
+                world_size = world,
+                loss = tracing::field::Empty,
+                grad_norm = tracing::field::Empty,
+                val_loss = tracing::field::Empty,
+            );
+            span.follows_from(&self.job_span);
+            let trace_context = stride_telemetry::carrier(&span);
             for rank in 0..world {
                 let plan = StepPlan {
                     generation: self.generation,
@@ -420,6 +461,7 @@ impl Driver {
                     lr,
                     samples: shard(&batch.samples, world, rank).to_vec(),
                     epoch: batch.epoch,
+                    trace_context: trace_context.clone(),
                 };
                 self.send(rank, coordinator_message::Body::Step(plan))
                     .await?;
@@ -437,6 +479,8 @@ impl Driver {
             }
             let loss = reports.iter().map(|r| r.loss).sum::<f64>() / world as f64;
             let grad_norm = reports[0].grad_norm;
+            span.record("loss", loss);
+            span.record("grad_norm", grad_norm);
             for (rank, rep) in reports.iter().enumerate() {
                 self.ranks[rank].last_step = step;
                 self.ranks[rank].last_step_s = rep.total_s;
@@ -445,7 +489,7 @@ impl Driver {
 
             let due = c.train.eval_interval > 0 && self.step.is_multiple_of(c.train.eval_interval);
             let val_loss = if (due || self.step == max_steps) && !eval_set.is_empty() {
-                Some(self.evaluate(step, &eval_set).await?)
+                Some(self.evaluate(step, &eval_set, &span).await?)
             } else {
                 None
             };
@@ -466,6 +510,10 @@ impl Driver {
                 samples_digest: samples_digest(&batch.samples),
             };
             self.run.write_metrics(&record)?;
+            if let Some(v) = val_loss {
+                span.record("val_loss", v);
+            }
+            self.record_step_metrics(&record);
             tracing::info!(
                 target: STEP_TARGET,
                 "step {step:>6}/{max_steps} | loss {loss:.4} | lr {lr:.3e} | grad norm {grad_norm:.3} | {:.0} tok/s | epoch {}",
@@ -490,7 +538,8 @@ impl Driver {
                 || self.step == max_steps
                 || improved
             {
-                self.plan_checkpoint(improved, sampler.cursor()).await?;
+                self.plan_checkpoint(improved, sampler.cursor(), &span)
+                    .await?;
             }
             if let Some(v) = val_loss {
                 let floor = self
@@ -573,6 +622,20 @@ impl Driver {
         // natural order; ties keep join order.
         joined.sort_by_key(|(_, info, _)| natural_key(&info.identity));
         self.generation += 1;
+        let span = tracing::info_span!(
+            parent: None,
+            "form_world",
+            generation = self.generation,
+            world_size = joined.len(),
+            start_step = self.step,
+            load = %self.spec.load.as_ref().map(|(d, _)| d.display().to_string()).unwrap_or_default(),
+        );
+        span.follows_from(&self.job_span);
+        let trace_context = stride_telemetry::carrier(&span);
+        self.shared
+            .metrics
+            .world_size
+            .set(i64::try_from(joined.len()).unwrap_or(i64::MAX));
         let peers: Vec<PeerAddress> = joined
             .iter()
             .map(|(_, info, _)| PeerAddress {
@@ -614,6 +677,7 @@ impl Driver {
                     .map(|(d, _)| d.display().to_string())
                     .unwrap_or_default(),
                 weights_only: self.spec.load.as_ref().is_some_and(|(_, w)| *w),
+                trace_context: trace_context.clone(),
             };
             self.send(rank, coordinator_message::Body::Assignment(a))
                 .await?;
@@ -858,13 +922,27 @@ impl Driver {
         .await
     }
 
-    async fn evaluate(&mut self, step: u64, samples: &[u64]) -> Result<f64> {
+    async fn evaluate(
+        &mut self,
+        step: u64,
+        samples: &[u64],
+        step_span: &tracing::Span,
+    ) -> Result<f64> {
         let world = self.ranks.len();
+        let span = tracing::info_span!(
+            parent: step_span,
+            "evaluation",
+            step,
+            samples = samples.len(),
+            val_loss = tracing::field::Empty,
+        );
+        let trace_context = stride_telemetry::carrier(&span);
         for rank in 0..world {
             let plan = EvalPlan {
                 generation: self.generation,
                 step,
                 samples: shard_uneven(samples, world, rank).to_vec(),
+                trace_context: trace_context.clone(),
             };
             self.send(rank, coordinator_message::Body::Eval(plan))
                 .await?;
@@ -887,13 +965,20 @@ impl Driver {
         let (sum, n) = got
             .into_iter()
             .fold((0.0, 0u64), |(s, n), (ls, t)| (s + ls, n + t));
-        Ok(sum / n.max(1) as f64)
+        let val_loss = sum / n.max(1) as f64;
+        span.record("val_loss", val_loss);
+        Ok(val_loss)
     }
 
     /// Stops every rank at this step boundary for a checkpoint: rank 0
     /// copies its state and writes it in the background; the commit happens
     /// when it reports (see `commit_checkpoint`).
-    async fn plan_checkpoint(&mut self, best: bool, cursor: DataCursor) -> Result<()> {
+    async fn plan_checkpoint(
+        &mut self,
+        best: bool,
+        cursor: DataCursor,
+        step_span: &tracing::Span,
+    ) -> Result<()> {
         let c = &self.spec.config;
         let folder = self.spec.checkpoint_dir.clone();
         let tag = format!("{}-g{}", std::process::id(), self.generation);
@@ -919,17 +1004,36 @@ impl Driver {
             history: self.spec.history.clone(),
             files: BTreeMap::new(),
         };
+        // Open until the commit, which may come several steps later.
+        let span = tracing::info_span!(
+            parent: step_span,
+            "checkpoint",
+            step = self.step,
+            best,
+            dir = tracing::field::Empty,
+        );
+        let trace_context = stride_telemetry::carrier(&span);
         for rank in 0..self.ranks.len() {
             let plan = CheckpointPlan {
                 generation: self.generation,
                 step: self.step,
                 tmp_dir: tmp.display().to_string(),
                 write: rank == 0,
+                trace_context: trace_context.clone(),
             };
             self.send(rank, coordinator_message::Body::Checkpoint(plan))
                 .await?;
         }
-        self.pending.insert(self.step, Pending { tmp, state, best });
+        self.pending.insert(
+            self.step,
+            Pending {
+                tmp,
+                state,
+                best,
+                planned: Instant::now(),
+                span,
+            },
+        );
         Ok(())
     }
 
@@ -952,7 +1056,15 @@ impl Driver {
         }
         p.state.files = r.sha256.into_iter().collect();
         let folder = &self.spec.checkpoint_dir;
-        let dir = checkpoint::commit(&p.tmp, folder, p.state, &self.spec.config.to_toml())?;
+        let commit_span = tracing::info_span!(parent: &p.span, "checkpoint_commit", step = r.step);
+        let dir = commit_span.in_scope(|| {
+            checkpoint::commit(&p.tmp, folder, p.state, &self.spec.config.to_toml())
+        })?;
+        p.span.record("dir", dir.display().to_string());
+        let m = &self.shared.metrics;
+        m.checkpoint_seconds
+            .observe(p.planned.elapsed().as_secs_f64());
+        m.checkpoints.inc();
         self.committed.push(dir.clone());
         if checkpoint::pointer_step(folder, checkpoint::LATEST).is_none_or(|s| s <= r.step) {
             checkpoint::set_pointer(folder, checkpoint::LATEST, r.step)?;
@@ -1020,7 +1132,7 @@ impl Driver {
                 .map(|d| d.display().to_string())
                 .unwrap_or_default();
             s.eta_s = per_step * (max_steps - self.step) as f64;
-            s.workers_connected = self.ranks.len() as u32;
+            s.workers_connected = (self.ranks.len() + self.pool.len()) as u32;
             s.world_size = self.ranks.len() as u32;
             s.ranks = self
                 .ranks
@@ -1035,6 +1147,27 @@ impl Driver {
                 })
                 .collect();
         }
+    }
+}
+
+impl Driver {
+    /// The Prometheus numbers after a step.
+    fn record_step_metrics(&self, r: &MetricsRecord) {
+        let m = &self.shared.metrics;
+        m.step.set(i64::try_from(r.step + 1).unwrap_or(i64::MAX));
+        m.max_steps
+            .set(i64::try_from(self.spec.schedule.max_steps()).unwrap_or(i64::MAX));
+        m.loss.set(r.loss);
+        if let Some(v) = r.val_loss {
+            m.val_loss.set(v);
+        }
+        m.lr.set(r.lr);
+        m.tokens_per_second.set(r.tokens_per_s);
+        m.tokens
+            .inc_by((self.spec.config.train.global_batch * self.spec.config.model.context) as u64);
+        m.step_seconds.observe(r.step_s);
+        m.workers_connected
+            .set(i64::try_from(self.ranks.len() + self.pool.len()).unwrap_or(i64::MAX));
     }
 }
 

@@ -9,9 +9,11 @@
 mod driver;
 mod inspect;
 mod local;
+mod metrics;
 mod output;
 mod plan;
 mod prepare;
+mod report;
 mod server;
 mod start;
 mod status;
@@ -19,6 +21,7 @@ mod status;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -86,6 +89,9 @@ struct RunArgs {
     /// Require client certificates signed by this CA (PEM): mutual TLS.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 0.0.0.0:9400).
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// Start a new run (step 0, fresh optimizer, the config's schedule) from
     /// a checkpoint's weights (Strategy B).
     #[arg(long, value_name = "PATH")]
@@ -102,6 +108,23 @@ enum Command {
     Prepare(PrepareArgs),
     /// Print the live state of a running job (authenticated like a worker).
     Status(StatusArgs),
+    /// Plot loss, val loss and LR against step from a run's metrics.jsonl.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+struct ReportArgs {
+    /// The run directory (holds metrics.jsonl), e.g. runs/tiny.
+    run_dir: PathBuf,
+    /// The PNG to write [default: RUN_DIR/report.png].
+    #[arg(long, value_name = "FILE.png")]
+    out: Option<PathBuf>,
+    /// Image width in pixels.
+    #[arg(long, default_value_t = report::WIDTH, value_parser = clap::value_parser!(u32).range(200..=10_000))]
+    width: u32,
+    /// Image height in pixels.
+    #[arg(long, default_value_t = report::HEIGHT, value_parser = clap::value_parser!(u32).range(200..=10_000))]
+    height: u32,
 }
 
 #[derive(Debug, Args)]
@@ -253,6 +276,13 @@ fn offline(command: Command) -> Result<()> {
             ))?;
             print!("{text}");
         }
+        Command::Report(a) => {
+            let curves = report::read(&a.run_dir)?;
+            let out = a.out.unwrap_or_else(|| report::default_out(&a.run_dir));
+            let title = format!("Stride · {}", a.run_dir.display());
+            report::draw(&curves, &title, &out, (a.width, a.height))?;
+            print!("{}", report::summary(&curves, &out));
+        }
         Command::Plan(a) => {
             let (raw, config) = a.config.load()?;
             let plan = plan::build(&config, a.extend_steps, a.batches)?;
@@ -338,7 +368,7 @@ async fn train(args: RunArgs) -> Result<()> {
     }
     let mut run = output::RunDir::create(&run_dir, sp.fresh_run_dir)?;
     let schedule = sp.schedule.clone();
-    let bar = output::init_run_logging(&run.log_path(), schedule.max_steps())?;
+    let (bar, _traces) = output::init_run_logging(&run.log_path(), schedule.max_steps(), &sp.name)?;
     tracing::info!(
         "job `{}` from {} (config hash {}), run directory {}",
         sp.name,
@@ -401,10 +431,21 @@ async fn train(args: RunArgs) -> Result<()> {
         )
     })?;
 
+    let metrics = Arc::new(metrics::Metrics::new(&sp.name));
+    if let Some(addr) = args.metrics_listen {
+        let bound = metrics::serve(addr, metrics.clone()).await?;
+        std::fs::write(
+            run_dir.join("metrics.addr"),
+            format!("http://{bound}/metrics\n"),
+        )
+        .with_context(|| format!("cannot write {}", run_dir.join("metrics.addr").display()))?;
+        tracing::info!("Prometheus metrics at http://{bound}/metrics");
+    }
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let shared = server::Shared::new(
         events_tx.clone(),
         Duration::from_secs_f64(config.cluster.heartbeat_interval_s),
+        metrics,
     );
     let service = tonic::service::interceptor::InterceptedService::new(
         CoordinatorServer::new(server::Service {

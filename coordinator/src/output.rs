@@ -219,9 +219,15 @@ pub fn init_console_logging() {
         .try_init();
 }
 
-/// Logging for a training run: console (through the progress bar, if any)
-/// and `train.log`. Returns the progress bar when stderr is a terminal.
-pub fn init_run_logging(log: &Path, max_steps: u64) -> Result<Option<ProgressBar>> {
+/// Logging for a training run: console (through the progress bar, if any),
+/// `train.log`, and spans over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is
+/// set. Returns the progress bar when stderr is a terminal, and the guard
+/// that flushes the spans when dropped.
+pub fn init_run_logging(
+    log: &Path,
+    max_steps: u64,
+    job: &str,
+) -> Result<(Option<ProgressBar>, stride_telemetry::Guard)> {
     let file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -259,13 +265,18 @@ pub fn init_run_logging(log: &Path, max_steps: u64) -> Result<Option<ProgressBar
         .with_ansi(false)
         .with_target(false)
         .with_filter(filter());
+    let (traces, guard) = stride_telemetry::otlp_layer(stride_telemetry::COORDINATOR_SERVICE, job)?;
     tracing_subscriber::registry()
         .with(console)
         .with(to_file)
+        .with(traces)
         .try_init()
         .context("logging was already initialised")?;
     RUN_LOGGING.store(true, std::sync::atomic::Ordering::SeqCst);
-    Ok(bar)
+    if let Some(endpoint) = guard.endpoint() {
+        tracing::info!("exporting traces over OTLP/gRPC to {endpoint}");
+    }
+    Ok((bar, guard))
 }
 
 use tracing_subscriber::Layer as _;

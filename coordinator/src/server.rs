@@ -102,15 +102,22 @@ pub struct Shared {
     pub events: mpsc::UnboundedSender<Event>,
     pub heartbeat_interval: Duration,
     pub status: Mutex<StatusResponse>,
+    /// The Prometheus numbers (served only with --metrics-listen).
+    pub metrics: Arc<crate::metrics::Metrics>,
     registered: Mutex<HashMap<String, WorkerInfo>>,
     next_id: AtomicU64,
 }
 
 impl Shared {
-    pub fn new(events: mpsc::UnboundedSender<Event>, heartbeat_interval: Duration) -> Arc<Shared> {
+    pub fn new(
+        events: mpsc::UnboundedSender<Event>,
+        heartbeat_interval: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             events,
             heartbeat_interval,
+            metrics,
             status: Mutex::new(StatusResponse::default()),
             registered: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
@@ -130,7 +137,18 @@ impl Coordinator for Service {
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
         let peer = request.remote_addr();
+        // A child of the worker's `register` span (context in the metadata).
+        let span = tracing::info_span!(
+            "register",
+            identity = tracing::field::Empty,
+            host = tracing::field::Empty,
+            worker_id = tracing::field::Empty,
+        );
+        stride_telemetry::parent_from_metadata(&span, request.metadata());
+        let _entered = span.enter();
         let r = request.into_inner();
+        span.record("identity", r.identity.as_str());
+        span.record("host", r.host.as_str());
         if r.version != VERSION || r.protocol_version != PROTOCOL_VERSION {
             tracing::warn!(?peer, worker_version = %r.version, "refused a worker of another version");
             return Err(Status::failed_precondition(format!(
@@ -153,6 +171,7 @@ impl Coordinator for Service {
             device: r.device,
             identity: r.identity,
         };
+        span.record("worker_id", worker_id.as_str());
         tracing::debug!(%worker_id, host = %info.host, pid = info.pid, "worker registered");
         self.shared
             .registered

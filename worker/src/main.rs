@@ -50,15 +50,6 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn")
-            }),
-        )
-        .init();
     let cli = Cli::parse();
     let identity =
         cli.identity
@@ -67,6 +58,14 @@ fn main() -> ExitCode {
                 Ok(i) => format!("index-{i}"),
                 Err(_) => format!("pid-{}", std::process::id()),
             });
+    // Dropped last: flushes the spans not yet exported.
+    let _traces = match init_logging(&identity) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     if cli.dry_run {
         println!(
             "dry run: would join {} as {identity} (token from {})",
@@ -123,6 +122,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Logs to stderr; spans also over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT`
+/// is set (see `stride_telemetry`).
+fn init_logging(identity: &str) -> anyhow::Result<stride_telemetry::Guard> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,tonic=warn")
+    });
+    let console = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_filter(filter);
+    let (traces, guard) = stride_telemetry::otlp_layer(stride_telemetry::WORKER_SERVICE, identity)?;
+    tracing_subscriber::registry()
+        .with(console)
+        .with(traces)
+        .try_init()?;
+    Ok(guard)
 }
 
 /// The client TLS configuration the flags ask for: for an https:// URL,

@@ -26,6 +26,7 @@ use stride_proto::v1::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument as _;
 
 use crate::collective::{AbortHandle, CollectiveError, RingListener};
 use crate::trainer::Trainer;
@@ -114,17 +115,23 @@ async fn run_session(opts: &Options) -> Result<i32> {
     let listener =
         RingListener::bind(bind_ip).context("cannot open the collective's listening socket")?;
     let host = hostname();
+    // The rank is not known yet (ranks are given when the worker set forms):
+    // this span carries the identity instead.
+    let span = tracing::info_span!("register", identity = %opts.identity, host = %host);
+    let mut request = tonic::Request::new(RegisterRequest {
+        version: VERSION.to_string(),
+        protocol_version: PROTOCOL_VERSION,
+        host: host.clone(),
+        pid: std::process::id(),
+        collective_host: advertised.to_string(),
+        collective_port: u32::from(listener.port()),
+        device: "cpu".to_string(),
+        identity: opts.identity.clone(),
+    });
+    stride_telemetry::inject_metadata(&span, request.metadata_mut());
     let reg = client
-        .register(RegisterRequest {
-            version: VERSION.to_string(),
-            protocol_version: PROTOCOL_VERSION,
-            host: host.clone(),
-            pid: std::process::id(),
-            collective_host: advertised.to_string(),
-            collective_port: u32::from(listener.port()),
-            device: "cpu".to_string(),
-            identity: opts.identity.clone(),
-        })
+        .register(request)
+        .instrument(span)
         .await
         .map_err(|s| anyhow!("the coordinator refused registration: {}", s.message()))?
         .into_inner();
@@ -325,6 +332,8 @@ fn compute_loop(
     abort: AbortSlot,
 ) {
     let mut trainer: Option<(u64, Trainer)> = None;
+    // This worker's rank in the current generation (on every span).
+    let mut rank: Option<u32> = None;
     let send = |body| {
         let _ = out.blocking_send(msg(body));
     };
@@ -343,7 +352,16 @@ fn compute_loop(
             Work::Assign(a) => {
                 let generation = a.generation;
                 trainer = None;
-                match assign(&a, &listener, threads, &abort) {
+                rank = Some(a.rank);
+                let span = tracing::info_span!(
+                    "assign",
+                    rank = a.rank,
+                    world_size = a.world_size,
+                    generation,
+                    load = %a.load_checkpoint,
+                );
+                stride_telemetry::set_parent(&span, &a.trace_context);
+                match span.in_scope(|| assign(&a, &listener, threads, &abort)) {
                     Ok(t) => {
                         send(worker_message::Body::Ready(Ready {
                             generation,
@@ -366,6 +384,7 @@ fn compute_loop(
             }
             Work::Reset => {
                 trainer = None;
+                rank = None;
                 if let Ok(mut h) = abort.lock() {
                     *h = None;
                 }
@@ -375,8 +394,23 @@ fn compute_loop(
                 else {
                     continue;
                 };
-                match t.step(&p.samples, p.lr) {
+                let span = tracing::info_span!(
+                    "step",
+                    rank,
+                    step = p.step,
+                    lr = p.lr,
+                    loss = tracing::field::Empty,
+                    grad_norm = tracing::field::Empty,
+                    compute_s = tracing::field::Empty,
+                    allreduce_s = tracing::field::Empty,
+                );
+                stride_telemetry::set_parent(&span, &p.trace_context);
+                match span.in_scope(|| t.step(&p.samples, p.lr)) {
                     Ok(o) => {
+                        span.record("loss", o.loss);
+                        span.record("grad_norm", o.grad_norm);
+                        span.record("compute_s", o.compute_s);
+                        span.record("allreduce_s", o.allreduce_s);
                         last_step.store(p.step, Ordering::Relaxed);
                         send(worker_message::Body::Step(StepReport {
                             generation: *generation,
@@ -406,7 +440,14 @@ fn compute_loop(
                 }
                 // Copy the state now (the step boundary) and write it while
                 // the next steps run; the coordinator commits on the report.
-                let snapshot = t.snapshot();
+                let span = tracing::info_span!(
+                    "checkpoint_write",
+                    rank,
+                    step = p.step,
+                    dir = %p.tmp_dir,
+                );
+                stride_telemetry::set_parent(&span, &p.trace_context);
+                let snapshot = span.in_scope(|| t.snapshot());
                 let generation = *generation;
                 let out = out.clone();
                 let spawned =
@@ -414,7 +455,9 @@ fn compute_loop(
                         .name("checkpoint".into())
                         .spawn(move || {
                             let start = std::time::Instant::now();
-                            let body = match snapshot.write(std::path::Path::new(&p.tmp_dir)) {
+                            let written =
+                                span.in_scope(|| snapshot.write(std::path::Path::new(&p.tmp_dir)));
+                            let body = match written {
                                 Ok(sha256) => worker_message::Body::Checkpoint(CheckpointReport {
                                     generation,
                                     step: p.step,
@@ -446,7 +489,14 @@ fn compute_loop(
                 else {
                     continue;
                 };
-                match t.evaluate(&p.samples) {
+                let span = tracing::info_span!(
+                    "evaluation",
+                    rank,
+                    step = p.step,
+                    samples = p.samples.len(),
+                );
+                stride_telemetry::set_parent(&span, &p.trace_context);
+                match span.in_scope(|| t.evaluate(&p.samples)) {
                     Ok((loss_sum, tokens)) => send(worker_message::Body::Eval(EvalReport {
                         generation: *generation,
                         step: p.step,

@@ -198,6 +198,8 @@ impl Trainer {
         // gradients into the flat accumulator.
         self.grad.fill(0.0);
         let mut loss_sum = 0.0;
+        let span = tracing::info_span!("forward_backward", micro_batches = self.accumulation);
+        let entered = span.enter();
         for chunk in samples.chunks(micro) {
             let (x, y) = self.batch(&train, chunk)?;
             let loss = self.model.loss(&x, &y)?;
@@ -218,12 +220,15 @@ impl Trainer {
                 }
             }
         }
+        drop(entered);
         let compute_s = start.elapsed().as_secs_f64();
 
         // ---- Gradient synchronisation: the only exchange between ranks ----
         let reduce_start = Instant::now();
-        self.collective.all_reduce_sum(&mut self.grad)?;
+        tracing::info_span!("allreduce", floats = self.grad.len())
+            .in_scope(|| self.collective.all_reduce_sum(&mut self.grad))?;
         let allreduce_s = reduce_start.elapsed().as_secs_f64();
+        let _optimizer = tracing::info_span!("optimizer").entered();
 
         // Sum over all micro-batches of all ranks → mean over the global batch.
         let scale = 1.0 / (self.accumulation * self.collective.world_size()) as f32;

@@ -1,0 +1,321 @@
+//! `coordinator report RUN_DIR [--out FILE.png]`: the run's curves as a
+//! picture — train and validation loss on the left axis, the learning rate
+//! on the right one, against the step; every resume, extension and
+//! automatic restart is a labelled vertical line.
+//!
+//! The input is `metrics.jsonl` alone (it survives every resume: each
+//! coordinator appends to it). When steps were run more than once (a
+//! restart or a resume from an earlier checkpoint re-runs them), the curve
+//! shows the last run of each step: the history of the weights that
+//! survived. The font is DejaVu Sans compiled into the binary, so the
+//! report renders the same on a headless node as on a laptop.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use plotters::prelude::*;
+use serde::Deserialize;
+
+/// Default image size (pixels).
+pub const WIDTH: u32 = 1200;
+pub const HEIGHT: u32 = 700;
+
+/// One step's numbers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Point {
+    pub loss: f64,
+    pub val_loss: Option<f64>,
+    pub lr: f64,
+}
+
+/// A vertical line: where a run resumed, was extended or restarted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Marker {
+    pub step: u64,
+    pub label: String,
+}
+
+/// What `metrics.jsonl` says, ready to draw.
+#[derive(Debug, Default)]
+pub struct Curves {
+    pub steps: BTreeMap<u64, Point>,
+    pub markers: Vec<Marker>,
+}
+
+#[derive(Deserialize)]
+struct Line {
+    step: Option<u64>,
+    event: Option<String>,
+    loss: Option<f64>,
+    val_loss: Option<f64>,
+    lr: Option<f64>,
+    previous_max_steps: Option<u64>,
+    max_steps: Option<u64>,
+    restart: Option<u64>,
+}
+
+/// Reads a run's `metrics.jsonl`.
+pub fn read(run_dir: &Path) -> Result<Curves> {
+    let path = run_dir.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "cannot read {}: RUN_DIR must be a run directory such as runs/tiny",
+            path.display()
+        )
+    })?;
+    parse(&text).with_context(|| format!("in {}", path.display()))
+}
+
+/// Parses the lines of a `metrics.jsonl`.
+pub fn parse(text: &str) -> Result<Curves> {
+    let mut c = Curves::default();
+    for (i, raw) in text.lines().enumerate() {
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let l: Line = serde_json::from_str(raw)
+            .with_context(|| format!("line {} is not a metrics record", i + 1))?;
+        let Some(step) = l.step else { continue };
+        match l.event.as_deref() {
+            None => {
+                if let (Some(loss), Some(lr)) = (l.loss, l.lr) {
+                    c.steps.insert(
+                        step,
+                        Point {
+                            loss,
+                            val_loss: l.val_loss,
+                            lr,
+                        },
+                    );
+                }
+            }
+            Some("resume") => {
+                let label = match (l.previous_max_steps, l.max_steps) {
+                    (Some(a), Some(b)) if a != b => format!("extend {a}→{b}"),
+                    _ => "resume".to_string(),
+                };
+                c.markers.push(Marker { step, label });
+            }
+            Some("restart") => c.markers.push(Marker {
+                step,
+                label: format!("restart {}", l.restart.unwrap_or(0)),
+            }),
+            Some(other) => c.markers.push(Marker {
+                step,
+                label: other.to_string(),
+            }),
+        }
+    }
+    if c.steps.is_empty() {
+        bail!("no step has been recorded yet");
+    }
+    Ok(c)
+}
+
+/// Where the PNG goes by default: `RUN_DIR/report.png`.
+pub fn default_out(run_dir: &Path) -> PathBuf {
+    run_dir.join("report.png")
+}
+
+/// Draws `c` into a PNG of `size` pixels at `out`.
+pub fn draw(c: &Curves, title: &str, out: &Path, size: (u32, u32)) -> Result<()> {
+    register_font()?;
+    let root = BitMapBackend::new(out, size).into_drawing_area();
+    plot(&root, c, title).map_err(|e| anyhow::anyhow!("cannot draw the report: {e}"))?;
+    root.present()
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+    Ok(())
+}
+
+fn register_font() -> Result<()> {
+    static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let ok = *ONCE.get_or_init(|| {
+        plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular())
+            .is_ok()
+    });
+    anyhow::ensure!(ok, "the bundled DejaVu Sans font did not load");
+    Ok(())
+}
+
+type DrawResult<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+fn plot<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    c: &Curves,
+    title: &str,
+) -> DrawResult<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let first = *c.steps.keys().next().unwrap_or(&0);
+    let last = *c.steps.keys().next_back().unwrap_or(&0);
+    let x_end = last.max(first + 1) + 1;
+    let losses = c
+        .steps
+        .values()
+        .flat_map(|p| std::iter::once(p.loss).chain(p.val_loss))
+        .filter(|v| v.is_finite());
+    let (lo, hi) = losses.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+        (a.min(v), b.max(v))
+    });
+    let pad = ((hi - lo) * 0.05).max(1e-3);
+    let lr_max = c
+        .steps
+        .values()
+        .map(|p| p.lr)
+        .fold(0.0, f64::max)
+        .max(1e-12)
+        * 1.1;
+
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 26))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(70)
+        .right_y_label_area_size(80)
+        .build_cartesian_2d(first..x_end, (lo - pad)..(hi + pad))?
+        .set_secondary_coord(first..x_end, 0.0..lr_max);
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("loss (nats/token)")
+        .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 17))
+        .draw()?;
+    chart
+        .configure_secondary_axes()
+        .y_desc("learning rate")
+        .y_label_formatter(&|v| format!("{v:.1e}"))
+        .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 17))
+        .draw()?;
+
+    let train = RGBColor(31, 119, 180);
+    let val = RGBColor(214, 39, 40);
+    let lr = RGBColor(44, 160, 44);
+    let marker = RGBColor(120, 120, 120);
+    chart
+        .draw_series(LineSeries::new(
+            c.steps.iter().map(|(s, p)| (*s, p.loss)),
+            train.stroke_width(2),
+        ))?
+        .label("train loss")
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], train.stroke_width(2)));
+    let vals: Vec<(u64, f64)> = c
+        .steps
+        .iter()
+        .filter_map(|(s, p)| p.val_loss.map(|v| (*s, v)))
+        .collect();
+    chart
+        .draw_series(LineSeries::new(vals.iter().copied(), val.stroke_width(2)))?
+        .label("val loss")
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], val.stroke_width(2)));
+    chart.draw_series(
+        vals.iter()
+            .map(|(s, v)| Circle::new((*s, *v), 4, val.filled())),
+    )?;
+    chart
+        .draw_secondary_series(LineSeries::new(
+            c.steps.iter().map(|(s, p)| (*s, p.lr)),
+            lr.stroke_width(2),
+        ))?
+        .label("learning rate (right axis)")
+        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], lr.stroke_width(2)));
+    for m in &c.markers {
+        chart.draw_secondary_series(LineSeries::new(
+            [(m.step, 0.0), (m.step, lr_max)],
+            marker.stroke_width(2),
+        ))?;
+        chart.draw_secondary_series(std::iter::once(Text::new(
+            format!(" {} @ {}", m.label, m.step),
+            (m.step, lr_max * 0.97),
+            ("sans-serif", 15).into_font().color(&marker),
+        )))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()?;
+    Ok(())
+}
+
+/// A one-paragraph text summary printed next to the picture.
+pub fn summary(c: &Curves, out: &Path) -> String {
+    let (first, last) = (
+        c.steps.keys().next().copied().unwrap_or(0),
+        c.steps.keys().next_back().copied().unwrap_or(0),
+    );
+    let last_point = c.steps.values().next_back();
+    let val = c
+        .steps
+        .values()
+        .rev()
+        .find_map(|p| p.val_loss)
+        .map(|v| format!(", last val loss {v:.4}"))
+        .unwrap_or_default();
+    let mut s = format!(
+        "steps {first}–{last}, last train loss {:.4}{val}\n",
+        last_point.map_or(f64::NAN, |p| p.loss)
+    );
+    for m in &c.markers {
+        s.push_str(&format!("  {} at step {}\n", m.label, m.step));
+    }
+    s.push_str(&format!("wrote {}\n", out.display()));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINES: &str = r#"{"step":0,"loss":4.8,"lr":0.001,"grad_norm":1.0}
+{"step":1,"loss":4.5,"val_loss":4.6,"lr":0.002,"grad_norm":1.0}
+{"event":"resume","step":1,"previous_max_steps":2,"max_steps":4,"workers":2}
+{"step":1,"loss":4.4,"val_loss":4.5,"lr":0.002,"grad_norm":1.0}
+{"event":"restart","step":2,"restart":1,"reason":"rank 1 lost"}
+{"step":2,"loss":4.0,"lr":0.001,"grad_norm":1.0}
+"#;
+
+    #[test]
+    fn the_last_run_of_a_step_wins_and_events_become_markers() {
+        let c = parse(LINES).expect("parses");
+        assert_eq!(c.steps.len(), 3);
+        assert_eq!(c.steps[&1].loss, 4.4);
+        assert_eq!(c.steps[&1].val_loss, Some(4.5));
+        assert_eq!(
+            c.markers,
+            vec![
+                Marker {
+                    step: 1,
+                    label: "extend 2→4".into()
+                },
+                Marker {
+                    step: 2,
+                    label: "restart 1".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn an_empty_or_foreign_file_is_a_clear_error() {
+        let e = parse("").expect_err("empty");
+        assert!(e.to_string().contains("no step"), "{e}");
+        let e = parse("not json\n").expect_err("garbage");
+        assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn draws_a_png_of_the_asked_size() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let out = dir.path().join("r.png");
+        draw(&parse(LINES).expect("parses"), "t", &out, (640, 400)).expect("draws");
+        let bytes = std::fs::read(&out).expect("png");
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    }
+}

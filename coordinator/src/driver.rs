@@ -171,9 +171,9 @@ impl Driver {
             parent: None,
             "job",
             job = %spec.name,
-            start_step = spec.start_step,
-            max_steps = spec.schedule.max_steps(),
-            workers = spec.config.cluster.workers,
+            start_step = spec.start_step as i64,
+            max_steps = spec.schedule.max_steps() as i64,
+            workers = spec.config.cluster.workers as i64,
         );
         Driver {
             job_span,
@@ -315,8 +315,8 @@ impl Driver {
         let span = tracing::info_span!(
             parent: None,
             "restart",
-            restart = self.restarts,
-            failed_at_step = self.step,
+            restart = i64::from(self.restarts),
+            failed_at_step = self.step as i64,
             reason = %reason,
             resume_step = tracing::field::Empty,
         );
@@ -381,7 +381,7 @@ impl Driver {
             }
         }
         self.step = self.spec.start_step;
-        span.record("resume_step", self.step);
+        span.record("resume_step", self.step as i64);
         self.spec.history.push(HistoryEvent {
             step: self.step,
             event: "restart".into(),
@@ -443,11 +443,11 @@ impl Driver {
             let span = tracing::info_span!(
                 parent: None,
                 "step",
-                step,
+                step = step as i64,
                 lr,
-                epoch = batch.epoch,
-                generation = self.generation,
-                world_size = world,
+                epoch = batch.epoch as i64,
+                generation = self.generation as i64,
+                world_size = world as i64,
                 loss = tracing::field::Empty,
                 grad_norm = tracing::field::Empty,
                 val_loss = tracing::field::Empty,
@@ -625,9 +625,9 @@ impl Driver {
         let span = tracing::info_span!(
             parent: None,
             "form_world",
-            generation = self.generation,
-            world_size = joined.len(),
-            start_step = self.step,
+            generation = self.generation as i64,
+            world_size = joined.len() as i64,
+            start_step = self.step as i64,
             load = %self.spec.load.as_ref().map(|(d, _)| d.display().to_string()).unwrap_or_default(),
         );
         span.follows_from(&self.job_span);
@@ -932,8 +932,8 @@ impl Driver {
         let span = tracing::info_span!(
             parent: step_span,
             "evaluation",
-            step,
-            samples = samples.len(),
+            step = step as i64,
+            samples = samples.len() as i64,
             val_loss = tracing::field::Empty,
         );
         let trace_context = stride_telemetry::carrier(&span);
@@ -1008,7 +1008,7 @@ impl Driver {
         let span = tracing::info_span!(
             parent: step_span,
             "checkpoint",
-            step = self.step,
+            step = self.step as i64,
             best,
             dir = tracing::field::Empty,
         );
@@ -1056,7 +1056,8 @@ impl Driver {
         }
         p.state.files = r.sha256.into_iter().collect();
         let folder = &self.spec.checkpoint_dir;
-        let commit_span = tracing::info_span!(parent: &p.span, "checkpoint_commit", step = r.step);
+        let commit_span =
+            tracing::info_span!(parent: &p.span, "checkpoint_commit", step = r.step as i64);
         let dir = commit_span.in_scope(|| {
             checkpoint::commit(&p.tmp, folder, p.state, &self.spec.config.to_toml())
         })?;

@@ -333,7 +333,8 @@ fn compute_loop(
 ) {
     let mut trainer: Option<(u64, Trainer)> = None;
     // This worker's rank in the current generation (on every span).
-    let mut rank: Option<u32> = None;
+    // (Span fields are i64: tracing-opentelemetry exports unsigned ones as strings.)
+    let mut rank: Option<i64> = None;
     let send = |body| {
         let _ = out.blocking_send(msg(body));
     };
@@ -352,12 +353,12 @@ fn compute_loop(
             Work::Assign(a) => {
                 let generation = a.generation;
                 trainer = None;
-                rank = Some(a.rank);
+                rank = Some(i64::from(a.rank));
                 let span = tracing::info_span!(
                     "assign",
-                    rank = a.rank,
-                    world_size = a.world_size,
-                    generation,
+                    rank = i64::from(a.rank),
+                    world_size = i64::from(a.world_size),
+                    generation = generation as i64,
                     load = %a.load_checkpoint,
                 );
                 stride_telemetry::set_parent(&span, &a.trace_context);
@@ -397,7 +398,7 @@ fn compute_loop(
                 let span = tracing::info_span!(
                     "step",
                     rank,
-                    step = p.step,
+                    step = p.step as i64,
                     lr = p.lr,
                     loss = tracing::field::Empty,
                     grad_norm = tracing::field::Empty,
@@ -443,7 +444,7 @@ fn compute_loop(
                 let span = tracing::info_span!(
                     "checkpoint_write",
                     rank,
-                    step = p.step,
+                    step = p.step as i64,
                     dir = %p.tmp_dir,
                 );
                 stride_telemetry::set_parent(&span, &p.trace_context);
@@ -492,8 +493,8 @@ fn compute_loop(
                 let span = tracing::info_span!(
                     "evaluation",
                     rank,
-                    step = p.step,
-                    samples = p.samples.len(),
+                    step = p.step as i64,
+                    samples = p.samples.len() as i64,
                 );
                 stride_telemetry::set_parent(&span, &p.trace_context);
                 match span.in_scope(|| t.evaluate(&p.samples)) {

@@ -198,7 +198,8 @@ impl Trainer {
         // gradients into the flat accumulator.
         self.grad.fill(0.0);
         let mut loss_sum = 0.0;
-        let span = tracing::info_span!("forward_backward", micro_batches = self.accumulation);
+        let span =
+            tracing::info_span!("forward_backward", micro_batches = self.accumulation as i64);
         let entered = span.enter();
         for chunk in samples.chunks(micro) {
             let (x, y) = self.batch(&train, chunk)?;
@@ -225,7 +226,7 @@ impl Trainer {
 
         // ---- Gradient synchronisation: the only exchange between ranks ----
         let reduce_start = Instant::now();
-        tracing::info_span!("allreduce", floats = self.grad.len())
+        tracing::info_span!("allreduce", floats = self.grad.len() as i64)
             .in_scope(|| self.collective.all_reduce_sum(&mut self.grad))?;
         let allreduce_s = reduce_start.elapsed().as_secs_f64();
         let _optimizer = tracing::info_span!("optimizer").entered();

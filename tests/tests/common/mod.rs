@@ -60,6 +60,11 @@ impl Proc {
 
 /// Starts `coordinator ARGS` in `cwd`, output to `cwd/<log>`.
 pub fn spawn(name: &str, args: &[&str], cwd: &Path, log: &str) -> Proc {
+    spawn_env(name, args, cwd, log, &[])
+}
+
+/// [`spawn`] with extra environment variables (inherited by local workers).
+pub fn spawn_env(name: &str, args: &[&str], cwd: &Path, log: &str, env: &[(&str, &str)]) -> Proc {
     let out = std::fs::File::create(cwd.join(log)).expect("log file");
     let err = out.try_clone().expect("log handle");
     let child = Command::new(bin(name))
@@ -67,6 +72,7 @@ pub fn spawn(name: &str, args: &[&str], cwd: &Path, log: &str) -> Proc {
         .current_dir(cwd)
         .env("RUST_LOG", "info")
         .env("STRIDE_TOKEN", TOKEN)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)

@@ -142,11 +142,21 @@ def consistency(objects):
         fail("the worker Job must be Indexed")
 
     port = int(flag(cargs, "listen").rsplit(":", 1)[1])
-    sports = [p["targetPort"] for p in service["spec"]["ports"]] + [p["port"] for p in service["spec"]["ports"]]
+    by_name = lambda ports, key: {p["name"]: p[key] for p in ports}
+    sports = [p["targetPort"] for p in service["spec"]["ports"] if p["name"] == "grpc"] + \
+        [p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc"]
     probes = [coord[p]["grpc"]["port"] for p in ("readinessProbe", "livenessProbe")]
-    cports = [p["containerPort"] for p in coord["ports"]]
+    cports = [by_name(coord["ports"], "containerPort").get("grpc")]
     if any(p != port for p in sports + probes + cports):
         fail(f"--listen port {port}, service {sports}, probes {probes}, container ports {cports} disagree")
+    mport = int(flag(cargs, "metrics-listen").rsplit(":", 1)[1])
+    annotations = coord_job["spec"]["template"]["metadata"].get("annotations", {})
+    mports = [by_name(coord["ports"], "containerPort").get("metrics"),
+              by_name(service["spec"]["ports"], "port").get("metrics"),
+              by_name(service["spec"]["ports"], "targetPort").get("metrics"),
+              int(annotations.get("prometheus.io/port", -1))]
+    if any(p != mport for p in mports):
+        fail(f"--metrics-listen port {mport}, container/service/annotation ports {mports} disagree")
     if service["spec"]["selector"].items() > coord_job["spec"]["template"]["metadata"]["labels"].items():
         fail("the Service does not select the coordinator pod")
     connect = flag(wargs, "connect")
@@ -217,6 +227,7 @@ def local_run(objects, coord_job, workers_job, cm, bins: pathlib.Path):
             "0.0.0.0:": "127.0.0.1:",
             f"http://stride-coordinator:": "http://127.0.0.1:",
             ":29400": f":{port}",
+            ":9400": f":{free_port()}",
         }
         cargs = rewrite(coord["args"], mapping)
         wargs = rewrite(worker["args"], mapping)

@@ -260,6 +260,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             || c.is::<stride_job::checkpoint::CheckpointError>()
             || c.is::<stride_job::tokens::DataError>()
             || c.is::<stride_job::schedule::ScheduleError>()
+            || c.is::<stride_telemetry::EnvError>()
     });
     if user_error { 2 } else { 1 }
 }
@@ -326,6 +327,7 @@ fn offline(command: Command) -> Result<()> {
 /// Runs a training job: checks the config and data, serves gRPC, starts
 /// local workers if asked, and hands over to the driver.
 async fn train(args: RunArgs) -> Result<()> {
+    stride_telemetry::check_env()?;
     let request = start::Request {
         config: args.config.config.as_deref(),
         set: &args.config.set,

@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result};
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig as _;
@@ -80,6 +80,35 @@ fn endpoint() -> Option<String> {
         .find_map(|v| std::env::var(v).ok().filter(|s| !s.trim().is_empty()))
 }
 
+/// An `OTEL_*` variable Stride cannot honour (exit code 2: fix the input).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct EnvError(String);
+
+/// Checks the `OTEL_*` variables before anything starts: a user who asked
+/// for traces must not find out after a long run that none were sent.
+pub fn check_env() -> std::result::Result<(), EnvError> {
+    if !enabled() {
+        return Ok(());
+    }
+    if let Ok(p) = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
+        && !p.eq_ignore_ascii_case("grpc")
+    {
+        return Err(EnvError(format!(
+            "OTEL_EXPORTER_OTLP_PROTOCOL={p}: Stride exports traces over OTLP/gRPC only; \
+             unset it (or set it to grpc) and point OTEL_EXPORTER_OTLP_ENDPOINT at the collector's gRPC port (4317)"
+        )));
+    }
+    if let Some(e) = endpoint()
+        && !(e.starts_with("http://") || e.starts_with("https://"))
+    {
+        return Err(EnvError(format!(
+            "OTEL_EXPORTER_OTLP_ENDPOINT={e}: not a URL; write it as http://HOST:4317"
+        )));
+    }
+    Ok(())
+}
+
 /// Whether the environment asks for trace export.
 pub fn enabled() -> bool {
     let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
@@ -102,14 +131,7 @@ where
     if !enabled() {
         return Ok((None, Guard::default()));
     }
-    if let Ok(p) = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL")
-        && !p.eq_ignore_ascii_case("grpc")
-    {
-        bail!(
-            "OTEL_EXPORTER_OTLP_PROTOCOL={p}: Stride exports traces over OTLP/gRPC only; \
-             unset it (or set it to grpc) and point OTEL_EXPORTER_OTLP_ENDPOINT at the collector's gRPC port (4317)"
-        );
-    }
+    check_env()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("stride-otlp")
@@ -274,6 +296,7 @@ impl Extractor for MetadataExtractor<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use opentelemetry::trace::TraceContextExt as _;
     use tracing_subscriber::layer::SubscriberExt as _;
 
     /// A context survives a round trip through a plan's map and through
@@ -317,6 +340,4 @@ mod tests {
         let span = tracing::info_span!("step");
         assert!(carrier(&span).is_empty());
     }
-
-    use opentelemetry::trace::TraceContextExt as _;
 }

@@ -247,4 +247,45 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
         live.child.try_wait().expect("wait").is_none(),
         "the live coordinator must be unharmed"
     );
+
+    // Trace settings Stride cannot honour are refused before anything starts.
+    for (vars, needle) in [
+        (
+            [
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:9"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ],
+            "OTLP/gRPC only",
+        ),
+        (
+            [
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "127.0.0.1:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ],
+            "http://HOST:4317",
+        ),
+    ] {
+        for (binary, args) in [
+            (
+                "coordinator",
+                vec!["--config", "tiny", "--local", "--run-dir", "runs/otel"],
+            ),
+            ("worker", vec!["--connect", "http://127.0.0.1:9"]),
+        ] {
+            let out = std::process::Command::new(common::bin(binary))
+                .args(&args)
+                .envs(vars)
+                .current_dir(dir)
+                .env("STRIDE_TOKEN", common::TOKEN)
+                .output()
+                .expect("runs");
+            let text = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{binary} {vars:?}: {text}");
+            assert!(text.contains(needle), "{binary} {vars:?}: {text}");
+        }
+        assert!(
+            !dir.join("runs/otel").exists(),
+            "a refused run left a directory"
+        );
+    }
 }

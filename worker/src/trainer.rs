@@ -198,8 +198,13 @@ impl Trainer {
         // gradients into the flat accumulator.
         self.grad.fill(0.0);
         let mut loss_sum = 0.0;
-        let span =
-            tracing::info_span!("forward_backward", micro_batches = self.accumulation as i64);
+        // Span fields are i64 (see stride-telemetry); the rank is on every span.
+        let rank = self.collective.rank() as i64;
+        let span = tracing::info_span!(
+            "forward_backward",
+            rank,
+            micro_batches = self.accumulation as i64
+        );
         let entered = span.enter();
         for chunk in samples.chunks(micro) {
             let (x, y) = self.batch(&train, chunk)?;
@@ -226,10 +231,10 @@ impl Trainer {
 
         // ---- Gradient synchronisation: the only exchange between ranks ----
         let reduce_start = Instant::now();
-        tracing::info_span!("allreduce", floats = self.grad.len() as i64)
+        tracing::info_span!("allreduce", rank, floats = self.grad.len() as i64)
             .in_scope(|| self.collective.all_reduce_sum(&mut self.grad))?;
         let allreduce_s = reduce_start.elapsed().as_secs_f64();
-        let _optimizer = tracing::info_span!("optimizer").entered();
+        let _optimizer = tracing::info_span!("optimizer", rank).entered();
 
         // Sum over all micro-batches of all ranks → mean over the global batch.
         let scale = 1.0 / (self.accumulation * self.collective.world_size()) as f32;

@@ -19,8 +19,8 @@ use stride_job::config::Config;
 use stride_job::sampler::{DataCursor, Sampler, eval_samples, shard, shard_uneven};
 use stride_job::schedule::Schedule;
 use stride_proto::v1::{
-    Abort, Assignment, CheckpointPlan, CheckpointReport, CoordinatorMessage, EvalPlan, PeerAddress,
-    RankStatus, Shutdown, StepPlan, coordinator_message, worker_message,
+    Abort, Assignment, CheckpointPlan, CheckpointReport, CollectiveBootstrap, CoordinatorMessage,
+    EvalPlan, PeerAddress, RankStatus, Shutdown, StepPlan, coordinator_message, worker_message,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant as TokioInstant;
@@ -33,6 +33,9 @@ use crate::server::{Event, Outbound, Shared, WorkerInfo};
 #[derive(Debug, thiserror::Error)]
 #[error("interrupted by {0}; all workers were stopped")]
 pub struct Interrupted(pub &'static str);
+
+/// Upper bound on the collective id rank 0 may send (NCCL's is 128 bytes).
+const MAX_COLLECTIVE_ID_BYTES: usize = 1024;
 
 /// A failure the job can recover from by restarting from its latest
 /// checkpoint: a rank lost, frozen, too slow, or failed in a step.
@@ -681,6 +684,40 @@ impl Driver {
             };
             self.send(rank, coordinator_message::Body::Assignment(a))
                 .await?;
+        }
+
+        // The collective is formed from one id that rank 0 makes (NCCL's
+        // unique id, a nonce for the TCP ring): the coordinator hands it to
+        // every rank, so no shared file or extra rendezvous is needed.
+        let unique_id = loop {
+            let Some((rank, body)) = self
+                .next_rank_message(deadline, "to start the collective", &[0])
+                .await?
+            else {
+                continue;
+            };
+            if let worker_message::Body::Bootstrap(b) = body
+                && rank == 0
+                && b.generation == self.generation
+            {
+                break b.unique_id;
+            }
+        };
+        if unique_id.is_empty() || unique_id.len() > MAX_COLLECTIVE_ID_BYTES {
+            bail!(
+                "rank 0 sent a collective id of {} bytes (expected 1..={MAX_COLLECTIVE_ID_BYTES}): are all workers the same Stride build?",
+                unique_id.len()
+            );
+        }
+        for rank in 0..world {
+            self.send(
+                rank,
+                coordinator_message::Body::Bootstrap(CollectiveBootstrap {
+                    generation: self.generation,
+                    unique_id: unique_id.clone(),
+                }),
+            )
+            .await?;
         }
 
         // Every rank must report the same parameter layout and initial weights.

@@ -14,6 +14,12 @@
 //!
 //! Sockets carry read/write timeouts, so a dead peer turns into an error
 //! naming the peer rank instead of a hang.
+//!
+//! Every collective of a generation is formed from one shared id that rank
+//! 0 makes and the coordinator hands to every rank (the `CollectiveBootstrap`
+//! exchange): NCCL's unique id on GPUs (`nccl.rs`), a random nonce for the
+//! ring, whose handshake carries its hash so that only ranks of the same
+//! formation connect to each other.
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -34,7 +40,7 @@ pub enum CollectiveError {
 }
 
 /// Sums over all ranks; see the module doc.
-pub trait Collective: Send + std::fmt::Debug {
+pub trait Collective: std::fmt::Debug {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
     /// Element-wise sum of `buf` over all ranks, in place. Every rank must
@@ -86,6 +92,8 @@ impl Collective for Solo {
 
 /// Magic bytes opening a ring connection ("STRD").
 const HELLO: [u8; 4] = *b"STRD";
+/// Magic, rank (u32), generation (u64), hash of the shared id (u64).
+const HELLO_LEN: usize = 24;
 
 /// A bound, not yet connected, ring endpoint.
 #[derive(Debug)]
@@ -106,15 +114,18 @@ impl RingListener {
     }
 
     /// Joins the ring: connects to rank + 1 and accepts rank − 1 (both
-    /// introduce themselves with their rank and the job generation, so a
-    /// stale connection from an aborted generation is refused).
+    /// introduce themselves with their rank, the job generation and the hash
+    /// of the formation's shared id, so a stale connection from an aborted
+    /// generation, or one from another job, is refused).
     pub fn connect(
         &self,
         rank: usize,
         peers: &[SocketAddr],
         generation: u64,
+        shared_id: &[u8],
         timeout: Duration,
     ) -> Result<Box<dyn Collective>, CollectiveError> {
+        let id_hash = xxhash_rust::xxh3::xxh3_64(shared_id);
         let world = peers.len();
         if rank >= world {
             return Err(CollectiveError::Setup(format!(
@@ -141,10 +152,11 @@ impl RingListener {
             }
         };
         configure(&next, timeout).map_err(|e| peer_err("configure", next_rank, e))?;
-        let mut hello = Vec::with_capacity(16);
+        let mut hello = Vec::with_capacity(HELLO_LEN);
         hello.extend_from_slice(&HELLO);
         hello.extend_from_slice(&(rank as u32).to_le_bytes());
         hello.extend_from_slice(&generation.to_le_bytes());
+        hello.extend_from_slice(&id_hash.to_le_bytes());
         (&next)
             .write_all(&hello)
             .map_err(|e| peer_err("handshake", next_rank, e))?;
@@ -159,21 +171,23 @@ impl RingListener {
                     s.set_nonblocking(false)
                         .map_err(|e| peer_err("accept", prev_rank, e))?;
                     configure(&s, timeout).map_err(|e| peer_err("configure", prev_rank, e))?;
-                    let mut buf = [0u8; 16];
+                    let mut buf = [0u8; HELLO_LEN];
                     if (&s).read_exact(&mut buf).is_err() {
                         continue;
                     }
                     let from = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
                     let gen_bytes: [u8; 8] = buf[8..16].try_into().unwrap_or_default();
+                    let id_bytes: [u8; 8] = buf[16..24].try_into().unwrap_or_default();
                     if buf[..4] == HELLO
                         && from == prev_rank
                         && u64::from_le_bytes(gen_bytes) == generation
+                        && u64::from_le_bytes(id_bytes) == id_hash
                     {
                         break s;
                     }
                     tracing::warn!(
                         from,
-                        "refused a ring connection from another rank or generation"
+                        "refused a ring connection from another rank, generation or job"
                     );
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -324,7 +338,7 @@ pub fn local_ring<T: Send>(
             .map(|(rank, l)| {
                 let (peers, f) = (&peers, &f);
                 s.spawn(move || {
-                    let c = l.connect(rank, peers, 1, Duration::from_secs(30))?;
+                    let c = l.connect(rank, peers, 1, b"local", Duration::from_secs(30))?;
                     Ok(f(c))
                 })
             })
@@ -447,9 +461,36 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], ghost.port())),
         ];
         let e = l
-            .connect(0, &peers, 1, Duration::from_millis(300))
+            .connect(0, &peers, 1, b"id", Duration::from_millis(300))
             .expect_err("must time out")
             .to_string();
         assert!(e.contains("rank 1"), "{e}");
+    }
+
+    /// Ranks handed different ids (another formation or job) never form a
+    /// ring: each refuses the other's connection and times out naming it.
+    #[test]
+    fn ranks_with_different_shared_ids_do_not_connect() {
+        let a = RingListener::bind(IpAddr::from([127, 0, 0, 1])).expect("bind");
+        let b = RingListener::bind(IpAddr::from([127, 0, 0, 1])).expect("bind");
+        let peers = [
+            SocketAddr::from(([127, 0, 0, 1], a.port())),
+            SocketAddr::from(([127, 0, 0, 1], b.port())),
+        ];
+        let results = std::thread::scope(|s| {
+            let ha = s.spawn(|| {
+                a.connect(0, &peers, 1, b"id-one", Duration::from_millis(500))
+                    .map(|_| ())
+            });
+            let hb = s.spawn(|| {
+                b.connect(1, &peers, 1, b"id-two", Duration::from_millis(500))
+                    .map(|_| ())
+            });
+            [ha.join().expect("join"), hb.join().expect("join")]
+        });
+        for r in results {
+            let e = r.expect_err("mismatched ids must not connect").to_string();
+            assert!(e.contains("never connected"), "{e}");
+        }
     }
 }

@@ -8,6 +8,8 @@
 
 pub mod collective;
 pub mod model;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod optim;
 pub mod session;
 pub mod trainer;

@@ -19,16 +19,16 @@ use stride_proto::PROTOCOL_VERSION;
 use stride_proto::client::TokenInterceptor;
 use stride_proto::v1::coordinator_client::CoordinatorClient;
 use stride_proto::v1::{
-    Assignment, CheckpointPlan, CheckpointReport, EvalPlan, EvalReport, Heartbeat, Hello, Ready,
-    RegisterRequest, StepPlan, StepReport, WorkerError, WorkerMessage, coordinator_message,
-    worker_message,
+    Assignment, CheckpointPlan, CheckpointReport, CollectiveBootstrap, EvalPlan, EvalReport,
+    Heartbeat, Hello, Ready, RegisterRequest, StepPlan, StepReport, WorkerError, WorkerMessage,
+    coordinator_message, worker_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument as _;
 
-use crate::collective::{AbortHandle, CollectiveError, RingListener};
+use crate::collective::{AbortHandle, Collective, CollectiveError, RingListener};
 use crate::trainer::Trainer;
 
 /// This binary's version; the coordinator refuses any other.
@@ -55,6 +55,8 @@ enum Work {
     Assign(Assignment),
     /// The coordinator aborted the generation: drop the trainer.
     Reset,
+    /// The shared id the collective of a generation is formed from.
+    Bootstrap(CollectiveBootstrap),
     Step(StepPlan),
     Eval(EvalPlan),
     Checkpoint(CheckpointPlan),
@@ -232,10 +234,10 @@ async fn run_session(opts: &Options) -> Result<i32> {
                 }
                 send_work(&work_tx, Work::Reset)?;
             }
-            Some(
-                coordinator_message::Body::Heartbeat(_) | coordinator_message::Body::Bootstrap(_),
-            )
-            | None => {}
+            Some(coordinator_message::Body::Bootstrap(b)) => {
+                send_work(&work_tx, Work::Bootstrap(b))?
+            }
+            Some(coordinator_message::Body::Heartbeat(_)) | None => {}
         }
     };
     beat.abort();
@@ -348,8 +350,18 @@ fn compute_loop(
             fatal,
         })));
     };
-    while let Ok(w) = work.recv() {
+    // Work read early while forming a collective, handled next.
+    let mut deferred: Option<Work> = None;
+    loop {
+        let w = match deferred.take() {
+            Some(w) => w,
+            None => match work.recv() {
+                Ok(w) => w,
+                Err(_) => break,
+            },
+        };
         match w {
+            Work::Bootstrap(_) => {} // of a formation that already failed
             Work::Assign(a) => {
                 let generation = a.generation;
                 trainer = None;
@@ -362,7 +374,16 @@ fn compute_loop(
                     load = %a.load_checkpoint,
                 );
                 stride_telemetry::set_parent(&span, &a.trace_context);
-                match span.in_scope(|| assign(&a, &listener, threads, &abort)) {
+                let mut exchange = |mine: Option<Vec<u8>>, timeout: Duration| {
+                    if let Some(unique_id) = mine {
+                        send(worker_message::Body::Bootstrap(CollectiveBootstrap {
+                            generation,
+                            unique_id,
+                        }));
+                    }
+                    wait_for_id(&work, generation, timeout, &mut deferred)
+                };
+                match span.in_scope(|| assign(&a, &listener, threads, &abort, &mut exchange)) {
                     Ok(t) => {
                         send(worker_message::Body::Ready(Ready {
                             generation,
@@ -518,12 +539,60 @@ fn compute_loop(
     }
 }
 
-/// Builds the trainer for an assignment: config, device, threads, ring.
+/// Waits for the coordinator to hand out the collective id of `generation`.
+/// A new assignment or an abort arriving first ends the wait (and is kept
+/// in `deferred` for the compute loop).
+fn wait_for_id(
+    work: &std::sync::mpsc::Receiver<Work>,
+    generation: u64,
+    timeout: Duration,
+    deferred: &mut Option<Work>,
+) -> Result<Vec<u8>> {
+    use std::sync::mpsc::RecvTimeoutError;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        match work.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(Work::Bootstrap(b)) if b.generation == generation => return Ok(b.unique_id),
+            Ok(w @ (Work::Assign(_) | Work::Reset)) => {
+                *deferred = Some(w);
+                return Err(CollectiveError::Setup(
+                    "the coordinator re-formed the worker set before this collective formed".into(),
+                )
+                .into());
+            }
+            Ok(_) => {} // stale plans or ids of an earlier generation
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(CollectiveError::Setup(format!(
+                    "no collective id from the coordinator within {:.0} s (cluster.step_timeout_s)",
+                    timeout.as_secs_f64()
+                ))
+                .into());
+            }
+            Err(RecvTimeoutError::Disconnected) => bail!("the session with the coordinator ended"),
+        }
+    }
+}
+
+/// The shared id rank 0 makes for a new collective: NCCL's unique id on a
+/// GPU, a random nonce for the TCP ring.
+fn new_shared_id(device: &Device) -> Result<Vec<u8>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Ok(crate::nccl::new_unique_id()?),
+        _ => Ok(stride_job::auth::generate()
+            .context("cannot read random bytes for the collective id")?
+            .into_bytes()),
+    }
+}
+
+/// Builds the trainer for an assignment: config, device, threads, the
+/// collective (formed from the id the coordinator hands out), the model.
 fn assign(
     a: &Assignment,
     listener: &RingListener,
     threads: usize,
     abort: &AbortSlot,
+    exchange: &mut dyn FnMut(Option<Vec<u8>>, Duration) -> Result<Vec<u8>>,
 ) -> Result<Trainer> {
     let config = Config::from_toml(&a.config_toml, "the job sent by the coordinator")?;
     let device = match config.worker.device {
@@ -561,9 +630,22 @@ fn assign(
         rayon::current_num_threads(),
         a.accumulation
     );
-    let collective = listener
-        .connect(a.rank as usize, &peers, a.generation, timeout)
-        .with_context(|| format!("rank {} could not join the ring", a.rank))?;
+    let mine = if a.rank == 0 {
+        Some(new_shared_id(&device)?)
+    } else {
+        None
+    };
+    let shared_id = exchange(mine, timeout)?;
+    let collective: Box<dyn Collective> = match &device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Box::new(
+            crate::nccl::Nccl::new(&device, a.rank as usize, a.world_size as usize, &shared_id)
+                .with_context(|| format!("rank {} could not join the NCCL communicator", a.rank))?,
+        ),
+        _ => listener
+            .connect(a.rank as usize, &peers, a.generation, &shared_id, timeout)
+            .with_context(|| format!("rank {} could not join the ring", a.rank))?,
+    };
     if let Ok(mut h) = abort.lock() {
         *h = collective.abort_handle();
     }

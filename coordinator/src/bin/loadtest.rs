@@ -19,8 +19,8 @@ use stride_proto::PROTOCOL_VERSION;
 use stride_proto::client::TokenInterceptor;
 use stride_proto::v1::coordinator_client::CoordinatorClient;
 use stride_proto::v1::{
-    CheckpointReport, EvalReport, Heartbeat, Hello, Ready, RegisterRequest, StepReport,
-    WorkerMessage, coordinator_message, worker_message,
+    CheckpointReport, CollectiveBootstrap, EvalReport, Heartbeat, Hello, Ready, RegisterRequest,
+    StepReport, WorkerMessage, coordinator_message, worker_message,
 };
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -33,6 +33,9 @@ struct Args {
 }
 
 const TOKEN: &str = "loadtest";
+
+/// What simulated rank 0 sends as its collective id (the size of NCCL's).
+const FAKE_ID: [u8; 128] = [0x5a; 128];
 
 fn msg(body: worker_message::Body) -> WorkerMessage {
     WorkerMessage { body: Some(body) }
@@ -81,12 +84,27 @@ async fn fake_worker(url: String, i: usize) -> Result<()> {
     };
     while let Some(m) = inbound.message().await? {
         let reply = match m.body {
-            Some(coordinator_message::Body::Assignment(a)) => worker_message::Body::Ready(Ready {
-                generation: a.generation,
-                parameter_layout_hash: vec![1],
-                weights_hash: vec![2],
-                parameter_count: 1,
-            }),
+            // The collective bootstrap with a fake NCCL-sized id: rank 0
+            // sends it, every rank must get exactly those bytes back before
+            // it reports Ready.
+            Some(coordinator_message::Body::Assignment(a)) if a.rank == 0 => {
+                worker_message::Body::Bootstrap(CollectiveBootstrap {
+                    generation: a.generation,
+                    unique_id: FAKE_ID.to_vec(),
+                })
+            }
+            Some(coordinator_message::Body::Bootstrap(b)) => {
+                anyhow::ensure!(
+                    b.unique_id == FAKE_ID,
+                    "the coordinator handed out a collective id that rank 0 did not send"
+                );
+                worker_message::Body::Ready(Ready {
+                    generation: b.generation,
+                    parameter_layout_hash: vec![1],
+                    weights_hash: vec![2],
+                    parameter_count: 1,
+                })
+            }
             Some(coordinator_message::Body::Step(p)) => worker_message::Body::Step(StepReport {
                 generation: p.generation,
                 step: p.step,

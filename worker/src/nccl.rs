@@ -1,0 +1,104 @@
+//! The GPU collective: NCCL all-reduce through `cudarc::nccl`, on the CUDA
+//! stream of Candle's device (the cudarc Candle re-exports, so there is one
+//! cudarc in the tree). Compiled only with the `cuda` feature.
+//!
+//! Bootstrap: rank 0 calls [`new_unique_id`]; the bytes go to the
+//! coordinator in a `CollectiveBootstrap` message and come back to every
+//! rank, which calls [`Nccl::new`] with the same id, its rank and the world
+//! size (`ncclCommInitRank`). A restart forms a new communicator the same
+//! way, with a new id.
+//!
+//! Today the step keeps its flat gradient buffer in host memory (the same
+//! buffer the TCP ring sums), so each all-reduce copies it to the device,
+//! sums it with NCCL and copies it back; see ARCHITECTURE.md ("GPU path")
+//! for what that costs and the next step.
+//!
+//! Not yet: aborting a blocked NCCL call from another thread. cudarc
+//! aborts a communicator only when it is dropped, so a rank blocked on a
+//! dead peer waits for NCCL's own timeout; the coordinator still names the
+//! lost rank and restarts the job without it.
+
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc;
+use cudarc::driver::CudaStream;
+use cudarc::nccl::safe::{Comm, Id, ReduceOp};
+
+use crate::collective::{Collective, CollectiveError};
+
+/// Bytes of an NCCL unique id.
+pub const ID_BYTES: usize = 128;
+
+fn setup(what: &str, e: impl std::fmt::Debug) -> CollectiveError {
+    CollectiveError::Setup(format!("NCCL: {what}: {e:?}"))
+}
+
+/// A fresh NCCL unique id (rank 0 only), as bytes for the coordinator.
+pub fn new_unique_id() -> Result<Vec<u8>, CollectiveError> {
+    let id = Id::new().map_err(|e| setup("ncclGetUniqueId failed", e))?;
+    Ok(id.internal().iter().map(|&c| c as u8).collect())
+}
+
+/// One rank's NCCL communicator.
+#[derive(Debug)]
+pub struct Nccl {
+    comm: Comm,
+    stream: Arc<CudaStream>,
+}
+
+impl Nccl {
+    /// Joins the communicator `id` as `rank` of `world` on `device`'s
+    /// stream; returns once every rank has joined.
+    pub fn new(
+        device: &candle_core::Device,
+        rank: usize,
+        world: usize,
+        id: &[u8],
+    ) -> Result<Nccl, CollectiveError> {
+        let candle_core::Device::Cuda(dev) = device else {
+            return Err(CollectiveError::Setup(
+                "NCCL needs a CUDA device (worker.device = \"cuda\")".into(),
+            ));
+        };
+        if id.len() != ID_BYTES {
+            return Err(CollectiveError::Setup(format!(
+                "the coordinator sent a collective id of {} bytes; NCCL's has {ID_BYTES}: are all workers CUDA builds of the same version?",
+                id.len()
+            )));
+        }
+        let mut raw = [0 as std::ffi::c_char; ID_BYTES];
+        for (d, s) in raw.iter_mut().zip(id) {
+            *d = *s as std::ffi::c_char;
+        }
+        let stream = dev.cuda_stream();
+        let comm = Comm::from_rank(stream.clone(), rank, world, Id::uninit(raw))
+            .map_err(|e| setup("ncclCommInitRank failed", e))?;
+        Ok(Nccl { comm, stream })
+    }
+}
+
+impl Collective for Nccl {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let mut dev = self
+            .stream
+            .memcpy_stod(buf)
+            .map_err(|e| setup("copy to the device", e))?;
+        self.comm
+            .all_reduce_in_place(&mut dev, &ReduceOp::Sum)
+            .map_err(|e| setup("all-reduce", e))?;
+        self.stream
+            .memcpy_dtoh(&dev, buf)
+            .map_err(|e| setup("copy to the host", e))?;
+        self.stream
+            .synchronize()
+            .map_err(|e| setup("stream synchronize", e))
+    }
+}

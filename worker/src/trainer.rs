@@ -88,7 +88,14 @@ impl Trainer {
         let corpus = Corpus::open(&config.data, &config.model, config.train.seed, Scan::Layout)?;
         let slots = model::layout(&config.model);
         let weights = model::initial_weights(&config.model, config.train.seed);
-        let model = Gpt::new(&config.model, &weights, DType::F32, &device)?;
+        // Master weights and optimizer state stay f32 (host); the model
+        // computes in bf16 on GPUs (autocast-style, see model.rs).
+        let model = Gpt::new(
+            &config.model,
+            &weights,
+            model::compute_dtype(&device),
+            &device,
+        )?;
         Ok(Trainer {
             config: config.clone(),
             optimizer: AdamW::new(&config.optim, &slots),

@@ -305,6 +305,95 @@ fn asking_a_cpu_build_for_cuda_is_one_clear_error() {
     assert!(!out.contains("panicked"), "{out}");
 }
 
+/// The CUDA image starts the CPU worker with `STRIDE_CUDA_WORKER` naming
+/// the CUDA build: a missing shared library is one clear error naming it
+/// (never the loader's message), and otherwise the worker becomes that
+/// binary with the same arguments. The "CUDA build" here is a small program
+/// linked against a library that is then deleted, as libcuda is absent on
+/// a CPU node.
+#[test]
+fn the_cuda_handoff_names_a_missing_library_or_becomes_the_cuda_worker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::write(
+        d.join("lib.c"),
+        "int stride_fake_cuda(void) { return 0; }\n",
+    )
+    .expect("w");
+    std::fs::write(
+        d.join("main.c"),
+        "int stride_fake_cuda(void);\nint main(void) { return stride_fake_cuda(); }\n",
+    )
+    .expect("w");
+    let gcc = |args: &[&str]| {
+        let out = std::process::Command::new("gcc")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .expect("gcc (the machine's C compiler) runs");
+        assert!(
+            out.status.success(),
+            "gcc {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    gcc(&[
+        "-shared",
+        "-fPIC",
+        "-o",
+        "libstride_fake_cuda.so.1",
+        "lib.c",
+    ]);
+    gcc(&[
+        "-o",
+        "worker-cuda",
+        "main.c",
+        "-L.",
+        "-l:libstride_fake_cuda.so.1",
+    ]);
+    std::fs::remove_file(d.join("libstride_fake_cuda.so.1")).expect("rm");
+
+    let worker = |cuda: &std::path::Path| {
+        std::process::Command::new(common::bin("worker"))
+            .args(["--connect", "http://127.0.0.1:9", "--dry-run"])
+            .env("STRIDE_CUDA_WORKER", cuda)
+            .env("STRIDE_TOKEN", common::TOKEN)
+            .output()
+            .expect("worker runs")
+    };
+    let out = worker(&d.join("worker-cuda"));
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("libstride_fake_cuda.so.1") && text.contains("cannot start on this machine"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("error while loading shared libraries"),
+        "{text}"
+    );
+
+    // All libraries present: the process becomes the named binary, which
+    // receives the worker's arguments.
+    std::fs::write(d.join("echo-args"), "#!/bin/sh\necho \"handed over: $*\"\n").expect("w");
+    let chmod = std::process::Command::new("chmod")
+        .args(["+x", "echo-args"])
+        .current_dir(d)
+        .status()
+        .expect("chmod");
+    assert!(chmod.success());
+    let out = worker(&d.join("echo-args"));
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "handed over: --connect http://127.0.0.1:9 --dry-run"
+    );
+
+    let out = worker(&d.join("absent"));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no such file"));
+}
+
 #[test]
 fn status_shows_the_live_job_to_token_holders_only() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -7,6 +7,7 @@
 //! when to evaluate or stop: it applies the coordinator's plans and reports.
 
 pub mod collective;
+pub mod handoff;
 pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nccl;

@@ -50,6 +50,14 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // In the CUDA image: check the CUDA build can start here, then become it.
+    #[cfg(not(feature = "cuda"))]
+    if let Err(e) =
+        stride_worker::handoff::hand_over(&std::env::args_os().skip(1).collect::<Vec<_>>())
+    {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     let identity =
         cli.identity

@@ -65,7 +65,7 @@ pub const SCHEMA: &[(&str, &[&str])] = &[
         &["beta1", "beta2", "eps", "weight_decay", "grad_clip"],
     ),
     ("checkpoint", &["dir", "interval", "keep_last"]),
-    ("worker", &["device", "threads"]),
+    ("worker", &["device", "precision", "threads"]),
     (
         "cluster",
         &[
@@ -682,12 +682,52 @@ impl fmt::Display for Device {
     }
 }
 
+/// The dtype the model computes in; master weights and optimizer state are
+/// always f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(try_from = "String", into = "String")]
+pub enum Precision {
+    /// bf16 on CUDA, f32 on CPU.
+    #[default]
+    Auto,
+    F32,
+    /// bf16 matmuls with f32 LayerNorm, softmax and loss.
+    Bf16,
+}
+
+impl TryFrom<String> for Precision {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "auto" => Ok(Precision::Auto),
+            "f32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            other => Err(format!(
+                "unknown precision `{other}`: expected `auto` (bf16 on CUDA, f32 on CPU), `f32` or `bf16`"
+            )),
+        }
+    }
+}
+
+impl From<Precision> for String {
+    fn from(p: Precision) -> String {
+        match p {
+            Precision::Auto => "auto",
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+        .to_string()
+    }
+}
+
 /// What each worker process runs on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct WorkerConfig {
     /// `cpu`, `cuda` or `cuda:N`.
     pub device: Device,
+    /// Compute dtype (`auto`, `f32`, `bf16`); a resume may change it.
+    pub precision: Precision,
     /// CPU threads per worker (0 = the machine's cores divided among local workers).
     pub threads: usize,
 }
@@ -696,6 +736,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
             device: Device::Cpu,
+            precision: Precision::Auto,
             threads: 0,
         }
     }

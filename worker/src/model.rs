@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{D, DType, Device, Result, Tensor, Var};
 use stride_job::config::ModelConfig;
+use stride_job::config::Precision;
 use stride_job::rng::{Rng, Stream};
 
 pub use stride_job::params::{Slot, layout, parameter_count};
@@ -67,14 +68,16 @@ pub fn initial_weights(c: &ModelConfig, seed: u64) -> Vec<f32> {
     out
 }
 
-/// The dtype the model computes in on `device`: bf16 on CUDA (H100s run
-/// bf16 matmuls at ~2× the rate of tf32 and 4× less memory traffic than
-/// f32), f32 on CPUs (Candle's CPU bf16 kernels are slower than f32).
-pub fn compute_dtype(device: &Device) -> DType {
-    if device.is_cuda() {
-        DType::BF16
-    } else {
-        DType::F32
+/// The dtype the model computes in: `worker.precision`, where `auto` is
+/// bf16 on CUDA (H100s run bf16 matmuls at ~2× the rate of tf32, with half
+/// the memory traffic of f32) and f32 on CPUs (Candle's CPU bf16 kernels
+/// are slower than its f32 ones).
+pub fn compute_dtype(device: &Device, precision: Precision) -> DType {
+    match precision {
+        Precision::F32 => DType::F32,
+        Precision::Bf16 => DType::BF16,
+        Precision::Auto if device.is_cuda() => DType::BF16,
+        Precision::Auto => DType::F32,
     }
 }
 

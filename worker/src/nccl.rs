@@ -102,3 +102,56 @@ impl Collective for Nccl {
             .map_err(|e| setup("stream synchronize", e))
     }
 }
+
+/// Run with `STRIDE_TEST_CUDA=1 cargo test -p stride-worker --features cuda nccl`
+/// on a machine with GPUs; elsewhere it reports "skipped: no CUDA".
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// For 1..=N GPUs (one thread and rank per GPU), NCCL's sum equals the
+    /// sum computed on the CPU.
+    #[test]
+    fn nccl_all_reduce_matches_a_cpu_sum() {
+        if std::env::var("STRIDE_TEST_CUDA").map_or(true, |v| v != "1") {
+            println!("nccl_all_reduce_matches_a_cpu_sum: skipped: no CUDA");
+            return;
+        }
+        let gpus = candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
+            .expect("CUDA driver") as usize;
+        assert!(gpus > 0, "STRIDE_TEST_CUDA=1 but no GPU is visible");
+        let n = 1000;
+        let input = |rank: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7 + rank * 13) % 97) as f32 * 0.25)
+                .collect()
+        };
+        for world in 1..=gpus {
+            let id = new_unique_id().expect("unique id");
+            let expected: Vec<f32> = (0..n)
+                .map(|i| (0..world).map(|r| input(r)[i]).sum())
+                .collect();
+            let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..world)
+                    .map(|rank| {
+                        let id = id.clone();
+                        s.spawn(move || {
+                            let device = candle_core::Device::new_cuda(rank).expect("device");
+                            let mut c = Nccl::new(&device, rank, world, &id).expect("communicator");
+                            let mut buf = input(rank);
+                            c.all_reduce_sum(&mut buf).expect("all-reduce");
+                            buf
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("rank"))
+                    .collect()
+            });
+            for (rank, got) in results.iter().enumerate() {
+                assert_eq!(got, &expected, "world {world}, rank {rank}");
+            }
+        }
+    }
+}

@@ -93,7 +93,7 @@ impl Trainer {
         let model = Gpt::new(
             &config.model,
             &weights,
-            model::compute_dtype(&device),
+            model::compute_dtype(&device, config.worker.precision),
             &device,
         )?;
         Ok(Trainer {

@@ -1,0 +1,105 @@
+//! GPU tests: run only with `STRIDE_TEST_CUDA=1` on a machine with NVIDIA
+//! GPUs, the driver and NCCL, after building the worker with CUDA:
+//!
+//!     STRIDE_TEST_CUDA=1 cargo test --workspace --features stride-worker/cuda --test gpu
+//!     STRIDE_TEST_CUDA=1 cargo test -p stride-worker --features cuda nccl
+//!
+//! Elsewhere each test prints "skipped: no CUDA" and passes: CI has no GPU.
+//! The NCCL all-reduce against a CPU sum (1..=N GPUs) lives next to the
+//! NCCL code, in `worker/src/nccl.rs`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{metrics, run};
+
+const LIMIT: Duration = Duration::from_secs(600);
+
+fn cuda_requested(test: &str) -> bool {
+    let on = std::env::var("STRIDE_TEST_CUDA").is_ok_and(|v| v == "1");
+    if !on {
+        println!("{test}: skipped: no CUDA (set STRIDE_TEST_CUDA=1 on a GPU machine)");
+    }
+    on
+}
+
+/// `tiny` for 20 steps on one worker, on `device` in f32.
+fn tiny_losses(dir: &std::path::Path, device: &str, extra: &[&str]) -> Vec<f64> {
+    let mut args = vec![
+        "--config",
+        "tiny",
+        "--workers",
+        "1",
+        "--local",
+        "--set",
+        "train.max_steps=20",
+        "--set",
+        "train.warmup_steps=5",
+        "--set",
+        "worker.precision=f32",
+    ];
+    let device = format!("worker.device={device}");
+    args.extend_from_slice(&["--set", &device]);
+    args.extend_from_slice(extra);
+    let (status, out) = run(&args, dir, LIMIT);
+    assert!(status.success(), "{out}");
+    metrics(&dir.join("runs/tiny"))
+        .iter()
+        .filter_map(|r| r["loss"].as_f64())
+        .collect()
+}
+
+#[test]
+fn tiny_on_cuda_matches_the_cpu_run() {
+    if !cuda_requested("tiny_on_cuda_matches_the_cpu_run") {
+        return;
+    }
+    let (cpu, gpu) = (
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    );
+    let a = tiny_losses(cpu.path(), "cpu", &[]);
+    let b = tiny_losses(gpu.path(), "cuda", &[]);
+    assert_eq!(a.len(), b.len());
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() < 1e-3, "step {step}: cpu {x} vs cuda {y}");
+    }
+}
+
+#[test]
+fn a_cpu_checkpoint_resumes_on_cuda() {
+    if !cuda_requested("a_cpu_checkpoint_resumes_on_cuda") {
+        return;
+    }
+    let d = tempfile::tempdir().expect("tmp");
+    let cpu = tiny_losses(d.path(), "cpu", &["--set", "checkpoint.interval=10"]);
+    let resumed = {
+        let (status, out) = run(
+            &[
+                "--resume",
+                "runs/tiny/checkpoints/step-00000010",
+                "--local",
+                "--set",
+                "worker.device=cuda",
+                "--set",
+                "worker.precision=f32",
+                "--run-dir",
+                "runs/gpu",
+                "--set",
+                "checkpoint.dir=gpu-checkpoints",
+            ],
+            d.path(),
+            LIMIT,
+        );
+        assert!(status.success(), "{out}");
+        metrics(&d.path().join("runs/gpu"))
+            .iter()
+            .filter_map(|r| r["loss"].as_f64())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(resumed.len(), 10, "steps 10..20 on the GPU");
+    for (i, (x, y)) in cpu[10..].iter().zip(&resumed).enumerate() {
+        assert!((x - y).abs() < 1e-3, "step {}: cpu {x} vs cuda {y}", 10 + i);
+    }
+}

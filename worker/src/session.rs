@@ -127,7 +127,13 @@ async fn run_session(opts: &Options) -> Result<i32> {
         pid: std::process::id(),
         collective_host: advertised.to_string(),
         collective_port: u32::from(listener.port()),
-        device: "cpu".to_string(),
+        // What this build can run on (the job's config picks the device).
+        device: if cfg!(feature = "cuda") {
+            "cpu+cuda"
+        } else {
+            "cpu"
+        }
+        .to_string(),
         identity: opts.identity.clone(),
     });
     stride_telemetry::inject_metadata(&span, request.metadata_mut());

@@ -89,7 +89,7 @@ impl Collective for Nccl {
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         let mut dev = self
             .stream
-            .memcpy_stod(buf)
+            .clone_htod(buf)
             .map_err(|e| setup("copy to the device", e))?;
         self.comm
             .all_reduce_in_place(&mut dev, &ReduceOp::Sum)
@@ -117,8 +117,7 @@ mod tests {
             println!("nccl_all_reduce_matches_a_cpu_sum: skipped: no CUDA");
             return;
         }
-        let gpus = candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
-            .expect("CUDA driver") as usize;
+        let gpus = cudarc::driver::CudaContext::device_count().expect("CUDA driver") as usize;
         assert!(gpus > 0, "STRIDE_TEST_CUDA=1 but no GPU is visible");
         let n = 1000;
         let input = |rank: usize| -> Vec<f32> {

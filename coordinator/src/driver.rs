@@ -487,6 +487,11 @@ impl Driver {
             for (rank, rep) in reports.iter().enumerate() {
                 self.ranks[rank].last_step = step;
                 self.ranks[rank].last_step_s = rep.total_s;
+                self.shared
+                    .metrics
+                    .rank_step_seconds
+                    .get_or_create(&crate::metrics::RankLabel { rank: rank as u32 })
+                    .set(rep.total_s);
             }
             self.step = step + 1;
 
@@ -635,6 +640,8 @@ impl Driver {
         );
         span.follows_from(&self.job_span);
         let trace_context = stride_telemetry::carrier(&span);
+        // Ranks are numbered afresh: no series of a rank that is gone.
+        self.shared.metrics.rank_step_seconds.clear();
         self.shared
             .metrics
             .world_size

@@ -261,6 +261,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             || c.is::<stride_job::tokens::DataError>()
             || c.is::<stride_job::schedule::ScheduleError>()
             || c.is::<stride_telemetry::EnvError>()
+            || c.is::<report::BadRun>()
     });
     if user_error { 2 } else { 1 }
 }

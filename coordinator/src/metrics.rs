@@ -19,12 +19,19 @@ use std::sync::atomic::AtomicU64;
 use anyhow::{Context, Result};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Registry, Unit};
 
 type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// Labels of a per-rank series.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RankLabel {
+    pub rank: u32,
+}
 
 /// Every metric the coordinator exports.
 #[derive(Debug)]
@@ -41,6 +48,8 @@ pub struct Metrics {
     pub world_size: Gauge,
     pub restarts: Counter,
     pub step_seconds: Histogram,
+    /// Each rank's own time for the last step (spot a straggler).
+    pub rank_step_seconds: Family<RankLabel, FloatGauge>,
     pub checkpoint_seconds: Histogram,
     pub checkpoints: Counter,
 }
@@ -60,6 +69,7 @@ impl Metrics {
             restarts: Counter::default(),
             // 1 ms … ~33 min: from tiny CPU steps to large GPU steps.
             step_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 22)),
+            rank_step_seconds: Family::default(),
             // 10 ms … ~11 min.
             checkpoint_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 17)),
             checkpoints: Counter::default(),
@@ -127,6 +137,12 @@ impl Metrics {
             m.step_seconds.clone(),
         );
         r.register_with_unit(
+            "rank_step_duration",
+            "Each rank's own wall time of the last step (compute + all-reduce)",
+            Unit::Seconds,
+            m.rank_step_seconds.clone(),
+        );
+        r.register_with_unit(
             "checkpoint_duration",
             "Time from planning a checkpoint to its commit",
             Unit::Seconds,
@@ -190,12 +206,16 @@ mod tests {
         m.lr.set(3e-4);
         m.step_seconds.observe(0.25);
         m.restarts.inc();
+        m.rank_step_seconds
+            .get_or_create(&RankLabel { rank: 1 })
+            .set(0.5);
         let text = m.render();
         for line in [
             "stride_step 7",
             "stride_lr 0.0003",
             "stride_restarts_total 1",
             "stride_step_duration_seconds_count 1",
+            "stride_rank_step_duration_seconds{rank=\"1\"} 0.5",
             "stride_job_info{job=\"tiny\"",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");

@@ -55,16 +55,21 @@ struct Line {
     restart: Option<u64>,
 }
 
+/// A run directory `report` cannot draw (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadRun(String);
+
 /// Reads a run's `metrics.jsonl`.
 pub fn read(run_dir: &Path) -> Result<Curves> {
     let path = run_dir.join("metrics.jsonl");
-    let text = std::fs::read_to_string(&path).with_context(|| {
-        format!(
-            "cannot read {}: RUN_DIR must be a run directory such as runs/tiny",
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        BadRun(format!(
+            "cannot read {}: {e}; RUN_DIR must be a run directory such as runs/tiny",
             path.display()
-        )
+        ))
     })?;
-    parse(&text).with_context(|| format!("in {}", path.display()))
+    parse(&text).map_err(|e| BadRun(format!("{}: {e:#}", path.display())).into())
 }
 
 /// Parses the lines of a `metrics.jsonl`.

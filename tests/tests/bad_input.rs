@@ -248,6 +248,24 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
         "the live coordinator must be unharmed"
     );
 
+    // `report` on something that is not a run directory.
+    std::fs::create_dir_all(dir.join("runs/empty")).expect("mkdir");
+    std::fs::write(dir.join("runs/empty/metrics.jsonl"), "").expect("w");
+    for (run_dir, needle) in [
+        ("runs/none", "RUN_DIR must be a run directory"),
+        ("runs/empty", "no step has been recorded yet"),
+    ] {
+        let out = std::process::Command::new(common::bin("coordinator"))
+            .args(["report", run_dir])
+            .current_dir(dir)
+            .output()
+            .expect("runs");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "report {run_dir}: {text}");
+        assert!(text.contains(needle), "report {run_dir}: {text}");
+        assert!(!dir.join(run_dir).join("report.png").exists());
+    }
+
     // Trace settings Stride cannot honour are refused before anything starts.
     for (vars, needle) in [
         (

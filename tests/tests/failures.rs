@@ -227,11 +227,26 @@ fn exhausted_restarts_fail_with_a_summary() {
     );
 }
 
+/// A free port *below* the kernel's ephemeral range, for a coordinator
+/// that must bind the same port again after a restart: a port-0 bind or an
+/// outgoing connection of any other process can take an ephemeral port in
+/// the gap between the kill and the restart (that made this test flaky on
+/// a loaded machine), but never one outside the range.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| {
+            r.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<u16>().ok())
+        })
+        .unwrap_or(32768);
+    let span = low.saturating_sub(10_000).max(1);
+    let start = 10_000 + (std::process::id() as u16 % span);
+    (0..span)
+        .map(|i| 10_000 + (start - 10_000 + i) % span)
+        .find(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .expect("a free port below the ephemeral range")
 }
 
 #[test]

@@ -226,6 +226,13 @@ fn a_run_exports_linked_traces_serves_metrics_and_plots_its_curves() {
     let loss = value(&scraped, "stride_loss").expect("stride_loss");
     assert!(loss.is_finite() && loss > 0.0, "loss {loss}");
     assert!(value(&scraped, "stride_tokens_per_second").is_some_and(|t| t > 0.0));
+    let ranks: HashSet<String> = scraped
+        .samples
+        .iter()
+        .filter(|s| s.metric == "stride_rank_step_duration_seconds")
+        .filter_map(|s| s.labels.get("rank").map(str::to_string))
+        .collect();
+    assert_eq!(ranks, HashSet::from(["0".to_string(), "1".to_string()]));
     let hist = scraped
         .samples
         .iter()

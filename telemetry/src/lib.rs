@@ -16,7 +16,10 @@
 //!   "no reactor running" trap of `opentelemetry-otlp`).
 //! - The exporter's own crates (`h2`, `hyper`, `tonic`, `tower`, `rustls`,
 //!   `opentelemetry*`) never produce exported spans: it must not trace
-//!   itself. Only spans from `stride*` targets are exported.
+//!   itself. Only Stride's own targets (`stride*`, and the `coordinator`
+//!   and `worker` binaries) are exported.
+//! - Span fields that are numbers are recorded as `i64` by the callers:
+//!   tracing-opentelemetry exports unsigned integers as strings.
 //! - Context crosses process boundaries as the W3C `traceparent` (and
 //!   `tracestate`) header: in gRPC metadata for unary calls
 //!   ([`inject_metadata`], [`parent_from_metadata`]), and in a
@@ -25,7 +28,6 @@
 //!   at its start, and each step needs its own parent.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context as _, Result};
@@ -151,7 +153,7 @@ where
     };
     let exporter = OwnRuntime {
         inner,
-        runtime: Arc::new(runtime),
+        runtime,
         warned: AtomicBool::new(false),
     };
     let resource = opentelemetry_sdk::Resource::builder()
@@ -195,7 +197,7 @@ fn export_filter() -> Targets {
 #[derive(Debug)]
 struct OwnRuntime<E> {
     inner: E,
-    runtime: Arc<tokio::runtime::Runtime>,
+    runtime: tokio::runtime::Runtime,
     warned: AtomicBool,
 }
 

@@ -685,7 +685,13 @@ fn cuda_device(ordinal: Option<usize>) -> Result<Device> {
                 .and_then(|r| r.parse().ok())
         })
         .unwrap_or(0);
-    Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))
+    let device =
+        Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal}"))?;
+    tracing::info!(
+        "using CUDA device {ordinal} (LOCAL_RANK={})",
+        std::env::var("LOCAL_RANK").unwrap_or_else(|_| "unset".into())
+    );
+    Ok(device)
 }
 
 #[cfg(not(feature = "cuda"))]

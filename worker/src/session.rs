@@ -6,6 +6,11 @@
 //! blocking compute thread that owns the [`Trainer`] — so a long step never
 //! delays a heartbeat. The session obeys; it never decides a step, an LR or
 //! a sample.
+//!
+//! Forming a worker set: on an `Assignment` the compute thread picks the
+//! device, rank 0 sends the collective's id (`CollectiveBootstrap`), every
+//! rank waits for the coordinator to hand it back, joins the collective
+//! (NCCL on CUDA, the TCP ring otherwise) and reports `Ready`.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -487,11 +487,6 @@ impl Driver {
             for (rank, rep) in reports.iter().enumerate() {
                 self.ranks[rank].last_step = step;
                 self.ranks[rank].last_step_s = rep.total_s;
-                self.shared
-                    .metrics
-                    .rank_step_seconds
-                    .get_or_create(&crate::metrics::RankLabel { rank: rank as u32 })
-                    .set(rep.total_s);
             }
             self.step = step + 1;
 
@@ -521,7 +516,6 @@ impl Driver {
             if let Some(v) = val_loss {
                 span.record("val_loss", v);
             }
-            self.record_step_metrics(&record);
             tracing::info!(
                 target: STEP_TARGET,
                 "step {step:>6}/{max_steps} | loss {loss:.4} | lr {lr:.3e} | grad norm {grad_norm:.3} | {:.0} tok/s | epoch {}",
@@ -562,7 +556,7 @@ impl Driver {
                 bar.set_position(self.step);
                 bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}"));
             }
-            self.update_status(loss, lr, val_loss, started, max_steps);
+            self.publish(&record, tokens_per_step, started, max_steps);
             last.final_loss = loss;
         }
         self.finish_checkpoints().await?;
@@ -1151,23 +1145,38 @@ impl Driver {
         Ok(())
     }
 
-    fn update_status(
-        &self,
-        loss: f64,
-        lr: f64,
-        val: Option<f64>,
-        started: Instant,
-        max_steps: u64,
-    ) {
+    /// Publishes the state after a step: the `Status` RPC's answer and the
+    /// Prometheus numbers.
+    fn publish(&self, r: &MetricsRecord, tokens_per_step: u64, started: Instant, max_steps: u64) {
+        let m = &self.shared.metrics;
+        let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        m.step.set(as_i64(self.step));
+        m.max_steps.set(as_i64(max_steps));
+        m.loss.set(r.loss);
+        if let Some(v) = r.val_loss {
+            m.val_loss.set(v);
+        }
+        m.lr.set(r.lr);
+        m.tokens_per_second.set(r.tokens_per_s);
+        m.tokens.inc_by(tokens_per_step);
+        m.step_seconds.observe(r.step_s);
+        m.workers_connected
+            .set(as_i64((self.ranks.len() + self.pool.len()) as u64));
+        for (i, rank) in self.ranks.iter().enumerate() {
+            m.rank_step_seconds
+                .get_or_create(&crate::metrics::RankLabel { rank: i as u32 })
+                .set(rank.last_step_s);
+        }
         if let Ok(mut s) = self.shared.status.lock() {
             let done = self.step - self.spec.start_step;
             let per_step = started.elapsed().as_secs_f64() / done.max(1) as f64;
             s.config_name = self.spec.name.clone();
             s.step = self.step;
             s.max_steps = max_steps;
-            s.lr = lr;
-            s.last_loss = loss;
-            s.last_val_loss = val
+            s.lr = r.lr;
+            s.last_loss = r.loss;
+            s.last_val_loss = r
+                .val_loss
                 .or_else(|| self.spec.metrics_so_far.val_history.last().map(|(_, v)| *v))
                 .unwrap_or(f64::NAN);
             s.restarts = self.restarts;
@@ -1192,27 +1201,6 @@ impl Driver {
                 })
                 .collect();
         }
-    }
-}
-
-impl Driver {
-    /// The Prometheus numbers after a step.
-    fn record_step_metrics(&self, r: &MetricsRecord) {
-        let m = &self.shared.metrics;
-        m.step.set(i64::try_from(r.step + 1).unwrap_or(i64::MAX));
-        m.max_steps
-            .set(i64::try_from(self.spec.schedule.max_steps()).unwrap_or(i64::MAX));
-        m.loss.set(r.loss);
-        if let Some(v) = r.val_loss {
-            m.val_loss.set(v);
-        }
-        m.lr.set(r.lr);
-        m.tokens_per_second.set(r.tokens_per_s);
-        m.tokens
-            .inc_by((self.spec.config.train.global_batch * self.spec.config.model.context) as u64);
-        m.step_seconds.observe(r.step_s);
-        m.workers_connected
-            .set(i64::try_from(self.ranks.len() + self.pool.len()).unwrap_or(i64::MAX));
     }
 }
 

@@ -437,11 +437,9 @@ async fn train(args: RunArgs) -> Result<()> {
     let metrics = Arc::new(metrics::Metrics::new(&sp.name));
     if let Some(addr) = args.metrics_listen {
         let bound = metrics::serve(addr, metrics.clone()).await?;
-        std::fs::write(
-            run_dir.join("metrics.addr"),
-            format!("http://{bound}/metrics\n"),
-        )
-        .with_context(|| format!("cannot write {}", run_dir.join("metrics.addr").display()))?;
+        let addr_file = run_dir.join("metrics.addr");
+        std::fs::write(&addr_file, format!("http://{bound}/metrics\n"))
+            .with_context(|| format!("cannot write {}", addr_file.display()))?;
         tracing::info!("Prometheus metrics at http://{bound}/metrics");
     }
     let (events_tx, events_rx) = tokio::sync::mpsc::unbounded_channel();

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -205,17 +204,12 @@ impl<'a> MakeWriter<'a> for FileWriter {
     }
 }
 
-fn filter() -> EnvFilter {
-    EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,tonic=warn"))
-}
-
 /// Logging for the offline commands: stderr only.
 pub fn init_console_logging() {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(filter())
+        .with_env_filter(stride_telemetry::log_filter())
         .try_init();
 }
 
@@ -244,7 +238,7 @@ pub fn init_run_logging(
         bar
     });
     let console_filter = {
-        let f = filter();
+        let f = stride_telemetry::log_filter();
         if bar.is_some() {
             f.add_directive(
                 format!("{STEP_TARGET}=off")
@@ -264,7 +258,7 @@ pub fn init_run_logging(
         .with_writer(FileWriter(Arc::new(Mutex::new(file))))
         .with_ansi(false)
         .with_target(false)
-        .with_filter(filter());
+        .with_filter(stride_telemetry::log_filter());
     let (traces, guard) = stride_telemetry::otlp_layer(stride_telemetry::COORDINATOR_SERVICE, job)?;
     tracing_subscriber::registry()
         .with(console)

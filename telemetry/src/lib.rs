@@ -111,6 +111,14 @@ pub fn check_env() -> std::result::Result<(), EnvError> {
     Ok(())
 }
 
+/// The console / log-file filter of both programs: `RUST_LOG`, else info
+/// for Stride and warnings only from the gRPC stack.
+pub fn log_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,tonic=warn")
+    })
+}
+
 /// Whether the environment asks for trace export.
 pub fn enabled() -> bool {
     let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));

@@ -138,13 +138,10 @@ fn init_logging(identity: &str) -> anyhow::Result<stride_telemetry::Guard> {
     use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt as _;
     use tracing_subscriber::util::SubscriberInitExt as _;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn,tonic=warn")
-    });
     let console = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_filter(filter);
+        .with_filter(stride_telemetry::log_filter());
     let (traces, guard) = stride_telemetry::otlp_layer(stride_telemetry::WORKER_SERVICE, identity)?;
     tracing_subscriber::registry()
         .with(console)

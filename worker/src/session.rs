@@ -345,9 +345,6 @@ fn compute_loop(
     abort: AbortSlot,
 ) {
     let mut trainer: Option<(u64, Trainer)> = None;
-    // This worker's rank in the current generation (on every span).
-    // (Span fields are i64: tracing-opentelemetry exports unsigned ones as strings.)
-    let mut rank: Option<i64> = None;
     let send = |body| {
         let _ = out.blocking_send(msg(body));
     };
@@ -376,7 +373,6 @@ fn compute_loop(
             Work::Assign(a) => {
                 let generation = a.generation;
                 trainer = None;
-                rank = Some(i64::from(a.rank));
                 let span = tracing::info_span!(
                     "assign",
                     rank = i64::from(a.rank),
@@ -417,7 +413,6 @@ fn compute_loop(
             }
             Work::Reset => {
                 trainer = None;
-                rank = None;
                 if let Ok(mut h) = abort.lock() {
                     *h = None;
                 }
@@ -429,7 +424,7 @@ fn compute_loop(
                 };
                 let span = tracing::info_span!(
                     "step",
-                    rank,
+                    rank = t.rank(),
                     step = p.step as i64,
                     lr = p.lr,
                     loss = tracing::field::Empty,
@@ -475,7 +470,7 @@ fn compute_loop(
                 // the next steps run; the coordinator commits on the report.
                 let span = tracing::info_span!(
                     "checkpoint_write",
-                    rank,
+                    rank = t.rank(),
                     step = p.step as i64,
                     dir = %p.tmp_dir,
                 );
@@ -524,7 +519,7 @@ fn compute_loop(
                 };
                 let span = tracing::info_span!(
                     "evaluation",
-                    rank,
+                    rank = t.rank(),
                     step = p.step as i64,
                     samples = p.samples.len() as i64,
                 );

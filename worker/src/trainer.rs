@@ -111,6 +111,12 @@ impl Trainer {
         })
     }
 
+    /// This worker's rank in its collective, as a span field (i64: see
+    /// stride-telemetry).
+    pub fn rank(&self) -> i64 {
+        self.collective.rank() as i64
+    }
+
     pub fn slots(&self) -> &[Slot] {
         &self.slots
     }
@@ -205,8 +211,8 @@ impl Trainer {
         // gradients into the flat accumulator.
         self.grad.fill(0.0);
         let mut loss_sum = 0.0;
-        // Span fields are i64 (see stride-telemetry); the rank is on every span.
-        let rank = self.collective.rank() as i64;
+        // The rank is on every span.
+        let rank = self.rank();
         let span = tracing::info_span!(
             "forward_backward",
             rank,

@@ -65,7 +65,7 @@ pub const SCHEMA: &[(&str, &[&str])] = &[
         &["beta1", "beta2", "eps", "weight_decay", "grad_clip"],
     ),
     ("checkpoint", &["dir", "interval", "keep_last"]),
-    ("worker", &["device", "precision", "threads"]),
+    ("worker", &["device", "precision", "engine", "threads"]),
     (
         "cluster",
         &[
@@ -720,6 +720,46 @@ impl From<Precision> for String {
     }
 }
 
+/// Which implementation of the model's forward and backward a worker runs
+/// (see the worker's `engine` module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(try_from = "String", into = "String")]
+pub enum Engine {
+    /// `fused` where it can run (CPU, f32), `composed` elsewhere.
+    #[default]
+    Auto,
+    /// Stride's fused kernels with their own backward, buffers reused
+    /// across steps; CPU and f32 only so far.
+    Fused,
+    /// Candle ops and Candle's autograd: any device, bf16 included.
+    Composed,
+}
+
+impl TryFrom<String> for Engine {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.as_str() {
+            "auto" => Ok(Engine::Auto),
+            "fused" => Ok(Engine::Fused),
+            "composed" => Ok(Engine::Composed),
+            other => Err(format!(
+                "unknown engine `{other}`: expected `auto` (fused on CPU, composed on CUDA), `fused` or `composed`"
+            )),
+        }
+    }
+}
+
+impl From<Engine> for String {
+    fn from(e: Engine) -> String {
+        match e {
+            Engine::Auto => "auto",
+            Engine::Fused => "fused",
+            Engine::Composed => "composed",
+        }
+        .to_string()
+    }
+}
+
 /// What each worker process runs on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -728,6 +768,8 @@ pub struct WorkerConfig {
     pub device: Device,
     /// Compute dtype (`auto`, `f32`, `bf16`); a resume may change it.
     pub precision: Precision,
+    /// Model implementation (`auto`, `fused`, `composed`); a resume may change it.
+    pub engine: Engine,
     /// CPU threads per worker (0 = the machine's cores divided among local workers).
     pub threads: usize,
 }
@@ -737,6 +779,7 @@ impl Default for WorkerConfig {
         WorkerConfig {
             device: Device::Cpu,
             precision: Precision::Auto,
+            engine: Engine::Auto,
             threads: 0,
         }
     }
@@ -932,6 +975,25 @@ impl Config {
             c.keep_last,
             "must be at least 1",
         )?;
+
+        let w = &self.worker;
+        if w.engine == Engine::Fused {
+            check(
+                !matches!(w.device, Device::Cuda(_)),
+                "worker.engine",
+                "fused",
+                &format!(
+                    "the fused engine has CPU kernels only so far, and worker.device is `{}`: use `auto` (composed Candle ops on CUDA) or `composed`",
+                    w.device
+                ),
+            )?;
+            check(
+                w.precision != Precision::Bf16,
+                "worker.engine",
+                "fused",
+                "the fused engine computes in f32, and worker.precision is `bf16`: use precision `auto` or `f32`, or engine `composed`",
+            )?;
+        }
 
         let cl = &self.cluster;
         check(

@@ -50,6 +50,8 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // Before anything allocates: see stride_worker::alloc.
+    stride_worker::alloc::tune_malloc();
     // In the CUDA image: check the CUDA build can start here, then become it.
     #[cfg(not(feature = "cuda"))]
     if let Err(e) =

@@ -3,22 +3,24 @@
 //! averaging, clipping, the AdamW update, and the hash of the new weights.
 //!
 //! The trainer owns the master weights (a flat `f32` buffer in parameter-name
-//! order), the optimiser state and the collective. It does what a plan says
-//! — which samples, which LR — and never chooses either.
+//! order), the gradient buffer, the optimiser state, the model's compute
+//! ([`Engine`]) and the collective. It does what a plan says — which
+//! samples, which LR — and never chooses either.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use anyhow::Result;
+use candle_core::Device;
 use stride_job::checkpoint;
 use stride_job::config::Config;
 use stride_job::sampler::window_start;
 use stride_job::tokens::{Corpus, Scan, Tokens};
 
 use crate::collective::Collective;
-use crate::model::{self, Gpt, Slot};
+use crate::engine::Engine;
+use crate::model::{self, Slot};
 use crate::optim::{AdamW, clip_global_norm};
 
 /// The state a checkpoint saves from a worker.
@@ -62,7 +64,7 @@ pub struct StepOutcome {
 #[derive(Debug)]
 pub struct Trainer {
     pub config: Config,
-    model: Gpt,
+    engine: Engine,
     slots: Vec<Slot>,
     /// Master weights, flat, in `slots` order.
     weights: Vec<f32>,
@@ -71,10 +73,12 @@ pub struct Trainer {
     pub optimizer: AdamW,
     corpus: Corpus,
     collective: Box<dyn Collective>,
-    device: Device,
     accumulation: usize,
-    /// Reused token buffer.
+    /// Reused token buffers: one window, and a micro-batch's inputs and
+    /// targets.
     window: Vec<u32>,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
 }
 
 impl Trainer {
@@ -88,26 +92,29 @@ impl Trainer {
         let corpus = Corpus::open(&config.data, &config.model, config.train.seed, Scan::Layout)?;
         let slots = model::layout(&config.model);
         let weights = model::initial_weights(&config.model, config.train.seed);
-        // Master weights and optimizer state stay f32 (host); the model
-        // computes in bf16 on GPUs (autocast-style, see model.rs).
-        let model = Gpt::new(
+        // Master weights and optimizer state stay f32 (host); the composed
+        // engine computes in bf16 on GPUs (autocast-style, see model.rs).
+        let engine = Engine::new(
+            config.worker.engine,
             &config.model,
             &weights,
-            model::compute_dtype(&device, config.worker.precision),
+            config.train.micro_batch,
             &device,
+            config.worker.precision,
         )?;
         Ok(Trainer {
             config: config.clone(),
             optimizer: AdamW::new(&config.optim, &slots),
             grad: vec![0.0; weights.len()],
-            model,
+            engine,
             slots,
             weights,
             corpus,
             collective,
-            device,
             accumulation,
             window: Vec::new(),
+            inputs: Vec::new(),
+            targets: Vec::new(),
         })
     }
 
@@ -115,6 +122,11 @@ impl Trainer {
     /// stride-telemetry).
     pub fn rank(&self) -> i64 {
         self.collective.rank() as i64
+    }
+
+    /// Which engine computes the model (`fused` or `composed`).
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
     }
 
     pub fn slots(&self) -> &[Slot] {
@@ -132,8 +144,7 @@ impl Trainer {
             "weights of the wrong size"
         );
         self.weights = weights;
-        self.model.load_flat(&self.weights)?;
-        Ok(())
+        self.engine.weights_changed(&self.weights)
     }
 
     /// Loads weights (and, unless `weights_only`, the optimiser state) from a
@@ -177,21 +188,28 @@ impl Trainer {
         xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(&self.weights))
     }
 
-    /// Inputs (B, T) and targets (B, T) of the samples `samples` of `tokens`.
-    fn batch(&mut self, tokens: &Tokens, samples: &[u64]) -> Result<(Tensor, Tensor)> {
+    /// Reads the windows of `samples` from `tokens` into the reused input
+    /// and target buffers (B·T token ids each). A sample whose window runs
+    /// past the file is refused: the coordinator planned it from a file of
+    /// another length.
+    fn batch(&mut self, tokens: &Tokens, samples: &[u64]) -> Result<()> {
         let (t, stride) = (self.config.model.context, self.config.data.stride);
-        let mut x = Vec::with_capacity(samples.len() * t);
-        let mut y = Vec::with_capacity(samples.len() * t);
+        self.inputs.clear();
+        self.targets.clear();
         for &s in samples {
-            tokens.read(window_start(s, stride), t + 1, &mut self.window);
-            x.extend_from_slice(&self.window[..t]);
-            y.extend_from_slice(&self.window[1..]);
+            let start = window_start(s, stride);
+            anyhow::ensure!(
+                start + t < tokens.len(),
+                "sample {s} starts at token {start}, but {} holds {} tokens (windows of {}): this worker's data differs from the coordinator's",
+                tokens.name,
+                tokens.len(),
+                t + 1
+            );
+            tokens.read(start, t + 1, &mut self.window);
+            self.inputs.extend_from_slice(&self.window[..t]);
+            self.targets.extend_from_slice(&self.window[1..]);
         }
-        let b = samples.len();
-        Ok((
-            Tensor::from_vec(x, (b, t), &self.device)?,
-            Tensor::from_vec(y, (b, t), &self.device)?,
-        ))
+        Ok(())
     }
 
     /// One optimiser step on this rank's `samples` (accumulation ×
@@ -220,24 +238,13 @@ impl Trainer {
         );
         let entered = span.enter();
         for chunk in samples.chunks(micro) {
-            let (x, y) = self.batch(&train, chunk)?;
-            let loss = self.model.loss(&x, &y)?;
-            loss_sum += f64::from(loss.to_scalar::<f32>()?);
-            let grads = loss.backward()?;
-            for (slot, (name, var)) in self.slots.iter().zip(self.model.vars()) {
-                let g = grads
-                    .get(var.as_tensor())
-                    .with_context(|| format!("no gradient reached {name}"))?
-                    .flatten_all()?
-                    .to_dtype(DType::F32)?
-                    .to_vec1::<f32>()?;
-                for (acc, v) in self.grad[slot.offset..slot.offset + slot.len]
-                    .iter_mut()
-                    .zip(g)
-                {
-                    *acc += v;
-                }
-            }
+            self.batch(&train, chunk)?;
+            loss_sum += self.engine.forward_backward(
+                &self.weights,
+                &mut self.grad,
+                &self.inputs,
+                &self.targets,
+            )?;
         }
         drop(entered);
         let compute_s = start.elapsed().as_secs_f64();
@@ -256,7 +263,7 @@ impl Trainer {
         }
         let grad_norm = clip_global_norm(&mut self.grad, self.config.optim.grad_clip);
         self.optimizer.update(&mut self.weights, &self.grad, lr);
-        self.model.load_flat(&self.weights)?;
+        self.engine.weights_changed(&self.weights)?;
 
         Ok(StepOutcome {
             loss: loss_sum / self.accumulation as f64,
@@ -276,10 +283,12 @@ impl Trainer {
         let mut loss_sum = 0.0;
         let mut tokens = 0;
         for chunk in samples.chunks(self.config.train.micro_batch) {
-            let (x, y) = self.batch(&val, chunk)?;
-            let loss = self.model.loss(&x, &y)?.to_scalar::<f32>()?;
+            self.batch(&val, chunk)?;
+            let loss = self
+                .engine
+                .loss(&self.weights, &self.inputs, &self.targets)?;
             let n = (chunk.len() * t) as u64;
-            loss_sum += f64::from(loss) * n as f64;
+            loss_sum += loss * n as f64;
             tokens += n;
         }
         Ok((loss_sum, tokens))

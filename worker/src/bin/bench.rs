@@ -1,110 +1,211 @@
-//! `bench`: where a CPU worker's time goes, and how fast the ring is.
+//! `bench`: the worker's training speed and memory next to PyTorch's, the
+//! ring all-reduce next to memcpy, and a checkpoint next to `dd`.
 //!
-//!     cargo run --release -p stride-worker --bin bench [-- --steps N]
+//!     cargo run --release -p stride-worker --bin bench -- [--pytorch python3] [--steps N]
 //!
-//! Prints, for one worker (no collective), the tokens/s of a training step
-//! on `tiny` and on a GPT-2-shaped model small enough for a laptop (4 layers,
-//! 256 wide, context 256, vocab 50,304), split into forward, backward,
-//! gradient gathering and the optimiser; then the ring all-reduce bandwidth
-//! for 4 MiB and 64 MiB buffers with 2 ranks on loopback. All figures of one
-//! run come from the same machine state, so ratios between them are fair;
-//! absolute numbers vary with the machine. Results go into BENCHMARKS.md.
+//! Each model line is one child process (so its peak RSS is its own) that
+//! builds a real `Trainer` on a synthetic corpus and times `Trainer::step`
+//! — the code a worker runs, not a copy of it — with one worker (no
+//! collective). The children run in turn, never side by side; with
+//! `--pytorch PYTHON` the same shapes are trained by
+//! `bench/pytorch_baseline.py` (nanoGPT's model, eager) between them, and
+//! the ratios are printed. Figures go into BENCHMARKS.md with the machine
+//! and the command; only ratios of one run are comparable.
 
+use std::process::Command;
 use std::time::Instant;
 
-use anyhow::Result;
-use candle_core::{DType, Device, Tensor};
+use anyhow::{Context, Result};
+use candle_core::Device;
 use clap::Parser;
-use stride_job::config::{ConfigSource, ModelConfig, OptimConfig, RawConfig};
-use stride_worker::collective::local_ring;
-use stride_worker::model::{self, Gpt};
-use stride_worker::optim::{AdamW, clip_global_norm};
+use stride_job::config::{Config, ConfigSource, ModelConfig, RawConfig};
+use stride_worker::collective::{Solo, local_ring};
+use stride_worker::model;
+use stride_worker::trainer::Trainer;
 
 #[derive(Debug, Parser)]
 struct Args {
-    /// Timed steps per model (after one warm-up step).
+    /// Timed steps per model line (after one warm-up step).
     #[arg(long, default_value_t = 5)]
     steps: usize,
     /// Repetitions of each all-reduce.
     #[arg(long, default_value_t = 5)]
     reps: usize,
+    /// A Python with torch installed: also run bench/pytorch_baseline.py.
+    #[arg(long, value_name = "PYTHON")]
+    pytorch: Option<String>,
+    /// Only these shapes (comma-separated names; default all).
+    #[arg(long, value_delimiter = ',')]
+    shapes: Vec<String>,
+    /// Skip the composed-engine lines (slow on the large shapes).
+    #[arg(long)]
+    no_composed: bool,
     /// Skip the checkpoint benchmark (it writes ~1.5 GB to --checkpoint-dir).
     #[arg(long)]
     no_checkpoint: bool,
     /// Where the checkpoint benchmark writes (the disk checkpoints go to).
     #[arg(long, default_value = "target/bench-checkpoint")]
     checkpoint_dir: std::path::PathBuf,
-    /// Only run the model benchmarks in this process (used by the parent
-    /// run to compare allocator settings side by side).
+    /// Internal: run one model line in this process.
+    #[arg(long, hide = true, requires = "engine")]
+    child: Option<String>,
     #[arg(long, hide = true)]
-    models_only: bool,
+    engine: Option<String>,
+    /// Internal: leave glibc's malloc at its defaults in the child.
+    #[arg(long, hide = true)]
+    default_malloc: bool,
 }
 
-#[derive(Debug, Default)]
-struct Phases {
-    forward: f64,
-    backward: f64,
-    gather: f64,
-    optimizer: f64,
+/// A model shape the bench trains: name, model, micro-batch.
+struct Shape {
+    name: &'static str,
+    model: ModelConfig,
+    batch: usize,
 }
 
-fn bench_model(name: &str, c: &ModelConfig, micro_batch: usize, steps: usize) -> Result<()> {
-    let dev = Device::Cpu;
-    let slots = model::layout(c);
-    let mut weights = model::initial_weights(c, 1);
-    let gpt = Gpt::new(c, &weights, DType::F32, &dev)?;
-    let mut opt = AdamW::new(&OptimConfig::default(), &slots);
-    let mut grad = vec![0f32; weights.len()];
-    let t = c.context;
-    let ids: Vec<u32> = (0..micro_batch * (t + 1))
-        .map(|i| (i * 7919 % c.vocab_size) as u32)
-        .collect();
-    let x: Vec<u32> = ids.chunks(t + 1).flat_map(|w| w[..t].to_vec()).collect();
-    let y: Vec<u32> = ids.chunks(t + 1).flat_map(|w| w[1..].to_vec()).collect();
-    let x = Tensor::from_vec(x, (micro_batch, t), &dev)?;
-    let y = Tensor::from_vec(y, (micro_batch, t), &dev)?;
-    let mut p = Phases::default();
-    for i in 0..=steps {
-        let t0 = Instant::now();
-        let loss = gpt.loss(&x, &y)?;
-        let _ = loss.to_scalar::<f32>()?;
-        let t1 = Instant::now();
-        let grads = loss.backward()?;
-        let t2 = Instant::now();
-        for (slot, (_, var)) in slots.iter().zip(gpt.vars()) {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                let g = g.flatten_all()?.to_vec1::<f32>()?;
-                grad[slot.offset..slot.offset + slot.len].copy_from_slice(&g);
-            }
-        }
-        let t3 = Instant::now();
-        clip_global_norm(&mut grad, 1.0);
-        opt.update(&mut weights, &grad, 1e-3);
-        gpt.load_flat(&weights)?;
-        let t4 = Instant::now();
-        if i > 0 {
-            p.forward += (t1 - t0).as_secs_f64();
-            p.backward += (t2 - t1).as_secs_f64();
-            p.gather += (t3 - t2).as_secs_f64();
-            p.optimizer += (t4 - t3).as_secs_f64();
-        }
+fn shapes() -> Vec<Shape> {
+    let gpt = |n_layer, n_head, n_embd, vocab_size, context| ModelConfig {
+        n_layer,
+        n_head,
+        n_embd,
+        vocab_size,
+        context,
+    };
+    vec![
+        // The `tiny` preset's model and micro-batch.
+        Shape {
+            name: "tiny",
+            model: gpt(2, 2, 64, 128, 64),
+            batch: 16,
+        },
+        // GPT-2 vocabulary, 4 layers of 256, context 256: the issue's main shape.
+        Shape {
+            name: "main",
+            model: gpt(4, 4, 256, 50_304, 256),
+            batch: 8,
+        },
+        // Attention-heavy: context 1024.
+        Shape {
+            name: "attention",
+            model: gpt(2, 4, 256, 50_304, 1024),
+            batch: 2,
+        },
+    ]
+}
+
+/// A resolved job config for `shape` on one CPU worker with `engine`.
+fn config(shape: &Shape, engine: &str) -> Result<Config> {
+    let m = &shape.model;
+    let text = format!(
+        "[model]\nn_layer = {}\nn_head = {}\nn_embd = {}\nvocab_size = {}\ncontext = {}\n\
+         [data]\nsynthetic_tokens = {}\n\
+         [train]\nglobal_batch = {b}\nmicro_batch = {b}\nwarmup_steps = 0\n\
+         [worker]\nengine = \"{engine}\"\n[cluster]\nworkers = 1\n",
+        m.n_layer,
+        m.n_head,
+        m.n_embd,
+        m.vocab_size,
+        m.context,
+        (shape.batch + 2) * (m.context + 1) * 4,
+        b = shape.batch,
+    );
+    Ok(RawConfig::parse(
+        &text,
+        "bench".into(),
+        ConfigSource::File("bench.toml".into()),
+    )?
+    .resolve()?)
+}
+
+/// This process's peak resident set (VmHWM), in MB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// One model line, in this (child) process: `steps` timed `Trainer::step`s
+/// after a warm-up step.
+fn child(name: &str, engine: &str, steps: usize) -> Result<()> {
+    let shape = shapes()
+        .into_iter()
+        .find(|s| s.name == name)
+        .with_context(|| format!("no shape {name}"))?;
+    let c = config(&shape, engine)?;
+    let mut trainer = Trainer::new(&c, Box::new(Solo), 1, Device::Cpu)?;
+    let samples: Vec<u64> = (0..shape.batch as u64).collect();
+    trainer.step(&samples, 1e-3)?;
+    let (mut total, mut compute) = (0.0, 0.0);
+    for _ in 0..steps {
+        let o = trainer.step(&samples, 1e-3)?;
+        total += o.total_s;
+        compute += o.compute_s;
     }
-    let total = p.forward + p.backward + p.gather + p.optimizer;
-    let tokens = (steps * micro_batch * t) as f64;
+    let tokens = (steps * shape.batch * shape.model.context) as f64;
     println!(
-        "{name:<28} {:>6.1}M params  batch {micro_batch}×{t}  {:>8.0} tokens/s  step {:>7.1} ms  (forward {:.0}%, backward {:.0}%, gradient copy {:.0}%, clip+AdamW+load {:.0}%)",
-        model::parameter_count(&slots) as f64 / 1e6,
+        "stride {:<8} {:<10} {:>5.1}M params  batch {}x{}  {:>8.0} tokens/s  step {:>7.1} ms  peak RSS {:>6.0} MB  (forward+backward {:.0}%, all-reduce+clip+AdamW+hash {:.0}%)",
+        trainer.engine_name(),
+        name,
+        model::parameter_count(trainer.slots()) as f64 / 1e6,
+        shape.batch,
+        shape.model.context,
         tokens / total,
         1e3 * total / steps as f64,
-        100.0 * p.forward / total,
-        100.0 * p.backward / total,
-        100.0 * p.gather / total,
-        100.0 * p.optimizer / total,
+        peak_rss_mb(),
+        100.0 * compute / total,
+        100.0 * (total - compute) / total,
     );
     Ok(())
 }
 
-fn bench_ring(mib: usize, reps: usize) -> Result<()> {
+/// Runs a command, echoes its output lines that match `keep`, and returns
+/// (tokens/s, peak RSS MB) parsed from the last of them.
+fn measured(mut cmd: Command, keep: &str) -> Result<(f64, f64)> {
+    let out = cmd.output().context("cannot start a bench child")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bench child failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut figures = (f64::NAN, f64::NAN);
+    for line in text.lines().filter(|l| l.starts_with(keep)) {
+        println!("{line}");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let before = |unit: &str| {
+            words
+                .windows(2)
+                .find(|w| w[1] == unit)
+                .and_then(|w| w[0].parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        figures = (before("tokens/s"), before("MB"));
+    }
+    Ok(figures)
+}
+
+fn stride_line(name: &str, engine: &str, steps: usize, default_malloc: bool) -> Result<(f64, f64)> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args([
+        "--child",
+        name,
+        "--engine",
+        engine,
+        "--steps",
+        &steps.to_string(),
+    ]);
+    if default_malloc {
+        cmd.arg("--default-malloc");
+    }
+    measured(cmd, "stride")
+}
+
+fn bench_ring(mib: usize, reps: usize) -> Result<f64> {
     let n = mib * (1 << 20) / 4;
     let times = local_ring(2, |mut c| {
         let mut buf = vec![1.0f32; n];
@@ -118,65 +219,33 @@ fn bench_ring(mib: usize, reps: usize) -> Result<()> {
         start.elapsed().as_secs_f64() / reps as f64
     })?;
     let t = times.iter().copied().fold(0.0, f64::max);
-    // Bus bandwidth as NCCL reports it: 2(n−1)/n × bytes / time.
-    let bytes = (n * 4) as f64;
+    let gbs = (n * 4) as f64 / t / 1e9;
+    // For 2 ranks the bus bandwidth (NCCL's 2(n−1)/n × bytes / time) equals the algorithm bandwidth.
     println!(
-        "ring all-reduce, 2 ranks, {mib:>3} MiB: {:>7.1} ms  algorithm bandwidth {:>6.2} GB/s  bus bandwidth {:>6.2} GB/s",
-        1e3 * t,
-        bytes / t / 1e9,
-        bytes / t / 1e9 * 2.0 * (2.0 - 1.0) / 2.0
+        "ring all-reduce, 2 ranks, {mib:>3} MiB: {:>7.1} ms  algorithm bandwidth {gbs:>6.2} GB/s",
+        1e3 * t
     );
-    Ok(())
+    Ok(gbs)
 }
 
-fn models(steps: usize) -> Result<()> {
-    let tiny = RawConfig::parse(
-        stride_job::config::preset_text("tiny").unwrap_or_default(),
-        "tiny".into(),
-        ConfigSource::Embedded("tiny"),
-    )?
-    .resolve()?;
-    bench_model("tiny", &tiny.model, tiny.train.micro_batch, steps)?;
-    let gpt2_shaped = ModelConfig {
-        n_layer: 4,
-        n_head: 4,
-        n_embd: 256,
-        vocab_size: 50_304,
-        context: 256,
-    };
-    bench_model("gpt2-shaped 4L/256/ctx256", &gpt2_shaped, 4, steps)
-}
-
-/// Runs the model benchmarks in a child process with `env` set (glibc reads
-/// its malloc settings at start-up, so they cannot change in-process) and
-/// returns the tokens/s of each model line.
-fn child_models(steps: usize, env: &[(&str, &str)], label: &str) -> Result<Vec<f64>> {
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
-    cmd.args(["--models-only", "--steps", &steps.to_string()]);
-    cmd.env_remove("MALLOC_MMAP_MAX_")
-        .env_remove("MALLOC_TRIM_THRESHOLD_");
-    for (k, v) in env {
-        cmd.env(k, v);
+/// Single-thread copy of a 64 MiB buffer into another (both faulted in).
+fn bench_memcpy(reps: usize) -> f64 {
+    let n = 16 << 20;
+    let src = vec![1.0f32; n];
+    let mut dst = vec![0.0f32; n];
+    dst.copy_from_slice(&src);
+    let start = Instant::now();
+    for i in 0..reps {
+        dst.copy_from_slice(&src);
+        dst[i] += 1.0;
     }
-    let out = cmd.output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let t = start.elapsed().as_secs_f64() / reps as f64;
+    let gbs = (n * 4) as f64 / t / 1e9;
+    println!(
+        "memcpy, one thread,   64 MiB: {:>7.1} ms  {gbs:>6.2} GB/s",
+        1e3 * t
     );
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut rates = Vec::new();
-    for line in text.lines() {
-        println!("[{label}] {line}");
-        let rate = line
-            .split_whitespace()
-            .collect::<Vec<_>>()
-            .windows(2)
-            .find(|w| w[1] == "tokens/s")
-            .and_then(|w| w[0].parse::<f64>().ok());
-        rates.extend(rate);
-    }
-    Ok(rates)
+    gbs
 }
 
 /// Checkpoint of GPT-2 small (124M parameters: weights + two AdamW moments):
@@ -204,7 +273,7 @@ fn bench_checkpoint(dir: &std::path::Path) -> Result<()> {
         .sum();
     let dd_file = dir.join("dd.bin");
     let t = Instant::now();
-    let dd = std::process::Command::new("dd")
+    let dd = Command::new("dd")
         .arg("if=/dev/zero")
         .arg(format!("of={}", dd_file.display()))
         .arg("bs=1M")
@@ -240,33 +309,70 @@ fn bench_checkpoint(dir: &std::path::Path) -> Result<()> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if args.models_only {
-        return models(args.steps);
+    if let (Some(name), Some(engine)) = (&args.child, &args.engine) {
+        if !args.default_malloc {
+            stride_worker::alloc::tune_malloc();
+        }
+        return child(name, engine, args.steps);
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "stride bench: {cores} cores, Candle CPU with {} threads (RAYON_NUM_THREADS={})",
+        "stride bench: {cores} cores, {} compute threads (RAYON_NUM_THREADS={}), {} timed steps per line",
         rayon::current_num_threads(),
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "unset".into()),
+        args.steps
     );
-    let plain = child_models(args.steps, &[], "glibc default")?;
-    let tuned = child_models(
-        args.steps,
-        &[
-            ("MALLOC_MMAP_MAX_", "0"),
-            ("MALLOC_TRIM_THRESHOLD_", "4294967296"),
-        ],
-        "MALLOC_MMAP_MAX_=0 ",
-    )?;
-    for (i, (a, b)) in plain.iter().zip(&tuned).enumerate() {
-        println!(
-            "model {i}: tuned allocator / default = {:.2}x tokens/s",
-            b / a
-        );
+    let mut summary = Vec::new();
+    for shape in shapes() {
+        if !args.shapes.is_empty() && !args.shapes.iter().any(|s| s == shape.name) {
+            continue;
+        }
+        let fused = stride_line(shape.name, "fused", args.steps, false)?;
+        if let Some(python) = &args.pytorch {
+            let mut cmd = Command::new(python);
+            cmd.args([
+                "bench/pytorch_baseline.py",
+                "--shape",
+                shape.name,
+                "--steps",
+                &args.steps.to_string(),
+                "--threads",
+                &rayon::current_num_threads().to_string(),
+            ]);
+            let torch = measured(cmd, "pytorch")?;
+            summary.push(format!(
+                "{:<10} fused / PyTorch eager: {:.2}x tokens/s, {:.2}x peak RSS",
+                shape.name,
+                fused.0 / torch.0,
+                fused.1 / torch.1
+            ));
+        }
+        if !args.no_composed {
+            let composed = stride_line(shape.name, "composed", args.steps, false)?;
+            summary.push(format!(
+                "{:<10} fused / composed:      {:.2}x tokens/s, {:.2}x peak RSS",
+                shape.name,
+                fused.0 / composed.0,
+                fused.1 / composed.1
+            ));
+        }
+        if shape.name == "main" {
+            let plain = stride_line(shape.name, "fused", args.steps, true)?;
+            summary.push(format!(
+                "{:<10} fused, worker's malloc settings / glibc defaults: {:.2}x tokens/s, {:.2}x peak RSS",
+                shape.name,
+                fused.0 / plain.0,
+                fused.1 / plain.1
+            ));
+        }
     }
-    for mib in [4, 64] {
-        bench_ring(mib, args.reps)?;
+    for line in &summary {
+        println!("{line}");
     }
+    let copy = bench_memcpy(args.reps.max(3));
+    bench_ring(4, args.reps)?;
+    let ring = bench_ring(64, args.reps)?;
+    println!("ring all-reduce 64 MiB / memcpy: {:.2}x", ring / copy);
     if !args.no_checkpoint {
         bench_checkpoint(&args.checkpoint_dir)?;
     }

@@ -26,11 +26,10 @@ pub fn tune_malloc() -> bool {
     {
         // SAFETY: mallopt only changes glibc's allocator parameters; it is
         // thread-safe and takes plain integers.
-        let ok = unsafe {
+        unsafe {
             libc::mallopt(libc::M_MMAP_MAX, 0) == 1
                 && libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX) == 1
-        };
-        ok
+        }
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     false

@@ -22,8 +22,7 @@ use std::ops::Range;
 use stride_job::config::ModelConfig;
 use stride_job::params::Slot;
 
-use super::kernels::{self, HeadGrad, Heads};
-use super::real::Real;
+use stride_kernels::{self as kernels, HeadGrad, Heads, Real};
 
 /// Rows of logits the LM head computes at once. 256 × 50,304 f32 is 51 MB:
 /// large enough that the embedding-gradient product (whose k is this) runs

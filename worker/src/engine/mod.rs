@@ -3,7 +3,7 @@
 //!
 //! Two implementations of the same GPT-2 (same parameters, same math):
 //!
-//! - **fused** (`gpt.rs`, `kernels.rs`, `gemm.rs`): the whole model's
+//! - **fused** (`gpt.rs` over the `stride-kernels` crate): the whole model's
 //!   forward and backward written out layer by layer, as llm.c does, on
 //!   buffers allocated once and reused every step. Attention (scores, mask,
 //!   softmax, weighted sum), the tied LM head with the cross-entropy
@@ -20,10 +20,7 @@
 //! `worker.engine = auto` picks fused on the CPU in f32 and composed
 //! elsewhere; the config refuses `fused` where it cannot run.
 
-pub mod gemm;
 pub mod gpt;
-pub mod kernels;
-pub mod real;
 #[cfg(test)]
 mod tests;
 

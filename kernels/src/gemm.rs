@@ -14,7 +14,7 @@
 //! order fixed by the shapes (gemm splits work over m and n only), so the
 //! result is the same bits for any thread count.
 
-use super::real::Real;
+use crate::real::Real;
 
 /// An m × n matrix inside a slice: element (i, j) is at
 /// `offset + i·row_stride + j·col_stride`.

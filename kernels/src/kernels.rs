@@ -17,8 +17,8 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{Threads, View, matmul};
-use super::real::Real;
+use crate::gemm::{Threads, View, matmul};
+use crate::real::Real;
 
 /// Rows in one block of a column sum: fixed, so the blocks and the order
 /// they are added in depend on the shape alone.

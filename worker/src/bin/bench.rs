@@ -248,6 +248,40 @@ fn bench_memcpy(reps: usize) -> f64 {
     gbs
 }
 
+/// One-way TCP over loopback, 64 MiB a message, one thread each side: the
+/// ceiling under any TCP all-reduce on this machine.
+fn bench_tcp(reps: usize) -> Result<f64> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let n = 64 << 20;
+    let receiver = std::thread::spawn(move || -> std::io::Result<()> {
+        let (mut s, _) = listener.accept()?;
+        let mut buf = vec![0u8; n];
+        for _ in 0..=reps {
+            s.read_exact(&mut buf)?;
+        }
+        Ok(())
+    });
+    let mut s = std::net::TcpStream::connect(addr)?;
+    let data = vec![1u8; n];
+    s.write_all(&data)?; // warm-up
+    let start = Instant::now();
+    for _ in 0..reps {
+        s.write_all(&data)?;
+    }
+    receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    let t = start.elapsed().as_secs_f64() / reps as f64;
+    let gbs = n as f64 / t / 1e9;
+    println!(
+        "TCP loopback, one way, 64 MiB: {:>7.1} ms  {gbs:>6.2} GB/s",
+        1e3 * t
+    );
+    Ok(gbs)
+}
+
 /// Checkpoint of GPT-2 small (124M parameters: weights + two AdamW moments):
 /// the in-memory snapshot (the only stall training sees), the background
 /// write with fsync against `dd` of the same size to the same disk, and the
@@ -370,9 +404,38 @@ fn main() -> Result<()> {
         println!("{line}");
     }
     let copy = bench_memcpy(args.reps.max(3));
+    let tcp = bench_tcp(args.reps)?;
     bench_ring(4, args.reps)?;
     let ring = bench_ring(64, args.reps)?;
-    println!("ring all-reduce 64 MiB / memcpy: {:.2}x", ring / copy);
+    let mut ratios = format!(
+        "ring all-reduce 64 MiB: {:.2}x memcpy, {:.2}x one-way TCP",
+        ring / copy,
+        ring / tcp
+    );
+    if let Some(python) = &args.pytorch {
+        let mut cmd = Command::new(python);
+        cmd.args([
+            "bench/gloo_allreduce.py",
+            "--mib",
+            "64",
+            "--reps",
+            &args.reps.to_string(),
+        ]);
+        let out = cmd.output().context("cannot run bench/gloo_allreduce.py")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(line) = text.lines().find(|l| l.starts_with("gloo")) {
+            println!("{line}");
+            let gloo = line
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .windows(2)
+                .find(|w| w[1] == "GB/s")
+                .and_then(|w| w[0].parse::<f64>().ok())
+                .unwrap_or(f64::NAN);
+            ratios.push_str(&format!(", {:.2}x gloo", ring / gloo));
+        }
+    }
+    println!("{ratios}");
     if !args.no_checkpoint {
         bench_checkpoint(&args.checkpoint_dir)?;
     }

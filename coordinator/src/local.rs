@@ -16,13 +16,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::process::{Child, Command};
 
-/// glibc allocator settings that roughly halve a CPU step (SPEC §3):
-/// no mmap for large blocks, no trimming; only set when the user has not.
-const MALLOC_ENV: [(&str, &str); 2] = [
-    ("MALLOC_MMAP_MAX_", "0"),
-    ("MALLOC_TRIM_THRESHOLD_", "4294967296"),
-];
-
 #[derive(Debug)]
 pub struct LocalWorkers {
     children: Vec<Option<Child>>,
@@ -109,11 +102,6 @@ impl LocalWorkers {
             .stderr(Stdio::from(err))
             .process_group(0)
             .kill_on_drop(true);
-        for (k, v) in MALLOC_ENV {
-            if std::env::var_os(k).is_none() {
-                cmd.env(k, v);
-            }
-        }
         cmd.spawn()
             .with_context(|| format!("cannot start {}", self.bin.display()))
     }

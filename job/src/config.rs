@@ -1194,6 +1194,18 @@ mod tests {
                 "[model]\nvocab_size = 70000\n",
                 &["`model.vocab_size`", "uint16"],
             ),
+            (
+                "[worker]\nengine = \"fast\"\n",
+                &["`worker.engine`", "`auto`", "`fused`", "`composed`"],
+            ),
+            (
+                "[worker]\nengine = \"fused\"\ndevice = \"cuda\"\n",
+                &["`worker.engine` = fused", "CPU kernels only", "`composed`"],
+            ),
+            (
+                "[worker]\nengine = \"fused\"\nprecision = \"bf16\"\n",
+                &["`worker.engine` = fused", "computes in f32", "`composed`"],
+            ),
             ("[train\nlr = 1\n", &["t.toml: not valid TOML"]),
             ("model = 3\n", &["`model` has the wrong type"]),
         ];

@@ -174,6 +174,28 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
         (
             "coordinator",
             vec![
+                "--set",
+                "worker.engine=fused",
+                "--set",
+                "worker.precision=bf16",
+            ],
+            2,
+            vec!["worker.engine", "computes in f32"],
+        ),
+        (
+            "coordinator",
+            vec![
+                "--set",
+                "worker.engine=fused",
+                "--set",
+                "worker.device=cuda",
+            ],
+            2,
+            vec!["worker.engine", "CPU kernels only"],
+        ),
+        (
+            "coordinator",
+            vec![
                 "--config",
                 "tiny",
                 "--listen",

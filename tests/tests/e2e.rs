@@ -425,13 +425,18 @@ fn status_shows_the_live_job_to_token_holders_only() {
             .output()
             .expect("status runs")
     };
-    let out = status(common::TOKEN);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The step-5 checkpoint is written in the background and committed a
+    // little after its step: ask until the status names it.
+    let text = eventually(Duration::from_secs(60), "a committed checkpoint", || {
+        let out = status(common::TOKEN);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains("step-00000005").then_some(text)
+    });
     for want in [
         "job `tiny`: step ",
         "/100000",

@@ -656,6 +656,12 @@ fn assign(
         *h = collective.abort_handle();
     }
     let mut trainer = Trainer::new(&config, collective, a.accumulation as usize, device)?;
+    tracing::info!(
+        "rank {}: {} engine (worker.engine = {})",
+        a.rank,
+        trainer.engine_name(),
+        String::from(config.worker.engine)
+    );
     if !a.load_checkpoint.is_empty() {
         let dir = std::path::Path::new(&a.load_checkpoint);
         trainer

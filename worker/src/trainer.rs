@@ -375,6 +375,32 @@ mod tests {
         assert!(fused[19] < fused[0] - 0.5, "tiny learns: {fused:?}");
     }
 
+    /// Checkpoints written before the fused engine existed came from the
+    /// composed one; the format is the same, so either engine resumes the
+    /// other's checkpoint with the same weights, moments and next loss.
+    #[test]
+    fn a_checkpoint_of_one_engine_resumes_in_the_other() {
+        let with = |engine: &str| config(&format!("[worker]\nengine = \"{engine}\"\n"));
+        let (composed, fused) = (with("composed"), with("fused"));
+        let batches = samples_of(&composed, 4);
+        let mut a = Trainer::new(&composed, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+        for b in &batches[..3] {
+            a.step(b, 1e-2).expect("step");
+        }
+        let dir = tempfile::tempdir().expect("tmp");
+        a.snapshot().write(dir.path()).expect("write");
+        let mut b = Trainer::new(&fused, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+        b.load_checkpoint(dir.path(), false).expect("load");
+        assert_eq!(b.engine_name(), "fused");
+        assert_eq!(a.weights_hash(), b.weights_hash());
+        assert_eq!(a.optimizer, b.optimizer);
+        let (la, lb) = (
+            a.step(&batches[3], 1e-2).expect("step").loss,
+            b.step(&batches[3], 1e-2).expect("step").loss,
+        );
+        assert!(((la - lb) / la).abs() < 1e-5, "composed {la} vs fused {lb}");
+    }
+
     #[test]
     fn world_sizes_agree_and_ranks_stay_identical() {
         // 1 × accumulation 4, 2 × 2, 4 × 1: same global batch, same math.

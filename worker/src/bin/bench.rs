@@ -163,6 +163,16 @@ fn child(name: &str, engine: &str, steps: usize) -> Result<()> {
     Ok(())
 }
 
+/// The number just before `unit` in a printed line (NaN if none).
+fn figure_before(line: &str, unit: &str) -> f64 {
+    line.split_whitespace()
+        .collect::<Vec<_>>()
+        .windows(2)
+        .find(|w| w[1] == unit)
+        .and_then(|w| w[0].parse::<f64>().ok())
+        .unwrap_or(f64::NAN)
+}
+
 /// Runs a command, echoes its output lines that match `keep`, and returns
 /// (tokens/s, peak RSS MB) parsed from the last of them.
 fn measured(mut cmd: Command, keep: &str) -> Result<(f64, f64)> {
@@ -176,15 +186,7 @@ fn measured(mut cmd: Command, keep: &str) -> Result<(f64, f64)> {
     let mut figures = (f64::NAN, f64::NAN);
     for line in text.lines().filter(|l| l.starts_with(keep)) {
         println!("{line}");
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let before = |unit: &str| {
-            words
-                .windows(2)
-                .find(|w| w[1] == unit)
-                .and_then(|w| w[0].parse::<f64>().ok())
-                .unwrap_or(f64::NAN)
-        };
-        figures = (before("tokens/s"), before("MB"));
+        figures = (figure_before(line, "tokens/s"), figure_before(line, "MB"));
     }
     Ok(figures)
 }
@@ -425,13 +427,7 @@ fn main() -> Result<()> {
         let text = String::from_utf8_lossy(&out.stdout);
         if let Some(line) = text.lines().find(|l| l.starts_with("gloo")) {
             println!("{line}");
-            let gloo = line
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .windows(2)
-                .find(|w| w[1] == "GB/s")
-                .and_then(|w| w[0].parse::<f64>().ok())
-                .unwrap_or(f64::NAN);
+            let gloo = figure_before(line, "GB/s");
             ratios.push_str(&format!(", {:.2}x gloo", ring / gloo));
         }
     }

@@ -61,21 +61,50 @@ pub enum BatchError {
     Layout(String),
 }
 
+/// A LayerNorm's gain and bias in the flat buffer.
+#[derive(Debug, Clone)]
+struct NormParams {
+    w: Range<usize>,
+    b: Range<usize>,
+}
+
+/// A Linear layer's weight (out, in) and bias in the flat buffer.
+#[derive(Debug, Clone)]
+struct LinearParams {
+    w: Range<usize>,
+    b: Range<usize>,
+}
+
+impl LinearParams {
+    /// out (N, OC) = inp (N, IC) · wᵀ + b (+ residual).
+    fn forward<T: Real>(&self, w: &[T], out: &mut [T], inp: &[T], residual: Option<&[T]>) {
+        kernels::linear_forward(out, inp, &w[self.w.clone()], &w[self.b.clone()], residual);
+    }
+
+    /// dinp ← dout · w; the weight's and bias's gradients added into `grad`.
+    fn backward<T: Real>(
+        &self,
+        w: &[T],
+        grad: &mut [T],
+        partials: &mut [T],
+        dinp: &mut [T],
+        dout: &[T],
+        inp: &[T],
+    ) {
+        let (dw, db) = pair(grad, &self.w, &self.b);
+        kernels::linear_backward(Some(dinp), dw, db, partials, dout, inp, &w[self.w.clone()]);
+    }
+}
+
 /// Where each parameter of one block lies in the flat buffer.
 #[derive(Debug, Clone)]
 struct BlockParams {
-    ln1_w: Range<usize>,
-    ln1_b: Range<usize>,
-    attn_w: Range<usize>,
-    attn_b: Range<usize>,
-    proj_w: Range<usize>,
-    proj_b: Range<usize>,
-    ln2_w: Range<usize>,
-    ln2_b: Range<usize>,
-    fc_w: Range<usize>,
-    fc_b: Range<usize>,
-    fcproj_w: Range<usize>,
-    fcproj_b: Range<usize>,
+    ln_1: NormParams,
+    c_attn: LinearParams,
+    attn_proj: LinearParams,
+    ln_2: NormParams,
+    c_fc: LinearParams,
+    mlp_proj: LinearParams,
 }
 
 /// Where every parameter lies in the flat buffer (by name, from the layout).
@@ -83,8 +112,7 @@ struct BlockParams {
 struct ParamIndex {
     wte: Range<usize>,
     wpe: Range<usize>,
-    lnf_w: Range<usize>,
-    lnf_b: Range<usize>,
+    ln_f: NormParams,
     blocks: Vec<BlockParams>,
 }
 
@@ -97,30 +125,35 @@ impl ParamIndex {
                 .map(|s| s.offset..s.offset + s.len)
                 .ok_or(BatchError::Layout(name))
         };
+        let norm = |prefix: &str| -> Result<NormParams, BatchError> {
+            Ok(NormParams {
+                w: find(format!("{prefix}.weight"))?,
+                b: find(format!("{prefix}.bias"))?,
+            })
+        };
+        let linear = |prefix: &str| -> Result<LinearParams, BatchError> {
+            Ok(LinearParams {
+                w: find(format!("{prefix}.weight"))?,
+                b: find(format!("{prefix}.bias"))?,
+            })
+        };
         let blocks = (0..n_layer)
             .map(|i| {
-                let p = |s: &str| find(format!("transformer.h.{i}.{s}"));
+                let p = format!("transformer.h.{i}");
                 Ok(BlockParams {
-                    ln1_w: p("ln_1.weight")?,
-                    ln1_b: p("ln_1.bias")?,
-                    attn_w: p("attn.c_attn.weight")?,
-                    attn_b: p("attn.c_attn.bias")?,
-                    proj_w: p("attn.c_proj.weight")?,
-                    proj_b: p("attn.c_proj.bias")?,
-                    ln2_w: p("ln_2.weight")?,
-                    ln2_b: p("ln_2.bias")?,
-                    fc_w: p("mlp.c_fc.weight")?,
-                    fc_b: p("mlp.c_fc.bias")?,
-                    fcproj_w: p("mlp.c_proj.weight")?,
-                    fcproj_b: p("mlp.c_proj.bias")?,
+                    ln_1: norm(&format!("{p}.ln_1"))?,
+                    c_attn: linear(&format!("{p}.attn.c_attn"))?,
+                    attn_proj: linear(&format!("{p}.attn.c_proj"))?,
+                    ln_2: norm(&format!("{p}.ln_2"))?,
+                    c_fc: linear(&format!("{p}.mlp.c_fc"))?,
+                    mlp_proj: linear(&format!("{p}.mlp.c_proj"))?,
                 })
             })
             .collect::<Result<_, BatchError>>()?;
         Ok(ParamIndex {
             wte: find("transformer.wte.weight".into())?,
             wpe: find("transformer.wpe.weight".into())?,
-            lnf_w: find("transformer.ln_f.weight".into())?,
-            lnf_b: find("transformer.ln_f.bias".into())?,
+            ln_f: norm("transformer.ln_f")?,
             blocks,
         })
     }
@@ -138,22 +171,83 @@ fn pair<'a, T>(g: &'a mut [T], a: &Range<usize>, b: &Range<usize>) -> (&'a mut [
     }
 }
 
+/// A LayerNorm's output, with the statistics its backward needs, for up
+/// to N rows.
+#[derive(Debug)]
+struct NormActs<T> {
+    out: Vec<T>,  // (N, C)
+    mean: Vec<T>, // (N)
+    rstd: Vec<T>, // (N)
+}
+
+impl<T: Real> NormActs<T> {
+    fn new(n: usize, c: usize) -> NormActs<T> {
+        NormActs {
+            out: vec![T::zero(); n * c],
+            mean: vec![T::zero(); n],
+            rstd: vec![T::zero(); n],
+        }
+    }
+
+    /// The output's first `n` rows.
+    fn out(&self, n: usize) -> &[T] {
+        &self.out[..n * (self.out.len() / self.mean.len())]
+    }
+
+    /// out = LayerNorm(x) over the n rows of x.
+    fn forward(&mut self, w: &[T], p: &NormParams, x: &[T]) {
+        let n = x.len() / p.w.len();
+        kernels::layernorm_forward(
+            &mut self.out[..x.len()],
+            &mut self.mean[..n],
+            &mut self.rstd[..n],
+            x,
+            &w[p.w.clone()],
+            &w[p.b.clone()],
+        );
+    }
+
+    /// dx += the gradient through this norm of dout (its forward read x);
+    /// the gain's and bias's gradients added into `grad`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        w: &[T],
+        p: &NormParams,
+        grad: &mut [T],
+        partials: &mut [T],
+        dx: &mut [T],
+        dout: &[T],
+        x: &[T],
+    ) {
+        let n = x.len() / p.w.len();
+        let (dw, db) = pair(grad, &p.w, &p.b);
+        kernels::layernorm_backward(
+            dx,
+            dw,
+            db,
+            partials,
+            dout,
+            x,
+            &w[p.w.clone()],
+            &self.mean[..n],
+            &self.rstd[..n],
+        );
+    }
+}
+
 /// What one block keeps from its forward for its backward. Shapes for N =
 /// B·T rows.
 #[derive(Debug)]
 struct BlockActs<T> {
-    ln1: Vec<T>,      // (N, C)
-    ln1_mean: Vec<T>, // (N)
-    ln1_rstd: Vec<T>, // (N)
-    qkv: Vec<T>,      // (N, 3C)
-    att: Vec<T>,      // (B, NH, T, T)
-    atty: Vec<T>,     // (N, C)
-    res2: Vec<T>,     // (N, C): block input + attention
-    ln2: Vec<T>,      // (N, C)
-    ln2_mean: Vec<T>, // (N)
-    ln2_rstd: Vec<T>, // (N)
-    fc: Vec<T>,       // (N, 4C): before GELU
-    gelu: Vec<T>,     // (N, 4C)
+    ln_1: NormActs<T>,
+    qkv: Vec<T>,  // (N, 3C)
+    att: Vec<T>,  // (B, NH, T, T)
+    atty: Vec<T>, // (N, C)
+    res2: Vec<T>, // (N, C): block input + attention
+    ln_2: NormActs<T>,
+    fc: Vec<T>,   // (N, 4C): before GELU
+    gelu: Vec<T>, // (N, 4C)
 }
 
 /// Gradient scratch, reused block after block.
@@ -185,9 +279,7 @@ pub struct FusedGpt<T> {
     /// final block: n_layer + 1 of (N, C).
     res: Vec<Vec<T>>,
     blocks: Vec<BlockActs<T>>,
-    lnf: Vec<T>,      // (N, C)
-    lnf_mean: Vec<T>, // (N)
-    lnf_rstd: Vec<T>, // (N)
+    ln_f: NormActs<T>,
     scratch: Scratch<T>,
 }
 
@@ -211,16 +303,12 @@ impl<T: Real> FusedGpt<T> {
         let z = |len: usize| vec![T::zero(); len];
         let blocks = (0..config.n_layer)
             .map(|_| BlockActs {
-                ln1: z(n * c),
-                ln1_mean: z(n),
-                ln1_rstd: z(n),
+                ln_1: NormActs::new(n, c),
                 qkv: z(3 * n * c),
                 att: z(b * nh * t * t),
                 atty: z(n * c),
                 res2: z(n * c),
-                ln2: z(n * c),
-                ln2_mean: z(n),
-                ln2_rstd: z(n),
+                ln_2: NormActs::new(n, c),
                 fc: z(4 * n * c),
                 gelu: z(4 * n * c),
             })
@@ -232,9 +320,7 @@ impl<T: Real> FusedGpt<T> {
             head_rows: HEAD_ROWS.min(n),
             res: (0..=config.n_layer).map(|_| z(n * c)).collect(),
             blocks,
-            lnf: z(n * c),
-            lnf_mean: z(n),
-            lnf_rstd: z(n),
+            ln_f: NormActs::new(n, c),
             scratch: Scratch {
                 dres: z(n * c),
                 dln: z(n * c),
@@ -300,7 +386,8 @@ impl<T: Real> FusedGpt<T> {
         let (t, c, nh) = (self.config.context, self.config.n_embd, self.config.n_head);
         let n = b * t;
         let p = &self.index;
-        let s = &mut self.scratch;
+        let heads = &mut self.scratch.heads;
+        // x = wte[tokens] + wpe[positions]
         kernels::embed_forward(
             &mut self.res[0][..n * c],
             inputs,
@@ -311,70 +398,30 @@ impl<T: Real> FusedGpt<T> {
         for (l, (a, bp)) in self.blocks.iter_mut().zip(&p.blocks).enumerate() {
             let (done, next) = self.res.split_at_mut(l + 1);
             let (x, out) = (&done[l][..n * c], &mut next[0][..n * c]);
-            // x + attention(ln_1(x))
-            kernels::layernorm_forward(
-                &mut a.ln1[..n * c],
-                &mut a.ln1_mean[..n],
-                &mut a.ln1_rstd[..n],
-                x,
-                &w[bp.ln1_w.clone()],
-                &w[bp.ln1_b.clone()],
-            );
-            kernels::linear_forward(
-                &mut a.qkv[..3 * n * c],
-                &a.ln1[..n * c],
-                &w[bp.attn_w.clone()],
-                &w[bp.attn_b.clone()],
-                None,
-            );
+            // res2 = x + c_proj(attention(c_attn(ln_1(x))))
+            a.ln_1.forward(w, &bp.ln_1, x);
+            bp.c_attn
+                .forward(w, &mut a.qkv[..3 * n * c], a.ln_1.out(n), None);
+            let shape = Heads { b, t, c, nh };
             kernels::attention_forward(
                 &mut a.atty[..n * c],
                 &mut a.att,
-                &mut s.heads,
+                heads,
                 &a.qkv[..3 * n * c],
-                Heads { b, t, c, nh },
+                shape,
             );
-            kernels::linear_forward(
-                &mut a.res2[..n * c],
-                &a.atty[..n * c],
-                &w[bp.proj_w.clone()],
-                &w[bp.proj_b.clone()],
-                Some(x),
-            );
-            // … + mlp(ln_2(…))
-            kernels::layernorm_forward(
-                &mut a.ln2[..n * c],
-                &mut a.ln2_mean[..n],
-                &mut a.ln2_rstd[..n],
-                &a.res2[..n * c],
-                &w[bp.ln2_w.clone()],
-                &w[bp.ln2_b.clone()],
-            );
-            kernels::linear_forward(
-                &mut a.fc[..4 * n * c],
-                &a.ln2[..n * c],
-                &w[bp.fc_w.clone()],
-                &w[bp.fc_b.clone()],
-                None,
-            );
+            bp.attn_proj
+                .forward(w, &mut a.res2[..n * c], &a.atty[..n * c], Some(x));
+            // out = res2 + c_proj(gelu(c_fc(ln_2(res2))))
+            a.ln_2.forward(w, &bp.ln_2, &a.res2[..n * c]);
+            bp.c_fc
+                .forward(w, &mut a.fc[..4 * n * c], a.ln_2.out(n), None);
             kernels::gelu_forward(&mut a.gelu[..4 * n * c], &a.fc[..4 * n * c]);
-            kernels::linear_forward(
-                out,
-                &a.gelu[..4 * n * c],
-                &w[bp.fcproj_w.clone()],
-                &w[bp.fcproj_b.clone()],
-                Some(&a.res2[..n * c]),
-            );
+            bp.mlp_proj
+                .forward(w, out, &a.gelu[..4 * n * c], Some(&a.res2[..n * c]));
         }
-        let last = &self.res[self.config.n_layer][..n * c];
-        kernels::layernorm_forward(
-            &mut self.lnf[..n * c],
-            &mut self.lnf_mean[..n],
-            &mut self.lnf_rstd[..n],
-            last,
-            &w[p.lnf_w.clone()],
-            &w[p.lnf_b.clone()],
-        );
+        self.ln_f
+            .forward(w, &p.ln_f, &self.res[self.config.n_layer][..n * c]);
     }
 
     /// Mean cross-entropy of `targets` given `inputs` (each B·T token ids,
@@ -383,13 +430,13 @@ impl<T: Real> FusedGpt<T> {
         let b = self.check(inputs, targets)?;
         self.forward(w, inputs, b);
         let n = b * self.config.context;
-        let c = self.config.n_embd;
+        let rows = self.head_rows * self.config.vocab_size;
         let s = &mut self.scratch;
         let total = kernels::head_cross_entropy(
-            &self.lnf[..n * c],
+            self.ln_f.out(n),
             &w[self.index.wte.clone()],
             targets,
-            &mut s.logits[..self.head_rows * self.config.vocab_size],
+            &mut s.logits[..rows],
             &mut s.row_loss,
             None,
             T::one(),
@@ -410,16 +457,16 @@ impl<T: Real> FusedGpt<T> {
         self.forward(w, inputs, b);
         let (t, c, nh) = (self.config.context, self.config.n_embd, self.config.n_head);
         let n = b * t;
+        let rows = self.head_rows * self.config.vocab_size;
         let p = &self.index;
         let s = &mut self.scratch;
-        let shape = Heads { b, t, c, nh };
 
         // LM head and loss; their gradient reaches ln_f's output.
         let total = kernels::head_cross_entropy(
-            &self.lnf[..n * c],
+            self.ln_f.out(n),
             &w[p.wte.clone()],
             targets,
-            &mut s.logits[..self.head_rows * self.config.vocab_size],
+            &mut s.logits[..rows],
             &mut s.row_loss,
             Some(HeadGrad {
                 dx: &mut s.dln[..n * c],
@@ -429,96 +476,59 @@ impl<T: Real> FusedGpt<T> {
         );
         let dres = &mut s.dres[..n * c];
         dres.fill(T::zero());
-        let (dw, db) = pair(grad, &p.lnf_w, &p.lnf_b);
-        kernels::layernorm_backward(
-            dres,
-            dw,
-            db,
+        let last = &self.res[self.config.n_layer][..n * c];
+        self.ln_f.backward(
+            w,
+            &p.ln_f,
+            grad,
             &mut s.partials,
+            dres,
             &s.dln[..n * c],
-            &self.res[self.config.n_layer][..n * c],
-            &w[p.lnf_w.clone()],
-            &self.lnf_mean[..n],
-            &self.lnf_rstd[..n],
+            last,
         );
 
         for (l, (a, bp)) in self.blocks.iter().zip(&p.blocks).enumerate().rev() {
-            // out = res2 + c_proj(gelu(c_fc(ln_2(res2)))): dres flows to res2 as is.
-            let (dw, db) = pair(grad, &bp.fcproj_w, &bp.fcproj_b);
-            kernels::linear_backward(
-                Some(&mut s.dfc[..4 * n * c]),
-                dw,
-                db,
+            let (dln, dfc) = (&mut s.dln[..n * c], &mut s.dfc[..4 * n * c]);
+            // out = res2 + c_proj(gelu(c_fc(ln_2(res2)))): dres reaches res2 as is.
+            bp.mlp_proj
+                .backward(w, grad, &mut s.partials, dfc, dres, &a.gelu[..4 * n * c]);
+            kernels::gelu_backward(dfc, &a.fc[..4 * n * c]);
+            bp.c_fc
+                .backward(w, grad, &mut s.partials, dln, dfc, a.ln_2.out(n));
+            a.ln_2.backward(
+                w,
+                &bp.ln_2,
+                grad,
                 &mut s.partials,
                 dres,
-                &a.gelu[..4 * n * c],
-                &w[bp.fcproj_w.clone()],
-            );
-            kernels::gelu_backward(&mut s.dfc[..4 * n * c], &a.fc[..4 * n * c]);
-            let (dw, db) = pair(grad, &bp.fc_w, &bp.fc_b);
-            kernels::linear_backward(
-                Some(&mut s.dln[..n * c]),
-                dw,
-                db,
-                &mut s.partials,
-                &s.dfc[..4 * n * c],
-                &a.ln2[..n * c],
-                &w[bp.fc_w.clone()],
-            );
-            let (dw, db) = pair(grad, &bp.ln2_w, &bp.ln2_b);
-            kernels::layernorm_backward(
-                dres,
-                dw,
-                db,
-                &mut s.partials,
-                &s.dln[..n * c],
+                dln,
                 &a.res2[..n * c],
-                &w[bp.ln2_w.clone()],
-                &a.ln2_mean[..n],
-                &a.ln2_rstd[..n],
             );
-            // res2 = x + c_proj(attention(c_attn(ln_1(x)))): dres flows to x as is.
-            let (dw, db) = pair(grad, &bp.proj_w, &bp.proj_b);
-            kernels::linear_backward(
-                Some(&mut s.datty[..n * c]),
-                dw,
-                db,
-                &mut s.partials,
-                dres,
-                &a.atty[..n * c],
-                &w[bp.proj_w.clone()],
-            );
+            // res2 = x + c_proj(attention(c_attn(ln_1(x)))): dres reaches x as is.
+            let (datty, dqkv) = (&mut s.datty[..n * c], &mut s.dqkv[..3 * n * c]);
+            bp.attn_proj
+                .backward(w, grad, &mut s.partials, datty, dres, &a.atty[..n * c]);
+            let shape = Heads { b, t, c, nh };
             kernels::attention_backward(
-                &mut s.dqkv[..3 * n * c],
+                dqkv,
                 &mut s.datt,
                 &mut s.heads,
                 &mut s.dheads,
-                &s.datty[..n * c],
+                datty,
                 &a.att,
                 &a.qkv[..3 * n * c],
                 shape,
             );
-            let (dw, db) = pair(grad, &bp.attn_w, &bp.attn_b);
-            kernels::linear_backward(
-                Some(&mut s.dln[..n * c]),
-                dw,
-                db,
+            bp.c_attn
+                .backward(w, grad, &mut s.partials, dln, dqkv, a.ln_1.out(n));
+            a.ln_1.backward(
+                w,
+                &bp.ln_1,
+                grad,
                 &mut s.partials,
-                &s.dqkv[..3 * n * c],
-                &a.ln1[..n * c],
-                &w[bp.attn_w.clone()],
-            );
-            let (dw, db) = pair(grad, &bp.ln1_w, &bp.ln1_b);
-            kernels::layernorm_backward(
                 dres,
-                dw,
-                db,
-                &mut s.partials,
-                &s.dln[..n * c],
+                dln,
                 &self.res[l][..n * c],
-                &w[bp.ln1_w.clone()],
-                &a.ln1_mean[..n],
-                &a.ln1_rstd[..n],
             );
         }
 

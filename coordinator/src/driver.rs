@@ -45,6 +45,10 @@ pub struct RankFailure {
     /// The worker to replace (None: a step timeout with several missing).
     pub worker_id: Option<String>,
     pub message: String,
+    /// What failed, without what changes from one attempt to the next
+    /// (pids, durations): the same cause at the same step twice in a row
+    /// stops the job instead of restarting into it again.
+    pub cause: String,
 }
 
 /// Everything the driver needs to run a job.
@@ -130,6 +134,11 @@ pub struct Driver {
     pool: Vec<(String, WorkerInfo, Outbound)>,
     /// When each worker was last heard from.
     last_seen: HashMap<String, Instant>,
+    /// Each worker's micro-batch count (from heartbeats) and when it last
+    /// grew.
+    progress: HashMap<String, (u64, Instant)>,
+    /// The step and cause of the failure the last restart recovered from.
+    last_failure: Option<(u64, String)>,
     /// Checkpoints this job committed, oldest first (a restart resumes from
     /// the newest of these, never from another run's checkpoint).
     committed: Vec<PathBuf>,
@@ -151,6 +160,19 @@ pub struct Driver {
 enum Wait {
     Event(Event),
     TimedOut,
+}
+
+/// How long the driver waits for ranks to answer.
+#[derive(Debug, Clone, Copy)]
+enum Patience {
+    /// Until a fixed instant (forming the worker set, the last checkpoint
+    /// writes).
+    Until(TokioInstant),
+    /// Until `limit` has passed without progress: since `since`, or since
+    /// an awaited rank last finished a micro-batch (its heartbeats count
+    /// them). Steps and evaluations: a long evaluation that progresses is
+    /// never taken for a dead rank.
+    Idle { since: Instant, limit: Duration },
 }
 
 impl Driver {
@@ -182,6 +204,8 @@ impl Driver {
             job_span,
             pool: Vec::new(),
             last_seen: HashMap::new(),
+            progress: HashMap::new(),
+            last_failure: None,
             committed: Vec::new(),
             initial,
             restarts: 0,
@@ -269,6 +293,7 @@ impl Driver {
                 Err(RankFailure {
                     worker_id,
                     message: format!("{who} lost at step {}: the process exited ({status})", self.step),
+                    cause: format!("{identity} exited"),
                 }
                 .into())
             }
@@ -290,6 +315,15 @@ impl Driver {
             let max = self.spec.config.cluster.max_restarts;
             self.failures
                 .push(format!("step {}: {}", self.step, failure.message));
+            let this = (self.step, failure.cause.clone());
+            if self.last_failure.as_ref() == Some(&this) {
+                bail!(
+                    "{failure}\nThe same failure stopped step {} before the last restart, so restarting would run into it again; stopping the job. Failures:\n  {}",
+                    self.step,
+                    self.failures.join("\n  ")
+                );
+            }
+            self.last_failure = Some(this);
             if self.restarts >= max {
                 bail!(
                     "{failure}; giving up after {} restart(s) (cluster.max_restarts = {max}). Failures:\n  {}",
@@ -692,7 +726,7 @@ impl Driver {
         // every rank, so no shared file or extra rendezvous is needed.
         let unique_id = loop {
             let Some((rank, body)) = self
-                .next_rank_message(deadline, "to start the collective", &[0])
+                .next_rank_message(Patience::Until(deadline), "to start the collective", &[0])
                 .await?
             else {
                 continue;
@@ -724,7 +758,7 @@ impl Driver {
         // Every rank must report the same parameter layout and initial weights.
         let ready = self
             .gather(
-                deadline,
+                Patience::Until(deadline),
                 "to build its model",
                 |generation, body| match body {
                     worker_message::Body::Ready(r) if r.generation == generation => {
@@ -784,39 +818,19 @@ impl Driver {
     /// timeout message.
     async fn next_rank_message(
         &mut self,
-        deadline: TokioInstant,
+        patience: Patience,
         what: &str,
         waiting_for: &[usize],
     ) -> Result<Option<(usize, worker_message::Body)>> {
         let hb_every = Duration::from_secs_f64(self.spec.config.cluster.heartbeat_interval_s);
         let hb_timeout = Duration::from_secs_f64(self.spec.config.cluster.heartbeat_timeout_s);
         loop {
+            let deadline = self.deadline(patience, waiting_for);
             // Wake at least every heartbeat interval to look for silent ranks.
             let wake = deadline.min(TokioInstant::now() + hb_every);
             match self.next_event(wake).await? {
-                Wait::TimedOut if TokioInstant::now() >= deadline => {
-                    // Name who did not answer, and when each was last heard
-                    // (a rank blocked on a dead peer is heard, a frozen one not).
-                    let missing: Vec<String> = waiting_for
-                        .iter()
-                        .filter_map(|&i| self.ranks.get(i).map(|r| (i, r)))
-                        .map(|(i, r)| {
-                            let heard =
-                                self.last_seen.get(&r.worker_id).map_or(String::new(), |t| {
-                                    format!(", last heard {:.1}s ago", t.elapsed().as_secs_f64())
-                                });
-                            format!("{}{heard}", r.describe(i))
-                        })
-                        .collect();
-                    return Err(RankFailure {
-                        worker_id: None,
-                        message: format!(
-                            "timed out at step {} waiting for ranks {what} (not answered: {})",
-                            self.step,
-                            missing.join("; ")
-                        ),
-                    }
-                    .into());
+                Wait::TimedOut if TokioInstant::now() >= self.deadline(patience, waiting_for) => {
+                    return Err(self.timed_out(patience, what, waiting_for).into());
                 }
                 Wait::TimedOut => {
                     for (rank, r) in self.ranks.iter().enumerate() {
@@ -834,6 +848,7 @@ impl Driver {
                                     silent.as_secs_f64(),
                                     self.spec.config.cluster.heartbeat_timeout_s
                                 ),
+                                cause: format!("no heartbeat from {}", r.info.identity),
                             }
                             .into());
                         }
@@ -849,6 +864,7 @@ impl Driver {
                                 self.ranks[rank].describe(rank),
                                 self.step
                             ),
+                            cause: format!("{} left", self.ranks[rank].info.identity),
                             worker_id: Some(worker_id),
                         }
                         .into());
@@ -903,10 +919,21 @@ impl Driver {
                             return Err(RankFailure {
                                 worker_id: Some(worker_id),
                                 message,
+                                cause: format!(
+                                    "{} failed: {}",
+                                    self.ranks[rank].info.identity, e.message
+                                ),
                             }
                             .into());
                         }
-                        worker_message::Body::Error(_) | worker_message::Body::Heartbeat(_) => {}
+                        worker_message::Body::Heartbeat(h) => {
+                            let now = Instant::now();
+                            let entry = self.progress.entry(worker_id).or_insert((0, now));
+                            if h.progress > entry.0 {
+                                *entry = (h.progress, now);
+                            }
+                        }
+                        worker_message::Body::Error(_) => {}
                         worker_message::Body::Checkpoint(r) => {
                             self.commit_checkpoint(rank, r)?;
                             return Ok(None);
@@ -918,12 +945,81 @@ impl Driver {
         }
     }
 
+    /// When `patience` runs out for the ranks in `waiting_for`.
+    fn deadline(&self, patience: Patience, waiting_for: &[usize]) -> TokioInstant {
+        match patience {
+            Patience::Until(d) => d,
+            Patience::Idle { since, limit } => {
+                let last = waiting_for
+                    .iter()
+                    .filter_map(|&i| self.ranks.get(i))
+                    .filter_map(|r| self.progress.get(&r.worker_id).map(|p| p.1))
+                    .fold(since, Instant::max);
+                TokioInstant::from_std(last + limit)
+            }
+        }
+    }
+
+    /// The failure when `patience` ran out: who did not answer, when each
+    /// was last heard (a rank blocked on a dead peer is heard, a frozen one
+    /// not) and last made progress — and, when all of them are alive and
+    /// heartbeating, that the work is slower than the timeout.
+    fn timed_out(&self, patience: Patience, what: &str, waiting_for: &[usize]) -> RankFailure {
+        let c = &self.spec.config;
+        // A rank that heartbeats was heard within an interval or so; one
+        // frozen since the wait began, about a whole timeout ago (the
+        // timeout is at least two intervals).
+        let alive_within = Duration::from_secs_f64(
+            (c.cluster.step_timeout_s / 2.0).max(1.5 * c.cluster.heartbeat_interval_s),
+        );
+        let missing: Vec<(String, bool)> = waiting_for
+            .iter()
+            .filter_map(|&i| self.ranks.get(i).map(|r| (i, r)))
+            .map(|(i, r)| {
+                let seen = self.last_seen.get(&r.worker_id).map(Instant::elapsed);
+                let heard = seen.map_or(String::new(), |t| {
+                    format!(", last heard {:.1}s ago", t.as_secs_f64())
+                });
+                let progressed = match self.progress.get(&r.worker_id) {
+                    Some((n, at)) if *n > 0 => format!(
+                        ", last finished a micro-batch {:.1}s ago",
+                        at.elapsed().as_secs_f64()
+                    ),
+                    _ => String::new(),
+                };
+                let alive = seen.is_some_and(|t| t <= alive_within);
+                (format!("{}{heard}{progressed}", r.describe(i)), alive)
+            })
+            .collect();
+        let names: Vec<&str> = missing.iter().map(|(m, _)| m.as_str()).collect();
+        let mut message = format!(
+            "timed out at step {} waiting for ranks {what} (not answered: {})",
+            self.step,
+            names.join("; ")
+        );
+        let all_alive = !missing.is_empty() && missing.iter().all(|(_, alive)| *alive);
+        if let (Patience::Idle { limit, .. }, true) = (patience, all_alive) {
+            message.push_str(&format!(
+                ": every one of them is alive and heartbeating, but none finished a micro-batch ({} sequences of {} tokens) for {:.0} s. The work is slower than cluster.step_timeout_s = {} (or a rank's compute is stuck); if it is just slow, raise cluster.step_timeout_s",
+                c.train.micro_batch,
+                c.model.context,
+                limit.as_secs_f64(),
+                c.cluster.step_timeout_s
+            ));
+        }
+        RankFailure {
+            worker_id: None,
+            message,
+            cause: format!("timeout {what}, all alive: {all_alive}"),
+        }
+    }
+
     /// One reply from every rank: `pick` keeps the messages that answer
     /// (the right kind, generation and step). A timeout names the ranks
     /// that have not answered.
     async fn gather<T>(
         &mut self,
-        deadline: TokioInstant,
+        patience: Patience,
         what: &str,
         mut pick: impl FnMut(u64, worker_message::Body) -> Option<T>,
     ) -> Result<Vec<T>> {
@@ -935,7 +1031,7 @@ impl Driver {
                 .filter(|(_, r)| r.is_none())
                 .map(|(i, _)| i)
                 .collect();
-            let Some((rank, body)) = self.next_rank_message(deadline, what, &missing).await? else {
+            let Some((rank, body)) = self.next_rank_message(patience, what, &missing).await? else {
                 continue;
             };
             if let Some(v) = pick(self.generation, body) {
@@ -946,9 +1042,12 @@ impl Driver {
     }
 
     async fn collect_step(&mut self, step: u64) -> Result<Vec<stride_proto::v1::StepReport>> {
-        let timeout = Duration::from_secs_f64(self.spec.config.cluster.step_timeout_s);
+        let limit = Duration::from_secs_f64(self.spec.config.cluster.step_timeout_s);
         self.gather(
-            TokioInstant::now() + timeout,
+            Patience::Idle {
+                since: Instant::now(),
+                limit,
+            },
             "to report the step",
             |generation, body| match body {
                 worker_message::Body::Step(r) if r.generation == generation && r.step == step => {
@@ -985,10 +1084,13 @@ impl Driver {
             self.send(rank, coordinator_message::Body::Eval(plan))
                 .await?;
         }
-        let timeout = Duration::from_secs_f64(self.spec.config.cluster.step_timeout_s);
+        let limit = Duration::from_secs_f64(self.spec.config.cluster.step_timeout_s);
         let got = self
             .gather(
-                TokioInstant::now() + timeout,
+                Patience::Idle {
+                    since: Instant::now(),
+                    limit,
+                },
                 "to finish evaluation",
                 |generation, body| match body {
                     worker_message::Body::Eval(r)
@@ -1133,7 +1235,11 @@ impl Driver {
         let deadline = TokioInstant::now() + limit;
         while !self.pending.is_empty() {
             let Some((rank, body)) = self
-                .next_rank_message(deadline, "to finish writing checkpoints", &[0])
+                .next_rank_message(
+                    Patience::Until(deadline),
+                    "to finish writing checkpoints",
+                    &[0],
+                )
                 .await?
             else {
                 continue;

@@ -1,5 +1,7 @@
 //! `coordinator inspect-data`: what a token file yields at a context and
-//! stride — samples, overlap, tokens read per epoch, steps per epoch.
+//! stride — samples, overlap, tokens read per epoch, steps per epoch — and,
+//! used as a validation split, its windows at `val_stride` and the tokens
+//! of an evaluation that reads them all.
 //!
 //! Read-only: maps the file, scans it once for the largest token id, and
 //! prints. It exists because the seed run trained at stride 1 without
@@ -10,7 +12,7 @@ use std::path::Path;
 
 use anyhow::Result;
 use serde::Serialize;
-use stride_job::sampler::DataStats;
+use stride_job::sampler::{DataStats, window_count};
 use stride_job::tokens::Tokens;
 
 /// What `inspect-data --json` prints: SPEC §5's fields, then extras.
@@ -23,18 +25,32 @@ pub struct Inspection {
     pub max_token: u16,
     pub global_batch: usize,
     pub steps_per_epoch: f64,
+    /// Windows of this file at `val_stride`, as a validation split.
+    pub val_stride: usize,
+    pub validation_windows: u64,
+    /// Tokens predicted by an evaluation of all those windows.
+    pub validation_tokens: u64,
     pub warnings: Vec<String>,
+}
+
+/// The distance between training samples and between validation windows.
+#[derive(Debug, Clone, Copy)]
+pub struct Strides {
+    pub train: usize,
+    pub val: usize,
 }
 
 pub fn inspect(
     path: &Path,
     context: usize,
-    stride: usize,
+    strides: Strides,
     global_batch: usize,
     vocab_size: usize,
 ) -> Result<Inspection> {
+    let stride = strides.train;
     anyhow::ensure!(context >= 1, "--context must be at least 1");
     anyhow::ensure!(stride >= 1, "--stride must be at least 1");
+    anyhow::ensure!(strides.val >= 1, "--val-stride must be at least 1");
     anyhow::ensure!(global_batch >= 1, "--global-batch must be at least 1");
     let tokens = Tokens::open(path)?;
     let stats = DataStats::new(tokens.len(), context, stride);
@@ -59,7 +75,11 @@ pub fn inspect(
             "largest token id {max_token} is not below vocab_size {vocab_size}: training with this vocabulary would be refused"
         ));
     }
+    let validation_windows = window_count(tokens.len(), context, strides.val);
     Ok(Inspection {
+        val_stride: strides.val,
+        validation_windows,
+        validation_tokens: validation_windows * context as u64,
         file: path.display().to_string(),
         format: tokens.format.map(|f| f.to_string()).unwrap_or_default(),
         max_token,
@@ -98,6 +118,13 @@ pub fn render(i: &Inspection) -> String {
         out,
         "steps per epoch   {:.2} at global batch {}",
         i.steps_per_epoch, i.global_batch
+    );
+    let _ = writeln!(
+        out,
+        "as validation     {} windows at val_stride {}; an evaluation of all of them predicts {} tokens",
+        thousands(i.validation_windows),
+        i.val_stride,
+        thousands(i.validation_tokens)
     );
     for w in &i.warnings {
         let _ = writeln!(out, "warning: {w}");

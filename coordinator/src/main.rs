@@ -196,6 +196,10 @@ struct InspectArgs {
     /// Samples per step, for the steps-per-epoch figure.
     #[arg(long, default_value_t = 8)]
     global_batch: usize,
+    /// Distance between validation windows, for the figures of this file
+    /// used as a validation split (default: = context, as data.val_stride).
+    #[arg(long)]
+    val_stride: Option<usize>,
     /// Vocabulary the ids must stay below.
     #[arg(long, default_value_t = 50_304)]
     vocab_size: usize,
@@ -299,7 +303,17 @@ fn offline(command: Command) -> Result<()> {
         }
         Command::InspectData(a) => {
             let stride = a.stride.unwrap_or(a.context);
-            let i = inspect::inspect(&a.data, a.context, stride, a.global_batch, a.vocab_size)?;
+            let val_stride = a.val_stride.unwrap_or(a.context);
+            let i = inspect::inspect(
+                &a.data,
+                a.context,
+                inspect::Strides {
+                    train: stride,
+                    val: val_stride,
+                },
+                a.global_batch,
+                a.vocab_size,
+            )?;
             for w in &i.warnings {
                 tracing::warn!("{w}");
             }
@@ -393,7 +407,7 @@ async fn train(args: RunArgs) -> Result<()> {
     let corpus = Corpus::open(&config.data, &config.model, config.train.seed, Scan::Full)?;
     let (context, stride) = (config.model.context, config.data.stride);
     let train_samples = window_count(corpus.train.len(), context, stride);
-    let val_samples = window_count(corpus.val.len(), context, stride);
+    let val_samples = window_count(corpus.val.len(), context, config.data.val_stride);
     let entropy_floor = corpus.synthetic.as_ref().map(|s| s.entropy_rate());
     tracing::info!(
         "data: {} training samples ({} tokens), {} validation samples{}",
@@ -408,6 +422,12 @@ async fn train(args: RunArgs) -> Result<()> {
         tracing::warn!(
             "no validation split (data.val_fraction = 0 and no data.val): evaluation is skipped"
         );
+    } else {
+        let v = stride_job::sampler::ValidationStats::new(&config, val_samples);
+        tracing::info!("validation: {}", v.describe());
+        if let Some(w) = v.clamp_warning() {
+            tracing::warn!("{w}");
+        }
     }
     drop(corpus);
 

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use stride_job::config::Config;
-use stride_job::sampler::{DataCursor, EpochStats, Sampler, window_count};
+use stride_job::sampler::{DataCursor, EpochStats, Sampler, ValidationStats, window_count};
 use stride_job::schedule::Schedule;
 use stride_job::tokens;
 
@@ -23,6 +23,13 @@ pub struct PlanReport {
     /// Why `epoch` is absent, if it is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub epoch_note: Option<String>,
+    /// What each evaluation reads, when the validation split could be
+    /// measured and is not empty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation: Option<ValidationStats>,
+    /// Why `validation` is absent, if it is and the split could be measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub validation_note: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub batches: Option<Vec<Vec<u64>>>,
     /// Gradient accumulation steps at `cluster.workers` workers.
@@ -76,6 +83,21 @@ pub fn build(
             )),
         ),
     };
+    let val_tokens = tokens::val_split_len(&config.data).ok();
+    let validation = val_tokens
+        .map(|n| window_count(n, config.model.context, config.data.val_stride))
+        .filter(|w| *w > 0)
+        .map(|w| ValidationStats::new(config, w));
+    let validation_note = match val_tokens {
+        Some(n) if n > 0 && validation.is_none() => Some(format!(
+            "the validation split holds {n} tokens, shorter than one window of model.context + 1 = {}: a run is refused (raise data.val_fraction or give data.val)",
+            config.model.context + 1
+        )),
+        Some(0) => Some(
+            "no validation split (data.val_fraction = 0 and no data.val): no evaluation".into(),
+        ),
+        _ => None,
+    };
     let batches = match batches {
         None => None,
         Some(k) => {
@@ -94,6 +116,8 @@ pub fn build(
         schedule,
         epoch,
         epoch_note,
+        validation,
+        validation_note,
         batches,
         accumulation,
         extension,
@@ -177,6 +201,19 @@ pub fn render(plan: &PlanReport, name: &str, source: &str) -> String {
             let _ = writeln!(out, "Epoch: unknown: {note}");
         }
         (None, None) => {}
+    }
+    if let Some(v) = &plan.validation {
+        let when = match c.train.eval_interval {
+            0 => "at the end".to_string(),
+            n => format!("every {n} steps and at the end"),
+        };
+        let _ = writeln!(out, "Validation: {}; {when}", v.describe());
+        if let Some(w) = v.clamp_warning() {
+            let _ = writeln!(out, "warning: {w}");
+        }
+    }
+    if let Some(note) = &plan.validation_note {
+        let _ = writeln!(out, "Validation: {note}");
     }
     if c.data.stride < c.model.context {
         let _ = writeln!(

@@ -164,6 +164,55 @@ fn plan_json_has_the_spec_fields_and_the_h100_1k_schedule() {
     assert!((segs[2]["end_lr"].as_f64().expect("f64") - 1e-4).abs() < 1e-18);
 }
 
+/// `plan` reports what an evaluation reads: disjoint windows whatever the
+/// training stride, a subset spread over the split, its cost in steps,
+/// and the clamp when more windows are asked for than exist.
+#[test]
+fn plan_reports_the_validation_windows_of_an_evaluation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let j = |sets: &[&str]| {
+        let mut args = vec!["plan", "--config", "tiny", "--json"];
+        for s in sets {
+            args.extend(["--set", s]);
+        }
+        json(&coordinator(&args, dir.path()))["validation"].clone()
+    };
+    // tiny: 40,000 validation tokens = 624 windows of 65 at stride 64.
+    let all = j(&[]);
+    assert_eq!(all["windows"], 624);
+    assert_eq!(all["per_evaluation"], 624);
+    assert_eq!(all["tokens_per_evaluation"], 624 * 64);
+    assert_eq!(
+        j(&["data.stride=1"]),
+        all,
+        "the training stride changes nothing"
+    );
+    let some = j(&["train.eval_batches=2"]);
+    assert_eq!(some["per_evaluation"], 64);
+    assert!((some["step_equivalents"].as_f64().expect("f64") - 2.0 / 3.0).abs() < 1e-12);
+    assert_eq!(j(&["data.val_stride=1"])["windows"], 40_000 - 64);
+
+    let text = coordinator(
+        &[
+            "plan",
+            "--config",
+            "tiny",
+            "--set",
+            "train.eval_batches=100",
+        ],
+        dir.path(),
+    );
+    let out = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        out.contains("Validation: 624 windows (val_stride 64)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning: train.eval_batches × train.global_batch = 3200 windows, but the validation split has 624"),
+        "{out}"
+    );
+}
+
 #[test]
 fn plan_batches_on_real_data_are_an_epoch_permutation() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -40,6 +40,7 @@ pub const SCHEMA: &[(&str, &[&str])] = &[
             "train",
             "val",
             "stride",
+            "val_stride",
             "val_fraction",
             "synthetic_tokens",
             "synthetic_branching",
@@ -80,6 +81,10 @@ pub const SCHEMA: &[(&str, &[&str])] = &[
         ],
     ),
 ];
+
+/// Largest timeout a config may set, in seconds (larger values would
+/// overflow the clocks they are added to).
+pub const MAX_SECONDS: f64 = 1e6;
 
 /// Largest vocabulary a `uint16` token file can address.
 pub const MAX_VOCAB: usize = 1 << 16;
@@ -458,7 +463,8 @@ fn fill_derived_defaults(table: &mut toml::Table) {
             sec.entry(k.to_string()).or_insert(v);
         }
     };
-    set_default("data", "stride", context);
+    set_default("data", "stride", context.clone());
+    set_default("data", "val_stride", context);
     set_default("cluster", "min_workers", workers.clone());
     set_default("cluster", "max_workers", workers);
 }
@@ -516,6 +522,11 @@ pub struct DataConfig {
     pub val: Option<PathBuf>,
     /// Distance between the starts of consecutive samples; default = `model.context`.
     pub stride: usize,
+    /// Distance between the starts of consecutive validation windows;
+    /// default = `model.context` (disjoint windows, whatever `stride` is, so
+    /// that runs at different training strides are judged on the same
+    /// windows).
+    pub val_stride: usize,
     /// Share of tokens held out for validation when there is no `val` file
     /// (and the default split of `coordinator prepare`).
     pub val_fraction: f64,
@@ -531,6 +542,7 @@ impl Default for DataConfig {
             train: None,
             val: None,
             stride: ModelConfig::default().context,
+            val_stride: ModelConfig::default().context,
             val_fraction: 0.1,
             synthetic_tokens: 1_000_000,
             synthetic_branching: 4,
@@ -884,6 +896,12 @@ impl Config {
             "must be at least 1 (1 = every offset, context = non-overlapping windows)",
         )?;
         check(
+            d.val_stride >= 1,
+            "data.val_stride",
+            d.val_stride,
+            "must be at least 1 (default = model.context: disjoint validation windows)",
+        )?;
+        check(
             (0.0..1.0).contains(&d.val_fraction),
             "data.val_fraction",
             d.val_fraction,
@@ -1021,12 +1039,21 @@ impl Config {
             ("cluster.step_timeout_s", cl.step_timeout_s),
         ] {
             check(
-                v.is_finite() && v > 0.0,
+                v.is_finite() && v > 0.0 && v <= MAX_SECONDS,
                 key,
                 v,
-                "must be a positive number of seconds",
+                "must be a positive number of seconds, at most 1000000 (11.6 days)",
             )?;
         }
+        check(
+            cl.step_timeout_s >= 2.0 * cl.heartbeat_interval_s,
+            "cluster.step_timeout_s",
+            cl.step_timeout_s,
+            &format!(
+                "must be at least 2 × cluster.heartbeat_interval_s = {}: a rank's progress reaches the coordinator with its heartbeats",
+                2.0 * cl.heartbeat_interval_s
+            ),
+        )?;
         check(
             cl.heartbeat_timeout_s > cl.heartbeat_interval_s,
             "cluster.heartbeat_timeout_s",
@@ -1193,6 +1220,20 @@ mod tests {
             (
                 "[model]\nvocab_size = 70000\n",
                 &["`model.vocab_size`", "uint16"],
+            ),
+            (
+                "[cluster]\nstep_timeout_s = 1e20\n",
+                &[
+                    "`cluster.step_timeout_s` = 100000000000000000000",
+                    "at most 1000000",
+                ],
+            ),
+            (
+                "[cluster]\nstep_timeout_s = 1.5\nheartbeat_interval_s = 1.0\n",
+                &[
+                    "`cluster.step_timeout_s` = 1.5",
+                    "2 × cluster.heartbeat_interval_s",
+                ],
             ),
             (
                 "[worker]\nengine = \"fast\"\n",

@@ -141,16 +141,80 @@ pub fn shard_uneven(samples: &[u64], world: usize, rank: usize) -> &[u64] {
     &samples[start..start + len]
 }
 
-/// The validation samples of one evaluation: the first
-/// `eval_batches × global_batch` windows of the split, in order (all of
-/// them when `eval_batches` is 0), the same at every evaluation.
-pub fn eval_samples(val_samples: u64, eval_batches: usize, global_batch: usize) -> Vec<u64> {
-    let n = if eval_batches == 0 {
-        val_samples
-    } else {
-        val_samples.min((eval_batches * global_batch) as u64)
-    };
-    (0..n).collect()
+/// The validation windows of one evaluation (windows at `data.val_stride`,
+/// disjoint by default): all of them when `eval_batches` is 0, else
+/// `eval_batches × global_batch` of them spread evenly over the whole split
+/// (window `⌊i · windows / m⌋` for i in 0..m), or all of them when the split
+/// has fewer (the coordinator warns). The same windows at every
+/// evaluation and for every number of workers, so evaluations compare.
+pub fn eval_samples(val_windows: u64, eval_batches: usize, global_batch: usize) -> Vec<u64> {
+    let wanted = (eval_batches as u64).saturating_mul(global_batch as u64);
+    if eval_batches == 0 || wanted >= val_windows {
+        return (0..val_windows).collect();
+    }
+    (0..wanted)
+        .map(|i| (u128::from(i) * u128::from(val_windows) / u128::from(wanted)) as u64)
+        .collect()
+}
+
+/// What one evaluation reads, as the coordinator logs it and `plan`
+/// prints it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ValidationStats {
+    /// Validation windows of the split at `val_stride`.
+    pub windows: u64,
+    pub val_stride: usize,
+    /// Windows read per evaluation.
+    pub per_evaluation: u64,
+    /// Tokens predicted per evaluation.
+    pub tokens_per_evaluation: u64,
+    /// An evaluation's compute in training steps: a forward pass is about
+    /// a third of a forward and backward.
+    pub step_equivalents: f64,
+    /// `eval_batches × global_batch` when that exceeds the windows.
+    pub requested: Option<u64>,
+}
+
+impl ValidationStats {
+    pub fn new(config: &crate::config::Config, windows: u64) -> ValidationStats {
+        let t = &config.train;
+        let per_evaluation = eval_samples(windows, t.eval_batches, t.global_batch).len() as u64;
+        let context = config.model.context as u64;
+        let tokens_per_evaluation = per_evaluation * context;
+        let requested = (t.eval_batches as u64).saturating_mul(t.global_batch as u64);
+        ValidationStats {
+            windows,
+            val_stride: config.data.val_stride,
+            per_evaluation,
+            tokens_per_evaluation,
+            step_equivalents: tokens_per_evaluation as f64
+                / (t.global_batch as u64 * context) as f64
+                / 3.0,
+            requested: (t.eval_batches > 0 && requested > windows).then_some(requested),
+        }
+    }
+
+    /// One line: windows, what an evaluation reads, and its cost in steps.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} windows (val_stride {}); each evaluation reads {} of them = {} tokens, ≈ {:.1} training steps of compute",
+            self.windows,
+            self.val_stride,
+            self.per_evaluation,
+            self.tokens_per_evaluation,
+            self.step_equivalents
+        )
+    }
+
+    /// The documented clamp: more windows asked for than the split has.
+    pub fn clamp_warning(&self) -> Option<String> {
+        self.requested.map(|r| {
+            format!(
+                "train.eval_batches × train.global_batch = {r} windows, but the validation split has {}: every evaluation reads all of them",
+                self.windows
+            )
+        })
+    }
 }
 
 /// Epoch arithmetic of a run, as `plan` prints it.
@@ -325,6 +389,17 @@ mod tests {
         assert_eq!(eval_samples(100, 2, 16).len(), 32);
         assert_eq!(eval_samples(20, 2, 16).len(), 20);
         assert_eq!(eval_samples(20, 0, 16).len(), 20);
+        // A subset is spread over the whole split: first and last tenth
+        // are both read, no window twice.
+        let some = eval_samples(1000, 2, 16);
+        assert_eq!(some.first(), Some(&0));
+        assert!(*some.last().expect("last") >= 950, "{some:?}");
+        assert!(some.windows(2).all(|w| w[0] < w[1]), "{some:?}");
+        assert_eq!(
+            eval_samples(1000, 2, 16),
+            some,
+            "the same at every evaluation"
+        );
     }
 
     #[test]

@@ -331,6 +331,21 @@ pub fn train_split_len(data: &DataConfig) -> Result<usize, DataError> {
     })
 }
 
+/// The length of the validation split the config names, the same way
+/// (for `plan`).
+pub fn val_split_len(data: &DataConfig) -> Result<usize, DataError> {
+    Ok(match (&data.val, &data.train) {
+        (Some(path), _) => Tokens::open(path)?.len(),
+        (None, Some(path)) => {
+            let total = Tokens::open(path)?.len();
+            total - split_point(total, data.val_fraction)
+        }
+        (None, None) => {
+            data.synthetic_tokens - split_point(data.synthetic_tokens, data.val_fraction)
+        }
+    })
+}
+
 /// How much of a corpus to check when opening it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scan {

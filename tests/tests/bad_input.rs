@@ -173,6 +173,15 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
         ),
         (
             "coordinator",
+            vec!["--set", "data.val_fraction=0.0001"],
+            2,
+            vec![
+                "data.val_fraction",
+                "shorter than one validation window of model.context + 1 = 65",
+            ],
+        ),
+        (
+            "coordinator",
             vec![
                 "--set",
                 "worker.engine=fused",

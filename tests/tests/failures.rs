@@ -399,3 +399,97 @@ fn a_step_past_the_step_timeout_names_the_ranks_that_did_not_report() {
         "the timeout must name the silent rank: {out}"
     );
 }
+
+/// An evaluation far longer than `cluster.step_timeout_s` is not a dead
+/// job as long as its ranks keep finishing micro-batches (their heartbeats
+/// carry the count): the job completes without a restart.
+#[test]
+fn a_long_evaluation_that_progresses_is_not_taken_for_a_dead_rank() {
+    let _turn = turn();
+    let d = tempfile::tempdir().expect("tmp");
+    // 3 M validation tokens = 46,874 windows: ~1,500 micro-batches per
+    // rank, against a 0.5 s step timeout.
+    let (status, out) = run(
+        &[
+            "--config",
+            "tiny",
+            "--workers",
+            "2",
+            "--local",
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "train.warmup_steps=1",
+            "--set",
+            "data.synthetic_tokens=6000000",
+            "--set",
+            "data.val_fraction=0.5",
+            "--set",
+            "cluster.heartbeat_interval_s=0.1",
+            "--set",
+            "cluster.step_timeout_s=0.5",
+            "--set",
+            "cluster.max_restarts=0",
+        ],
+        d.path(),
+        LIMIT,
+    );
+    assert!(status.success(), "{out}");
+    let log = std::fs::read_to_string(d.path().join("runs/tiny/train.log")).unwrap_or_default();
+    assert!(log.contains("validation: 46874 windows"), "{log}");
+    assert!(log.contains("val loss"), "{log}");
+    assert!(!log.contains("timed out"), "{log}");
+}
+
+/// A timeout in which every rank is alive and heartbeating says so, with
+/// the key to raise; when it recurs at the same step after a restart, the
+/// job stops instead of restarting into it again.
+#[test]
+fn work_slower_than_the_timeout_is_named_and_not_retried_forever() {
+    let _turn = turn();
+    let d = tempfile::tempdir().expect("tmp");
+    // One micro-batch of this model (12.6 M parameters, 2,048 tokens: ~155
+    // GFLOP) takes far longer than 1 s on any CPU worker.
+    let mut coord = spawn(
+        "coordinator",
+        &[
+            "--config",
+            "tiny",
+            "--workers",
+            "2",
+            "--local",
+            "--set",
+            "model.n_embd=512",
+            "--set",
+            "model.n_layer=4",
+            "--set",
+            "model.context=128",
+            "--set",
+            "data.stride=128",
+            "--set",
+            "cluster.heartbeat_interval_s=0.1",
+            "--set",
+            "cluster.step_timeout_s=1",
+            "--set",
+            "cluster.max_restarts=5",
+        ],
+        d.path(),
+        "c.out",
+    );
+    let status = coord.wait(LIMIT);
+    let out = std::fs::read_to_string(d.path().join("c.out")).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("every one of them is alive and heartbeating")
+            && out.contains("raise cluster.step_timeout_s"),
+        "the timeout must say the ranks are alive and which key to raise: {out}"
+    );
+    assert!(
+        out.contains("restarting would run into it again"),
+        "the second identical failure stops the job: {out}"
+    );
+    assert!(
+        out.contains("restart 1/5") && !out.contains("restart 2/5"),
+        "{out}"
+    );
+}

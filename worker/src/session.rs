@@ -13,7 +13,7 @@
 //! (NCCL on CUDA, the TCP ring otherwise) and reports `Ready`.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument as _;
 
 use crate::collective::{AbortHandle, Collective, CollectiveError, RingListener};
-use crate::trainer::Trainer;
+use crate::trainer::{Cancelled, Signals, Trainer};
 
 /// This binary's version; the coordinator refuses any other.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -168,21 +168,23 @@ async fn run_session(opts: &Options) -> Result<i32> {
         .map_err(|s| anyhow!("cannot open the session: {}", s.message()))?
         .into_inner();
 
-    // Heartbeats carry the last completed step.
-    let last_step = Arc::new(AtomicU64::new(0));
+    // Heartbeats carry the last completed step and the micro-batches done
+    // so far; an abort sets the cancel flag the trainer checks.
+    let signals = Arc::new(Signals::default());
     let beat = {
         let tx = out_tx.clone();
-        let last_step = last_step.clone();
+        let signals = signals.clone();
         let every = Duration::from_millis(u64::from(reg.heartbeat_interval_ms.max(100)));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             loop {
                 tick.tick().await;
                 let hb = Heartbeat {
-                    step: last_step.load(Ordering::Relaxed),
+                    step: signals.step.load(Ordering::Relaxed),
                     unix_ms: std::time::SystemTime::now()
                         .duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_millis() as u64),
+                    progress: signals.micro_batches.load(Ordering::Relaxed),
                 };
                 if tx
                     .send(msg(worker_message::Body::Heartbeat(hb)))
@@ -201,9 +203,10 @@ async fn run_session(opts: &Options) -> Result<i32> {
         let tx = out_tx.clone();
         let threads = opts.threads;
         let abort = abort.clone();
+        let signals = signals.clone();
         std::thread::Builder::new()
             .name("compute".into())
-            .spawn(move || compute_loop(work_rx, tx, listener, threads, last_step, abort))
+            .spawn(move || compute_loop(work_rx, tx, listener, threads, signals, abort))
             .context("cannot start the compute thread")?
     };
     drop(out_tx);
@@ -228,6 +231,7 @@ async fn run_session(opts: &Options) -> Result<i32> {
             }
             Some(coordinator_message::Body::Shutdown(s)) => {
                 tracing::info!("coordinator: {}", s.reason);
+                signals.cancel.store(true, Ordering::Relaxed);
                 break s.exit_code;
             }
             Some(coordinator_message::Body::Abort(a)) => {
@@ -236,8 +240,10 @@ async fn run_session(opts: &Options) -> Result<i32> {
                     a.generation,
                     a.reason
                 );
-                // Unblock a step stuck in the collective on a dead peer,
-                // then drop the trainer and wait for a new assignment.
+                // Stop the work in flight at its next micro-batch, unblock
+                // a step stuck in the collective on a dead peer, then drop
+                // the trainer and wait for a new assignment.
+                signals.cancel.store(true, Ordering::Relaxed);
                 if let Ok(mut h) = abort.lock()
                     && let Some(h) = h.take()
                 {
@@ -341,7 +347,7 @@ fn compute_loop(
     out: mpsc::Sender<WorkerMessage>,
     listener: RingListener,
     threads: usize,
-    last_step: Arc<AtomicU64>,
+    signals: Arc<Signals>,
     abort: AbortSlot,
 ) {
     let mut trainer: Option<(u64, Trainer)> = None;
@@ -373,6 +379,8 @@ fn compute_loop(
             Work::Assign(a) => {
                 let generation = a.generation;
                 trainer = None;
+                // The abort that preceded this assignment is over.
+                signals.cancel.store(false, Ordering::Relaxed);
                 let span = tracing::info_span!(
                     "assign",
                     rank = i64::from(a.rank),
@@ -391,13 +399,14 @@ fn compute_loop(
                     wait_for_id(&work, generation, timeout, &mut deferred)
                 };
                 match span.in_scope(|| assign(&a, &listener, threads, &abort, &mut exchange)) {
-                    Ok(t) => {
+                    Ok(mut t) => {
                         send(worker_message::Body::Ready(Ready {
                             generation,
                             parameter_layout_hash: t.layout_hash().to_le_bytes().to_vec(),
                             weights_hash: t.weights_hash().to_le_bytes().to_vec(),
                             parameter_count: t.weights().len() as u64,
                         }));
+                        t.set_signals(signals.clone());
                         trainer = Some((generation, t));
                     }
                     Err(e) => {
@@ -439,7 +448,7 @@ fn compute_loop(
                         span.record("grad_norm", o.grad_norm);
                         span.record("compute_s", o.compute_s);
                         span.record("allreduce_s", o.allreduce_s);
-                        last_step.store(p.step, Ordering::Relaxed);
+                        signals.step.store(p.step, Ordering::Relaxed);
                         send(worker_message::Body::Step(StepReport {
                             generation: *generation,
                             step: p.step,
@@ -451,6 +460,10 @@ fn compute_loop(
                             total_s: o.total_s,
                             weights_hash: o.weights_hash.to_le_bytes().to_vec(),
                         }));
+                    }
+                    Err(e) if e.is::<Cancelled>() => {
+                        tracing::info!("step {}: {e}", p.step);
+                        trainer = None;
                     }
                     Err(e) => {
                         fail(p.generation, e.context(format!("step {}", p.step)), false);
@@ -531,6 +544,10 @@ fn compute_loop(
                         loss_sum,
                         tokens,
                     })),
+                    Err(e) if e.is::<Cancelled>() => {
+                        tracing::info!("evaluation after step {}: {e}", p.step);
+                        trainer = None;
+                    }
                     Err(e) => {
                         fail(
                             p.generation,

@@ -9,6 +9,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::Result;
@@ -47,6 +49,24 @@ impl Snapshot {
     }
 }
 
+/// What a trainer and the thread that talks to the coordinator share.
+#[derive(Debug, Default)]
+pub struct Signals {
+    /// The last step this worker completed (for heartbeats).
+    pub step: AtomicU64,
+    /// Micro-batches finished, training and evaluation, since the worker
+    /// started (for heartbeats: the coordinator's sign of progress).
+    pub micro_batches: AtomicU64,
+    /// Set to stop the step or evaluation in flight at the next
+    /// micro-batch boundary (an abort or the end of the job).
+    pub cancel: AtomicBool,
+}
+
+/// The work in flight was stopped by [`Signals::cancel`].
+#[derive(Debug, thiserror::Error)]
+#[error("stopped between micro-batches: the coordinator aborted this work")]
+pub struct Cancelled;
+
 /// What one step did on this rank.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepOutcome {
@@ -79,6 +99,7 @@ pub struct Trainer {
     window: Vec<u32>,
     inputs: Vec<u32>,
     targets: Vec<u32>,
+    signals: Arc<Signals>,
 }
 
 impl Trainer {
@@ -115,6 +136,7 @@ impl Trainer {
             window: Vec::new(),
             inputs: Vec::new(),
             targets: Vec::new(),
+            signals: Arc::default(),
         })
     }
 
@@ -122,6 +144,23 @@ impl Trainer {
     /// stride-telemetry).
     pub fn rank(&self) -> i64 {
         self.collective.rank() as i64
+    }
+
+    /// Shares progress and the cancel flag with another thread.
+    pub fn set_signals(&mut self, signals: Arc<Signals>) {
+        self.signals = signals;
+    }
+
+    /// Before a micro-batch: stop here if the work was cancelled. After
+    /// one: count it.
+    fn micro_batch_boundary(&self, finished: bool) -> Result<()> {
+        if finished {
+            self.signals.micro_batches.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.signals.cancel.load(Ordering::Relaxed) {
+            return Err(Cancelled.into());
+        }
+        Ok(())
     }
 
     /// Which engine computes the model (`fused` or `composed`).
@@ -192,8 +231,8 @@ impl Trainer {
     /// and target buffers (B·T token ids each). A sample whose window runs
     /// past the file is refused: the coordinator planned it from a file of
     /// another length.
-    fn batch(&mut self, tokens: &Tokens, samples: &[u64]) -> Result<()> {
-        let (t, stride) = (self.config.model.context, self.config.data.stride);
+    fn batch(&mut self, tokens: &Tokens, samples: &[u64], stride: usize) -> Result<()> {
+        let t = self.config.model.context;
         self.inputs.clear();
         self.targets.clear();
         for &s in samples {
@@ -238,13 +277,15 @@ impl Trainer {
         );
         let entered = span.enter();
         for chunk in samples.chunks(micro) {
-            self.batch(&train, chunk)?;
+            self.micro_batch_boundary(false)?;
+            self.batch(&train, chunk, self.config.data.stride)?;
             loss_sum += self.engine.forward_backward(
                 &self.weights,
                 &mut self.grad,
                 &self.inputs,
                 &self.targets,
             )?;
+            self.micro_batch_boundary(true)?;
         }
         drop(entered);
         let compute_s = start.elapsed().as_secs_f64();
@@ -276,17 +317,20 @@ impl Trainer {
         })
     }
 
-    /// Sum of token losses and token count over validation `samples`.
+    /// Sum of token losses and token count over validation `samples`
+    /// (windows at `data.val_stride`).
     pub fn evaluate(&mut self, samples: &[u64]) -> Result<(f64, u64)> {
         let val = self.corpus.val.clone();
         let t = self.config.model.context;
         let mut loss_sum = 0.0;
         let mut tokens = 0;
         for chunk in samples.chunks(self.config.train.micro_batch) {
-            self.batch(&val, chunk)?;
+            self.micro_batch_boundary(false)?;
+            self.batch(&val, chunk, self.config.data.val_stride)?;
             let loss = self
                 .engine
                 .loss(&self.weights, &self.inputs, &self.targets)?;
+            self.signals.micro_batches.fetch_add(1, Ordering::Relaxed);
             let n = (chunk.len() * t) as u64;
             loss_sum += loss * n as f64;
             tokens += n;
@@ -373,6 +417,85 @@ mod tests {
             );
         }
         assert!(fused[19] < fused[0] - 0.5, "tiny learns: {fused:?}");
+    }
+
+    /// An abort stops a step or an evaluation at the next micro-batch
+    /// boundary, not after the work in flight.
+    #[test]
+    fn a_cancel_stops_the_work_between_micro_batches() {
+        let c = config("");
+        let mut t = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+        let signals = Arc::new(Signals::default());
+        t.set_signals(signals.clone());
+        let batch = &samples_of(&c, 1)[0];
+        t.step(batch, 1e-2).expect("step");
+        assert_eq!(signals.micro_batches.load(Ordering::Relaxed), 4);
+
+        signals.cancel.store(true, Ordering::Relaxed);
+        let before = t.weights_hash();
+        let e = t.step(batch, 1e-2).expect_err("cancelled");
+        assert!(e.is::<Cancelled>(), "{e:#}");
+        assert_eq!(
+            t.weights_hash(),
+            before,
+            "a cancelled step changes no weight"
+        );
+        assert!(
+            t.evaluate(&[0, 1, 2])
+                .expect_err("cancelled")
+                .is::<Cancelled>()
+        );
+        assert_eq!(signals.micro_batches.load(Ordering::Relaxed), 4);
+
+        // From another thread, in the middle of a long evaluation.
+        signals.cancel.store(false, Ordering::Relaxed);
+        let windows: Vec<u64> = (0..100).collect();
+        let stopped = std::thread::scope(|s| {
+            s.spawn(|| {
+                while signals.micro_batches.load(Ordering::Relaxed) < 6 {
+                    std::thread::yield_now();
+                }
+                signals.cancel.store(true, Ordering::Relaxed);
+            });
+            t.evaluate(&windows)
+        });
+        assert!(stopped.expect_err("cancelled").is::<Cancelled>());
+        let done = signals.micro_batches.load(Ordering::Relaxed) - 4;
+        assert!(done < 50, "{done} of 50 micro-batches ran after the cancel");
+    }
+
+    /// Validation reads disjoint windows whatever the training stride, so
+    /// the same weights give the same validation loss at stride 1 and at
+    /// stride = context; `data.val_stride` changes that only when asked.
+    #[test]
+    fn validation_loss_does_not_depend_on_the_training_stride() {
+        let with = |data: &str| {
+            let text = format!(
+                "[model]\nn_layer = 1\nn_head = 2\nn_embd = 16\nvocab_size = 32\ncontext = 16\n\
+                 [data]\nsynthetic_tokens = 20000\n{data}\n[train]\nglobal_batch = 8\nmicro_batch = 2\n"
+            );
+            RawConfig::parse(&text, "t".into(), ConfigSource::File("t.toml".into()))
+                .and_then(|r| r.resolve())
+                .expect("config")
+        };
+        let val_loss = |c: &Config| {
+            let corpus =
+                Corpus::open(&c.data, &c.model, c.train.seed, Scan::Layout).expect("corpus");
+            let windows =
+                stride_job::sampler::window_count(corpus.val.len(), 16, c.data.val_stride);
+            let samples = stride_job::sampler::eval_samples(windows, 0, 8);
+            let mut t = Trainer::new(c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+            let (sum, n) = t.evaluate(&samples).expect("evaluate");
+            (sum / n as f64, n)
+        };
+        let (at_context, n) = val_loss(&with("stride = 16"));
+        let (at_one, m) = val_loss(&with("stride = 1"));
+        assert_eq!((at_context, n), (at_one, m), "same windows, same loss");
+        // ⌊(2,000 − 17) / 16⌋ + 1 = 124 disjoint windows of the 2,000 validation tokens.
+        assert_eq!(n, 124 * 16);
+        let (overlapping, k) = val_loss(&with("stride = 1\nval_stride = 1"));
+        assert!(k > 10 * n, "val_stride = 1 reads every offset ({k} tokens)");
+        assert_ne!(overlapping, at_one);
     }
 
     /// Checkpoints written before the fused engine existed came from the

@@ -142,10 +142,19 @@ async fn run_session(opts: &Options) -> Result<i32> {
         identity: opts.identity.clone(),
     });
     stride_telemetry::inject_metadata(&span, request.metadata_mut());
-    let reg = client
-        .register(request)
-        .instrument(span)
+    // A server that accepts the connection but never answers (a TLS
+    // coordinator reached over plaintext, a proxy) must not hold the
+    // worker forever.
+    let answer_within = opts.connect_timeout.max(Duration::from_secs(10));
+    let reg = tokio::time::timeout(answer_within, client.register(request).instrument(span))
         .await
+        .map_err(|_| {
+            anyhow!(
+                "{} accepted the connection but did not answer the registration within {:.0} s; is it a Stride coordinator, and does the URL's scheme (http/https) match its --tls-cert?",
+                opts.url,
+                answer_within.as_secs_f64()
+            )
+        })?
         .map_err(|s| anyhow!("the coordinator refused registration: {}", s.message()))?
         .into_inner();
     tracing::info!(

@@ -50,3 +50,23 @@ fn no_token_is_refused_before_connecting() {
         "{err}"
     );
 }
+
+#[test]
+fn a_server_that_never_answers_is_a_clear_error_not_a_hang() {
+    // The kernel completes the connection into the backlog; nothing ever
+    // reads or answers it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}", silent.local_addr().expect("addr"));
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["--connect", &url, "--connect-timeout", "1"])
+        .env("STRIDE_TOKEN", "t")
+        .output()
+        .expect("worker runs");
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{url} accepted the connection but did not answer")),
+        "{err}"
+    );
+    drop(silent);
+}

@@ -953,7 +953,9 @@ impl Driver {
                 let last = waiting_for
                     .iter()
                     .filter_map(|&i| self.ranks.get(i))
-                    .filter_map(|r| self.progress.get(&r.worker_id).map(|p| p.1))
+                    .filter_map(|r| self.progress.get(&r.worker_id))
+                    .filter(|(count, _)| *count > 0)
+                    .map(|(_, at)| *at)
                     .fold(since, Instant::max);
                 TokioInstant::from_std(last + limit)
             }

@@ -45,12 +45,13 @@ pub const PART: usize = 256 * 1024;
 /// What went wrong in a collective.
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {
-    #[error("collective: {op} with rank {peer} failed: {source}")]
+    // The cause is in the message (not a `#[source]`), so that `{:#}`
+    // does not print it twice.
+    #[error("collective: {op} with rank {peer} failed: {error}")]
     Peer {
         op: &'static str,
         peer: usize,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("collective: {0}")]
     Setup(String),
@@ -155,7 +156,7 @@ impl RingListener {
         let next_rank = (rank + 1) % world;
         let prev_rank = (rank + world - 1) % world;
         let deadline = Instant::now() + timeout;
-        let peer_err = |op, peer, source| CollectiveError::Peer { op, peer, source };
+        let peer_err = |op, peer, error| CollectiveError::Peer { op, peer, error };
 
         // Outgoing: the listener of the next rank was bound before it
         // registered, so connecting succeeds even before it accepts.
@@ -323,7 +324,11 @@ impl TcpRing {
             "send" => (self.rank + 1) % self.world,
             _ => (self.rank + self.world - 1) % self.world,
         };
-        CollectiveError::Peer { op, peer, source }
+        CollectiveError::Peer {
+            op,
+            peer,
+            error: source,
+        }
     }
 }
 

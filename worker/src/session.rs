@@ -654,6 +654,13 @@ fn assign(
         })
         .collect::<Result<_>>()?;
     let timeout = Duration::from_secs_f64(config.cluster.step_timeout_s);
+    // The ring's own stall timeout outlasts the coordinator's patience (at
+    // most step_timeout_s after the last heartbeat that showed progress):
+    // the coordinator, which hears every rank, names the rank that stalled;
+    // a survivor's collective error would only blame the peer it waits on.
+    let collective_timeout = Duration::from_secs_f64(
+        2.0 * config.cluster.step_timeout_s + 2.0 * config.cluster.heartbeat_interval_s,
+    );
     tracing::info!(
         "rank {} of {}: device {}, {} threads, accumulation {}",
         a.rank,
@@ -675,7 +682,13 @@ fn assign(
                 .with_context(|| format!("rank {} could not join the NCCL communicator", a.rank))?,
         ),
         _ => listener
-            .connect(a.rank as usize, &peers, a.generation, &shared_id, timeout)
+            .connect(
+                a.rank as usize,
+                &peers,
+                a.generation,
+                &shared_id,
+                collective_timeout,
+            )
             .with_context(|| format!("rank {} could not join the ring", a.rank))?,
     };
     if let Ok(mut h) = abort.lock() {

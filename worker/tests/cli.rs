@@ -3,6 +3,19 @@
 
 use std::process::Command;
 
+/// Runs `worker ARGS` with a token in the environment: exit code and stderr.
+fn worker(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(args)
+        .env("STRIDE_TOKEN", "t")
+        .output()
+        .expect("worker runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn no_coordinator_is_a_clear_timeout() {
     // A port that was free a moment ago: nothing listens there.
@@ -11,13 +24,8 @@ fn no_coordinator_is_a_clear_timeout() {
         .expect("free port")
         .port();
     let url = format!("http://127.0.0.1:{port}");
-    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args(["--connect", &url, "--connect-timeout", "1"])
-        .env("STRIDE_TOKEN", "t")
-        .output()
-        .expect("worker runs");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = worker(&["--connect", &url, "--connect-timeout", "1"]);
+    assert_eq!(code, Some(1));
     assert!(
         err.contains(&format!("no coordinator answered at {url} within 1s")),
         "{err}"
@@ -26,13 +34,8 @@ fn no_coordinator_is_a_clear_timeout() {
 
 #[test]
 fn a_bad_url_is_named() {
-    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args(["--connect", "not a url"])
-        .env("STRIDE_TOKEN", "t")
-        .output()
-        .expect("worker runs");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = worker(&["--connect", "not a url"]);
+    assert_eq!(code, Some(1));
     assert!(err.contains("--connect not a url"), "{err}");
 }
 
@@ -57,13 +60,8 @@ fn a_server_that_never_answers_is_a_clear_error_not_a_hang() {
     // reads or answers it.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}", silent.local_addr().expect("addr"));
-    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
-        .args(["--connect", &url, "--connect-timeout", "1"])
-        .env("STRIDE_TOKEN", "t")
-        .output()
-        .expect("worker runs");
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = worker(&["--connect", &url, "--connect-timeout", "1"]);
+    assert_eq!(code, Some(1));
     assert!(
         err.contains(&format!("{url} accepted the connection but did not answer")),
         "{err}"

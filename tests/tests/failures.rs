@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Proc, eventually, metrics, run, spawn, worker_pids};
+use common::{Proc, eventually, metrics, run, spawn, spawn_env, worker_pids};
 use stride_job::checkpoint;
 
 const LIMIT: Duration = Duration::from_secs(300);
@@ -491,5 +491,38 @@ fn work_slower_than_the_timeout_is_named_and_not_retried_forever() {
     assert!(
         out.contains("restart 1/5") && !out.contains("restart 2/5"),
         "{out}"
+    );
+}
+
+/// A panic on a worker's compute thread (injected in debug builds) is
+/// reported to the coordinator at once with its message, naming the rank;
+/// the worker exits with the failure code instead of heartbeating on.
+#[test]
+fn a_panic_on_the_compute_thread_is_reported_with_its_message() {
+    let _turn = turn();
+    let d = tempfile::tempdir().expect("tmp");
+    let mut coord = spawn_env(
+        "coordinator",
+        &with(&["--local", "--set", "cluster.max_restarts=1"]),
+        d.path(),
+        "c.out",
+        &[("STRIDE_TEST_PANIC_AT_STEP", "3")],
+    );
+    let status = coord.wait(LIMIT);
+    let out = std::fs::read_to_string(d.path().join("c.out")).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("failed at step 3: the compute thread panicked: injected by STRIDE_TEST_PANIC_AT_STEP at step 3"),
+        "the coordinator must name the rank and the panic: {out}"
+    );
+    let logs: String = (0..2)
+        .map(|i| {
+            std::fs::read_to_string(d.path().join(format!("runs/tiny/worker-{i}.log")))
+                .unwrap_or_default()
+        })
+        .collect();
+    assert!(
+        logs.contains("this worker stops (exit 1)"),
+        "the panicking worker exits: {logs}"
     );
 }

@@ -13,7 +13,7 @@
 //! (NCCL on CUDA, the TCP ring otherwise) and reports `Ready`.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -208,6 +208,9 @@ async fn run_session(opts: &Options) -> Result<i32> {
 
     let (work_tx, work_rx) = std::sync::mpsc::channel::<Work>();
     let abort: AbortSlot = Arc::new(Mutex::new(None));
+    // Why the compute thread ended, if it ended on its own (a panic or a
+    // failure retrying cannot fix): the worker then exits with it.
+    let (stopped_tx, mut stopped) = tokio::sync::oneshot::channel::<Option<String>>();
     let compute = {
         let tx = out_tx.clone();
         let threads = opts.threads;
@@ -215,13 +218,48 @@ async fn run_session(opts: &Options) -> Result<i32> {
         let signals = signals.clone();
         std::thread::Builder::new()
             .name("compute".into())
-            .spawn(move || compute_loop(work_rx, tx, listener, threads, signals, abort))
+            .spawn(move || {
+                let generation = Arc::new(AtomicU64::new(0));
+                let run = {
+                    let (tx, signals, generation) = (tx.clone(), signals, generation.clone());
+                    std::panic::AssertUnwindSafe(move || {
+                        compute_loop(work_rx, tx, listener, threads, signals, abort, generation)
+                    })
+                };
+                let why = match std::panic::catch_unwind(run) {
+                    Ok(why) => why,
+                    Err(payload) => {
+                        let what = payload
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| payload.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic without a message".into());
+                        let message = format!("the compute thread panicked: {what}");
+                        // Not fatal to the job: the coordinator restarts
+                        // without this worker (and stops if it recurs).
+                        let _ = tx.blocking_send(msg(worker_message::Body::Error(WorkerError {
+                            generation: generation.load(Ordering::Relaxed),
+                            message: message.clone(),
+                            fatal: false,
+                        })));
+                        Some(message)
+                    }
+                };
+                let _ = stopped_tx.send(why);
+            })
             .context("cannot start the compute thread")?
     };
     drop(out_tx);
 
     let code = loop {
-        let next = inbound.message().await;
+        let next = tokio::select! {
+            next = inbound.message() => next,
+            why = &mut stopped => {
+                let why = why.ok().flatten().unwrap_or_else(|| "it stopped".into());
+                beat.abort();
+                bail!("{why}; this worker stops (exit 1)");
+            }
+        };
         let body = match next {
             Ok(Some(m)) => m.body,
             Ok(None) => {
@@ -351,6 +389,8 @@ fn hostname() -> String {
 /// Where the compute thread leaves the abort handle of its collective.
 type AbortSlot = Arc<Mutex<Option<AbortHandle>>>;
 
+/// Returns why it stopped when that was its own decision (a failure
+/// retrying cannot fix), `None` when its queue closed.
 fn compute_loop(
     work: std::sync::mpsc::Receiver<Work>,
     out: mpsc::Sender<WorkerMessage>,
@@ -358,7 +398,8 @@ fn compute_loop(
     threads: usize,
     signals: Arc<Signals>,
     abort: AbortSlot,
-) {
+    current_generation: Arc<AtomicU64>,
+) -> Option<String> {
     let mut trainer: Option<(u64, Trainer)> = None;
     let send = |body| {
         let _ = out.blocking_send(msg(body));
@@ -387,6 +428,7 @@ fn compute_loop(
             Work::Bootstrap(_) => {} // of a formation that already failed
             Work::Assign(a) => {
                 let generation = a.generation;
+                current_generation.store(generation, Ordering::Relaxed);
                 trainer = None;
                 // The abort that preceded this assignment is over.
                 signals.cancel.store(false, Ordering::Relaxed);
@@ -422,9 +464,10 @@ fn compute_loop(
                         // A ring that could not form (a peer died meanwhile)
                         // is retried by the coordinator; anything else is not.
                         let transient = e.chain().any(|c| c.is::<CollectiveError>());
+                        let why = format!("{e:#}");
                         fail(generation, e, !transient);
                         if !transient {
-                            return;
+                            return Some(why);
                         }
                     }
                 }
@@ -451,6 +494,7 @@ fn compute_loop(
                     allreduce_s = tracing::field::Empty,
                 );
                 stride_telemetry::set_parent(&span, &p.trace_context);
+                injected_panic(p.step);
                 match span.in_scope(|| t.step(&p.samples, p.lr)) {
                     Ok(o) => {
                         span.record("loss", o.loss);
@@ -526,12 +570,9 @@ fn compute_loop(
                             let _ = out.blocking_send(msg(body));
                         });
                 if let Err(e) = spawned {
-                    fail(
-                        generation,
-                        anyhow!("cannot start the checkpoint writer: {e}"),
-                        true,
-                    );
-                    return;
+                    let why = format!("cannot start the checkpoint writer: {e}");
+                    fail(generation, anyhow!("{why}"), true);
+                    return Some(why);
                 }
             }
             Work::Eval(p) => {
@@ -568,6 +609,21 @@ fn compute_loop(
                 }
             }
         }
+    }
+    None
+}
+
+/// Test hook, in debug builds only: `STRIDE_TEST_PANIC_AT_STEP=N` makes the
+/// compute thread panic as it starts step N, so the tests can check that a
+/// panic reaches the coordinator with its message and ends the worker.
+fn injected_panic(step: u64) {
+    if cfg!(debug_assertions)
+        && std::env::var("STRIDE_TEST_PANIC_AT_STEP")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            == Some(step)
+    {
+        panic!("injected by STRIDE_TEST_PANIC_AT_STEP at step {step}");
     }
 }
 

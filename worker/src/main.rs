@@ -45,7 +45,7 @@ struct Cli {
     #[arg(long)]
     dry_run: bool,
     /// Keep trying to reach the coordinator for this many seconds.
-    #[arg(long, default_value_t = 120.0)]
+    #[arg(long, default_value_t = 120.0, value_parser = seconds)]
     connect_timeout: f64,
 }
 
@@ -111,7 +111,7 @@ fn main() -> ExitCode {
         url: cli.connect,
         identity,
         threads: cli.threads,
-        connect_timeout: Duration::from_secs_f64(cli.connect_timeout.max(0.0)),
+        connect_timeout: Duration::from_secs_f64(cli.connect_timeout),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -131,6 +131,18 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A number of seconds a `Duration` can hold: finite, in 0..=1,000,000.
+fn seconds(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+    if v.is_finite() && (0.0..=stride_job::config::MAX_SECONDS).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s} s is outside 0..=1000000"))
     }
 }
 

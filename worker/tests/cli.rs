@@ -68,3 +68,14 @@ fn a_server_that_never_answers_is_a_clear_error_not_a_hang() {
     );
     drop(silent);
 }
+
+#[test]
+fn a_timeout_no_clock_can_hold_is_refused_not_a_panic() {
+    for bad in ["inf", "NaN", "-1", "1e20", "soon"] {
+        let flag = format!("--connect-timeout={bad}");
+        let (code, err) = worker(&["--connect", "http://127.0.0.1:9", &flag]);
+        assert_eq!(code, Some(2), "{bad}: {err}");
+        assert!(err.contains("--connect-timeout"), "{bad}: {err}");
+        assert!(!err.contains("panicked"), "{bad}: {err}");
+    }
+}

@@ -60,6 +60,8 @@ pub struct JobSpec {
     /// Samples in the training / validation split.
     pub train_samples: u64,
     pub val_samples: u64,
+    /// The coordinator's own token splits: every worker must read the same.
+    pub data: Vec<DataSplitSpec>,
     /// First step to run, and the data cursor at that step.
     pub start_step: u64,
     pub cursor: DataCursor,
@@ -77,6 +79,16 @@ pub struct JobSpec {
     /// Carried over from the checkpoint a run resumes.
     pub metrics_so_far: MetricsSoFar,
     pub history: Vec<HistoryEvent>,
+}
+
+/// One token split as the coordinator opened it.
+#[derive(Debug, Clone)]
+pub struct DataSplitSpec {
+    /// "train" or "val".
+    pub split: &'static str,
+    pub name: String,
+    pub tokens: u64,
+    pub checksum: u64,
 }
 
 /// A checkpoint planned at a step boundary whose files are being written.
@@ -762,12 +774,15 @@ impl Driver {
                 "to build its model",
                 |generation, body| match body {
                     worker_message::Body::Ready(r) if r.generation == generation => {
-                        Some((r.parameter_layout_hash, r.weights_hash))
+                        Some((r.parameter_layout_hash, r.weights_hash, r.data))
                     }
                     _ => None,
                 },
             )
             .await?;
+        for (rank, r) in ready.iter().enumerate() {
+            self.check_data(rank, &r.2)?;
+        }
         let first = ready[0].clone();
         for (rank, r) in ready.iter().enumerate().skip(1) {
             if r.0 != first.0 {
@@ -943,6 +958,39 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// Refuses a rank whose token splits differ from the coordinator's (a
+    /// file of another length or content at the same path, another path):
+    /// it would read other samples than the ones it is planned. A worker
+    /// that reports no splits (the load test's simulated workers) is not
+    /// checked; every real worker of this version reports them.
+    fn check_data(&self, rank: usize, got: &[stride_proto::v1::DataSplit]) -> Result<()> {
+        if got.is_empty() {
+            return Ok(());
+        }
+        for want in &self.spec.data {
+            let theirs = got.iter().find(|d| d.split == want.split);
+            let same =
+                theirs.is_some_and(|d| d.tokens == want.tokens && d.checksum == want.checksum);
+            if !same {
+                let theirs = theirs.map_or("no such split".to_string(), |d| {
+                    format!(
+                        "{}: {} tokens, checksum {:016x}",
+                        d.name, d.tokens, d.checksum
+                    )
+                });
+                bail!(
+                    "{} reads other {} data than the coordinator: the worker's {theirs}; the coordinator's {}: {} tokens, checksum {:016x}. Every worker must read the same token files (a shared volume, the same data.train / data.val)",
+                    self.ranks[rank].describe(rank),
+                    want.split,
+                    want.name,
+                    want.tokens,
+                    want.checksum
+                );
+            }
+        }
+        Ok(())
     }
 
     /// When `patience` runs out for the ranks in `waiting_for`.

@@ -429,6 +429,16 @@ async fn train(args: RunArgs) -> Result<()> {
             tracing::warn!("{w}");
         }
     }
+    // What every worker must read too (checked when the worker set forms).
+    let data: Vec<driver::DataSplitSpec> = [("train", &corpus.train), ("val", &corpus.val)]
+        .into_iter()
+        .map(|(split, t)| driver::DataSplitSpec {
+            split,
+            name: t.name.clone(),
+            tokens: t.len() as u64,
+            checksum: t.checksum(),
+        })
+        .collect();
     drop(corpus);
 
     let listen = match args.listen {
@@ -526,6 +536,7 @@ async fn train(args: RunArgs) -> Result<()> {
         schedule,
         train_samples,
         val_samples,
+        data,
         start_step: sp.start_step,
         cursor: sp.cursor,
         entropy_floor,

@@ -338,3 +338,51 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
         );
     }
 }
+
+/// A worker whose token file differs from the coordinator's (same path,
+/// other content — e.g. a stale copy on one machine) is refused by name,
+/// with both files' lengths and checksums, before any step runs.
+#[test]
+fn a_worker_reading_other_data_is_refused_before_training() {
+    let coordinator_dir = tempfile::tempdir().expect("tmp");
+    let worker_dir = tempfile::tempdir().expect("tmp");
+    for (dir, mul) in [(coordinator_dir.path(), 7u16), (worker_dir.path(), 11)] {
+        std::fs::create_dir_all(dir.join("data")).expect("mkdir");
+        let tokens: Vec<u16> = (0..4000u16).map(|i| i.wrapping_mul(mul) % 100).collect();
+        write_nanogpt(&dir.join("data/train.bin"), &tokens).expect("write");
+    }
+    let mut coord = spawn(
+        "coordinator",
+        &[
+            "--config",
+            "tiny",
+            "--workers",
+            "1",
+            "--listen",
+            "127.0.0.1:0",
+            "--set",
+            "data.train=data/train.bin",
+            "--set",
+            "model.context=16",
+            "--set",
+            "data.stride=16",
+        ],
+        coordinator_dir.path(),
+        "c.out",
+    );
+    let url = common::coordinator_url(coordinator_dir.path(), "tiny", &mut coord);
+    let mut worker = spawn("worker", &["--connect", &url], worker_dir.path(), "w.out");
+    let status = coord.wait(Duration::from_secs(120));
+    let out = std::fs::read_to_string(coordinator_dir.path().join("c.out")).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("rank 0 (")
+            && out.contains("reads other train data than the coordinator")
+            && out.contains("the worker's data/train.bin")
+            && out.contains("the coordinator's data/train.bin")
+            && out.matches("3600 tokens, checksum").count() == 2,
+        "{out}"
+    );
+    assert!(!out.contains("step      0"), "no step may run: {out}");
+    let _ = worker.wait(Duration::from_secs(60));
+}

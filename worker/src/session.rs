@@ -24,9 +24,9 @@ use stride_proto::PROTOCOL_VERSION;
 use stride_proto::client::TokenInterceptor;
 use stride_proto::v1::coordinator_client::CoordinatorClient;
 use stride_proto::v1::{
-    Assignment, CheckpointPlan, CheckpointReport, CollectiveBootstrap, EvalPlan, EvalReport,
-    Heartbeat, Hello, Ready, RegisterRequest, StepPlan, StepReport, WorkerError, WorkerMessage,
-    coordinator_message, worker_message,
+    Assignment, CheckpointPlan, CheckpointReport, CollectiveBootstrap, DataSplit, EvalPlan,
+    EvalReport, Heartbeat, Hello, Ready, RegisterRequest, StepPlan, StepReport, WorkerError,
+    WorkerMessage, coordinator_message, worker_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -456,6 +456,16 @@ fn compute_loop(
                             parameter_layout_hash: t.layout_hash().to_le_bytes().to_vec(),
                             weights_hash: t.weights_hash().to_le_bytes().to_vec(),
                             parameter_count: t.weights().len() as u64,
+                            data: t
+                                .data_splits()
+                                .into_iter()
+                                .map(|(split, name, tokens, checksum)| DataSplit {
+                                    split: split.into(),
+                                    name,
+                                    tokens,
+                                    checksum,
+                                })
+                                .collect(),
                         }));
                         t.set_signals(signals.clone());
                         trainer = Some((generation, t));

@@ -338,6 +338,15 @@ impl Trainer {
         Ok((loss_sum, tokens))
     }
 
+    /// The token splits this trainer reads: ("train" | "val", name,
+    /// tokens, checksum), for the coordinator to compare with its own.
+    pub fn data_splits(&self) -> Vec<(&'static str, String, u64, u64)> {
+        [("train", &self.corpus.train), ("val", &self.corpus.val)]
+            .into_iter()
+            .map(|(split, t)| (split, t.name.clone(), t.len() as u64, t.checksum()))
+            .collect()
+    }
+
     /// The synthetic corpus's entropy rate, when the corpus is built in.
     pub fn entropy_floor(&self) -> Option<f64> {
         self.corpus.synthetic.as_ref().map(|s| s.entropy_rate())

@@ -103,6 +103,8 @@ async fn fake_worker(url: String, i: usize) -> Result<()> {
                     parameter_layout_hash: vec![1],
                     weights_hash: vec![2],
                     parameter_count: 1,
+                    // A simulated worker reads no data (the check is skipped).
+                    data: Vec::new(),
                 })
             }
             Some(coordinator_message::Body::Step(p)) => worker_message::Body::Step(StepReport {

@@ -240,6 +240,17 @@ impl Driver {
     /// Runs the job to its end. Whatever happens, the workers are told to
     /// stop and local worker processes are reaped before this returns.
     pub async fn run(&mut self) -> Result<Summary> {
+        // Test hook, in debug builds only: STRIDE_TEST_STALL_DRIVER_S=N
+        // holds the driver loop for N seconds, so a test can watch the
+        // health service notice.
+        if cfg!(debug_assertions)
+            && let Some(s) = std::env::var("STRIDE_TEST_STALL_DRIVER_S")
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
+        {
+            tokio::time::sleep(Duration::from_secs_f64(s)).await;
+        }
         let result = self.run_with_restarts().await;
         if result.is_err() && !self.pending.is_empty() {
             // Stopped (e.g. SIGTERM from Kubernetes) while a checkpoint was
@@ -284,7 +295,22 @@ impl Driver {
         result
     }
 
+    /// The next event, or `TimedOut` at `deadline`. Wakes at least every
+    /// heartbeat interval to mark the driver loop alive (the health service
+    /// reads it).
     async fn next_event(&mut self, deadline: TokioInstant) -> Result<Wait> {
+        let every = Duration::from_secs_f64(self.spec.config.cluster.heartbeat_interval_s);
+        loop {
+            self.shared.driver_tick();
+            let wake = deadline.min(TokioInstant::now() + every);
+            match self.next_event_until(wake).await? {
+                Wait::TimedOut if TokioInstant::now() < deadline => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    async fn next_event_until(&mut self, deadline: TokioInstant) -> Result<Wait> {
         let local = self.local.as_mut();
         tokio::select! {
             ev = self.events.recv() => ev.map(Wait::Event).ok_or_else(|| anyhow!("the gRPC service stopped")),

@@ -487,13 +487,44 @@ async fn train(args: RunArgs) -> Result<()> {
         server::Authenticator::new(&token),
     );
     // The standard gRPC health service answers Kubernetes probes without a
-    // token: it reveals nothing but "serving".
+    // token: it reveals nothing but "serving" — or NOT_SERVING while the
+    // driver loop has not gone round for `health_bound` (it wakes at least
+    // every heartbeat interval, also while it waits), so a liveness probe
+    // can restart a stuck coordinator.
     let (health_reporter, health) = tonic_health::server::health_reporter();
     for name in ["", "stride.v1.Coordinator"] {
         health_reporter
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
     }
+    shared.driver_tick();
+    let health_bound = server::health_bound(config.cluster.heartbeat_interval_s);
+    let watchdog = {
+        let (shared, reporter) = (shared.clone(), health_reporter.clone());
+        tokio::spawn(async move {
+            let mut serving = true;
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                let now = shared.driver_idle() <= health_bound;
+                if now != serving {
+                    serving = now;
+                    let status = if now {
+                        tonic_health::ServingStatus::Serving
+                    } else {
+                        tracing::error!(
+                            "the driver loop has not gone round for {:.0} s: health says NOT_SERVING",
+                            health_bound.as_secs_f64()
+                        );
+                        tonic_health::ServingStatus::NotServing
+                    };
+                    for name in ["", "stride.v1.Coordinator"] {
+                        reporter.set_service_status(name, status).await;
+                    }
+                }
+            }
+        })
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -548,6 +579,7 @@ async fn train(args: RunArgs) -> Result<()> {
     };
     let mut driver = driver::Driver::new(spec, events_rx, shared, local, run, bar);
     let result = driver.run().await;
+    watchdog.abort();
     let _ = stop_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), serve).await;
     let summary = result?;

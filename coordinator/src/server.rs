@@ -96,6 +96,12 @@ pub enum Event {
     Interrupted(&'static str),
 }
 
+/// How long the driver loop may go without a round before the health
+/// service says NOT_SERVING: 5 heartbeat intervals, at least 5 s.
+pub fn health_bound(heartbeat_interval_s: f64) -> Duration {
+    Duration::from_secs_f64((5.0 * heartbeat_interval_s).max(5.0))
+}
+
 /// State shared between the service and the driver.
 #[derive(Debug)]
 pub struct Shared {
@@ -106,9 +112,26 @@ pub struct Shared {
     pub metrics: Arc<crate::metrics::Metrics>,
     registered: Mutex<HashMap<String, WorkerInfo>>,
     next_id: AtomicU64,
+    /// When the driver loop last went round (ms since `started`): it wakes
+    /// at least every heartbeat interval, so a stale value means the loop
+    /// is stuck (the health service then says NOT_SERVING).
+    driver_tick_ms: AtomicU64,
+    started: std::time::Instant,
 }
 
 impl Shared {
+    /// The driver loop is alive.
+    pub fn driver_tick(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.driver_tick_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long ago the driver loop last went round.
+    pub fn driver_idle(&self) -> Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.driver_tick_ms.load(Ordering::Relaxed)))
+    }
+
     pub fn new(
         events: mpsc::UnboundedSender<Event>,
         heartbeat_interval: Duration,
@@ -121,6 +144,8 @@ impl Shared {
             status: Mutex::new(StatusResponse::default()),
             registered: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
+            driver_tick_ms: AtomicU64::new(0),
+            started: std::time::Instant::now(),
         })
     }
 }

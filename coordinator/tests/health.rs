@@ -1,6 +1,7 @@
 //! The coordinator's gRPC surface without workers: the standard health
-//! service answers without a token (for Kubernetes probes); the Stride
-//! service refuses a call without the right token.
+//! service answers without a token (for Kubernetes probes) and says
+//! NOT_SERVING when the driver loop is stuck; the Stride service refuses a
+//! call without the right token.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -141,4 +142,96 @@ async fn another_version_and_oversized_messages_are_refused() {
         .await
         .expect_err("too large");
     assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+}
+
+/// A driver loop that stops going round (held by a debug-build hook) turns
+/// the health answer to NOT_SERVING within its bound (5 s here); a
+/// coordinator that merely waits for workers stays SERVING past it.
+#[tokio::test]
+async fn health_says_not_serving_while_the_driver_loop_is_stuck() {
+    let status_of = |url: String| async move {
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        let mut client = HealthClient::new(channel);
+        client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health check")
+            .into_inner()
+            .status
+    };
+    let start = |dir: &std::path::Path, stall: &str| {
+        Kill(
+            Command::new(env!("CARGO_BIN_EXE_coordinator"))
+                .args([
+                    "--config",
+                    "tiny",
+                    "--workers",
+                    "1",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--set",
+                    "cluster.heartbeat_interval_s=0.1",
+                    "--set",
+                    "cluster.startup_timeout_s=120",
+                ])
+                .current_dir(dir)
+                .env("STRIDE_TOKEN", "health-test")
+                .env("STRIDE_TEST_STALL_DRIVER_S", stall)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("coordinator starts"),
+        )
+    };
+    let url_of = |dir: &std::path::Path| {
+        let addr = dir.join("runs/tiny/coordinator.addr");
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Ok(s) = std::fs::read_to_string(&addr)
+                    && !s.trim().is_empty()
+                {
+                    return s.trim().to_string();
+                }
+                assert!(Instant::now() < deadline, "no address");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    const SERVING: i32 = 1;
+    const NOT_SERVING: i32 = 2;
+
+    let (stuck_dir, idle_dir) = (
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    );
+    let _stuck = start(stuck_dir.path(), "300");
+    let _idle = start(idle_dir.path(), "0");
+    let (stuck, idle) = (
+        url_of(stuck_dir.path()).await,
+        url_of(idle_dir.path()).await,
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if status_of(stuck.clone()).await == NOT_SERVING {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a stuck driver must turn health NOT_SERVING"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // By now more than the 5 s bound has passed for the idle one too.
+    assert_eq!(
+        status_of(idle).await,
+        SERVING,
+        "waiting for workers is not stuck"
+    );
 }

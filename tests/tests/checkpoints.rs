@@ -339,8 +339,23 @@ fn strategy_b_and_the_refusals_that_point_to_it() {
         (lr_of(&m, 0) - 3e-3 / 5.0).abs() < 1e-15,
         "the warmup restarts"
     );
-    let b = state(&d.path().join("ckpt_b/step-00000005"));
-    assert_eq!(b.optimizer_step, 5, "a fresh optimizer");
+    // A fresh optimizer: the workers' own step count in optimizer.safetensors
+    // is 5 (it would be 25 had the moments of the 20-step run come along),
+    // and so is the coordinator's record.
+    let b_dir = d.path().join("ckpt_b/step-00000005");
+    let b = state(&b_dir);
+    let tiny = stride_job::config::RawConfig::parse(
+        stride_job::config::preset_text("tiny").expect("preset"),
+        "tiny".into(),
+        stride_job::config::ConfigSource::Embedded("tiny"),
+    )
+    .and_then(|r| r.resolve())
+    .expect("tiny");
+    let slots = stride_job::params::layout(&tiny.model);
+    let (_, _, written_step) =
+        checkpoint::read_optimizer(&b_dir, &slots).expect("optimizer.safetensors");
+    assert_eq!(written_step, 5, "the optimizer restarted from step 0");
+    assert_eq!(b.optimizer_step, written_step);
 
     // --config X --resume with a different schedule or optimiser: refused,
     // naming the keys and both strategies.

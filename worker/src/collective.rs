@@ -549,12 +549,23 @@ mod tests {
 
     #[test]
     fn an_abort_unblocks_a_rank_waiting_on_a_frozen_peer() {
-        // Rank 1 never calls the all-reduce (as if frozen); rank 0 is
-        // blocked in it until its abort handle is used.
+        // Rank 1 never calls the all-reduce (as if frozen) and keeps its
+        // sockets open until rank 0 has returned — or 20 s, well before the
+        // ring's own 30 s stall timeout would release rank 0. Only the abort
+        // handle can release rank 0 in time.
+        let (returned, released) = std::sync::mpsc::channel::<()>();
+        let (returned, released) = (
+            std::sync::Mutex::new(returned),
+            std::sync::Mutex::new(released),
+        );
         let results = local_ring(2, |mut c| {
             if c.rank() == 1 {
-                std::thread::sleep(Duration::from_millis(600));
-                return Ok(());
+                let in_time = released
+                    .lock()
+                    .map(|r| r.recv_timeout(Duration::from_secs(20)).is_ok())
+                    .unwrap_or(false);
+                drop(c);
+                return Ok(in_time);
             }
             let handle = c.abort_handle().expect("a ring has an abort handle");
             let aborter = std::thread::spawn(move || {
@@ -563,11 +574,18 @@ mod tests {
             });
             let mut buf = vec![1.0f32; 1 << 20];
             let r = c.all_reduce_sum(&mut buf);
+            if let Ok(tx) = returned.lock() {
+                let _ = tx.send(());
+            }
             let _ = aborter.join();
-            r
+            r.map(|_| false)
         })
         .expect("ring");
         assert!(results[0].is_err(), "the aborted all-reduce must fail");
+        assert!(
+            matches!(results[1], Ok(true)),
+            "rank 0 must return while its peer still holds the ring open"
+        );
     }
 
     #[test]

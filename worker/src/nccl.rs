@@ -103,8 +103,9 @@ impl Collective for Nccl {
     }
 }
 
-/// Run with `STRIDE_TEST_CUDA=1 cargo test -p stride-worker --features cuda nccl`
-/// on a machine with GPUs; elsewhere it reports "skipped: no CUDA".
+/// Ignored by default (CI has no GPU); run with
+/// `cargo test -p stride-worker --features cuda nccl -- --ignored` on a
+/// machine with GPUs.
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,13 +113,10 @@ mod tests {
     /// For 1..=N GPUs (one thread and rank per GPU), NCCL's sum equals the
     /// sum computed on the CPU.
     #[test]
+    #[ignore = "needs NVIDIA GPUs: cargo test -p stride-worker --features cuda nccl -- --ignored"]
     fn nccl_all_reduce_matches_a_cpu_sum() {
-        if std::env::var("STRIDE_TEST_CUDA").map_or(true, |v| v != "1") {
-            println!("nccl_all_reduce_matches_a_cpu_sum: skipped: no CUDA");
-            return;
-        }
         let gpus = cudarc::driver::CudaContext::device_count().expect("CUDA driver") as usize;
-        assert!(gpus > 0, "STRIDE_TEST_CUDA=1 but no GPU is visible");
+        assert!(gpus > 0, "no GPU is visible");
         let n = 1000;
         let input = |rank: usize| -> Vec<f32> {
             (0..n)

@@ -247,6 +247,13 @@ async fn main() -> Result<()> {
         early / 1024,
         late / 1024
     );
+    // Both samples must exist: a run too fast to sample (or a coordinator
+    // whose memory could not be read) proves nothing.
+    if early == 0 || late == 0 {
+        bail!(
+            "the coordinator's memory was not sampled (after 1/4 of the steps: {early} KiB, at the end: {late} KiB); run more steps"
+        );
+    }
     if late > early + early / 2 {
         bail!("coordinator memory grew from {early} KiB to {late} KiB: not bounded");
     }

@@ -28,6 +28,7 @@ use tokio::time::Instant as TokioInstant;
 use crate::local::LocalWorkers;
 use crate::output::{MetricsRecord, RunDir, STEP_TARGET};
 use crate::server::{Event, Outbound, Shared, WorkerInfo};
+use stride_proto::exit;
 
 /// The job was stopped by a signal (Ctrl-C or SIGTERM); exit code 130.
 #[derive(Debug, thiserror::Error)]
@@ -267,11 +268,16 @@ impl Driver {
                 ),
             }
         }
+        // The worker exit-code contract (README, "Exit codes"): 0 done;
+        // 3 stopped by a signal to the coordinator (a replacement may join
+        // the coordinator that is started again); 4 the job failed
+        // (Kubernetes must not retry: the pod failure policy fails the Job).
         let (reason, code) = match &result {
-            Ok(_) => ("training finished".to_string(), 0),
-            // 3 = "the job failed, do not restart me" (the Kubernetes pod
-            // failure policy fails the worker Job on it).
-            Err(e) => (format!("the job failed: {e:#}"), 3),
+            Ok(_) => ("training finished".to_string(), exit::DONE),
+            Err(e) if e.chain().any(|c| c.is::<Interrupted>()) => {
+                (format!("the coordinator stopped: {e:#}"), exit::REMOVED)
+            }
+            Err(e) => (format!("the job failed: {e:#}"), exit::JOB_FAILED),
         };
         for outbound in self
             .ranks
@@ -403,8 +409,8 @@ impl Driver {
             let dead = failed.as_ref() == Some(&r.worker_id);
             let abort = if dead {
                 coordinator_message::Body::Shutdown(Shutdown {
-                    reason: "removed from the job after a failure".into(),
-                    exit_code: 3,
+                    reason: "removed from the job after a failure; a replacement may join".into(),
+                    exit_code: exit::REMOVED,
                 })
             } else {
                 coordinator_message::Body::Abort(Abort {
@@ -935,7 +941,7 @@ impl Driver {
                     let _ = outbound
                         .send(Ok(message(coordinator_message::Body::Shutdown(Shutdown {
                             reason: "the job already has all its workers".into(),
-                            exit_code: 0,
+                            exit_code: exit::DONE,
                         }))))
                         .await;
                 }

@@ -1,12 +1,13 @@
 //! `worker`: joins a Stride job. `worker --connect http://HOST:PORT` is all
 //! it needs: the coordinator sends its rank, the whole resolved job and its
-//! peers. Exit code: what the coordinator asked for at shutdown, 1 when the
-//! worker itself failed.
+//! peers. Exit codes: `stride_proto::exit` (0 done, 1 failed, 2 bad input,
+//! 3 removed — a replacement may join, 4 the job failed).
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use stride_proto::exit;
 use stride_worker::session::{self, Options};
 
 #[derive(Debug, Parser)]
@@ -58,7 +59,7 @@ fn main() -> ExitCode {
         stride_worker::handoff::hand_over(&std::env::args_os().skip(1).collect::<Vec<_>>())
     {
         eprintln!("error: {e}");
-        return ExitCode::from(2);
+        return ExitCode::from(exit::BAD_INPUT as u8);
     }
     let cli = Cli::parse();
     let identity =
@@ -73,7 +74,7 @@ fn main() -> ExitCode {
         Ok(g) => g,
         Err(e) => {
             eprintln!("error: {e:#}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::BAD_INPUT as u8);
         }
     };
     if cli.dry_run {
@@ -91,18 +92,18 @@ fn main() -> ExitCode {
         Ok(Some(t)) => t,
         Ok(None) => {
             eprintln!("error: {}", stride_job::auth::TokenError::Missing);
-            return ExitCode::from(2);
+            return ExitCode::from(exit::BAD_INPUT as u8);
         }
         Err(e) => {
             eprintln!("error: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::BAD_INPUT as u8);
         }
     };
     let tls = match tls_config(&cli) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e:#}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::BAD_INPUT as u8);
         }
     };
     let opts = Options {

@@ -20,7 +20,6 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::Device;
 use stride_job::config::{Config, Device as DeviceKind};
-use stride_proto::PROTOCOL_VERSION;
 use stride_proto::client::TokenInterceptor;
 use stride_proto::v1::coordinator_client::CoordinatorClient;
 use stride_proto::v1::{
@@ -28,6 +27,7 @@ use stride_proto::v1::{
     EvalReport, Heartbeat, Hello, Ready, RegisterRequest, StepPlan, StepReport, WorkerError,
     WorkerMessage, coordinator_message, worker_message,
 };
+use stride_proto::{PROTOCOL_VERSION, exit};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -210,7 +210,7 @@ async fn run_session(opts: &Options) -> Result<i32> {
     let abort: AbortSlot = Arc::new(Mutex::new(None));
     // Why the compute thread ended, if it ended on its own (a panic or a
     // failure retrying cannot fix): the worker then exits with it.
-    let (stopped_tx, mut stopped) = tokio::sync::oneshot::channel::<Option<String>>();
+    let (stopped_tx, mut stopped) = tokio::sync::oneshot::channel::<Option<Stop>>();
     let compute = {
         let tx = out_tx.clone();
         let threads = opts.threads;
@@ -242,7 +242,10 @@ async fn run_session(opts: &Options) -> Result<i32> {
                             message: message.clone(),
                             fatal: false,
                         })));
-                        Some(message)
+                        Some(Stop {
+                            why: message,
+                            code: exit::FAILED,
+                        })
                     }
                 };
                 let _ = stopped_tx.send(why);
@@ -254,10 +257,15 @@ async fn run_session(opts: &Options) -> Result<i32> {
     let code = loop {
         let next = tokio::select! {
             next = inbound.message() => next,
-            why = &mut stopped => {
-                let why = why.ok().flatten().unwrap_or_else(|| "it stopped".into());
+            stop = &mut stopped => {
+                let stop = stop.ok().flatten().unwrap_or(Stop {
+                    why: "the compute thread stopped".into(),
+                    code: exit::FAILED,
+                });
                 beat.abort();
-                bail!("{why}; this worker stops (exit 1)");
+                tracing::error!("{}; this worker stops (exit {})", stop.why, stop.code);
+                eprintln!("error: {}; this worker stops (exit {})", stop.why, stop.code);
+                return Ok(stop.code);
             }
         };
         let body = match next {
@@ -385,6 +393,13 @@ fn hostname() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
+/// Why the compute thread ended on its own, and the exit code it means.
+#[derive(Debug)]
+struct Stop {
+    why: String,
+    code: i32,
+}
+
 /// The compute thread: builds the trainer on assignment, then runs plans.
 /// Where the compute thread leaves the abort handle of its collective.
 type AbortSlot = Arc<Mutex<Option<AbortHandle>>>;
@@ -399,7 +414,7 @@ fn compute_loop(
     signals: Arc<Signals>,
     abort: AbortSlot,
     current_generation: Arc<AtomicU64>,
-) -> Option<String> {
+) -> Option<Stop> {
     let mut trainer: Option<(u64, Trainer)> = None;
     let send = |body| {
         let _ = out.blocking_send(msg(body));
@@ -477,7 +492,12 @@ fn compute_loop(
                         let why = format!("{e:#}");
                         fail(generation, e, !transient);
                         if !transient {
-                            return Some(why);
+                            // The job's config, data or device cannot work
+                            // here: bad input for this worker.
+                            return Some(Stop {
+                                why,
+                                code: exit::BAD_INPUT,
+                            });
                         }
                     }
                 }
@@ -582,7 +602,10 @@ fn compute_loop(
                 if let Err(e) = spawned {
                     let why = format!("cannot start the checkpoint writer: {e}");
                     fail(generation, anyhow!("{why}"), true);
-                    return Some(why);
+                    return Some(Stop {
+                        why,
+                        code: exit::FAILED,
+                    });
                 }
             }
             Work::Eval(p) => {

@@ -152,6 +152,9 @@ pub struct Driver {
     progress: HashMap<String, (u64, Instant)>,
     /// The step and cause of the failure the last restart recovered from.
     last_failure: Option<(u64, String)>,
+    /// A rank's collective failed with a peer (a symptom): when it came,
+    /// and what to report if no rank is found dead or frozen in time.
+    symptom: Option<(Instant, String)>,
     /// Checkpoints this job committed, oldest first (a restart resumes from
     /// the newest of these, never from another run's checkpoint).
     committed: Vec<PathBuf>,
@@ -219,6 +222,7 @@ impl Driver {
             last_seen: HashMap::new(),
             progress: HashMap::new(),
             last_failure: None,
+            symptom: None,
             committed: Vec::new(),
             initial,
             restarts: 0,
@@ -438,6 +442,7 @@ impl Driver {
             self.pool.retain(|p| &p.0 != id);
         }
         self.pending.clear();
+        self.symptom = None;
         let newest = self
             .committed
             .iter()
@@ -479,6 +484,7 @@ impl Driver {
 
     async fn run_inner(&mut self) -> Result<Summary> {
         let c = self.spec.config.clone();
+        self.symptom = None;
         self.form_world().await?;
         let world = self.ranks.len();
         let accumulation = c.accumulation_for(world).map_err(anyhow::Error::msg)?;
@@ -668,11 +674,15 @@ impl Driver {
                         self.pool = joined.split_off(n);
                         break;
                     }
+                    let present = joined.len();
+                    // Kept, so that the job's end tells them to stop
+                    // (dropping them would look like a lost coordinator,
+                    // and they would try to reconnect).
+                    self.pool = joined;
                     bail!(
-                        "only {} of {want} workers joined within cluster.startup_timeout_s = {}s; start more `worker --connect` processes or pass --workers {}",
-                        joined.len(),
+                        "only {present} of {want} workers joined within cluster.startup_timeout_s = {}s; start more `worker --connect` processes or pass --workers {}",
                         c.cluster.startup_timeout_s,
-                        joined.len().max(1)
+                        present.max(1)
                     )
                 }
                 Wait::Event(Event::Joined {
@@ -680,6 +690,26 @@ impl Driver {
                     info,
                     outbound,
                 }) => {
+                    // A newer worker of the same identity replaces the
+                    // older one (Kubernetes restarted that index's pod).
+                    if let Some(at) = joined
+                        .iter()
+                        .position(|(_, i, _)| i.identity == info.identity)
+                    {
+                        let (_, old, old_outbound) = joined.remove(at);
+                        tracing::warn!(
+                            "worker {} (pid {}) replaced by a newer one of the same identity (pid {})",
+                            old.identity,
+                            old.pid,
+                            info.pid
+                        );
+                        let _ = old_outbound
+                            .send(Ok(message(coordinator_message::Body::Shutdown(Shutdown {
+                                reason: "replaced by a newer worker with the same identity".into(),
+                                exit_code: exit::REMOVED,
+                            }))))
+                            .await;
+                    }
                     tracing::info!(
                         "worker {} joined ({}, pid {}, {})",
                         info.identity,
@@ -871,36 +901,48 @@ impl Driver {
     ) -> Result<Option<(usize, worker_message::Body)>> {
         let hb_every = Duration::from_secs_f64(self.spec.config.cluster.heartbeat_interval_s);
         let hb_timeout = Duration::from_secs_f64(self.spec.config.cluster.heartbeat_timeout_s);
+        // How long a collective error waits for the rank that caused it to
+        // be found: a dead one closes its stream at once, a frozen one
+        // misses its heartbeats within heartbeat_timeout_s.
+        let symptom_grace = hb_timeout + hb_every;
+        // Silent ranks are looked for every heartbeat interval on a clock of
+        // its own: messages from the live ranks (heartbeats every interval
+        // from each) must not keep postponing the look at the silent one.
+        let mut next_check = TokioInstant::now() + hb_every;
         loop {
+            if TokioInstant::now() >= next_check {
+                next_check = TokioInstant::now() + hb_every;
+                if let Some(failure) = self.silent_rank(hb_timeout) {
+                    return Err(failure.into());
+                }
+            }
             let deadline = self.deadline(patience, waiting_for);
-            // Wake at least every heartbeat interval to look for silent ranks.
-            let wake = deadline.min(TokioInstant::now() + hb_every);
+            let mut wake = deadline.min(next_check);
+            if let Some((since, _)) = &self.symptom {
+                wake = wake.min(TokioInstant::from_std(*since + symptom_grace));
+            }
             match self.next_event(wake).await? {
+                Wait::TimedOut
+                    if self
+                        .symptom
+                        .as_ref()
+                        .is_some_and(|(since, _)| since.elapsed() >= symptom_grace) =>
+                {
+                    let message = self.symptom.take().map(|(_, m)| m).unwrap_or_default();
+                    return Err(RankFailure {
+                        worker_id: None,
+                        message: format!(
+                            "{message} — no rank was found dead or frozen within {:.0} s, so every rank is kept and the job restarts from its latest checkpoint",
+                            symptom_grace.as_secs_f64()
+                        ),
+                        cause: "a collective failed, no rank lost".into(),
+                    }
+                    .into());
+                }
                 Wait::TimedOut if TokioInstant::now() >= self.deadline(patience, waiting_for) => {
                     return Err(self.timed_out(patience, what, waiting_for).into());
                 }
-                Wait::TimedOut => {
-                    for (rank, r) in self.ranks.iter().enumerate() {
-                        let silent = self
-                            .last_seen
-                            .get(&r.worker_id)
-                            .map_or(Duration::ZERO, |t| t.elapsed());
-                        if silent > hb_timeout {
-                            return Err(RankFailure {
-                                worker_id: Some(r.worker_id.clone()),
-                                message: format!(
-                                    "{} lost at step {}: no heartbeat for {:.1}s (cluster.heartbeat_timeout_s = {}): frozen, overloaded or cut off",
-                                    r.describe(rank),
-                                    self.step,
-                                    silent.as_secs_f64(),
-                                    self.spec.config.cluster.heartbeat_timeout_s
-                                ),
-                                cause: format!("no heartbeat from {}", r.info.identity),
-                            }
-                            .into());
-                        }
-                    }
-                }
+                Wait::TimedOut => {}
                 Wait::Event(Event::Interrupted(sig)) => return Err(Interrupted(sig).into()),
                 Wait::Event(Event::Left { worker_id, reason }) => {
                     self.pool.retain(|p| p.0 != worker_id);
@@ -922,6 +964,31 @@ impl Driver {
                     info,
                     outbound,
                 }) => {
+                    // A new worker with a rank's identity (Kubernetes
+                    // restarted that index's pod) means that rank's
+                    // process is gone, even before its stream says so.
+                    if let Some(rank) = self
+                        .ranks
+                        .iter()
+                        .position(|r| r.info.identity == info.identity)
+                    {
+                        let old = &self.ranks[rank];
+                        let failure = RankFailure {
+                            worker_id: Some(old.worker_id.clone()),
+                            message: format!(
+                                "{} lost at step {}: a new worker with its identity joined ({}, pid {}), so this one is gone (its pod was replaced)",
+                                old.describe(rank),
+                                self.step,
+                                info.host,
+                                info.pid
+                            ),
+                            cause: format!("{} replaced", info.identity),
+                        };
+                        self.last_seen.insert(worker_id.clone(), Instant::now());
+                        self.pool.retain(|p| p.1.identity != info.identity);
+                        self.pool.push((worker_id, info, outbound));
+                        return Err(failure.into());
+                    }
                     if self.ranks.len() + self.pool.len() < self.spec.config.cluster.max_workers {
                         tracing::info!(
                             "worker {} ({}, pid {}) joined as a spare; it takes part from the next restart",
@@ -962,6 +1029,16 @@ impl Driver {
                             );
                             if e.fatal {
                                 bail!(message);
+                            }
+                            // A collective error is a symptom: the peer it
+                            // names (or one further round the ring) died or
+                            // froze. Keep this rank and wait for the cause.
+                            if let Some(peer) = e.collective_peer {
+                                tracing::info!(
+                                    "{message} (a symptom: looking for the rank that failed, starting with rank {peer})"
+                                );
+                                self.symptom.get_or_insert((Instant::now(), message));
+                                continue;
                             }
                             return Err(RankFailure {
                                 worker_id: Some(worker_id),
@@ -1026,6 +1103,28 @@ impl Driver {
     }
 
     /// When `patience` runs out for the ranks in `waiting_for`.
+    /// The first rank silent for longer than `hb_timeout`, as a failure
+    /// that names it.
+    fn silent_rank(&self, hb_timeout: Duration) -> Option<RankFailure> {
+        self.ranks.iter().enumerate().find_map(|(rank, r)| {
+            let silent = self
+                .last_seen
+                .get(&r.worker_id)
+                .map_or(Duration::ZERO, |t| t.elapsed());
+            (silent > hb_timeout).then(|| RankFailure {
+                worker_id: Some(r.worker_id.clone()),
+                message: format!(
+                    "{} lost at step {}: no heartbeat for {:.1}s (cluster.heartbeat_timeout_s = {}): frozen, overloaded or cut off",
+                    r.describe(rank),
+                    self.step,
+                    silent.as_secs_f64(),
+                    self.spec.config.cluster.heartbeat_timeout_s
+                ),
+                cause: format!("no heartbeat from {}", r.info.identity),
+            })
+        })
+    }
+
     fn deadline(&self, patience: Patience, waiting_for: &[usize]) -> TokioInstant {
         match patience {
             Patience::Until(d) => d,

@@ -72,7 +72,7 @@ struct RunArgs {
     resume: Option<PathBuf>,
     /// With --resume: the new total number of steps; a cosine decay from the
     /// LR in force to min_lr_ratio × lr is appended (Strategy A).
-    #[arg(long, value_name = "N", requires = "resume")]
+    #[arg(long, value_name = "N", requires = "resume", value_parser = steps())]
     extend_steps: Option<u64>,
     /// File holding the shared job token (else $STRIDE_TOKEN; --local makes one).
     #[arg(long, value_name = "PATH")]
@@ -172,10 +172,10 @@ struct PlanArgs {
     config: ConfigArgs,
     /// Preview Strategy A: the schedule if the run were resumed at its last
     /// step and extended to this new total number of steps.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = steps())]
     extend_steps: Option<u64>,
     /// Also list the global sample indices of the first K steps.
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", value_parser = count(1 << 20))]
     batches: Option<usize>,
     /// Print JSON: {config, schedule, epoch, batches}.
     #[arg(long)]
@@ -188,20 +188,20 @@ struct InspectArgs {
     #[arg(long)]
     data: PathBuf,
     /// Tokens per sample.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = count(1 << 20))]
     context: usize,
     /// Distance between sample starts (default: = context).
-    #[arg(long)]
+    #[arg(long, value_parser = count(1 << 32))]
     stride: Option<usize>,
     /// Samples per step, for the steps-per-epoch figure.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 8, value_parser = count(1 << 24))]
     global_batch: usize,
     /// Distance between validation windows, for the figures of this file
     /// used as a validation split (default: = context, as data.val_stride).
-    #[arg(long)]
+    #[arg(long, value_parser = count(1 << 32))]
     val_stride: Option<usize>,
     /// Vocabulary the ids must stay below.
-    #[arg(long, default_value_t = 50_304)]
+    #[arg(long, default_value_t = 50_304, value_parser = count(stride_job::config::MAX_VOCAB as u64))]
     vocab_size: usize,
     /// Print JSON: {tokens, samples, context, stride, overlap, tokens_per_epoch, views_per_token, ...}.
     #[arg(long)]
@@ -225,6 +225,16 @@ struct PrepareArgs {
     /// Replace existing train.bin / val.bin.
     #[arg(long)]
     force: bool,
+}
+
+/// A number of steps for a flag: 1..=`MAX_STEPS`, the config's own bound.
+fn steps() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::builder::RangedU64ValueParser::new().range(1..=stride_job::config::MAX_STEPS)
+}
+
+/// A count for a flag: 1..=`max` (the bound of the config key it mirrors).
+fn count(max: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::new().range(1..=max)
 }
 
 fn main() -> ExitCode {

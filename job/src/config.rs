@@ -89,6 +89,12 @@ pub const MAX_SECONDS: f64 = 1e6;
 /// Largest vocabulary a `uint16` token file can address.
 pub const MAX_VOCAB: usize = 1 << 16;
 
+/// Largest number of steps (`train.max_steps`, intervals, `--extend-steps`).
+pub const MAX_STEPS: u64 = 1 << 40;
+
+/// Largest value a worker's `--threads` (and `worker.threads`) may take.
+pub const MAX_THREADS: usize = 4096;
+
 /// What went wrong while loading a config. Every variant names where the
 /// value came from (`origin`: a file, an embedded preset or a `--set`).
 #[derive(Debug, thiserror::Error)]
@@ -463,10 +469,16 @@ fn fill_derived_defaults(table: &mut toml::Table) {
             sec.entry(k.to_string()).or_insert(v);
         }
     };
-    set_default("data", "stride", context.clone());
-    set_default("data", "val_stride", context);
-    set_default("cluster", "min_workers", workers.clone());
-    set_default("cluster", "max_workers", workers);
+    // Copied only when they are numbers: a mistyped value is then reported
+    // under its own key, not under the keys that default to it.
+    if context.is_integer() {
+        set_default("data", "stride", context.clone());
+        set_default("data", "val_stride", context);
+    }
+    if workers.is_integer() {
+        set_default("cluster", "min_workers", workers.clone());
+        set_default("cluster", "max_workers", workers);
+    }
 }
 
 /// A resolved, validated job configuration. Serialises to the TOML saved as
@@ -857,6 +869,41 @@ fn check(ok: bool, key: &str, value: impl fmt::Display, reason: &str) -> Result<
 impl Config {
     fn validate(&self) -> Result<(), Violation> {
         let m = &self.model;
+        // Upper bounds of the size keys. Each is far beyond any real job,
+        // and small enough that no product of sizes the code forms (tokens
+        // of a micro-batch × vocabulary, parameters of the model, workers ×
+        // batch) can overflow a 64-bit integer: a mistyped value is refused
+        // here with the key and its range, never met later as a panic.
+        let n = |v: usize| u64::try_from(v).unwrap_or(u64::MAX);
+        let (d, t, c, w, cl) = (
+            &self.data,
+            &self.train,
+            &self.checkpoint,
+            &self.worker,
+            &self.cluster,
+        );
+        for (key, value, max) in [
+            ("model.n_layer", n(m.n_layer), 1 << 10),
+            ("model.n_head", n(m.n_head), 1 << 10),
+            ("model.n_embd", n(m.n_embd), 1 << 16),
+            ("model.context", n(m.context), 1 << 20),
+            ("data.stride", n(d.stride), 1 << 32),
+            ("data.val_stride", n(d.val_stride), 1 << 32),
+            ("data.synthetic_tokens", n(d.synthetic_tokens), 1 << 32),
+            ("train.max_steps", t.max_steps, MAX_STEPS),
+            ("train.global_batch", n(t.global_batch), 1 << 24),
+            ("train.micro_batch", n(t.micro_batch), 1 << 20),
+            ("train.eval_interval", t.eval_interval, MAX_STEPS),
+            ("train.eval_batches", n(t.eval_batches), 1 << 32),
+            ("checkpoint.interval", c.interval, MAX_STEPS),
+            ("checkpoint.keep_last", n(c.keep_last), 1 << 16),
+            ("worker.threads", n(w.threads), n(MAX_THREADS)),
+            ("cluster.workers", n(cl.workers), 1 << 16),
+            ("cluster.max_workers", n(cl.max_workers), 1 << 16),
+            ("cluster.max_restarts", u64::from(cl.max_restarts), 1 << 16),
+        ] {
+            check(value <= max, key, value, &format!("must be at most {max}"))?;
+        }
         check(
             m.n_layer >= 1,
             "model.n_layer",
@@ -888,7 +935,6 @@ impl Config {
             "must be at least 1",
         )?;
 
-        let d = &self.data;
         check(
             d.stride >= 1,
             "data.stride",
@@ -920,7 +966,6 @@ impl Config {
             &format!("must exceed model.context + 1 = {}", m.context + 1),
         )?;
 
-        let t = &self.train;
         check(
             t.max_steps >= 1,
             "train.max_steps",
@@ -972,21 +1017,25 @@ impl Config {
             o.beta2,
             "must be in [0, 1)",
         )?;
-        check(o.eps > 0.0, "optim.eps", o.eps, "must be positive")?;
         check(
-            o.weight_decay >= 0.0,
+            o.eps.is_finite() && o.eps > 0.0,
+            "optim.eps",
+            o.eps,
+            "must be a positive number",
+        )?;
+        check(
+            o.weight_decay.is_finite() && o.weight_decay >= 0.0,
             "optim.weight_decay",
             o.weight_decay,
-            "must not be negative",
+            "must be a number, not negative",
         )?;
         check(
-            o.grad_clip >= 0.0,
+            o.grad_clip.is_finite() && o.grad_clip >= 0.0,
             "optim.grad_clip",
             o.grad_clip,
-            "must not be negative (0 = no clipping)",
+            "must be a number, not negative (0 = no clipping)",
         )?;
 
-        let c = &self.checkpoint;
         check(
             c.keep_last >= 1,
             "checkpoint.keep_last",
@@ -994,7 +1043,6 @@ impl Config {
             "must be at least 1",
         )?;
 
-        let w = &self.worker;
         if w.engine == Engine::Fused {
             check(
                 !matches!(w.device, Device::Cuda(_)),
@@ -1013,7 +1061,6 @@ impl Config {
             )?;
         }
 
-        let cl = &self.cluster;
         check(
             cl.workers >= 1,
             "cluster.workers",

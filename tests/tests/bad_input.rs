@@ -173,6 +173,53 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
         ),
         (
             "coordinator",
+            vec!["--set", "model.n_embd=99999999999"],
+            2,
+            vec!["model.n_embd", "must be at most 65536"],
+        ),
+        (
+            "coordinator",
+            vec!["--set", "model.context=18446744073709551615"],
+            2,
+            vec!["model.context", "wrong type"],
+        ),
+        (
+            "coordinator",
+            vec!["--set", "train.micro_batch=9999999999"],
+            2,
+            vec!["train.micro_batch", "must be at most 1048576"],
+        ),
+        (
+            "coordinator",
+            vec!["--set", "optim.eps=inf"],
+            2,
+            vec!["optim.eps", "positive number"],
+        ),
+        (
+            "coordinator",
+            vec!["--set", "cluster.step_timeout_s=1e20"],
+            2,
+            vec!["cluster.step_timeout_s", "at most 1000000"],
+        ),
+        (
+            "coordinator",
+            vec![
+                "--resume",
+                "runs/tiny/checkpoints/latest",
+                "--extend-steps",
+                "99999999999999999",
+            ],
+            2,
+            vec!["--extend-steps", "1..=1099511627776"],
+        ),
+        (
+            "worker",
+            vec!["--connect", "http://127.0.0.1:9", "--threads", "100000"],
+            2,
+            vec!["--threads", "0..=4096"],
+        ),
+        (
+            "coordinator",
             vec!["--set", "data.val_fraction=0.0001"],
             2,
             vec![

@@ -526,3 +526,281 @@ fn a_panic_on_the_compute_thread_is_reported_with_its_message() {
         "the panicking worker exits: {logs}"
     );
 }
+
+/// tiny for 60 steps on three workers (48 samples: 16 each).
+fn three_workers<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "--config",
+        "tiny",
+        "--workers",
+        "3",
+        "--set",
+        "train.global_batch=48",
+        "--set",
+        "train.max_steps=60",
+        "--set",
+        "train.warmup_steps=10",
+        "--set",
+        "checkpoint.interval=20",
+        "--set",
+        "train.eval_interval=25",
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+/// A collective error is a symptom, not a verdict. Three workers started
+/// by hand, as in a cluster (no `--local`, so the coordinator learns of a
+/// death only from the closed stream, racing the survivors' failed
+/// all-reduce): one killed with SIGKILL mid-step is the one named and
+/// replaced, with exactly one restart, and the survivors are kept; one
+/// frozen with SIGSTOP is named by its missing heartbeats (the step
+/// timeout is far away) and replaced; the job then ends with the weights
+/// of an uninterrupted three-worker run.
+#[test]
+fn a_collective_error_blames_the_rank_that_failed_not_its_survivors() {
+    let _turn = turn();
+    let want = {
+        let d = tempfile::tempdir().expect("tmp");
+        let (status, out) = run(&three_workers(&["--local"]), d.path(), LIMIT);
+        assert!(status.success(), "{out}");
+        final_state(d.path())
+    };
+    let mut rng = seed();
+    let d = tempfile::tempdir().expect("tmp");
+    let mut coord = spawn(
+        "coordinator",
+        &three_workers(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--set",
+            "cluster.max_restarts=5",
+            "--set",
+            "cluster.step_timeout_s=600",
+        ]),
+        d.path(),
+        "c.out",
+    );
+    let url = common::coordinator_url(d.path(), "tiny", &mut coord);
+    let worker = |name: &str| {
+        spawn(
+            "worker",
+            &[
+                "--connect",
+                &url,
+                "--identity",
+                name,
+                "--connect-timeout",
+                "60",
+            ],
+            d.path(),
+            &format!("{name}.out"),
+        )
+    };
+    let mut workers: Vec<Proc> = ["w-0", "w-1", "w-2"].iter().map(|n| worker(n)).collect();
+    let restarts_logged = || round_restarts(d.path());
+
+    // SIGKILL rank 1 while steps run (a step of tiny is mostly compute and
+    // all-reduce, so this lands mid-step), then start its replacement.
+    let at = 5 + next(&mut rng, 10) as usize;
+    eventually(LIMIT, "training progress", || {
+        (steps_done(d.path()) >= at).then_some(())
+    });
+    let killed = workers[1].pid();
+    signal("-9", killed);
+    let _ = workers[1].wait(Duration::from_secs(30));
+    workers.push(worker("w-1"));
+    eventually(LIMIT, "the first restart", || {
+        (restarts_logged() >= 1).then_some(())
+    });
+
+    // SIGSTOP rank 2 a few steps later; once it is named, kill it and
+    // start its replacement.
+    let at = steps_done(d.path()) + 3 + next(&mut rng, 5) as usize;
+    eventually(LIMIT, "training progress", || {
+        (steps_done(d.path()) >= at).then_some(())
+    });
+    let frozen = workers[2].pid();
+    signal("-STOP", frozen);
+    eventually(LIMIT, "the second restart", || {
+        (restarts_logged() >= 2).then_some(())
+    });
+    signal("-9", frozen);
+    workers.push(worker("w-2"));
+
+    let status = coord.wait(LIMIT);
+    let out = std::fs::read_to_string(d.path().join("c.out")).unwrap_or_default();
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains("restart 2/5") && !out.contains("restart 3/5"),
+        "two failures, exactly two restarts: {out}"
+    );
+    let named = |pid: u32| {
+        out.lines()
+            .filter(|l| l.contains(" lost at step ") || l.contains(" failed at step "))
+            .filter(|l| l.contains(&format!("pid {pid})")) && !l.contains("a symptom"))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let killed_lines = named(killed);
+    assert!(
+        killed_lines.iter().any(|l| l.contains("rank 1 ")),
+        "the killed rank must be named with its pid: {out}"
+    );
+    let frozen_lines = named(frozen);
+    assert!(
+        !frozen_lines.is_empty() && frozen_lines.iter().all(|l| l.contains("no heartbeat for")),
+        "the frozen rank must be named by its heartbeats, and only then: {out}"
+    );
+    // Nobody else was blamed (without the symptom rule, a survivor whose
+    // all-reduce failed first would be named and removed here).
+    let survivor = workers[0].pid();
+    assert!(named(survivor).is_empty(), "a survivor was blamed: {out}");
+    // The survivor of both failures stayed in the job and ends cleanly.
+    let s = workers[0].wait(Duration::from_secs(60));
+    assert!(s.success(), "the survivor w-0 must finish the job");
+    assert_eq!(
+        final_state(d.path()),
+        want,
+        "after a kill and a freeze the weights differ from the uninterrupted run"
+    );
+}
+
+/// A rank whose all-reduce fails while every rank lives (injected in debug
+/// builds: rank 0 reports a failed exchange with rank 1 at step 7) loses
+/// nobody: the coordinator waits a heartbeat timeout for a dead or frozen
+/// rank, finds none, aborts the step and restarts once with the same
+/// workers, and the job ends with the weights of an uninterrupted run.
+#[test]
+fn a_collective_error_with_every_rank_alive_removes_nobody() {
+    let _turn = turn();
+    let want = reference();
+    let d = tempfile::tempdir().expect("tmp");
+    let mut coord = spawn_env(
+        "coordinator",
+        &with(&["--local", "--set", "cluster.max_restarts=2"]),
+        d.path(),
+        "c.out",
+        &[("STRIDE_TEST_COLLECTIVE_ERROR_AT_STEP", "7")],
+    );
+    let status = coord.wait(LIMIT);
+    let out = std::fs::read_to_string(d.path().join("c.out")).unwrap_or_default();
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains("(a symptom: looking for the rank that failed, starting with rank 1)"),
+        "{out}"
+    );
+    assert!(
+        out.contains("no rank was found dead or frozen") && out.contains("every rank is kept"),
+        "{out}"
+    );
+    assert!(
+        out.contains("restart 1/2") && !out.contains("restart 2/2"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("lost at step"),
+        "nobody may be removed: {out}"
+    );
+    // The same two worker processes ran the whole job.
+    let log = std::fs::read_to_string(d.path().join("runs/tiny/train.log")).unwrap_or_default();
+    assert_eq!(worker_pids(&log).len(), 2, "no worker was replaced: {log}");
+    assert_eq!(final_state(d.path()), want);
+}
+
+/// A new worker with the identity of a rank still in the job (Kubernetes
+/// started a new pod for that index) means the old process is gone: the
+/// coordinator replaces that rank at once, long before its heartbeat
+/// timeout, and the job ends as if nothing had happened.
+#[test]
+fn a_new_worker_with_a_ranks_identity_replaces_that_rank() {
+    let _turn = turn();
+    let want = reference();
+    let d = tempfile::tempdir().expect("tmp");
+    let mut coord = spawn(
+        "coordinator",
+        &with(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--set",
+            "cluster.heartbeat_timeout_s=300",
+            "--set",
+            "cluster.step_timeout_s=600",
+        ]),
+        d.path(),
+        "c.out",
+    );
+    let url = common::coordinator_url(d.path(), "tiny", &mut coord);
+    let worker = |name: &str, log: &str| {
+        spawn(
+            "worker",
+            &["--connect", &url, "--identity", name],
+            d.path(),
+            log,
+        )
+    };
+    let _w0 = worker("w-0", "w0.out");
+    let old = worker("w-1", "w1.out");
+    eventually(LIMIT, "training progress", || {
+        (steps_done(d.path()) >= 8).then_some(())
+    });
+    signal("-STOP", old.pid());
+    let _new = worker("w-1", "w1b.out");
+    let status = coord.wait(LIMIT);
+    signal("-9", old.pid());
+    let out = std::fs::read_to_string(d.path().join("c.out")).unwrap_or_default();
+    assert!(status.success(), "{out}");
+    assert!(
+        out.contains(&format!("pid {}) lost at step", old.pid()))
+            && out.contains("a new worker with its identity joined"),
+        "the frozen rank must be replaced by its identity's new worker: {out}"
+    );
+    assert!(!out.contains("no heartbeat for"), "{out}");
+    assert_eq!(final_state(d.path()), want);
+}
+
+/// When the worker set cannot re-form after a failure, the job fails and
+/// tells the workers that are still there so (exit 4: nothing to rejoin,
+/// Kubernetes must not retry) instead of dropping their sessions, which
+/// would send them reconnecting to a coordinator that is gone.
+#[test]
+fn workers_left_waiting_when_the_job_fails_are_told_to_stop() {
+    let _turn = turn();
+    let d = tempfile::tempdir().expect("tmp");
+    let mut coord = spawn(
+        "coordinator",
+        &with(&[
+            "--listen",
+            "127.0.0.1:0",
+            "--set",
+            "cluster.min_workers=2",
+            "--set",
+            "cluster.startup_timeout_s=3",
+        ]),
+        d.path(),
+        "c.out",
+    );
+    let url = common::coordinator_url(d.path(), "tiny", &mut coord);
+    let worker = |name: &str| {
+        spawn(
+            "worker",
+            &["--connect", &url, "--identity", name],
+            d.path(),
+            &format!("{name}.out"),
+        )
+    };
+    let mut w0 = worker("w-0");
+    let w1 = worker("w-1");
+    eventually(LIMIT, "training progress", || {
+        (steps_done(d.path()) >= 5).then_some(())
+    });
+    signal("-9", w1.pid());
+    let status = coord.wait(LIMIT);
+    let out = std::fs::read_to_string(d.path().join("c.out")).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{out}");
+    assert!(out.contains("only 1 of 2 workers joined"), "{out}");
+    let code = w0.wait(Duration::from_secs(30)).code();
+    let wout = std::fs::read_to_string(d.path().join("w-0.out")).unwrap_or_default();
+    assert_eq!(code, Some(4), "{wout}");
+    assert!(!wout.contains("reconnecting"), "{wout}");
+}

@@ -25,7 +25,7 @@ struct Cli {
     #[arg(long, env = "STRIDE_WORKER_IDENTITY")]
     identity: Option<String>,
     /// CPU threads for compute [default: the job's worker.threads, else all cores].
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(0..=stride_job::config::MAX_THREADS as u64))]
     threads: usize,
     /// File holding the shared job token [default: $STRIDE_TOKEN].
     #[arg(long, value_name = "PATH")]
@@ -48,6 +48,11 @@ struct Cli {
     /// Keep trying to reach the coordinator for this many seconds.
     #[arg(long, default_value_t = 120.0, value_parser = seconds)]
     connect_timeout: f64,
+    /// Serve the standard gRPC health service on this address (e.g.
+    /// 0.0.0.0:29401) for a liveness probe: a frozen worker stops
+    /// answering, so Kubernetes replaces its pod.
+    #[arg(long, value_name = "ADDR")]
+    health_listen: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
@@ -125,13 +130,46 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(session::run(opts)) {
+    let health_listen = cli.health_listen;
+    let run = async move {
+        if let Some(addr) = health_listen {
+            let listener = match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("error: --health-listen {addr}: {e}; pick a free port");
+                    return Ok(exit::BAD_INPUT);
+                }
+            };
+            tokio::spawn(serve_health(listener));
+        }
+        session::run(opts).await
+    };
+    match runtime.block_on(run) {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The standard gRPC health service, SERVING while this process's async
+/// runtime runs: it answers nothing when the process is frozen or its
+/// runtime is stuck, which is what a liveness probe needs to see. (A
+/// compute thread that hangs while the rest lives is the coordinator's to
+/// name, through its step timeout.)
+async fn serve_health(listener: tokio::net::TcpListener) {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let served = tonic::transport::Server::builder()
+        .add_service(service)
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+        .await;
+    if let Err(e) = served {
+        tracing::error!("the health service stopped: {e}");
     }
 }
 

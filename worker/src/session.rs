@@ -13,7 +13,7 @@
 //! (NCCL on CUDA, the TCP ring otherwise) and reports `Ready`.
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -241,6 +241,7 @@ async fn run_session(opts: &Options) -> Result<i32> {
                             generation: generation.load(Ordering::Relaxed),
                             message: message.clone(),
                             fatal: false,
+                            collective_peer: None,
                         })));
                         Some(Stop {
                             why: message,
@@ -423,10 +424,17 @@ fn compute_loop(
     // step failed (a peer died); the coordinator restarts the generation.
     let fail = |generation: u64, e: anyhow::Error, fatal: bool| {
         tracing::error!("{e:#}");
+        let collective_peer = e
+            .chain()
+            .find_map(|c| match c.downcast_ref::<CollectiveError>() {
+                Some(CollectiveError::Peer { peer, .. }) => u32::try_from(*peer).ok(),
+                _ => None,
+            });
         let _ = out.blocking_send(msg(worker_message::Body::Error(WorkerError {
             generation,
             message: format!("{e:#}"),
             fatal,
+            collective_peer,
         })));
     };
     // Work read early while forming a collective, handled next.
@@ -524,8 +532,9 @@ fn compute_loop(
                     allreduce_s = tracing::field::Empty,
                 );
                 stride_telemetry::set_parent(&span, &p.trace_context);
-                injected_panic(p.step);
-                match span.in_scope(|| t.step(&p.samples, p.lr)) {
+                let result = injected_failure(p.step, t.rank())
+                    .and_then(|()| span.in_scope(|| t.step(&p.samples, p.lr)));
+                match result {
                     Ok(o) => {
                         span.record("loss", o.loss);
                         span.record("grad_norm", o.grad_norm);
@@ -595,6 +604,7 @@ fn compute_loop(
                                         p.step, p.tmp_dir
                                     ),
                                     fatal: true,
+                                    collective_peer: None,
                                 }),
                             };
                             let _ = out.blocking_send(msg(body));
@@ -646,18 +656,35 @@ fn compute_loop(
     None
 }
 
-/// Test hook, in debug builds only: `STRIDE_TEST_PANIC_AT_STEP=N` makes the
-/// compute thread panic as it starts step N, so the tests can check that a
-/// panic reaches the coordinator with its message and ends the worker.
-fn injected_panic(step: u64) {
-    if cfg!(debug_assertions)
-        && std::env::var("STRIDE_TEST_PANIC_AT_STEP")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            == Some(step)
-    {
+/// Test hooks, in debug builds only, fired as step `step` starts:
+/// `STRIDE_TEST_PANIC_AT_STEP=N` makes the compute thread panic (a panic
+/// must reach the coordinator with its message and end the worker);
+/// `STRIDE_TEST_COLLECTIVE_ERROR_AT_STEP=N` makes rank 0 report, once per
+/// process, that its all-reduce with rank 1 failed while every rank lives
+/// (a symptom the coordinator must not take for a verdict).
+fn injected_failure(step: u64, rank: i64) -> Result<()> {
+    static COLLECTIVE_ERROR_INJECTED: AtomicBool = AtomicBool::new(false);
+    let at = |key: &str| {
+        cfg!(debug_assertions) && std::env::var(key).ok().and_then(|v| v.parse().ok()) == Some(step)
+    };
+    if at("STRIDE_TEST_PANIC_AT_STEP") {
         panic!("injected by STRIDE_TEST_PANIC_AT_STEP at step {step}");
     }
+    if rank == 0
+        && at("STRIDE_TEST_COLLECTIVE_ERROR_AT_STEP")
+        && !COLLECTIVE_ERROR_INJECTED.swap(true, Ordering::Relaxed)
+    {
+        return Err(CollectiveError::Peer {
+            op: "all-reduce",
+            peer: 1,
+            error: std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "injected by STRIDE_TEST_COLLECTIVE_ERROR_AT_STEP",
+            ),
+        }
+        .into());
+    }
+    Ok(())
 }
 
 /// Waits for the coordinator to hand out the collective id of `generation`.

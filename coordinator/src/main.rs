@@ -28,6 +28,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use stride_job::config::{ConfigError, RawConfig};
 use stride_job::sampler::window_count;
+use stride_job::schedule::Cooldown;
 use stride_job::tokens::{Corpus, Scan};
 use stride_proto::v1::coordinator_server::CoordinatorServer;
 
@@ -74,6 +75,10 @@ struct RunArgs {
     /// LR in force to min_lr_ratio × lr is appended (Strategy A).
     #[arg(long, value_name = "N", requires = "resume", value_parser = steps())]
     extend_steps: Option<u64>,
+    /// With --extend-steps: the cooldown's shape, `cosine`, `linear` or
+    /// `1-sqrt` (formulas: stride-job's `schedule` module).
+    #[arg(long, value_name = "SHAPE", requires = "extend_steps", default_value = "cosine", value_parser = cooldown)]
+    decay: Cooldown,
     /// File holding the shared job token (else $STRIDE_TOKEN; --local makes one).
     #[arg(long, value_name = "PATH")]
     token_file: Option<PathBuf>,
@@ -174,6 +179,9 @@ struct PlanArgs {
     /// step and extended to this new total number of steps.
     #[arg(long, value_name = "N", value_parser = steps())]
     extend_steps: Option<u64>,
+    /// With --extend-steps: the cooldown's shape, `cosine`, `linear` or `1-sqrt`.
+    #[arg(long, value_name = "SHAPE", requires = "extend_steps", default_value = "cosine", value_parser = cooldown)]
+    decay: Cooldown,
     /// Also list the global sample indices of the first K steps.
     #[arg(long, value_name = "K", value_parser = count(1 << 20))]
     batches: Option<usize>,
@@ -230,6 +238,11 @@ struct PrepareArgs {
 /// A number of steps for a flag: 1..=`MAX_STEPS`, the config's own bound.
 fn steps() -> clap::builder::RangedU64ValueParser<u64> {
     clap::builder::RangedU64ValueParser::new().range(1..=stride_job::config::MAX_STEPS)
+}
+
+/// A cooldown shape for `--decay`.
+fn cooldown(s: &str) -> Result<Cooldown, String> {
+    s.parse()
 }
 
 /// A count for a flag: 1..=`max` (the bound of the config key it mirrors).
@@ -301,7 +314,8 @@ fn offline(command: Command) -> Result<()> {
         }
         Command::Plan(a) => {
             let (raw, config) = a.config.load()?;
-            let plan = plan::build(&config, a.extend_steps, a.batches)?;
+            let extend = a.extend_steps.map(|n| (n, a.decay));
+            let plan = plan::build(&config, extend, a.batches)?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&plan)?);
             } else {
@@ -360,6 +374,7 @@ async fn train(args: RunArgs) -> Result<()> {
         run_dir: args.run_dir.as_deref(),
         resume: args.resume.as_deref(),
         extend_steps: args.extend_steps,
+        decay: args.decay,
         init_from: args.init_from.as_deref(),
     };
     let sp = start::start(&request)?;

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use stride_job::config::Config;
 use stride_job::sampler::{DataCursor, EpochStats, Sampler, ValidationStats, window_count};
-use stride_job::schedule::Schedule;
+use stride_job::schedule::{Cooldown, Schedule};
 use stride_job::tokens;
 
 /// What `plan --json` prints (SPEC §5).
@@ -44,26 +44,29 @@ pub struct Extension {
     pub resume_step: u64,
     pub old_max_steps: u64,
     pub new_max_steps: u64,
+    /// The cooldown's shape: `cosine`, `linear` or `1-sqrt`.
+    pub shape: &'static str,
 }
 
-/// Builds the plan of `config`; `extend_to` previews Strategy A as if the
-/// run were resumed at its last step; `batches` lists the first K global
-/// batches.
+/// Builds the plan of `config`; `extend_to` previews Strategy A (a
+/// cooldown of that shape to that step) as if the run were resumed at its
+/// last step; `batches` lists the first K global batches.
 pub fn build(
     config: &Config,
-    extend_to: Option<u64>,
+    extend_to: Option<(u64, Cooldown)>,
     batches: Option<usize>,
 ) -> Result<PlanReport> {
     let t = &config.train;
     let mut schedule = Schedule::from_config(t);
     let mut extension = None;
-    if let Some(n) = extend_to {
+    if let Some((n, shape)) = extend_to {
         let r = schedule.max_steps();
-        schedule = schedule.extend(r, n, t.lr * t.min_lr_ratio)?;
+        schedule = schedule.extend(r, n, t.lr * t.min_lr_ratio, shape)?;
         extension = Some(Extension {
             resume_step: r,
             old_max_steps: r,
             new_max_steps: n,
+            shape: shape.name(),
         });
     }
     let accumulation = config
@@ -139,10 +142,11 @@ pub fn render(plan: &PlanReport, name: &str, source: &str) -> String {
     if let Some(x) = &plan.extension {
         let _ = writeln!(
             out,
-            "Strategy A preview: resumed at step {}, max_steps {} → {}; a cosine segment is appended from the LR in force at step {} to min_lr_ratio × lr = {:.3e}.",
+            "Strategy A preview: resumed at step {}, max_steps {} → {}; a {} cooldown is appended from the LR in force at step {} to min_lr_ratio × lr = {:.3e}.",
             x.resume_step,
             x.old_max_steps,
             x.new_max_steps,
+            x.shape,
             x.resume_step,
             c.train.lr * c.train.min_lr_ratio
         );

@@ -14,7 +14,7 @@ use stride_job::checkpoint::{self, Checkpoint, HistoryEvent, MetricsSoFar};
 use stride_job::config::{Config, ConfigSource, RawConfig};
 use stride_job::params;
 use stride_job::sampler::DataCursor;
-use stride_job::schedule::Schedule;
+use stride_job::schedule::{Cooldown, Schedule};
 
 /// A start that was refused because of what the user asked (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +53,8 @@ pub struct Request<'a> {
     pub run_dir: Option<&'a Path>,
     pub resume: Option<&'a Path>,
     pub extend_steps: Option<u64>,
+    /// The shape of the cooldown `extend_steps` appends.
+    pub decay: Cooldown,
     pub init_from: Option<&'a Path>,
 }
 
@@ -256,7 +258,7 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
     let mut history = state.history.clone();
     let old_max = schedule.max_steps();
     if let Some(n) = req.extend_steps {
-        schedule = schedule.extend(r, n, config.train.lr * config.train.min_lr_ratio)?;
+        schedule = schedule.extend(r, n, config.train.lr * config.train.min_lr_ratio, req.decay)?;
         config.train.max_steps = n;
         let seg = schedule.segments.last().copied();
         let detail = seg.map_or(String::new(), |s| {
@@ -287,7 +289,7 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
         });
     } else if r >= old_max {
         return Err(Refused(format!(
-            "{} is the end of its run (step {r} of {old_max}): nothing left to train; `--extend-steps N` continues it with a cosine decay to step N",
+            "{} is the end of its run (step {r} of {old_max}): nothing left to train; `--extend-steps N` continues it with a cooldown to step N (`--decay cosine|linear|1-sqrt`, cosine by default)",
             ckpt.dir.display()
         )).into());
     }

@@ -569,6 +569,9 @@ pub enum Decay {
     Constant,
     Cosine,
     Linear,
+    /// `1 − sqrt` (Hägele et al. 2024): see `schedule`'s module doc.
+    #[serde(rename = "1-sqrt")]
+    OneMinusSqrt,
 }
 
 /// The optimisation schedule and batch geometry.
@@ -583,7 +586,7 @@ pub struct TrainConfig {
     pub lr: f64,
     /// Floor of any decay, as a fraction of `lr` (also used by `--extend-steps`).
     pub min_lr_ratio: f64,
-    /// Shape after warmup: `constant`, `cosine` or `linear` (to `min_lr_ratio · lr`).
+    /// Shape after warmup: `constant`, or `cosine`, `linear`, `1-sqrt` (to `min_lr_ratio · lr`).
     pub decay: Decay,
     /// Samples per optimiser step, summed over all workers; never changes with the worker count.
     pub global_batch: usize,

@@ -15,20 +15,68 @@
 //!   step reaches the peak;
 //! - `constant`: `start_lr`;
 //! - `linear`: `start_lr + (end_lr − start_lr) · (s − start)/(end − start)`;
-//! - `cosine`: `end_lr + (start_lr − end_lr) · ½(1 + cos(π (s − start)/(end − start)))`.
+//! - `cosine`: `end_lr + (start_lr − end_lr) · ½(1 + cos(π (s − start)/(end − start)))`;
+//! - `1-sqrt`: `end_lr + (start_lr − end_lr) · (1 − sqrt((s − start)/(end − start)))`
+//!   (the cooldown of Hägele et al. 2024, arXiv 2405.18392).
 //!
-//! For `linear` and `cosine`, `end_lr` is the value the curve reaches *at*
-//! `end_step` (the first step after the segment), which is where a run's
-//! schedule ends: a cosine to `min_lr` over `R..N` has `lr(N) = min_lr`.
+//! For `linear`, `cosine` and `1-sqrt`, `end_lr` is the value the curve
+//! reaches *at* `end_step` (the first step after the segment), which is where
+//! a run's schedule ends: a cosine to `min_lr` over `R..N` has
+//! `lr(N) = min_lr`.
 //!
 //! When an extension cuts a segment short, the kept part follows exactly the
 //! curve it followed before. Warmup, constant and linear pieces are exact
-//! with new endpoints; a cosine piece keeps the curve it was cut from in
-//! `curve_end` (absent for uncut segments).
+//! with new endpoints; a cosine or 1-sqrt piece keeps the curve it was cut
+//! from in `curve_end` (absent for uncut segments).
+//!
+//! An extension (`--extend-steps N --decay SHAPE`, Strategy A) appends one
+//! segment of that shape from the LR in force at the resume step R (the LR
+//! of step R − 1, so there is no jump) to `min_lr_ratio × lr` at N.
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Decay, TrainConfig};
+
+/// The shape of a cooldown appended by an extension (`--decay`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Cooldown {
+    #[default]
+    Cosine,
+    Linear,
+    OneMinusSqrt,
+}
+
+impl Cooldown {
+    pub const NAMES: &'static str = "cosine, linear, 1-sqrt";
+
+    pub fn name(self) -> &'static str {
+        self.kind().name()
+    }
+
+    fn kind(self) -> SegmentKind {
+        match self {
+            Cooldown::Cosine => SegmentKind::Cosine,
+            Cooldown::Linear => SegmentKind::Linear,
+            Cooldown::OneMinusSqrt => SegmentKind::OneMinusSqrt,
+        }
+    }
+}
+
+impl std::str::FromStr for Cooldown {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Cooldown, String> {
+        match s {
+            "cosine" => Ok(Cooldown::Cosine),
+            "linear" => Ok(Cooldown::Linear),
+            "1-sqrt" => Ok(Cooldown::OneMinusSqrt),
+            _ => Err(format!(
+                "unknown cooldown shape `{s}`: use one of {}",
+                Cooldown::NAMES
+            )),
+        }
+    }
+}
 
 /// The shape of one segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +86,8 @@ pub enum SegmentKind {
     Constant,
     Cosine,
     Linear,
+    #[serde(rename = "1-sqrt")]
+    OneMinusSqrt,
 }
 
 impl SegmentKind {
@@ -47,6 +97,7 @@ impl SegmentKind {
             SegmentKind::Constant => "constant",
             SegmentKind::Cosine => "cosine",
             SegmentKind::Linear => "linear",
+            SegmentKind::OneMinusSqrt => "1-sqrt",
         }
     }
 }
@@ -99,13 +150,18 @@ impl Segment {
             SegmentKind::Constant => a,
             SegmentKind::LinearWarmup => a + (b - a) * (done + 1.0) / span,
             SegmentKind::Linear => a + (b - a) * done / span,
-            SegmentKind::Cosine => {
+            SegmentKind::Cosine | SegmentKind::OneMinusSqrt => {
                 let (end_step, end_lr) = match self.curve_end {
                     Some(c) => (c.step, c.lr),
                     None => (self.end_step, b),
                 };
-                let span = (end_step - self.start_step) as f64;
-                end_lr + (a - end_lr) * 0.5 * (1.0 + (std::f64::consts::PI * done / span).cos())
+                let x = done / (end_step - self.start_step) as f64;
+                let shape = if self.kind == SegmentKind::Cosine {
+                    0.5 * (1.0 + (std::f64::consts::PI * x).cos())
+                } else {
+                    1.0 - x.max(0.0).sqrt()
+                };
+                end_lr + (a - end_lr) * shape
             }
         }
     }
@@ -120,7 +176,7 @@ impl Segment {
             // Both are linear in the step, so new endpoints give the same line.
             SegmentKind::LinearWarmup => s.end_lr = self.lr_at(cut - 1),
             SegmentKind::Linear => s.end_lr = self.lr_at(cut),
-            SegmentKind::Cosine => {
+            SegmentKind::Cosine | SegmentKind::OneMinusSqrt => {
                 s.curve_end = Some(self.curve_end.unwrap_or(CurveEnd {
                     step: self.end_step,
                     lr: self.end_lr,
@@ -166,6 +222,9 @@ impl Schedule {
                 Decay::Constant => Segment::new(SegmentKind::Constant, w, t.max_steps, peak, peak),
                 Decay::Cosine => Segment::new(SegmentKind::Cosine, w, t.max_steps, peak, floor),
                 Decay::Linear => Segment::new(SegmentKind::Linear, w, t.max_steps, peak, floor),
+                Decay::OneMinusSqrt => {
+                    Segment::new(SegmentKind::OneMinusSqrt, w, t.max_steps, peak, floor)
+                }
             };
             segments.push(seg);
         }
@@ -191,14 +250,17 @@ impl Schedule {
         seg.lr_at(step)
     }
 
-    /// Strategy A: keep the schedule up to `resume_step` exactly, then decay
-    /// with a cosine from the LR in force (the LR of step `resume_step − 1`,
-    /// so `lr(R) == lr(R−1)`: no jump) to `floor` at `new_total`.
+    /// Strategy A: keep the schedule up to `resume_step` exactly, then cool
+    /// down with `shape` from the LR in force (the LR of step
+    /// `resume_step − 1`, so `lr(R) == lr(R−1)`: no jump) to `floor` at
+    /// `new_total`. The one function that extends a schedule (`plan`,
+    /// `--resume --extend-steps`).
     pub fn extend(
         &self,
         resume_step: u64,
         new_total: u64,
         floor: f64,
+        shape: Cooldown,
     ) -> Result<Schedule, ScheduleError> {
         if new_total <= resume_step {
             return Err(ScheduleError::ExtendNotAfterResume {
@@ -219,7 +281,7 @@ impl Schedule {
             });
         }
         segments.push(Segment::new(
-            SegmentKind::Cosine,
+            shape.kind(),
             resume_step,
             new_total,
             in_force,
@@ -342,7 +404,9 @@ mod tests {
     #[test]
     fn seed_extension_1000_to_10000() {
         let phase1 = Schedule::from_config(&train(1000, 100, Decay::Constant));
-        let sch = phase1.extend(1000, 10_000, 1e-4).expect("extend");
+        let sch = phase1
+            .extend(1000, 10_000, 1e-4, Cooldown::Cosine)
+            .expect("extend");
         assert_eq!(sch.max_steps(), 10_000);
         assert_eq!(sch.segments.len(), 3);
         assert_eq!(sch.lr_at(1000), sch.lr_at(999));
@@ -366,7 +430,9 @@ mod tests {
     fn extension_from_the_middle_of_warmup() {
         let phase1 = Schedule::from_config(&train(1000, 100, Decay::Constant));
         let r = 40;
-        let sch = phase1.extend(r, 500, 1e-4).expect("extend");
+        let sch = phase1
+            .extend(r, 500, 1e-4, Cooldown::Cosine)
+            .expect("extend");
         let in_force = warmup(1e-3, 100, r - 1);
         assert_eq!(sch.lr_at(r), sch.lr_at(r - 1));
         for s in 0..r {
@@ -380,12 +446,92 @@ mod tests {
         }
     }
 
+    fn one_minus_sqrt(end: f64, start: f64, from: u64, to: u64, s: u64) -> f64 {
+        end + (start - end) * (1.0 - ((s - from) as f64 / (to - from) as f64).sqrt())
+    }
+
+    fn linear(end: f64, start: f64, from: u64, to: u64, s: u64) -> f64 {
+        start + (end - start) * (s - from) as f64 / (to - from) as f64
+    }
+
+    fn within(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-9
+    }
+
+    /// Every cooldown shape, at every step, to 1e-9 against its closed
+    /// form, for a first extension and an extension of that extension
+    /// (which cuts the first cooldown, with whatever shape, exactly).
+    #[test]
+    fn every_cooldown_shape_follows_its_closed_form_also_when_extended_again() {
+        type Form = fn(f64, f64, u64, u64, u64) -> f64;
+        let shapes: [(Cooldown, Form); 3] = [
+            (Cooldown::Cosine, cosine),
+            (Cooldown::Linear, linear),
+            (Cooldown::OneMinusSqrt, one_minus_sqrt),
+        ];
+        let phase1 = Schedule::from_config(&train(1000, 100, Decay::Constant));
+        for (first, first_form) in shapes {
+            let a = phase1.extend(1000, 3000, 1e-4, first).expect("first");
+            a.validate().expect("valid");
+            for s in 0..1000 {
+                assert_eq!(a.lr_at(s), phase1.lr_at(s), "history changed at {s}");
+            }
+            for s in 1000..3000 {
+                assert!(
+                    within(a.lr_at(s), first_form(1e-4, 1e-3, 1000, 3000, s)),
+                    "{} step {s}",
+                    first.name()
+                );
+            }
+            assert!(within(a.segments.last().expect("seg").lr_at(3000), 1e-4));
+            for (second, second_form) in shapes {
+                // Resume a checkpoint of step 2000 and cool down again, to 5000.
+                let b = a.extend(2000, 5000, 1e-4, second).expect("second");
+                b.validate().expect("valid");
+                for s in 0..2000 {
+                    assert!(
+                        within(b.lr_at(s), a.lr_at(s)),
+                        "{} then {}: history changed at {s}",
+                        first.name(),
+                        second.name()
+                    );
+                }
+                let lr_r = first_form(1e-4, 1e-3, 1000, 3000, 1999);
+                for s in 2000..5000 {
+                    assert!(
+                        within(b.lr_at(s), second_form(1e-4, lr_r, 2000, 5000, s)),
+                        "{} then {}: step {s}",
+                        first.name(),
+                        second.name()
+                    );
+                }
+                let json = serde_json::to_string(&b).expect("json");
+                assert_eq!(serde_json::from_str::<Schedule>(&json).expect("parse"), b);
+            }
+        }
+        // A fresh run's `train.decay = "1-sqrt"` is the same curve.
+        let fresh = Schedule::from_config(&train(1000, 100, Decay::OneMinusSqrt));
+        for s in 100..1000 {
+            assert!(within(
+                fresh.lr_at(s),
+                one_minus_sqrt(1e-4, 1e-3, 100, 1000, s)
+            ));
+        }
+        assert_eq!("1-sqrt".parse::<Cooldown>(), Ok(Cooldown::OneMinusSqrt));
+        let e = "sqrt".parse::<Cooldown>().expect_err("unknown");
+        assert!(e.contains("cosine, linear, 1-sqrt"), "{e}");
+    }
+
     #[test]
     fn extension_of_an_extension_keeps_the_cut_cosine_exact() {
         let phase1 = Schedule::from_config(&train(1000, 100, Decay::Constant));
-        let a = phase1.extend(1000, 10_000, 1e-4).expect("first");
+        let a = phase1
+            .extend(1000, 10_000, 1e-4, Cooldown::Cosine)
+            .expect("first");
         // Resume from a `best` at 6000 and extend again.
-        let b = a.extend(6000, 20_000, 1e-4).expect("second");
+        let b = a
+            .extend(6000, 20_000, 1e-4, Cooldown::Cosine)
+            .expect("second");
         b.validate().expect("valid");
         for s in 0..6000 {
             assert_eq!(b.lr_at(s), a.lr_at(s), "history changed at {s}");
@@ -411,10 +557,10 @@ mod tests {
             Schedule::from_config(&train(1000, 100, Decay::Cosine)),
             Schedule::from_config(&train(1000, 100, Decay::Linear)),
             Schedule::from_config(&train(1000, 100, Decay::Constant))
-                .extend(1000, 10_000, 1e-4)
+                .extend(1000, 10_000, 1e-4, Cooldown::Cosine)
                 .expect("ext"),
             Schedule::from_config(&train(1000, 100, Decay::Linear))
-                .extend(400, 2000, 1e-4)
+                .extend(400, 2000, 1e-4, Cooldown::Cosine)
                 .expect("ext"),
         ];
         for sch in &cases {
@@ -436,7 +582,9 @@ mod tests {
     fn extending_to_no_later_step_is_an_error() {
         let sch = Schedule::from_config(&train(1000, 100, Decay::Constant));
         for n in [0, 999, 1000] {
-            let e = sch.extend(1000, n, 1e-4).expect_err("must fail");
+            let e = sch
+                .extend(1000, n, 1e-4, Cooldown::Cosine)
+                .expect_err("must fail");
             assert!(e.to_string().contains("new total"), "{e}");
         }
     }

@@ -213,6 +213,34 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
             vec!["--extend-steps", "1..=1099511627776"],
         ),
         (
+            "coordinator",
+            vec![
+                "--resume",
+                "runs/tiny/checkpoints/latest",
+                "--extend-steps",
+                "40",
+                "--decay",
+                "sqrt",
+            ],
+            2,
+            vec![
+                "--decay",
+                "unknown cooldown shape `sqrt`",
+                "cosine, linear, 1-sqrt",
+            ],
+        ),
+        (
+            "coordinator",
+            vec![
+                "--resume",
+                "runs/tiny/checkpoints/latest",
+                "--decay",
+                "linear",
+            ],
+            2,
+            vec!["--extend-steps"],
+        ),
+        (
             "worker",
             vec!["--connect", "http://127.0.0.1:9", "--threads", "100000"],
             2,

@@ -230,25 +230,27 @@ fn strategy_a_extends_with_a_cosine_that_starts_where_the_run_stopped() {
     assert_eq!(last.max_steps, 70);
     assert!((last.schedule.segments.last().expect("seg").lr_at(70) - floor).abs() < 1e-12);
 
-    // An extension can be extended again: 70 → 90 from the LR in force.
+    // An extension can be extended again, here with another cooldown
+    // shape: 70 → 90, 1-sqrt from the LR in force.
     let lr69 = lr_of(&m, 69);
-    ok(
+    let out = ok(
         &[
             "--resume",
             "runs/tiny/checkpoints/latest",
             "--extend-steps",
             "90",
+            "--decay",
+            "1-sqrt",
             "--local",
         ],
         d.path(),
     );
+    assert!(out.contains("appended 1-sqrt segment"), "{out}");
     let m = steps(&run_dir);
     assert_eq!(lr_of(&m, 70), lr69);
     for s in 70..90 {
-        assert!(
-            (lr_of(&m, s) - cosine(floor, lr69, 70, 90, s)).abs() < 1e-9,
-            "step {s}"
-        );
+        let one_minus_sqrt = floor + (lr69 - floor) * (1.0 - ((s - 70) as f64 / 20.0).sqrt());
+        assert!((lr_of(&m, s) - one_minus_sqrt).abs() < 1e-9, "step {s}");
     }
 
     // From the middle of warmup (step 20 of 30), into a separate folder.

@@ -119,11 +119,22 @@ enum Command {
 
 #[derive(Debug, Args)]
 struct ReportArgs {
-    /// The run directory (holds metrics.jsonl), e.g. runs/tiny.
-    run_dir: PathBuf,
-    /// The PNG to write [default: RUN_DIR/report.png].
+    /// Run directories (each holds metrics.jsonl), e.g. runs/tiny; several
+    /// are drawn on one chart, one colour per run.
+    #[arg(required = true, num_args = 1.., value_name = "RUN_DIR")]
+    run_dirs: Vec<PathBuf>,
+    /// The PNG to write [default: RUN_DIR/report.png for one run,
+    /// ./compare.png for several].
     #[arg(long, value_name = "FILE.png")]
     out: Option<PathBuf>,
+    /// Draw only this metric, one line per run: loss, val_loss, lr,
+    /// grad_norm or tokens_per_s.
+    #[arg(long, value_name = "METRIC", value_parser = metric)]
+    metric: Option<report::Metric>,
+    /// Print per run the best validation loss and its step, the final
+    /// losses and the tokens seen, as JSON (draws only with --out).
+    #[arg(long)]
+    json: bool,
     /// Image width in pixels.
     #[arg(long, default_value_t = report::WIDTH, value_parser = clap::value_parser!(u32).range(200..=10_000))]
     width: u32,
@@ -240,6 +251,11 @@ fn steps() -> clap::builder::RangedU64ValueParser<u64> {
     clap::builder::RangedU64ValueParser::new().range(1..=stride_job::config::MAX_STEPS)
 }
 
+/// A metric for `report --metric`.
+fn metric(s: &str) -> Result<report::Metric, String> {
+    s.parse()
+}
+
 /// A cooldown shape for `--decay`.
 fn cooldown(s: &str) -> Result<Cooldown, String> {
     s.parse()
@@ -306,11 +322,41 @@ fn offline(command: Command) -> Result<()> {
             print!("{text}");
         }
         Command::Report(a) => {
-            let curves = report::read(&a.run_dir)?;
-            let out = a.out.unwrap_or_else(|| report::default_out(&a.run_dir));
-            let title = format!("Stride · {}", a.run_dir.display());
-            report::draw(&curves, &title, &out, (a.width, a.height))?;
-            print!("{}", report::summary(&curves, &out));
+            // Every run is read before anything is written.
+            let runs = a
+                .run_dirs
+                .iter()
+                .map(|d| Ok((d.display().to_string(), report::read(d)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let size = (a.width, a.height);
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report::json_summary(&runs))?
+                );
+            }
+            match (&runs[..], a.metric) {
+                _ if a.json && a.out.is_none() => {}
+                ([(name, curves)], None) => {
+                    let out = a.out.unwrap_or_else(|| report::default_out(&a.run_dirs[0]));
+                    report::draw(curves, &format!("Stride · {name}"), &out, size)?;
+                    print!("{}", report::summary(curves, &out));
+                }
+                _ => {
+                    let out = a.out.unwrap_or_else(|| PathBuf::from(report::COMPARE_OUT));
+                    let names: Vec<&str> = runs.iter().map(|(n, _)| n.as_str()).collect();
+                    let title = format!("Stride · {}", names.join(" vs "));
+                    report::draw_runs(&runs, a.metric, &title, &out, size)?;
+                    for (name, curves) in &runs {
+                        print!(
+                            "{name}: {}",
+                            report::summary(curves, &out).lines().next().unwrap_or("")
+                        );
+                        println!();
+                    }
+                    println!("wrote {}", out.display());
+                }
+            }
         }
         Command::Plan(a) => {
             let (raw, config) = a.config.load()?;

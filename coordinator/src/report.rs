@@ -3,6 +3,18 @@
 //! on the right one, against the step; every resume, extension and
 //! automatic restart is a labelled vertical line.
 //!
+//! `coordinator report RUN_A RUN_B … [--metric M] [--json]` puts several
+//! runs (branches of one checkpoint, say) on one chart, one colour per run
+//! named in the legend: train loss as a line, validation loss as a line
+//! with dots, the LR on the right axis as a thin line, each run's events
+//! marked in its colour. `--metric loss|val_loss|lr|grad_norm|tokens_per_s`
+//! draws only that metric, one line per run. Several runs are written to
+//! `compare.png` in the current directory unless `--out` says otherwise:
+//! a comparison belongs to none of the runs, and report writes nothing
+//! inside them. `--json` prints each run's best validation loss and its
+//! step, its final losses and the tokens it saw (and draws only with
+//! `--out`).
+//!
 //! The input is `metrics.jsonl` alone (it survives every resume: each
 //! coordinator appends to it). When steps were run more than once (a
 //! restart or a resume from an earlier checkpoint re-runs them), the curve
@@ -27,6 +39,61 @@ pub struct Point {
     pub loss: f64,
     pub val_loss: Option<f64>,
     pub lr: f64,
+    pub grad_norm: Option<f64>,
+    pub tokens_per_s: Option<f64>,
+    /// Tokens trained on up to and including this step.
+    pub tokens: Option<u64>,
+}
+
+/// What `--metric` draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    Loss,
+    ValLoss,
+    Lr,
+    GradNorm,
+    TokensPerS,
+}
+
+impl Metric {
+    pub const NAMES: &'static str = "loss, val_loss, lr, grad_norm, tokens_per_s";
+
+    fn name(self) -> &'static str {
+        match self {
+            Metric::Loss => "loss",
+            Metric::ValLoss => "val_loss",
+            Metric::Lr => "lr",
+            Metric::GradNorm => "grad_norm",
+            Metric::TokensPerS => "tokens_per_s",
+        }
+    }
+
+    fn of(self, p: &Point) -> Option<f64> {
+        match self {
+            Metric::Loss => Some(p.loss),
+            Metric::ValLoss => p.val_loss,
+            Metric::Lr => Some(p.lr),
+            Metric::GradNorm => p.grad_norm,
+            Metric::TokensPerS => p.tokens_per_s,
+        }
+    }
+}
+
+impl std::str::FromStr for Metric {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Metric, String> {
+        [
+            Metric::Loss,
+            Metric::ValLoss,
+            Metric::Lr,
+            Metric::GradNorm,
+            Metric::TokensPerS,
+        ]
+        .into_iter()
+        .find(|m| m.name() == s)
+        .ok_or_else(|| format!("unknown metric `{s}`: use one of {}", Metric::NAMES))
+    }
 }
 
 /// A vertical line: where a run resumed, was extended or restarted.
@@ -50,6 +117,9 @@ struct Line {
     loss: Option<f64>,
     val_loss: Option<f64>,
     lr: Option<f64>,
+    grad_norm: Option<f64>,
+    tokens_per_s: Option<f64>,
+    tokens: Option<u64>,
     previous_max_steps: Option<u64>,
     max_steps: Option<u64>,
     restart: Option<u64>,
@@ -91,6 +161,9 @@ pub fn parse(text: &str) -> Result<Curves> {
                             loss,
                             val_loss: l.val_loss,
                             lr,
+                            grad_norm: l.grad_norm,
+                            tokens_per_s: l.tokens_per_s,
+                            tokens: l.tokens,
                         },
                     );
                 }
@@ -123,11 +196,33 @@ pub fn default_out(run_dir: &Path) -> PathBuf {
     run_dir.join("report.png")
 }
 
+/// Where the PNG of several runs goes by default (see the module doc).
+pub const COMPARE_OUT: &str = "compare.png";
+
 /// Draws `c` into a PNG of `size` pixels at `out`.
 pub fn draw(c: &Curves, title: &str, out: &Path, size: (u32, u32)) -> Result<()> {
+    draw_with(out, size, |root| plot(root, c, title))
+}
+
+/// Draws named runs on one chart (all of them, or only `metric`).
+pub fn draw_runs(
+    runs: &[(String, Curves)],
+    metric: Option<Metric>,
+    title: &str,
+    out: &Path,
+    size: (u32, u32),
+) -> Result<()> {
+    draw_with(out, size, |root| plot_runs(root, runs, metric, title))
+}
+
+fn draw_with(
+    out: &Path,
+    size: (u32, u32),
+    plot: impl FnOnce(&DrawingArea<BitMapBackend, plotters::coord::Shift>) -> DrawResult<()>,
+) -> Result<()> {
     register_font()?;
     let root = BitMapBackend::new(out, size).into_drawing_area();
-    plot(&root, c, title).map_err(|e| anyhow::anyhow!("cannot draw the report: {e}"))?;
+    plot(&root).map_err(|e| anyhow::anyhow!("cannot draw the report: {e}"))?;
     root.present()
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
     Ok(())
@@ -249,6 +344,176 @@ where
     Ok(())
 }
 
+/// One colour per run (matplotlib's tab10, which is made to be told apart).
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+fn range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
+    let (lo, hi) = values
+        .filter(|v| v.is_finite())
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+            (a.min(v), b.max(v))
+        });
+    if lo > hi {
+        return 0.0..1.0;
+    }
+    let pad = ((hi - lo) * 0.05).max(hi.abs() * 1e-3).max(1e-12);
+    (lo - pad)..(hi + pad)
+}
+
+fn plot_runs<DB: DrawingBackend>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    runs: &[(String, Curves)],
+    metric: Option<Metric>,
+    title: &str,
+) -> DrawResult<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE)?;
+    let all = || runs.iter().flat_map(|(_, c)| c.steps.iter());
+    let first = all().map(|(s, _)| *s).min().unwrap_or(0);
+    let last = all().map(|(s, _)| *s).max().unwrap_or(0);
+    let x_end = last.max(first + 1) + 1;
+    let primary: Vec<Metric> = match metric {
+        Some(m) => vec![m],
+        None => vec![Metric::Loss, Metric::ValLoss],
+    };
+    let y = range(all().flat_map(|(_, p)| primary.iter().filter_map(|m| m.of(p))));
+    let lr_max = all().map(|(_, p)| p.lr).fold(0.0, f64::max).max(1e-12) * 1.1;
+    let y_desc = match metric {
+        None => "loss (nats/token)".to_string(),
+        Some(m) => m.name().to_string(),
+    };
+    let mut chart = ChartBuilder::on(root)
+        .caption(title, ("sans-serif", 26))
+        .margin(16)
+        .x_label_area_size(48)
+        .y_label_area_size(80)
+        .right_y_label_area_size(if metric.is_none() { 80 } else { 0 })
+        .build_cartesian_2d(first..x_end, y)?
+        .set_secondary_coord(first..x_end, 0.0..lr_max);
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc(y_desc)
+        .y_label_formatter(&|v| {
+            if v.abs() >= 1e-2 && v.abs() < 1e5 {
+                format!("{v:.3}")
+            } else {
+                format!("{v:.1e}")
+            }
+        })
+        .label_style(("sans-serif", 15))
+        .axis_desc_style(("sans-serif", 17))
+        .draw()?;
+    if metric.is_none() {
+        chart
+            .configure_secondary_axes()
+            .y_desc("learning rate (thin lines)")
+            .y_label_formatter(&|v| format!("{v:.1e}"))
+            .label_style(("sans-serif", 15))
+            .axis_desc_style(("sans-serif", 17))
+            .draw()?;
+    }
+    for (i, (name, c)) in runs.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        for m in &primary {
+            let points: Vec<(u64, f64)> = c
+                .steps
+                .iter()
+                .filter_map(|(s, p)| m.of(p).map(|v| (*s, v)))
+                .collect();
+            let width = if *m == Metric::ValLoss { 1 } else { 2 };
+            let label = match (metric, m) {
+                (None, Metric::ValLoss) => format!("{name}: val loss (dots)"),
+                (None, _) => format!("{name}: train loss"),
+                (Some(_), _) => name.clone(),
+            };
+            let series = chart
+                .draw_series(LineSeries::new(
+                    points.iter().copied(),
+                    colour.stroke_width(width),
+                ))?
+                .label(label);
+            if *m == Metric::ValLoss {
+                series.legend(move |(x, y)| Circle::new((x + 10, y), 4, colour.filled()));
+                chart.draw_series(
+                    points
+                        .iter()
+                        .map(|(s, v)| Circle::new((*s, *v), 4, colour.filled())),
+                )?;
+            } else {
+                series.legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2))
+                });
+            }
+        }
+        if metric.is_none() {
+            chart.draw_secondary_series(LineSeries::new(
+                c.steps.iter().map(|(s, p)| (*s, p.lr)),
+                colour.mix(0.6).stroke_width(1),
+            ))?;
+        }
+        for (k, m) in c.markers.iter().enumerate() {
+            let top = lr_max * (0.97 - 0.04 * ((i + k) % 6) as f64);
+            chart.draw_secondary_series(LineSeries::new(
+                [(m.step, 0.0), (m.step, lr_max)],
+                colour.mix(0.5).stroke_width(1),
+            ))?;
+            chart.draw_secondary_series(std::iter::once(Text::new(
+                format!(" {name}: {} @ {}", m.label, m.step),
+                (m.step, top),
+                ("sans-serif", 14).into_font().color(&colour),
+            )))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()?;
+    Ok(())
+}
+
+/// Per run: the best validation loss and its step, the final train and
+/// validation losses, the last step and the tokens seen (`--json`).
+pub fn json_summary(runs: &[(String, Curves)]) -> serde_json::Value {
+    let per_run = runs
+        .iter()
+        .map(|(name, c)| {
+            let best = c
+                .steps
+                .iter()
+                .filter_map(|(s, p)| p.val_loss.map(|v| (*s, v)))
+                .min_by(|a, b| a.1.total_cmp(&b.1));
+            let last = c.steps.iter().next_back();
+            serde_json::json!({
+                "run": name,
+                "best_val_loss": best.map(|b| b.1),
+                "best_val_step": best.map(|b| b.0),
+                "final_step": last.map(|(s, _)| *s),
+                "final_loss": last.map(|(_, p)| p.loss),
+                "final_val_loss": c.steps.values().rev().find_map(|p| p.val_loss),
+                "tokens": last.and_then(|(_, p)| p.tokens),
+            })
+        })
+        .collect();
+    serde_json::Value::Array(per_run)
+}
+
 /// A one-paragraph text summary printed next to the picture.
 pub fn summary(c: &Curves, out: &Path) -> String {
     let (first, last) = (
@@ -313,6 +578,41 @@ mod tests {
         assert!(e.to_string().contains("no step"), "{e}");
         let e = parse("not json\n").expect_err("garbage");
         assert!(e.to_string().contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn several_runs_are_summarised_and_drawn_on_one_chart() {
+        let other = LINES
+            .replace("4.5,\"lr\"", "4.2,\"lr\"")
+            .replace("\"grad_norm\":1.0}", "\"grad_norm\":1.0,\"tokens\":64}");
+        let runs = vec![
+            ("a".to_string(), parse(LINES).expect("a")),
+            ("b".to_string(), parse(&other).expect("b")),
+        ];
+        let j = json_summary(&runs);
+        assert_eq!(j[0]["run"], "a");
+        assert_eq!(j[0]["best_val_loss"], 4.5);
+        assert_eq!(j[0]["best_val_step"], 1);
+        assert_eq!(j[0]["final_step"], 2);
+        assert_eq!(j[0]["final_loss"], 4.0);
+        assert_eq!(j[0]["final_val_loss"], 4.5);
+        assert!(j[0]["tokens"].is_null());
+        assert_eq!(j[1]["tokens"], 64);
+        let dir = tempfile::tempdir().expect("tmp");
+        for metric in [None, Some(Metric::GradNorm), Some(Metric::ValLoss)] {
+            let out = dir.path().join("c.png");
+            draw_runs(&runs, metric, "t", &out, (640, 400)).expect("draws");
+            assert_eq!(
+                &std::fs::read(&out).expect("png")[..8],
+                b"\x89PNG\r\n\x1a\n"
+            );
+        }
+        assert_eq!("tokens_per_s".parse::<Metric>(), Ok(Metric::TokensPerS));
+        let e = "accuracy".parse::<Metric>().expect_err("unknown");
+        assert!(
+            e.contains("loss, val_loss, lr, grad_norm, tokens_per_s"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -371,6 +371,29 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
         assert!(text.contains(needle), "report {run_dir}: {text}");
         assert!(!dir.join(run_dir).join("report.png").exists());
     }
+    // Several runs, one of them not a run: nothing is drawn at all; an
+    // unknown metric is refused before anything is read.
+    for (args, needle) in [
+        (
+            vec!["report", "runs/tiny", "runs/none"],
+            "runs/none/metrics.jsonl",
+        ),
+        (
+            vec!["report", "runs/tiny", "--metric", "accuracy"],
+            "unknown metric `accuracy`",
+        ),
+    ] {
+        let out = std::process::Command::new(common::bin("coordinator"))
+            .args(&args)
+            .current_dir(dir)
+            .output()
+            .expect("runs");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {text}");
+        assert!(text.contains(needle), "{args:?}: {text}");
+        assert!(!dir.join("compare.png").exists(), "{args:?}");
+        assert!(!dir.join("runs/tiny/report.png").exists(), "{args:?}");
+    }
 
     // Trace settings Stride cannot honour are refused before anything starts.
     for (vars, needle) in [

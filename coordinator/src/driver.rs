@@ -35,6 +35,23 @@ use stride_proto::exit;
 #[error("interrupted by {0}; all workers were stopped")]
 pub struct Interrupted(pub &'static str);
 
+/// The coordinator's exit code after a SIGTERM it answered by finishing
+/// the step in flight and committing a checkpoint of it (128 + SIGTERM,
+/// the code of a process ended by SIGTERM, so supervisors read it as
+/// such; README "Exit codes").
+pub const PREEMPTED_EXIT: u8 = 143;
+
+/// The job stopped after a SIGTERM, with a committed checkpoint of its
+/// last finished step.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "stopped after SIGTERM with a checkpoint of step {step} ({dir}); continue with `coordinator --resume {dir}`"
+)]
+pub struct Preempted {
+    pub step: u64,
+    pub dir: String,
+}
+
 /// Upper bound on the collective id rank 0 may send (NCCL's is 128 bytes).
 const MAX_COLLECTIVE_ID_BYTES: usize = 1024;
 
@@ -155,6 +172,9 @@ pub struct Driver {
     /// A rank's collective failed with a peer (a symptom): when it came,
     /// and what to report if no rank is found dead or frozen in time.
     symptom: Option<(Instant, String)>,
+    /// A first SIGTERM came: stop after the step in flight, with a
+    /// checkpoint of it.
+    preempt: bool,
     /// Checkpoints this job committed, oldest first (a restart resumes from
     /// the newest of these, never from another run's checkpoint).
     committed: Vec<PathBuf>,
@@ -223,6 +243,7 @@ impl Driver {
             progress: HashMap::new(),
             last_failure: None,
             symptom: None,
+            preempt: false,
             committed: Vec::new(),
             initial,
             restarts: 0,
@@ -278,7 +299,10 @@ impl Driver {
         // (Kubernetes must not retry: the pod failure policy fails the Job).
         let (reason, code) = match &result {
             Ok(_) => ("training finished".to_string(), exit::DONE),
-            Err(e) if e.chain().any(|c| c.is::<Interrupted>()) => {
+            Err(e)
+                if e.chain()
+                    .any(|c| c.is::<Interrupted>() || c.is::<Preempted>()) =>
+            {
                 (format!("the coordinator stopped: {e:#}"), exit::REMOVED)
             }
             Err(e) => (format!("the job failed: {e:#}"), exit::JOB_FAILED),
@@ -574,7 +598,11 @@ impl Driver {
             }
             self.step = step + 1;
 
-            let due = c.train.eval_interval > 0 && self.step.is_multiple_of(c.train.eval_interval);
+            // After a SIGTERM only the final evaluation still runs: the
+            // grace period is for the checkpoint.
+            let due = c.train.eval_interval > 0
+                && self.step.is_multiple_of(c.train.eval_interval)
+                && !self.preempt;
             let val_loss = if (due || self.step == max_steps) && !eval_set.is_empty() {
                 Some(self.evaluate(step, &eval_set, &span).await?)
             } else {
@@ -620,9 +648,11 @@ impl Driver {
                 }
             }
             let interval = c.checkpoint.interval;
+            let preempted = self.preempt && self.step < max_steps;
             if (interval > 0 && self.step.is_multiple_of(interval))
                 || self.step == max_steps
                 || improved
+                || preempted
             {
                 self.plan_checkpoint(improved, sampler.cursor(), &span)
                     .await?;
@@ -642,6 +672,29 @@ impl Driver {
             }
             self.publish(&record, tokens_per_step, started, max_steps);
             last.final_loss = loss;
+            if preempted {
+                self.finish_checkpoints().await?;
+                let dir = self
+                    .committed
+                    .last()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_default();
+                self.spec.history.push(HistoryEvent {
+                    step: self.step,
+                    event: "preempted".into(),
+                    detail: format!("SIGTERM; checkpoint {dir}"),
+                });
+                self.run.write_line(&serde_json::json!({
+                    "event": "preempted",
+                    "step": self.step,
+                    "checkpoint": dir,
+                }))?;
+                return Err(Preempted {
+                    step: self.step,
+                    dir,
+                }
+                .into());
+            }
         }
         self.finish_checkpoints().await?;
         last.steps = self.step - self.spec.start_step;
@@ -725,6 +778,9 @@ impl Driver {
                     tracing::warn!("a worker left before the job started: {reason}");
                 }
                 Wait::Event(Event::Interrupted(sig)) => return Err(Interrupted(sig).into()),
+                // No step is in flight while the worker set forms: nothing
+                // newer than the last checkpoint to save.
+                Wait::Event(Event::Preempt) => return Err(Interrupted("SIGTERM").into()),
                 Wait::Event(Event::Message { .. }) => {}
             }
         }
@@ -944,6 +1000,7 @@ impl Driver {
                 }
                 Wait::TimedOut => {}
                 Wait::Event(Event::Interrupted(sig)) => return Err(Interrupted(sig).into()),
+                Wait::Event(Event::Preempt) => self.preempt = true,
                 Wait::Event(Event::Left { worker_id, reason }) => {
                     self.pool.retain(|p| p.0 != worker_id);
                     if let Some(&rank) = self.by_id.get(&worker_id) {

@@ -280,7 +280,10 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            if output::RUN_LOGGING.load(std::sync::atomic::Ordering::SeqCst) {
+            let logging = output::RUN_LOGGING.load(std::sync::atomic::Ordering::SeqCst);
+            if logging && e.chain().any(|c| c.is::<driver::Preempted>()) {
+                tracing::warn!("{e:#}");
+            } else if logging {
                 tracing::error!("{e:#}");
             } else {
                 eprintln!("error: {e:#}");
@@ -291,10 +294,13 @@ fn main() -> ExitCode {
 }
 
 /// 2 for input the user can fix (config, data, flags), 130 for Ctrl-C,
-/// 1 otherwise.
+/// 143 after a SIGTERM handled with a checkpoint, 1 otherwise.
 fn exit_code(e: &anyhow::Error) -> u8 {
     if e.chain().any(|c| c.is::<driver::Interrupted>()) {
         return 130;
+    }
+    if e.chain().any(|c| c.is::<driver::Preempted>()) {
+        return driver::PREEMPTED_EXIT;
     }
     let user_error = e.chain().any(|c| {
         c.is::<ConfigError>()
@@ -681,11 +687,24 @@ async fn forward_signals(events: tokio::sync::mpsc::UnboundedSender<server::Even
             return;
         }
     };
-    let which = tokio::select! {
-        _ = tokio::signal::ctrl_c() => "Ctrl-C",
-        _ = term.recv() => "SIGTERM",
-    };
-    let _ = events.send(server::Event::Interrupted(which));
+    let mut preempting = false;
+    loop {
+        let which = tokio::select! {
+            _ = tokio::signal::ctrl_c() => "Ctrl-C",
+            _ = term.recv() => "SIGTERM",
+        };
+        if which == "SIGTERM" && !preempting {
+            preempting = true;
+            tracing::warn!(
+                "SIGTERM: finishing the step in flight, checkpointing it, then stopping (exit {}); SIGTERM again or Ctrl-C stops at once",
+                driver::PREEMPTED_EXIT
+            );
+            let _ = events.send(server::Event::Preempt);
+            continue;
+        }
+        let _ = events.send(server::Event::Interrupted(which));
+        return;
+    }
 }
 
 /// The server TLS configuration the flags ask for, if any.

@@ -92,8 +92,11 @@ pub enum Event {
     },
     /// A worker's stream ended or failed.
     Left { worker_id: String, reason: String },
-    /// The user pressed Ctrl-C (or the process got SIGTERM).
+    /// Stop at once: Ctrl-C, or a second SIGTERM.
     Interrupted(&'static str),
+    /// A first SIGTERM (preemption, a node drain): finish the step in
+    /// flight, checkpoint it, then stop.
+    Preempt,
 }
 
 /// How long the driver loop may go without a round before the health

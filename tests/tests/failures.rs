@@ -804,3 +804,68 @@ fn workers_left_waiting_when_the_job_fails_are_told_to_stop() {
     assert_eq!(code, Some(4), "{wout}");
     assert!(!wout.contains("reconnecting"), "{wout}");
 }
+
+/// A first SIGTERM (preemption, a node drain) lets the step in flight
+/// finish, commits a checkpoint of it, stops the workers and exits 143;
+/// resuming that checkpoint ends with the weights and optimizer state of
+/// an uninterrupted run, bit for bit.
+#[test]
+fn sigterm_checkpoints_the_step_in_flight_and_the_resume_is_exact() {
+    let _turn = turn();
+    let want = reference();
+    let d = tempfile::tempdir().expect("tmp");
+    let mut coord = spawn("coordinator", &with(&["--local"]), d.path(), "c1.out");
+    // Between the interval checkpoints (20, 40) and off the evaluation (25).
+    eventually(LIMIT, "step 31", || {
+        (steps_done(d.path()) >= 31).then_some(())
+    });
+    signal("-TERM", coord.pid());
+    let status = coord.wait(LIMIT);
+    let out = std::fs::read_to_string(d.path().join("c1.out")).unwrap_or_default();
+    assert_eq!(status.code(), Some(143), "{out}");
+    let m = metrics(&d.path().join("runs/tiny"));
+    let event = m
+        .iter()
+        .find(|r| r["event"] == "preempted")
+        .unwrap_or_else(|| panic!("no preempted event: {out}"));
+    let step = event["step"].as_u64().expect("step");
+    let last_trained = m
+        .iter()
+        .filter_map(|r| r["loss"].as_f64().and(r["step"].as_u64()))
+        .max();
+    assert_eq!(
+        last_trained,
+        Some(step - 1),
+        "the checkpoint is of the last finished step"
+    );
+    assert!(step > 31 && step < 60, "{out}");
+    let dir = d
+        .path()
+        .join(format!("runs/tiny/checkpoints/step-{step:08}"));
+    checkpoint::validate(&dir).expect("a committed checkpoint of the step in flight");
+    assert!(
+        out.contains(&format!(
+            "stopped after SIGTERM with a checkpoint of step {step}"
+        )),
+        "{out}"
+    );
+    let log = std::fs::read_to_string(d.path().join("runs/tiny/train.log")).unwrap_or_default();
+    for pid in worker_pids(&log) {
+        eventually(Duration::from_secs(30), "the workers to stop", || {
+            (!common::alive(pid)).then_some(())
+        });
+    }
+
+    let (status, out) = run(
+        &["--resume", "runs/tiny/checkpoints/latest", "--local"],
+        d.path(),
+        LIMIT,
+    );
+    assert!(status.success(), "{out}");
+    assert!(out.contains(&format!("at step {step}")), "{out}");
+    assert_eq!(
+        final_state(d.path()),
+        want,
+        "the resumed run ended with other weights than the uninterrupted one"
+    );
+}

@@ -142,6 +142,7 @@ fn main() -> ExitCode {
             };
             tokio::spawn(serve_health(listener));
         }
+        tokio::spawn(outlast_first_sigterm());
         session::run(opts).await
     };
     match runtime.block_on(run) {
@@ -151,6 +152,31 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A first SIGTERM does not end the worker: when a whole job is preempted
+/// (a node drain, `kubectl delete`), every pod gets SIGTERM at once, and
+/// the coordinator needs its workers to finish the step in flight and
+/// write the checkpoint it then asks for; it stops them with `Shutdown`
+/// (exit 3) when that is done. A second SIGTERM ends the worker at once
+/// (exit 143), as does the kubelet's SIGKILL at the end of the grace
+/// period.
+async fn outlast_first_sigterm() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        tracing::warn!("cannot watch SIGTERM: the worker will stop at the first one");
+        return;
+    };
+    if term.recv().await.is_none() {
+        return;
+    }
+    tracing::warn!(
+        "SIGTERM: staying until the coordinator stops this job (it checkpoints first when it got SIGTERM too); SIGTERM again stops this worker at once"
+    );
+    if term.recv().await.is_some() {
+        tracing::warn!("second SIGTERM: stopping now (exit 143)");
+        std::process::exit(143);
     }
 }
 

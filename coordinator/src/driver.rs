@@ -17,10 +17,11 @@ use indicatif::ProgressBar;
 use stride_job::checkpoint::{self, HistoryEvent, MetricsSoFar, RngState, TrainState};
 use stride_job::config::Config;
 use stride_job::sampler::{DataCursor, Sampler, eval_samples, shard, shard_uneven};
-use stride_job::schedule::Schedule;
+use stride_job::schedule::{Cooldown, Schedule, Segment, SegmentKind};
 use stride_proto::v1::{
     Abort, Assignment, CheckpointPlan, CheckpointReport, CollectiveBootstrap, CoordinatorMessage,
-    EvalPlan, PeerAddress, RankStatus, Shutdown, StepPlan, coordinator_message, worker_message,
+    DecayResponse, EvalPlan, PeerAddress, RankStatus, Shutdown, StepPlan, coordinator_message,
+    worker_message,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::Instant as TokioInstant;
@@ -51,6 +52,46 @@ pub struct Preempted {
     pub step: u64,
     pub dir: String,
 }
+
+/// The segment whose LR step `step` gets (the last one past the end).
+fn in_force(schedule: &Schedule, step: u64) -> Option<&Segment> {
+    schedule
+        .segments
+        .iter()
+        .find(|seg| step < seg.end_step)
+        .or(schedule.segments.last())
+}
+
+/// The segment in force at `step`, for `coordinator status`; notes a
+/// decay that was requested while the job ran.
+fn describe_segment(schedule: &Schedule, step: u64, history: &[HistoryEvent]) -> String {
+    let Some(seg) = in_force(schedule, step) else {
+        return String::new();
+    };
+    let mut text = format!(
+        "{} from step {} to {} (lr {:.3e} → {:.3e})",
+        seg.kind.name(),
+        seg.start_step,
+        seg.end_step,
+        seg.start_lr,
+        seg.end_lr
+    );
+    if history
+        .iter()
+        .any(|h| h.event == "decay" && h.step == seg.start_step)
+    {
+        text.push_str(&format!(", decay requested at step {}", seg.start_step));
+    }
+    text
+}
+
+/// A decay request waiting for the next step boundary: steps of cooldown,
+/// its shape, and where to answer.
+type DecayRequestPending = (
+    u64,
+    Cooldown,
+    tokio::sync::oneshot::Sender<Result<DecayResponse, tonic::Status>>,
+);
 
 /// Upper bound on the collective id rank 0 may send (NCCL's is 128 bytes).
 const MAX_COLLECTIVE_ID_BYTES: usize = 1024;
@@ -175,6 +216,8 @@ pub struct Driver {
     /// A first SIGTERM came: stop after the step in flight, with a
     /// checkpoint of it.
     preempt: bool,
+    /// A `coordinator decay` request, applied at the next step boundary.
+    decay_request: Option<DecayRequestPending>,
     /// Checkpoints this job committed, oldest first (a restart resumes from
     /// the newest of these, never from another run's checkpoint).
     committed: Vec<PathBuf>,
@@ -244,6 +287,7 @@ impl Driver {
             last_failure: None,
             symptom: None,
             preempt: false,
+            decay_request: None,
             committed: Vec::new(),
             initial,
             restarts: 0,
@@ -528,7 +572,7 @@ impl Driver {
             c.train.eval_batches,
             c.train.global_batch,
         );
-        let max_steps = self.spec.schedule.max_steps();
+        let mut max_steps = self.spec.schedule.max_steps();
         let tokens_per_step = (c.train.global_batch * c.model.context) as u64;
         let started = Instant::now();
         let mut tokens = self.spec.metrics_so_far.tokens;
@@ -545,6 +589,13 @@ impl Driver {
         }
 
         while self.step < max_steps {
+            if let Some((over, shape, reply)) = self.decay_request.take() {
+                let _ = reply.send(self.apply_decay(over, shape));
+                max_steps = self.spec.schedule.max_steps();
+                if let Some(bar) = &self.bar {
+                    bar.set_length(max_steps);
+                }
+            }
             let step = self.step;
             let lr = self.spec.schedule.lr_at(step);
             let batch = sampler.next_batch(c.train.global_batch);
@@ -781,6 +832,9 @@ impl Driver {
                 // No step is in flight while the worker set forms: nothing
                 // newer than the last checkpoint to save.
                 Wait::Event(Event::Preempt) => return Err(Interrupted("SIGTERM").into()),
+                Wait::Event(Event::Decay { over, shape, reply }) => {
+                    self.take_decay_request(over, shape, reply)
+                }
                 Wait::Event(Event::Message { .. }) => {}
             }
         }
@@ -1001,6 +1055,9 @@ impl Driver {
                 Wait::TimedOut => {}
                 Wait::Event(Event::Interrupted(sig)) => return Err(Interrupted(sig).into()),
                 Wait::Event(Event::Preempt) => self.preempt = true,
+                Wait::Event(Event::Decay { over, shape, reply }) => {
+                    self.take_decay_request(over, shape, reply)
+                }
                 Wait::Event(Event::Left { worker_id, reason }) => {
                     self.pool.retain(|p| p.0 != worker_id);
                     if let Some(&rank) = self.by_id.get(&worker_id) {
@@ -1160,6 +1217,100 @@ impl Driver {
     }
 
     /// When `patience` runs out for the ranks in `waiting_for`.
+    /// Keeps a decay request for the next step boundary (one at a time).
+    fn take_decay_request(
+        &mut self,
+        over: u64,
+        shape: Cooldown,
+        reply: tokio::sync::oneshot::Sender<Result<DecayResponse, tonic::Status>>,
+    ) {
+        if self.decay_request.is_some() {
+            let _ = reply.send(Err(tonic::Status::failed_precondition(
+                "another decay request waits for the next step boundary",
+            )));
+            return;
+        }
+        self.decay_request = Some((over, shape, reply));
+    }
+
+    /// `coordinator decay`: from this step boundary S, a cooldown of
+    /// `shape` to step S + `over`, which becomes the run's end — the
+    /// segment `--resume --extend-steps S+over --decay shape` would append.
+    /// Refused when it would end after the run's end (decay only shortens
+    /// a run) or when a cooldown is already in force.
+    fn apply_decay(&mut self, over: u64, shape: Cooldown) -> Result<DecayResponse, tonic::Status> {
+        let s = self.step;
+        let schedule = &self.spec.schedule;
+        let old_max = schedule.max_steps();
+        let end = s.saturating_add(over);
+        if end > old_max {
+            return Err(tonic::Status::failed_precondition(format!(
+                "a cooldown over {over} steps from step {s} would end at step {end}, after the run's end at step {old_max}: decay only shortens a run (lengthen one with --resume … --extend-steps N --decay {})",
+                shape.name()
+            )));
+        }
+        if let Some(seg) = in_force(schedule, s)
+            && seg.start_lr > seg.end_lr
+            && matches!(
+                seg.kind,
+                SegmentKind::Cosine | SegmentKind::Linear | SegmentKind::OneMinusSqrt
+            )
+        {
+            return Err(tonic::Status::failed_precondition(format!(
+                "the job is already cooling down ({} from step {} to {}, lr {:.3e} → {:.3e}): a decay cannot start inside another",
+                seg.kind.name(),
+                seg.start_step,
+                seg.end_step,
+                seg.start_lr,
+                seg.end_lr
+            )));
+        }
+        let c = &self.spec.config.train;
+        let floor = c.lr * c.min_lr_ratio;
+        let new = schedule
+            .extend(s, end, floor, shape)
+            .map_err(|e| tonic::Status::failed_precondition(e.to_string()))?;
+        let Some(seg) = new.segments.last().copied() else {
+            return Err(tonic::Status::internal("the extended schedule is empty"));
+        };
+        let detail = format!(
+            "decay requested: {} cooldown over steps {s}..{end} (lr {:.3e} → {:.3e}); max_steps {old_max} → {end}",
+            shape.name(),
+            seg.start_lr,
+            seg.end_lr
+        );
+        tracing::warn!("{detail}");
+        self.spec.schedule = new;
+        self.spec.config.train.max_steps = end;
+        self.spec.history.push(HistoryEvent {
+            step: s,
+            event: "decay".into(),
+            detail: detail.clone(),
+        });
+        let line = serde_json::json!({
+            "event": "decay",
+            "step": s,
+            "shape": shape.name(),
+            "previous_max_steps": old_max,
+            "max_steps": end,
+            "start_lr": seg.start_lr,
+            "end_lr": seg.end_lr,
+        });
+        if let Err(e) = self.run.write_line(&line) {
+            tracing::warn!("cannot record the decay in metrics.jsonl: {e:#}");
+        }
+        if let Ok(mut st) = self.shared.status.lock() {
+            st.max_steps = end;
+            st.schedule = describe_segment(&self.spec.schedule, s, &self.spec.history);
+        }
+        Ok(DecayResponse {
+            start_step: s,
+            max_steps: end,
+            start_lr: seg.start_lr,
+            end_lr: seg.end_lr,
+        })
+    }
+
     /// The first rank silent for longer than `hb_timeout`, as a failure
     /// that names it.
     fn silent_rank(&self, hb_timeout: Duration) -> Option<RankFailure> {
@@ -1530,6 +1681,7 @@ impl Driver {
                 .map(|d| d.display().to_string())
                 .unwrap_or_default();
             s.eta_s = per_step * (max_steps - self.step) as f64;
+            s.schedule = describe_segment(&self.spec.schedule, self.step, &self.spec.history);
             s.workers_connected = (self.ranks.len() + self.pool.len()) as u32;
             s.world_size = self.ranks.len() as u32;
             s.ranks = self

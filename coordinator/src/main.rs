@@ -115,6 +115,28 @@ enum Command {
     Status(StatusArgs),
     /// Plot loss, val loss and LR against step from a run's metrics.jsonl.
     Report(ReportArgs),
+    /// Tell a running job to cool down from its next step and end after K
+    /// more steps (the segment `--resume --extend-steps --decay` would add).
+    Decay(DecayArgs),
+}
+
+#[derive(Debug, Args)]
+struct DecayArgs {
+    /// The coordinator's URL (see runs/<name>/coordinator.addr).
+    #[arg(long)]
+    connect: String,
+    /// File holding the job token [default: $STRIDE_TOKEN].
+    #[arg(long, value_name = "PATH")]
+    token_file: Option<PathBuf>,
+    /// Trust this CA (PEM) for an https:// coordinator.
+    #[arg(long, value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
+    /// Steps of cooldown: the run ends at S + K, S its next step boundary.
+    #[arg(long, value_name = "K", value_parser = steps())]
+    over: u64,
+    /// The cooldown's shape: `cosine`, `linear` or `1-sqrt`.
+    #[arg(long, default_value = "cosine", value_parser = cooldown)]
+    shape: Cooldown,
 }
 
 #[derive(Debug, Args)]
@@ -309,6 +331,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             || c.is::<stride_job::checkpoint::CheckpointError>()
             || c.is::<stride_job::tokens::DataError>()
             || c.is::<stride_job::schedule::ScheduleError>()
+            || c.is::<status::NoJob>()
+            || c.is::<status::RefusedByJob>()
             || c.is::<stride_telemetry::EnvError>()
             || c.is::<report::BadRun>()
     });
@@ -317,6 +341,17 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn offline(command: Command) -> Result<()> {
     match command {
+        Command::Decay(a) => {
+            let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let text = rt.block_on(status::decay(
+                &a.connect,
+                a.token_file.as_deref(),
+                a.tls_ca.as_deref(),
+                a.over,
+                a.shape,
+            ))?;
+            print!("{text}");
+        }
         Command::Status(a) => {
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             let text = rt.block_on(status::fetch(

@@ -123,6 +123,7 @@ struct Line {
     previous_max_steps: Option<u64>,
     max_steps: Option<u64>,
     restart: Option<u64>,
+    shape: Option<String>,
 }
 
 /// A run directory `report` cannot draw (exit code 2).
@@ -175,6 +176,14 @@ pub fn parse(text: &str) -> Result<Curves> {
                 };
                 c.markers.push(Marker { step, label });
             }
+            Some("decay") => c.markers.push(Marker {
+                step,
+                label: format!(
+                    "decay ({}) →{}",
+                    l.shape.as_deref().unwrap_or("?"),
+                    l.max_steps.unwrap_or(step)
+                ),
+            }),
             Some("restart") => c.markers.push(Marker {
                 step,
                 label: format!("restart {}", l.restart.unwrap_or(0)),

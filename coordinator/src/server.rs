@@ -11,11 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use stride_job::schedule::Cooldown;
 use stride_proto::PROTOCOL_VERSION;
 use stride_proto::v1::coordinator_server::Coordinator;
 use stride_proto::v1::{
-    CoordinatorMessage, RegisterRequest, RegisterResponse, StatusRequest, StatusResponse,
-    WorkerMessage, worker_message,
+    CoordinatorMessage, DecayRequest, DecayResponse, RegisterRequest, RegisterResponse,
+    StatusRequest, StatusResponse, WorkerMessage, worker_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -97,6 +98,13 @@ pub enum Event {
     /// A first SIGTERM (preemption, a node drain): finish the step in
     /// flight, checkpoint it, then stop.
     Preempt,
+    /// `coordinator decay`: a cooldown from the next step boundary; the
+    /// driver answers on `reply` when it has applied or refused it.
+    Decay {
+        over: u64,
+        shape: Cooldown,
+        reply: tokio::sync::oneshot::Sender<Result<DecayResponse, Status>>,
+    },
 }
 
 /// How long the driver loop may go without a round before the health
@@ -267,6 +275,36 @@ impl Coordinator for Service {
             let _ = events.send(Event::Left { worker_id, reason });
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn decay(
+        &self,
+        request: Request<DecayRequest>,
+    ) -> Result<Response<DecayResponse>, Status> {
+        let r = request.into_inner();
+        if r.over < 1 || r.over > stride_job::config::MAX_STEPS {
+            return Err(Status::invalid_argument(format!(
+                "--over {}: a cooldown needs 1..={} steps",
+                r.over,
+                stride_job::config::MAX_STEPS
+            )));
+        }
+        let shape: Cooldown = r.shape.parse().map_err(Status::invalid_argument)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.shared
+            .events
+            .send(Event::Decay {
+                over: r.over,
+                shape,
+                reply,
+            })
+            .map_err(|_| Status::unavailable("the job is ending"))?;
+        match answer.await {
+            Ok(result) => result.map(Response::new),
+            Err(_) => Err(Status::failed_precondition(
+                "the job ended before its next step: nothing to decay",
+            )),
+        }
     }
 
     async fn status(

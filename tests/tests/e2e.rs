@@ -457,3 +457,138 @@ fn status_shows_the_live_job_to_token_holders_only() {
         .status();
     assert_eq!(coord.wait(Duration::from_secs(60)).code(), Some(130));
 }
+
+/// `coordinator decay` on a live job: the cooldown starts at the next step
+/// boundary S and the run ends at S + K, the schedule gaining the segment a
+/// resume-and-extend would append; it is recorded (metrics event, status),
+/// a checkpoint written inside the cooldown resumes with it exactly, and
+/// every impossible request is refused with exit 2 and changes nothing.
+#[test]
+fn decay_on_demand_cools_a_live_job_down_and_its_checkpoints_keep_the_new_schedule() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut coord = spawn(
+        "coordinator",
+        &[
+            "--config",
+            "tiny",
+            "--workers",
+            "2",
+            "--local",
+            "--set",
+            "train.max_steps=400",
+            "--set",
+            "checkpoint.interval=5",
+            "--set",
+            "checkpoint.keep_last=100",
+        ],
+        dir.path(),
+        "coordinator.out",
+    );
+    let url = common::coordinator_url(dir.path(), "tiny", &mut coord);
+    let run_dir = dir.path().join("runs/tiny");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(common::bin("coordinator"))
+            .args(args)
+            .args(["--connect", &url])
+            .current_dir(dir.path())
+            .env("STRIDE_TOKEN", common::TOKEN)
+            .output()
+            .expect("runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // Past warmup (40 steps): the LR in force is the peak.
+    eventually(LIMIT, "45 steps", || {
+        (metrics(&run_dir).len() >= 45).then_some(())
+    });
+    let (code, _, err) = cli(&["decay", "--over", "1000"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("decay only shortens a run"), "{err}");
+    let (code, out, err) = cli(&["decay", "--over", "20", "--shape", "linear"]);
+    assert_eq!(code, Some(0), "{err}");
+    let s: u64 = out
+        .split("from step ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        out.contains(&format!("the run now ends at step {}", s + 20)),
+        "{out}"
+    );
+    let (code, _, err) = cli(&["decay", "--over", "5"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("already cooling down"), "{err}");
+    let (code, status, err) = cli(&["status"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(status.contains(&format!("/{}", s + 20)), "{status}");
+    assert!(
+        status.contains(&format!("linear from step {s} to {}", s + 20))
+            && status.contains(&format!("decay requested at step {s}")),
+        "{status}"
+    );
+    let out = std::process::Command::new(common::bin("coordinator"))
+        .args(["decay", "--over", "5", "--connect", &url])
+        .env("STRIDE_TOKEN", "wrong")
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("missing or wrong job token"));
+
+    assert!(coord.wait(LIMIT).success());
+    let m = metrics(&run_dir);
+    let event = m
+        .iter()
+        .find(|r| r["event"] == "decay")
+        .expect("a decay event");
+    assert_eq!(event["step"], s);
+    assert_eq!(event["max_steps"], s + 20);
+    assert_eq!(event["previous_max_steps"], 400);
+    let lr = |m: &[serde_json::Value], step: u64| {
+        m.iter()
+            .rfind(|r| r["step"] == step && r.get("loss").is_some())
+            .and_then(|r| r["lr"].as_f64())
+            .unwrap_or_else(|| panic!("no step {step}"))
+    };
+    for step in s..s + 20 {
+        let want = 3e-3 + (3e-4 - 3e-3) * (step - s) as f64 / 20.0;
+        assert!((lr(&m, step) - want).abs() < 1e-12, "step {step}");
+    }
+    let last = m.iter().filter(|r| r.get("loss").is_some()).count() as u64;
+    assert_eq!(last, s + 20, "the run ends at S + K");
+
+    // A checkpoint inside the cooldown resumes with it, to the same end.
+    let inside = (s / 5 + 1) * 5 + 5;
+    let ckpt = format!("runs/tiny/checkpoints/step-{inside:08}");
+    let (status, out) = run(
+        &[
+            "--resume",
+            &ckpt,
+            "--local",
+            "--run-dir",
+            "runs/again",
+            "--set",
+            "checkpoint.dir=again",
+        ],
+        dir.path(),
+        LIMIT,
+    );
+    assert!(status.success(), "{out}");
+    let again = metrics(&dir.path().join("runs/again"));
+    for step in inside..s + 20 {
+        assert_eq!(lr(&again, step), lr(&m, step), "step {step}");
+    }
+    let hash = |m: &[serde_json::Value]| {
+        m.iter()
+            .rfind(|r| r.get("loss").is_some())
+            .map(|r| r["weights_hash"].clone())
+    };
+    assert_eq!(hash(&again), hash(&m));
+
+    let (code, _, err) = cli(&["decay", "--over", "5"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("is the job still running?"), "{err}");
+}

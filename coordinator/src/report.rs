@@ -124,6 +124,7 @@ struct Line {
     max_steps: Option<u64>,
     restart: Option<u64>,
     shape: Option<String>,
+    branched_from: Option<String>,
 }
 
 /// A run directory `report` cannot draw (exit code 2).
@@ -170,10 +171,13 @@ pub fn parse(text: &str) -> Result<Curves> {
                 }
             }
             Some("resume") => {
-                let label = match (l.previous_max_steps, l.max_steps) {
+                let mut label = match (l.previous_max_steps, l.max_steps) {
                     (Some(a), Some(b)) if a != b => format!("extend {a}→{b}"),
                     _ => "resume".to_string(),
                 };
+                if let Some(from) = &l.branched_from {
+                    label = format!("branch of {from}, {label}");
+                }
                 c.markers.push(Marker { step, label });
             }
             Some("decay") => c.markers.push(Marker {

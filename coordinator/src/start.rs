@@ -306,7 +306,24 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
         .run_dir
         .map(Path::to_path_buf)
         .unwrap_or_else(|| state.run_dir.clone());
-    let marker = serde_json::json!({
+    // A branch: another run directory continuing from this checkpoint. It
+    // must not write (and prune) in the folder of the run it branches from.
+    let branch = run_dir != state.run_dir && !same_dir(&run_dir, &state.run_dir);
+    if branch {
+        let src_folder = ckpt.dir.parent().unwrap_or(Path::new("."));
+        if same_dir(src_folder, &config.checkpoint.dir) {
+            return Err(Refused(format!(
+                "--run-dir {} branches from {} (run {}), but checkpoint.dir {} is that run's own folder: the branch would write into it and prune its checkpoints; give the branch its own with --set checkpoint.dir={}/checkpoints",
+                run_dir.display(),
+                ckpt.dir.display(),
+                state.run_dir.display(),
+                config.checkpoint.dir.display(),
+                run_dir.display()
+            ))
+            .into());
+        }
+    }
+    let mut marker = serde_json::json!({
         "event": "resume",
         "step": r,
         "checkpoint": ckpt.dir.display().to_string(),
@@ -314,6 +331,9 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
         "max_steps": schedule.max_steps(),
         "workers": config.cluster.workers,
     });
+    if branch {
+        marker["branched_from"] = serde_json::json!(state.run_dir.display().to_string());
+    }
     notes.insert(
         0,
         format!(

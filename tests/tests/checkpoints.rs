@@ -270,6 +270,16 @@ fn strategy_a_extends_with_a_cosine_that_starts_where_the_run_stopped() {
         ],
         d.path(),
     );
+    // A branch's metrics.jsonl begins with where it branched from.
+    let first = std::fs::read_to_string(d.path().join("runs/mid/metrics.jsonl"))
+        .expect("branch metrics")
+        .lines()
+        .next()
+        .map(|l| serde_json::from_str::<Value>(l).expect("json"))
+        .expect("a first line");
+    assert_eq!(first["event"], "resume");
+    assert_eq!(first["branched_from"], "runs/tiny");
+    assert_eq!(first["step"], 20);
     let m = steps(&d.path().join("runs/mid"));
     assert_eq!(lr_of(&m, 20), lr19);
     for s in 20..50 {
@@ -279,8 +289,27 @@ fn strategy_a_extends_with_a_cosine_that_starts_where_the_run_stopped() {
         );
     }
 
-    // N ≤ the resume step is refused, and nothing on disk changes.
+    // N ≤ the resume step is refused, and nothing on disk changes; so is a
+    // branch that would write into (and prune) the source run's folder.
     let before = snapshot(&d.path().join("runs/tiny/checkpoints"));
+    refused(
+        &[
+            "--resume",
+            "runs/tiny/checkpoints/step-00000020",
+            "--extend-steps",
+            "50",
+            "--local",
+            "--run-dir",
+            "runs/careless",
+        ],
+        d.path(),
+        &[
+            "--run-dir runs/careless branches from",
+            "prune its checkpoints",
+            "checkpoint.dir=runs/careless/checkpoints",
+        ],
+    );
+    assert!(!d.path().join("runs/careless").exists());
     refused(
         &[
             "--resume",

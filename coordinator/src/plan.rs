@@ -114,8 +114,12 @@ pub fn build(
             )
         }
     };
+    // The config as the extended run would hold it: the schedule is the
+    // source of max_steps (as `--resume --extend-steps` sets it).
+    let mut config = config.clone();
+    config.train.max_steps = schedule.max_steps();
     Ok(PlanReport {
-        config: config.clone(),
+        config,
         schedule,
         epoch,
         epoch_note,

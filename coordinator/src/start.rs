@@ -88,10 +88,15 @@ const MUST_MATCH: &[(&str, Option<&[&str]>)] = &[
     ),
 ];
 
-/// `section.key: checkpoint A, now B` for every guarded key that differs.
-pub fn differing_keys(checkpoint: &Config, now: &Config) -> Vec<String> {
-    let table = |c: &Config| c.to_toml().parse::<toml::Table>().unwrap_or_default();
-    let (a, b) = (table(checkpoint), table(now));
+/// `section.key: checkpoint A, now B` for every guarded key that differs,
+/// comparing typed values (the configs serialised to TOML values, not
+/// their text); a config that cannot be serialised is an error, never a
+/// match.
+pub fn differing_keys(checkpoint: &Config, now: &Config) -> Result<Vec<String>> {
+    let table = |c: &Config, which: &str| {
+        toml::Table::try_from(c).with_context(|| format!("cannot compare the {which} config"))
+    };
+    let (a, b) = (table(checkpoint, "checkpoint's")?, table(now, "requested")?);
     let mut out = Vec::new();
     for (section, keys) in MUST_MATCH {
         let sa = a
@@ -123,7 +128,7 @@ pub fn differing_keys(checkpoint: &Config, now: &Config) -> Vec<String> {
             }
         }
     }
-    out
+    Ok(out)
 }
 
 /// The checkpoint folder already holding checkpoints, if any.
@@ -238,7 +243,7 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
         )?,
     };
     let mut config = raw.resolve_with(req.workers, req.set)?;
-    let diff = differing_keys(&saved, &config);
+    let diff = differing_keys(&saved, &config)?;
     if !diff.is_empty() {
         return Err(Refused(format!(
             "--resume {} continues the checkpoint's own run, but the requested config differs from it in:\n  {}\n\
@@ -361,4 +366,55 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
         notes,
         warnings,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny(set: &[&str]) -> Config {
+        let set: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+        RawConfig::locate("tiny")
+            .expect("tiny")
+            .resolve_with(None, &set)
+            .expect("valid")
+    }
+
+    #[test]
+    fn guarded_keys_are_compared_as_values_and_others_may_change() {
+        let saved = tiny(&[]);
+        assert!(
+            differing_keys(&saved, &tiny(&[]))
+                .expect("comparable")
+                .is_empty()
+        );
+        // The same value written differently is the same value.
+        assert!(
+            differing_keys(&saved, &tiny(&["train.lr=0.003"]))
+                .expect("comparable")
+                .is_empty()
+        );
+        let diff = differing_keys(&saved, &tiny(&["train.lr=1e-3", "model.n_layer=3"]))
+            .expect("comparable");
+        assert_eq!(diff.len(), 2, "{diff:?}");
+        assert!(
+            diff.iter()
+                .any(|d| d.starts_with("train.lr: checkpoint 0.003, now 0.001")),
+            "{diff:?}"
+        );
+        assert!(
+            diff.iter()
+                .any(|d| d.starts_with("model.n_layer: checkpoint 2, now 3")),
+            "{diff:?}"
+        );
+        // Keys outside the guarded ones may change on resume.
+        assert!(
+            differing_keys(
+                &saved,
+                &tiny(&["cluster.workers=1", "train.eval_interval=7"])
+            )
+            .expect("comparable")
+            .is_empty()
+        );
+    }
 }

@@ -323,17 +323,16 @@ impl Driver {
         }
         let result = self.run_with_restarts().await;
         if result.is_err() && !self.pending.is_empty() {
-            // Stopped (e.g. SIGTERM from Kubernetes) while a checkpoint was
-            // being written: let it finish, within the grace period.
+            // Stopped (a second SIGTERM, a failure) while a checkpoint was
+            // being written: let it finish, within checkpoint.write_timeout_s.
             tracing::info!(
                 "finishing {} checkpoint(s) in flight before stopping",
                 self.pending.len()
             );
-            match tokio::time::timeout(Duration::from_secs(240), self.finish_checkpoints()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!("a checkpoint in flight was not committed: {e:#}"),
-                Err(_) => tracing::warn!(
-                    "a checkpoint in flight did not finish in time; it is left incomplete and will never be loaded"
+            match self.finish_checkpoints().await {
+                Ok(()) => {}
+                Err(e) => tracing::warn!(
+                    "a checkpoint in flight was not committed ({e:#}); it is left incomplete and will never be loaded"
                 ),
             }
         }
@@ -365,7 +364,13 @@ impl Driver {
                 .await;
         }
         if let Some(local) = &mut self.local {
-            local.stop(Duration::from_secs(10)).await;
+            // Local workers got Shutdown; one still there after a
+            // heartbeat timeout is not going to leave by itself.
+            local
+                .stop(Duration::from_secs_f64(
+                    self.spec.config.cluster.heartbeat_timeout_s,
+                ))
+                .await;
         }
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
@@ -1620,15 +1625,15 @@ impl Driver {
 
     /// Waits until every planned checkpoint is committed.
     async fn finish_checkpoints(&mut self) -> Result<()> {
-        let limit = Duration::from_secs_f64(self.spec.config.cluster.startup_timeout_s);
+        let limit = Duration::from_secs_f64(self.spec.config.checkpoint.write_timeout_s);
         let deadline = TokioInstant::now() + limit;
+        let what = format!(
+            "to finish writing checkpoints (checkpoint.write_timeout_s = {})",
+            self.spec.config.checkpoint.write_timeout_s
+        );
         while !self.pending.is_empty() {
             let Some((rank, body)) = self
-                .next_rank_message(
-                    Patience::Until(deadline),
-                    "to finish writing checkpoints",
-                    &[0],
-                )
+                .next_rank_message(Patience::Until(deadline), &what, &[0])
                 .await?
             else {
                 continue;

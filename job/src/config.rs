@@ -65,7 +65,10 @@ pub const SCHEMA: &[(&str, &[&str])] = &[
         "optim",
         &["beta1", "beta2", "eps", "weight_decay", "grad_clip"],
     ),
-    ("checkpoint", &["dir", "interval", "keep_last"]),
+    (
+        "checkpoint",
+        &["dir", "interval", "keep_last", "write_timeout_s"],
+    ),
     ("worker", &["device", "precision", "engine", "threads"]),
     (
         "cluster",
@@ -655,6 +658,11 @@ pub struct CheckpointConfig {
     pub interval: u64,
     /// Complete checkpoints to keep, besides `best`.
     pub keep_last: usize,
+    /// Time to finish the checkpoints in flight at the end of a run or when
+    /// it stops (SIGTERM, a failure); one not committed by then is left
+    /// incomplete and never loaded. Keep it below the supervisor's grace
+    /// period (Kubernetes: 300 s in deploy/).
+    pub write_timeout_s: f64,
 }
 
 impl Default for CheckpointConfig {
@@ -663,6 +671,7 @@ impl Default for CheckpointConfig {
             dir: PathBuf::from("checkpoints"),
             interval: 100,
             keep_last: 3,
+            write_timeout_s: 240.0,
         }
     }
 }
@@ -1087,6 +1096,7 @@ impl Config {
             ("cluster.heartbeat_timeout_s", cl.heartbeat_timeout_s),
             ("cluster.startup_timeout_s", cl.startup_timeout_s),
             ("cluster.step_timeout_s", cl.step_timeout_s),
+            ("checkpoint.write_timeout_s", c.write_timeout_s),
         ] {
             check(
                 v.is_finite() && v > 0.0 && v <= MAX_SECONDS,

@@ -6,7 +6,7 @@
 //!     cargo test -p stride-worker --features cuda nccl -- --ignored
 //!
 //! The NCCL all-reduce against a CPU sum (1..=N GPUs) lives next to the
-//! NCCL code, in `worker/src/nccl.rs`.
+//! NCCL code, in `worker/src/collective/nccl.rs`.
 
 mod common;
 

@@ -12,8 +12,6 @@ pub mod collective;
 pub mod engine;
 pub mod handoff;
 pub mod model;
-#[cfg(feature = "cuda")]
-pub mod nccl;
 pub mod optim;
 pub mod session;
 pub mod trainer;

@@ -33,7 +33,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument as _;
 
-use crate::collective::{AbortHandle, Collective, CollectiveError, RingListener};
+use crate::collective::{self, AbortHandle, CollectiveError, RingListener};
 use crate::trainer::{Cancelled, Signals, Trainer};
 
 /// This binary's version; the coordinator refuses any other.
@@ -721,18 +721,6 @@ fn wait_for_id(
     }
 }
 
-/// The shared id rank 0 makes for a new collective: NCCL's unique id on a
-/// GPU, a random nonce for the TCP ring.
-fn new_shared_id(device: &Device) -> Result<Vec<u8>> {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Ok(crate::nccl::new_unique_id()?),
-        _ => Ok(stride_job::auth::generate()
-            .context("cannot read random bytes for the collective id")?
-            .into_bytes()),
-    }
-}
-
 /// Builds the trainer for an assignment: config, device, threads, the
 /// collective (formed from the id the coordinator hands out), the model.
 fn assign(
@@ -786,27 +774,23 @@ fn assign(
         a.accumulation
     );
     let mine = if a.rank == 0 {
-        Some(new_shared_id(&device)?)
+        Some(collective::new_shared_id(&device)?)
     } else {
         None
     };
     let shared_id = exchange(mine, timeout)?;
-    let collective: Box<dyn Collective> = match &device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Box::new(
-            crate::nccl::Nccl::new(&device, a.rank as usize, a.world_size as usize, &shared_id)
-                .with_context(|| format!("rank {} could not join the NCCL communicator", a.rank))?,
-        ),
-        _ => listener
-            .connect(
-                a.rank as usize,
-                &peers,
-                a.generation,
-                &shared_id,
-                collective_timeout,
-            )
-            .with_context(|| format!("rank {} could not join the ring", a.rank))?,
-    };
+    let collective = collective::form(
+        &device,
+        listener,
+        &collective::Formation {
+            rank: a.rank as usize,
+            world: a.world_size as usize,
+            peers: &peers,
+            generation: a.generation,
+            shared_id: &shared_id,
+            timeout: collective_timeout,
+        },
+    )?;
     if let Ok(mut h) = abort.lock() {
         *h = collective.abort_handle();
     }

@@ -24,7 +24,7 @@ use candle_core::cuda_backend::cudarc;
 use cudarc::driver::CudaStream;
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 
-use crate::collective::{Collective, CollectiveError};
+use super::{Collective, CollectiveError};
 
 /// Bytes of an NCCL unique id.
 pub const ID_BYTES: usize = 128;

@@ -1,11 +1,7 @@
-//! Gradient collectives: the only code in Stride that moves tensors between
-//! workers.
-//!
-//! [`Collective`] is the seam between the training step and the transport:
-//! an in-place sum of an `f32` buffer over all ranks, and a barrier. On CPUs
-//! the transport is [`TcpRing`], a ring all-reduce over TCP between worker
-//! processes (NCCL takes this place on GPUs). Peer addresses come from the
-//! coordinator; each worker listens on port 0 and reports the port it got.
+//! The TCP ring: the CPU backend of [`Collective`], a ring all-reduce over
+//! TCP between worker processes (NCCL takes its place on GPUs). Peer
+//! addresses come from the coordinator; each worker listens on port 0 and
+//! reports the port it got.
 //!
 //! Determinism: the ring splits the buffer into `world` chunks with fixed
 //! bounds and sums each chunk in ring order, so for a given world size the
@@ -26,7 +22,7 @@
 //!
 //! Every collective of a generation is formed from one shared id that rank
 //! 0 makes and the coordinator hands to every rank (the `CollectiveBootstrap`
-//! exchange): NCCL's unique id on GPUs (`nccl.rs`), a random nonce for the
+//! exchange): NCCL's unique id on GPUs (`super::nccl`), a random nonce for the
 //! ring, whose handshake carries its hash so that only ranks of the same
 //! formation connect to each other.
 
@@ -37,77 +33,12 @@ use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
 
+use super::{AbortHandle, Collective, CollectiveError, Solo};
+
 /// Values per part of a chunk: the unit of pipelining (1 MiB of f32).
 /// Measured on loopback (BENCHMARKS.md): 64 K values ran ~10 % slower,
 /// 1 M values about the same; smaller parts pipeline small buffers better.
 pub const PART: usize = 256 * 1024;
-
-/// What went wrong in a collective.
-#[derive(Debug, thiserror::Error)]
-pub enum CollectiveError {
-    // The cause is in the message (not a `#[source]`), so that `{:#}`
-    // does not print it twice.
-    #[error("collective: {op} with rank {peer} failed: {error}")]
-    Peer {
-        op: &'static str,
-        peer: usize,
-        error: std::io::Error,
-    },
-    #[error("collective: {0}")]
-    Setup(String),
-}
-
-/// Sums over all ranks; see the module doc.
-pub trait Collective: std::fmt::Debug {
-    fn rank(&self) -> usize;
-    fn world_size(&self) -> usize;
-    /// Element-wise sum of `buf` over all ranks, in place. Every rank must
-    /// call it with a buffer of the same length; every rank ends with the
-    /// same bits.
-    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
-    /// A handle another thread can use to make a blocked collective call
-    /// fail at once (when the coordinator aborts the step).
-    fn abort_handle(&self) -> Option<AbortHandle> {
-        None
-    }
-    /// Returns once every rank has called it.
-    fn barrier(&mut self) -> Result<(), CollectiveError> {
-        let mut token = [0f32];
-        self.all_reduce_sum(&mut token)
-    }
-}
-
-/// Breaks a collective's connections from another thread: a rank blocked
-/// in an all-reduce on a frozen or dead peer returns an error immediately.
-#[derive(Debug)]
-pub struct AbortHandle {
-    streams: Vec<TcpStream>,
-}
-
-impl AbortHandle {
-    pub fn abort(&self) {
-        for s in &self.streams {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-    }
-}
-
-/// The collective of a one-worker job: nothing to exchange.
-#[derive(Debug, Default)]
-pub struct Solo;
-
-impl Collective for Solo {
-    fn rank(&self) -> usize {
-        0
-    }
-    fn world_size(&self) -> usize {
-        1
-    }
-    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<(), CollectiveError> {
-        Ok(())
-    }
-}
-
 /// Magic bytes opening a ring connection ("STRD").
 const HELLO: [u8; 4] = *b"STRD";
 /// Magic, rank (u32), generation (u64), hash of the shared id (u64).
@@ -338,12 +269,16 @@ impl Collective for TcpRing {
     }
 
     fn abort_handle(&self) -> Option<AbortHandle> {
-        let streams = self
+        let streams: Vec<TcpStream> = self
             .handles
             .iter()
             .filter_map(|s| s.try_clone().ok())
             .collect();
-        Some(AbortHandle { streams })
+        Some(AbortHandle::new(move || {
+            for s in &streams {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }))
     }
 
     fn world_size(&self) -> usize {

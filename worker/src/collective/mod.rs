@@ -1,0 +1,162 @@
+//! Gradient collectives: the only code in Stride that moves tensors between
+//! workers, and the one home of everything a backend needs.
+//!
+//! [`Collective`] is the seam between the training step and the transport:
+//! an in-place sum of an `f32` buffer over all ranks, and a barrier. Two
+//! backends implement it: [`ring::TcpRing`], a ring all-reduce over TCP
+//! between worker processes (CPUs), and `nccl::Nccl` (the `cuda` feature,
+//! GPUs). [`form`] builds the one a device needs from the shared id that
+//! rank 0 makes ([`new_shared_id`]) and the coordinator hands to every rank
+//! (the `CollectiveBootstrap` exchange); [`AbortHandle`] ends a blocked
+//! call from another thread, whatever the transport.
+//!
+//! A new backend is a file here with a `Collective` impl, one arm in
+//! [`new_shared_id`] and one in [`form`]; nothing outside this module
+//! changes.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+
+#[cfg(feature = "cuda")]
+pub mod nccl;
+pub mod ring;
+
+pub use ring::{PART, RingListener, TcpRing, local_ring};
+
+/// What went wrong in a collective.
+#[derive(Debug, thiserror::Error)]
+pub enum CollectiveError {
+    // The cause is in the message (not a `#[source]`), so that `{:#}`
+    // does not print it twice.
+    #[error("collective: {op} with rank {peer} failed: {error}")]
+    Peer {
+        op: &'static str,
+        peer: usize,
+        error: std::io::Error,
+    },
+    #[error("collective: {0}")]
+    Setup(String),
+}
+
+/// Sums over all ranks; see the module doc.
+pub trait Collective: std::fmt::Debug {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// Element-wise sum of `buf` over all ranks, in place. Every rank must
+    /// call it with a buffer of the same length; every rank ends with the
+    /// same bits.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+    /// A handle another thread can use to make a blocked collective call
+    /// fail at once (when the coordinator aborts the step).
+    fn abort_handle(&self) -> Option<AbortHandle> {
+        None
+    }
+    /// Returns once every rank has called it.
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        let mut token = [0f32];
+        self.all_reduce_sum(&mut token)
+    }
+}
+
+/// Breaks a collective's connections from another thread: a rank blocked
+/// in an all-reduce on a frozen or dead peer returns an error immediately.
+/// Each backend says how (the ring shuts its sockets).
+pub struct AbortHandle {
+    abort: Box<dyn Fn() + Send + Sync>,
+}
+
+impl AbortHandle {
+    pub fn new(abort: impl Fn() + Send + Sync + 'static) -> AbortHandle {
+        AbortHandle {
+            abort: Box::new(abort),
+        }
+    }
+
+    pub fn abort(&self) {
+        (self.abort)()
+    }
+}
+
+impl std::fmt::Debug for AbortHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AbortHandle")
+    }
+}
+
+/// The collective of a one-worker job: nothing to exchange.
+#[derive(Debug, Default)]
+pub struct Solo;
+
+impl Collective for Solo {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _buf: &mut [f32]) -> Result<(), CollectiveError> {
+        Ok(())
+    }
+}
+
+/// The shared id rank 0 makes for a new collective: NCCL's unique id on a
+/// GPU, a random nonce for the TCP ring.
+pub fn new_shared_id(device: &Device) -> Result<Vec<u8>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Ok(nccl::new_unique_id()?),
+        _ => Ok(stride_job::auth::generate()
+            .context("cannot read random bytes for the collective id")?
+            .into_bytes()),
+    }
+}
+
+/// What one rank needs to form its collective of a generation.
+#[derive(Debug, Clone, Copy)]
+pub struct Formation<'a> {
+    pub rank: usize,
+    pub world: usize,
+    /// Every rank's ring address, in rank order (the ring uses them).
+    pub peers: &'a [SocketAddr],
+    pub generation: u64,
+    /// The id rank 0 made ([`new_shared_id`]), the same on every rank.
+    pub shared_id: &'a [u8],
+    /// How long a stalled peer may keep a call waiting.
+    pub timeout: Duration,
+}
+
+/// Forms this rank's collective for `device`: NCCL on a GPU, else the TCP
+/// ring through `listener`.
+pub fn form(
+    device: &Device,
+    listener: &RingListener,
+    f: &Formation,
+) -> Result<Box<dyn Collective>> {
+    let Formation {
+        rank,
+        world,
+        peers,
+        generation,
+        shared_id,
+        timeout,
+    } = *f;
+    if peers.len() != world {
+        anyhow::bail!(
+            "the coordinator sent {} peer addresses for a world of {world}",
+            peers.len()
+        );
+    }
+    Ok(match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => Box::new(
+            nccl::Nccl::new(device, rank, world, shared_id)
+                .with_context(|| format!("rank {rank} could not join the NCCL communicator"))?,
+        ),
+        _ => listener
+            .connect(rank, peers, generation, shared_id, timeout)
+            .with_context(|| format!("rank {rank} could not join the ring"))?,
+    })
+}

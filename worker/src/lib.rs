@@ -9,6 +9,7 @@
 
 pub mod alloc;
 pub mod collective;
+mod compute;
 pub mod engine;
 pub mod handoff;
 pub mod model;

@@ -53,6 +53,17 @@ pub struct Preempted {
     pub dir: String,
 }
 
+/// Tells a worker to exit with `exit_code` (the worker exit-code contract,
+/// `stride_proto::exit`); a worker already gone needs no telling.
+async fn stop_worker(outbound: &Outbound, reason: &str, exit_code: i32) {
+    let _ = outbound
+        .send(Ok(message(coordinator_message::Body::Shutdown(Shutdown {
+            reason: reason.into(),
+            exit_code,
+        }))))
+        .await;
+}
+
 /// The segment whose LR step `step` gets (the last one past the end).
 fn in_force(schedule: &Schedule, step: u64) -> Option<&Segment> {
     schedule
@@ -356,12 +367,7 @@ impl Driver {
             .map(|r| &r.outbound)
             .chain(self.pool.iter().map(|p| &p.2))
         {
-            let _ = outbound
-                .send(Ok(message(coordinator_message::Body::Shutdown(Shutdown {
-                    reason: reason.clone(),
-                    exit_code: code,
-                }))))
-                .await;
+            stop_worker(outbound, &reason, code).await;
         }
         if let Some(local) = &mut self.local {
             // Local workers got Shutdown; one still there after a
@@ -812,12 +818,12 @@ impl Driver {
                             old.pid,
                             info.pid
                         );
-                        let _ = old_outbound
-                            .send(Ok(message(coordinator_message::Body::Shutdown(Shutdown {
-                                reason: "replaced by a newer worker with the same identity".into(),
-                                exit_code: exit::REMOVED,
-                            }))))
-                            .await;
+                        stop_worker(
+                            &old_outbound,
+                            "replaced by a newer worker with the same identity",
+                            exit::REMOVED,
+                        )
+                        .await;
                     }
                     tracing::info!(
                         "worker {} joined ({}, pid {}, {})",
@@ -1124,12 +1130,7 @@ impl Driver {
                         info.identity,
                         info.host
                     );
-                    let _ = outbound
-                        .send(Ok(message(coordinator_message::Body::Shutdown(Shutdown {
-                            reason: "the job already has all its workers".into(),
-                            exit_code: exit::DONE,
-                        }))))
-                        .await;
+                    stop_worker(&outbound, "the job already has all its workers", exit::DONE).await;
                 }
                 Wait::Event(Event::Message { worker_id, body }) => {
                     self.last_seen.insert(worker_id.clone(), Instant::now());

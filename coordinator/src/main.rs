@@ -120,8 +120,9 @@ enum Command {
     Decay(DecayArgs),
 }
 
+/// How to reach a running job (shared by `status` and `decay`).
 #[derive(Debug, Args)]
-struct DecayArgs {
+struct ConnectArgs {
     /// The coordinator's URL (see runs/<name>/coordinator.addr).
     #[arg(long)]
     connect: String,
@@ -131,6 +132,12 @@ struct DecayArgs {
     /// Trust this CA (PEM) for an https:// coordinator.
     #[arg(long, value_name = "PEM")]
     tls_ca: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct DecayArgs {
+    #[command(flatten)]
+    job: ConnectArgs,
     /// Steps of cooldown: the run ends at S + K, S its next step boundary.
     #[arg(long, value_name = "K", value_parser = steps())]
     over: u64,
@@ -167,15 +174,8 @@ struct ReportArgs {
 
 #[derive(Debug, Args)]
 struct StatusArgs {
-    /// The coordinator's URL (see runs/<name>/coordinator.addr).
-    #[arg(long)]
-    connect: String,
-    /// File holding the job token [default: $STRIDE_TOKEN].
-    #[arg(long, value_name = "PATH")]
-    token_file: Option<PathBuf>,
-    /// Trust this CA (PEM) for an https:// coordinator.
-    #[arg(long, value_name = "PEM")]
-    tls_ca: Option<PathBuf>,
+    #[command(flatten)]
+    job: ConnectArgs,
     /// Print the raw status as JSON.
     #[arg(long)]
     json: bool,
@@ -344,9 +344,9 @@ fn offline(command: Command) -> Result<()> {
         Command::Decay(a) => {
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             let text = rt.block_on(status::decay(
-                &a.connect,
-                a.token_file.as_deref(),
-                a.tls_ca.as_deref(),
+                &a.job.connect,
+                a.job.token_file.as_deref(),
+                a.job.tls_ca.as_deref(),
                 a.over,
                 a.shape,
             ))?;
@@ -355,9 +355,9 @@ fn offline(command: Command) -> Result<()> {
         Command::Status(a) => {
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             let text = rt.block_on(status::fetch(
-                &a.connect,
-                a.token_file.as_deref(),
-                a.tls_ca.as_deref(),
+                &a.job.connect,
+                a.job.token_file.as_deref(),
+                a.job.tls_ca.as_deref(),
                 a.json,
             ))?;
             print!("{text}");

@@ -311,10 +311,12 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
         .run_dir
         .map(Path::to_path_buf)
         .unwrap_or_else(|| state.run_dir.clone());
-    // A branch: another run directory continuing from this checkpoint. It
-    // must not write (and prune) in the folder of the run it branches from.
+    // A branch: another run directory continuing from this checkpoint. An
+    // extended branch (another schedule) must not write (and prune) in the
+    // folder of the run it branches from; a plain resume into another run
+    // directory continues the same run and may keep its folder.
     let branch = run_dir != state.run_dir && !same_dir(&run_dir, &state.run_dir);
-    if branch {
+    if branch && req.extend_steps.is_some() {
         let src_folder = ckpt.dir.parent().unwrap_or(Path::new("."));
         if same_dir(src_folder, &config.checkpoint.dir) {
             return Err(Refused(format!(

@@ -17,7 +17,7 @@ use indicatif::ProgressBar;
 use stride_job::checkpoint::{self, HistoryEvent, MetricsSoFar, RngState, TrainState};
 use stride_job::config::Config;
 use stride_job::sampler::{DataCursor, Sampler, eval_samples, shard, shard_uneven};
-use stride_job::schedule::{Cooldown, Schedule, Segment, SegmentKind};
+use stride_job::schedule::{Cooldown, Schedule};
 use stride_proto::v1::{
     Abort, Assignment, CheckpointPlan, CheckpointReport, CollectiveBootstrap, CoordinatorMessage,
     DecayResponse, EvalPlan, PeerAddress, RankStatus, Shutdown, StepPlan, coordinator_message,
@@ -64,19 +64,10 @@ async fn stop_worker(outbound: &Outbound, reason: &str, exit_code: i32) {
         .await;
 }
 
-/// The segment whose LR step `step` gets (the last one past the end).
-fn in_force(schedule: &Schedule, step: u64) -> Option<&Segment> {
-    schedule
-        .segments
-        .iter()
-        .find(|seg| step < seg.end_step)
-        .or(schedule.segments.last())
-}
-
 /// The segment in force at `step`, for `coordinator status`; notes a
 /// decay that was requested while the job ran.
 fn describe_segment(schedule: &Schedule, step: u64, history: &[HistoryEvent]) -> String {
-    let Some(seg) = in_force(schedule, step) else {
+    let Some(seg) = schedule.segment_at(step) else {
         return String::new();
     };
     let mut text = format!(
@@ -1255,13 +1246,7 @@ impl Driver {
                 shape.name()
             )));
         }
-        if let Some(seg) = in_force(schedule, s)
-            && seg.start_lr > seg.end_lr
-            && matches!(
-                seg.kind,
-                SegmentKind::Cosine | SegmentKind::Linear | SegmentKind::OneMinusSqrt
-            )
-        {
+        if let Some(seg) = schedule.segment_at(s).filter(|seg| seg.is_cooldown()) {
             return Err(tonic::Status::failed_precondition(format!(
                 "the job is already cooling down ({} from step {} to {}, lr {:.3e} → {:.3e}): a decay cannot start inside another",
                 seg.kind.name(),

@@ -166,6 +166,15 @@ impl Segment {
         }
     }
 
+    /// Whether this segment cools the LR down (a decaying cosine, linear or
+    /// 1-sqrt piece).
+    pub fn is_cooldown(&self) -> bool {
+        matches!(
+            self.kind,
+            SegmentKind::Cosine | SegmentKind::Linear | SegmentKind::OneMinusSqrt
+        ) && self.start_lr > self.end_lr
+    }
+
     /// This segment restricted to `start_step..cut`, following the same curve.
     fn cut_at(&self, cut: u64) -> Segment {
         debug_assert!(self.start_step < cut && cut < self.end_step);
@@ -242,12 +251,16 @@ impl Schedule {
             return 0.0;
         };
         let step = step.min(last.end_step.saturating_sub(1));
-        let seg = self
-            .segments
+        self.segment_at(step).unwrap_or(last).lr_at(step)
+    }
+
+    /// The segment whose curve gives step `step` its LR (the last one for
+    /// steps past the end); `None` for an empty schedule.
+    pub fn segment_at(&self, step: u64) -> Option<&Segment> {
+        self.segments
             .iter()
             .find(|s| step < s.end_step)
-            .unwrap_or(last);
-        seg.lr_at(step)
+            .or(self.segments.last())
     }
 
     /// Strategy A: keep the schedule up to `resume_step` exactly, then cool

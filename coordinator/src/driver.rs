@@ -557,7 +557,7 @@ impl Driver {
         self.symptom = None;
         self.form_world().await?;
         let world = self.ranks.len();
-        let accumulation = c.accumulation_for(world).map_err(anyhow::Error::msg)?;
+        let accumulation = c.accumulation_for(world)?;
         tracing::info!(
             "{} workers: global batch {} = {} × micro-batch {} × accumulation {}",
             world,
@@ -567,8 +567,7 @@ impl Driver {
             accumulation
         );
 
-        let mut sampler = Sampler::new(self.spec.train_samples, c.train.seed, self.spec.cursor)
-            .map_err(anyhow::Error::msg)?;
+        let mut sampler = Sampler::new(self.spec.train_samples, c.train.seed, self.spec.cursor)?;
         let eval_set = eval_samples(
             self.spec.val_samples,
             c.train.eval_batches,
@@ -868,7 +867,7 @@ impl Driver {
             })
             .collect();
         let world = joined.len();
-        let accumulation = c.accumulation_for(world).map_err(anyhow::Error::msg)?;
+        let accumulation = c.accumulation_for(world)?;
         self.ranks = joined
             .into_iter()
             .map(|(worker_id, info, outbound)| Rank {

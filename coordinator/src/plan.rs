@@ -69,9 +69,7 @@ pub fn build(
             shape: shape.name(),
         });
     }
-    let accumulation = config
-        .accumulation_for(config.cluster.workers)
-        .map_err(anyhow::Error::msg)?;
+    let accumulation = config.accumulation_for(config.cluster.workers)?;
     let samples = tokens::train_split_len(&config.data)
         .map(|n| window_count(n, config.model.context, config.data.stride));
     let (epoch, epoch_note) = match &samples {
@@ -105,8 +103,7 @@ pub fn build(
         None => None,
         Some(k) => {
             let samples = samples.context("--batches needs the training data")?;
-            let mut sampler =
-                Sampler::new(samples, t.seed, DataCursor::default()).map_err(anyhow::Error::msg)?;
+            let mut sampler = Sampler::new(samples, t.seed, DataCursor::default())?;
             Some(
                 (0..k)
                     .map(|_| sampler.next_batch(t.global_batch).samples)

@@ -859,11 +859,12 @@ impl Default for ClusterConfig {
 }
 
 /// A value that failed validation: which key, what it was, why.
-#[derive(Debug)]
-struct Violation {
-    key: String,
-    value: String,
-    reason: String,
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{key}` = {value}: {reason}")]
+pub struct Violation {
+    pub key: String,
+    pub value: String,
+    pub reason: String,
 }
 
 fn check(ok: bool, key: &str, value: impl fmt::Display, reason: &str) -> Result<(), Violation> {
@@ -1014,7 +1015,7 @@ impl Config {
             t.global_batch,
             "must be at least 1",
         )?;
-        self.accumulation(self.cluster.workers)?;
+        self.accumulation_for(self.cluster.workers)?;
 
         let o = &self.optim;
         check(
@@ -1127,8 +1128,9 @@ impl Config {
     }
 
     /// Gradient accumulation steps for `workers` workers:
-    /// `global_batch / (workers × micro_batch)`, which must divide exactly.
-    fn accumulation(&self, workers: usize) -> Result<usize, Violation> {
+    /// `global_batch / (workers × micro_batch)`, which must divide exactly;
+    /// the error says why the global batch cannot be shared among them.
+    pub fn accumulation_for(&self, workers: usize) -> Result<usize, Violation> {
         let t = &self.train;
         let per_pass = workers.max(1) * t.micro_batch;
         check(
@@ -1141,13 +1143,6 @@ impl Config {
             ),
         )?;
         Ok(t.global_batch / per_pass)
-    }
-
-    /// Gradient accumulation steps with `workers` workers, or a message
-    /// saying why the global batch cannot be shared among them.
-    pub fn accumulation_for(&self, workers: usize) -> Result<usize, String> {
-        self.accumulation(workers)
-            .map_err(|v| format!("`{}` = {}: {}", v.key, v.value, v.reason))
     }
 
     /// The resolved config as TOML, every key present (the text saved as
@@ -1383,7 +1378,7 @@ mod tests {
         assert_eq!(c.accumulation_for(1), Ok(8));
         assert_eq!(c.accumulation_for(4), Ok(2));
         assert_eq!(c.accumulation_for(8), Ok(1));
-        let e = c.accumulation_for(3).expect_err("16 / (3·2)");
+        let e = c.accumulation_for(3).expect_err("16 / (3·2)").to_string();
         assert!(e.contains("3 × 2 = 6"), "{e}");
     }
 

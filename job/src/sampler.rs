@@ -65,17 +65,28 @@ pub struct Sampler {
     perm: Option<(u64, Vec<u64>)>,
 }
 
+/// A sampler that cannot be positioned.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SamplerError {
+    #[error("the training split has no complete sample")]
+    NoSamples,
+    #[error(
+        "data cursor position {position} is beyond the {samples} samples of an epoch (was the checkpoint made on another corpus?)"
+    )]
+    CursorBeyondEpoch { position: u64, samples: u64 },
+}
+
 impl Sampler {
     /// A sampler positioned at `cursor` (the start is `DataCursor::default()`).
-    pub fn new(samples: u64, seed: u64, cursor: DataCursor) -> Result<Sampler, String> {
+    pub fn new(samples: u64, seed: u64, cursor: DataCursor) -> Result<Sampler, SamplerError> {
         if samples == 0 {
-            return Err("the training split has no complete sample".into());
+            return Err(SamplerError::NoSamples);
         }
         if cursor.position > samples {
-            return Err(format!(
-                "data cursor position {} is beyond the {samples} samples of an epoch (was the checkpoint made on another corpus?)",
-                cursor.position
-            ));
+            return Err(SamplerError::CursorBeyondEpoch {
+                position: cursor.position,
+                samples,
+            });
         }
         Ok(Sampler {
             samples,
@@ -404,8 +415,11 @@ mod tests {
 
     #[test]
     fn bad_cursors_are_refused() {
-        assert!(Sampler::new(0, 1, DataCursor::default()).is_err());
-        assert!(
+        assert_eq!(
+            Sampler::new(0, 1, DataCursor::default()).err(),
+            Some(SamplerError::NoSamples)
+        );
+        assert_eq!(
             Sampler::new(
                 10,
                 1,
@@ -414,7 +428,11 @@ mod tests {
                     position: 11
                 }
             )
-            .is_err()
+            .err(),
+            Some(SamplerError::CursorBeyondEpoch {
+                position: 11,
+                samples: 10
+            })
         );
     }
 

@@ -13,7 +13,7 @@
 //! from, and otherwise `exec`s the CUDA binary with the same arguments.
 //! Without `STRIDE_CUDA_WORKER` nothing changes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The variable naming the CUDA worker binary to hand over to.
@@ -41,6 +41,25 @@ fn remedy(lib: &str) -> &'static str {
     }
 }
 
+/// Why the CPU worker could not hand over to the CUDA build.
+#[derive(Debug, thiserror::Error)]
+pub enum HandOverError {
+    #[error(
+        "{CUDA_WORKER_ENV}={}: no such file; it must name the CUDA build of the worker (cargo build --release -p stride-worker --features cuda)",
+        .0.display()
+    )]
+    NoSuchFile(PathBuf),
+    /// The CUDA binary needs libraries this machine lacks (the text names
+    /// each one and where it comes from).
+    #[error("{0}")]
+    MissingLibraries(String),
+    #[error("cannot start {}: {source}", .binary.display())]
+    Exec {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// The error for a CUDA worker that cannot start here.
 pub fn explain(binary: &Path, missing: &[String]) -> String {
     let mut s = format!(
@@ -59,22 +78,19 @@ pub fn explain(binary: &Path, missing: &[String]) -> String {
 /// If `STRIDE_CUDA_WORKER` is set: refuses (returns the message) when the
 /// CUDA binary misses a library, else replaces this process with it (and
 /// only returns on failure). Returns `Ok(())` when there is nothing to do.
-pub fn hand_over(args: &[std::ffi::OsString]) -> Result<(), String> {
+pub fn hand_over(args: &[std::ffi::OsString]) -> Result<(), HandOverError> {
     let Some(binary) = std::env::var_os(CUDA_WORKER_ENV).filter(|v| !v.is_empty()) else {
         return Ok(());
     };
     let binary = Path::new(&binary);
     if !binary.is_file() {
-        return Err(format!(
-            "{CUDA_WORKER_ENV}={}: no such file; it must name the CUDA build of the worker (cargo build --release -p stride-worker --features cuda)",
-            binary.display()
-        ));
+        return Err(HandOverError::NoSuchFile(binary.to_path_buf()));
     }
     // `ldd` fails on static or non-ELF files: then let the exec speak.
     if let Ok(out) = Command::new("ldd").arg(binary).output() {
         let missing = missing_libraries(&String::from_utf8_lossy(&out.stdout));
         if !missing.is_empty() {
-            return Err(explain(binary, &missing));
+            return Err(HandOverError::MissingLibraries(explain(binary, &missing)));
         }
     }
     use std::os::unix::process::CommandExt as _;
@@ -84,7 +100,10 @@ pub fn hand_over(args: &[std::ffi::OsString]) -> Result<(), String> {
         .args(args)
         .env_remove(CUDA_WORKER_ENV)
         .exec();
-    Err(format!("cannot start {}: {e}", binary.display()))
+    Err(HandOverError::Exec {
+        binary: binary.to_path_buf(),
+        source: e,
+    })
 }
 
 #[cfg(test)]

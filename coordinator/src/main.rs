@@ -470,7 +470,7 @@ async fn train(args: RunArgs) -> Result<()> {
             "dry run: would train `{}` ({}) from step {} to {} with {} workers, listening on {}, run directory {}",
             sp.name,
             sp.source,
-            sp.start_step,
+            sp.from.step,
             sp.schedule.max_steps(),
             sp.config.cluster.workers,
             args.listen
@@ -680,13 +680,9 @@ async fn train(args: RunArgs) -> Result<()> {
         train_samples,
         val_samples,
         data,
-        start_step: sp.start_step,
-        cursor: sp.cursor,
+        start: sp.from,
         entropy_floor,
         run_dir: run_dir.clone(),
-        load: sp.load,
-        expected_weights_hash: sp.expected_weights_hash,
-        metrics_so_far: sp.metrics_so_far,
         history: sp.history,
     };
     let mut driver = driver::Driver::new(spec, events_rx, shared, local, run, bar);

@@ -10,11 +10,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use stride_job::checkpoint::{self, Checkpoint, HistoryEvent, MetricsSoFar};
+use stride_job::checkpoint::{self, Checkpoint, HistoryEvent};
 use stride_job::config::{Config, ConfigSource, RawConfig};
 use stride_job::params;
-use stride_job::sampler::DataCursor;
 use stride_job::schedule::{Cooldown, Schedule};
+
+use crate::driver::RestartPoint;
 
 /// A start that was refused because of what the user asked (exit code 2).
 #[derive(Debug, thiserror::Error)]
@@ -28,11 +29,8 @@ pub struct StartPoint {
     pub source: String,
     pub config: Config,
     pub schedule: Schedule,
-    pub start_step: u64,
-    pub cursor: DataCursor,
-    pub load: Option<(PathBuf, bool)>,
-    pub expected_weights_hash: Option<String>,
-    pub metrics_so_far: MetricsSoFar,
+    /// Step, data cursor, checkpoint to load and metrics carried over.
+    pub from: RestartPoint,
     pub history: Vec<HistoryEvent>,
     pub run_dir: PathBuf,
     /// False when a resumed run appends to its earlier logs.
@@ -153,11 +151,7 @@ pub fn start(req: &Request) -> Result<StartPoint> {
         source: raw.source.to_string(),
         schedule: Schedule::from_config(&config.train),
         config: config.clone(),
-        start_step: 0,
-        cursor: DataCursor::default(),
-        load: None,
-        expected_weights_hash: None,
-        metrics_so_far: MetricsSoFar::default(),
+        from: RestartPoint::default(),
         history: vec![HistoryEvent {
             step: 0,
             event: "start".into(),
@@ -207,8 +201,7 @@ pub fn start(req: &Request) -> Result<StartPoint> {
                 ckpt.state.step
             ),
         });
-        sp.expected_weights_hash = Some(ckpt.state.weights_hash.clone());
-        sp.load = Some((std::path::absolute(&ckpt.dir)?, true));
+        sp.from = RestartPoint::init_from(&ckpt)?;
     }
     if let Some(last) = existing_checkpoints(folder) {
         return Err(Refused(format!(
@@ -356,11 +349,7 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
         source: raw.source.to_string(),
         config,
         schedule,
-        start_step: r,
-        cursor: state.data_cursor,
-        load: Some((std::path::absolute(&ckpt.dir)?, false)),
-        expected_weights_hash: Some(state.weights_hash.clone()),
-        metrics_so_far: state.metrics.clone(),
+        from: RestartPoint::resume(&ckpt)?,
         history,
         run_dir,
         fresh_run_dir: false,

@@ -110,6 +110,27 @@ pub struct MetricsSoFar {
     pub tokens: u64,
 }
 
+impl MetricsSoFar {
+    /// Step `step` finished with `loss` (and `val_loss` when evaluated),
+    /// `tokens` trained on since step 0. True when the validation loss is
+    /// the best so far: the weights after this step (the checkpoint at step
+    /// `step + 1`) become `best`.
+    pub fn record(&mut self, step: u64, loss: f64, val_loss: Option<f64>, tokens: u64) -> bool {
+        self.last_loss = Some(loss);
+        self.tokens = tokens;
+        let Some(v) = val_loss else {
+            return false;
+        };
+        self.val_history.push((step, v));
+        let improved = self.best_val_loss.is_none_or(|b| v < b);
+        if improved {
+            self.best_val_loss = Some(v);
+            self.best_step = Some(step + 1);
+        }
+        improved
+    }
+}
+
 /// One change of a run's course: a start, a resume, an extension.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEvent {

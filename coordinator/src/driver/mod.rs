@@ -1,0 +1,705 @@
+//! The job driver: forms the worker set, then runs the training loop top to
+//! bottom — for each step the LR from the schedule, the global batch from
+//! the sampler, one plan per rank, the reports back, the metrics line,
+//! evaluation and checkpoints when due.
+//!
+//! The driver alone advances the global step. It never sees a tensor: ranks
+//! report scalars and hashes. Its parts live beside it:
+//!
+//! - `worker_set.rs` — the workers and everything said with them (forming,
+//!   messages, gathering, heartbeats, timeouts, aborts). It reports what
+//!   happened and decides nothing about the job.
+//! - `checkpoints.rs` — planned, in-flight and committed checkpoints,
+//!   pointers and pruning.
+//! - `recovery.rs` — [`RestartPoint`] (where an attempt starts) and the
+//!   restart rules after a [`RankFailure`].
+//! - `decay.rs` — `coordinator decay`, applied at a step boundary.
+//!
+//! Every failure it reports names the rank, its host and pid, and the step.
+
+mod checkpoints;
+mod decay;
+mod recovery;
+mod worker_set;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use indicatif::ProgressBar;
+use stride_job::checkpoint::{self, HistoryEvent, MetricsSoFar, RngState, TrainState};
+use stride_job::config::Config;
+use stride_job::sampler::{DataCursor, Sampler, eval_samples, shard, shard_uneven};
+use stride_job::schedule::Schedule;
+use stride_proto::exit;
+use stride_proto::v1::{
+    CheckpointPlan, EvalPlan, RankStatus, StepPlan, coordinator_message, worker_message,
+};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::time::Instant as TokioInstant;
+
+use crate::local::LocalWorkers;
+use crate::output::{MetricsRecord, RunDir, STEP_TARGET};
+use crate::server::{Event, Shared};
+use checkpoints::Checkpoints;
+use decay::{DecayRequest, describe_segment};
+pub use recovery::RestartPoint;
+use recovery::Restarts;
+use worker_set::{Aside, Asides, Formation, Patience, WorkerSet};
+
+/// The job was stopped by a signal (Ctrl-C or SIGTERM); exit code 130.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted by {0}; all workers were stopped")]
+pub struct Interrupted(pub &'static str);
+
+/// The coordinator's exit code after a SIGTERM it answered by finishing
+/// the step in flight and committing a checkpoint of it (128 + SIGTERM,
+/// the code of a process ended by SIGTERM, so supervisors read it as
+/// such; README "Exit codes").
+pub const PREEMPTED_EXIT: u8 = 143;
+
+/// The job stopped after a SIGTERM, with a committed checkpoint of its
+/// last finished step.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "stopped after SIGTERM with a checkpoint of step {step} ({dir}); continue with `coordinator --resume {dir}`"
+)]
+pub struct Preempted {
+    pub step: u64,
+    pub dir: String,
+}
+
+/// Everything the driver needs to run a job.
+#[derive(Debug)]
+pub struct JobSpec {
+    pub name: String,
+    pub config: Config,
+    /// The one source of `max_steps` (a decay or an extension changes it).
+    pub schedule: Schedule,
+    /// Samples in the training / validation split.
+    pub train_samples: u64,
+    pub val_samples: u64,
+    /// The coordinator's own token splits: every worker must read the same.
+    pub data: Vec<DataSplitSpec>,
+    /// Where the job starts (and, after a restart, where the attempt did).
+    pub start: RestartPoint,
+    /// The entropy rate of a synthetic corpus (reported next to losses).
+    pub entropy_floor: Option<f64>,
+    /// The folder of `step-*` checkpoints, `best` and `latest`.
+    pub checkpoint_dir: PathBuf,
+    pub run_dir: PathBuf,
+    /// Carried over from the checkpoint a run resumes.
+    pub history: Vec<HistoryEvent>,
+}
+
+/// One token split as the coordinator opened it.
+#[derive(Debug, Clone)]
+pub struct DataSplitSpec {
+    /// "train" or "val".
+    pub split: &'static str,
+    pub name: String,
+    pub tokens: u64,
+    pub checksum: u64,
+}
+
+/// How a finished job went.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub steps: u64,
+    pub final_loss: f64,
+    pub final_val_loss: Option<f64>,
+    pub tokens: u64,
+    pub wall_s: f64,
+}
+
+/// What waits for the next step boundary, and the checkpoints in flight:
+/// the driver's side of the worker set's [`Aside`]s.
+#[derive(Debug)]
+struct Boundary {
+    checkpoints: Checkpoints,
+    /// A first SIGTERM came: stop after the step in flight, with a
+    /// checkpoint of it.
+    preempt: bool,
+    /// A `coordinator decay` request (one at a time).
+    decay: Option<DecayRequest>,
+}
+
+impl Asides for Boundary {
+    fn take(&mut self, aside: Aside) -> Result<()> {
+        match aside {
+            Aside::Checkpoint(report) => self.checkpoints.commit(report)?,
+            Aside::Preempt => self.preempt = true,
+            Aside::Decay(request) if self.decay.is_some() => {
+                let _ = request.reply.send(Err(tonic::Status::failed_precondition(
+                    "another decay request waits for the next step boundary",
+                )));
+            }
+            Aside::Decay(request) => self.decay = Some(request),
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub struct Driver {
+    spec: JobSpec,
+    workers: WorkerSet,
+    boundary: Boundary,
+    shared: Arc<Shared>,
+    run: RunDir,
+    bar: Option<ProgressBar>,
+    /// The global step: the next one to run.
+    step: u64,
+    /// The metrics so far, as the next checkpoint records them.
+    metrics: MetricsSoFar,
+    last_weights_hash: Vec<u8>,
+    restarts: Restarts,
+    /// Root of the job's trace; steps, formations and restarts link to it.
+    job_span: tracing::Span,
+}
+
+impl Driver {
+    pub fn new(
+        spec: JobSpec,
+        events: UnboundedReceiver<Event>,
+        shared: Arc<Shared>,
+        local: Option<LocalWorkers>,
+        run: RunDir,
+        bar: Option<ProgressBar>,
+    ) -> Driver {
+        let job_span = tracing::info_span!(
+            parent: None,
+            "job",
+            job = %spec.name,
+            start_step = spec.start.step as i64,
+            max_steps = spec.schedule.max_steps() as i64,
+            workers = spec.config.cluster.workers as i64,
+        );
+        let c = &spec.config;
+        let checkpoints = Checkpoints::new(
+            spec.checkpoint_dir.clone(),
+            c.checkpoint.keep_last,
+            shared.clone(),
+        );
+        Driver {
+            workers: WorkerSet::new(c.clone(), events, shared.clone(), local),
+            boundary: Boundary {
+                checkpoints,
+                preempt: false,
+                decay: None,
+            },
+            shared,
+            run,
+            bar,
+            step: spec.start.step,
+            metrics: spec.start.metrics.clone(),
+            last_weights_hash: Vec::new(),
+            restarts: Restarts::new(spec.start.clone()),
+            job_span,
+            spec,
+        }
+    }
+
+    /// Runs the job to its end. Whatever happens, the workers are told to
+    /// stop and local worker processes are reaped before this returns.
+    pub async fn run(&mut self) -> Result<Summary> {
+        // Test hook, in debug builds only: STRIDE_TEST_STALL_DRIVER_S=N
+        // holds the driver loop for N seconds, so a test can watch the
+        // health service notice.
+        if cfg!(debug_assertions)
+            && let Some(s) = std::env::var("STRIDE_TEST_STALL_DRIVER_S")
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
+        {
+            tokio::time::sleep(Duration::from_secs_f64(s)).await;
+        }
+        let result = self.run_with_restarts().await;
+        let in_flight = self.boundary.checkpoints.in_flight();
+        if result.is_err() && in_flight > 0 {
+            // Stopped (a second SIGTERM, a failure) while a checkpoint was
+            // being written: let it finish, within checkpoint.write_timeout_s.
+            tracing::info!("finishing {in_flight} checkpoint(s) in flight before stopping");
+            if let Err(e) = self.finish_checkpoints().await {
+                tracing::warn!(
+                    "a checkpoint in flight was not committed ({e:#}); it is left incomplete and will never be loaded"
+                );
+            }
+        }
+        // The worker exit-code contract (README, "Exit codes"): 0 done;
+        // 3 stopped by a signal to the coordinator (a replacement may join
+        // the coordinator that is started again); 4 the job failed
+        // (Kubernetes must not retry: the pod failure policy fails the Job).
+        let (reason, code) = match &result {
+            Ok(_) => ("training finished".to_string(), exit::DONE),
+            Err(e)
+                if e.chain()
+                    .any(|c| c.is::<Interrupted>() || c.is::<Preempted>()) =>
+            {
+                (format!("the coordinator stopped: {e:#}"), exit::REMOVED)
+            }
+            Err(e) => (format!("the job failed: {e:#}"), exit::JOB_FAILED),
+        };
+        self.workers.shut_down(&reason, code).await;
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+        result
+    }
+
+    /// One attempt: form the worker set at the restart point, then train
+    /// step by step to the schedule's end.
+    async fn run_attempt(&mut self) -> Result<Summary> {
+        let c = self.spec.config.clone();
+        self.metrics = self.spec.start.metrics.clone();
+        let config_toml = c.to_toml();
+        let formation = Formation {
+            step: self.step,
+            restarts: self.restarts.count,
+            config_toml: &config_toml,
+            load: self.spec.start.load.as_ref(),
+            data: &self.spec.data,
+            job_span: &self.job_span,
+        };
+        self.workers.form(formation, &mut self.boundary).await?;
+        let world = self.workers.ranks().len();
+        let accumulation = c.accumulation_for(world)?;
+        tracing::info!(
+            "{} workers: global batch {} = {} × micro-batch {} × accumulation {}",
+            world,
+            c.train.global_batch,
+            world,
+            c.train.micro_batch,
+            accumulation
+        );
+
+        let mut sampler = Sampler::new(
+            self.spec.train_samples,
+            c.train.seed,
+            self.spec.start.cursor,
+        )?;
+        let eval_set = eval_samples(
+            self.spec.val_samples,
+            c.train.eval_batches,
+            c.train.global_batch,
+        );
+        let mut max_steps = self.spec.schedule.max_steps();
+        let tokens_per_step = (c.train.global_batch * c.model.context) as u64;
+        let started = Instant::now();
+        let mut tokens = self.metrics.tokens;
+        let run_start_tokens = tokens;
+        let mut last = Summary {
+            steps: 0,
+            final_loss: f64::NAN,
+            final_val_loss: None,
+            tokens: 0,
+            wall_s: 0.0,
+        };
+        if let Some(bar) = &self.bar {
+            bar.set_position(self.step);
+        }
+
+        while self.step < max_steps {
+            if self.boundary.decay.is_some() {
+                self.answer_decay();
+                max_steps = self.spec.schedule.max_steps();
+                if let Some(bar) = &self.bar {
+                    bar.set_length(max_steps);
+                }
+            }
+            let step = self.step;
+            let lr = self.spec.schedule.lr_at(step);
+            let batch = sampler.next_batch(c.train.global_batch);
+            let step_start = Instant::now();
+            // Each step is a trace of its own (linked to the job's), so a
+            // long run is many small traces rather than one unbounded one.
+            let span = tracing::info_span!(
+                parent: None,
+                "step",
+                step = step as i64,
+                lr,
+                epoch = batch.epoch as i64,
+                generation = self.workers.generation() as i64,
+                world_size = world as i64,
+                loss = tracing::field::Empty,
+                grad_norm = tracing::field::Empty,
+                val_loss = tracing::field::Empty,
+            );
+            span.follows_from(&self.job_span);
+            let trace_context = stride_telemetry::carrier(&span);
+            let generation = self.workers.generation();
+            self.workers
+                .send_all(step, |rank| {
+                    coordinator_message::Body::Step(StepPlan {
+                        generation,
+                        step,
+                        lr,
+                        samples: shard(&batch.samples, world, rank).to_vec(),
+                        epoch: batch.epoch,
+                        trace_context: trace_context.clone(),
+                    })
+                })
+                .await?;
+            let reports = self.collect_step(step).await?;
+            let step_s = step_start.elapsed().as_secs_f64();
+            tokens += tokens_per_step;
+
+            let first_hash = &reports[0].weights_hash;
+            if let Some(bad) = reports.iter().position(|r| &r.weights_hash != first_hash) {
+                bail!(
+                    "{} holds different weights from rank 0 after step {step}: data parallelism is broken (different binaries or hardware?)",
+                    self.workers.ranks()[bad].describe(bad)
+                );
+            }
+            let loss = reports.iter().map(|r| r.loss).sum::<f64>() / world as f64;
+            let grad_norm = reports[0].grad_norm;
+            span.record("loss", loss);
+            span.record("grad_norm", grad_norm);
+            for (rank, rep) in reports.iter().enumerate() {
+                self.workers.record_step(rank, step, rep.total_s);
+            }
+            self.step = step + 1;
+
+            // After a SIGTERM only the final evaluation still runs: the
+            // grace period is for the checkpoint.
+            let due = c.train.eval_interval > 0
+                && self.step.is_multiple_of(c.train.eval_interval)
+                && !self.boundary.preempt;
+            let val_loss = if (due || self.step == max_steps) && !eval_set.is_empty() {
+                Some(self.evaluate(step, &eval_set, &span).await?)
+            } else {
+                None
+            };
+
+            let record = MetricsRecord {
+                step,
+                loss,
+                val_loss,
+                lr,
+                grad_norm,
+                tokens_per_s: tokens_per_step as f64 / step_s,
+                epoch: batch.epoch,
+                tokens,
+                step_s,
+                workers: world,
+                elapsed_s: started.elapsed().as_secs_f64(),
+                weights_hash: stride_job::config::hex(first_hash),
+                samples_digest: samples_digest(&batch.samples),
+            };
+            self.run.write_metrics(&record)?;
+            if let Some(v) = val_loss {
+                span.record("val_loss", v);
+            }
+            tracing::info!(
+                target: STEP_TARGET,
+                "step {step:>6}/{max_steps} | loss {loss:.4} | lr {lr:.3e} | grad norm {grad_norm:.3} | {:.0} tok/s | epoch {}",
+                record.tokens_per_s,
+                batch.epoch
+            );
+            self.last_weights_hash = first_hash.clone();
+            let improved = self.metrics.record(step, loss, val_loss, tokens);
+            let interval = c.checkpoint.interval;
+            let preempted = self.boundary.preempt && self.step < max_steps;
+            if (interval > 0 && self.step.is_multiple_of(interval))
+                || self.step == max_steps
+                || improved
+                || preempted
+            {
+                self.plan_checkpoint(improved, sampler.cursor(), &span)
+                    .await?;
+            }
+            if let Some(v) = val_loss {
+                let floor = self
+                    .spec
+                    .entropy_floor
+                    .map(|f| format!(" (entropy floor {f:.4})"))
+                    .unwrap_or_default();
+                tracing::info!("step {step:>6}: val loss {v:.4}{floor}");
+                last.final_val_loss = Some(v);
+            }
+            if let Some(bar) = &self.bar {
+                bar.set_position(self.step);
+                bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}"));
+            }
+            self.publish(&record, tokens_per_step, started, max_steps);
+            last.final_loss = loss;
+            if preempted {
+                return Err(self.stop_preempted().await?.into());
+            }
+        }
+        self.finish_checkpoints().await?;
+        last.steps = self.step - self.spec.start.step;
+        last.tokens = tokens - run_start_tokens;
+        last.wall_s = started.elapsed().as_secs_f64();
+        Ok(last)
+    }
+
+    /// After a SIGTERM: the checkpoint of the step just finished is
+    /// committed, and the job stops with [`Preempted`].
+    async fn stop_preempted(&mut self) -> Result<Preempted> {
+        self.finish_checkpoints().await?;
+        let dir = self
+            .boundary
+            .checkpoints
+            .last_committed()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        self.spec.history.push(HistoryEvent {
+            step: self.step,
+            event: "preempted".into(),
+            detail: format!("SIGTERM; checkpoint {dir}"),
+        });
+        self.run.write_line(&serde_json::json!({
+            "event": "preempted",
+            "step": self.step,
+            "checkpoint": dir,
+        }))?;
+        Ok(Preempted {
+            step: self.step,
+            dir,
+        })
+    }
+
+    /// Every rank's report of `step`.
+    async fn collect_step(&mut self, step: u64) -> Result<Vec<stride_proto::v1::StepReport>> {
+        let limit = Duration::from_secs_f64(self.spec.config.cluster.step_timeout_s);
+        self.workers
+            .gather(
+                self.step,
+                Patience::Idle {
+                    since: Instant::now(),
+                    limit,
+                },
+                "to report the step",
+                |generation, body| match body {
+                    worker_message::Body::Step(r)
+                        if r.generation == generation && r.step == step =>
+                    {
+                        Some(r)
+                    }
+                    _ => None,
+                },
+                &mut self.boundary,
+            )
+            .await
+    }
+
+    /// The validation loss after `step`: `samples` shared among the ranks,
+    /// the token-weighted mean of their sums.
+    async fn evaluate(
+        &mut self,
+        step: u64,
+        samples: &[u64],
+        step_span: &tracing::Span,
+    ) -> Result<f64> {
+        let world = self.workers.ranks().len();
+        let span = tracing::info_span!(
+            parent: step_span,
+            "evaluation",
+            step = step as i64,
+            samples = samples.len() as i64,
+            val_loss = tracing::field::Empty,
+        );
+        let trace_context = stride_telemetry::carrier(&span);
+        let generation = self.workers.generation();
+        self.workers
+            .send_all(self.step, |rank| {
+                coordinator_message::Body::Eval(EvalPlan {
+                    generation,
+                    step,
+                    samples: shard_uneven(samples, world, rank).to_vec(),
+                    trace_context: trace_context.clone(),
+                })
+            })
+            .await?;
+        let limit = Duration::from_secs_f64(self.spec.config.cluster.step_timeout_s);
+        let got = self
+            .workers
+            .gather(
+                self.step,
+                Patience::Idle {
+                    since: Instant::now(),
+                    limit,
+                },
+                "to finish evaluation",
+                |generation, body| match body {
+                    worker_message::Body::Eval(r)
+                        if r.generation == generation && r.step == step =>
+                    {
+                        Some((r.loss_sum, r.tokens))
+                    }
+                    _ => None,
+                },
+                &mut self.boundary,
+            )
+            .await?;
+        let (sum, n) = got
+            .into_iter()
+            .fold((0.0, 0u64), |(s, n), (ls, t)| (s + ls, n + t));
+        let val_loss = sum / n.max(1) as f64;
+        span.record("val_loss", val_loss);
+        Ok(val_loss)
+    }
+
+    /// Stops every rank at this step boundary for a checkpoint: rank 0
+    /// copies its state and writes it in the background; the commit happens
+    /// when it reports (`Checkpoints::commit`).
+    async fn plan_checkpoint(
+        &mut self,
+        best: bool,
+        cursor: DataCursor,
+        step_span: &tracing::Span,
+    ) -> Result<()> {
+        let c = &self.spec.config;
+        let generation = self.workers.generation();
+        let state = TrainState {
+            format_version: checkpoint::FORMAT_VERSION,
+            stride_version: crate::server::VERSION.to_string(),
+            step: self.step,
+            max_steps: self.spec.schedule.max_steps(),
+            schedule: self.spec.schedule.clone(),
+            data_cursor: cursor,
+            rng: RngState {
+                seed: c.train.seed,
+                algorithm: "ChaCha8 streams per (seed, purpose, epoch); no other randomness".into(),
+            },
+            world_size: self.workers.ranks().len(),
+            config_name: self.spec.name.clone(),
+            config_hash: c.hash(),
+            run_dir: self.spec.run_dir.clone(),
+            weights_hash: stride_job::config::hex(&self.last_weights_hash),
+            optimizer_step: self.step,
+            metrics: self.metrics.clone(),
+            history: self.spec.history.clone(),
+            files: BTreeMap::new(),
+        };
+        // Open until the commit, which may come several steps later.
+        let span = tracing::info_span!(
+            parent: step_span,
+            "checkpoint",
+            step = self.step as i64,
+            best,
+            dir = tracing::field::Empty,
+        );
+        let trace_context = stride_telemetry::carrier(&span);
+        let tag = format!("{}-g{generation}", std::process::id());
+        let tmp = self
+            .boundary
+            .checkpoints
+            .plan(state, c.to_toml(), best, &tag, span)?;
+        let step = self.step;
+        self.workers
+            .send_all(step, |rank| {
+                coordinator_message::Body::Checkpoint(CheckpointPlan {
+                    generation,
+                    step,
+                    tmp_dir: tmp.display().to_string(),
+                    write: rank == 0,
+                    trace_context: trace_context.clone(),
+                })
+            })
+            .await
+    }
+
+    /// Waits until every planned checkpoint is committed, within
+    /// `checkpoint.write_timeout_s`.
+    async fn finish_checkpoints(&mut self) -> Result<()> {
+        let limit = Duration::from_secs_f64(self.spec.config.checkpoint.write_timeout_s);
+        let deadline = TokioInstant::now() + limit;
+        let what = format!(
+            "to finish writing checkpoints (checkpoint.write_timeout_s = {})",
+            self.spec.config.checkpoint.write_timeout_s
+        );
+        while self.boundary.checkpoints.in_flight() > 0 {
+            let Some((rank, body)) = self
+                .workers
+                .next(
+                    self.step,
+                    Patience::Until(deadline),
+                    &what,
+                    &[0],
+                    &mut self.boundary,
+                )
+                .await?
+            else {
+                continue;
+            };
+            tracing::debug!(
+                "ignored a message of rank {rank} while finishing checkpoints: {body:?}"
+            );
+        }
+        Ok(())
+    }
+
+    /// Publishes the state after a step: the `Status` RPC's answer and the
+    /// Prometheus numbers.
+    fn publish(&self, r: &MetricsRecord, tokens_per_step: u64, started: Instant, max_steps: u64) {
+        let m = &self.shared.metrics;
+        let as_i64 = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        let ranks = self.workers.ranks();
+        let connected = self.workers.connected();
+        m.step.set(as_i64(self.step));
+        m.max_steps.set(as_i64(max_steps));
+        m.loss.set(r.loss);
+        if let Some(v) = r.val_loss {
+            m.val_loss.set(v);
+        }
+        m.lr.set(r.lr);
+        m.tokens_per_second.set(r.tokens_per_s);
+        m.tokens.inc_by(tokens_per_step);
+        m.step_seconds.observe(r.step_s);
+        m.workers_connected.set(as_i64(connected as u64));
+        for (i, rank) in ranks.iter().enumerate() {
+            m.rank_step_seconds
+                .get_or_create(&crate::metrics::RankLabel { rank: i as u32 })
+                .set(rank.last_step_s);
+        }
+        if let Ok(mut s) = self.shared.status.lock() {
+            let done = self.step - self.spec.start.step;
+            let per_step = started.elapsed().as_secs_f64() / done.max(1) as f64;
+            s.config_name = self.spec.name.clone();
+            s.step = self.step;
+            s.max_steps = max_steps;
+            s.lr = r.lr;
+            s.last_loss = r.loss;
+            s.last_val_loss = r
+                .val_loss
+                .or_else(|| self.metrics.val_history.last().map(|(_, v)| *v))
+                .unwrap_or(f64::NAN);
+            s.restarts = self.restarts.count;
+            s.last_checkpoint = self
+                .boundary
+                .checkpoints
+                .last_committed()
+                .map(|d| d.display().to_string())
+                .unwrap_or_default();
+            s.eta_s = per_step * (max_steps - self.step) as f64;
+            s.schedule = describe_segment(&self.spec.schedule, self.step, &self.spec.history);
+            s.workers_connected = connected as u32;
+            s.world_size = ranks.len() as u32;
+            s.ranks = ranks
+                .iter()
+                .enumerate()
+                .map(|(i, r)| RankStatus {
+                    rank: i as u32,
+                    host: r.worker.info.host.clone(),
+                    pid: r.worker.info.pid,
+                    last_step: r.last_step,
+                    step_s: r.last_step_s,
+                })
+                .collect();
+        }
+    }
+}
+
+/// Short sha256 of a list of sample indices.
+fn samples_digest(samples: &[u64]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for s in samples {
+        h.update(s.to_le_bytes());
+    }
+    stride_job::config::hex(&h.finalize()[..8])
+}

@@ -1,0 +1,204 @@
+//! Where an attempt starts, and how the job restarts after a failure.
+//!
+//! [`RestartPoint`] is the one shape of "where to start from": a fresh
+//! start, a resume, an extension and `--init-from` build it in `start.rs`
+//! (from a checkpoint, through [`RestartPoint::resume`] and
+//! [`RestartPoint::init_from`]); recovery builds it from the newest
+//! checkpoint this job committed, or falls back to where the job started.
+//!
+//! The rules of restarting: a [`RankFailure`] (a rank lost, frozen, too
+//! slow, or failed in a step) is recoverable, anything else stops the job;
+//! the same cause at the same step twice in a row stops it (restarting
+//! would run into it again), and so does a failure after
+//! `cluster.max_restarts` restarts.
+
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+use stride_job::checkpoint::{Checkpoint, HistoryEvent, MetricsSoFar};
+use stride_job::sampler::DataCursor;
+
+use super::{Driver, Summary};
+
+/// Where an attempt starts: the step, the data cursor at that step, what
+/// every rank loads first, and the metrics carried over.
+#[derive(Debug, Clone, Default)]
+pub struct RestartPoint {
+    /// The first step to run.
+    pub step: u64,
+    pub cursor: DataCursor,
+    /// None: seeded initialisation.
+    pub load: Option<Load>,
+    /// Losses so far, the best validation loss, tokens seen.
+    pub metrics: MetricsSoFar,
+}
+
+/// A checkpoint every rank loads before the first step.
+#[derive(Debug, Clone)]
+pub struct Load {
+    /// Absolute, so that a worker started elsewhere finds it too.
+    pub dir: PathBuf,
+    /// Only the weights (Strategy B): a fresh optimiser.
+    pub weights_only: bool,
+    /// The weights hash the checkpoint recorded; the ranks must report it.
+    pub weights_hash: String,
+}
+
+impl RestartPoint {
+    /// Continues the checkpoint's run exactly: its step, data cursor,
+    /// weights, optimiser and metrics (a resume, an extension, recovery).
+    pub fn resume(ckpt: &Checkpoint) -> std::io::Result<RestartPoint> {
+        let st = &ckpt.state;
+        Ok(RestartPoint {
+            step: st.step,
+            cursor: st.data_cursor,
+            load: Some(Load {
+                dir: std::path::absolute(&ckpt.dir)?,
+                weights_only: false,
+                weights_hash: st.weights_hash.clone(),
+            }),
+            metrics: st.metrics.clone(),
+        })
+    }
+
+    /// Step 0 of a new run from the checkpoint's weights only (Strategy B).
+    pub fn init_from(ckpt: &Checkpoint) -> std::io::Result<RestartPoint> {
+        Ok(RestartPoint {
+            load: Some(Load {
+                dir: std::path::absolute(&ckpt.dir)?,
+                weights_only: true,
+                weights_hash: ckpt.state.weights_hash.clone(),
+            }),
+            ..RestartPoint::default()
+        })
+    }
+}
+
+/// A failure the job can recover from by restarting from its latest
+/// checkpoint: a rank lost, frozen, too slow, or failed in a step.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct RankFailure {
+    /// The worker to replace (None: a step timeout with several missing).
+    pub worker_id: Option<String>,
+    pub message: String,
+    /// What failed, without what changes from one attempt to the next
+    /// (pids, durations): the same cause at the same step twice in a row
+    /// stops the job instead of restarting into it again.
+    pub cause: String,
+}
+
+/// The restarts of a job so far.
+#[derive(Debug)]
+pub struct Restarts {
+    /// Where the job started: the restart point while it has committed no
+    /// checkpoint (a restart never resumes another run's checkpoint).
+    pub initial: RestartPoint,
+    pub count: u32,
+    /// Every failure, `step N: message`, for the final error.
+    failures: Vec<String>,
+    /// The step and cause of the failure the last restart recovered from.
+    last: Option<(u64, String)>,
+}
+
+impl Restarts {
+    pub fn new(initial: RestartPoint) -> Restarts {
+        Restarts {
+            initial,
+            count: 0,
+            failures: Vec::new(),
+            last: None,
+        }
+    }
+
+    /// Records `failure` at `step`; an error when the job must stop
+    /// instead of restarting (the same failure again, or no restarts left).
+    fn admit(&mut self, step: u64, failure: &RankFailure, max: u32) -> Result<()> {
+        self.failures
+            .push(format!("step {step}: {}", failure.message));
+        let this = (step, failure.cause.clone());
+        if self.last.as_ref() == Some(&this) {
+            bail!(
+                "{failure}\nThe same failure stopped step {step} before the last restart, so restarting would run into it again; stopping the job. Failures:\n  {}",
+                self.failures.join("\n  ")
+            );
+        }
+        self.last = Some(this);
+        if self.count >= max {
+            bail!(
+                "{failure}; giving up after {} restart(s) (cluster.max_restarts = {max}). Failures:\n  {}",
+                self.count,
+                self.failures.join("\n  ")
+            );
+        }
+        self.count += 1;
+        Ok(())
+    }
+
+    fn last_failure(&self) -> String {
+        self.failures.last().cloned().unwrap_or_default()
+    }
+}
+
+impl Driver {
+    /// Runs attempts until one finishes; after a recoverable failure the
+    /// job restarts from its latest checkpoint, up to `max_restarts` times.
+    pub(super) async fn run_with_restarts(&mut self) -> Result<Summary> {
+        loop {
+            let err = match self.run_attempt().await {
+                Ok(summary) => return Ok(summary),
+                Err(e) => e,
+            };
+            let Some(failure) = err.downcast_ref::<RankFailure>() else {
+                return Err(err);
+            };
+            let max = self.spec.config.cluster.max_restarts;
+            self.restarts.admit(self.step, failure, max)?;
+            tracing::warn!("{failure}");
+            let failed = failure.worker_id.clone();
+            self.recover(failed.as_deref()).await?;
+            tracing::warn!(
+                "restart {}/{max}: resuming at step {} with the workers that are present",
+                self.restarts.count,
+                self.step
+            );
+        }
+    }
+
+    /// After a failure: stop the surviving ranks' step, drop the failed
+    /// worker (restarting it in --local mode), and rewind to the newest
+    /// checkpoint this job committed (or to where the job started).
+    async fn recover(&mut self, failed: Option<&str>) -> Result<()> {
+        let reason = self.restarts.last_failure();
+        let span = tracing::info_span!(
+            parent: None,
+            "restart",
+            restart = i64::from(self.restarts.count),
+            failed_at_step = self.step as i64,
+            reason = %reason,
+            resume_step = tracing::field::Empty,
+        );
+        span.follows_from(&self.job_span);
+        self.shared.metrics.restarts.inc();
+        self.workers.dismiss(failed, &reason).await?;
+        self.boundary.checkpoints.abandon_in_flight();
+        self.spec.start = match self.boundary.checkpoints.newest_valid() {
+            Some(ckpt) => RestartPoint::resume(&ckpt)?,
+            None => self.restarts.initial.clone(),
+        };
+        self.step = self.spec.start.step;
+        span.record("resume_step", self.step as i64);
+        self.spec.history.push(HistoryEvent {
+            step: self.step,
+            event: "restart".into(),
+            detail: reason.clone(),
+        });
+        self.run.write_line(&serde_json::json!({
+            "event": "restart",
+            "step": self.step,
+            "restart": self.restarts.count,
+            "reason": reason,
+        }))?;
+        Ok(())
+    }
+}

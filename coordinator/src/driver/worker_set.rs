@@ -1,0 +1,962 @@
+//! The worker set: the connected workers, which of them hold ranks, and
+//! everything said with them — forming the set (joining, ranks, the
+//! assignment, the collective's bootstrap id, the ready check), sending,
+//! receiving, heartbeats, timeouts, and dismissing ranks after a failure.
+//!
+//! It reports what happened and decides nothing about the job: the answers
+//! the driver waits for come back from [`WorkerSet::next`] and
+//! [`WorkerSet::gather`]; whatever else arrives meanwhile (a checkpoint
+//! report, a SIGTERM, a decay request) is handed to the driver's
+//! [`Asides`]. It never commits a checkpoint. A lost, frozen or failing
+//! rank becomes a [`RankFailure`] that names it (rank, host, pid, step).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow, bail};
+use stride_job::config::Config;
+use stride_proto::exit;
+use stride_proto::v1::{
+    Abort, Assignment, CheckpointReport, CollectiveBootstrap, CoordinatorMessage, PeerAddress,
+    Shutdown, coordinator_message, worker_message,
+};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::time::Instant as TokioInstant;
+
+use super::decay::DecayRequest;
+use super::recovery::{Load, RankFailure};
+use super::{DataSplitSpec, Interrupted};
+use crate::local::LocalWorkers;
+use crate::server::{Event, Outbound, Shared, WorkerInfo};
+
+/// Upper bound on the collective id rank 0 may send (NCCL's is 128 bytes).
+const MAX_COLLECTIVE_ID_BYTES: usize = 1024;
+
+/// A connected worker: its session id, what it registered, and its stream.
+#[derive(Debug)]
+pub struct Worker {
+    pub id: String,
+    pub info: WorkerInfo,
+    pub outbound: Outbound,
+}
+
+impl Worker {
+    /// Tells the worker to exit with `exit_code` (the worker exit-code
+    /// contract, `stride_proto::exit`); a worker already gone needs no
+    /// telling.
+    async fn stop(&self, reason: &str, exit_code: i32) {
+        let _ = self
+            .outbound
+            .send(Ok(message(coordinator_message::Body::Shutdown(Shutdown {
+                reason: reason.into(),
+                exit_code,
+            }))))
+            .await;
+    }
+}
+
+/// A worker that holds a rank.
+#[derive(Debug)]
+pub struct Rank {
+    pub worker: Worker,
+    pub last_step: u64,
+    pub last_step_s: f64,
+}
+
+impl Rank {
+    pub fn describe(&self, rank: usize) -> String {
+        format!(
+            "rank {rank} ({}, pid {})",
+            self.worker.info.host, self.worker.info.pid
+        )
+    }
+}
+
+/// Something that arrived while the driver waited for ranks, and that is
+/// not one of the answers it waits for.
+#[derive(Debug)]
+pub enum Aside {
+    /// Rank 0 of the current generation wrote a checkpoint's files.
+    Checkpoint(CheckpointReport),
+    /// A first SIGTERM: stop after the step in flight, with a checkpoint.
+    Preempt,
+    /// `coordinator decay`, for the next step boundary.
+    Decay(DecayRequest),
+}
+
+/// The driver's side of [`Aside`]s.
+pub trait Asides {
+    fn take(&mut self, aside: Aside) -> Result<()>;
+}
+
+/// How long the driver waits for ranks to answer.
+#[derive(Debug, Clone, Copy)]
+pub enum Patience {
+    /// Until a fixed instant (forming the worker set, the last checkpoint
+    /// writes).
+    Until(TokioInstant),
+    /// Until `limit` has passed without progress: since `since`, or since
+    /// an awaited rank last finished a micro-batch (its heartbeats count
+    /// them). Steps and evaluations: a long evaluation that progresses is
+    /// never taken for a dead rank.
+    Idle { since: Instant, limit: Duration },
+}
+
+/// What waiting for an event can produce besides an event.
+enum Wait {
+    Event(Event),
+    TimedOut,
+}
+
+/// What forming a worker set needs from the job.
+#[derive(Debug)]
+pub struct Formation<'a> {
+    /// The step training starts at (for messages and the trace).
+    pub step: u64,
+    /// Restarts so far: after one, fewer workers may do
+    /// (`cluster.min_workers`).
+    pub restarts: u32,
+    /// The resolved config every rank runs.
+    pub config_toml: &'a str,
+    /// The checkpoint every rank loads first.
+    pub load: Option<&'a Load>,
+    /// The coordinator's token splits: every rank must read the same.
+    pub data: &'a [DataSplitSpec],
+    pub job_span: &'a tracing::Span,
+}
+
+#[derive(Debug)]
+pub struct WorkerSet {
+    /// The job's config (the cluster section's sizes and timeouts).
+    config: Config,
+    events: UnboundedReceiver<Event>,
+    shared: Arc<Shared>,
+    local: Option<LocalWorkers>,
+    ranks: Vec<Rank>,
+    by_id: HashMap<String, usize>,
+    /// Connected workers without a rank (survivors of a failure, newcomers).
+    pool: Vec<Worker>,
+    /// When each worker was last heard from.
+    last_seen: HashMap<String, Instant>,
+    /// Each worker's micro-batch count (from heartbeats) and when it last
+    /// grew.
+    progress: HashMap<String, (u64, Instant)>,
+    /// A rank's collective failed with a peer (a symptom): when it came,
+    /// and what to report if no rank is found dead or frozen in time.
+    symptom: Option<(Instant, String)>,
+    /// Bumped each time the set forms; messages of older ones are stale.
+    generation: u64,
+}
+
+impl WorkerSet {
+    pub fn new(
+        config: Config,
+        events: UnboundedReceiver<Event>,
+        shared: Arc<Shared>,
+        local: Option<LocalWorkers>,
+    ) -> WorkerSet {
+        WorkerSet {
+            config,
+            events,
+            shared,
+            local,
+            ranks: Vec::new(),
+            by_id: HashMap::new(),
+            pool: Vec::new(),
+            last_seen: HashMap::new(),
+            progress: HashMap::new(),
+            symptom: None,
+            generation: 0,
+        }
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub fn ranks(&self) -> &[Rank] {
+        &self.ranks
+    }
+
+    /// Workers connected, with or without a rank.
+    pub fn connected(&self) -> usize {
+        self.ranks.len() + self.pool.len()
+    }
+
+    /// `rank` finished `step` in `step_s` seconds (for status and metrics).
+    pub fn record_step(&mut self, rank: usize, step: u64, step_s: f64) {
+        if let Some(r) = self.ranks.get_mut(rank) {
+            r.last_step = step;
+            r.last_step_s = step_s;
+        }
+    }
+
+    /// Waits for `cluster.workers` workers, gives them ranks and the job,
+    /// hands them the collective's id, and checks that they built the same
+    /// model from the same data.
+    pub async fn form(&mut self, f: Formation<'_>, asides: &mut impl Asides) -> Result<()> {
+        self.symptom = None;
+        let startup = Duration::from_secs_f64(self.config.cluster.startup_timeout_s);
+        let deadline = TokioInstant::now() + startup;
+        self.join(f.step, f.restarts, deadline, asides).await?;
+        let world = self.ranks.len();
+        let span = tracing::info_span!(
+            parent: None,
+            "form_world",
+            generation = self.generation as i64,
+            world_size = world as i64,
+            start_step = f.step as i64,
+            load = %f.load.map(|l| l.dir.display().to_string()).unwrap_or_default(),
+        );
+        span.follows_from(f.job_span);
+        let trace_context = stride_telemetry::carrier(&span);
+        // Ranks are numbered afresh: no series of a rank that is gone.
+        self.shared.metrics.rank_step_seconds.clear();
+        self.shared
+            .metrics
+            .world_size
+            .set(i64::try_from(world).unwrap_or(i64::MAX));
+        let peers: Vec<PeerAddress> = self
+            .ranks
+            .iter()
+            .map(|r| PeerAddress {
+                host: r.worker.info.collective_host.clone(),
+                port: u32::from(r.worker.info.collective_port),
+            })
+            .collect();
+        let accumulation = self.config.accumulation_for(world)?;
+        let generation = self.generation;
+        self.send_all(f.step, |rank| {
+            coordinator_message::Body::Assignment(Assignment {
+                rank: rank as u32,
+                world_size: world as u32,
+                generation,
+                config_toml: f.config_toml.to_string(),
+                peers: peers.clone(),
+                accumulation: accumulation as u32,
+                load_checkpoint: f
+                    .load
+                    .map(|l| l.dir.display().to_string())
+                    .unwrap_or_default(),
+                weights_only: f.load.is_some_and(|l| l.weights_only),
+                trace_context: trace_context.clone(),
+            })
+        })
+        .await?;
+
+        // The collective is formed from one id that rank 0 makes (NCCL's
+        // unique id, a nonce for the TCP ring): the coordinator hands it to
+        // every rank, so no shared file or extra rendezvous is needed.
+        let patience = Patience::Until(deadline);
+        let unique_id = loop {
+            let Some((rank, body)) = self
+                .next(f.step, patience, "to start the collective", &[0], asides)
+                .await?
+            else {
+                continue;
+            };
+            if let worker_message::Body::Bootstrap(b) = body
+                && rank == 0
+                && b.generation == generation
+            {
+                break b.unique_id;
+            }
+        };
+        if unique_id.is_empty() || unique_id.len() > MAX_COLLECTIVE_ID_BYTES {
+            bail!(
+                "rank 0 sent a collective id of {} bytes (expected 1..={MAX_COLLECTIVE_ID_BYTES}): are all workers the same Stride build?",
+                unique_id.len()
+            );
+        }
+        self.send_all(f.step, |_| {
+            coordinator_message::Body::Bootstrap(CollectiveBootstrap {
+                generation,
+                unique_id: unique_id.clone(),
+            })
+        })
+        .await?;
+
+        // Every rank must report the same parameter layout and initial weights.
+        let ready = self
+            .gather(
+                f.step,
+                patience,
+                "to build its model",
+                |generation, body| match body {
+                    worker_message::Body::Ready(r) if r.generation == generation => {
+                        Some((r.parameter_layout_hash, r.weights_hash, r.data))
+                    }
+                    _ => None,
+                },
+                asides,
+            )
+            .await?;
+        for (rank, r) in ready.iter().enumerate() {
+            self.check_data(rank, f.data, &r.2)?;
+        }
+        let first = ready[0].clone();
+        for (rank, r) in ready.iter().enumerate().skip(1) {
+            if r.0 != first.0 {
+                bail!(
+                    "{} built a model with other parameter names or shapes than rank 0; every worker must run the same config and binary",
+                    self.ranks[rank].describe(rank)
+                );
+            }
+            if r.1 != first.1 {
+                bail!(
+                    "{} initialised different weights from rank 0 (seeded initialisation disagrees)",
+                    self.ranks[rank].describe(rank)
+                );
+            }
+        }
+        if let Some(load) = f.load {
+            let got = stride_job::config::hex(&first.1);
+            if got != load.weights_hash {
+                bail!(
+                    "the ranks loaded weights with hash {got}, but the checkpoint recorded {}: the checkpoint changed after it was validated",
+                    load.weights_hash
+                );
+            }
+            tracing::info!("all {world} ranks loaded the checkpoint's weights (hash {got})");
+        }
+        tracing::info!(
+            "all {world} ranks built the same model; training starts at step {}",
+            f.step
+        );
+        Ok(())
+    }
+
+    /// Waits for `cluster.workers` workers (fewer after a restart, down to
+    /// `cluster.min_workers`) and gives them ranks in a new generation.
+    async fn join(
+        &mut self,
+        step: u64,
+        restarts: u32,
+        deadline: TokioInstant,
+        asides: &mut impl Asides,
+    ) -> Result<()> {
+        let c = &self.config.cluster;
+        let (want, min_workers, startup_s) = (c.workers, c.min_workers, c.startup_timeout_s);
+        let mut joined: Vec<Worker> = std::mem::take(&mut self.pool);
+        while joined.len() < want {
+            match self.next_event(step, deadline).await? {
+                Wait::TimedOut => {
+                    // After a failure, continue with fewer workers if the
+                    // global batch divides among them (cluster.min_workers).
+                    let usable = (min_workers..=joined.len())
+                        .rev()
+                        .find(|n| self.config.accumulation_for(*n).is_ok());
+                    if restarts > 0
+                        && let Some(n) = usable
+                    {
+                        tracing::warn!("continuing with {n} of {want} workers");
+                        joined.sort_by_key(|w| natural_key(&w.info.identity));
+                        self.pool = joined.split_off(n);
+                        break;
+                    }
+                    let present = joined.len();
+                    // Kept, so that the job's end tells them to stop
+                    // (dropping them would look like a lost coordinator,
+                    // and they would try to reconnect).
+                    self.pool = joined;
+                    bail!(
+                        "only {present} of {want} workers joined within cluster.startup_timeout_s = {startup_s}s; start more `worker --connect` processes or pass --workers {}",
+                        present.max(1)
+                    )
+                }
+                Wait::Event(Event::Joined {
+                    worker_id,
+                    info,
+                    outbound,
+                }) => {
+                    // A newer worker of the same identity replaces the
+                    // older one (Kubernetes restarted that index's pod).
+                    if let Some(at) = joined.iter().position(|w| w.info.identity == info.identity) {
+                        let old = joined.remove(at);
+                        tracing::warn!(
+                            "worker {} (pid {}) replaced by a newer one of the same identity (pid {})",
+                            old.info.identity,
+                            old.info.pid,
+                            info.pid
+                        );
+                        old.stop(
+                            "replaced by a newer worker with the same identity",
+                            exit::REMOVED,
+                        )
+                        .await;
+                    }
+                    tracing::info!(
+                        "worker {} joined ({}, pid {}, {})",
+                        info.identity,
+                        info.host,
+                        info.pid,
+                        info.device
+                    );
+                    self.last_seen.insert(worker_id.clone(), Instant::now());
+                    joined.push(Worker {
+                        id: worker_id,
+                        info,
+                        outbound,
+                    });
+                }
+                Wait::Event(Event::Left { worker_id, reason }) => {
+                    joined.retain(|w| w.id != worker_id);
+                    tracing::warn!("a worker left before the job started: {reason}");
+                }
+                Wait::Event(Event::Interrupted(sig)) => return Err(Interrupted(sig).into()),
+                // No step is in flight while the worker set forms: nothing
+                // newer than the last checkpoint to save.
+                Wait::Event(Event::Preempt) => return Err(Interrupted("SIGTERM").into()),
+                Wait::Event(Event::Decay { over, shape, reply }) => {
+                    asides.take(Aside::Decay(DecayRequest { over, shape, reply }))?;
+                }
+                Wait::Event(Event::Message { .. }) => {}
+            }
+        }
+        // Stable ranks: by identity (local-0, local-1, …, or pod index), in
+        // natural order; ties keep join order.
+        joined.sort_by_key(|w| natural_key(&w.info.identity));
+        self.generation += 1;
+        self.ranks = joined
+            .into_iter()
+            .map(|worker| Rank {
+                worker,
+                last_step: 0,
+                last_step_s: 0.0,
+            })
+            .collect();
+        self.by_id = self
+            .ranks
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.worker.id.clone(), i))
+            .collect();
+        Ok(())
+    }
+
+    /// Sends `body` to `rank`; a closed session is an error naming it.
+    pub async fn send(
+        &self,
+        step: u64,
+        rank: usize,
+        body: coordinator_message::Body,
+    ) -> Result<()> {
+        self.ranks[rank]
+            .worker
+            .outbound
+            .send(Ok(message(body)))
+            .await
+            .map_err(|_| {
+                anyhow!(
+                    "{} lost at step {step}: its session is closed",
+                    self.ranks[rank].describe(rank),
+                )
+            })
+    }
+
+    /// Sends each rank its own message, `body(rank)`.
+    pub async fn send_all(
+        &self,
+        step: u64,
+        mut body: impl FnMut(usize) -> coordinator_message::Body,
+    ) -> Result<()> {
+        for rank in 0..self.ranks.len() {
+            self.send(step, rank, body(rank)).await?;
+        }
+        Ok(())
+    }
+
+    /// One reply from every rank: `pick` keeps the messages that answer
+    /// (the right kind, generation and step). A timeout names the ranks
+    /// that have not answered.
+    pub async fn gather<T>(
+        &mut self,
+        step: u64,
+        patience: Patience,
+        what: &str,
+        mut pick: impl FnMut(u64, worker_message::Body) -> Option<T>,
+        asides: &mut impl Asides,
+    ) -> Result<Vec<T>> {
+        let mut got: Vec<Option<T>> = (0..self.ranks.len()).map(|_| None).collect();
+        while got.iter().any(Option::is_none) {
+            let missing: Vec<usize> = got
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.is_none())
+                .map(|(i, _)| i)
+                .collect();
+            let Some((rank, body)) = self.next(step, patience, what, &missing, asides).await?
+            else {
+                continue;
+            };
+            if let Some(v) = pick(self.generation, body) {
+                got[rank] = Some(v);
+            }
+        }
+        Ok(got.into_iter().flatten().collect())
+    }
+
+    /// The next message from a ranked worker, turning failures into errors
+    /// that name the rank; `None` after an [`Aside`] was handed over. `what`
+    /// says what the ranks are doing, for the timeout message.
+    pub async fn next(
+        &mut self,
+        step: u64,
+        patience: Patience,
+        what: &str,
+        waiting_for: &[usize],
+        asides: &mut impl Asides,
+    ) -> Result<Option<(usize, worker_message::Body)>> {
+        let hb_every = Duration::from_secs_f64(self.config.cluster.heartbeat_interval_s);
+        let hb_timeout = Duration::from_secs_f64(self.config.cluster.heartbeat_timeout_s);
+        // How long a collective error waits for the rank that caused it to
+        // be found: a dead one closes its stream at once, a frozen one
+        // misses its heartbeats within heartbeat_timeout_s.
+        let symptom_grace = hb_timeout + hb_every;
+        // Silent ranks are looked for every heartbeat interval on a clock of
+        // its own: messages from the live ranks (heartbeats every interval
+        // from each) must not keep postponing the look at the silent one.
+        let mut next_check = TokioInstant::now() + hb_every;
+        loop {
+            if TokioInstant::now() >= next_check {
+                next_check = TokioInstant::now() + hb_every;
+                if let Some(failure) = self.silent_rank(step, hb_timeout) {
+                    return Err(failure.into());
+                }
+            }
+            let deadline = self.deadline(patience, waiting_for);
+            let mut wake = deadline.min(next_check);
+            if let Some((since, _)) = &self.symptom {
+                wake = wake.min(TokioInstant::from_std(*since + symptom_grace));
+            }
+            match self.next_event(step, wake).await? {
+                Wait::TimedOut
+                    if self
+                        .symptom
+                        .as_ref()
+                        .is_some_and(|(since, _)| since.elapsed() >= symptom_grace) =>
+                {
+                    let message = self.symptom.take().map(|(_, m)| m).unwrap_or_default();
+                    return Err(RankFailure {
+                        worker_id: None,
+                        message: format!(
+                            "{message} — no rank was found dead or frozen within {:.0} s, so every rank is kept and the job restarts from its latest checkpoint",
+                            symptom_grace.as_secs_f64()
+                        ),
+                        cause: "a collective failed, no rank lost".into(),
+                    }
+                    .into());
+                }
+                Wait::TimedOut if TokioInstant::now() >= self.deadline(patience, waiting_for) => {
+                    return Err(self.timed_out(step, patience, what, waiting_for).into());
+                }
+                Wait::TimedOut => {}
+                Wait::Event(Event::Interrupted(sig)) => return Err(Interrupted(sig).into()),
+                Wait::Event(Event::Preempt) => {
+                    asides.take(Aside::Preempt)?;
+                    return Ok(None);
+                }
+                Wait::Event(Event::Decay { over, shape, reply }) => {
+                    asides.take(Aside::Decay(DecayRequest { over, shape, reply }))?;
+                    return Ok(None);
+                }
+                Wait::Event(Event::Left { worker_id, reason }) => {
+                    self.pool.retain(|w| w.id != worker_id);
+                    if let Some(&rank) = self.by_id.get(&worker_id) {
+                        return Err(RankFailure {
+                            message: format!(
+                                "{} lost at step {step}: {reason}",
+                                self.ranks[rank].describe(rank),
+                            ),
+                            cause: format!("{} left", self.ranks[rank].worker.info.identity),
+                            worker_id: Some(worker_id),
+                        }
+                        .into());
+                    }
+                }
+                Wait::Event(Event::Joined {
+                    worker_id,
+                    info,
+                    outbound,
+                }) => {
+                    let worker = Worker {
+                        id: worker_id,
+                        info,
+                        outbound,
+                    };
+                    if let Some(failure) = self.joined_while_running(step, worker).await {
+                        return Err(failure.into());
+                    }
+                }
+                Wait::Event(Event::Message { worker_id, body }) => {
+                    self.last_seen.insert(worker_id.clone(), Instant::now());
+                    let Some(&rank) = self.by_id.get(&worker_id) else {
+                        continue;
+                    };
+                    match body {
+                        worker_message::Body::Error(e)
+                            if e.generation == self.generation || e.fatal =>
+                        {
+                            let message = format!(
+                                "{} failed at step {step}: {}",
+                                self.ranks[rank].describe(rank),
+                                e.message
+                            );
+                            if e.fatal {
+                                bail!(message);
+                            }
+                            // A collective error is a symptom: the peer it
+                            // names (or one further round the ring) died or
+                            // froze. Keep this rank and wait for the cause.
+                            if let Some(peer) = e.collective_peer {
+                                tracing::info!(
+                                    "{message} (a symptom: looking for the rank that failed, starting with rank {peer})"
+                                );
+                                self.symptom.get_or_insert((Instant::now(), message));
+                                continue;
+                            }
+                            return Err(RankFailure {
+                                worker_id: Some(worker_id),
+                                message,
+                                cause: format!(
+                                    "{} failed: {}",
+                                    self.ranks[rank].worker.info.identity, e.message
+                                ),
+                            }
+                            .into());
+                        }
+                        worker_message::Body::Heartbeat(h) => {
+                            let now = Instant::now();
+                            let entry = self.progress.entry(worker_id).or_insert((0, now));
+                            if h.progress > entry.0 {
+                                *entry = (h.progress, now);
+                            }
+                        }
+                        worker_message::Body::Error(_) => {}
+                        // Only rank 0 writes, and only its report of this
+                        // generation counts.
+                        worker_message::Body::Checkpoint(r) => {
+                            if rank == 0 && r.generation == self.generation {
+                                asides.take(Aside::Checkpoint(r))?;
+                            }
+                            return Ok(None);
+                        }
+                        other => return Ok(Some((rank, other))),
+                    }
+                }
+            }
+        }
+    }
+
+    /// A worker joined while the set trains. One with a rank's identity
+    /// (Kubernetes restarted that index's pod) means that rank's process is
+    /// gone, even before its stream says so: the failure to restart from.
+    /// Any other waits as a spare, or is turned away when the job is full.
+    async fn joined_while_running(&mut self, step: u64, worker: Worker) -> Option<RankFailure> {
+        let info = &worker.info;
+        if let Some(rank) = self
+            .ranks
+            .iter()
+            .position(|r| r.worker.info.identity == info.identity)
+        {
+            let old = &self.ranks[rank];
+            let failure = RankFailure {
+                worker_id: Some(old.worker.id.clone()),
+                message: format!(
+                    "{} lost at step {step}: a new worker with its identity joined ({}, pid {}), so this one is gone (its pod was replaced)",
+                    old.describe(rank),
+                    info.host,
+                    info.pid
+                ),
+                cause: format!("{} replaced", info.identity),
+            };
+            self.last_seen.insert(worker.id.clone(), Instant::now());
+            let identity = info.identity.clone();
+            self.pool.retain(|w| w.info.identity != identity);
+            self.pool.push(worker);
+            return Some(failure);
+        }
+        if self.connected() < self.config.cluster.max_workers {
+            tracing::info!(
+                "worker {} ({}, pid {}) joined as a spare; it takes part from the next restart",
+                info.identity,
+                info.host,
+                info.pid
+            );
+            self.last_seen.insert(worker.id.clone(), Instant::now());
+            self.pool.push(worker);
+            return None;
+        }
+        tracing::warn!(
+            "turned away worker {} ({}): the job is full",
+            info.identity,
+            info.host
+        );
+        worker
+            .stop("the job already has all its workers", exit::DONE)
+            .await;
+        None
+    }
+
+    /// After a failure: stops the surviving ranks' step (Abort), tells the
+    /// failed worker to leave (restarting it in --local mode), and keeps
+    /// the survivors for the next formation.
+    pub async fn dismiss(&mut self, failed: Option<&str>, reason: &str) -> Result<()> {
+        let generation = self.generation;
+        let ranks = std::mem::take(&mut self.ranks);
+        self.by_id.clear();
+        for r in ranks {
+            let worker = r.worker;
+            if failed == Some(worker.id.as_str()) {
+                worker
+                    .stop(
+                        "removed from the job after a failure; a replacement may join",
+                        exit::REMOVED,
+                    )
+                    .await;
+                if let Some(slot) = worker
+                    .info
+                    .identity
+                    .strip_prefix("local-")
+                    .and_then(|s| s.parse().ok())
+                    && let Some(local) = &mut self.local
+                {
+                    local.restart(slot).await?;
+                    tracing::info!("restarted local worker {slot}");
+                }
+            } else {
+                let abort = coordinator_message::Body::Abort(Abort {
+                    generation,
+                    reason: reason.to_string(),
+                });
+                let _ = worker.outbound.send(Ok(message(abort))).await;
+                self.pool.push(worker);
+            }
+        }
+        if let Some(id) = failed {
+            self.pool.retain(|w| w.id != id);
+        }
+        self.symptom = None;
+        Ok(())
+    }
+
+    /// The job is over: every connected worker is told to exit with
+    /// `exit_code`, and local worker processes are reaped.
+    pub async fn shut_down(&mut self, reason: &str, exit_code: i32) {
+        for worker in self.ranks.iter().map(|r| &r.worker).chain(self.pool.iter()) {
+            worker.stop(reason, exit_code).await;
+        }
+        if let Some(local) = &mut self.local {
+            // Local workers got Shutdown; one still there after a
+            // heartbeat timeout is not going to leave by itself.
+            local
+                .stop(Duration::from_secs_f64(
+                    self.config.cluster.heartbeat_timeout_s,
+                ))
+                .await;
+        }
+    }
+
+    /// The next event, or `TimedOut` at `deadline`. Wakes at least every
+    /// heartbeat interval to mark the driver loop alive (the health service
+    /// reads it).
+    async fn next_event(&mut self, step: u64, deadline: TokioInstant) -> Result<Wait> {
+        let every = Duration::from_secs_f64(self.config.cluster.heartbeat_interval_s);
+        loop {
+            self.shared.driver_tick();
+            let wake = deadline.min(TokioInstant::now() + every);
+            match self.next_event_until(step, wake).await? {
+                Wait::TimedOut if TokioInstant::now() < deadline => continue,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    async fn next_event_until(&mut self, step: u64, deadline: TokioInstant) -> Result<Wait> {
+        let local = self.local.as_mut();
+        tokio::select! {
+            ev = self.events.recv() => ev.map(Wait::Event).ok_or_else(|| anyhow!("the gRPC service stopped")),
+            (slot, status) = async move {
+                match local {
+                    Some(l) => l.exited().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let identity = format!("local-{slot}");
+                let rank = self.ranks.iter().position(|r| r.worker.info.identity == identity);
+                let who = rank
+                    .map(|r| self.ranks[r].describe(r))
+                    .unwrap_or_else(|| format!("local worker {slot}"));
+                let worker_id = rank
+                    .map(|r| self.ranks[r].worker.id.clone())
+                    .or_else(|| self.pool.iter().find(|w| w.info.identity == identity).map(|w| w.id.clone()));
+                Err(RankFailure {
+                    worker_id,
+                    message: format!("{who} lost at step {step}: the process exited ({status})"),
+                    cause: format!("{identity} exited"),
+                }
+                .into())
+            }
+            _ = tokio::time::sleep_until(deadline) => Ok(Wait::TimedOut),
+        }
+    }
+
+    /// The first rank silent for longer than `hb_timeout`, as a failure
+    /// that names it.
+    fn silent_rank(&self, step: u64, hb_timeout: Duration) -> Option<RankFailure> {
+        self.ranks.iter().enumerate().find_map(|(rank, r)| {
+            let silent = self
+                .last_seen
+                .get(&r.worker.id)
+                .map_or(Duration::ZERO, |t| t.elapsed());
+            (silent > hb_timeout).then(|| RankFailure {
+                worker_id: Some(r.worker.id.clone()),
+                message: format!(
+                    "{} lost at step {step}: no heartbeat for {:.1}s (cluster.heartbeat_timeout_s = {}): frozen, overloaded or cut off",
+                    r.describe(rank),
+                    silent.as_secs_f64(),
+                    self.config.cluster.heartbeat_timeout_s
+                ),
+                cause: format!("no heartbeat from {}", r.worker.info.identity),
+            })
+        })
+    }
+
+    /// When `patience` runs out for the ranks in `waiting_for`.
+    fn deadline(&self, patience: Patience, waiting_for: &[usize]) -> TokioInstant {
+        match patience {
+            Patience::Until(d) => d,
+            Patience::Idle { since, limit } => {
+                let last = waiting_for
+                    .iter()
+                    .filter_map(|&i| self.ranks.get(i))
+                    .filter_map(|r| self.progress.get(&r.worker.id))
+                    .filter(|(count, _)| *count > 0)
+                    .map(|(_, at)| *at)
+                    .fold(since, Instant::max);
+                TokioInstant::from_std(last + limit)
+            }
+        }
+    }
+
+    /// The failure when `patience` ran out: who did not answer, when each
+    /// was last heard (a rank blocked on a dead peer is heard, a frozen one
+    /// not) and last made progress — and, when all of them are alive and
+    /// heartbeating, that the work is slower than the timeout.
+    fn timed_out(
+        &self,
+        step: u64,
+        patience: Patience,
+        what: &str,
+        waiting_for: &[usize],
+    ) -> RankFailure {
+        let c = &self.config;
+        // A rank that heartbeats was heard within an interval or so; one
+        // frozen since the wait began, about a whole timeout ago (the
+        // timeout is at least two intervals).
+        let alive_within = Duration::from_secs_f64(
+            (c.cluster.step_timeout_s / 2.0).max(1.5 * c.cluster.heartbeat_interval_s),
+        );
+        let missing: Vec<(String, bool)> = waiting_for
+            .iter()
+            .filter_map(|&i| self.ranks.get(i).map(|r| (i, r)))
+            .map(|(i, r)| {
+                let seen = self.last_seen.get(&r.worker.id).map(Instant::elapsed);
+                let heard = seen.map_or(String::new(), |t| {
+                    format!(", last heard {:.1}s ago", t.as_secs_f64())
+                });
+                let progressed = match self.progress.get(&r.worker.id) {
+                    Some((n, at)) if *n > 0 => format!(
+                        ", last finished a micro-batch {:.1}s ago",
+                        at.elapsed().as_secs_f64()
+                    ),
+                    _ => String::new(),
+                };
+                let alive = seen.is_some_and(|t| t <= alive_within);
+                (format!("{}{heard}{progressed}", r.describe(i)), alive)
+            })
+            .collect();
+        let names: Vec<&str> = missing.iter().map(|(m, _)| m.as_str()).collect();
+        let mut message = format!(
+            "timed out at step {step} waiting for ranks {what} (not answered: {})",
+            names.join("; ")
+        );
+        let all_alive = !missing.is_empty() && missing.iter().all(|(_, alive)| *alive);
+        if let (Patience::Idle { limit, .. }, true) = (patience, all_alive) {
+            message.push_str(&format!(
+                ": every one of them is alive and heartbeating, but none finished a micro-batch ({} sequences of {} tokens) for {:.0} s. The work is slower than cluster.step_timeout_s = {} (or a rank's compute is stuck); if it is just slow, raise cluster.step_timeout_s",
+                c.train.micro_batch,
+                c.model.context,
+                limit.as_secs_f64(),
+                c.cluster.step_timeout_s
+            ));
+        }
+        RankFailure {
+            worker_id: None,
+            message,
+            cause: format!("timeout {what}, all alive: {all_alive}"),
+        }
+    }
+
+    /// Refuses a rank whose token splits differ from the coordinator's (a
+    /// file of another length or content at the same path, another path):
+    /// it would read other samples than the ones it is planned. A worker
+    /// that reports no splits (the load test's simulated workers) is not
+    /// checked; every real worker of this version reports them.
+    fn check_data(
+        &self,
+        rank: usize,
+        data: &[DataSplitSpec],
+        got: &[stride_proto::v1::DataSplit],
+    ) -> Result<()> {
+        if got.is_empty() {
+            return Ok(());
+        }
+        for want in data {
+            let theirs = got.iter().find(|d| d.split == want.split);
+            let same =
+                theirs.is_some_and(|d| d.tokens == want.tokens && d.checksum == want.checksum);
+            if !same {
+                let theirs = theirs.map_or("no such split".to_string(), |d| {
+                    format!(
+                        "{}: {} tokens, checksum {:016x}",
+                        d.name, d.tokens, d.checksum
+                    )
+                });
+                bail!(
+                    "{} reads other {} data than the coordinator: the worker's {theirs}; the coordinator's {}: {} tokens, checksum {:016x}. Every worker must read the same token files (a shared volume, the same data.train / data.val)",
+                    self.ranks[rank].describe(rank),
+                    want.split,
+                    want.name,
+                    want.tokens,
+                    want.checksum
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn message(body: coordinator_message::Body) -> CoordinatorMessage {
+    CoordinatorMessage { body: Some(body) }
+}
+
+/// Sort key that orders "local-2" before "local-10".
+fn natural_key(s: &str) -> (String, u64) {
+    let digits = s.len() - s.trim_end_matches(|c: char| c.is_ascii_digit()).len();
+    let (head, num) = s.split_at(s.len() - digits);
+    (head.to_string(), num.parse().unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::natural_key;
+
+    #[test]
+    fn identities_sort_naturally() {
+        let mut v = vec!["local-10", "local-2", "local-0", "pod"];
+        v.sort_by_key(|s| natural_key(s));
+        assert_eq!(v, vec!["local-0", "local-2", "local-10", "pod"]);
+    }
+}

@@ -1,11 +1,27 @@
 //! Helpers for the end-to-end tests: find the built binaries, run them with
 //! a deadline, read what they wrote. Every process a test starts is killed
 //! when the test's handle drops, and every server listens on 127.0.0.1.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
+
+/// Whole-job tests run two at a time on CI's two cores; the failure tests
+/// measure heartbeats and step timeouts, which a neighbour's load would
+/// distort, so each of them runs alone. Every test that starts processes
+/// holds one of these turns for its duration.
+static TURNS: RwLock<()> = RwLock::new(());
+
+/// A turn with no other process-starting test running (failure tests).
+pub fn alone() -> RwLockWriteGuard<'static, ()> {
+    TURNS.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A turn beside other tests that run beside others.
+pub fn beside_others() -> RwLockReadGuard<'static, ()> {
+    TURNS.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
 /// The job token every test process gets through `STRIDE_TOKEN`.
 pub const TOKEN: &str = "e2e-token";

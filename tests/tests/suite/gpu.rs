@@ -2,17 +2,16 @@
 //! ignored rather than passed. Run them on a machine with NVIDIA GPUs, the
 //! driver and NCCL, after building the worker with CUDA:
 //!
-//!     cargo test --workspace --features stride-worker/cuda --test gpu -- --ignored
+//!     cargo test --workspace --features stride-worker/cuda --test suite gpu:: -- --ignored
 //!     cargo test -p stride-worker --features cuda nccl -- --ignored
 //!
 //! The NCCL all-reduce against a CPU sum (1..=N GPUs) lives next to the
 //! NCCL code, in `worker/src/collective/nccl.rs`.
 
-mod common;
 
 use std::time::Duration;
 
-use common::{metrics, run};
+use crate::common::{metrics, run};
 
 const LIMIT: Duration = Duration::from_secs(600);
 
@@ -45,6 +44,7 @@ fn tiny_losses(dir: &std::path::Path, device: &str, extra: &[&str]) -> Vec<f64> 
 #[test]
 #[ignore = "needs NVIDIA GPUs and a CUDA build: see the module doc"]
 fn tiny_on_cuda_matches_the_cpu_run() {
+    let _turn = crate::common::beside_others();
     let (cpu, gpu) = (
         tempfile::tempdir().expect("tmp"),
         tempfile::tempdir().expect("tmp"),
@@ -60,6 +60,7 @@ fn tiny_on_cuda_matches_the_cpu_run() {
 #[test]
 #[ignore = "needs NVIDIA GPUs and a CUDA build: see the module doc"]
 fn a_cpu_checkpoint_resumes_on_cuda() {
+    let _turn = crate::common::beside_others();
     let d = tempfile::tempdir().expect("tmp");
     let cpu = tiny_losses(d.path(), "cpu", &["--set", "checkpoint.interval=10"]);
     let resumed = {

@@ -2,15 +2,15 @@
 //! clear error naming the file, key or rank, a non-zero exit code, and no
 //! change to an existing checkpoint folder.
 
-mod common;
 
 use std::time::Duration;
 
-use common::{eventually, run, snapshot, spawn};
+use crate::common::{eventually, run, snapshot, spawn};
 use stride_job::tokens::write_nanogpt;
 
 #[test]
 fn every_bad_input_is_one_clear_error_and_damages_nothing() {
+    let _turn = crate::common::beside_others();
     let d = tempfile::tempdir().expect("tmp");
     let dir = d.path();
     // A run with checkpoints at steps 2 and 4, which no case may touch.
@@ -442,6 +442,7 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
 /// with both files' lengths and checksums, before any step runs.
 #[test]
 fn a_worker_reading_other_data_is_refused_before_training() {
+    let _turn = crate::common::beside_others();
     let coordinator_dir = tempfile::tempdir().expect("tmp");
     let worker_dir = tempfile::tempdir().expect("tmp");
     for (dir, mul) in [(coordinator_dir.path(), 7u16), (worker_dir.path(), 11)] {

@@ -3,27 +3,15 @@
 //! as an uninterrupted run; a killed coordinator is restarted and its
 //! workers rejoin; a second coordinator on a live run is refused.
 
-mod common;
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::{Proc, eventually, metrics, run, spawn, spawn_env, worker_pids};
+use crate::common::{Proc, eventually, metrics, run, spawn, spawn_env, worker_pids};
 use stride_job::checkpoint;
 
 const LIMIT: Duration = Duration::from_secs(300);
-
-/// The tests of this file each run a whole job and then kill, freeze or
-/// time out parts of it; run on 2 cores side by side, their heartbeat and
-/// step timeouts would measure each other's load. They take turns.
-static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn turn() -> std::sync::MutexGuard<'static, ()> {
-    ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 
 /// tiny for 60 steps, a checkpoint every 20, evaluation every 25.
 const JOB: &[&str] = &[
@@ -117,7 +105,8 @@ fn current_workers(dir: &Path) -> Vec<u32> {
 
 #[test]
 fn killed_and_frozen_workers_are_named_replaced_and_change_nothing() {
-    let _turn = turn();
+    // Heartbeat and step timeouts would measure a neighbour's load.
+    let _turn = crate::common::alone();
     let want = reference();
     let mut rng = seed();
 
@@ -204,7 +193,8 @@ fn round_restarts(dir: &Path) -> usize {
 
 #[test]
 fn exhausted_restarts_fail_with_a_summary() {
-    let _turn = turn();
+    // Heartbeat and step timeouts would measure a neighbour's load.
+    let _turn = crate::common::alone();
     let d = tempfile::tempdir().expect("tmp");
     let mut coord = spawn(
         "coordinator",
@@ -251,7 +241,8 @@ fn free_port() -> u16 {
 
 #[test]
 fn a_killed_coordinator_is_restarted_and_its_workers_rejoin() {
-    let _turn = turn();
+    // Heartbeat and step timeouts would measure a neighbour's load.
+    let _turn = crate::common::alone();
     let want = reference();
     let d = tempfile::tempdir().expect("tmp");
     let listen = format!("127.0.0.1:{}", free_port());
@@ -315,7 +306,8 @@ fn a_killed_coordinator_is_restarted_and_its_workers_rejoin() {
 
 #[test]
 fn a_second_coordinator_on_a_live_run_is_refused() {
-    let _turn = turn();
+    // Heartbeat and step timeouts would measure a neighbour's load.
+    let _turn = crate::common::alone();
     let d = tempfile::tempdir().expect("tmp");
     let mut first = spawn(
         "coordinator",
@@ -346,7 +338,8 @@ fn a_second_coordinator_on_a_live_run_is_refused() {
 
 #[test]
 fn the_control_plane_holds_two_hundred_simulated_workers() {
-    let _turn = turn();
+    // Heartbeat and step timeouts would measure a neighbour's load.
+    let _turn = crate::common::alone();
     // The load test binary asserts that every step ran and that the
     // coordinator's memory stayed bounded; figures in BENCHMARKS.md.
     let out = Command::new(common::bin("loadtest"))
@@ -364,7 +357,8 @@ fn the_control_plane_holds_two_hundred_simulated_workers() {
 
 #[test]
 fn a_step_past_the_step_timeout_names_the_ranks_that_did_not_report() {
-    let _turn = turn();
+    // Heartbeat and step timeouts would measure a neighbour's load.
+    let _turn = crate::common::alone();
     // Heartbeats alone would take 30 s to notice the frozen worker; the
     // 2-second step timeout fires first and names it.
     let d = tempfile::tempdir().expect("tmp");
@@ -405,7 +399,8 @@ fn a_step_past_the_step_timeout_names_the_ranks_that_did_not_report() {
 /// carry the count): the job completes without a restart.
 #[test]
 fn a_long_evaluation_that_progresses_is_not_taken_for_a_dead_rank() {
-    let _turn = turn();
+    // Heartbeat and step timeouts would measure a neighbour's load.
+    let _turn = crate::common::alone();
     let d = tempfile::tempdir().expect("tmp");
     // 3 M validation tokens = 46,874 windows: ~1,500 micro-batches per
     // rank, against a 0.5 s step timeout.
@@ -446,7 +441,8 @@ fn a_long_evaluation_that_progresses_is_not_taken_for_a_dead_rank() {
 /// job stops instead of restarting into it again.
 #[test]
 fn work_slower_than_the_timeout_is_named_and_not_retried_forever() {
-    let _turn = turn();
+    // Heartbeat and step timeouts would measure a neighbour's load.
+    let _turn = crate::common::alone();
     let d = tempfile::tempdir().expect("tmp");
     // One micro-batch of this model (12.6 M parameters, 2,048 tokens: ~155
     // GFLOP) takes far longer than 1 s on any CPU worker.
@@ -499,7 +495,8 @@ fn work_slower_than_the_timeout_is_named_and_not_retried_forever() {
 /// the worker exits with the failure code instead of heartbeating on.
 #[test]
 fn a_panic_on_the_compute_thread_is_reported_with_its_message() {
-    let _turn = turn();
+    // Heartbeat and step timeouts would measure a neighbour's load.
+    let _turn = crate::common::alone();
     let d = tempfile::tempdir().expect("tmp");
     let mut coord = spawn_env(
         "coordinator",
@@ -559,7 +556,8 @@ fn three_workers<'a>(extra: &[&'a str]) -> Vec<&'a str> {
 /// of an uninterrupted three-worker run.
 #[test]
 fn a_collective_error_blames_the_rank_that_failed_not_its_survivors() {
-    let _turn = turn();
+    // Heartbeat and step timeouts would measure a neighbour's load.
+    let _turn = crate::common::alone();
     let want = {
         let d = tempfile::tempdir().expect("tmp");
         let (status, out) = run(&three_workers(&["--local"]), d.path(), LIMIT);
@@ -673,7 +671,8 @@ fn a_collective_error_blames_the_rank_that_failed_not_its_survivors() {
 /// workers, and the job ends with the weights of an uninterrupted run.
 #[test]
 fn a_collective_error_with_every_rank_alive_removes_nobody() {
-    let _turn = turn();
+    // Heartbeat and step timeouts would measure a neighbour's load.
+    let _turn = crate::common::alone();
     let want = reference();
     let d = tempfile::tempdir().expect("tmp");
     let mut coord = spawn_env(
@@ -714,7 +713,8 @@ fn a_collective_error_with_every_rank_alive_removes_nobody() {
 /// timeout, and the job ends as if nothing had happened.
 #[test]
 fn a_new_worker_with_a_ranks_identity_replaces_that_rank() {
-    let _turn = turn();
+    // Heartbeat and step timeouts would measure a neighbour's load.
+    let _turn = crate::common::alone();
     let want = reference();
     let d = tempfile::tempdir().expect("tmp");
     let mut coord = spawn(
@@ -765,7 +765,8 @@ fn a_new_worker_with_a_ranks_identity_replaces_that_rank() {
 /// would send them reconnecting to a coordinator that is gone.
 #[test]
 fn workers_left_waiting_when_the_job_fails_are_told_to_stop() {
-    let _turn = turn();
+    // Heartbeat and step timeouts would measure a neighbour's load.
+    let _turn = crate::common::alone();
     let d = tempfile::tempdir().expect("tmp");
     let mut coord = spawn(
         "coordinator",
@@ -811,7 +812,8 @@ fn workers_left_waiting_when_the_job_fails_are_told_to_stop() {
 /// an uninterrupted run, bit for bit.
 #[test]
 fn sigterm_checkpoints_the_step_in_flight_and_the_resume_is_exact() {
-    let _turn = turn();
+    // Heartbeat and step timeouts would measure a neighbour's load.
+    let _turn = crate::common::alone();
     let want = reference();
     let d = tempfile::tempdir().expect("tmp");
     let mut coord = spawn("coordinator", &with(&["--local"]), d.path(), "c1.out");

@@ -1,10 +1,9 @@
 //! End-to-end: real coordinator and worker processes on 127.0.0.1.
 
-mod common;
 
 use std::time::Duration;
 
-use common::{alive, eventually, metrics, run, spawn, worker_pids};
+use crate::common::{alive, eventually, metrics, run, spawn, worker_pids};
 use stride_job::config::RawConfig;
 use stride_job::synthetic::MarkovSource;
 
@@ -12,6 +11,7 @@ const LIMIT: Duration = Duration::from_secs(300);
 
 #[test]
 fn the_main_job_trains_tiny_to_its_entropy_floor() {
+    let _turn = crate::common::beside_others();
     let dir = tempfile::tempdir().expect("tempdir");
     let (status, out) = run(
         &["--config", "tiny", "--workers", "2", "--local"],
@@ -116,6 +116,7 @@ fn losses(workers: usize) -> Vec<f64> {
 
 #[test]
 fn one_two_and_four_workers_train_the_same_model() {
+    let _turn = crate::common::beside_others();
     // Same global batch (16): 1 × micro 4 × accumulation 4, 2 × 4 × 2,
     // 4 × 4 × 1. The coordinator itself fails a run whose ranks disagree on
     // the weights after any step, so success also means bit-identical ranks.
@@ -133,6 +134,7 @@ fn one_two_and_four_workers_train_the_same_model() {
 
 #[test]
 fn workers_started_separately_join_by_url() {
+    let _turn = crate::common::beside_others();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut coord = spawn(
         "coordinator",
@@ -165,6 +167,7 @@ fn workers_started_separately_join_by_url() {
 
 #[test]
 fn ctrl_c_stops_the_coordinator_and_its_local_workers() {
+    let _turn = crate::common::beside_others();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut coord = spawn(
         "coordinator",
@@ -202,6 +205,7 @@ fn ctrl_c_stops_the_coordinator_and_its_local_workers() {
 
 #[test]
 fn a_missing_data_file_fails_before_any_worker_starts() {
+    let _turn = crate::common::beside_others();
     let dir = tempfile::tempdir().expect("tempdir");
     let (status, out) = run(
         &[
@@ -227,6 +231,7 @@ fn a_missing_data_file_fails_before_any_worker_starts() {
 
 #[test]
 fn a_worker_with_the_wrong_token_is_refused_and_named() {
+    let _turn = crate::common::beside_others();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut coord = spawn(
         "coordinator",
@@ -267,6 +272,7 @@ fn a_worker_with_the_wrong_token_is_refused_and_named() {
 
 #[test]
 fn without_a_token_a_cluster_coordinator_refuses_to_start() {
+    let _turn = crate::common::beside_others();
     let dir = tempfile::tempdir().expect("tempdir");
     let out = std::process::Command::new(common::bin("coordinator"))
         .args(["--config", "tiny", "--listen", "127.0.0.1:0"])
@@ -281,6 +287,7 @@ fn without_a_token_a_cluster_coordinator_refuses_to_start() {
 
 #[test]
 fn asking_a_cpu_build_for_cuda_is_one_clear_error() {
+    let _turn = crate::common::beside_others();
     let dir = tempfile::tempdir().expect("tempdir");
     let (status, out) = run(
         &[
@@ -313,6 +320,7 @@ fn asking_a_cpu_build_for_cuda_is_one_clear_error() {
 /// a CPU node.
 #[test]
 fn the_cuda_handoff_names_a_missing_library_or_becomes_the_cuda_worker() {
+    let _turn = crate::common::beside_others();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     std::fs::write(
@@ -396,6 +404,7 @@ fn the_cuda_handoff_names_a_missing_library_or_becomes_the_cuda_worker() {
 
 #[test]
 fn status_shows_the_live_job_to_token_holders_only() {
+    let _turn = crate::common::beside_others();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut coord = spawn(
         "coordinator",
@@ -465,6 +474,7 @@ fn status_shows_the_live_job_to_token_holders_only() {
 /// every impossible request is refused with exit 2 and changes nothing.
 #[test]
 fn decay_on_demand_cools_a_live_job_down_and_its_checkpoints_keep_the_new_schedule() {
+    let _turn = crate::common::beside_others();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut coord = spawn(
         "coordinator",

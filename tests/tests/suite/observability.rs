@@ -3,14 +3,13 @@
 //! processes), the Prometheus endpoint is scraped and parsed while the job
 //! trains, and `coordinator report` draws a PNG of the finished run.
 
-mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{eventually, run, spawn_env};
+use crate::common::{eventually, run, spawn_env};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -139,6 +138,7 @@ fn value(scrape: &prometheus_parse::Scrape, name: &str) -> Option<f64> {
 
 #[test]
 fn a_run_exports_linked_traces_serves_metrics_and_plots_its_curves() {
+    let _turn = crate::common::beside_others();
     let dir = tempfile::tempdir().expect("tempdir");
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)

@@ -2,12 +2,11 @@
 //! plaintext client is refused; with mutual TLS, a worker without a client
 //! certificate is refused.
 
-mod common;
 
 use std::path::Path;
 use std::time::Duration;
 
-use common::spawn;
+use crate::common::spawn;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
 /// Writes ca.pem, server.pem/server.key (for 127.0.0.1 and localhost) and
@@ -37,6 +36,7 @@ fn certificates(dir: &Path) {
 
 #[test]
 fn tls_workers_train_and_plaintext_is_refused() {
+    let _turn = crate::common::beside_others();
     let d = tempfile::tempdir().expect("tmp");
     certificates(d.path());
     let mut coord = spawn(
@@ -85,6 +85,7 @@ fn tls_workers_train_and_plaintext_is_refused() {
 
 #[test]
 fn mutual_tls_refuses_a_worker_without_a_client_certificate() {
+    let _turn = crate::common::beside_others();
     let d = tempfile::tempdir().expect("tmp");
     certificates(d.path());
     let mut coord = spawn(

@@ -1,14 +1,13 @@
 //! Checkpoints end to end: exact resume after SIGKILL, resume with another
 //! worker count, Strategy A (extend) and B (init-from), refusals, damage.
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::f64::consts::PI;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{eventually, metrics, run, snapshot, spawn, worker_pids};
+use crate::common::{eventually, metrics, run, snapshot, spawn, worker_pids};
 use serde_json::Value;
 use stride_job::checkpoint;
 
@@ -70,6 +69,7 @@ fn cosine(min: f64, lr_r: f64, r: u64, n: u64, s: u64) -> f64 {
 
 #[test]
 fn resume_after_sigkill_is_exact_and_independent_of_the_worker_count() {
+    let _turn = crate::common::beside_others();
     let straight = tempfile::tempdir().expect("tmp");
     let base = args(&[
         "--workers",
@@ -184,6 +184,7 @@ fn resume_after_sigkill_is_exact_and_independent_of_the_worker_count() {
 
 #[test]
 fn strategy_a_extends_with_a_cosine_that_starts_where_the_run_stopped() {
+    let _turn = crate::common::beside_others();
     let d = tempfile::tempdir().expect("tmp");
     let run_dir = d.path().join("runs/tiny");
     // Phase 1: warmup 30, then constant, to step 40; a checkpoint every 10.
@@ -326,6 +327,7 @@ fn strategy_a_extends_with_a_cosine_that_starts_where_the_run_stopped() {
 
 #[test]
 fn strategy_b_and_the_refusals_that_point_to_it() {
+    let _turn = crate::common::beside_others();
     let d = tempfile::tempdir().expect("tmp");
     ok(
         &args(&["--workers", "1", "--set", "train.max_steps=20"]),
@@ -435,6 +437,7 @@ fn strategy_b_and_the_refusals_that_point_to_it() {
 
 #[test]
 fn damaged_checkpoints_are_refused_or_skipped_never_touched() {
+    let _turn = crate::common::beside_others();
     let d = tempfile::tempdir().expect("tmp");
     ok(
         &args(&[
@@ -558,6 +561,7 @@ fn damaged_checkpoints_are_refused_or_skipped_never_touched() {
 
 #[test]
 fn model_safetensors_has_the_names_and_shapes_of_a_nanogpt_gpt() {
+    let _turn = crate::common::beside_others();
     let d = tempfile::tempdir().expect("tmp");
     ok(
         &args(&[

@@ -2,7 +2,6 @@
 //! clear error naming the file, key or rank, a non-zero exit code, and no
 //! change to an existing checkpoint folder.
 
-
 use std::time::Duration;
 
 use crate::common::{eventually, run, snapshot, spawn};
@@ -321,10 +320,10 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
         if binary == "coordinator" && !args.contains(&"--listen") {
             argv.push("--local");
         }
-        let out = std::process::Command::new(common::bin(binary))
+        let out = std::process::Command::new(crate::common::bin(binary))
             .args(&argv)
             .current_dir(dir)
-            .env("STRIDE_TOKEN", common::TOKEN)
+            .env("STRIDE_TOKEN", crate::common::TOKEN)
             .output()
             .expect("runs");
         let text = format!(
@@ -361,7 +360,7 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
         ("runs/none", "RUN_DIR must be a run directory"),
         ("runs/empty", "no step has been recorded yet"),
     ] {
-        let out = std::process::Command::new(common::bin("coordinator"))
+        let out = std::process::Command::new(crate::common::bin("coordinator"))
             .args(["report", run_dir])
             .current_dir(dir)
             .output()
@@ -383,7 +382,7 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
             "unknown metric `accuracy`",
         ),
     ] {
-        let out = std::process::Command::new(common::bin("coordinator"))
+        let out = std::process::Command::new(crate::common::bin("coordinator"))
             .args(&args)
             .current_dir(dir)
             .output()
@@ -419,11 +418,11 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
             ),
             ("worker", vec!["--connect", "http://127.0.0.1:9"]),
         ] {
-            let out = std::process::Command::new(common::bin(binary))
+            let out = std::process::Command::new(crate::common::bin(binary))
                 .args(&args)
                 .envs(vars)
                 .current_dir(dir)
-                .env("STRIDE_TOKEN", common::TOKEN)
+                .env("STRIDE_TOKEN", crate::common::TOKEN)
                 .output()
                 .expect("runs");
             let text = String::from_utf8_lossy(&out.stderr);
@@ -469,7 +468,7 @@ fn a_worker_reading_other_data_is_refused_before_training() {
         coordinator_dir.path(),
         "c.out",
     );
-    let url = common::coordinator_url(coordinator_dir.path(), "tiny", &mut coord);
+    let url = crate::common::coordinator_url(coordinator_dir.path(), "tiny", &mut coord);
     let mut worker = spawn("worker", &["--connect", &url], worker_dir.path(), "w.out");
     let status = coord.wait(Duration::from_secs(120));
     let out = std::fs::read_to_string(coordinator_dir.path().join("c.out")).unwrap_or_default();

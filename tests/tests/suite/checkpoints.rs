@@ -1,7 +1,6 @@
 //! Checkpoints end to end: exact resume after SIGKILL, resume with another
 //! worker count, Strategy A (extend) and B (init-from), refusals, damage.
 
-
 use std::collections::BTreeMap;
 use std::f64::consts::PI;
 use std::path::Path;

@@ -15,12 +15,16 @@ static TURNS: RwLock<()> = RwLock::new(());
 
 /// A turn with no other process-starting test running (failure tests).
 pub fn alone() -> RwLockWriteGuard<'static, ()> {
-    TURNS.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    TURNS
+        .write()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// A turn beside other tests that run beside others.
 pub fn beside_others() -> RwLockReadGuard<'static, ()> {
-    TURNS.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    TURNS
+        .read()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The job token every test process gets through `STRIDE_TOKEN`.

@@ -1,6 +1,5 @@
 //! End-to-end: real coordinator and worker processes on 127.0.0.1.
 
-
 use std::time::Duration;
 
 use crate::common::{alive, eventually, metrics, run, spawn, worker_pids};
@@ -153,7 +152,7 @@ fn workers_started_separately_join_by_url() {
         dir.path(),
         "coordinator.out",
     );
-    let url = common::coordinator_url(dir.path(), "tiny", &mut coord);
+    let url = crate::common::coordinator_url(dir.path(), "tiny", &mut coord);
     assert!(url.starts_with("http://127.0.0.1:"), "{url}");
     let mut w0 = spawn("worker", &["--connect", &url], dir.path(), "w0.out");
     let mut w1 = spawn("worker", &["--connect", &url], dir.path(), "w1.out");
@@ -250,8 +249,8 @@ fn a_worker_with_the_wrong_token_is_refused_and_named() {
         dir.path(),
         "coordinator.out",
     );
-    let url = common::coordinator_url(dir.path(), "tiny", &mut coord);
-    let intruder = std::process::Command::new(common::bin("worker"))
+    let url = crate::common::coordinator_url(dir.path(), "tiny", &mut coord);
+    let intruder = std::process::Command::new(crate::common::bin("worker"))
         .args(["--connect", &url])
         .env("STRIDE_TOKEN", "not-the-token")
         .output()
@@ -274,7 +273,7 @@ fn a_worker_with_the_wrong_token_is_refused_and_named() {
 fn without_a_token_a_cluster_coordinator_refuses_to_start() {
     let _turn = crate::common::beside_others();
     let dir = tempfile::tempdir().expect("tempdir");
-    let out = std::process::Command::new(common::bin("coordinator"))
+    let out = std::process::Command::new(crate::common::bin("coordinator"))
         .args(["--config", "tiny", "--listen", "127.0.0.1:0"])
         .current_dir(dir.path())
         .env_remove("STRIDE_TOKEN")
@@ -362,10 +361,10 @@ fn the_cuda_handoff_names_a_missing_library_or_becomes_the_cuda_worker() {
     std::fs::remove_file(d.join("libstride_fake_cuda.so.1")).expect("rm");
 
     let worker = |cuda: &std::path::Path| {
-        std::process::Command::new(common::bin("worker"))
+        std::process::Command::new(crate::common::bin("worker"))
             .args(["--connect", "http://127.0.0.1:9", "--dry-run"])
             .env("STRIDE_CUDA_WORKER", cuda)
-            .env("STRIDE_TOKEN", common::TOKEN)
+            .env("STRIDE_TOKEN", crate::common::TOKEN)
             .output()
             .expect("worker runs")
     };
@@ -422,13 +421,13 @@ fn status_shows_the_live_job_to_token_holders_only() {
         dir.path(),
         "coordinator.out",
     );
-    let url = common::coordinator_url(dir.path(), "tiny", &mut coord);
+    let url = crate::common::coordinator_url(dir.path(), "tiny", &mut coord);
     let run_dir = dir.path().join("runs/tiny");
     eventually(Duration::from_secs(120), "six steps", || {
         (metrics(&run_dir).len() >= 6).then_some(())
     });
     let status = |token: &str| {
-        std::process::Command::new(common::bin("coordinator"))
+        std::process::Command::new(crate::common::bin("coordinator"))
             .args(["status", "--connect", &url])
             .env("STRIDE_TOKEN", token)
             .output()
@@ -437,7 +436,7 @@ fn status_shows_the_live_job_to_token_holders_only() {
     // The step-5 checkpoint is written in the background and committed a
     // little after its step: ask until the status names it.
     let text = eventually(Duration::from_secs(60), "a committed checkpoint", || {
-        let out = status(common::TOKEN);
+        let out = status(crate::common::TOKEN);
         assert!(
             out.status.success(),
             "{}",
@@ -494,14 +493,14 @@ fn decay_on_demand_cools_a_live_job_down_and_its_checkpoints_keep_the_new_schedu
         dir.path(),
         "coordinator.out",
     );
-    let url = common::coordinator_url(dir.path(), "tiny", &mut coord);
+    let url = crate::common::coordinator_url(dir.path(), "tiny", &mut coord);
     let run_dir = dir.path().join("runs/tiny");
     let cli = |args: &[&str]| {
-        let out = std::process::Command::new(common::bin("coordinator"))
+        let out = std::process::Command::new(crate::common::bin("coordinator"))
             .args(args)
             .args(["--connect", &url])
             .current_dir(dir.path())
-            .env("STRIDE_TOKEN", common::TOKEN)
+            .env("STRIDE_TOKEN", crate::common::TOKEN)
             .output()
             .expect("runs");
         (
@@ -540,7 +539,7 @@ fn decay_on_demand_cools_a_live_job_down_and_its_checkpoints_keep_the_new_schedu
             && status.contains(&format!("decay requested at step {s}")),
         "{status}"
     );
-    let out = std::process::Command::new(common::bin("coordinator"))
+    let out = std::process::Command::new(crate::common::bin("coordinator"))
         .args(["decay", "--over", "5", "--connect", &url])
         .env("STRIDE_TOKEN", "wrong")
         .output()

@@ -3,7 +3,6 @@
 //! as an uninterrupted run; a killed coordinator is restarted and its
 //! workers rejoin; a second coordinator on a live run is refused.
 
-
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -342,7 +341,7 @@ fn the_control_plane_holds_two_hundred_simulated_workers() {
     let _turn = crate::common::alone();
     // The load test binary asserts that every step ran and that the
     // coordinator's memory stayed bounded; figures in BENCHMARKS.md.
-    let out = Command::new(common::bin("loadtest"))
+    let out = Command::new(crate::common::bin("loadtest"))
         .args(["--workers", "200", "--steps", "100"])
         .output()
         .expect("loadtest runs");
@@ -579,7 +578,7 @@ fn a_collective_error_blames_the_rank_that_failed_not_its_survivors() {
         d.path(),
         "c.out",
     );
-    let url = common::coordinator_url(d.path(), "tiny", &mut coord);
+    let url = crate::common::coordinator_url(d.path(), "tiny", &mut coord);
     let worker = |name: &str| {
         spawn(
             "worker",
@@ -730,7 +729,7 @@ fn a_new_worker_with_a_ranks_identity_replaces_that_rank() {
         d.path(),
         "c.out",
     );
-    let url = common::coordinator_url(d.path(), "tiny", &mut coord);
+    let url = crate::common::coordinator_url(d.path(), "tiny", &mut coord);
     let worker = |name: &str, log: &str| {
         spawn(
             "worker",
@@ -781,7 +780,7 @@ fn workers_left_waiting_when_the_job_fails_are_told_to_stop() {
         d.path(),
         "c.out",
     );
-    let url = common::coordinator_url(d.path(), "tiny", &mut coord);
+    let url = crate::common::coordinator_url(d.path(), "tiny", &mut coord);
     let worker = |name: &str| {
         spawn(
             "worker",
@@ -854,7 +853,7 @@ fn sigterm_checkpoints_the_step_in_flight_and_the_resume_is_exact() {
     let log = std::fs::read_to_string(d.path().join("runs/tiny/train.log")).unwrap_or_default();
     for pid in worker_pids(&log) {
         eventually(Duration::from_secs(30), "the workers to stop", || {
-            (!common::alive(pid)).then_some(())
+            (!crate::common::alive(pid)).then_some(())
         });
     }
 

@@ -8,7 +8,6 @@
 //! The NCCL all-reduce against a CPU sum (1..=N GPUs) lives next to the
 //! NCCL code, in `worker/src/collective/nccl.rs`.
 
-
 use std::time::Duration;
 
 use crate::common::{metrics, run};

@@ -3,7 +3,6 @@
 //! processes), the Prometheus endpoint is scraped and parsed while the job
 //! trains, and `coordinator report` draws a PNG of the finished run.
 
-
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};

@@ -2,7 +2,6 @@
 //! plaintext client is refused; with mutual TLS, a worker without a client
 //! certificate is refused.
 
-
 use std::path::Path;
 use std::time::Duration;
 
@@ -60,13 +59,13 @@ fn tls_workers_train_and_plaintext_is_refused() {
         d.path(),
         "c.out",
     );
-    let url = common::coordinator_url(d.path(), "tiny", &mut coord);
+    let url = crate::common::coordinator_url(d.path(), "tiny", &mut coord);
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
 
     let plain = url.replacen("https://", "http://", 1);
-    let out = std::process::Command::new(common::bin("worker"))
+    let out = std::process::Command::new(crate::common::bin("worker"))
         .args(["--connect", &plain, "--connect-timeout", "2"])
-        .env("STRIDE_TOKEN", common::TOKEN)
+        .env("STRIDE_TOKEN", crate::common::TOKEN)
         .output()
         .expect("worker runs");
     assert!(!out.status.success(), "a plaintext worker must not get in");
@@ -111,8 +110,8 @@ fn mutual_tls_refuses_a_worker_without_a_client_certificate() {
         d.path(),
         "c.out",
     );
-    let url = common::coordinator_url(d.path(), "tiny", &mut coord);
-    let out = std::process::Command::new(common::bin("worker"))
+    let url = crate::common::coordinator_url(d.path(), "tiny", &mut coord);
+    let out = std::process::Command::new(crate::common::bin("worker"))
         .args([
             "--connect",
             &url,
@@ -122,7 +121,7 @@ fn mutual_tls_refuses_a_worker_without_a_client_certificate() {
             "2",
         ])
         .current_dir(d.path())
-        .env("STRIDE_TOKEN", common::TOKEN)
+        .env("STRIDE_TOKEN", crate::common::TOKEN)
         .output()
         .expect("worker runs");
     assert!(!out.status.success(), "no client certificate: refused");

@@ -77,7 +77,12 @@ struct RunArgs {
     extend_steps: Option<u64>,
     /// With --extend-steps: the cooldown's shape, `cosine`, `linear` or
     /// `1-sqrt` (formulas: stride-job's `schedule` module).
-    #[arg(long, value_name = "SHAPE", requires = "extend_steps", default_value = "cosine", value_parser = cooldown)]
+    #[arg(
+        long,
+        value_name = "SHAPE",
+        requires = "extend_steps",
+        default_value = "cosine"
+    )]
     decay: Cooldown,
     /// File holding the shared job token (else $STRIDE_TOKEN; --local makes one).
     #[arg(long, value_name = "PATH")]
@@ -142,7 +147,7 @@ struct DecayArgs {
     #[arg(long, value_name = "K", value_parser = steps())]
     over: u64,
     /// The cooldown's shape: `cosine`, `linear` or `1-sqrt`.
-    #[arg(long, default_value = "cosine", value_parser = cooldown)]
+    #[arg(long, default_value = "cosine")]
     shape: Cooldown,
 }
 
@@ -158,7 +163,7 @@ struct ReportArgs {
     out: Option<PathBuf>,
     /// Draw only this metric, one line per run: loss, val_loss, lr,
     /// grad_norm or tokens_per_s.
-    #[arg(long, value_name = "METRIC", value_parser = metric)]
+    #[arg(long, value_name = "METRIC")]
     metric: Option<report::Metric>,
     /// Print per run the best validation loss and its step, the final
     /// losses and the tokens seen, as JSON (draws only with --out).
@@ -213,7 +218,12 @@ struct PlanArgs {
     #[arg(long, value_name = "N", value_parser = steps())]
     extend_steps: Option<u64>,
     /// With --extend-steps: the cooldown's shape, `cosine`, `linear` or `1-sqrt`.
-    #[arg(long, value_name = "SHAPE", requires = "extend_steps", default_value = "cosine", value_parser = cooldown)]
+    #[arg(
+        long,
+        value_name = "SHAPE",
+        requires = "extend_steps",
+        default_value = "cosine"
+    )]
     decay: Cooldown,
     /// Also list the global sample indices of the first K steps.
     #[arg(long, value_name = "K", value_parser = count(1 << 20))]
@@ -271,16 +281,6 @@ struct PrepareArgs {
 /// A number of steps for a flag: 1..=`MAX_STEPS`, the config's own bound.
 fn steps() -> clap::builder::RangedU64ValueParser<u64> {
     clap::builder::RangedU64ValueParser::new().range(1..=stride_job::config::MAX_STEPS)
-}
-
-/// A metric for `report --metric`.
-fn metric(s: &str) -> Result<report::Metric, String> {
-    s.parse()
-}
-
-/// A cooldown shape for `--decay`.
-fn cooldown(s: &str) -> Result<Cooldown, String> {
-    s.parse()
 }
 
 /// A count for a flag: 1..=`max` (the bound of the config key it mirrors).

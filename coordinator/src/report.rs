@@ -24,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use stride_job::config::UnknownName;
 
 use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
@@ -80,9 +81,9 @@ impl Metric {
 }
 
 impl std::str::FromStr for Metric {
-    type Err = String;
+    type Err = UnknownName;
 
-    fn from_str(s: &str) -> Result<Metric, String> {
+    fn from_str(s: &str) -> Result<Metric, UnknownName> {
         [
             Metric::Loss,
             Metric::ValLoss,
@@ -92,7 +93,7 @@ impl std::str::FromStr for Metric {
         ]
         .into_iter()
         .find(|m| m.name() == s)
-        .ok_or_else(|| format!("unknown metric `{s}`: use one of {}", Metric::NAMES))
+        .ok_or_else(|| UnknownName::new("metric", s, format!("use one of {}", Metric::NAMES)))
     }
 }
 
@@ -621,7 +622,10 @@ mod tests {
             );
         }
         assert_eq!("tokens_per_s".parse::<Metric>(), Ok(Metric::TokensPerS));
-        let e = "accuracy".parse::<Metric>().expect_err("unknown");
+        let e = "accuracy"
+            .parse::<Metric>()
+            .expect_err("unknown")
+            .to_string();
         assert!(
             e.contains("loss, val_loss, lr, grad_norm, tokens_per_s"),
             "{e}"

@@ -289,7 +289,12 @@ impl Coordinator for Service {
                 stride_job::config::MAX_STEPS
             )));
         }
-        let shape: Cooldown = r.shape.parse().map_err(Status::invalid_argument)?;
+        let shape: Cooldown = r
+            .shape
+            .parse()
+            .map_err(|e: stride_job::config::UnknownName| {
+                Status::invalid_argument(e.to_string())
+            })?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.shared
             .events

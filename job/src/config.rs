@@ -144,6 +144,27 @@ pub enum ConfigError {
     BadOverride { arg: String, reason: String },
 }
 
+/// A name that is not one of a key's or flag's choices (a device, an
+/// engine, a cooldown shape, a metric): what it names, what was given,
+/// what is accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown {what} `{got}`: {expected}")]
+pub struct UnknownName {
+    pub what: &'static str,
+    pub got: String,
+    pub expected: String,
+}
+
+impl UnknownName {
+    pub fn new(what: &'static str, got: &str, expected: impl Into<String>) -> UnknownName {
+        UnknownName {
+            what,
+            got: got.to_string(),
+            expected: expected.into(),
+        }
+    }
+}
+
 /// An optional "did you mean" suffix for an error message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hint(pub Option<String>);
@@ -686,8 +707,8 @@ pub enum Device {
 }
 
 impl TryFrom<String> for Device {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = UnknownName;
+    fn try_from(s: String) -> Result<Self, UnknownName> {
         match s.as_str() {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(None)),
@@ -696,7 +717,7 @@ impl TryFrom<String> for Device {
                 .and_then(|n| n.parse().ok())
                 .map(|n| Device::Cuda(Some(n)))
                 .ok_or_else(|| {
-                    format!("unknown device `{other}`: expected `cpu`, `cuda` or `cuda:N`")
+                    UnknownName::new("device", other, "expected `cpu`, `cuda` or `cuda:N`")
                 }),
         }
     }
@@ -732,14 +753,16 @@ pub enum Precision {
 }
 
 impl TryFrom<String> for Precision {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = UnknownName;
+    fn try_from(s: String) -> Result<Self, UnknownName> {
         match s.as_str() {
             "auto" => Ok(Precision::Auto),
             "f32" => Ok(Precision::F32),
             "bf16" => Ok(Precision::Bf16),
-            other => Err(format!(
-                "unknown precision `{other}`: expected `auto` (bf16 on CUDA, f32 on CPU), `f32` or `bf16`"
+            other => Err(UnknownName::new(
+                "precision",
+                other,
+                "expected `auto` (bf16 on CUDA, f32 on CPU), `f32` or `bf16`",
             )),
         }
     }
@@ -772,14 +795,16 @@ pub enum Engine {
 }
 
 impl TryFrom<String> for Engine {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
+    type Error = UnknownName;
+    fn try_from(s: String) -> Result<Self, UnknownName> {
         match s.as_str() {
             "auto" => Ok(Engine::Auto),
             "fused" => Ok(Engine::Fused),
             "composed" => Ok(Engine::Composed),
-            other => Err(format!(
-                "unknown engine `{other}`: expected `auto` (fused on CPU, composed on CUDA), `fused` or `composed`"
+            other => Err(UnknownName::new(
+                "engine",
+                other,
+                "expected `auto` (fused on CPU, composed on CUDA), `fused` or `composed`",
             )),
         }
     }

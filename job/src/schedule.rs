@@ -63,16 +63,17 @@ impl Cooldown {
 }
 
 impl std::str::FromStr for Cooldown {
-    type Err = String;
+    type Err = crate::config::UnknownName;
 
-    fn from_str(s: &str) -> Result<Cooldown, String> {
+    fn from_str(s: &str) -> Result<Cooldown, Self::Err> {
         match s {
             "cosine" => Ok(Cooldown::Cosine),
             "linear" => Ok(Cooldown::Linear),
             "1-sqrt" => Ok(Cooldown::OneMinusSqrt),
-            _ => Err(format!(
-                "unknown cooldown shape `{s}`: use one of {}",
-                Cooldown::NAMES
+            _ => Err(crate::config::UnknownName::new(
+                "cooldown shape",
+                s,
+                format!("use one of {}", Cooldown::NAMES),
             )),
         }
     }
@@ -531,7 +532,7 @@ mod tests {
             ));
         }
         assert_eq!("1-sqrt".parse::<Cooldown>(), Ok(Cooldown::OneMinusSqrt));
-        let e = "sqrt".parse::<Cooldown>().expect_err("unknown");
+        let e = "sqrt".parse::<Cooldown>().expect_err("unknown").to_string();
         assert!(e.contains("cosine, linear, 1-sqrt"), "{e}");
     }
 

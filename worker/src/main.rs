@@ -199,15 +199,25 @@ async fn serve_health(listener: tokio::net::TcpListener) {
     }
 }
 
+/// A `--…-timeout` value that is not a number of seconds a `Duration` can
+/// hold.
+#[derive(Debug, thiserror::Error)]
+enum BadSeconds {
+    #[error("`{0}` is not a number of seconds")]
+    NotANumber(String),
+    #[error("{0} s is outside 0..=1000000")]
+    OutOfRange(String),
+}
+
 /// A number of seconds a `Duration` can hold: finite, in 0..=1,000,000.
-fn seconds(s: &str) -> Result<f64, String> {
+fn seconds(s: &str) -> Result<f64, BadSeconds> {
     let v: f64 = s
         .parse()
-        .map_err(|_| format!("`{s}` is not a number of seconds"))?;
+        .map_err(|_| BadSeconds::NotANumber(s.to_string()))?;
     if v.is_finite() && (0.0..=stride_job::config::MAX_SECONDS).contains(&v) {
         Ok(v)
     } else {
-        Err(format!("{s} s is outside 0..=1000000"))
+        Err(BadSeconds::OutOfRange(s.to_string()))
     }
 }
 

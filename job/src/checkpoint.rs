@@ -27,7 +27,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::io::Read;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use safetensors::tensor::{Dtype, SafeTensors, View};
@@ -341,26 +341,8 @@ pub fn resolve(path: &Path) -> Result<(Checkpoint, Vec<String>), CheckpointError
     })
 }
 
-/// A flat `f32` buffer's slice as a safetensors view.
-struct F32View<'a> {
-    shape: &'a [usize],
-    data: &'a [f32],
-}
-
-impl View for F32View<'_> {
-    fn dtype(&self) -> Dtype {
-        Dtype::F32
-    }
-    fn shape(&self) -> &[usize] {
-        self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.data.iter().flat_map(|x| x.to_le_bytes()).collect())
-    }
-    fn data_len(&self) -> usize {
-        self.data.len() * 4
-    }
-}
+#[cfg(target_endian = "big")]
+compile_error!("checkpoints move f32 buffers to and from disk as their little-endian bytes");
 
 /// One named tensor of a safetensors file.
 #[derive(Debug, Clone, PartialEq)]
@@ -370,62 +352,288 @@ pub struct NamedTensor {
     pub data: Vec<f32>,
 }
 
-/// Writes `tensors` (name, shape, values) as f32 safetensors with
-/// `metadata`, fsyncs the file, and returns its sha256.
+/// Writes `tensors` (name, shape, values) as an f32 safetensors file with
+/// `metadata`, fsyncs it, and returns its sha256 — straight from the
+/// callers' buffers: the header, then each tensor's bytes (its `f32`
+/// slice seen as little-endian bytes, not copied), while a second thread
+/// hashes the same bytes. The layout is the safetensors crate's (tensors
+/// by name, header padded to 8 bytes; [`reference::write_tensors`] is
+/// the crate's own writer, held to this one in tests).
 pub fn write_tensors(
     path: &Path,
     tensors: &[(String, Vec<usize>, &[f32])],
     metadata: HashMap<String, String>,
 ) -> Result<String, CheckpointError> {
-    let views = tensors
-        .iter()
-        .map(|(n, s, d)| (n.clone(), F32View { shape: s, data: d }));
-    safetensors::tensor::serialize_to_file(views, Some(metadata), path).map_err(|e| {
-        CheckpointError::Invalid {
-            path: path.to_path_buf(),
-            message: format!("cannot write: {e}"),
+    let invalid = |message: String| CheckpointError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    /// A header entry, fields in the safetensors crate's order.
+    #[derive(Serialize)]
+    struct Info<'a> {
+        dtype: &'static str,
+        shape: &'a [usize],
+        data_offsets: (usize, usize),
+    }
+    let mut order: Vec<&(String, Vec<usize>, &[f32])> = tensors.iter().collect();
+    order.sort_by(|a, b| a.0.cmp(&b.0));
+    let json_err = |e: serde_json::Error| invalid(format!("cannot write the header: {e}"));
+    let metadata: BTreeMap<String, String> = metadata.into_iter().collect();
+    let mut json = format!(
+        "{{\"__metadata__\":{}",
+        serde_json::to_string(&metadata).map_err(json_err)?
+    );
+    let mut offset = 0usize;
+    for (name, shape, data) in &order {
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(invalid(format!(
+                "cannot write tensor {name}: shape {shape:?} does not hold {} values",
+                data.len()
+            )));
         }
-    })?;
-    std::fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(path))?;
-    sha256_file(path)
+        let end = offset + 4 * data.len();
+        let info = Info {
+            dtype: "F32",
+            shape,
+            data_offsets: (offset, end),
+        };
+        json.push(',');
+        json.push_str(&serde_json::to_string(name).map_err(json_err)?);
+        json.push(':');
+        json.push_str(&serde_json::to_string(&info).map_err(json_err)?);
+        offset = end;
+    }
+    json.push('}');
+    let mut json = json.into_bytes();
+    json.resize(json.len().next_multiple_of(8), b' ');
+    let len = (json.len() as u64).to_le_bytes();
+    let pieces: Vec<&[u8]> = [&len[..], &json[..]]
+        .into_iter()
+        .chain(
+            order
+                .iter()
+                .map(|(_, _, d)| bytemuck::cast_slice::<f32, u8>(d)),
+        )
+        .collect();
+    std::thread::scope(|scope| {
+        let hasher = scope.spawn(|| {
+            let mut h = Sha256::new();
+            for piece in &pieces {
+                h.update(piece);
+            }
+            hex(&h.finalize())
+        });
+        let written = (|| {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+            for piece in &pieces {
+                w.write_all(piece)?;
+            }
+            w.into_inner().map_err(|e| e.into_error())?.sync_all()
+        })();
+        let sha256 = hasher
+            .join()
+            .map_err(|_| invalid("the hashing thread failed".into()));
+        written.map_err(io_err(path))?;
+        sha256
+    })
 }
 
-/// Reads every tensor of an f32 safetensors file, and its metadata.
-pub fn read_tensors(
+/// One tensor as a safetensors header describes it.
+#[derive(Debug)]
+struct Entry {
+    name: String,
+    shape: Vec<usize>,
+    /// Where its bytes start in the file.
+    start: u64,
+}
+
+/// Reads and checks the header of an f32 safetensors file: the tensors in
+/// file order, and the metadata.
+fn read_header(
     path: &Path,
-) -> Result<(Vec<NamedTensor>, HashMap<String, String>), CheckpointError> {
-    let bytes = std::fs::read(path).map_err(io_err(path))?;
+    f: &mut std::fs::File,
+) -> Result<(Vec<Entry>, HashMap<String, String>), CheckpointError> {
     let invalid = |m: String| CheckpointError::Invalid {
         path: path.to_path_buf(),
         message: m,
     };
-    let (_, meta) = SafeTensors::read_metadata(&bytes)
-        .map_err(|e| invalid(format!("not a safetensors file: {e}")))?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| invalid(format!("not a safetensors file: {e}")))?;
-    let mut out = Vec::new();
-    for (name, view) in st.tensors() {
-        if view.dtype() != Dtype::F32 {
-            return Err(invalid(format!(
-                "tensor {name} is {:?}, expected F32",
-                view.dtype()
+    let file_len = f.metadata().map_err(io_err(path))?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .map_err(|_| invalid("not a safetensors file: shorter than its header".into()))?;
+    let n = u64::from_le_bytes(len);
+    if n > (100 << 20) || 8 + n > file_len {
+        return Err(invalid(format!(
+            "not a safetensors file: a header of {n} bytes in a file of {file_len}"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(io_err(path))?;
+    let json: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&header)
+        .map_err(|e| invalid(format!("not a safetensors file: bad header: {e}")))?;
+    let mut entries = Vec::new();
+    let mut metadata = HashMap::new();
+    for (name, v) in json {
+        if name == "__metadata__" {
+            metadata = serde_json::from_value(v)
+                .map_err(|e| invalid(format!("bad metadata in the header: {e}")))?;
+            continue;
+        }
+        let bad = |what: &str| invalid(format!("tensor {name}: {what}"));
+        if v.get("dtype").and_then(|d| d.as_str()) != Some("F32") {
+            return Err(bad("is not F32"));
+        }
+        let shape: Vec<usize> = v
+            .get("shape")
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .ok_or_else(|| bad("has no shape"))?;
+        let offsets: [u64; 2] = v
+            .get("data_offsets")
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .ok_or_else(|| bad("has no data offsets"))?;
+        let (start, end) = (8 + n + offsets[0], 8 + n + offsets[1]);
+        let values = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+        if end < start
+            || end > file_len
+            || values.and_then(|v| v.checked_mul(4)) != Some(end - start)
+        {
+            return Err(bad(&format!(
+                "bytes {start}..{end} of {file_len} do not hold shape {shape:?} (the file is truncated or damaged)"
             )));
         }
-        let data = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        out.push(NamedTensor {
-            name,
-            shape: view.shape().to_vec(),
-            data,
+        entries.push(Entry { name, shape, start });
+    }
+    entries.sort_by_key(|e| e.start);
+    Ok((entries, metadata))
+}
+
+/// Reads the tensors named `prefix` + a slot's name from an f32
+/// safetensors file straight into `flat` (in `slots` order), one read per
+/// tensor in file order; a tensor missing, extra or of another shape is
+/// an error listing every difference.
+fn read_flat_into(
+    path: &Path,
+    f: &mut std::fs::File,
+    entries: &[Entry],
+    slots: &[Slot],
+    prefix: &str,
+    flat: &mut [f32],
+) -> Result<(), CheckpointError> {
+    let shapes: BTreeMap<String, Vec<usize>> = entries
+        .iter()
+        .filter_map(|e| {
+            e.name
+                .strip_prefix(prefix)
+                .map(|n| (n.to_string(), e.shape.clone()))
+        })
+        .collect();
+    let diff = layout_mismatch(&shapes, slots);
+    let total = slots.last().map_or(0, |s| s.offset + s.len);
+    if !diff.is_empty() || flat.len() != total {
+        return Err(CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("tensors differ from the model:\n  {}", diff.join("\n  ")),
         });
     }
-    out.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok((out, meta.metadata().clone().unwrap_or_default()))
+    let by_name: HashMap<&str, &Slot> = slots.iter().map(|s| (s.name.as_str(), s)).collect();
+    for e in entries {
+        let Some(slot) = e.name.strip_prefix(prefix).and_then(|n| by_name.get(n)) else {
+            continue;
+        };
+        let dest =
+            bytemuck::cast_slice_mut::<f32, u8>(&mut flat[slot.offset..slot.offset + slot.len]);
+        f.seek(std::io::SeekFrom::Start(e.start))
+            .and_then(|_| f.read_exact(dest))
+            .map_err(io_err(path))?;
+    }
+    Ok(())
+}
+
+/// The safetensors crate's own writer and reader: the reference the
+/// streaming [`write_tensors`] and the direct reads are held to in tests
+/// and measured against in the bench.
+pub mod reference {
+    use super::*;
+
+    /// A flat `f32` buffer's slice as a safetensors view.
+    struct F32View<'a> {
+        shape: &'a [usize],
+        data: &'a [f32],
+    }
+
+    impl View for F32View<'_> {
+        fn dtype(&self) -> Dtype {
+            Dtype::F32
+        }
+        fn shape(&self) -> &[usize] {
+            self.shape
+        }
+        fn data(&self) -> Cow<'_, [u8]> {
+            Cow::Owned(self.data.iter().flat_map(|x| x.to_le_bytes()).collect())
+        }
+        fn data_len(&self) -> usize {
+            self.data.len() * 4
+        }
+    }
+
+    /// [`write_tensors`](super::write_tensors) through the safetensors
+    /// crate: serialise, fsync, then hash by reading the file back.
+    pub fn write_tensors(
+        path: &Path,
+        tensors: &[(String, Vec<usize>, &[f32])],
+        metadata: HashMap<String, String>,
+    ) -> Result<String, CheckpointError> {
+        let views = tensors
+            .iter()
+            .map(|(n, s, d)| (n.clone(), F32View { shape: s, data: d }));
+        safetensors::tensor::serialize_to_file(views, Some(metadata), path).map_err(|e| {
+            CheckpointError::Invalid {
+                path: path.to_path_buf(),
+                message: format!("cannot write: {e}"),
+            }
+        })?;
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(path))?;
+        sha256_file(path)
+    }
+
+    /// Every tensor of an f32 safetensors file, and its metadata, through
+    /// the safetensors crate (the whole file read into memory first).
+    pub fn read_tensors(
+        path: &Path,
+    ) -> Result<(Vec<NamedTensor>, HashMap<String, String>), CheckpointError> {
+        let bytes = std::fs::read(path).map_err(io_err(path))?;
+        let invalid = |m: String| CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            message: m,
+        };
+        let (_, meta) = SafeTensors::read_metadata(&bytes)
+            .map_err(|e| invalid(format!("not a safetensors file: {e}")))?;
+        let st = SafeTensors::deserialize(&bytes)
+            .map_err(|e| invalid(format!("not a safetensors file: {e}")))?;
+        let mut out = Vec::new();
+        for (name, view) in st.tensors() {
+            if view.dtype() != Dtype::F32 {
+                return Err(invalid(format!(
+                    "tensor {name} is {:?}, expected F32",
+                    view.dtype()
+                )));
+            }
+            let data = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            out.push(NamedTensor {
+                name,
+                shape: view.shape().to_vec(),
+                data,
+            });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok((out, meta.metadata().clone().unwrap_or_default()))
+    }
 }
 
 /// Names and shapes of the tensors of a safetensors file (header only).
@@ -535,62 +743,57 @@ pub fn write_optimizer(
     write_tensors(&dir.join(OPTIMIZER_FILE), &tensors, meta)
 }
 
-fn flat_from(
-    path: &Path,
-    tensors: &[NamedTensor],
-    slots: &[Slot],
-    prefix: &str,
-) -> Result<Vec<f32>, CheckpointError> {
-    let shapes: BTreeMap<String, Vec<usize>> = tensors
-        .iter()
-        .filter_map(|t| {
-            t.name
-                .strip_prefix(prefix)
-                .map(|n| (n.to_string(), t.shape.clone()))
-        })
-        .collect();
-    let diff = layout_mismatch(&shapes, slots);
-    if !diff.is_empty() {
-        return Err(CheckpointError::Invalid {
-            path: path.to_path_buf(),
-            message: format!("tensors differ from the model:\n  {}", diff.join("\n  ")),
-        });
-    }
-    let mut flat = vec![0f32; slots.last().map_or(0, |s| s.offset + s.len)];
-    for t in tensors {
-        if let Some(name) = t.name.strip_prefix(prefix)
-            && let Some(s) = slots.iter().find(|s| s.name == name)
-        {
-            flat[s.offset..s.offset + s.len].copy_from_slice(&t.data);
-        }
-    }
-    Ok(flat)
-}
-
-/// Reads `model.safetensors` into a flat buffer in `slots` order; a layout
-/// difference is an error listing the tensors that differ.
-pub fn read_model(dir: &Path, slots: &[Slot]) -> Result<Vec<f32>, CheckpointError> {
-    let path = dir.join(MODEL_FILE);
-    let (tensors, _) = read_tensors(&path)?;
-    flat_from(&path, &tensors, slots, "")
-}
-
-/// Reads `optimizer.safetensors`: first moments, second moments, update count.
-pub fn read_optimizer(
+/// Reads `model.safetensors` straight into `weights` (a flat buffer in
+/// `slots` order); a layout difference is an error listing the tensors
+/// that differ.
+pub fn read_model_into(
     dir: &Path,
     slots: &[Slot],
-) -> Result<(Vec<f32>, Vec<f32>, u64), CheckpointError> {
+    weights: &mut [f32],
+) -> Result<(), CheckpointError> {
+    let path = dir.join(MODEL_FILE);
+    let mut f = std::fs::File::open(&path).map_err(io_err(&path))?;
+    let (entries, _) = read_header(&path, &mut f)?;
+    read_flat_into(&path, &mut f, &entries, slots, "", weights)
+}
+
+/// [`read_model_into`] a new buffer.
+pub fn read_model(dir: &Path, slots: &[Slot]) -> Result<Vec<f32>, CheckpointError> {
+    let mut weights = vec![0f32; slots.last().map_or(0, |s| s.offset + s.len)];
+    read_model_into(dir, slots, &mut weights)?;
+    Ok(weights)
+}
+
+/// Reads `optimizer.safetensors` straight into the first and second
+/// moments `m` and `v`; returns the update count.
+pub fn read_optimizer_into(
+    dir: &Path,
+    slots: &[Slot],
+    m: &mut [f32],
+    v: &mut [f32],
+) -> Result<u64, CheckpointError> {
     let path = dir.join(OPTIMIZER_FILE);
-    let (tensors, meta) = read_tensors(&path)?;
-    let m = flat_from(&path, &tensors, slots, "exp_avg.")?;
-    let v = flat_from(&path, &tensors, slots, "exp_avg_sq.")?;
-    let step = meta
-        .get("step")
+    let mut f = std::fs::File::open(&path).map_err(io_err(&path))?;
+    let (entries, meta) = read_header(&path, &mut f)?;
+    read_flat_into(&path, &mut f, &entries, slots, "exp_avg.", m)?;
+    read_flat_into(&path, &mut f, &entries, slots, "exp_avg_sq.", v)?;
+    meta.get("step")
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| CheckpointError::Invalid {
             path: path.clone(),
             message: "no `step` in the metadata".into(),
-        })?;
+        })
+}
+
+/// [`read_optimizer_into`] new buffers: first moments, second moments,
+/// update count.
+pub fn read_optimizer(
+    dir: &Path,
+    slots: &[Slot],
+) -> Result<(Vec<f32>, Vec<f32>, u64), CheckpointError> {
+    let n = slots.last().map_or(0, |s| s.offset + s.len);
+    let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+    let step = read_optimizer_into(dir, slots, &mut m, &mut v)?;
     Ok((m, v, step))
 }
 
@@ -745,6 +948,113 @@ mod tests {
         commit(&tmp, folder, s, "[train]\n").expect("commit")
     }
 
+    /// Two slots of a small model, in name order, and values for them.
+    fn two_slots() -> (Vec<Slot>, Vec<f32>) {
+        let slots = vec![
+            Slot {
+                name: "a.bias".into(),
+                shape: vec![3],
+                offset: 0,
+                len: 3,
+            },
+            Slot {
+                name: "b.weight".into(),
+                shape: vec![2, 2],
+                offset: 3,
+                len: 4,
+            },
+        ];
+        let values = (0..7).map(|i| i as f32 * 0.25 - 1.0).collect();
+        (slots, values)
+    }
+
+    #[test]
+    fn the_streaming_writer_writes_the_safetensors_crates_bytes() {
+        let d = tempfile::tempdir().expect("tmp");
+        let w: Vec<f32> = (0..12).map(|i| i as f32 / 7.0).collect();
+        // Given out of order: both writers lay tensors out by name.
+        let tensors: Vec<(String, Vec<usize>, &[f32])> = vec![
+            ("z.weight".into(), vec![2, 3], &w[..6]),
+            ("a.bias".into(), vec![5], &w[6..11]),
+            ("m".into(), vec![1], &w[11..]),
+        ];
+        let meta = HashMap::from([("step".to_string(), "42".to_string())]);
+        let (ours, theirs) = (d.path().join("ours"), d.path().join("theirs"));
+        let sha = write_tensors(&ours, &tensors, meta.clone()).expect("ours");
+        let sha_ref = reference::write_tensors(&theirs, &tensors, meta).expect("theirs");
+        assert_eq!(
+            std::fs::read(&ours).expect("read"),
+            std::fs::read(&theirs).expect("read")
+        );
+        assert_eq!(sha, sha_ref);
+        assert_eq!(sha, sha256_file(&ours).expect("hash"));
+    }
+
+    #[test]
+    fn files_of_the_reference_writer_load_straight_into_buffers() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (slots, w) = two_slots();
+        let m: Vec<f32> = w.iter().map(|x| x * 3.0).collect();
+        let v: Vec<f32> = w.iter().map(|x| x * x).collect();
+        // The model file as a checkpoint written before the streaming
+        // writer existed.
+        let model: Vec<(String, Vec<usize>, &[f32])> = slots
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    s.shape.clone(),
+                    &w[s.offset..s.offset + s.len],
+                )
+            })
+            .collect();
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+        reference::write_tensors(&d.path().join(MODEL_FILE), &model, meta).expect("model");
+        write_optimizer(d.path(), &slots, &m, &v, 9).expect("optimizer");
+        let mut got = vec![f32::NAN; 7];
+        read_model_into(d.path(), &slots, &mut got).expect("model");
+        assert_eq!(got, w);
+        let (mut gm, mut gv) = (vec![0.0; 7], vec![0.0; 7]);
+        let step = read_optimizer_into(d.path(), &slots, &mut gm, &mut gv).expect("opt");
+        assert_eq!((gm, gv, step), (m, v, 9));
+    }
+
+    #[test]
+    fn damaged_or_foreign_tensor_files_are_refused_with_what_is_wrong() {
+        let d = tempfile::tempdir().expect("tmp");
+        let (slots, w) = two_slots();
+        write_model(d.path(), &slots, &w).expect("model");
+        let path = d.path().join(MODEL_FILE);
+        let good = std::fs::read(&path).expect("read");
+        let load = || {
+            let mut out = vec![0.0; 7];
+            read_model_into(d.path(), &slots, &mut out)
+                .expect_err("refused")
+                .to_string()
+        };
+        std::fs::write(&path, &good[..good.len() - 4]).expect("truncate");
+        assert!(load().contains("truncated or damaged"), "{}", load());
+        std::fs::write(&path, &good[..5]).expect("truncate");
+        assert!(load().contains("shorter than its header"), "{}", load());
+        let mut huge = good.clone();
+        huge[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        std::fs::write(&path, &huge).expect("write");
+        assert!(load().contains("not a safetensors file"), "{}", load());
+        // Another model: a tensor of another shape, one missing.
+        let other = vec![Slot {
+            name: "a.bias".into(),
+            shape: vec![7],
+            offset: 0,
+            len: 7,
+        }];
+        write_model(d.path(), &other, &w).expect("model");
+        let e = load();
+        assert!(
+            e.contains("a.bias: checkpoint [7], model [3]") && e.contains("b.weight"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn a_committed_checkpoint_validates_and_reads_back() {
         let d = tempfile::tempdir().expect("tmp");
@@ -761,7 +1071,7 @@ mod tests {
                 position: 7
             }
         );
-        let (t, _) = read_tensors(&dir.join(MODEL_FILE)).expect("read");
+        let (t, _) = reference::read_tensors(&dir.join(MODEL_FILE)).expect("read");
         assert_eq!(t[0].data, vec![1.0, 2.0, 3.0]);
         assert_eq!(
             tensor_shapes(&dir.join(MODEL_FILE)).expect("shapes")["a.weight"],

@@ -9,8 +9,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::Result;
@@ -25,27 +25,59 @@ use crate::engine::Engine;
 use crate::model::{self, Slot};
 use crate::optim::{AdamW, clip_global_norm};
 
-/// The state a checkpoint saves from a worker.
-#[derive(Debug)]
-pub struct Snapshot {
-    slots: Vec<Slot>,
+/// Host buffers a checkpoint's state is copied into.
+#[derive(Debug, Default)]
+pub struct SnapshotBuffers {
     weights: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
+}
+
+/// The state a checkpoint saves from a worker, copied at a step boundary
+/// so that the files can be written while training goes on. Its buffers
+/// go back to the trainer when it is dropped (after the write), and the
+/// next snapshot copies into them: from the second checkpoint on, the
+/// training stall is one copy of the state into memory already allocated
+/// and touched (no allocation, no page faults). Only the rank that writes
+/// (rank 0) ever holds them; they stay allocated for the trainer's life.
+#[derive(Debug)]
+pub struct Snapshot {
+    slots: Vec<Slot>,
+    buffers: SnapshotBuffers,
     optimizer_step: u64,
+    spare: Arc<Mutex<Option<SnapshotBuffers>>>,
 }
 
 impl Snapshot {
     /// Writes model.safetensors and optimizer.safetensors into `dir`
-    /// (fsynced); returns file name → sha256.
+    /// (fsynced), straight from the snapshot's buffers; returns file name →
+    /// sha256.
     pub fn write(&self, dir: &Path) -> Result<BTreeMap<String, String>> {
-        let model = checkpoint::write_model(dir, &self.slots, &self.weights)?;
-        let optim =
-            checkpoint::write_optimizer(dir, &self.slots, &self.m, &self.v, self.optimizer_step)?;
+        let b = &self.buffers;
+        let model = checkpoint::write_model(dir, &self.slots, &b.weights)?;
+        let optim = checkpoint::write_optimizer(dir, &self.slots, &b.m, &b.v, self.optimizer_step)?;
         Ok(BTreeMap::from([
             (checkpoint::MODEL_FILE.to_string(), model),
             (checkpoint::OPTIMIZER_FILE.to_string(), optim),
         ]))
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        if let Ok(mut spare) = self.spare.lock() {
+            *spare = Some(std::mem::take(&mut self.buffers));
+        }
+    }
+}
+
+/// `dst` = `src`, reusing `dst`'s memory when it has the same length.
+fn copy_into(dst: &mut Vec<f32>, src: &[f32]) {
+    if dst.len() == src.len() {
+        dst.copy_from_slice(src);
+    } else {
+        dst.clear();
+        dst.extend_from_slice(src);
     }
 }
 
@@ -100,6 +132,8 @@ pub struct Trainer {
     inputs: Vec<u32>,
     targets: Vec<u32>,
     signals: Arc<Signals>,
+    /// A written snapshot's buffers, for the next one.
+    spare: Arc<Mutex<Option<SnapshotBuffers>>>,
 }
 
 impl Trainer {
@@ -137,6 +171,7 @@ impl Trainer {
             inputs: Vec::new(),
             targets: Vec::new(),
             signals: Arc::default(),
+            spare: Arc::default(),
         })
     }
 
@@ -187,28 +222,37 @@ impl Trainer {
     }
 
     /// Loads weights (and, unless `weights_only`, the optimiser state) from a
-    /// checkpoint directory the coordinator has validated.
+    /// checkpoint directory the coordinator has validated, reading the files
+    /// straight into the trainer's buffers. After an error the trainer is
+    /// half-loaded and must be dropped (`compute.rs` does).
     pub fn load_checkpoint(&mut self, dir: &Path, weights_only: bool) -> Result<()> {
-        let weights = checkpoint::read_model(dir, &self.slots)?;
-        self.set_weights(weights)?;
+        checkpoint::read_model_into(dir, &self.slots, &mut self.weights)?;
+        self.engine.weights_changed(&self.weights)?;
         if !weights_only {
-            let (m, v, step) = checkpoint::read_optimizer(dir, &self.slots)?;
-            self.optimizer.m = m;
-            self.optimizer.v = v;
-            self.optimizer.step = step;
+            let o = &mut self.optimizer;
+            o.step = checkpoint::read_optimizer_into(dir, &self.slots, &mut o.m, &mut o.v)?;
         }
         Ok(())
     }
 
     /// A copy of everything a checkpoint holds from this rank, taken at a
-    /// step boundary so that the files can be written while training goes on.
+    /// step boundary (into the last snapshot's buffers when it has been
+    /// written).
     pub fn snapshot(&self) -> Snapshot {
+        let mut buffers = self
+            .spare
+            .lock()
+            .ok()
+            .and_then(|mut s| s.take())
+            .unwrap_or_default();
+        copy_into(&mut buffers.weights, &self.weights);
+        copy_into(&mut buffers.m, &self.optimizer.m);
+        copy_into(&mut buffers.v, &self.optimizer.v);
         Snapshot {
             slots: self.slots.clone(),
-            weights: self.weights.clone(),
-            m: self.optimizer.m.clone(),
-            v: self.optimizer.v.clone(),
+            buffers,
             optimizer_step: self.optimizer.step,
+            spare: self.spare.clone(),
         }
     }
 

@@ -40,9 +40,12 @@ struct Args {
     /// Skip the composed-engine lines (slow on the large shapes).
     #[arg(long)]
     no_composed: bool,
-    /// Skip the checkpoint benchmark (it writes ~1.5 GB to --checkpoint-dir).
+    /// Skip the checkpoint benchmark (it writes ~3 GB to --checkpoint-dir).
     #[arg(long)]
     no_checkpoint: bool,
+    /// Run only the checkpoint benchmark.
+    #[arg(long, conflicts_with = "no_checkpoint")]
+    checkpoint_only: bool,
     /// Where the checkpoint benchmark writes (the disk checkpoints go to).
     #[arg(long, default_value = "target/bench-checkpoint")]
     checkpoint_dir: std::path::PathBuf,
@@ -284,10 +287,19 @@ fn bench_tcp(reps: usize) -> Result<f64> {
     Ok(gbs)
 }
 
-/// Checkpoint of GPT-2 small (124M parameters: weights + two AdamW moments):
-/// the in-memory snapshot (the only stall training sees), the background
-/// write with fsync against `dd` of the same size to the same disk, and the
-/// load a resume does before its first step.
+/// Checkpoint of GPT-2 small (124M parameters: weights plus two AdamW
+/// moments), each part next to its reference in the same run:
+/// - the training stall: the snapshot into buffers kept from the last
+///   checkpoint (what rank 0 does from its second checkpoint on) next to
+///   an allocating copy (the first checkpoint, and every one before);
+/// - the write with fsync and sha256: the streaming writer next to the
+///   safetensors crate's (then hashed by reading back) and next to
+///   `dd conv=fsync` of the same size to the same disk;
+/// - the resume: the coordinator's validation (sha256 of both files) plus
+///   the worker's direct read into its buffers, next to the reference
+///   reader and to reading the files once; the page cache is dropped for
+///   the files before each read (`dd iflag=nocache`), so reads come from
+///   the disk.
 fn bench_checkpoint(dir: &std::path::Path) -> Result<()> {
     use stride_job::checkpoint;
     let c = ModelConfig::default();
@@ -296,16 +308,81 @@ fn bench_checkpoint(dir: &std::path::Path) -> Result<()> {
     let m = weights.iter().map(|w| w * 0.5).collect::<Vec<f32>>();
     let v = weights.iter().map(|w| w * w).collect::<Vec<f32>>();
     std::fs::create_dir_all(dir)?;
+    let secs = |t: Instant| t.elapsed().as_secs_f64();
+
+    // The stall: allocating copies, then copies into those (now touched)
+    // buffers, as `Trainer::snapshot` does once a snapshot was written.
     let t = Instant::now();
-    let snapshot = (weights.clone(), m.clone(), v.clone());
-    let stall = t.elapsed().as_secs_f64();
+    let mut snap = (weights.clone(), m.clone(), v.clone());
+    let stall_alloc = secs(t);
     let t = Instant::now();
-    checkpoint::write_model(dir, &slots, &snapshot.0)?;
-    checkpoint::write_optimizer(dir, &slots, &snapshot.1, &snapshot.2, 1)?;
-    let write = t.elapsed().as_secs_f64();
-    let bytes: u64 = [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE]
+    snap.0.copy_from_slice(&weights);
+    snap.1.copy_from_slice(&m);
+    snap.2.copy_from_slice(&v);
+    let stall = secs(t);
+
+    let write = |dir: &std::path::Path, reference: bool| -> Result<f64> {
+        std::fs::create_dir_all(dir)?;
+        let t = Instant::now();
+        if reference {
+            let model: Vec<(String, Vec<usize>, &[f32])> = slots
+                .iter()
+                .map(|s| {
+                    (
+                        s.name.clone(),
+                        s.shape.clone(),
+                        &snap.0[s.offset..s.offset + s.len],
+                    )
+                })
+                .collect();
+            let mut optim: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
+            for s in &slots {
+                optim.push((
+                    format!("exp_avg.{}", s.name),
+                    s.shape.clone(),
+                    &snap.1[s.offset..s.offset + s.len],
+                ));
+                optim.push((
+                    format!("exp_avg_sq.{}", s.name),
+                    s.shape.clone(),
+                    &snap.2[s.offset..s.offset + s.len],
+                ));
+            }
+            let meta = |k: &str, v: &str| {
+                std::collections::HashMap::from([(k.to_string(), v.to_string())])
+            };
+            checkpoint::reference::write_tensors(
+                &dir.join(checkpoint::MODEL_FILE),
+                &model,
+                meta("format", "pt"),
+            )?;
+            checkpoint::reference::write_tensors(
+                &dir.join(checkpoint::OPTIMIZER_FILE),
+                &optim,
+                meta("step", "1"),
+            )?;
+        } else {
+            checkpoint::write_model(dir, &slots, &snap.0)?;
+            checkpoint::write_optimizer(dir, &slots, &snap.1, &snap.2, 1)?;
+        }
+        Ok(secs(t))
+    };
+    let (old_dir, new_dir) = (dir.join("reference"), dir.join("streaming"));
+    let write_old = write(&old_dir, true)?;
+    let write_new = write(&new_dir, false)?;
+    let files = |d: &std::path::Path| {
+        [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE].map(|f| d.join(f))
+    };
+    for (a, b) in files(&old_dir).iter().zip(files(&new_dir).iter()) {
+        anyhow::ensure!(
+            std::fs::read(a)? == std::fs::read(b)?,
+            "the streaming writer's {} differs from the safetensors crate's",
+            b.display()
+        );
+    }
+    let bytes: u64 = files(&new_dir)
         .iter()
-        .map(|f| std::fs::metadata(dir.join(f)).map_or(0, |m| m.len()))
+        .map(|f| std::fs::metadata(f).map_or(0, |m| m.len()))
         .sum();
     let dd_file = dir.join("dd.bin");
     let t = Instant::now();
@@ -317,27 +394,71 @@ fn bench_checkpoint(dir: &std::path::Path) -> Result<()> {
         .arg("conv=fsync")
         .stderr(std::process::Stdio::null())
         .status()?;
-    let dd_s = t.elapsed().as_secs_f64();
+    let dd_s = secs(t);
     anyhow::ensure!(dd.success(), "dd failed");
+    let _ = std::fs::remove_file(&dd_file);
+
+    // Reads from the disk: drop the files' pages from the cache first.
+    let uncache = |d: &std::path::Path| -> Result<()> {
+        for f in files(d) {
+            let ok = Command::new("dd")
+                .arg(format!("if={}", f.display()))
+                .args(["iflag=nocache", "count=0"])
+                .stderr(std::process::Stdio::null())
+                .status()?
+                .success();
+            anyhow::ensure!(ok, "dd iflag=nocache failed");
+        }
+        Ok(())
+    };
+    uncache(&new_dir)?;
     let t = Instant::now();
-    let loaded = checkpoint::read_model(dir, &slots)?;
-    let (lm, _, _) = checkpoint::read_optimizer(dir, &slots)?;
-    let load = t.elapsed().as_secs_f64();
+    let mut buf = vec![0u8; 8 << 20];
+    for f in files(&new_dir) {
+        let mut file = std::fs::File::open(f)?;
+        while std::io::Read::read(&mut file, &mut buf)? > 0 {}
+    }
+    let read_once = secs(t);
+    uncache(&new_dir)?;
+    let t = Instant::now();
+    for f in files(&new_dir) {
+        checkpoint::sha256_file(&f)?;
+    }
+    let validate = secs(t);
+    uncache(&new_dir)?;
+    let t = Instant::now();
+    checkpoint::read_model_into(&new_dir, &slots, &mut snap.0)?;
+    checkpoint::read_optimizer_into(&new_dir, &slots, &mut snap.1, &mut snap.2)?;
+    let load_new = secs(t);
     anyhow::ensure!(
-        loaded == weights && lm == m,
+        snap.0 == weights && snap.1 == m && snap.2 == v,
         "checkpoint did not round-trip"
     );
+    uncache(&old_dir)?;
+    let t = Instant::now();
+    let (tensors, _) = checkpoint::reference::read_tensors(&old_dir.join(checkpoint::MODEL_FILE))?;
+    let (moments, _) =
+        checkpoint::reference::read_tensors(&old_dir.join(checkpoint::OPTIMIZER_FILE))?;
+    let load_old = secs(t);
+    anyhow::ensure!(
+        tensors.len() == slots.len() && moments.len() == 2 * slots.len(),
+        "reference read"
+    );
+
     let mb = bytes as f64 / 1e6;
     println!(
-        "checkpoint of GPT-2 small ({:.0} MB): snapshot (training stall) {:.0} ms; background write+fsync {:.2} s = {:.0} MB/s; dd conv=fsync {:.2} s = {:.0} MB/s (ratio {:.2}); load for resume {:.2} s",
-        mb,
+        "checkpoint of GPT-2 small ({mb:.0} MB): training stall {:.0} ms (allocating copy {:.0} ms); write+fsync+sha256 {write_new:.2} s = {:.0} MB/s (safetensors crate + read-back hash {write_old:.2} s); dd conv=fsync {dd_s:.2} s = {:.0} MB/s; write/dd {:.2}",
         1e3 * stall,
-        write,
-        mb / write,
-        dd_s,
+        1e3 * stall_alloc,
+        mb / write_new,
         mb / dd_s,
-        (mb / write) / (mb / dd_s),
-        load
+        dd_s / write_new,
+    );
+    println!(
+        "resume of GPT-2 small from disk: validate (sha256) {validate:.2} s + load into buffers {load_new:.2} s = {:.2} s (reference reader {load_old:.2} s); reading the files once {read_once:.2} s = {:.0} MB/s; resume/read {:.2}",
+        validate + load_new,
+        mb / read_once,
+        (validate + load_new) / read_once,
     );
     let _ = std::fs::remove_dir_all(dir);
     Ok(())

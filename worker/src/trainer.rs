@@ -551,6 +551,39 @@ mod tests {
         assert_ne!(overlapping, at_one);
     }
 
+    /// The training stall of a checkpoint after the first is one copy into
+    /// the buffers of the last snapshot written: nothing is allocated, and
+    /// the copy is of the state at the new step boundary.
+    #[test]
+    fn a_snapshot_reuses_the_buffers_of_the_last_one_written() {
+        let c = config("");
+        let batches = samples_of(&c, 2);
+        let mut t = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+        t.step(&batches[0], 1e-2).expect("step");
+        let first = t.snapshot();
+        let held = first.buffers.weights.as_ptr();
+        let (dir_a, dir_b) = (
+            tempfile::tempdir().expect("tmp"),
+            tempfile::tempdir().expect("tmp"),
+        );
+        first.write(dir_a.path()).expect("write");
+        drop(first);
+        t.step(&batches[1], 1e-2).expect("step");
+        let second = t.snapshot();
+        assert_eq!(
+            second.buffers.weights.as_ptr(),
+            held,
+            "reused, not allocated"
+        );
+        assert_eq!(second.buffers.weights, t.weights);
+        assert_eq!(second.buffers.v, t.optimizer.v);
+        second.write(dir_b.path()).expect("write");
+        let mut back = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+        back.load_checkpoint(dir_b.path(), false).expect("load");
+        assert_eq!(back.weights_hash(), t.weights_hash());
+        assert_eq!(back.optimizer, t.optimizer);
+    }
+
     /// Checkpoints written before the fused engine existed came from the
     /// composed one; the format is the same, so either engine resumes the
     /// other's checkpoint with the same weights, moments and next loss.

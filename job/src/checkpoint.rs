@@ -660,6 +660,29 @@ pub mod reference {
         sha256_file(path)
     }
 
+    /// [`write_model`](super::write_model) through the safetensors crate.
+    pub fn write_model(
+        dir: &Path,
+        slots: &[Slot],
+        weights: &[f32],
+    ) -> Result<String, CheckpointError> {
+        let (tensors, meta) = model_tensors(slots, weights);
+        write_tensors(&dir.join(MODEL_FILE), &tensors, meta)
+    }
+
+    /// [`write_optimizer`](super::write_optimizer) through the
+    /// safetensors crate.
+    pub fn write_optimizer(
+        dir: &Path,
+        slots: &[Slot],
+        m: &[f32],
+        v: &[f32],
+        step: u64,
+    ) -> Result<String, CheckpointError> {
+        let (tensors, meta) = optimizer_tensors(slots, m, v, step);
+        write_tensors(&dir.join(OPTIMIZER_FILE), &tensors, meta)
+    }
+
     /// Every tensor of an f32 safetensors file, and its metadata, through
     /// the safetensors crate (the whole file read into memory first).
     pub fn read_tensors(
@@ -763,9 +786,12 @@ pub fn layout_mismatch(shapes: &BTreeMap<String, Vec<usize>>, slots: &[Slot]) ->
     out
 }
 
-/// Writes `model.safetensors` from flat weights; returns its sha256.
-pub fn write_model(dir: &Path, slots: &[Slot], weights: &[f32]) -> Result<String, CheckpointError> {
-    let tensors: Vec<(String, Vec<usize>, &[f32])> = slots
+/// The tensors of `model.safetensors`: each slot of the flat weights under
+/// its nanoGPT name; and the file's metadata.
+type Tensors<'a> = Vec<(String, Vec<usize>, &'a [f32])>;
+
+fn model_tensors<'a>(slots: &[Slot], weights: &'a [f32]) -> (Tensors<'a>, HashMap<String, String>) {
+    let tensors = slots
         .iter()
         .map(|s| {
             (
@@ -775,12 +801,44 @@ pub fn write_model(dir: &Path, slots: &[Slot], weights: &[f32]) -> Result<String
             )
         })
         .collect();
-    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    (
+        tensors,
+        HashMap::from([("format".to_string(), "pt".to_string())]),
+    )
+}
+
+/// The tensors of `optimizer.safetensors`: AdamW moments as
+/// `exp_avg.<name>` and `exp_avg_sq.<name>` (PyTorch's names), the update
+/// count as metadata.
+fn optimizer_tensors<'a>(
+    slots: &[Slot],
+    m: &'a [f32],
+    v: &'a [f32],
+    step: u64,
+) -> (Tensors<'a>, HashMap<String, String>) {
+    let mut tensors = Vec::new();
+    for s in slots {
+        let range = s.offset..s.offset + s.len;
+        tensors.push((
+            format!("exp_avg.{}", s.name),
+            s.shape.clone(),
+            &m[range.clone()],
+        ));
+        tensors.push((format!("exp_avg_sq.{}", s.name), s.shape.clone(), &v[range]));
+    }
+    (
+        tensors,
+        HashMap::from([("step".to_string(), step.to_string())]),
+    )
+}
+
+/// Writes `model.safetensors` from flat weights; returns its sha256.
+pub fn write_model(dir: &Path, slots: &[Slot], weights: &[f32]) -> Result<String, CheckpointError> {
+    let (tensors, meta) = model_tensors(slots, weights);
     write_tensors(&dir.join(MODEL_FILE), &tensors, meta)
 }
 
-/// Writes `optimizer.safetensors` (AdamW moments as `exp_avg.<name>` and
-/// `exp_avg_sq.<name>`, PyTorch's names; the update count as metadata).
+/// Writes `optimizer.safetensors` from the flat moments; returns its sha256.
 pub fn write_optimizer(
     dir: &Path,
     slots: &[Slot],
@@ -788,20 +846,7 @@ pub fn write_optimizer(
     v: &[f32],
     step: u64,
 ) -> Result<String, CheckpointError> {
-    let mut tensors: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-    for s in slots {
-        tensors.push((
-            format!("exp_avg.{}", s.name),
-            s.shape.clone(),
-            &m[s.offset..s.offset + s.len],
-        ));
-        tensors.push((
-            format!("exp_avg_sq.{}", s.name),
-            s.shape.clone(),
-            &v[s.offset..s.offset + s.len],
-        ));
-    }
-    let meta = HashMap::from([("step".to_string(), step.to_string())]);
+    let (tensors, meta) = optimizer_tensors(slots, m, v, step);
     write_tensors(&dir.join(OPTIMIZER_FILE), &tensors, meta)
 }
 
@@ -1060,18 +1105,7 @@ mod tests {
         let v: Vec<f32> = w.iter().map(|x| x * x).collect();
         // The model file as a checkpoint written before the streaming
         // writer existed.
-        let model: Vec<(String, Vec<usize>, &[f32])> = slots
-            .iter()
-            .map(|s| {
-                (
-                    s.name.clone(),
-                    s.shape.clone(),
-                    &w[s.offset..s.offset + s.len],
-                )
-            })
-            .collect();
-        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-        reference::write_tensors(&d.path().join(MODEL_FILE), &model, meta).expect("model");
+        reference::write_model(d.path(), &slots, &w).expect("model");
         write_optimizer(d.path(), &slots, &m, &v, 9).expect("optimizer");
         let mut got = vec![f32::NAN; 7];
         read_model_into(d.path(), &slots, &mut got).expect("model");

@@ -325,42 +325,8 @@ fn bench_checkpoint(dir: &std::path::Path) -> Result<()> {
         std::fs::create_dir_all(dir)?;
         let t = Instant::now();
         if reference {
-            let model: Vec<(String, Vec<usize>, &[f32])> = slots
-                .iter()
-                .map(|s| {
-                    (
-                        s.name.clone(),
-                        s.shape.clone(),
-                        &snap.0[s.offset..s.offset + s.len],
-                    )
-                })
-                .collect();
-            let mut optim: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
-            for s in &slots {
-                optim.push((
-                    format!("exp_avg.{}", s.name),
-                    s.shape.clone(),
-                    &snap.1[s.offset..s.offset + s.len],
-                ));
-                optim.push((
-                    format!("exp_avg_sq.{}", s.name),
-                    s.shape.clone(),
-                    &snap.2[s.offset..s.offset + s.len],
-                ));
-            }
-            let meta = |k: &str, v: &str| {
-                std::collections::HashMap::from([(k.to_string(), v.to_string())])
-            };
-            checkpoint::reference::write_tensors(
-                &dir.join(checkpoint::MODEL_FILE),
-                &model,
-                meta("format", "pt"),
-            )?;
-            checkpoint::reference::write_tensors(
-                &dir.join(checkpoint::OPTIMIZER_FILE),
-                &optim,
-                meta("step", "1"),
-            )?;
+            checkpoint::reference::write_model(dir, &slots, &snap.0)?;
+            checkpoint::reference::write_optimizer(dir, &slots, &snap.1, &snap.2, 1)?;
         } else {
             checkpoint::write_model(dir, &slots, &snap.0)?;
             checkpoint::write_optimizer(dir, &slots, &snap.1, &snap.2, 1)?;

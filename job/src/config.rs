@@ -69,7 +69,16 @@ pub const SCHEMA: &[(&str, &[&str])] = &[
         "checkpoint",
         &["dir", "interval", "keep_last", "write_timeout_s"],
     ),
-    ("worker", &["device", "precision", "engine", "threads"]),
+    (
+        "worker",
+        &[
+            "device",
+            "precision",
+            "engine",
+            "threads",
+            "weights_check_interval",
+        ],
+    ),
     (
         "cluster",
         &[
@@ -833,6 +842,12 @@ pub struct WorkerConfig {
     pub engine: Engine,
     /// CPU threads per worker (0 = the machine's cores divided among local workers).
     pub threads: usize,
+    /// Every this many steps (and at the run's last step) every rank hashes
+    /// its weights and the coordinator stops the job if any differs from
+    /// rank 0's. 1 (the default) checks every step: on CPUs the hash costs
+    /// ~1 % of a step. Checkpoints record rank 0's hash whatever the
+    /// interval; a resume may change it.
+    pub weights_check_interval: u64,
 }
 
 impl Default for WorkerConfig {
@@ -842,6 +857,7 @@ impl Default for WorkerConfig {
             precision: Precision::Auto,
             engine: Engine::Auto,
             threads: 0,
+            weights_check_interval: 1,
         }
     }
 }
@@ -936,6 +952,11 @@ impl Config {
             ("checkpoint.interval", c.interval, MAX_STEPS),
             ("checkpoint.keep_last", n(c.keep_last), 1 << 16),
             ("worker.threads", n(w.threads), n(MAX_THREADS)),
+            (
+                "worker.weights_check_interval",
+                w.weights_check_interval,
+                MAX_STEPS,
+            ),
             ("cluster.workers", n(cl.workers), 1 << 16),
             ("cluster.max_workers", n(cl.max_workers), 1 << 16),
             ("cluster.max_restarts", u64::from(cl.max_restarts), 1 << 16),
@@ -978,6 +999,12 @@ impl Config {
             "data.stride",
             d.stride,
             "must be at least 1 (1 = every offset, context = non-overlapping windows)",
+        )?;
+        check(
+            w.weights_check_interval >= 1,
+            "worker.weights_check_interval",
+            w.weights_check_interval,
+            "must be at least 1 (1 = every step)",
         )?;
         check(
             d.val_stride >= 1,
@@ -1274,6 +1301,10 @@ mod tests {
                 &["`train.max_steps` has the wrong type"],
             ),
             ("[train]\ndecay = \"cosin\"\n", &["`train.decay`", "cosine"]),
+            (
+                "[worker]\nweights_check_interval = 0\n",
+                &["`worker.weights_check_interval` = 0", "at least 1"],
+            ),
             (
                 "[worker]\ndevice = \"gpu\"\n",
                 &["`worker.device`", "cuda:N"],

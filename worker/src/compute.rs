@@ -264,9 +264,15 @@ impl Compute {
         );
         stride_telemetry::set_parent(&span, &p.trace_context);
         let result = injected_failure(p.step, t.rank())
-            .and_then(|()| span.in_scope(|| t.step(&p.samples, p.lr)));
+            .and_then(|()| span.in_scope(|| t.step(&p.samples, p.lr)))
+            .map(|o| {
+                let hash = p
+                    .hash_weights
+                    .then(|| t.weights_hash().to_le_bytes().to_vec());
+                (o, hash.unwrap_or_default())
+            });
         match result {
-            Ok(o) => {
+            Ok((o, weights_hash)) => {
                 span.record("loss", o.loss);
                 span.record("grad_norm", o.grad_norm);
                 span.record("compute_s", o.compute_s);
@@ -281,7 +287,7 @@ impl Compute {
                     compute_s: o.compute_s,
                     allreduce_s: o.allreduce_s,
                     total_s: o.total_s,
-                    weights_hash: o.weights_hash.to_le_bytes().to_vec(),
+                    weights_hash,
                 }));
             }
             Err(e) if e.is::<Cancelled>() => {
@@ -326,6 +332,7 @@ impl Compute {
                         step: p.step,
                         sha256: sha256.into_iter().collect(),
                         write_s: start.elapsed().as_secs_f64(),
+                        weights_hash: snapshot.weights_hash().to_le_bytes().to_vec(),
                     }),
                     Err(e) => worker_message::Body::Error(WorkerError {
                         generation,

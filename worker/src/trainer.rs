@@ -49,6 +49,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// xxh3 of the snapshot's weights: [`Trainer::weights_hash`] at the
+    /// step boundary it was taken at (the checkpoint records it).
+    pub fn weights_hash(&self) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(&self.buffers.weights))
+    }
+
     /// Writes model.safetensors and optimizer.safetensors into `dir`
     /// (fsynced), straight from the snapshot's buffers; returns file name →
     /// sha256.
@@ -110,7 +116,6 @@ pub struct StepOutcome {
     pub compute_s: f64,
     pub allreduce_s: f64,
     pub total_s: f64,
-    pub weights_hash: u64,
 }
 
 #[derive(Debug)]
@@ -357,7 +362,6 @@ impl Trainer {
             compute_s,
             allreduce_s,
             total_s: start.elapsed().as_secs_f64(),
-            weights_hash: self.weights_hash(),
         })
     }
 
@@ -625,7 +629,7 @@ mod tests {
                     .iter()
                     .map(|b| {
                         let o = t.step(shard(b, world, rank), 1e-2).expect("step");
-                        (o.loss, o.weights_hash)
+                        (o.loss, t.weights_hash())
                     })
                     .collect::<Vec<_>>()
             })

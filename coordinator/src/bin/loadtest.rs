@@ -113,7 +113,7 @@ async fn fake_worker(url: String, i: usize) -> Result<()> {
                 loss: 1.0,
                 grad_norm: 1.0,
                 tokens: p.samples.len() as u64,
-                weights_hash: vec![3],
+                weights_hash: if p.hash_weights { vec![3] } else { Vec::new() },
                 ..Default::default()
             }),
             Some(coordinator_message::Body::Eval(p)) => worker_message::Body::Eval(EvalReport {
@@ -131,6 +131,7 @@ async fn fake_worker(url: String, i: usize) -> Result<()> {
                         .map(|(k, v)| (k.to_string(), v.to_string()))
                         .collect(),
                     write_s: 0.0,
+                    weights_hash: vec![3],
                 })
             }
             Some(coordinator_message::Body::Shutdown(_)) => break,

@@ -95,6 +95,11 @@ impl Checkpoints {
             }
         }
         p.state.files = r.sha256.into_iter().collect();
+        // Rank 0's hash of the weights it wrote (the step's own report may
+        // not have hashed them: `worker.weights_check_interval`).
+        if !r.weights_hash.is_empty() {
+            p.state.weights_hash = stride_job::config::hex(&r.weights_hash);
+        }
         let folder = &self.folder;
         let commit_span =
             tracing::info_span!(parent: &p.span, "checkpoint_commit", step = r.step as i64);

@@ -330,6 +330,10 @@ impl Driver {
             span.follows_from(&self.job_span);
             let trace_context = stride_telemetry::carrier(&span);
             let generation = self.workers.generation();
+            // The ranks-agree check: every `weights_check_interval` steps and
+            // at the end (checkpoints get rank 0's hash with their files).
+            let hash_weights =
+                (step + 1).is_multiple_of(c.worker.weights_check_interval) || step + 1 == max_steps;
             self.workers
                 .send_all(step, |rank| {
                     coordinator_message::Body::Step(StepPlan {
@@ -339,6 +343,7 @@ impl Driver {
                         samples: shard(&batch.samples, world, rank).to_vec(),
                         epoch: batch.epoch,
                         trace_context: trace_context.clone(),
+                        hash_weights,
                     })
                 })
                 .await?;
@@ -347,6 +352,21 @@ impl Driver {
             tokens += tokens_per_step;
 
             let first_hash = &reports[0].weights_hash;
+            if hash_weights == first_hash.is_empty() {
+                bail!(
+                    "rank 0 {} its weights' hash after step {step} although the plan {} it: are all workers the same Stride build?",
+                    if hash_weights {
+                        "did not report"
+                    } else {
+                        "reported"
+                    },
+                    if hash_weights {
+                        "asked for"
+                    } else {
+                        "did not ask for"
+                    }
+                );
+            }
             if let Some(bad) = reports.iter().position(|r| &r.weights_hash != first_hash) {
                 bail!(
                     "{} holds different weights from rank 0 after step {step}: data parallelism is broken (different binaries or hardware?)",
@@ -398,7 +418,9 @@ impl Driver {
                 record.tokens_per_s,
                 batch.epoch
             );
-            self.last_weights_hash = first_hash.clone();
+            if hash_weights {
+                self.last_weights_hash = first_hash.clone();
+            }
             let improved = self.metrics.record(step, loss, val_loss, tokens);
             let interval = c.checkpoint.interval;
             let preempted = self.boundary.preempt && self.step < max_steps;

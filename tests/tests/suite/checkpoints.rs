@@ -181,6 +181,54 @@ fn resume_after_sigkill_is_exact_and_independent_of_the_worker_count() {
     }
 }
 
+/// `worker.weights_check_interval = 5`: the ranks hash their weights after
+/// every 5th step and the last, and nowhere else; the checkpoint of step
+/// 12 (after the unchecked step 11) still records the hash of the weights
+/// it holds (rank 0's, from the snapshot), so resuming it passes the
+/// ranks' weights check; losses and hashes agree with a run that checks
+/// every step.
+#[test]
+fn weights_checked_every_k_steps_and_checkpoints_still_record_their_hash() {
+    let _turn = crate::common::beside_others();
+    let base = args(&[
+        "--workers",
+        "2",
+        "--set",
+        "train.max_steps=24",
+        "--set",
+        "checkpoint.interval=12",
+    ]);
+    let every = tempfile::tempdir().expect("tmp");
+    ok(&base, every.path());
+    let a = steps(&every.path().join("runs/tiny"));
+    let sparse = tempfile::tempdir().expect("tmp");
+    let mut k = base.clone();
+    k.extend(["--set", "worker.weights_check_interval=5"]);
+    ok(&k, sparse.path());
+    let b = steps(&sparse.path().join("runs/tiny"));
+    assert_eq!(b.len(), 24);
+    for (s, r) in &b {
+        assert_eq!(r["loss"], a[s]["loss"], "step {s}");
+        if (s + 1) % 5 == 0 || s + 1 == 24 {
+            assert_eq!(r["weights_hash"], a[s]["weights_hash"], "step {s}");
+        } else {
+            assert_eq!(r["weights_hash"], "", "step {s} was not to be checked");
+        }
+    }
+    let ckpt = sparse.path().join("runs/tiny/checkpoints/step-00000012");
+    assert_eq!(
+        serde_json::json!(state(&ckpt).weights_hash),
+        a[&11]["weights_hash"]
+    );
+    let resumed = tempfile::tempdir().expect("tmp");
+    ok(
+        &["--resume", ckpt.to_str().expect("utf8"), "--local"],
+        resumed.path(),
+    );
+    let c = steps(&resumed.path().join("runs/tiny"));
+    assert_eq!(c[&23]["weights_hash"], a[&23]["weights_hash"]);
+}
+
 #[test]
 fn strategy_a_extends_with_a_cosine_that_starts_where_the_run_stopped() {
     let _turn = crate::common::beside_others();

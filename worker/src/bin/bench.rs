@@ -151,7 +151,7 @@ fn child(name: &str, engine: &str, steps: usize) -> Result<()> {
     }
     let tokens = (steps * shape.batch * shape.model.context) as f64;
     println!(
-        "stride {:<8} {:<10} {:>5.1}M params  batch {}x{}  {:>8.0} tokens/s  step {:>7.1} ms  peak RSS {:>6.0} MB  (forward+backward {:.0}%, all-reduce+clip+AdamW+hash {:.0}%)",
+        "stride {:<8} {:<10} {:>5.1}M params  batch {}x{}  {:>8.0} tokens/s  step {:>7.1} ms  peak RSS {:>6.0} MB  (forward+backward {:.0}%, all-reduce+clip+AdamW {:.0}%)",
         trainer.engine_name(),
         name,
         model::parameter_count(trainer.slots()) as f64 / 1e6,

@@ -64,18 +64,42 @@ pub struct CoordinatorLost(String);
 /// reach it again (a restarted coordinator at the same address) for
 /// `connect_timeout`, then rejoins as a new worker.
 pub async fn run(opts: Options) -> Result<i32> {
+    // Since when registrations have failed in transport (see
+    // `Unreachable`); reset by a session that got further.
+    let mut unreachable_since: Option<tokio::time::Instant> = None;
     loop {
         match run_session(&opts).await {
             Err(e) if e.is::<CoordinatorLost>() => {
+                unreachable_since = None;
                 tracing::warn!(
                     "{e:#}; reconnecting (for up to {:.0}s)",
                     opts.connect_timeout.as_secs_f64()
                 );
             }
+            Err(e) if e.is::<Unreachable>() => {
+                let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= opts.connect_timeout {
+                    return Err(e.context(format!(
+                        "no coordinator at {} took the registration within --connect-timeout {:.0}s",
+                        opts.url,
+                        opts.connect_timeout.as_secs_f64()
+                    )));
+                }
+                tracing::info!("{e:#}; trying again");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             other => return other,
         }
     }
 }
+
+/// The registration failed in transport (the connection broke, or was
+/// made to a coordinator that was dying, as right after a `kill -9` when
+/// its restart is on the way): worth trying again within
+/// `--connect-timeout`. A refusal (token, version) is final.
+#[derive(Debug, thiserror::Error)]
+#[error("the registration did not reach a coordinator: {0}")]
+struct Unreachable(String);
 
 async fn run_session(opts: &Options) -> Result<i32> {
     let endpoint = Endpoint::from_shared(opts.url.clone())
@@ -137,7 +161,17 @@ async fn run_session(opts: &Options) -> Result<i32> {
                 answer_within.as_secs_f64()
             )
         })?
-        .map_err(|s| anyhow!("the coordinator refused registration: {}", s.message()))?
+        .map_err(|s| {
+            // A transport failure reaches us as Unavailable or as Unknown
+            // with the transport error as its source.
+            let transport = s.code() == tonic::Code::Unavailable
+                || std::error::Error::source(&s).is_some_and(|e| e.is::<tonic::transport::Error>());
+            if transport {
+                anyhow::Error::from(Unreachable(s.message().to_string()))
+            } else {
+                anyhow!("the coordinator refused registration: {}", s.message())
+            }
+        })?
         .into_inner();
     tracing::info!(
         "registered with coordinator {} as {} ({host}, pid {})",

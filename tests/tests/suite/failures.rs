@@ -303,6 +303,41 @@ fn a_killed_coordinator_is_restarted_and_its_workers_rejoin() {
     );
 }
 
+/// A registration that fails in transport (the connection is accepted and
+/// dropped, as by a coordinator dying under `kill -9` while its restart is
+/// on the way) is tried again until --connect-timeout, not taken for a
+/// refusal: before, a worker that reconnected in that instant exited, and
+/// the restarted coordinator waited for it in vain.
+#[test]
+fn a_registration_lost_in_transport_is_tried_again() {
+    let _turn = crate::common::beside_others();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    let d = tempfile::tempdir().expect("tmp");
+    let url = format!("http://127.0.0.1:{port}");
+    let mut w = spawn(
+        "worker",
+        &["--connect", &url, "--connect-timeout", "2"],
+        d.path(),
+        "w.out",
+    );
+    let status = w.wait(Duration::from_secs(60));
+    let out = std::fs::read_to_string(d.path().join("w.out")).unwrap_or_default();
+    assert!(!status.success(), "{out}");
+    assert!(out.contains("trying again"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "no coordinator at {url} took the registration within --connect-timeout 2s"
+        )),
+        "{out}"
+    );
+}
+
 #[test]
 fn a_second_coordinator_on_a_live_run_is_refused() {
     // Heartbeat and step timeouts would measure a neighbour's load.

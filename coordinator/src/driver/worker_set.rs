@@ -435,30 +435,23 @@ impl WorkerSet {
         Ok(())
     }
 
-    /// Sends `body` to `rank`. A closed session means the rank is gone (its
-    /// `Left` event may still be queued): a [`RankFailure`] naming it, so
-    /// the job restarts without it instead of failing.
+    /// Sends `body` to `rank`; a closed session is an error naming it.
     pub async fn send(
         &self,
         step: u64,
         rank: usize,
         body: coordinator_message::Body,
     ) -> Result<()> {
-        let r = &self.ranks[rank];
-        r.worker
+        self.ranks[rank]
+            .worker
             .outbound
             .send(Ok(message(body)))
             .await
             .map_err(|_| {
-                RankFailure {
-                    worker_id: Some(r.worker.id.clone()),
-                    message: format!(
-                        "{} lost at step {step}: its session is closed",
-                        r.describe(rank)
-                    ),
-                    cause: format!("{} left", r.worker.info.identity),
-                }
-                .into()
+                anyhow!(
+                    "{} lost at step {step}: its session is closed",
+                    self.ranks[rank].describe(rank),
+                )
             })
     }
 

@@ -42,6 +42,10 @@ pub(crate) enum Work {
 pub(crate) struct Stop {
     pub why: String,
     pub code: i32,
+    /// The generation of the last message that said why, when it was not
+    /// fatal: the coordinator ignores it once that generation is over. A
+    /// fatal report (`None`) is acted on whatever its generation.
+    pub stale_after: Option<u64>,
 }
 
 /// Where the compute thread leaves the abort handle of its collective.
@@ -231,6 +235,7 @@ impl Compute {
                 Err(Stop {
                     why,
                     code: exit::BAD_INPUT,
+                    stale_after: None,
                 })
             }
         }
@@ -352,6 +357,7 @@ impl Compute {
             return Err(Stop {
                 why,
                 code: exit::FAILED,
+                stale_after: None,
             });
         }
         Ok(())

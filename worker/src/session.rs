@@ -11,6 +11,14 @@
 //! device, rank 0 sends the collective's id (`CollectiveBootstrap`), every
 //! rank waits for the coordinator to hand it back, joins the collective
 //! (NCCL on CUDA, the TCP ring otherwise) and reports `Ready`.
+//!
+//! Stopping on its own (a panic on the compute thread, a failure retrying
+//! cannot fix): the worker's last message says why, so it closes its side
+//! of the session and waits — up to [`LAST_WORDS`] — for the coordinator to
+//! answer (a `Shutdown`, or closing the stream) before the process exits.
+//! Exiting at once could reset the connection with that message still
+//! unsent, and the coordinator would report "connection lost" instead of
+//! the cause.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +45,10 @@ use crate::trainer::Signals;
 /// This binary's version; the coordinator refuses any other.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 const MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// How long a worker that stops on its own waits for the coordinator to
+/// acknowledge its last message before exiting anyway (a coordinator that
+/// is itself gone must not hold it).
+pub const LAST_WORDS: Duration = Duration::from_secs(5);
 
 /// How the worker was started.
 #[derive(Debug, Clone)]
@@ -254,8 +266,9 @@ async fn run_session(opts: &Options) -> Result<i32> {
                         let message = format!("the compute thread panicked: {what}");
                         // Not fatal to the job: the coordinator restarts
                         // without this worker (and stops if it recurs).
+                        let generation = generation.load(Ordering::Relaxed);
                         let _ = tx.blocking_send(msg(worker_message::Body::Error(WorkerError {
-                            generation: generation.load(Ordering::Relaxed),
+                            generation,
                             message: message.clone(),
                             fatal: false,
                             collective_peer: None,
@@ -263,6 +276,7 @@ async fn run_session(opts: &Options) -> Result<i32> {
                         Some(Stop {
                             why: message,
                             code: exit::FAILED,
+                            stale_after: Some(generation),
                         })
                     }
                 };
@@ -272,6 +286,9 @@ async fn run_session(opts: &Options) -> Result<i32> {
     };
     drop(out_tx);
 
+    // The newest generation the coordinator has ended (aborted, or
+    // replaced by assigning a newer one).
+    let mut ended = 0u64;
     let code = loop {
         let next = tokio::select! {
             next = inbound.message() => next,
@@ -279,10 +296,20 @@ async fn run_session(opts: &Options) -> Result<i32> {
                 let stop = stop.ok().flatten().unwrap_or(Stop {
                     why: "the compute thread stopped".into(),
                     code: exit::FAILED,
+                    stale_after: None,
                 });
                 beat.abort();
                 tracing::error!("{}; this worker stops (exit {})", stop.why, stop.code);
                 eprintln!("error: {}; this worker stops (exit {})", stop.why, stop.code);
+                // The heartbeat task and the compute thread held the last
+                // senders: the outbound stream now ends after the message
+                // that says why.
+                drop(beat);
+                // A report about a generation the coordinator has already
+                // ended is ignored there: nothing to wait for.
+                if stop.stale_after.is_none_or(|g| g > ended) {
+                    last_words(&mut inbound, stop.stale_after).await;
+                }
                 return Ok(stop.code);
             }
         };
@@ -296,7 +323,10 @@ async fn run_session(opts: &Options) -> Result<i32> {
             Err(s) => return Err(CoordinatorLost(s.message().to_string()).into()),
         };
         match body {
-            Some(coordinator_message::Body::Assignment(a)) => send_work(&work_tx, Work::Assign(a))?,
+            Some(coordinator_message::Body::Assignment(a)) => {
+                ended = ended.max(a.generation.saturating_sub(1));
+                send_work(&work_tx, Work::Assign(a))?
+            }
             Some(coordinator_message::Body::Step(p)) => send_work(&work_tx, Work::Step(p))?,
             Some(coordinator_message::Body::Eval(p)) => send_work(&work_tx, Work::Eval(p))?,
             Some(coordinator_message::Body::Checkpoint(p)) => {
@@ -308,6 +338,7 @@ async fn run_session(opts: &Options) -> Result<i32> {
                 break s.exit_code;
             }
             Some(coordinator_message::Body::Abort(a)) => {
+                ended = ended.max(a.generation);
                 tracing::warn!(
                     "coordinator aborted generation {}: {}",
                     a.generation,
@@ -341,6 +372,43 @@ async fn run_session(opts: &Options) -> Result<i32> {
     // collective was just aborted).
     let _ = tokio::task::spawn_blocking(move || compute.join()).await;
     Ok(code)
+}
+
+/// Waits until the coordinator answers the worker's last message — a
+/// `Shutdown`, its side of the session ending, a new `Assignment` (it has
+/// moved on to a new worker set), or, for a report that was not fatal, an
+/// `Abort` of its generation or a later one (the coordinator ignores the
+/// report from then on) — or [`LAST_WORDS`] pass. Reading meanwhile also
+/// leaves nothing unread, so the connection closes cleanly, not by reset.
+async fn last_words(
+    inbound: &mut tonic::Streaming<stride_proto::v1::CoordinatorMessage>,
+    stale_after: Option<u64>,
+) {
+    let acknowledged = async {
+        while let Ok(Some(m)) = inbound.message().await {
+            match m.body {
+                Some(
+                    coordinator_message::Body::Shutdown(_)
+                    | coordinator_message::Body::Assignment(_),
+                ) => return,
+                Some(coordinator_message::Body::Abort(a))
+                    if stale_after.is_some_and(|g| a.generation >= g) =>
+                {
+                    return;
+                }
+                _ => {}
+            }
+        }
+    };
+    if tokio::time::timeout(LAST_WORDS, acknowledged)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "the coordinator did not answer within {} s; exiting anyway",
+            LAST_WORDS.as_secs()
+        );
+    }
 }
 
 fn send_work(tx: &std::sync::mpsc::Sender<Work>, w: Work) -> Result<()> {

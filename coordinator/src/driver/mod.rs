@@ -346,7 +346,7 @@ impl Driver {
                         hash_weights,
                     })
                 })
-                .await?;
+                .await;
             let reports = self.collect_step(step).await?;
             let step_s = step_start.elapsed().as_secs_f64();
             tokens += tokens_per_step;
@@ -535,7 +535,7 @@ impl Driver {
                     trace_context: trace_context.clone(),
                 })
             })
-            .await?;
+            .await;
         let limit = Duration::from_secs_f64(self.spec.config.cluster.step_timeout_s);
         let got = self
             .workers
@@ -622,7 +622,8 @@ impl Driver {
                     trace_context: trace_context.clone(),
                 })
             })
-            .await
+            .await;
+        Ok(())
     }
 
     /// Waits until every planned checkpoint is committed, within

@@ -145,6 +145,9 @@ pub struct WorkerSet {
     /// A rank's collective failed with a peer (a symptom): when it came,
     /// and what to report if no rank is found dead or frozen in time.
     symptom: Option<(Instant, String)>,
+    /// Ranks found with a closed session when sent to, and since when:
+    /// their `Left` event is expected to follow.
+    closed: HashMap<usize, Instant>,
     /// Bumped each time the set forms; messages of older ones are stale.
     generation: u64,
 }
@@ -167,6 +170,7 @@ impl WorkerSet {
             last_seen: HashMap::new(),
             progress: HashMap::new(),
             symptom: None,
+            closed: HashMap::new(),
             generation: 0,
         }
     }
@@ -197,6 +201,7 @@ impl WorkerSet {
     /// model from the same data.
     pub async fn form(&mut self, f: Formation<'_>, asides: &mut impl Asides) -> Result<()> {
         self.symptom = None;
+        self.closed.clear();
         let startup = Duration::from_secs_f64(self.config.cluster.startup_timeout_s);
         let deadline = TokioInstant::now() + startup;
         self.join(f.step, f.restarts, deadline, asides).await?;
@@ -243,7 +248,7 @@ impl WorkerSet {
                 trace_context: trace_context.clone(),
             })
         })
-        .await?;
+        .await;
 
         // The collective is formed from one id that rank 0 makes (NCCL's
         // unique id, a nonce for the TCP ring): the coordinator hands it to
@@ -275,7 +280,7 @@ impl WorkerSet {
                 unique_id: unique_id.clone(),
             })
         })
-        .await?;
+        .await;
 
         // Every rank must report the same parameter layout and initial weights.
         let ready = self
@@ -435,36 +440,34 @@ impl WorkerSet {
         Ok(())
     }
 
-    /// Sends `body` to `rank`; a closed session is an error naming it.
-    pub async fn send(
-        &self,
-        step: u64,
-        rank: usize,
-        body: coordinator_message::Body,
-    ) -> Result<()> {
-        self.ranks[rank]
+    /// Sends `body` to `rank`. A closed session is not judged here: the
+    /// rank's last messages (an error saying why it stopped) and then its
+    /// `Left` event are still queued, and [`WorkerSet::next`] reads them in
+    /// order, so the worker's own reason wins over the connection loss. If
+    /// no `Left` follows within the heartbeat timeout, `next` reports the
+    /// closed session itself.
+    pub async fn send(&mut self, step: u64, rank: usize, body: coordinator_message::Body) {
+        if self.ranks[rank]
             .worker
             .outbound
             .send(Ok(message(body)))
             .await
-            .map_err(|_| {
-                anyhow!(
-                    "{} lost at step {step}: its session is closed",
-                    self.ranks[rank].describe(rank),
-                )
-            })
+            .is_err()
+        {
+            tracing::debug!("rank {rank}'s session is closed at step {step}; reading why");
+            self.closed.entry(rank).or_insert_with(Instant::now);
+        }
     }
 
     /// Sends each rank its own message, `body(rank)`.
     pub async fn send_all(
-        &self,
+        &mut self,
         step: u64,
         mut body: impl FnMut(usize) -> coordinator_message::Body,
-    ) -> Result<()> {
+    ) {
         for rank in 0..self.ranks.len() {
-            self.send(step, rank, body(rank)).await?;
+            self.send(step, rank, body(rank)).await;
         }
-        Ok(())
     }
 
     /// One reply from every rank: `pick` keeps the messages that answer
@@ -521,7 +524,10 @@ impl WorkerSet {
         loop {
             if TokioInstant::now() >= next_check {
                 next_check = TokioInstant::now() + hb_every;
-                if let Some(failure) = self.silent_rank(step, hb_timeout) {
+                if let Some(failure) = self
+                    .silent_rank(step, hb_timeout)
+                    .or_else(|| self.closed_rank(step, hb_timeout))
+                {
                     return Err(failure.into());
                 }
             }
@@ -738,6 +744,7 @@ impl WorkerSet {
             self.pool.retain(|w| w.id != id);
         }
         self.symptom = None;
+        self.closed.clear();
         Ok(())
     }
 
@@ -749,12 +756,29 @@ impl WorkerSet {
         }
         if let Some(local) = &mut self.local {
             // Local workers got Shutdown; one still there after a
-            // heartbeat timeout is not going to leave by itself.
-            local
-                .stop(Duration::from_secs_f64(
-                    self.config.cluster.heartbeat_timeout_s,
-                ))
-                .await;
+            // heartbeat timeout is not going to leave by itself. One that
+            // joins meanwhile (a restarted worker registering as the job
+            // failed) is told to stop too, instead of being waited for.
+            let grace = Duration::from_secs_f64(self.config.cluster.heartbeat_timeout_s);
+            let events = &mut self.events;
+            let late_joiners = async {
+                while let Some(event) = events.recv().await {
+                    if let Event::Joined { outbound, .. } = event {
+                        let shutdown = Shutdown {
+                            reason: reason.into(),
+                            exit_code,
+                        };
+                        let _ = outbound
+                            .send(Ok(message(coordinator_message::Body::Shutdown(shutdown))))
+                            .await;
+                    }
+                }
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                () = local.stop(grace) => {}
+                () = late_joiners => {}
+            }
         }
     }
 
@@ -821,6 +845,23 @@ impl WorkerSet {
                 cause: format!("no heartbeat from {}", r.worker.info.identity),
             })
         })
+    }
+
+    /// A rank whose session was found closed when sent to longer than
+    /// `hb_timeout` ago, and whose `Left` event never came.
+    fn closed_rank(&self, step: u64, hb_timeout: Duration) -> Option<RankFailure> {
+        self.closed
+            .iter()
+            .find(|(_, since)| since.elapsed() > hb_timeout)
+            .and_then(|(&rank, _)| self.ranks.get(rank).map(|r| (rank, r)))
+            .map(|(rank, r)| RankFailure {
+                worker_id: Some(r.worker.id.clone()),
+                message: format!(
+                    "{} lost at step {step}: its session is closed",
+                    r.describe(rank)
+                ),
+                cause: format!("{} left", r.worker.info.identity),
+            })
     }
 
     /// When `patience` runs out for the ranks in `waiting_for`.

@@ -53,6 +53,10 @@ pub struct MetricsRecord {
     /// sha256 (first 16 hex digits) of the step's global sample indices:
     /// equal digests mean the same samples in the same order.
     pub samples_digest: String,
+    /// Bytes rank 0's step moved between host and device memory (token ids
+    /// in and scalars out where the state is device-resident; 0 where it is
+    /// host memory).
+    pub host_device_bytes: u64,
 }
 
 /// The run directory and its append-only files.

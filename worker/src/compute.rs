@@ -196,13 +196,17 @@ impl Compute {
         let built = span.in_scope(|| {
             build_trainer(&a, &self.listener, self.threads, &self.abort, &mut exchange)
         });
+        let built = built.and_then(|t| {
+            let hash = t.weights_hash()?;
+            Ok((t, hash))
+        });
         match built {
-            Ok(mut t) => {
+            Ok((mut t, weights_hash)) => {
                 self.send(worker_message::Body::Ready(Ready {
                     generation,
                     parameter_layout_hash: t.layout_hash().to_le_bytes().to_vec(),
-                    weights_hash: t.weights_hash().to_le_bytes().to_vec(),
-                    parameter_count: t.weights().len() as u64,
+                    weights_hash: weights_hash.to_le_bytes().to_vec(),
+                    parameter_count: t.parameter_count() as u64,
                     data: t
                         .data_splits()
                         .into_iter()
@@ -270,11 +274,13 @@ impl Compute {
         stride_telemetry::set_parent(&span, &p.trace_context);
         let result = injected_failure(p.step, t.rank())
             .and_then(|()| span.in_scope(|| t.step(&p.samples, p.lr)))
-            .map(|o| {
-                let hash = p
-                    .hash_weights
-                    .then(|| t.weights_hash().to_le_bytes().to_vec());
-                (o, hash.unwrap_or_default())
+            .and_then(|o| {
+                let hash = if p.hash_weights {
+                    t.weights_hash()?.to_le_bytes().to_vec()
+                } else {
+                    Vec::new()
+                };
+                Ok((o, hash))
             });
         match result {
             Ok((o, weights_hash)) => {
@@ -293,6 +299,7 @@ impl Compute {
                     allreduce_s: o.allreduce_s,
                     total_s: o.total_s,
                     weights_hash,
+                    host_device_bytes: o.host_device_bytes,
                 }));
             }
             Err(e) if e.is::<Cancelled>() => {
@@ -323,8 +330,15 @@ impl Compute {
             dir = %p.tmp_dir,
         );
         stride_telemetry::set_parent(&span, &p.trace_context);
-        let snapshot = span.in_scope(|| t.snapshot());
         let generation = p.generation;
+        let snapshot = match span.in_scope(|| t.snapshot()) {
+            Ok(s) => s,
+            Err(e) => {
+                let e = e.context(format!("copying the state of step {} to the host", p.step));
+                self.fail(generation, e, true);
+                return Ok(());
+            }
+        };
         let out = self.out.clone();
         let spawned = std::thread::Builder::new()
             .name("checkpoint".into())

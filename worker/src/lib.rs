@@ -10,9 +10,11 @@
 pub mod alloc;
 pub mod collective;
 mod compute;
+pub mod device_state;
 pub mod engine;
 pub mod handoff;
 pub mod model;
 pub mod optim;
 pub mod session;
 pub mod trainer;
+pub mod transfer;

@@ -407,6 +407,7 @@ impl Driver {
                 elapsed_s: started.elapsed().as_secs_f64(),
                 weights_hash: stride_job::config::hex(first_hash),
                 samples_digest: samples_digest(&batch.samples),
+                host_device_bytes: reports[0].host_device_bytes,
             };
             self.run.write_metrics(&record)?;
             if let Some(v) = val_loss {

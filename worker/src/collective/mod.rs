@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
 #[cfg(feature = "cuda")]
 pub mod nccl;
@@ -58,6 +58,64 @@ pub trait Collective: std::fmt::Debug {
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         let mut token = [0f32];
         self.all_reduce_sum(&mut token)
+    }
+    /// Element-wise sum of the contiguous f32 tensor `t` over all ranks,
+    /// in place on its device (the device-resident step's gradient). The
+    /// default sums a CPU tensor's own storage with
+    /// [`Collective::all_reduce_sum`] — no copy; a backend that can sum
+    /// device memory (NCCL) overrides it.
+    fn all_reduce_tensor(&mut self, t: &Tensor) -> Result<(), CollectiveError> {
+        if !t.device().is_cpu() {
+            return Err(CollectiveError::Setup(format!(
+                "this collective sums host memory; the gradient is on {:?} (a CUDA job uses NCCL)",
+                t.device()
+            )));
+        }
+        let op = InPlaceSum {
+            sum: std::cell::RefCell::new(|buf: &mut [f32]| self.all_reduce_sum(buf)),
+            failed: std::cell::RefCell::new(None),
+        };
+        let done = t.inplace_op1(&op);
+        if let Some(e) = op.failed.into_inner() {
+            return Err(e);
+        }
+        done.map_err(|e| CollectiveError::Setup(format!("in-place sum of the gradient: {e}")))
+    }
+}
+
+/// Runs a host sum on a CPU tensor's storage, in place (Candle hands the
+/// storage to [`candle_core::InplaceOp1::cpu_fwd`] mutably). The sum's own
+/// error is kept apart so the caller gets it unchanged (a peer's failure
+/// must still name the peer).
+struct InPlaceSum<F> {
+    sum: std::cell::RefCell<F>,
+    failed: std::cell::RefCell<Option<CollectiveError>>,
+}
+
+impl<F: FnMut(&mut [f32]) -> Result<(), CollectiveError>> candle_core::InplaceOp1
+    for InPlaceSum<F>
+{
+    fn name(&self) -> &'static str {
+        "all-reduce-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("the all-reduce sums f32 tensors");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("the all-reduce sums contiguous tensors");
+        };
+        let result = (self.sum.borrow_mut())(&mut data[start..end]);
+        if let Err(e) = result {
+            *self.failed.borrow_mut() = Some(e);
+            candle_core::bail!("the all-reduce failed");
+        }
+        Ok(())
     }
 }
 

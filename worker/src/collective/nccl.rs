@@ -8,10 +8,10 @@
 //! size (`ncclCommInitRank`). A restart forms a new communicator the same
 //! way, with a new id.
 //!
-//! Today the step keeps its flat gradient buffer in host memory (the same
-//! buffer the TCP ring sums), so each all-reduce copies it to the device,
-//! sums it with NCCL and copies it back; see ARCHITECTURE.md ("GPU path")
-//! for what that costs and the next step.
+//! Two entry points: [`Collective::all_reduce_tensor`] sums the
+//! device-resident step's gradient tensor in place in device memory (the
+//! composed engine's path, no copy); `all_reduce_sum` sums a host buffer
+//! through a device copy (kept for host-resident callers and the tests).
 //!
 //! Not yet: aborting a blocked NCCL call from another thread. cudarc
 //! aborts a communicator only when it is dropped, so a rank blocked on a
@@ -100,6 +100,58 @@ impl Collective for Nccl {
         self.stream
             .synchronize()
             .map_err(|e| setup("stream synchronize", e))
+    }
+
+    /// In place on the tensor's device memory, on Candle's stream (the one
+    /// the communicator was made with), so it is ordered after backward
+    /// and before the optimizer's kernels without a host synchronisation.
+    fn all_reduce_tensor(&mut self, t: &candle_core::Tensor) -> Result<(), CollectiveError> {
+        let op = NcclSum {
+            comm: &self.comm,
+            failed: std::cell::RefCell::new(None),
+        };
+        let done = t.inplace_op1(&op);
+        if let Some(e) = op.failed.into_inner() {
+            return Err(e);
+        }
+        done.map_err(|e| setup("in-place all-reduce of the gradient", e))
+    }
+}
+
+/// NCCL's sum over a CUDA tensor's own buffer.
+struct NcclSum<'a> {
+    comm: &'a Comm,
+    failed: std::cell::RefCell<Option<CollectiveError>>,
+}
+
+impl candle_core::InplaceOp1 for NcclSum<'_> {
+    fn name(&self) -> &'static str {
+        "nccl-all-reduce-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _storage: &mut candle_core::CpuStorage,
+        _layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("NCCL sums CUDA tensors; this one is on the CPU")
+    }
+
+    fn cuda_fwd(
+        &self,
+        storage: &mut candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("the all-reduce sums contiguous tensors");
+        };
+        let slice = storage.as_cuda_slice_mut::<f32>()?;
+        let mut view = slice.slice_mut(start..end);
+        if let Err(e) = self.comm.all_reduce_in_place(&mut view, &ReduceOp::Sum) {
+            *self.failed.borrow_mut() = Some(setup("all-reduce", e));
+            candle_core::bail!("the all-reduce failed");
+        }
+        Ok(())
     }
 }
 

@@ -868,4 +868,174 @@ mod tests {
         }
         assert_eq!(one[0].0.3, 6, "six updates");
     }
+
+    /// The GPU checks of the device-resident step. Compiled with the `cuda`
+    /// feature (`.ci/cuda-check`), ignored unless asked for on a machine
+    /// with a GPU: `STRIDE_TEST_CUDA=1 cargo test -p stride-worker
+    /// --features cuda -- --ignored gpu`. Asked for without the variable
+    /// or without a GPU, they fail saying so: never a silent pass.
+    #[cfg(feature = "cuda")]
+    mod gpu {
+        use super::*;
+
+        fn cuda() -> Device {
+            assert_eq!(
+                std::env::var("STRIDE_TEST_CUDA").as_deref(),
+                Ok("1"),
+                "set STRIDE_TEST_CUDA=1 to run the GPU tests"
+            );
+            Device::new_cuda(0).expect("a CUDA device (is a GPU visible?)")
+        }
+
+        fn composed(precision: &str) -> Config {
+            config(&format!(
+                "[worker]\nengine = \"composed\"\nprecision = \"{precision}\"\n"
+            ))
+        }
+
+        fn worst_relative(a: &[f32], b: &[f32]) -> f64 {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| f64::from((x - y).abs() / y.abs().max(1e-3)))
+                .fold(0.0, f64::max)
+        }
+
+        /// One f32 step on the GPU leaves the weights of the same step on
+        /// the CPU, within 1e-5 relative; and it moves only tokens and
+        /// scalars over PCIe.
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: STRIDE_TEST_CUDA=1 cargo test -p stride-worker --features cuda -- --ignored gpu"]
+        fn gpu_one_f32_step_matches_the_cpu() {
+            let c = composed("f32");
+            let batch = &samples_of(&c, 1)[0];
+            let mut gpu = Trainer::new(&c, Box::new(Solo), 4, cuda()).expect("trainer");
+            let mut cpu = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+            let (og, oc) = (
+                gpu.step(batch, 1e-2).expect("gpu step"),
+                cpu.step(batch, 1e-2).expect("cpu step"),
+            );
+            assert!(
+                ((og.loss - oc.loss) / oc.loss).abs() < 1e-5,
+                "{og:?} vs {oc:?}"
+            );
+            assert_eq!(og.host_device_bytes, oc.host_device_bytes);
+            let (g, c) = (state_of(&gpu), state_of(&cpu));
+            let worst = worst_relative(&g.0, &c.0);
+            assert!(worst < 1e-5, "weights differ by {worst} relative");
+        }
+
+        /// bf16 compute (f32 master weights) follows f32 within 2 % on the
+        /// loss over 10 steps.
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: STRIDE_TEST_CUDA=1 cargo test -p stride-worker --features cuda -- --ignored gpu"]
+        fn gpu_bf16_loss_is_within_two_percent_of_f32() {
+            let device = cuda();
+            let losses = |precision: &str| {
+                let c = composed(precision);
+                let mut t = Trainer::new(&c, Box::new(Solo), 4, device.clone()).expect("trainer");
+                samples_of(&c, 10)
+                    .iter()
+                    .map(|b| t.step(b, 1e-2).expect("step").loss)
+                    .collect::<Vec<_>>()
+            };
+            let (f32s, bf16s) = (losses("f32"), losses("bf16"));
+            for (a, b) in f32s.iter().zip(&bf16s) {
+                assert!(((a - b) / a).abs() < 0.02, "f32 {f32s:?} vs bf16 {bf16s:?}");
+            }
+        }
+
+        /// A checkpoint written on the CPU resumes on the GPU, and the
+        /// GPU's resumes on the CPU: three steps CPU → GPU → CPU end where
+        /// three CPU steps end (f32, within 1e-5 relative).
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: STRIDE_TEST_CUDA=1 cargo test -p stride-worker --features cuda -- --ignored gpu"]
+        fn gpu_a_cpu_checkpoint_resumes_on_cuda_and_back() {
+            let device = cuda();
+            let c = composed("f32");
+            let batches = samples_of(&c, 3);
+            let mut reference = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+            for b in &batches {
+                reference.step(b, 1e-2).expect("step");
+            }
+            let (d1, d2) = (
+                tempfile::tempdir().expect("tmp"),
+                tempfile::tempdir().expect("tmp"),
+            );
+            let mut cpu = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+            cpu.step(&batches[0], 1e-2).expect("step");
+            cpu.snapshot()
+                .expect("snapshot")
+                .write(d1.path())
+                .expect("write");
+            let mut gpu = Trainer::new(&c, Box::new(Solo), 4, device).expect("trainer");
+            gpu.load_checkpoint(d1.path(), false)
+                .expect("load on the GPU");
+            gpu.step(&batches[1], 1e-2).expect("step");
+            gpu.snapshot()
+                .expect("snapshot")
+                .write(d2.path())
+                .expect("write");
+            let mut back = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+            back.load_checkpoint(d2.path(), false)
+                .expect("load on the CPU");
+            back.step(&batches[2], 1e-2).expect("step");
+            let (a, b) = (state_of(&back), state_of(&reference));
+            assert_eq!(a.3, b.3, "update counts");
+            for (what, x, y) in [
+                ("weights", &a.0, &b.0),
+                ("m", &a.1, &b.1),
+                ("v", &a.2, &b.2),
+            ] {
+                let worst = worst_relative(x, y);
+                assert!(worst < 1e-5, "{what} differ by {worst} relative");
+            }
+        }
+
+        /// NCCL sums the flat gradient tensor in place in device memory:
+        /// equal to the sum computed on the CPU, on every rank, for 1..=N
+        /// GPUs.
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: STRIDE_TEST_CUDA=1 cargo test -p stride-worker --features cuda -- --ignored gpu"]
+        fn gpu_nccl_in_place_all_reduce_of_a_tensor_matches_a_cpu_sum() {
+            use crate::collective::nccl::{Nccl, new_unique_id};
+            let _ = cuda();
+            let gpus = candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
+                .expect("CUDA driver") as usize;
+            let n = 1 << 20;
+            let input = |rank: usize| -> Vec<f32> {
+                (0..n)
+                    .map(|i| ((i * 7 + rank * 13) % 97) as f32 * 0.25)
+                    .collect()
+            };
+            for world in 1..=gpus {
+                let id = new_unique_id().expect("unique id");
+                let expected: Vec<f32> = (0..n)
+                    .map(|i| (0..world).map(|r| input(r)[i]).sum())
+                    .collect();
+                let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+                    let handles: Vec<_> = (0..world)
+                        .map(|rank| {
+                            let id = id.clone();
+                            s.spawn(move || {
+                                let device = Device::new_cuda(rank).expect("device");
+                                let mut c =
+                                    Nccl::new(&device, rank, world, &id).expect("communicator");
+                                let t = candle_core::Tensor::from_slice(&input(rank), n, &device)
+                                    .expect("tensor");
+                                c.all_reduce_tensor(&t).expect("all-reduce");
+                                t.to_vec1::<f32>().expect("to host")
+                            })
+                        })
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().expect("rank"))
+                        .collect()
+                });
+                for (rank, got) in results.iter().enumerate() {
+                    assert_eq!(got, &expected, "world {world}, rank {rank}");
+                }
+            }
+        }
+    }
 }

@@ -143,15 +143,16 @@ fn child(name: &str, engine: &str, steps: usize) -> Result<()> {
     let mut trainer = Trainer::new(&c, Box::new(Solo), 1, Device::Cpu)?;
     let samples: Vec<u64> = (0..shape.batch as u64).collect();
     trainer.step(&samples, 1e-3)?;
-    let (mut total, mut compute) = (0.0, 0.0);
+    let (mut total, mut compute, mut moved) = (0.0, 0.0, 0);
     for _ in 0..steps {
         let o = trainer.step(&samples, 1e-3)?;
         total += o.total_s;
         compute += o.compute_s;
+        moved = o.host_device_bytes;
     }
     let tokens = (steps * shape.batch * shape.model.context) as f64;
     println!(
-        "stride {:<8} {:<10} {:>5.1}M params  batch {}x{}  {:>8.0} tokens/s  step {:>7.1} ms  peak RSS {:>6.0} MB  (forward+backward {:.0}%, all-reduce+clip+AdamW {:.0}%)",
+        "stride {:<8} {:<10} {:>5.1}M params  batch {}x{}  {:>8.0} tokens/s  step {:>7.1} ms  peak RSS {:>6.0} MB  (forward+backward {:.0}%, all-reduce+clip+AdamW {:.0}%; host<->device {moved} B/step)",
         trainer.engine_name(),
         name,
         model::parameter_count(trainer.slots()) as f64 / 1e6,

@@ -990,52 +990,5 @@ mod tests {
                 assert!(worst < 1e-5, "{what} differ by {worst} relative");
             }
         }
-
-        /// NCCL sums the flat gradient tensor in place in device memory:
-        /// equal to the sum computed on the CPU, on every rank, for 1..=N
-        /// GPUs.
-        #[test]
-        #[ignore = "needs an NVIDIA GPU: STRIDE_TEST_CUDA=1 cargo test -p stride-worker --features cuda -- --ignored gpu"]
-        fn gpu_nccl_in_place_all_reduce_of_a_tensor_matches_a_cpu_sum() {
-            use crate::collective::nccl::{Nccl, new_unique_id};
-            let _ = cuda();
-            let gpus = candle_core::cuda_backend::cudarc::driver::CudaContext::device_count()
-                .expect("CUDA driver") as usize;
-            let n = 1 << 20;
-            let input = |rank: usize| -> Vec<f32> {
-                (0..n)
-                    .map(|i| ((i * 7 + rank * 13) % 97) as f32 * 0.25)
-                    .collect()
-            };
-            for world in 1..=gpus {
-                let id = new_unique_id().expect("unique id");
-                let expected: Vec<f32> = (0..n)
-                    .map(|i| (0..world).map(|r| input(r)[i]).sum())
-                    .collect();
-                let results: Vec<Vec<f32>> = std::thread::scope(|s| {
-                    let handles: Vec<_> = (0..world)
-                        .map(|rank| {
-                            let id = id.clone();
-                            s.spawn(move || {
-                                let device = Device::new_cuda(rank).expect("device");
-                                let mut c =
-                                    Nccl::new(&device, rank, world, &id).expect("communicator");
-                                let t = candle_core::Tensor::from_slice(&input(rank), n, &device)
-                                    .expect("tensor");
-                                c.all_reduce_tensor(&t).expect("all-reduce");
-                                t.to_vec1::<f32>().expect("to host")
-                            })
-                        })
-                        .collect();
-                    handles
-                        .into_iter()
-                        .map(|h| h.join().expect("rank"))
-                        .collect()
-                });
-                for (rank, got) in results.iter().enumerate() {
-                    assert_eq!(got, &expected, "world {world}, rank {rank}");
-                }
-            }
-        }
     }
 }

@@ -3,10 +3,13 @@
 //! driver and NCCL, after building the worker with CUDA:
 //!
 //!     cargo test --workspace --features stride-worker/cuda --test suite gpu:: -- --ignored
-//!     cargo test -p stride-worker --features cuda nccl -- --ignored
+//!     STRIDE_TEST_CUDA=1 cargo test -p stride-worker --features cuda gpu nccl -- --ignored
 //!
-//! The NCCL all-reduce against a CPU sum (1..=N GPUs) lives next to the
-//! NCCL code, in `worker/src/collective/nccl.rs`.
+//! or, on a machine without Rust, from the folder `bash .ci/gpu-bundle`
+//! builds: `target/gpu-bundle/stride-gpu/run`. The NCCL all-reduce against a
+//! CPU sum (1..=N GPUs) lives next to the NCCL code, in
+//! `worker/src/collective/nccl.rs`; the device-resident step's checks in
+//! `worker/src/trainer.rs` (`mod gpu`).
 
 use std::time::Duration;
 

@@ -163,7 +163,8 @@ mod tests {
     use super::*;
 
     /// For 1..=N GPUs (one thread and rank per GPU), NCCL's sum equals the
-    /// sum computed on the CPU.
+    /// sum computed on the CPU: of a host buffer (through a device copy),
+    /// and of a device tensor in place (the device-resident step's path).
     #[test]
     #[ignore = "needs NVIDIA GPUs: cargo test -p stride-worker --features cuda nccl -- --ignored"]
     fn nccl_all_reduce_matches_a_cpu_sum() {
@@ -189,6 +190,11 @@ mod tests {
                             let mut c = Nccl::new(&device, rank, world, &id).expect("communicator");
                             let mut buf = input(rank);
                             c.all_reduce_sum(&mut buf).expect("all-reduce");
+                            let t = candle_core::Tensor::from_slice(&input(rank), n, &device)
+                                .expect("tensor");
+                            c.all_reduce_tensor(&t).expect("in-place all-reduce");
+                            let in_place = t.to_vec1::<f32>().expect("to the host");
+                            assert_eq!(in_place, buf, "rank {rank}: in place vs host buffer");
                             buf
                         })
                     })

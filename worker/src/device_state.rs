@@ -39,8 +39,10 @@ use crate::transfer::{Purpose, Transfers};
 pub struct DeviceState {
     /// Master weights, flat f32, in layout order.
     pub weights: Tensor,
-    /// Gradient accumulator, same layout.
-    grad: Tensor,
+    /// Gradient accumulator, same layout; `None` until the step's first
+    /// micro-batch adds its gradient (which then becomes the accumulator:
+    /// no zeros to add to).
+    grad: Option<Tensor>,
     m: Tensor,
     v: Tensor,
     /// 1 where weight decay applies, 0 elsewhere.
@@ -66,12 +68,13 @@ impl DeviceState {
         for s in slots.iter().filter(|s| s.decays()) {
             mask[s.offset..s.offset + s.len].fill(1.0);
         }
-        let zeros = Tensor::zeros(n, DType::F32, device)?;
+        // Each moment its own buffer: nothing here may share storage with
+        // anything the in-place all-reduce writes.
         Ok(DeviceState {
             weights: transfers.to_device(Purpose::State, weights, &[n], device)?,
-            grad: zeros.clone(),
-            m: zeros.clone(),
-            v: zeros,
+            grad: None,
+            m: Tensor::zeros(n, DType::F32, device)?,
+            v: Tensor::zeros(n, DType::F32, device)?,
             decay: transfers.to_device(Purpose::State, &mask, &[n], device)?,
             step: 0,
             config: config.clone(),
@@ -88,16 +91,27 @@ impl DeviceState {
     }
 
     /// Clears the gradient accumulator (before a step's micro-batches).
-    pub fn zero_grad(&mut self) -> Result<()> {
-        self.grad = self.grad.zeros_like()?;
-        Ok(())
+    pub fn zero_grad(&mut self) {
+        self.grad = None;
     }
 
     /// Adds `flat` (f32, the state's length, layout order) into the
-    /// gradient accumulator.
-    pub fn add_grad(&mut self, flat: &Tensor) -> Result<()> {
-        self.grad = (&self.grad + flat)?;
+    /// gradient accumulator. Taken by value: the first one becomes the
+    /// accumulator, which the all-reduce then sums in place.
+    pub fn add_grad(&mut self, flat: Tensor) -> Result<()> {
+        self.grad = Some(match self.grad.take() {
+            Some(sum) => (sum + flat)?,
+            None => flat,
+        });
         Ok(())
+    }
+
+    /// The step's gradient, once a micro-batch has added one.
+    fn grad(&self) -> Result<&Tensor> {
+        match &self.grad {
+            Some(g) => Ok(g),
+            None => candle_core::bail!("no micro-batch has added a gradient this step"),
+        }
     }
 
     /// Sums the gradient over all ranks, in place on its device.
@@ -105,7 +119,10 @@ impl DeviceState {
         &mut self,
         collective: &mut dyn Collective,
     ) -> std::result::Result<(), CollectiveError> {
-        collective.all_reduce_tensor(&self.grad)
+        let grad = self
+            .grad()
+            .map_err(|e| CollectiveError::Setup(e.to_string()))?;
+        collective.all_reduce_tensor(grad)
     }
 
     /// Scales the summed gradient by `scale` (1 / the number of
@@ -113,7 +130,7 @@ impl DeviceState {
     /// clipping) and applies one AdamW update at `lr`. Returns the global
     /// norm before clipping (the one value that comes to the host).
     pub fn update(&mut self, scale: f64, lr: f64) -> Result<f64> {
-        let mut g = (&self.grad * scale)?;
+        let mut g = (self.grad()? * scale)?;
         let norm = f64::from(
             self.transfers
                 .scalar(Purpose::Step, &g.sqr()?.sum_all()?)?
@@ -139,7 +156,7 @@ impl DeviceState {
     }
 
     /// Copies the weights and moments to the host (a checkpoint snapshot),
-    /// into reused buffers.
+    /// replacing the buffers' contents ([`Transfers::to_host`]).
     pub fn read(&self, weights: &mut Vec<f32>, m: &mut Vec<f32>, v: &mut Vec<f32>) -> Result<()> {
         self.transfers
             .to_host(Purpose::State, &self.weights, weights)?;
@@ -236,9 +253,9 @@ mod tests {
             let mut host_g: Vec<f32> = g.iter().map(|x| x * 0.5).collect();
             let host_norm = clip_global_norm(&mut host_g, config.grad_clip);
             host.update(&mut host_w, &host_g, 1e-2);
-            dev.zero_grad().expect("candle");
+            dev.zero_grad();
             let gt = Tensor::from_slice(&g, n, &Device::Cpu).expect("candle");
-            dev.add_grad(&gt).expect("candle");
+            dev.add_grad(gt).expect("candle");
             let norm = dev.update(0.5, 1e-2).expect("candle");
             assert!(
                 ((norm - host_norm) / host_norm).abs() < 1e-6,

@@ -146,20 +146,6 @@ impl Gpt {
             .ok_or_else(|| candle_core::Error::Msg(format!("no parameter {name}")))
     }
 
-    /// Overwrites every parameter from a flat buffer in [`layout`] order.
-    pub fn load_flat(&self, weights: &[f32]) -> Result<()> {
-        for (slot, (_, var)) in layout(&self.config).iter().zip(&self.params) {
-            let t = Tensor::from_slice(
-                &weights[slot.offset..slot.offset + slot.len],
-                slot.shape.as_slice(),
-                var.device(),
-            )?
-            .to_dtype(var.dtype())?;
-            var.set(&t)?;
-        }
-        Ok(())
-    }
-
     /// y = x Wᵀ + b for a (…, in) input and an (out, in) weight.
     fn linear(&self, x: &Tensor, prefix: &str) -> Result<Tensor> {
         let w = self.p(&format!("{prefix}.weight"))?;

@@ -46,7 +46,9 @@ pub struct SnapshotBuffers {
 /// go back to the trainer when it is dropped (after the write), and the
 /// next snapshot copies into them: from the second checkpoint on, the
 /// training stall is one copy of the state into memory already allocated
-/// and touched (no allocation, no page faults). Only the rank that writes
+/// and touched (no allocation, no page faults). A device-resident state's
+/// copy to the host makes new vectors instead (Candle's device-to-host copy
+/// allocates; not yet pinned, reused buffers). Only the rank that writes
 /// (rank 0) ever holds them; they stay allocated for the trainer's life.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -397,7 +399,7 @@ impl Trainer {
         // gradients into the flat accumulator.
         match &mut self.master {
             Master::Host { grad, .. } => grad.fill(0.0),
-            Master::Device(state) => state.zero_grad()?,
+            Master::Device(state) => state.zero_grad(),
         }
         let mut loss_sum = 0.0;
         // The rank is on every span.

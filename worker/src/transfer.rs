@@ -54,14 +54,12 @@ impl Transfers {
         Tensor::from_slice(data, shape, device)
     }
 
-    /// Every element of `t` (any shape, read as f32) into `out`, which is
-    /// resized to fit and reused.
+    /// Every element of `t` (any shape, read as f32) into `out`, which it
+    /// replaces (Candle's copy to the host makes a new vector; copying that
+    /// again into `out`'s old memory would cost a second pass).
     pub fn to_host(&self, purpose: Purpose, t: &Tensor, out: &mut Vec<f32>) -> Result<()> {
-        let flat = t.flatten_all()?.to_dtype(DType::F32)?;
-        let values = flat.to_vec1::<f32>()?;
-        self.count(purpose, values.len() * 4);
-        out.clear();
-        out.extend_from_slice(&values);
+        *out = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        self.count(purpose, out.len() * 4);
         Ok(())
     }
 

@@ -157,7 +157,7 @@ impl Engine {
             );
             flat.push(g.flatten_all()?.to_dtype(DType::F32)?);
         }
-        state.add_grad(&Tensor::cat(&flat, 0)?)?;
+        state.add_grad(Tensor::cat(&flat, 0)?)?;
         Ok(value)
     }
 

@@ -50,28 +50,73 @@ impl AdamW {
         assert_eq!(weights.len(), grad.len());
         assert_eq!(weights.len(), self.m.len());
         self.step += 1;
-        let c = &self.config;
-        let (b1, b2) = (c.beta1 as f32, c.beta2 as f32);
-        let bc1 = 1.0 - c.beta1.powi(self.step as i32);
-        let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        let step_size = (lr / bc1) as f32;
-        let bc2_sqrt = bc2.sqrt() as f32;
-        let eps = c.eps as f32;
+        let k = Coefficients::new(&self.config, self.step, lr);
         // Decoupled decay first (PyTorch order): w ← w·(1 − lr·wd).
-        let shrink = (1.0 - lr * c.weight_decay) as f32;
         for &(off, len) in &self.decay_mask {
             for w in &mut weights[off..off + len] {
-                *w *= shrink;
+                *w *= k.shrink;
             }
         }
         for i in 0..weights.len() {
-            let g = grad[i];
-            let m = b1 * self.m[i] + (1.0 - b1) * g;
-            let v = b2 * self.v[i] + (1.0 - b2) * g * g;
-            self.m[i] = m;
-            self.v[i] = v;
-            weights[i] -= step_size * m / (v.sqrt() / bc2_sqrt + eps);
+            k.apply(
+                &mut weights[i],
+                &mut self.m[i],
+                &mut self.v[i],
+                grad[i],
+                false,
+            );
         }
+    }
+}
+
+/// The constants of one AdamW update, in the f32 the element arithmetic
+/// uses. One definition for every implementation: the host loop above, the
+/// device state's fused update on the CPU (`crate::fused_adamw`) and its
+/// CUDA kernel (`worker/cuda/adamw.cu`, which repeats [`Coefficients::apply`]
+/// operation for operation and is compiled without multiply-add
+/// contraction), so all three give the same bits from the same gradient.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Coefficients {
+    pub beta1: f32,
+    pub one_minus_beta1: f32,
+    pub beta2: f32,
+    pub one_minus_beta2: f32,
+    /// lr / (1 − β1^t): bias correction of the first moment folded in.
+    pub step_size: f32,
+    /// √(1 − β2^t).
+    pub bc2_sqrt: f32,
+    pub eps: f32,
+    /// 1 − lr·weight_decay.
+    pub shrink: f32,
+}
+
+impl Coefficients {
+    /// For update number `step` (counted from 1) at learning rate `lr`.
+    pub fn new(c: &OptimConfig, step: u64, lr: f64) -> Coefficients {
+        let (beta1, beta2) = (c.beta1 as f32, c.beta2 as f32);
+        let t = i32::try_from(step).unwrap_or(i32::MAX);
+        Coefficients {
+            beta1,
+            one_minus_beta1: 1.0 - beta1,
+            beta2,
+            one_minus_beta2: 1.0 - beta2,
+            step_size: (lr / (1.0 - c.beta1.powi(t))) as f32,
+            bc2_sqrt: (1.0 - c.beta2.powi(t)).sqrt() as f32,
+            eps: c.eps as f32,
+            shrink: (1.0 - lr * c.weight_decay) as f32,
+        }
+    }
+
+    /// One element's update with gradient `g`: decay first where `decays`,
+    /// then both moments, then the step.
+    #[inline(always)]
+    pub fn apply(&self, w: &mut f32, m: &mut f32, v: &mut f32, g: f32, decays: bool) {
+        if decays {
+            *w *= self.shrink;
+        }
+        *m = self.beta1 * *m + self.one_minus_beta1 * g;
+        *v = self.beta2 * *v + self.one_minus_beta2 * g * g;
+        *w -= self.step_size * *m / (v.sqrt() / self.bc2_sqrt + self.eps);
     }
 }
 

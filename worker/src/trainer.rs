@@ -880,14 +880,7 @@ mod tests {
     mod gpu {
         use super::*;
 
-        fn cuda() -> Device {
-            assert_eq!(
-                std::env::var("STRIDE_TEST_CUDA").as_deref(),
-                Ok("1"),
-                "set STRIDE_TEST_CUDA=1 to run the GPU tests"
-            );
-            Device::new_cuda(0).expect("a CUDA device (is a GPU visible?)")
-        }
+        use crate::test_cuda_device as cuda;
 
         fn composed(precision: &str) -> Config {
             config(&format!(

@@ -1,5 +1,7 @@
 //! `bench`: the worker's training speed and memory next to PyTorch's, the
-//! ring all-reduce next to memcpy, and a checkpoint next to `dd`.
+//! ring all-reduce next to memcpy, the device-resident AdamW update (fused
+//! in-place pass) next to its Candle-op reference, and a checkpoint next
+//! to `dd`.
 //!
 //!     cargo run --release -p stride-worker --bin bench -- [--pytorch python3] [--steps N]
 //!
@@ -20,6 +22,8 @@ use candle_core::Device;
 use clap::Parser;
 use stride_job::config::{Config, ConfigSource, ModelConfig, RawConfig};
 use stride_worker::collective::{Solo, local_ring};
+use stride_worker::device_state::DeviceState;
+use stride_worker::transfer::Transfers;
 use stride_worker::model;
 use stride_worker::trainer::Trainer;
 
@@ -49,6 +53,12 @@ struct Args {
     /// Where the checkpoint benchmark writes (the disk checkpoints go to).
     #[arg(long, default_value = "target/bench-checkpoint")]
     checkpoint_dir: std::path::PathBuf,
+    /// Run only the optimiser-update benchmark (fused vs Candle ops).
+    #[arg(long, conflicts_with = "checkpoint_only")]
+    update_only: bool,
+    /// Internal: time one device-state update (`fused` or `reference`).
+    #[arg(long, hide = true)]
+    child_update: Option<String>,
     /// Internal: run one model line in this process.
     #[arg(long, hide = true, requires = "engine")]
     child: Option<String>,
@@ -467,8 +477,75 @@ fn bench_checkpoint(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// One optimiser-update line, in this (child) process: the device-resident
+/// state of GPT-2 small on the CPU device, `steps` timed updates after a
+/// warm-up one, with the fused in-place pass or its Candle-op reference.
+fn child_update(kind: &str, steps: usize) -> Result<()> {
+    let model = ModelConfig::default();
+    let slots = model::layout(&model);
+    let n = model::parameter_count(&slots);
+    let weights = model::initial_weights(&model, 1);
+    let config = stride_job::config::OptimConfig::default();
+    let mut state = DeviceState::new(&weights, &slots, &config, &Device::Cpu, Transfers::default())?;
+    drop(weights);
+    let grad: Vec<f32> = (0..n).map(|i| ((i % 1999) as f32 - 999.0) * 1e-4).collect();
+    let mut total = 0.0;
+    for step in 0..=steps {
+        state.zero_grad();
+        state.add_grad(candle_core::Tensor::from_slice(&grad, n, &Device::Cpu)?)?;
+        let start = Instant::now();
+        match kind {
+            "fused" => state.update(0.5, 1e-4)?,
+            _ => state.update_reference(0.5, 1e-4)?,
+        };
+        if step > 0 {
+            total += start.elapsed().as_secs_f64();
+        }
+    }
+    println!(
+        "update {kind:<9} GPT-2 small {:>5.1}M params  {:>7.1} ms/update  peak RSS {:>6.0} MB",
+        n as f64 / 1e6,
+        1e3 * total / steps.max(1) as f64,
+        peak_rss_mb(),
+    );
+    Ok(())
+}
+
+/// The fused update next to its Candle-op reference, one child each.
+fn bench_update(steps: usize) -> Result<()> {
+    let line = |kind: &str| -> Result<(f64, f64)> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["--child-update", kind, "--steps", &steps.to_string()]);
+        let out = cmd.output().context("cannot start a bench child")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "bench child failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().find(|l| l.starts_with("update")).unwrap_or("");
+        println!("{line}");
+        Ok((figure_before(line, "ms/update"), figure_before(line, "MB")))
+    };
+    let fused = line("fused")?;
+    let reference = line("reference")?;
+    println!(
+        "update fused / Candle ops: {:.2}x time, {:.2}x peak RSS",
+        fused.0 / reference.0,
+        fused.1 / reference.1
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    if let Some(kind) = &args.child_update {
+        stride_worker::alloc::tune_malloc();
+        return child_update(kind, args.steps);
+    }
+    if args.update_only {
+        return bench_update(args.steps);
+    }
     if let (Some(name), Some(engine)) = (&args.child, &args.engine) {
         if !args.default_malloc {
             stride_worker::alloc::tune_malloc();
@@ -559,6 +636,7 @@ fn main() -> Result<()> {
         }
     }
     println!("{ratios}");
+    bench_update(args.steps)?;
     if !args.no_checkpoint {
         bench_checkpoint(&args.checkpoint_dir)?;
     }

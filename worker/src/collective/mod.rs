@@ -15,6 +15,7 @@
 //! changes.
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -59,20 +60,43 @@ pub trait Collective: std::fmt::Debug {
         let mut token = [0f32];
         self.all_reduce_sum(&mut token)
     }
-    /// Element-wise sum of the contiguous f32 tensor `t` over all ranks,
-    /// in place on its device (the device-resident step's gradient). The
-    /// default sums a CPU tensor's own storage with
-    /// [`Collective::all_reduce_sum`] — no copy; a backend that can sum
-    /// device memory (NCCL) overrides it.
-    fn all_reduce_tensor(&mut self, t: &Tensor) -> Result<(), CollectiveError> {
+    /// Element-wise sum over all ranks of `buf`, which is the values
+    /// `at..at + buf.len()` of a buffer of `whole` values summed part by
+    /// part (a bucket of the gradient). A backend whose summation order
+    /// depends on where a value sits in the call (the ring's chunks) sums
+    /// it as the unbucketed call would, by its position in the whole, so
+    /// bucketing changes no bit. The default sums the part on its own.
+    fn all_reduce_part(
+        &mut self,
+        buf: &mut [f32],
+        at: usize,
+        whole: usize,
+    ) -> Result<(), CollectiveError> {
+        let _ = (at, whole);
+        self.all_reduce_sum(buf)
+    }
+    /// Element-wise sum over all ranks of the values `part` of the flat,
+    /// contiguous f32 tensor `t` (a bucket of the device-resident step's
+    /// gradient), in place on its device. The default sums a CPU tensor's
+    /// own storage with [`Collective::all_reduce_part`] — no copy; a
+    /// backend that can sum device memory (NCCL) overrides it.
+    fn all_reduce_tensor(&mut self, t: &Tensor, part: Range<usize>) -> Result<(), CollectiveError> {
         if !t.device().is_cpu() {
             return Err(CollectiveError::Setup(format!(
                 "this collective sums host memory; the gradient is on {:?} (a CUDA job uses NCCL)",
                 t.device()
             )));
         }
+        let whole = t.elem_count();
+        if part.start > part.end || part.end > whole {
+            return Err(CollectiveError::Setup(format!(
+                "bucket {part:?} lies outside a gradient of {whole} values"
+            )));
+        }
+        let at = part.start;
         let op = InPlaceSum {
-            sum: std::cell::RefCell::new(|buf: &mut [f32]| self.all_reduce_sum(buf)),
+            part,
+            sum: std::cell::RefCell::new(|buf: &mut [f32]| self.all_reduce_part(buf, at, whole)),
             failed: std::cell::RefCell::new(None),
         };
         let done = t.inplace_op1(&op);
@@ -88,6 +112,8 @@ pub trait Collective: std::fmt::Debug {
 /// error is kept apart so the caller gets it unchanged (a peer's failure
 /// must still name the peer).
 struct InPlaceSum<F> {
+    /// The values of the tensor to sum.
+    part: Range<usize>,
     sum: std::cell::RefCell<F>,
     failed: std::cell::RefCell<Option<CollectiveError>>,
 }
@@ -110,7 +136,11 @@ impl<F: FnMut(&mut [f32]) -> Result<(), CollectiveError>> candle_core::InplaceOp
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("the all-reduce sums contiguous tensors");
         };
-        let result = (self.sum.borrow_mut())(&mut data[start..end]);
+        let data = &mut data[start..end];
+        let Some(part) = data.get_mut(self.part.clone()) else {
+            candle_core::bail!("bucket {:?} lies outside the tensor", self.part);
+        };
+        let result = (self.sum.borrow_mut())(part);
         if let Err(e) = result {
             *self.failed.borrow_mut() = Some(e);
             candle_core::bail!("the all-reduce failed");

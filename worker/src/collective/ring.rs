@@ -5,7 +5,10 @@
 //!
 //! Determinism: the ring splits the buffer into `world` chunks with fixed
 //! bounds and sums each chunk in ring order, so for a given world size the
-//! result is the same bits on every rank and in every run. The data is sent
+//! result is the same bits on every rank and in every run. A bucket of a
+//! larger buffer (`all_reduce_part`) keeps the whole buffer's chunk bounds,
+//! so every value is summed in the same order whether the buffer goes in
+//! one call or bucket by bucket: bucketing changes no bit. The data is sent
 //! as native-endian `f32` (all supported targets are little-endian).
 //!
 //! Speed: one thread drives both sockets, non-blocking, through one `mio`
@@ -43,6 +46,15 @@ pub const PART: usize = 256 * 1024;
 const HELLO: [u8; 4] = *b"STRD";
 /// Magic, rank (u32), generation (u64), hash of the shared id (u64).
 const HELLO_LEN: usize = 24;
+
+/// Where one call's buffer lies in the buffer it is a part of (a bucket in
+/// the gradient): `n` values at `at` of `whole`.
+#[derive(Debug, Clone, Copy)]
+struct Part {
+    at: usize,
+    n: usize,
+    whole: usize,
+}
 
 /// A bound, not yet connected, ring endpoint.
 #[derive(Debug)]
@@ -224,10 +236,16 @@ impl TcpRing {
         })
     }
 
-    /// Bounds of chunk `i` (mod world) of a buffer of `n` elements.
-    fn chunk(&self, n: usize, i: usize) -> Range<usize> {
+    /// Bounds of chunk `i` (mod world) of the call's part `at..at + n` of
+    /// a buffer of `whole` values, relative to the part: the chunk's
+    /// bounds are the whole buffer's, so a value is reduced in the same
+    /// ring order whatever part it is summed in. Empty where the chunk
+    /// misses the part.
+    fn chunk(&self, p: Part, i: usize) -> Range<usize> {
         let i = i % self.world;
-        (i * n / self.world)..((i + 1) * n / self.world)
+        let (lo, hi) = (i * p.whole / self.world, (i + 1) * p.whole / self.world);
+        let (lo, hi) = (lo.clamp(p.at, p.at + p.n), hi.clamp(p.at, p.at + p.n));
+        (lo - p.at)..(hi - p.at)
     }
 
     /// Bounds of segment `i` of the sending (`send`) or receiving side:
@@ -236,7 +254,7 @@ impl TcpRing {
     /// r − s − 1), the rest all-gather (it sends chunk r + 1 − s' and
     /// receives chunk r − s'); each round sends what the previous one
     /// received.
-    fn segment(&self, n: usize, parts: usize, i: usize, send: bool) -> Range<usize> {
+    fn segment(&self, p: Part, parts: usize, i: usize, send: bool) -> Range<usize> {
         let (round, part) = (i / parts, i % parts);
         let (w, r) = (self.world, self.rank);
         let chunk = if round < w - 1 {
@@ -245,7 +263,7 @@ impl TcpRing {
             let s = round - (w - 1);
             r + 2 * w + 1 - s - usize::from(!send)
         };
-        let c = self.chunk(n, chunk);
+        let c = self.chunk(p, chunk);
         let len = c.len();
         (c.start + part * len / parts)..(c.start + (part + 1) * len / parts)
     }
@@ -286,8 +304,25 @@ impl Collective for TcpRing {
     }
 
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.all_reduce_part(buf, 0, buf.len())
+    }
+
+    fn all_reduce_part(
+        &mut self,
+        buf: &mut [f32],
+        at: usize,
+        whole: usize,
+    ) -> Result<(), CollectiveError> {
         let (n, w) = (buf.len(), self.world);
-        let parts = n.div_ceil(w).div_ceil(PART).max(1);
+        if at + n > whole {
+            return Err(CollectiveError::Setup(format!(
+                "a part of {n} values at {at} lies outside a buffer of {whole}"
+            )));
+        }
+        let p = Part { at, n, whole };
+        // Parts per chunk: enough for the largest chunk of this call.
+        let largest = (0..w).map(|i| self.chunk(p, i).len()).max().unwrap_or(0);
+        let parts = largest.div_ceil(PART).max(1);
         let total = 2 * (w - 1) * parts;
         // Segment and byte offset reached on each side.
         let (mut sent, mut sent_bytes) = (0, 0);
@@ -298,7 +333,7 @@ impl Collective for TcpRing {
             // Send what is ready: a segment of round s+1 once the same part
             // of round s has arrived.
             while sent < total && (sent < parts || sent - parts < received) {
-                let range = self.segment(n, parts, sent, true);
+                let range = self.segment(p, parts, sent, true);
                 let bytes: &[u8] = bytemuck::cast_slice(&buf[range]);
                 if sent_bytes == bytes.len() {
                     (sent, sent_bytes) = (sent + 1, 0);
@@ -315,7 +350,7 @@ impl Collective for TcpRing {
                 }
             }
             while received < total {
-                let range = self.segment(n, parts, received, false);
+                let range = self.segment(p, parts, received, false);
                 let reducing = received / parts < w - 1;
                 if received_bytes == 4 * range.len() {
                     if reducing {

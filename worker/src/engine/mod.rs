@@ -185,9 +185,9 @@ impl Engine {
         match self {
             Engine::Fused(_) => Ok(()),
             Engine::Composed { model, slots, .. } => {
+                let weights = state.weights()?;
                 for (slot, (_, var)) in slots.iter().zip(model.vars()) {
-                    let w = state
-                        .weights
+                    let w = weights
                         .narrow(0, slot.offset, slot.len)?
                         .reshape(slot.shape.as_slice())?
                         .to_dtype(var.dtype())?;

@@ -59,10 +59,16 @@ pub struct DeviceState {
     /// order, `len` values each, one buffer.
     state: Tensor,
     len: usize,
-    /// Gradient accumulator, same layout; `None` until the step's first
-    /// micro-batch adds its gradient (which then becomes the accumulator:
-    /// no zeros to add to).
-    grad: Option<Tensor>,
+    /// Gradient accumulator, same layout, allocated once.
+    grad: Tensor,
+    /// Whether `grad` holds earlier micro-batches' sum (false after
+    /// [`DeviceState::zero_grad`]: the step's first micro-batch writes
+    /// instead of adding, so nothing is ever zeroed).
+    accumulating: bool,
+    /// Values of each bucket the micro-batch in progress has written.
+    filled: Vec<usize>,
+    /// How many buckets (in launch order) are all-reduced this step.
+    reduced: usize,
     /// 1 where weight decay applies, 0 elsewhere (u8: a byte a parameter).
     decay: Tensor,
     /// All-reduce buckets: ranges of the flat gradient, in launch order.
@@ -94,12 +100,16 @@ impl DeviceState {
             0,
             0,
         )?;
+        let buckets = buckets(slots);
         Ok(DeviceState {
             state,
             len: n,
-            grad: None,
+            grad: Tensor::zeros(n, DType::F32, device)?,
+            accumulating: false,
+            filled: vec![0; buckets.len()],
+            reduced: 0,
             decay: transfers.to_device(Purpose::State, &mask, &[n], device)?,
-            buckets: buckets(slots),
+            buckets,
             step: 0,
             config: config.clone(),
             transfers,
@@ -130,50 +140,114 @@ impl DeviceState {
         &self.buckets
     }
 
-    /// Clears the gradient accumulator (before a step's micro-batches).
+    /// Starts a step: its first micro-batch's gradient replaces the
+    /// accumulator's contents.
     pub fn zero_grad(&mut self) {
-        self.grad = None;
+        self.accumulating = false;
+        self.filled.fill(0);
+        self.reduced = 0;
     }
 
-    /// Adds `flat` (f32, the state's length, layout order) into the
-    /// gradient accumulator. Taken by value: the first one becomes the
-    /// accumulator, which the all-reduce then sums in place.
-    pub fn add_grad(&mut self, flat: Tensor) -> Result<()> {
-        self.grad = Some(match self.grad.take() {
-            Some(sum) => (sum + flat)?,
-            None => flat,
-        });
+    /// Starts a micro-batch: its gradient adds to the earlier ones'.
+    pub fn begin_micro_batch(&mut self) -> Result<()> {
+        if self.filled.iter().any(|&f| f > 0) {
+            self.check_filled("a micro-batch")?;
+            self.accumulating = true;
+        }
+        self.filled.fill(0);
         Ok(())
     }
 
-    /// The step's gradient, once a micro-batch has added one.
-    fn grad(&self) -> Result<&Tensor> {
-        match &self.grad {
-            Some(g) => Ok(g),
-            None => candle_core::bail!("no micro-batch has added a gradient this step"),
+    /// Adds `part` (f32, flat) into the gradient's values `at..`: the
+    /// micro-batch's gradient of some parameters (in place for the step's
+    /// first micro-batch; a sum of the part's size after that).
+    pub fn add_grad_part(&mut self, at: usize, part: &Tensor) -> Result<()> {
+        let len = part.elem_count();
+        if at + len > self.len {
+            candle_core::bail!(
+                "a gradient part of {len} values at {at} lies outside the {} parameters",
+                self.len
+            );
         }
+        let part = part.flatten_all()?.to_dtype(DType::F32)?;
+        if self.accumulating {
+            let sum = (self.grad.narrow(0, at, len)? + part)?;
+            self.grad.slice_set(&sum, 0, at)?;
+        } else {
+            self.grad.slice_set(&part, 0, at)?;
+        }
+        for (bucket, filled) in self.buckets.iter().zip(&mut self.filled) {
+            let overlap = (at + len)
+                .min(bucket.end)
+                .saturating_sub(at.max(bucket.start));
+            *filled += overlap;
+            if *filled > bucket.len() {
+                candle_core::bail!(
+                    "the gradient of values {bucket:?} was added twice in one micro-batch"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// A whole micro-batch's gradient (the state's length, layout order)
+    /// as one tensor: [`DeviceState::begin_micro_batch`] and one
+    /// [`DeviceState::add_grad_part`].
+    pub fn add_grad(&mut self, flat: &Tensor) -> Result<()> {
+        self.begin_micro_batch()?;
+        self.add_grad_part(0, flat)
+    }
+
+    /// Errors unless the micro-batch in progress wrote every gradient
+    /// value exactly once.
+    fn check_filled(&self, what: &str) -> Result<()> {
+        for (bucket, &filled) in self.buckets.iter().zip(&self.filled) {
+            if filled != bucket.len() {
+                candle_core::bail!(
+                    "{what} wrote {filled} of the {} gradient values {bucket:?}",
+                    bucket.len()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// All-reduces, in launch order, the buckets whose gradient the last
+    /// micro-batch has finished (called as backward goes, so a bucket's
+    /// sum can run while backward computes the next; every rank reaches
+    /// the same buckets in the same order). Stops at the first unfinished
+    /// bucket.
+    pub fn reduce_ready(
+        &mut self,
+        collective: &mut dyn Collective,
+    ) -> std::result::Result<(), CollectiveError> {
+        while let Some(bucket) = self.buckets.get(self.reduced) {
+            if self.filled[self.reduced] != bucket.len() {
+                break;
+            }
+            collective.all_reduce_tensor(&self.grad, bucket.clone())?;
+            self.reduced += 1;
+        }
+        Ok(())
     }
 
     /// Sums the gradient over all ranks, in place on its device, bucket by
-    /// bucket.
+    /// bucket: those [`DeviceState::reduce_ready`] has not summed yet.
     pub fn all_reduce(
         &mut self,
         collective: &mut dyn Collective,
     ) -> std::result::Result<(), CollectiveError> {
-        let grad = self
-            .grad()
+        self.check_filled("the last micro-batch")
             .map_err(|e| CollectiveError::Setup(e.to_string()))?;
-        for bucket in &self.buckets {
-            collective.all_reduce_tensor(grad, bucket.clone())?;
-        }
-        Ok(())
+        self.reduce_ready(collective)
     }
 
     /// The norm of the summed gradient scaled by `scale`, and the factor
     /// that clips it to `grad_clip` (1 when it is within it, or 0 = no
     /// clipping).
     fn norm_and_clip(&self, scale: f64) -> Result<(f64, f64)> {
-        let grad = self.grad()?;
+        self.check_filled("the last micro-batch")?;
+        let grad = &self.grad;
         let sum_sq = self
             .transfers
             .scalar(Purpose::Step, &grad.sqr()?.sum_all()?)?;
@@ -200,7 +274,7 @@ impl DeviceState {
             grad_scale: scale as f32,
             clip: clip as f32,
         };
-        self.state.inplace_op3(self.grad()?, &self.decay, &op)?;
+        self.state.inplace_op3(&self.grad, &self.decay, &op)?;
         Ok(norm)
     }
 
@@ -209,7 +283,7 @@ impl DeviceState {
     /// and `bench`, on any device.
     pub fn update_reference(&mut self, scale: f64, lr: f64) -> Result<f64> {
         let (norm, clip) = self.norm_and_clip(scale)?;
-        let g = ((self.grad()? * scale)? * clip)?;
+        let g = ((&self.grad * scale)? * clip)?;
         self.step += 1;
         let c = &self.config;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
@@ -240,6 +314,11 @@ impl DeviceState {
                 .to_host(Purpose::State, &self.part(i)?, out)?;
         }
         Ok(())
+    }
+
+    /// The gradient accumulator on the host (tests, debugging).
+    pub fn grad_to_host(&self, out: &mut Vec<f32>) -> Result<()> {
+        self.transfers.to_host(Purpose::State, &self.grad, out)
     }
 
     /// The weights on the host (hashing, a weights-only read).
@@ -372,7 +451,7 @@ mod tests {
             host.update(&mut host_w, &host_g, 1e-2);
             dev.zero_grad();
             let gt = Tensor::from_slice(&g, n, &Device::Cpu).expect("candle");
-            dev.add_grad(gt).expect("candle");
+            dev.add_grad(&gt).expect("candle");
             let norm = dev.update(0.5, 1e-2).expect("candle");
             assert!(
                 ((norm - host_norm) / host_norm).abs() < 1e-6,
@@ -447,7 +526,7 @@ mod tests {
             for state in [&mut fused, &mut reference] {
                 state.zero_grad();
                 let t = Tensor::from_slice(&g, n, &Device::Cpu).expect("candle");
-                state.add_grad(t).expect("candle");
+                state.add_grad(&t).expect("candle");
             }
             let norm = fused.update(0.5, 3e-2).expect("fused update");
             let reference_norm = reference.update_reference(0.5, 3e-2).expect("reference");
@@ -594,7 +673,7 @@ mod tests {
                 for s in [&mut gpu, &mut cpu, &mut reference] {
                     s.zero_grad();
                     let d = s.weights().expect("weights").device().clone();
-                    s.add_grad(Tensor::from_slice(&g, n, &d).expect("gradient"))
+                    s.add_grad(&Tensor::from_slice(&g, n, &d).expect("gradient"))
                         .expect("add");
                 }
                 gpu.update(0.5, 1e-3).expect("fused on the GPU");

@@ -197,6 +197,16 @@ impl Gpt {
 
     /// Logits for token ids `idx`: (B, T) u32 → (B, T, V).
     pub fn forward(&self, idx: &Tensor) -> Result<Tensor> {
+        let mut x = self.embed(idx)?;
+        for i in 0..self.config.n_layer {
+            x = self.block(i, &x)?;
+        }
+        self.head(&x)
+    }
+
+    /// The residual stream's start: token plus position embeddings of
+    /// `idx` (B, T) u32 → (B, T, C).
+    pub fn embed(&self, idx: &Tensor) -> Result<Tensor> {
         let (_b, t) = idx.dims2()?;
         if t > self.config.context {
             candle_core::bail!(
@@ -209,28 +219,43 @@ impl Gpt {
             .embedding(&idx.flatten_all()?)?
             .reshape((idx.dim(0)?, t, ()))?; // (B, T, C)
         let pos = self.p("transformer.wpe.weight")?.narrow(0, 0, t)?; // (T, C)
-        let mut x = tok.broadcast_add(&pos)?;
-        for i in 0..self.config.n_layer {
-            let p = format!("transformer.h.{i}");
-            x = (&x
-                + self.attention(
-                    &self.layer_norm(&x, &format!("{p}.ln_1"))?,
-                    &format!("{p}.attn"),
-                )?)?;
-            x = (&x
-                + self.mlp(
-                    &self.layer_norm(&x, &format!("{p}.ln_2"))?,
-                    &format!("{p}.mlp"),
-                )?)?;
-        }
-        let x = self.layer_norm(&x, "transformer.ln_f")?; // (B, T, C)
-        x.broadcast_matmul(&wte.t()?) // tied LM head: (B, T, V)
+        tok.broadcast_add(&pos)
+    }
+
+    /// Transformer block `i` on the residual stream x: (B, T, C).
+    pub fn block(&self, i: usize, x: &Tensor) -> Result<Tensor> {
+        let p = format!("transformer.h.{i}");
+        let x = (x + self.attention(
+            &self.layer_norm(x, &format!("{p}.ln_1"))?,
+            &format!("{p}.attn"),
+        )?)?;
+        &x + self.mlp(
+            &self.layer_norm(&x, &format!("{p}.ln_2"))?,
+            &format!("{p}.mlp"),
+        )?
+    }
+
+    /// The final LayerNorm and the tied LM head: (B, T, C) → (B, T, V).
+    fn head(&self, x: &Tensor) -> Result<Tensor> {
+        let wte = self.p("transformer.wte.weight")?;
+        let x = self.layer_norm(x, "transformer.ln_f")?;
+        x.broadcast_matmul(&wte.t()?)
     }
 
     /// Mean cross-entropy of predicting `targets` (B, T) from `idx` (B, T),
     /// in the wide dtype (f32 for a bf16 model).
     pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let logits = self.forward(idx)?; // (B, T, V)
+        let mut x = self.embed(idx)?;
+        for i in 0..self.config.n_layer {
+            x = self.block(i, &x)?;
+        }
+        self.head_loss(&x, targets)
+    }
+
+    /// The loss from the residual stream's end (B, T, C): the head and
+    /// the mean cross-entropy, in the wide dtype.
+    pub fn head_loss(&self, x: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let logits = self.head(x)?; // (B, T, V)
         let logits = logits.to_dtype(wide(logits.dtype()))?;
         let v = logits.dim(D::Minus1)?;
         cross_entropy(&logits.reshape(((), v))?, &targets.flatten_all()?)

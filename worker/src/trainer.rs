@@ -410,7 +410,8 @@ impl Trainer {
             micro_batches = self.accumulation as i64
         );
         let entered = span.enter();
-        for chunk in samples.chunks(micro) {
+        let micro_batches = samples.len().div_ceil(micro.max(1));
+        for (i, chunk) in samples.chunks(micro).enumerate() {
             self.micro_batch_boundary(false)?;
             self.batch(&train, chunk, self.config.data.stride)?;
             loss_sum += match &mut self.master {
@@ -419,8 +420,17 @@ impl Trainer {
                         .forward_backward(weights, grad, &self.inputs, &self.targets)?
                 }
                 Master::Device(state) => {
+                    state.begin_micro_batch()?;
+                    // The last micro-batch all-reduces buckets as backward
+                    // finishes them.
+                    let last = i + 1 == micro_batches;
+                    let reduce: Option<&mut dyn Collective> = if last {
+                        Some(&mut *self.collective)
+                    } else {
+                        None
+                    };
                     self.engine
-                        .forward_backward_on(state, &self.inputs, &self.targets)?
+                        .forward_backward_on(state, &self.inputs, &self.targets, reduce)?
                 }
             };
             self.micro_batch_boundary(true)?;

@@ -23,9 +23,9 @@ use clap::Parser;
 use stride_job::config::{Config, ConfigSource, ModelConfig, RawConfig};
 use stride_worker::collective::{Solo, local_ring};
 use stride_worker::device_state::DeviceState;
-use stride_worker::transfer::Transfers;
 use stride_worker::model;
 use stride_worker::trainer::Trainer;
+use stride_worker::transfer::Transfers;
 
 #[derive(Debug, Parser)]
 struct Args {
@@ -486,13 +486,19 @@ fn child_update(kind: &str, steps: usize) -> Result<()> {
     let n = model::parameter_count(&slots);
     let weights = model::initial_weights(&model, 1);
     let config = stride_job::config::OptimConfig::default();
-    let mut state = DeviceState::new(&weights, &slots, &config, &Device::Cpu, Transfers::default())?;
+    let mut state = DeviceState::new(
+        &weights,
+        &slots,
+        &config,
+        &Device::Cpu,
+        Transfers::default(),
+    )?;
     drop(weights);
     let grad: Vec<f32> = (0..n).map(|i| ((i % 1999) as f32 - 999.0) * 1e-4).collect();
     let mut total = 0.0;
     for step in 0..=steps {
         state.zero_grad();
-        state.add_grad(candle_core::Tensor::from_slice(&grad, n, &Device::Cpu)?)?;
+        state.add_grad(&candle_core::Tensor::from_slice(&grad, n, &Device::Cpu)?)?;
         let start = Instant::now();
         match kind {
             "fused" => state.update(0.5, 1e-4)?,

@@ -1,6 +1,20 @@
-//! The GPU collective: NCCL all-reduce through `cudarc::nccl`, on the CUDA
-//! stream of Candle's device (the cudarc Candle re-exports, so there is one
-//! cudarc in the tree). Compiled only with the `cuda` feature.
+//! The GPU collective: NCCL all-reduce through `cudarc::nccl`, on a CUDA
+//! stream of its own, forked from Candle's (the cudarc Candle re-exports,
+//! so there is one cudarc in the tree). Compiled only with the `cuda`
+//! feature.
+//!
+//! Streams: the communicator's stream is not Candle's compute stream, so a
+//! bucket's all-reduce can run while backward computes the blocks below
+//! it (`engine::segmented_backward`). The order between the two streams is
+//! cudarc's event tracking (on by default, active once a context has a
+//! second stream): each buffer records an event when a stream reads or
+//! writes it, and the next stream to use it waits on that event. So the
+//! all-reduce of a bucket waits for the kernels that wrote the gradient,
+//! the next write into the gradient (the next block's) waits for the
+//! all-reduce, and the optimizer's kernel waits for the last bucket — no
+//! host synchronisation. What this costs: once there are two streams,
+//! cudarc records an event per buffer per kernel launch (a few µs each).
+//! Unmeasured: no GPU has run it yet (BENCHMARKS.md, "The GPU check").
 //!
 //! Bootstrap: rank 0 calls [`new_unique_id`]; the bytes go to the
 //! coordinator in a `CollectiveBootstrap` message and come back to every
@@ -70,7 +84,10 @@ impl Nccl {
         for (d, s) in raw.iter_mut().zip(id) {
             *d = *s as std::ffi::c_char;
         }
-        let stream = dev.cuda_stream();
+        let stream = dev
+            .cuda_stream()
+            .fork()
+            .map_err(|e| setup("cannot create a stream for NCCL", e))?;
         let comm = Comm::from_rank(stream.clone(), rank, world, Id::uninit(raw))
             .map_err(|e| setup("ncclCommInitRank failed", e))?;
         Ok(Nccl { comm, stream })
@@ -102,9 +119,8 @@ impl Collective for Nccl {
             .map_err(|e| setup("stream synchronize", e))
     }
 
-    /// In place on the tensor's device memory, on Candle's stream (the one
-    /// the communicator was made with), so it is ordered after backward
-    /// and before the optimizer's kernels without a host synchronisation.
+    /// In place on the tensor's device memory, on the communicator's
+    /// stream, ordered with Candle's by cudarc's events (module doc).
     fn all_reduce_tensor(
         &mut self,
         t: &candle_core::Tensor,

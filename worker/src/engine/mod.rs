@@ -29,9 +29,11 @@ pub mod gpt;
 mod tests;
 
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
 use stride_job::config::{self, ModelConfig, Precision};
 
+use crate::collective::Collective;
 use crate::device_state::DeviceState;
 use crate::model::{self, Gpt, Slot};
 use crate::transfer::{Purpose, Transfers};
@@ -124,12 +126,15 @@ impl Engine {
     /// Forward and backward of one micro-batch on the device-resident
     /// `state`: adds the gradient of its mean loss into the state's flat
     /// gradient on the device and returns that loss (the one value that
-    /// comes to the host).
+    /// comes to the host). With `reduce` (the step's last micro-batch),
+    /// each bucket of the gradient is all-reduced as soon as backward has
+    /// finished it (see [`segmented_backward`]).
     pub fn forward_backward_on(
         &mut self,
         state: &mut DeviceState,
         inputs: &[u32],
         targets: &[u32],
+        reduce: Option<&mut dyn Collective>,
     ) -> Result<f64> {
         let Engine::Composed {
             model,
@@ -141,24 +146,7 @@ impl Engine {
             anyhow::bail!("the fused engine works on host buffers: use forward_backward");
         };
         let (x, y) = tensors(model.config.context, inputs, targets, device, transfers)?;
-        let loss = model.loss(&x, &y)?;
-        let value = f64::from(transfers.scalar(Purpose::Step, &loss)?);
-        let grads = loss.backward()?;
-        let mut flat = Vec::with_capacity(slots.len());
-        for (slot, (name, var)) in slots.iter().zip(model.vars()) {
-            let g = grads
-                .get(var.as_tensor())
-                .with_context(|| format!("no gradient reached {name}"))?;
-            anyhow::ensure!(
-                g.elem_count() == slot.len,
-                "the gradient of {name} has {} values, its slot {}",
-                g.elem_count(),
-                slot.len
-            );
-            flat.push(g.flatten_all()?.to_dtype(DType::F32)?);
-        }
-        state.add_grad(Tensor::cat(&flat, 0)?)?;
-        Ok(value)
+        segmented_backward(model, slots, state, &x, &y, transfers, reduce)
     }
 
     /// Mean loss of one micro-batch, without gradients.
@@ -197,6 +185,110 @@ impl Engine {
             }
         }
     }
+}
+
+/// Forward and backward of the composed model one segment at a time — the
+/// embeddings, each block, the head — so that each block's parameter
+/// gradients are final, written into the flat gradient and (with
+/// `reduce`) all-reduced before backward moves to the block below: the
+/// hook Candle's autograd lacks (it returns every gradient at once).
+///
+/// Forward runs as usual, but each block's input is a fresh leaf (a copy
+/// of the block below's output, cut from its graph). Backward starts from
+/// the loss (giving the head's gradients and the gradient at the last
+/// block's output), then, block by block downwards, back-propagates
+/// Σ(output ⊙ upstream gradient) — whose gradient is exactly the
+/// vector–Jacobian product of the block — giving the block's gradients and
+/// the gradient at its input. Each block's graph is dropped once done, so
+/// activations are freed as backward goes. The tied token embedding sums
+/// its head and input gradients and is the last bucket.
+///
+/// On CUDA the all-reduce runs on NCCL's own stream (collective/nccl.rs):
+/// cudarc orders it after the kernels that wrote the bucket and before the
+/// kernels that next touch the gradient, so a bucket's sum overlaps the
+/// backward of the blocks below it. On the CPU the ring runs in this
+/// thread between blocks (no overlap: the cores are busy with backward).
+fn segmented_backward(
+    model: &Gpt,
+    slots: &[Slot],
+    state: &mut DeviceState,
+    x: &Tensor,
+    y: &Tensor,
+    transfers: &Transfers,
+    mut reduce: Option<&mut dyn Collective>,
+) -> Result<f64> {
+    let layers = model.config.n_layer;
+    let embedded = model.embed(x)?;
+    let mut leaves = Vec::with_capacity(layers + 1);
+    let mut outputs = Vec::with_capacity(layers);
+    let mut leaf = Var::from_tensor(&embedded.detach())?;
+    for i in 0..layers {
+        let out = model.block(i, leaf.as_tensor())?;
+        leaves.push(leaf);
+        leaf = Var::from_tensor(&out.detach())?;
+        outputs.push(out);
+    }
+    leaves.push(leaf);
+    let loss = model.head_loss(leaves[layers].as_tensor(), y)?;
+    let value = f64::from(transfers.scalar(Purpose::Step, &loss)?);
+
+    // The parameters of one segment, by name prefix, into the flat gradient.
+    let vars: Vec<(&Slot, &Var)> = slots.iter().zip(model.vars().map(|(_, v)| v)).collect();
+    let mut put = |grads: &GradStore, prefix: &str, extra: Option<&Tensor>| -> Result<()> {
+        for (slot, var) in vars.iter().filter(|(s, _)| s.name.starts_with(prefix)) {
+            let g = grads
+                .get(var.as_tensor())
+                .with_context(|| format!("no gradient reached {}", slot.name))?;
+            anyhow::ensure!(
+                g.elem_count() == slot.len,
+                "the gradient of {} has {} values, its slot {}",
+                slot.name,
+                g.elem_count(),
+                slot.len
+            );
+            match extra {
+                Some(e) => state.add_grad_part(slot.offset, &(g + e)?)?,
+                None => state.add_grad_part(slot.offset, g)?,
+            }
+        }
+        if let Some(c) = reduce.as_deref_mut() {
+            state.reduce_ready(c)?;
+        }
+        Ok(())
+    };
+    let wte = "transformer.wte.weight";
+    let wte_var = vars
+        .iter()
+        .find(|(s, _)| s.name == wte)
+        .map(|(_, v)| v.as_tensor().clone())
+        .context("the model has no token embedding")?;
+
+    // The head: ln_f's gradients are final; the token embedding's head
+    // part waits for its input part.
+    let grads = loss.backward()?;
+    put(&grads, "transformer.ln_f.", None)?;
+    let wte_head = grads.get(&wte_var).cloned();
+    let mut upstream = gradient_at(&grads, &leaves[layers], "the last block's output")?;
+    drop(grads);
+    drop(loss);
+    for i in (0..layers).rev() {
+        let out = outputs.pop().context("one output per block")?;
+        let grads = (out * upstream.detach())?.sum_all()?.backward()?;
+        put(&grads, &format!("transformer.h.{i}."), None)?;
+        upstream = gradient_at(&grads, &leaves[i], "a block's input")?;
+    }
+    let grads = (embedded * upstream.detach())?.sum_all()?.backward()?;
+    put(&grads, "transformer.wpe.", None)?;
+    put(&grads, wte, wte_head.as_ref())?;
+    Ok(value)
+}
+
+/// The gradient backward computed at a segment's boundary leaf.
+fn gradient_at(grads: &GradStore, leaf: &Var, what: &str) -> Result<Tensor> {
+    grads
+        .get(leaf.as_tensor())
+        .cloned()
+        .with_context(|| format!("no gradient reached {what}"))
 }
 
 /// (B, T) input and target tensors of B·T token ids each.

@@ -222,3 +222,153 @@ fn bad_batches_are_refused_not_indexed() {
         "a refused batch changes no gradient"
     );
 }
+
+// ---- the composed engine's segmented backward ------------------------------------
+
+/// Records each bucket all-reduce (a one-rank collective: the sums change
+/// nothing) and how much of the token embedding's gradient was written
+/// when it came.
+#[derive(Debug, Default)]
+struct Recorder {
+    wte: std::ops::Range<usize>,
+    calls: Vec<(std::ops::Range<usize>, usize)>,
+}
+
+impl crate::collective::Collective for Recorder {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_sum(&mut self, _: &mut [f32]) -> Result<(), crate::collective::CollectiveError> {
+        Ok(())
+    }
+    fn all_reduce_tensor(
+        &mut self,
+        t: &Tensor,
+        part: std::ops::Range<usize>,
+    ) -> Result<(), crate::collective::CollectiveError> {
+        let values = t.to_vec1::<f32>().expect("gradient");
+        let written = values[self.wte.clone()]
+            .iter()
+            .filter(|v| **v != 0.0)
+            .count();
+        self.calls.push((part, written));
+        Ok(())
+    }
+}
+
+/// The segmented backward (block by block, each block's input a fresh
+/// leaf) gives the gradients of one whole-graph backward, and — on the
+/// step's last micro-batch — all-reduces every bucket in launch order as
+/// backward finishes it: all but the token embedding's before backward
+/// has reached the embedding. A second micro-batch adds to the first.
+#[test]
+fn segmented_backward_equals_one_backward_and_reduces_as_it_goes() {
+    use stride_job::config::{Engine as Choice, OptimConfig, Precision};
+
+    use crate::device_state::DeviceState;
+    use crate::transfer::Transfers;
+
+    let c = ModelConfig {
+        n_layer: 3,
+        ..awkward()
+    };
+    let w = weights(&c);
+    let (x, y) = tokens(&c, 2, 1);
+    let dev = Device::Cpu;
+    let slots = model::layout(&c);
+    // One whole-graph backward, f32.
+    let m = Gpt::new(&c, &w, DType::F32, &dev).expect("model");
+    let xt = Tensor::from_slice(&x, (2, c.context), &dev).expect("x");
+    let yt = Tensor::from_slice(&y, (2, c.context), &dev).expect("y");
+    let loss = m.loss(&xt, &yt).expect("loss");
+    let grads = loss.backward().expect("backward");
+    let whole: Vec<f32> = m
+        .vars()
+        .flat_map(|(_, var)| {
+            grads
+                .get(var.as_tensor())
+                .and_then(|g| g.flatten_all().ok())
+                .and_then(|g| g.to_vec1::<f32>().ok())
+                .expect("gradient")
+        })
+        .collect();
+
+    let transfers = Transfers::default();
+    let mut engine = super::Engine::new(
+        Choice::Composed,
+        &c,
+        &w,
+        2,
+        &dev,
+        Precision::F32,
+        transfers.clone(),
+    )
+    .expect("engine");
+    let mut state =
+        DeviceState::new(&w, &slots, &OptimConfig::default(), &dev, transfers).expect("state");
+    let wte = slots
+        .iter()
+        .find(|s| s.name == "transformer.wte.weight")
+        .map(|s| s.offset..s.offset + s.len)
+        .expect("wte");
+    let mut recorder = Recorder {
+        wte: wte.clone(),
+        calls: Vec::new(),
+    };
+    state.zero_grad();
+    state.begin_micro_batch().expect("micro-batch");
+    let value = engine
+        .forward_backward_on(&mut state, &x, &y, Some(&mut recorder))
+        .expect("forward and backward");
+    let want = f64::from(loss.to_scalar::<f32>().expect("loss"));
+    assert!((value - want).abs() <= 1e-6 * want, "{value} vs {want}");
+    let mut got = Vec::new();
+    state.grad_to_host(&mut got).expect("gradient");
+    assert_eq!(got.len(), whole.len());
+    for (i, (g, w)) in got.iter().zip(&whole).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * (1e-2 + w.abs()),
+            "[{i}]: {g} vs {w}"
+        );
+    }
+
+    let order: Vec<_> = recorder.calls.iter().map(|(r, _)| r.clone()).collect();
+    assert_eq!(order, state.buckets(), "every bucket, in launch order");
+    let (last, before) = recorder.calls.split_last().expect("calls");
+    assert_eq!(last.0, wte, "the tied embedding goes last");
+    assert!(
+        before.iter().all(|(_, written)| *written == 0),
+        "buckets went before backward reached the embedding: {:?}",
+        recorder.calls
+    );
+    assert_eq!(
+        last.1,
+        wte.len(),
+        "the embedding's own bucket comes once it is written"
+    );
+    state.all_reduce(&mut recorder).expect("nothing left");
+    assert_eq!(recorder.calls.len(), order.len(), "no bucket twice");
+
+    // Two micro-batches: the second adds to the first.
+    state.zero_grad();
+    for reduce in [false, true] {
+        state.begin_micro_batch().expect("micro-batch");
+        let r: Option<&mut dyn crate::collective::Collective> =
+            if reduce { Some(&mut recorder) } else { None };
+        engine
+            .forward_backward_on(&mut state, &x, &y, r)
+            .expect("forward and backward");
+    }
+    let mut twice = Vec::new();
+    state.grad_to_host(&mut twice).expect("gradient");
+    for (a, b) in twice.iter().zip(&got) {
+        assert_eq!(
+            *a,
+            b + b,
+            "the same micro-batch twice sums to twice its gradient"
+        );
+    }
+}

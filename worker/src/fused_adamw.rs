@@ -175,13 +175,7 @@ mod tests {
     /// parallel chunk, with decay on some elements only.
     #[test]
     fn the_cpu_fused_update_is_the_host_adamw_bit_for_bit() {
-        let config = OptimConfig {
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            grad_clip: 1.0,
-        };
+        let config = OptimConfig::default();
         let n = 3 * CHUNK + 17;
         let vals = |seed: u32| -> Vec<f32> {
             (0..n as u32)

@@ -46,9 +46,9 @@ pub struct SnapshotBuffers {
 /// go back to the trainer when it is dropped (after the write), and the
 /// next snapshot copies into them: from the second checkpoint on, the
 /// training stall is one copy of the state into memory already allocated
-/// and touched (no allocation, no page faults). A device-resident state's
-/// copy to the host makes new vectors instead (Candle's device-to-host copy
-/// allocates; not yet pinned, reused buffers). Only the rank that writes
+/// and touched (no allocation, no page faults) — for a device-resident
+/// state too: `Transfers::to_host` copies into them (on CUDA into pageable
+/// memory; pinned buffers are not done). Only the rank that writes
 /// (rank 0) ever holds them; they stay allocated for the trainer's life.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -686,6 +686,35 @@ mod tests {
         assert_ne!(overlapping, at_one);
     }
 
+    /// A device-resident state's snapshot reuses the buffers too (its copy
+    /// to the host goes into them, not into vectors Candle allocates).
+    #[test]
+    fn a_device_resident_snapshot_reuses_the_last_buffers() {
+        let c = config("[worker]\nengine = \"composed\"\n");
+        let batches = samples_of(&c, 2);
+        let mut t = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+        t.step(&batches[0], 1e-2).expect("step");
+        let first = t.snapshot().expect("snapshot");
+        let held = [&first.buffers.weights, &first.buffers.m, &first.buffers.v].map(|b| b.as_ptr());
+        let dir = tempfile::tempdir().expect("tmp");
+        first.write(dir.path()).expect("write");
+        drop(first);
+        t.step(&batches[1], 1e-2).expect("step");
+        let second = t.snapshot().expect("snapshot");
+        let now = [
+            &second.buffers.weights,
+            &second.buffers.m,
+            &second.buffers.v,
+        ]
+        .map(|b| b.as_ptr());
+        assert_eq!(now, held, "reused, not allocated");
+        assert_eq!(
+            second.weights_hash(),
+            t.weights_hash().expect("hash"),
+            "the snapshot holds the weights after the second step"
+        );
+    }
+
     /// The training stall of a checkpoint after the first is one copy into
     /// the buffers of the last snapshot written: nothing is allocated, and
     /// the copy is of the state at the new step boundary.
@@ -835,8 +864,9 @@ mod tests {
         );
     }
 
-    /// The device-resident step (Candle ops: in-place all-reduce of the
-    /// device gradient, norm, clipping and AdamW on the device) trains
+    /// The device-resident step (bucketed in-place all-reduce of the
+    /// device gradient during backward, norm, clipping and AdamW on the
+    /// device) trains
     /// like the host step of the same composed model: on two ranks over
     /// the TCP ring, every rank ends on the same weights, and after 6
     /// steps (with clipping active) the weights agree with a one-rank run

@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::{DType, Device, Result, Tensor, WithDType};
+use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor, WithDType};
 
 /// Why bytes crossed: the step's own traffic, or a copy of the state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,11 +54,16 @@ impl Transfers {
         Tensor::from_slice(data, shape, device)
     }
 
-    /// Every element of `t` (any shape, read as f32) into `out`, which it
-    /// replaces (Candle's copy to the host makes a new vector; copying that
-    /// again into `out`'s old memory would cost a second pass).
+    /// Every element of `t` (any shape, read as f32) into `out`, whose
+    /// memory is reused: a snapshot into the buffers of the last one
+    /// touches no new pages. A contiguous f32 tensor is copied straight
+    /// from its storage (CPU: a `memcpy`; CUDA: one device→host copy into
+    /// `out`, pageable, not pinned); anything else through Candle's
+    /// conversion (which allocates).
     pub fn to_host(&self, purpose: Purpose, t: &Tensor, out: &mut Vec<f32>) -> Result<()> {
-        *out = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        if !(t.dtype() == DType::F32 && copy_contiguous(t, out)?) {
+            *out = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        }
         self.count(purpose, out.len() * 4);
         Ok(())
     }
@@ -77,6 +82,35 @@ impl Transfers {
             Purpose::Step => self.step.swap(0, Ordering::Relaxed),
             Purpose::State => self.state.swap(0, Ordering::Relaxed),
         }
+    }
+}
+
+/// Copies a contiguous f32 tensor's values into `out` (resized to fit,
+/// its memory reused); false where the storage is not one this knows.
+fn copy_contiguous(t: &Tensor, out: &mut Vec<f32>) -> Result<bool> {
+    let (storage, layout) = t.storage_and_layout();
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        return Ok(false);
+    };
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(data)) => {
+            out.clear();
+            out.extend_from_slice(&data[start..end]);
+            Ok(true)
+        }
+        #[cfg(feature = "cuda")]
+        Storage::Cuda(cuda) => {
+            let view = cuda.as_cuda_slice::<f32>()?.slice(start..end);
+            out.resize(end - start, 0.0);
+            let stream = cuda.device.cuda_stream();
+            let wrap = |e| candle_core::Error::Cuda(Box::new(e));
+            stream
+                .memcpy_dtoh(&view, out.as_mut_slice())
+                .map_err(wrap)?;
+            stream.synchronize().map_err(wrap)?;
+            Ok(true)
+        }
+        _ => Ok(false),
     }
 }
 
@@ -104,8 +138,21 @@ mod tests {
         )
         .expect("candle");
         assert_eq!(out, vec![1.0, 2.0, 3.0, 4.0]);
+        // An f32 view (part of a larger tensor) into the same buffer: its
+        // memory is reused, only the view's values land in it.
+        let big = Tensor::arange(0f32, 1000.0, &d).expect("candle");
+        let mut reused = Vec::with_capacity(1000);
+        let at = reused.as_ptr();
+        t.to_host(
+            Purpose::State,
+            &big.narrow(0, 10, 990).expect("view"),
+            &mut reused,
+        )
+        .expect("candle");
+        assert_eq!(reused.as_ptr(), at, "no new allocation");
+        assert_eq!((reused[0], reused.len()), (10.0, 990));
         assert_eq!(t.take(Purpose::Step), 16 + 4);
-        assert_eq!(t.take(Purpose::State), 16);
+        assert_eq!(t.take(Purpose::State), 16 + 990 * 4);
         assert_eq!(t.take(Purpose::Step), 0, "taking resets");
     }
 }

@@ -248,3 +248,36 @@ pub fn form(
             .with_context(|| format!("rank {rank} could not join the ring"))?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bucket outside the gradient, or a part outside its whole, is
+    /// refused before anything is sent — on every rank alike, so no rank
+    /// waits for a peer that gave up.
+    #[test]
+    fn buckets_outside_the_buffer_are_refused() {
+        let t = Tensor::zeros(10, candle_core::DType::F32, &Device::Cpu).expect("candle");
+        let err = Solo.all_reduce_tensor(&t, 5..20).expect_err("past the end");
+        assert!(err.to_string().contains("outside"), "{err}");
+        let results = local_ring(2, |mut c| {
+            let mut part = [1.0f32; 4];
+            let outside = c
+                .all_reduce_part(&mut part, 8, 10)
+                .map_err(|e| e.to_string());
+            let inside = c.all_reduce_part(&mut part, 6, 10).map(|()| part);
+            (outside, inside)
+        })
+        .expect("ring");
+        for (outside, inside) in results {
+            let e = outside.expect_err("8 + 4 > 10");
+            assert!(e.contains("outside"), "{e}");
+            assert_eq!(
+                inside.expect("a part inside"),
+                [2.0; 4],
+                "the ring still works after"
+            );
+        }
+    }
+}

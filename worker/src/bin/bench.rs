@@ -189,7 +189,12 @@ fn figure_before(line: &str, unit: &str) -> f64 {
 
 /// Runs a command, echoes its output lines that match `keep`, and returns
 /// (tokens/s, peak RSS MB) parsed from the last of them.
-fn measured(mut cmd: Command, keep: &str) -> Result<(f64, f64)> {
+fn measured(cmd: Command, keep: &str) -> Result<(f64, f64)> {
+    measured_in(cmd, keep, "tokens/s")
+}
+
+/// [`measured`] with the first figure the one before `unit`.
+fn measured_in(mut cmd: Command, keep: &str, unit: &str) -> Result<(f64, f64)> {
     let out = cmd.output().context("cannot start a bench child")?;
     anyhow::ensure!(
         out.status.success(),
@@ -200,7 +205,7 @@ fn measured(mut cmd: Command, keep: &str) -> Result<(f64, f64)> {
     let mut figures = (f64::NAN, f64::NAN);
     for line in text.lines().filter(|l| l.starts_with(keep)) {
         println!("{line}");
-        figures = (figure_before(line, "tokens/s"), figure_before(line, "MB"));
+        figures = (figure_before(line, unit), figure_before(line, "MB"));
     }
     Ok(figures)
 }
@@ -522,16 +527,7 @@ fn bench_update(steps: usize) -> Result<()> {
     let line = |kind: &str| -> Result<(f64, f64)> {
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.args(["--child-update", kind, "--steps", &steps.to_string()]);
-        let out = cmd.output().context("cannot start a bench child")?;
-        anyhow::ensure!(
-            out.status.success(),
-            "bench child failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text.lines().find(|l| l.starts_with("update")).unwrap_or("");
-        println!("{line}");
-        Ok((figure_before(line, "ms/update"), figure_before(line, "MB")))
+        measured_in(cmd, "update", "ms/update")
     };
     let fused = line("fused")?;
     let reference = line("reference")?;

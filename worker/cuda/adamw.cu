@@ -1,5 +1,7 @@
 // One AdamW update of the device-resident state, in place (see
-// worker/src/fused_adamw.rs). `state` is [weights | m | v], n values each.
+// worker/src/fused_adamw.rs). `state` is [weights | m | v], n values each,
+// then the step's gradient factor (averaging and clipping, computed on the
+// device from the norm).
 //
 // The arithmetic repeats optim.rs's `Coefficients::apply` operation for
 // operation; build.rs compiles this file with -fmad=false (no multiply-add
@@ -8,16 +10,17 @@
 
 extern "C" __global__ void stride_adamw(
     float *state, const float *grad, const unsigned char *decay,
-    unsigned long long n, float grad_scale, float clip,
-    float beta1, float one_minus_beta1, float beta2, float one_minus_beta2,
+    unsigned long long n, float beta1, float one_minus_beta1,
+    float beta2, float one_minus_beta2,
     float step_size, float bc2_sqrt, float eps, float shrink) {
     float *w = state;
     float *m = state + n;
     float *v = state + 2 * n;
+    float factor = state[3 * n];
     unsigned long long stride = (unsigned long long)blockDim.x * gridDim.x;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
          i < n; i += stride) {
-        float g = grad[i] * grad_scale * clip;
+        float g = grad[i] * factor;
         float wi = w[i];
         if (decay[i]) {
             wi = wi * shrink;

@@ -13,20 +13,23 @@
 //!   embedding, the tied token embedding; they go in the order backward
 //!   finishes them (the tied embedding last). The ring sums every element
 //!   in the order of the unbucketed sum, so bucketing changes no bit
-//!   (test). Not overlapped with backward yet: Candle's autograd returns
-//!   every gradient at once (ARCHITECTURE.md, "The GPU path");
+//!   (test). The engine's segmented backward hands each bucket over as
+//!   soon as it is final ([`DeviceState::reduce_ready`]), so on CUDA the
+//!   sums overlap backward (`engine::segmented_backward`);
 //! - the global norm is a Candle reduction on the device (bucket by
-//!   bucket, so its squares are never a gradient-sized buffer); only it
-//!   comes back to the host (4 bytes, needed to decide the clip and for the
-//!   report);
+//!   bucket, so its squares are never a gradient-sized buffer), and so is
+//!   the gradient factor (averaging and the clip), which the update reads
+//!   from device memory: the host waits for neither; the norm comes to the
+//!   host with the step's losses, in the one read at the step's end;
 //! - averaging, clipping and AdamW are one in-place pass over the state
 //!   ([`FusedAdamW`]: a CUDA kernel on GPUs, the host AdamW's element loop
 //!   on CPUs), so an update allocates nothing of the state's size;
 //! - the model's compute weights (bf16 on CUDA) are refreshed from the
 //!   master weights by device-side casts.
 //!
-//! The weights and both moments are one tensor, `[weights | m | v]`: the
-//! fused update writes all three in one pass, and a checkpoint load copies
+//! The weights and both moments are one tensor, `[weights | m | v]` (and
+//! the gradient factor after them): the fused update writes all three in
+//! one pass, and a checkpoint load copies
 //! straight into its parts (`slice_set`) instead of allocating new ones.
 //!
 //! Copies of the whole state to or from the host (checkpoint snapshots and
@@ -57,7 +60,8 @@ use crate::transfer::{Purpose, Transfers};
 #[derive(Debug)]
 pub struct DeviceState {
     /// Master weights, first moments, second moments: flat f32, layout
-    /// order, `len` values each, one buffer.
+    /// order, `len` values each, one buffer; then one value, the step's
+    /// gradient factor (averaging and clipping), which the update reads.
     state: Tensor,
     len: usize,
     /// Gradient accumulator, same layout, allocated once.
@@ -95,7 +99,8 @@ impl DeviceState {
         for s in slots.iter().filter(|s| s.decays()) {
             mask[s.offset..s.offset + s.len].fill(1);
         }
-        let state = Tensor::zeros(3 * n, DType::F32, device)?;
+        // [w | m | v | the step's gradient factor].
+        let state = Tensor::zeros(3 * n + 1, DType::F32, device)?;
         state.slice_set(
             &transfers.to_device(Purpose::State, weights, &[n], device)?,
             0,
@@ -243,10 +248,12 @@ impl DeviceState {
         self.reduce_ready(collective)
     }
 
-    /// The norm of the summed gradient scaled by `scale`, and the factor
-    /// that clips it to `grad_clip` (1 when it is within it, or 0 = no
-    /// clipping).
-    fn norm_and_clip(&self, scale: f64) -> Result<(f64, f64)> {
+    /// Writes the step's gradient factor into the state's last value —
+    /// `scale` (1 / the number of micro-batches over all ranks), times
+    /// `grad_clip / (norm + 1e-6)` when the scaled norm exceeds `grad_clip`
+    /// (0 = no clipping) — and returns that norm, all on the device: the
+    /// host need not wait for the norm before it enqueues the update.
+    fn write_factor(&self, scale: f64) -> Result<Tensor> {
         self.check_filled("the last micro-batch")?;
         // Bucket by bucket: the squares are a transient of one bucket's
         // size, not the gradient's (6 GB for GPT-2 XL).
@@ -255,42 +262,54 @@ impl DeviceState {
             .iter()
             .map(|b| self.grad.narrow(0, b.start, b.len())?.sqr()?.sum_all())
             .collect::<Result<Vec<_>>>()?;
-        let sum_sq = self
-            .transfers
-            .scalar(Purpose::Step, &Tensor::stack(&sums, 0)?.sum_all()?)?;
-        let norm = f64::from(sum_sq).sqrt() * scale;
+        let norm = (Tensor::stack(&sums, 0)?.sum_all()?.sqrt()? * scale)?;
+        // Built from the norm, so nothing is uploaded from the host.
+        let plain = norm.zeros_like()?.affine(1.0, scale)?;
         let limit = self.config.grad_clip;
-        let clip = if limit > 0.0 && norm > limit {
-            limit / (norm + 1e-6)
+        let factor = if limit > 0.0 {
+            let clipped = ((&norm + 1e-6)?.recip()? * (limit * scale))?;
+            let over = norm
+                .affine(1.0, -limit)?
+                .relu()?
+                .sign()?
+                .to_dtype(DType::U8)?;
+            over.where_cond(&clipped, &plain)?
         } else {
-            1.0
+            plain
         };
-        Ok((norm, clip))
+        self.state.slice_set(&factor.reshape(1)?, 0, 3 * self.len)?;
+        Ok(norm)
     }
 
     /// Scales the summed gradient by `scale` (1 / the number of
     /// micro-batches over all ranks), clips it to `grad_clip` (0 = no
     /// clipping) and applies one AdamW update at `lr`, in one in-place
-    /// pass ([`FusedAdamW`]). Returns the global norm before clipping (the
-    /// one value that comes to the host).
-    pub fn update(&mut self, scale: f64, lr: f64) -> Result<f64> {
-        let (norm, clip) = self.norm_and_clip(scale)?;
+    /// pass ([`FusedAdamW`]). Returns the global norm before clipping as a
+    /// scalar on the device: nothing here waits for the device, so a step
+    /// reads its scalars once, after everything is enqueued.
+    pub fn update_on_device(&mut self, scale: f64, lr: f64) -> Result<Tensor> {
+        let norm = self.write_factor(scale)?;
         self.step += 1;
         let op = FusedAdamW {
             k: Coefficients::new(&self.config, self.step, lr),
-            grad_scale: scale as f32,
-            clip: clip as f32,
         };
         self.state.inplace_op3(&self.grad, &self.decay, &op)?;
         Ok(norm)
+    }
+
+    /// [`DeviceState::update_on_device`], with the norm read to the host.
+    pub fn update(&mut self, scale: f64, lr: f64) -> Result<f64> {
+        let norm = self.update_on_device(scale, lr)?;
+        Ok(f64::from(self.transfers.scalar(Purpose::Step, &norm)?))
     }
 
     /// [`DeviceState::update`] written as Candle ops, one new tensor per
     /// op (six of the state's size): the fused update's reference in tests
     /// and `bench`, on any device.
     pub fn update_reference(&mut self, scale: f64, lr: f64) -> Result<f64> {
-        let (norm, clip) = self.norm_and_clip(scale)?;
-        let g = ((&self.grad * scale)? * clip)?;
+        let norm = self.write_factor(scale)?;
+        let factor = self.state.narrow(0, 3 * self.len, 1)?;
+        let g = self.grad.broadcast_mul(&factor)?;
         self.step += 1;
         let c = &self.config;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
@@ -310,7 +329,7 @@ impl DeviceState {
         for (i, t) in [w, m, v].iter().enumerate() {
             self.state.slice_set(t, 0, i * self.len)?;
         }
-        Ok(norm)
+        Ok(f64::from(self.transfers.scalar(Purpose::Step, &norm)?))
     }
 
     /// Copies the weights and moments to the host (a checkpoint snapshot),

@@ -17,9 +17,10 @@
 //!   stream: ordered after the all-reduce, before the next forward, with
 //!   no host synchronisation.
 //!
-//! The gradient is scaled as it is read: `g · grad_scale · clip`
-//! (averaging over micro-batches and ranks, then the clip factor; 1.0 when
-//! the norm is within the limit).
+//! The gradient is scaled as it is read, by the factor the state holds
+//! after its `3n` values (averaging over micro-batches and ranks, times the
+//! clip factor when clipping): the device computes it from the norm, so
+//! the host never waits for the norm before enqueuing the update.
 //!
 //! [`DeviceState::update_reference`]: crate::device_state::DeviceState::update_reference
 
@@ -31,14 +32,11 @@ use crate::optim::Coefficients;
 /// Elements per parallel task on the CPU (256 KiB of each buffer).
 const CHUNK: usize = 64 * 1024;
 
-/// One AdamW update in place; see the module doc.
+/// One AdamW update in place of a state `[w | m | v | factor]`; see the
+/// module doc.
 #[derive(Debug, Clone, Copy)]
 pub struct FusedAdamW {
     pub k: Coefficients,
-    /// 1 / (micro-batches over all ranks).
-    pub grad_scale: f32,
-    /// max_norm / (norm + 1e-6) when clipping, else 1.
-    pub clip: f32,
 }
 
 /// The element ranges of a contiguous operand, checked against `want`.
@@ -75,16 +73,13 @@ impl candle_core::InplaceOp3 for FusedAdamW {
             candle_core::bail!("the fused AdamW takes an f32 state and gradient and a u8 mask");
         };
         let n = grad_l.shape().elem_count();
-        let (s0, s1) = span(state_l, 3 * n, "state")?;
+        let (s0, s1) = span(state_l, 3 * n + 1, "state")?;
         let (g0, g1) = span(grad_l, n, "gradient")?;
         let (d0, d1) = span(decay_l, n, "decay mask")?;
         let (w, moments) = state[s0..s1].split_at_mut(n);
-        let (m, v) = moments.split_at_mut(n);
-        let Self {
-            k,
-            grad_scale,
-            clip,
-        } = *self;
+        let (m, rest) = moments.split_at_mut(n);
+        let (v, factor) = rest.split_at_mut(n);
+        let (k, factor) = (self.k, factor[0]);
         w.par_chunks_mut(CHUNK)
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
@@ -92,7 +87,7 @@ impl candle_core::InplaceOp3 for FusedAdamW {
             .zip(decay[d0..d1].par_chunks(CHUNK))
             .for_each(|((((w, m), v), g), d)| {
                 for i in 0..w.len() {
-                    let g = g[i] * grad_scale * clip;
+                    let g = g[i] * factor;
                     k.apply(&mut w[i], &mut m[i], &mut v[i], g, d[i] != 0);
                 }
             });
@@ -113,7 +108,7 @@ impl candle_core::InplaceOp3 for FusedAdamW {
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 
         let n = grad_l.shape().elem_count();
-        let (s0, s1) = span(state_l, 3 * n, "state")?;
+        let (s0, s1) = span(state_l, 3 * n + 1, "state")?;
         let (g0, g1) = span(grad_l, n, "gradient")?;
         let (d0, d1) = span(decay_l, n, "decay mask")?;
         let func = state
@@ -122,11 +117,7 @@ impl candle_core::InplaceOp3 for FusedAdamW {
         let grad = grad.as_cuda_slice::<f32>()?.slice(g0..g1);
         let decay = decay.as_cuda_slice::<u8>()?.slice(d0..d1);
         let mut state = state.as_cuda_slice_mut::<f32>()?.slice_mut(s0..s1);
-        let Self {
-            k,
-            grad_scale,
-            clip,
-        } = *self;
+        let k = self.k;
         let n64 = n as u64;
         // A grid-stride loop: enough blocks to fill an H100 many times
         // over, whatever the state's size.
@@ -142,8 +133,6 @@ impl candle_core::InplaceOp3 for FusedAdamW {
         b.arg(&grad);
         b.arg(&decay);
         b.arg(&n64);
-        b.arg(&grad_scale);
-        b.arg(&clip);
         b.arg(&k.beta1);
         b.arg(&k.one_minus_beta1);
         b.arg(&k.beta2);
@@ -154,7 +143,7 @@ impl candle_core::InplaceOp3 for FusedAdamW {
         b.arg(&k.shrink);
         // SAFETY: the kernel's parameters are the ones pushed above, in
         // order and type (adamw.cu); every index it touches is below n, the
-        // length of the gradient and the mask, and 3n, the state's.
+        // length of the gradient and the mask, and 3n + 1, the state's.
         unsafe { b.launch(cfg) }.map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
         Ok(())
     }
@@ -187,10 +176,13 @@ mod tests {
         let mut host_w = w.clone();
         let (mut host_m, mut host_v) = (vec![0f32; n], vec![0f32; n]);
         let dev = Device::Cpu;
+        // [w | m = 0 | v = 0 | factor]: the factor 1/8 (say, 1/4 for four
+        // micro-batches, times a clip factor of 1/2).
         let state = Tensor::cat(
             &[
                 Tensor::from_slice(&w, n, &dev).expect("candle"),
                 Tensor::zeros(2 * n, candle_core::DType::F32, &dev).expect("candle"),
+                Tensor::new(&[0.125f32], &dev).expect("candle"),
             ],
             0,
         )
@@ -200,11 +192,9 @@ mod tests {
             let g = vals(10 + step as u32);
             let op = FusedAdamW {
                 k: Coefficients::new(&config, step, 3e-3),
-                grad_scale: 0.25,
-                clip: 0.5,
             };
             for i in 0..n {
-                let gi = g[i] * 0.25 * 0.5;
+                let gi = g[i] * 0.125;
                 op.k.apply(
                     &mut host_w[i],
                     &mut host_m[i],
@@ -219,22 +209,21 @@ mod tests {
         let got = state.to_vec1::<f32>().expect("candle");
         assert!(got[..n] == host_w[..], "weights");
         assert!(got[n..2 * n] == host_m[..], "first moments");
-        assert!(got[2 * n..] == host_v[..], "second moments");
+        assert!(got[2 * n..3 * n] == host_v[..], "second moments");
+        assert_eq!(got[3 * n], 0.125, "the factor is read, not written");
         assert!(got[..n] != w[..], "the update changed the weights");
     }
 
     /// A state, gradient or mask of the wrong size is refused, not read
-    /// past its end.
+    /// past its end (a state of 31 values fits a gradient of 10, not 9).
     #[test]
     fn operands_of_the_wrong_size_are_refused() {
         let dev = Device::Cpu;
-        let state = Tensor::zeros(30, candle_core::DType::F32, &dev).expect("candle");
+        let state = Tensor::zeros(31, candle_core::DType::F32, &dev).expect("candle");
         let grad = Tensor::zeros(9, candle_core::DType::F32, &dev).expect("candle");
         let mask = Tensor::zeros(10, candle_core::DType::U8, &dev).expect("candle");
         let op = FusedAdamW {
             k: Coefficients::new(&OptimConfig::default(), 1, 1e-3),
-            grad_scale: 1.0,
-            clip: 1.0,
         };
         let err = state.inplace_op3(&grad, &mask, &op).expect_err("9 vs 10");
         assert!(err.to_string().contains("expected"), "{err}");

@@ -411,6 +411,7 @@ impl Trainer {
         );
         let entered = span.enter();
         let micro_batches = samples.len().div_ceil(micro.max(1));
+        let mut device_losses = Vec::new();
         for (i, chunk) in samples.chunks(micro).enumerate() {
             self.micro_batch_boundary(false)?;
             self.batch(&train, chunk, self.config.data.stride)?;
@@ -429,8 +430,15 @@ impl Trainer {
                     } else {
                         None
                     };
-                    self.engine
-                        .forward_backward_on(state, &self.inputs, &self.targets, reduce)?
+                    // Read with the norm after the update (one wait for
+                    // the device a step).
+                    device_losses.push(self.engine.forward_backward_on(
+                        state,
+                        &self.inputs,
+                        &self.targets,
+                        reduce,
+                    )?);
+                    0.0
                 }
             };
             self.micro_batch_boundary(true)?;
@@ -465,9 +473,21 @@ impl Trainer {
                 grad_norm
             }
             Master::Device(state) => {
-                let grad_norm = state.update(1.0 / micro_batches as f64, lr)?;
+                let norm = state.update_on_device(1.0 / micro_batches as f64, lr)?;
                 self.engine.refresh_from(state)?;
-                grad_norm
+                // Everything is enqueued: the one read of the step.
+                device_losses.push(norm);
+                let mut values = Vec::new();
+                self.transfers.to_host(
+                    Purpose::Step,
+                    &candle_core::Tensor::stack(&device_losses, 0)?,
+                    &mut values,
+                )?;
+                let Some((norm, losses)) = values.split_last() else {
+                    anyhow::bail!("a step without micro-batches");
+                };
+                loss_sum = losses.iter().copied().map(f64::from).sum();
+                f64::from(*norm)
             }
         };
 

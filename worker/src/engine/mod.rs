@@ -125,17 +125,19 @@ impl Engine {
 
     /// Forward and backward of one micro-batch on the device-resident
     /// `state`: adds the gradient of its mean loss into the state's flat
-    /// gradient on the device and returns that loss (the one value that
-    /// comes to the host). With `reduce` (the step's last micro-batch),
-    /// each bucket of the gradient is all-reduced as soon as backward has
-    /// finished it (see [`segmented_backward`]).
+    /// gradient on the device and returns that loss as an f32 scalar on
+    /// the device — the caller reads the step's losses once, after the
+    /// whole step is enqueued, so the host never waits for the device
+    /// mid-step. With `reduce` (the step's last micro-batch), each bucket
+    /// of the gradient is all-reduced as soon as backward has finished it
+    /// (see [`segmented_backward`]).
     pub fn forward_backward_on(
         &mut self,
         state: &mut DeviceState,
         inputs: &[u32],
         targets: &[u32],
         reduce: Option<&mut dyn Collective>,
-    ) -> Result<f64> {
+    ) -> Result<Tensor> {
         let Engine::Composed {
             model,
             slots,
@@ -146,7 +148,7 @@ impl Engine {
             anyhow::bail!("the fused engine works on host buffers: use forward_backward");
         };
         let (x, y) = tensors(model.config.context, inputs, targets, device, transfers)?;
-        segmented_backward(model, slots, state, &x, &y, transfers, reduce)
+        segmented_backward(model, slots, state, &x, &y, reduce)
     }
 
     /// Mean loss of one micro-batch, without gradients.
@@ -214,9 +216,8 @@ fn segmented_backward(
     state: &mut DeviceState,
     x: &Tensor,
     y: &Tensor,
-    transfers: &Transfers,
     mut reduce: Option<&mut dyn Collective>,
-) -> Result<f64> {
+) -> Result<Tensor> {
     let layers = model.config.n_layer;
     let embedded = model.embed(x)?;
     let mut leaves = Vec::with_capacity(layers + 1);
@@ -230,7 +231,7 @@ fn segmented_backward(
     }
     leaves.push(leaf);
     let loss = model.head_loss(leaves[layers].as_tensor(), y)?;
-    let value = f64::from(transfers.scalar(Purpose::Step, &loss)?);
+    let value = loss.detach().to_dtype(DType::F32)?;
 
     // The parameters of one segment, by name prefix, into the flat gradient.
     let vars: Vec<(&Slot, &Var)> = slots.iter().zip(model.vars().map(|(_, v)| v)).collect();

@@ -322,6 +322,7 @@ fn segmented_backward_equals_one_backward_and_reduces_as_it_goes() {
     state.begin_micro_batch().expect("micro-batch");
     let value = engine
         .forward_backward_on(&mut state, &x, &y, Some(&mut recorder))
+        .and_then(|l| Ok(f64::from(l.to_scalar::<f32>()?)))
         .expect("forward and backward");
     let want = f64::from(loss.to_scalar::<f32>().expect("loss"));
     assert!((value - want).abs() <= 1e-6 * want, "{value} vs {want}");

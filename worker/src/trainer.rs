@@ -850,11 +850,12 @@ mod tests {
 
     /// The composed engine's state stays on its device: a step moves the
     /// token ids in and one scalar per micro-batch (its loss) and one for
-    /// the gradient norm out — counted by the module every copy goes
+    /// the gradient norm out, in one copy at the step's end (the host's one
+    /// wait for the device) — counted by the module every copy goes
     /// through — while a snapshot's copy of the state is counted apart.
     /// The fused engine's state is host memory: nothing crosses.
     #[test]
-    fn a_device_resident_step_moves_only_tokens_and_scalars() {
+    fn a_device_resident_step_moves_only_tokens_and_scalars_in_one_read() {
         let c = config("[worker]\nengine = \"composed\"\n");
         let batches = samples_of(&c, 3);
         let accumulation = 4;
@@ -862,9 +863,15 @@ mod tests {
         assert!(t.engine.is_device_resident());
         let tokens_in = 2 * accumulation * c.train.micro_batch * c.model.context * 4;
         let scalars_out = accumulation * 4 + 4;
+        t.transfers.take_step_reads();
         for b in &batches {
             let o = t.step(b, 1e-2).expect("step");
             assert_eq!(o.host_device_bytes, (tokens_in + scalars_out) as u64);
+            assert_eq!(
+                t.transfers.take_step_reads(),
+                1,
+                "the host waits for the device once a step: the losses and the norm in one copy"
+            );
         }
         let n = t.parameter_count();
         t.take_state_bytes();

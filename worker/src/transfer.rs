@@ -31,9 +31,19 @@ pub enum Purpose {
 pub struct Transfers {
     step: Arc<AtomicU64>,
     state: Arc<AtomicU64>,
+    /// Copies to the host within steps: each is a wait for the device.
+    step_reads: Arc<AtomicU64>,
 }
 
 impl Transfers {
+    /// A copy to the host: a wait for the device.
+    fn count_read(&self, purpose: Purpose, bytes: usize) {
+        if purpose == Purpose::Step {
+            self.step_reads.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count(purpose, bytes);
+    }
+
     fn count(&self, purpose: Purpose, bytes: usize) {
         let counter = match purpose {
             Purpose::Step => &self.step,
@@ -64,15 +74,21 @@ impl Transfers {
         if !(t.dtype() == DType::F32 && copy_contiguous(t, out)?) {
             *out = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
         }
-        self.count(purpose, out.len() * 4);
+        self.count_read(purpose, out.len() * 4);
         Ok(())
     }
 
     /// The single value of `t`, as f32.
     pub fn scalar(&self, purpose: Purpose, t: &Tensor) -> Result<f32> {
         let v = t.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        self.count(purpose, 4);
+        self.count_read(purpose, 4);
         Ok(v)
+    }
+
+    /// Copies to the host within steps since the last call (each one a
+    /// wait for the device), and zero from then on.
+    pub fn take_step_reads(&self) -> u64 {
+        self.step_reads.swap(0, Ordering::Relaxed)
     }
 
     /// Bytes counted for `purpose` since the last `take` of it, and zero
@@ -154,5 +170,6 @@ mod tests {
         assert_eq!(t.take(Purpose::Step), 16 + 4);
         assert_eq!(t.take(Purpose::State), 16 + 990 * 4);
         assert_eq!(t.take(Purpose::Step), 0, "taking resets");
+        assert_eq!(t.take_step_reads(), 1, "the scalar; state copies apart");
     }
 }

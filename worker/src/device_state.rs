@@ -3,8 +3,9 @@
 //! tensors on the worker's device (CUDA, or Candle's CPU device), created
 //! once per trainer. A step keeps them there:
 //!
-//! - backward's per-parameter gradients are added into the flat gradient
-//!   on the device (`Tensor::cat` of the flattened gradients);
+//! - backward's per-parameter gradients are written (the step's first
+//!   micro-batch) or added into the flat gradient on the device, one
+//!   parameter at a time ([`DeviceState::add_grad_part`]);
 //! - the all-reduce sums that tensor in place, on its device, bucket by
 //!   bucket ([`Collective::all_reduce_tensor`]: NCCL on the CUDA buffer,
 //!   the TCP ring on the CPU storage). A bucket is one transformer block's
@@ -29,8 +30,8 @@
 //!
 //! The weights and both moments are one tensor, `[weights | m | v]` (and
 //! the gradient factor after them): the fused update writes all three in
-//! one pass, and a checkpoint load copies
-//! straight into its parts (`slice_set`) instead of allocating new ones.
+//! one pass, and a checkpoint load copies straight into its parts
+//! (`slice_set`) instead of allocating new ones.
 //!
 //! Copies of the whole state to or from the host (checkpoint snapshots and
 //! loads, the every-K-steps weight hash) go through [`Transfers`] with
@@ -63,7 +64,6 @@ pub struct DeviceState {
     /// order, `len` values each, one buffer; then one value, the step's
     /// gradient factor (averaging and clipping), which the update reads.
     state: Tensor,
-    len: usize,
     /// Gradient accumulator, same layout, allocated once.
     grad: Tensor,
     /// Whether `grad` holds earlier micro-batches' sum (false after
@@ -109,7 +109,6 @@ impl DeviceState {
         let buckets = buckets(slots);
         Ok(DeviceState {
             state,
-            len: n,
             grad: Tensor::zeros(n, DType::F32, device)?,
             accumulating: false,
             filled: vec![0; buckets.len()],
@@ -122,18 +121,19 @@ impl DeviceState {
         })
     }
 
+    /// Parameters (the gradient's length).
     pub fn len(&self) -> usize {
-        self.len
+        self.grad.elem_count()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// Part `i` of the state: 0 weights, 1 first moments, 2 second moments
     /// (a view, no copy).
     fn part(&self, i: usize) -> Result<Tensor> {
-        self.state.narrow(0, i * self.len, self.len)
+        self.state.narrow(0, i * self.len(), self.len())
     }
 
     /// The master weights (a view of the state, no copy).
@@ -169,10 +169,10 @@ impl DeviceState {
     /// first micro-batch; a sum of the part's size after that).
     pub fn add_grad_part(&mut self, at: usize, part: &Tensor) -> Result<()> {
         let len = part.elem_count();
-        if at + len > self.len {
+        if at + len > self.len() {
             candle_core::bail!(
                 "a gradient part of {len} values at {at} lies outside the {} parameters",
-                self.len
+                self.len()
             );
         }
         let part = part.flatten_all()?.to_dtype(DType::F32)?;
@@ -277,7 +277,8 @@ impl DeviceState {
         } else {
             plain
         };
-        self.state.slice_set(&factor.reshape(1)?, 0, 3 * self.len)?;
+        self.state
+            .slice_set(&factor.reshape(1)?, 0, 3 * self.len())?;
         Ok(norm)
     }
 
@@ -308,7 +309,7 @@ impl DeviceState {
     /// and `bench`, on any device.
     pub fn update_reference(&mut self, scale: f64, lr: f64) -> Result<f64> {
         let norm = self.write_factor(scale)?;
-        let factor = self.state.narrow(0, 3 * self.len, 1)?;
+        let factor = self.state.narrow(0, 3 * self.len(), 1)?;
         let g = self.grad.broadcast_mul(&factor)?;
         self.step += 1;
         let c = &self.config;
@@ -327,7 +328,7 @@ impl DeviceState {
         let denom = v.sqrt()?.affine(1.0 / bc2.sqrt(), c.eps)?;
         let w = (decayed - ((&m / &denom)? * step_size)?)?;
         for (i, t) in [w, m, v].iter().enumerate() {
-            self.state.slice_set(t, 0, i * self.len)?;
+            self.state.slice_set(t, 0, i * self.len())?;
         }
         Ok(f64::from(self.transfers.scalar(Purpose::Step, &norm)?))
     }
@@ -355,7 +356,7 @@ impl DeviceState {
 
     /// Copies `values` into part `i` of the state, in place.
     fn load_part(&mut self, i: usize, what: &str, values: &[f32]) -> Result<()> {
-        let n = self.len;
+        let n = self.len();
         if values.len() != n {
             candle_core::bail!(
                 "{what} hold {} values, the model has {n} parameters",

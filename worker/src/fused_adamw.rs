@@ -24,6 +24,8 @@
 //!
 //! [`DeviceState::update_reference`]: crate::device_state::DeviceState::update_reference
 
+use std::ops::Range;
+
 use candle_core::{CpuStorage, Layout, Result};
 use rayon::prelude::*;
 
@@ -39,18 +41,30 @@ pub struct FusedAdamW {
     pub k: Coefficients,
 }
 
-/// The element ranges of a contiguous operand, checked against `want`.
-fn span(layout: &Layout, want: usize, what: &str) -> Result<(usize, usize)> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("the fused AdamW needs a contiguous {what}");
+/// The element ranges of the state, the gradient and the decay mask, each
+/// contiguous and of the size the gradient's `n` parameters ask for.
+fn operands(state: &Layout, grad: &Layout, decay: &Layout) -> Result<(usize, [Range<usize>; 3])> {
+    let span = |layout: &Layout, want: usize, what: &str| -> Result<Range<usize>> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("the fused AdamW needs a contiguous {what}");
+        };
+        if end - start != want {
+            candle_core::bail!(
+                "the fused AdamW got a {what} of {} values, expected {want}",
+                end - start
+            );
+        }
+        Ok(start..end)
     };
-    if end - start != want {
-        candle_core::bail!(
-            "the fused AdamW got a {what} of {} values, expected {want}",
-            end - start
-        );
-    }
-    Ok((start, end))
+    let n = grad.shape().elem_count();
+    Ok((
+        n,
+        [
+            span(state, 3 * n + 1, "state")?,
+            span(grad, n, "gradient")?,
+            span(decay, n, "decay mask")?,
+        ],
+    ))
 }
 
 impl candle_core::InplaceOp3 for FusedAdamW {
@@ -72,19 +86,16 @@ impl candle_core::InplaceOp3 for FusedAdamW {
         else {
             candle_core::bail!("the fused AdamW takes an f32 state and gradient and a u8 mask");
         };
-        let n = grad_l.shape().elem_count();
-        let (s0, s1) = span(state_l, 3 * n + 1, "state")?;
-        let (g0, g1) = span(grad_l, n, "gradient")?;
-        let (d0, d1) = span(decay_l, n, "decay mask")?;
-        let (w, moments) = state[s0..s1].split_at_mut(n);
+        let (n, [s, g, d]) = operands(state_l, grad_l, decay_l)?;
+        let (w, moments) = state[s].split_at_mut(n);
         let (m, rest) = moments.split_at_mut(n);
         let (v, factor) = rest.split_at_mut(n);
         let (k, factor) = (self.k, factor[0]);
         w.par_chunks_mut(CHUNK)
             .zip(m.par_chunks_mut(CHUNK))
             .zip(v.par_chunks_mut(CHUNK))
-            .zip(grad[g0..g1].par_chunks(CHUNK))
-            .zip(decay[d0..d1].par_chunks(CHUNK))
+            .zip(grad[g].par_chunks(CHUNK))
+            .zip(decay[d].par_chunks(CHUNK))
             .for_each(|((((w, m), v), g), d)| {
                 for i in 0..w.len() {
                     let g = g[i] * factor;
@@ -107,16 +118,13 @@ impl candle_core::InplaceOp3 for FusedAdamW {
     ) -> Result<()> {
         use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 
-        let n = grad_l.shape().elem_count();
-        let (s0, s1) = span(state_l, 3 * n + 1, "state")?;
-        let (g0, g1) = span(grad_l, n, "gradient")?;
-        let (d0, d1) = span(decay_l, n, "decay mask")?;
+        let (n, [s, g, d]) = operands(state_l, grad_l, decay_l)?;
         let func = state
             .device
             .get_or_load_custom_func("stride_adamw", "stride_adamw", PTX)?;
-        let grad = grad.as_cuda_slice::<f32>()?.slice(g0..g1);
-        let decay = decay.as_cuda_slice::<u8>()?.slice(d0..d1);
-        let mut state = state.as_cuda_slice_mut::<f32>()?.slice_mut(s0..s1);
+        let grad = grad.as_cuda_slice::<f32>()?.slice(g);
+        let decay = decay.as_cuda_slice::<u8>()?.slice(d);
+        let mut state = state.as_cuda_slice_mut::<f32>()?.slice_mut(s);
         let k = self.k;
         let n64 = n as u64;
         // A grid-stride loop: enough blocks to fill an H100 many times

@@ -197,11 +197,16 @@ impl Gpt {
 
     /// Logits for token ids `idx`: (B, T) u32 → (B, T, V).
     pub fn forward(&self, idx: &Tensor) -> Result<Tensor> {
+        self.head(&self.residual(idx)?)
+    }
+
+    /// The residual stream after every block: (B, T) u32 → (B, T, C).
+    fn residual(&self, idx: &Tensor) -> Result<Tensor> {
         let mut x = self.embed(idx)?;
         for i in 0..self.config.n_layer {
             x = self.block(i, &x)?;
         }
-        self.head(&x)
+        Ok(x)
     }
 
     /// The residual stream's start: token plus position embeddings of
@@ -245,11 +250,7 @@ impl Gpt {
     /// Mean cross-entropy of predicting `targets` (B, T) from `idx` (B, T),
     /// in the wide dtype (f32 for a bf16 model).
     pub fn loss(&self, idx: &Tensor, targets: &Tensor) -> Result<Tensor> {
-        let mut x = self.embed(idx)?;
-        for i in 0..self.config.n_layer {
-            x = self.block(i, &x)?;
-        }
-        self.head_loss(&x, targets)
+        self.head_loss(&self.residual(idx)?, targets)
     }
 
     /// The loss from the residual stream's end (B, T, C): the head and

@@ -410,7 +410,7 @@ impl Trainer {
             micro_batches = self.accumulation as i64
         );
         let entered = span.enter();
-        let micro_batches = samples.len().div_ceil(micro.max(1));
+        let chunks = samples.len().div_ceil(micro.max(1));
         let mut device_losses = Vec::new();
         for (i, chunk) in samples.chunks(micro).enumerate() {
             self.micro_batch_boundary(false)?;
@@ -424,7 +424,7 @@ impl Trainer {
                     state.begin_micro_batch()?;
                     // The last micro-batch all-reduces buckets as backward
                     // finishes them.
-                    let last = i + 1 == micro_batches;
+                    let last = i + 1 == chunks;
                     let reduce: Option<&mut dyn Collective> = if last {
                         Some(&mut *self.collective)
                     } else {

@@ -59,9 +59,15 @@ fn weights(c: &ModelConfig) -> Vec<f32> {
 }
 
 fn composed_f64(c: &ModelConfig, w: &[f32], x: &[u32], y: &[u32]) -> (f64, Vec<f64>) {
+    composed(c, w, x, y, DType::F64)
+}
+
+/// The composed model's loss and gradient (one whole-graph backward) in
+/// `dtype`, widened to f64 (exactly).
+fn composed(c: &ModelConfig, w: &[f32], x: &[u32], y: &[u32], dtype: DType) -> (f64, Vec<f64>) {
     let dev = Device::Cpu;
     let b = x.len() / c.context;
-    let m = Gpt::new(c, w, DType::F64, &dev).expect("model");
+    let m = Gpt::new(c, w, dtype, &dev).expect("model");
     let xt = Tensor::from_slice(x, (b, c.context), &dev).expect("x");
     let yt = Tensor::from_slice(y, (b, c.context), &dev).expect("y");
     let loss = m.loss(&xt, &yt).expect("loss");
@@ -73,11 +79,13 @@ fn composed_f64(c: &ModelConfig, w: &[f32], x: &[u32], y: &[u32]) -> (f64, Vec<f
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{name}: no gradient"))
                 .flatten_all()
+                .and_then(|g| g.to_dtype(DType::F64))
                 .and_then(|g| g.to_vec1::<f64>())
                 .expect("gradient")
         })
         .collect();
-    (loss.to_scalar::<f64>().expect("loss"), flat)
+    let loss = loss.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>());
+    (loss.expect("loss"), flat)
 }
 
 #[test]
@@ -280,21 +288,7 @@ fn segmented_backward_equals_one_backward_and_reduces_as_it_goes() {
     let dev = Device::Cpu;
     let slots = model::layout(&c);
     // One whole-graph backward, f32.
-    let m = Gpt::new(&c, &w, DType::F32, &dev).expect("model");
-    let xt = Tensor::from_slice(&x, (2, c.context), &dev).expect("x");
-    let yt = Tensor::from_slice(&y, (2, c.context), &dev).expect("y");
-    let loss = m.loss(&xt, &yt).expect("loss");
-    let grads = loss.backward().expect("backward");
-    let whole: Vec<f32> = m
-        .vars()
-        .flat_map(|(_, var)| {
-            grads
-                .get(var.as_tensor())
-                .and_then(|g| g.flatten_all().ok())
-                .and_then(|g| g.to_vec1::<f32>().ok())
-                .expect("gradient")
-        })
-        .collect();
+    let (want, whole) = composed(&c, &w, &x, &y, DType::F32);
 
     let transfers = Transfers::default();
     let mut engine = super::Engine::new(
@@ -324,12 +318,11 @@ fn segmented_backward_equals_one_backward_and_reduces_as_it_goes() {
         .forward_backward_on(&mut state, &x, &y, Some(&mut recorder))
         .and_then(|l| Ok(f64::from(l.to_scalar::<f32>()?)))
         .expect("forward and backward");
-    let want = f64::from(loss.to_scalar::<f32>().expect("loss"));
     assert!((value - want).abs() <= 1e-6 * want, "{value} vs {want}");
     let mut got = Vec::new();
     state.grad_to_host(&mut got).expect("gradient");
     assert_eq!(got.len(), whole.len());
-    for (i, (g, w)) in got.iter().zip(&whole).enumerate() {
+    for (i, (g, w)) in got.iter().map(|g| f64::from(*g)).zip(&whole).enumerate() {
         assert!(
             (g - w).abs() <= 1e-5 * (1e-2 + w.abs()),
             "[{i}]: {g} vs {w}"

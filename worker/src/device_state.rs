@@ -130,6 +130,11 @@ impl DeviceState {
         self.len() == 0
     }
 
+    /// The device the state lives on.
+    pub fn device(&self) -> &Device {
+        self.state.device()
+    }
+
     /// Part `i` of the state: 0 weights, 1 first moments, 2 second moments
     /// (a view, no copy).
     fn part(&self, i: usize) -> Result<Tensor> {

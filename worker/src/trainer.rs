@@ -31,14 +31,39 @@ use crate::device_state::DeviceState;
 use crate::engine::Engine;
 use crate::model::{self, Slot};
 use crate::optim::{AdamW, clip_global_norm};
-use crate::transfer::{Purpose, Transfers};
+use crate::transfer::{Pinned, Purpose, Transfers};
 
 /// Host buffers a checkpoint's state is copied into.
 #[derive(Debug, Default)]
 pub struct SnapshotBuffers {
+    /// The buffers' page locks (CUDA), declared first so they are dropped
+    /// before the memory they lock.
+    pins: Vec<Pinned>,
+    /// The length the buffers were sized and locked for.
+    locked_for: Option<usize>,
     weights: Vec<f32>,
     m: Vec<f32>,
     v: Vec<f32>,
+}
+
+impl SnapshotBuffers {
+    /// Sizes the buffers for `n` parameters and page-locks them for
+    /// `device`'s copies, once: later snapshots find them ready (the
+    /// copies never resize them again).
+    fn prepare(&mut self, device: &Device, n: usize) {
+        if self.locked_for == Some(n) {
+            return;
+        }
+        self.pins.clear();
+        for b in [&mut self.weights, &mut self.m, &mut self.v] {
+            b.resize(n, 0.0);
+        }
+        self.pins = [&self.weights, &self.m, &self.v]
+            .into_iter()
+            .filter_map(|b| Pinned::new(device, b))
+            .collect();
+        self.locked_for = Some(n);
+    }
 }
 
 /// The state a checkpoint saves from a worker, copied at a step boundary
@@ -47,9 +72,10 @@ pub struct SnapshotBuffers {
 /// next snapshot copies into them: from the second checkpoint on, the
 /// training stall is one copy of the state into memory already allocated
 /// and touched (no allocation, no page faults) — for a device-resident
-/// state too: `Transfers::to_host` copies into them (on CUDA into pageable
-/// memory; pinned buffers are not done). Only the rank that writes
-/// (rank 0) ever holds them; they stay allocated for the trainer's life.
+/// state too: `Transfers::to_host` copies into them, and on CUDA they are
+/// page-locked the first time ([`Pinned`]), so the copy is a DMA at the
+/// link's speed. Only the rank that writes (rank 0) ever holds them; they
+/// stay allocated (and locked) for the trainer's life.
 #[derive(Debug)]
 pub struct Snapshot {
     slots: Vec<Slot>,
@@ -318,6 +344,7 @@ impl Trainer {
                 optimizer.step
             }
             Master::Device(state) => {
+                buffers.prepare(state.device(), state.len());
                 state.read(&mut buffers.weights, &mut buffers.m, &mut buffers.v)?;
                 state.step
             }
@@ -716,6 +743,10 @@ mod tests {
         t.step(&batches[0], 1e-2).expect("step");
         let first = t.snapshot().expect("snapshot");
         let held = [&first.buffers.weights, &first.buffers.m, &first.buffers.v].map(|b| b.as_ptr());
+        assert!(
+            first.buffers.pins.is_empty(),
+            "nothing to page-lock on a CPU"
+        );
         let dir = tempfile::tempdir().expect("tmp");
         first.write(dir.path()).expect("write");
         drop(first);
@@ -1033,10 +1064,14 @@ mod tests {
             gpu.load_checkpoint(d1.path(), false)
                 .expect("load on the GPU");
             gpu.step(&batches[1], 1e-2).expect("step");
-            gpu.snapshot()
-                .expect("snapshot")
-                .write(d2.path())
-                .expect("write");
+            let snapshot = gpu.snapshot().expect("snapshot");
+            assert_eq!(
+                snapshot.buffers.pins.len(),
+                3,
+                "weights and moments are copied into page-locked buffers"
+            );
+            snapshot.write(d2.path()).expect("write");
+            drop(snapshot);
             let mut back = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
             back.load_checkpoint(d2.path(), false)
                 .expect("load on the CPU");

@@ -68,8 +68,8 @@ impl Transfers {
     /// memory is reused: a snapshot into the buffers of the last one
     /// touches no new pages. A contiguous f32 tensor is copied straight
     /// from its storage (CPU: a `memcpy`; CUDA: one device→host copy into
-    /// `out`, pageable, not pinned); anything else through Candle's
-    /// conversion (which allocates).
+    /// `out`, a DMA where `out` is [`Pinned`]); anything else through
+    /// Candle's conversion (which allocates).
     pub fn to_host(&self, purpose: Purpose, t: &Tensor, out: &mut Vec<f32>) -> Result<()> {
         if !(t.dtype() == DType::F32 && copy_contiguous(t, out)?) {
             *out = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
@@ -97,6 +97,83 @@ impl Transfers {
         match purpose {
             Purpose::Step => self.step.swap(0, Ordering::Relaxed),
             Purpose::State => self.state.swap(0, Ordering::Relaxed),
+        }
+    }
+}
+
+/// A host buffer page-locked for a CUDA device's copies, so that a copy
+/// into it is one DMA at the link's speed rather than staged through the
+/// driver's small pinned bounce buffers; unlocked when dropped. The
+/// buffer is registered where it is (`cuMemHostRegister`), so it stays a
+/// plain `Vec<f32>` the checkpoint writer writes from. It must not be
+/// reallocated or freed while locked: its owner keeps the `Pinned` beside
+/// it, sized once, and drops the `Pinned` first.
+#[derive(Debug)]
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub struct Pinned {
+    at: usize,
+    bytes: usize,
+    #[cfg(feature = "cuda")]
+    context: Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+}
+
+impl Pinned {
+    /// Page-locks `buf` for `device`'s copies. None on a CPU device, and
+    /// — with a warning, the copies then staged as before — where the
+    /// driver refuses (a limit on locked memory, say).
+    #[allow(unsafe_code)]
+    pub fn new(device: &Device, buf: &[f32]) -> Option<Pinned> {
+        if buf.is_empty() {
+            return None;
+        }
+        match device {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => {
+                use candle_core::cuda_backend::cudarc::driver::sys;
+                let context = d.cuda_stream().context().clone();
+                let (at, bytes) = (buf.as_ptr() as usize, size_of_val(buf));
+                let done = context.bind_to_thread().and_then(|()| {
+                    // SAFETY: `buf` is `bytes` of live host memory; the
+                    // owner unregisters it (drops this) before freeing it.
+                    unsafe {
+                        sys::cuMemHostRegister_v2(
+                            at as *mut std::ffi::c_void,
+                            bytes,
+                            sys::CU_MEMHOSTREGISTER_PORTABLE,
+                        )
+                    }
+                    .result()
+                });
+                match done {
+                    Ok(()) => Some(Pinned { at, bytes, context }),
+                    Err(e) => {
+                        tracing::warn!(
+                            "cannot page-lock {bytes} bytes of snapshot buffers ({e}); checkpoint copies go through pageable memory"
+                        );
+                        None
+                    }
+                }
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Drop for Pinned {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        // SAFETY: `at` was registered by `new` and is still allocated (the
+        // owner drops this first).
+        let undone = self.context.bind_to_thread().and_then(|()| {
+            unsafe { sys::cuMemHostUnregister(self.at as *mut std::ffi::c_void) }.result()
+        });
+        if let Err(e) = undone {
+            tracing::warn!(
+                "cannot unlock {} bytes of a snapshot buffer: {e}",
+                self.bytes
+            );
         }
     }
 }

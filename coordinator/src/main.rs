@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
+use stride_job::checkpoint::Sums;
 use stride_job::config::{ConfigError, RawConfig};
 use stride_job::sampler::window_count;
 use stride_job::schedule::Cooldown;
@@ -53,7 +54,7 @@ struct Cli {
 }
 
 /// Running a job (no subcommand).
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct RunArgs {
     #[command(flatten)]
     config: ConfigArgs,
@@ -187,7 +188,7 @@ struct StatusArgs {
 }
 
 /// Selecting and adjusting a config (shared by every command that takes one).
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 struct ConfigArgs {
     /// A preset name (`tiny`, `h100_1k`, `h100`) or a TOML path; a name is
     /// looked up as a path, then `configs/NAME.toml`, then the built-in preset.
@@ -329,6 +330,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             || c.is::<start::Refused>()
             || c.is::<stride_job::auth::TokenError>()
             || c.is::<stride_job::checkpoint::CheckpointError>()
+            || c.is::<driver::DamagedStart>()
             || c.is::<stride_job::tokens::DataError>()
             || c.is::<stride_job::schedule::ScheduleError>()
             || c.is::<status::NoJob>()
@@ -452,19 +454,93 @@ fn offline(command: Command) -> Result<()> {
 
 /// Runs a training job: checks the config and data, serves gRPC, starts
 /// local workers if asked, and hands over to the driver.
+impl RunArgs {
+    fn request(&self, sums: Sums) -> start::Request<'_> {
+        start::Request {
+            config: self.config.config.as_deref(),
+            set: &self.config.set,
+            workers: self.config.workers,
+            run_dir: self.run_dir.as_deref(),
+            resume: self.resume.as_deref(),
+            extend_steps: self.extend_steps,
+            decay: self.decay,
+            init_from: self.init_from.as_deref(),
+            sums,
+        }
+    }
+}
+
+/// A resume hashes its checkpoint's two large files while the workers load
+/// them (a dry run, or a start refused for any reason, hashes them first). The first step
+/// waits for the verdict; a damaged `latest` then starts from the
+/// checkpoint before it, found by resolving the start again with the files
+/// hashed first.
+fn start_check(args: &RunArgs, sp: &start::StartPoint) -> Option<driver::StartCheck> {
+    if sp.unverified.is_empty() {
+        return None;
+    }
+    let unverified = sp.unverified.clone();
+    // Test hook, in debug builds only: STRIDE_TEST_DELAY_CHECK_S=N starts
+    // the hashing N seconds late, so a test sees the ranks load first.
+    let delay = std::env::var("STRIDE_TEST_DELAY_CHECK_S")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| cfg!(debug_assertions) && s.is_finite() && *s >= 0.0 && *s <= 3600.0);
+    let check = tokio::task::spawn_blocking(move || {
+        if let Some(s) = delay {
+            std::thread::sleep(Duration::from_secs_f64(s));
+        }
+        unverified.verify()
+    });
+    let fallback = sp.falls_back.then(|| {
+        let (args, first) = (args.clone(), comparable(&sp.config));
+        let (name, run_dir) = (sp.name.clone(), sp.run_dir.clone());
+        driver::Replan(Box::new(move || {
+            let sp = start::start(&args.request(Sums::Now))?;
+            for w in &sp.warnings {
+                tracing::warn!("{w}");
+            }
+            if sp.name != name || sp.run_dir != run_dir || comparable(&sp.config) != first {
+                return Err(start::Refused(format!(
+                    "the checkpoint {} falls back to was written with another config or run directory than the one the workers were started with; resume it explicitly: --resume {}",
+                    sp.from.load.as_ref().map_or(String::new(), |l| l.dir.display().to_string()),
+                    sp.from.load.as_ref().map_or(String::new(), |l| l.dir.display().to_string()),
+                ))
+                .into());
+            }
+            for n in &sp.notes {
+                tracing::info!("{n}");
+            }
+            Ok(driver::Fallback {
+                schedule: sp.schedule,
+                start: sp.from,
+                history: sp.history,
+                marker: sp.marker,
+            })
+        }) as Box<dyn FnOnce() -> Result<driver::Fallback> + Send>)
+    });
+    Some(driver::StartCheck { check, fallback })
+}
+
+/// A config as the workers see it, but for `train.max_steps` (checkpoints
+/// of one run before and after an extension differ in it; the schedule
+/// carries it).
+fn comparable(config: &stride_job::Config) -> String {
+    let mut c = config.clone();
+    c.train.max_steps = 0;
+    c.to_toml()
+}
+
 async fn train(args: RunArgs) -> Result<()> {
     stride_telemetry::check_env()?;
-    let request = start::Request {
-        config: args.config.config.as_deref(),
-        set: &args.config.set,
-        workers: args.config.workers,
-        run_dir: args.run_dir.as_deref(),
-        resume: args.resume.as_deref(),
-        extend_steps: args.extend_steps,
-        decay: args.decay,
-        init_from: args.init_from.as_deref(),
+    // A start refused with the files unhashed is tried again hashing them
+    // first, so that it ends as it would have: a damaged checkpoint is
+    // reported (or `latest` falls back) before anything else is judged.
+    let sp = match args.dry_run {
+        true => start::start(&args.request(Sums::Now))?,
+        false => start::start(&args.request(Sums::Later))
+            .or_else(|_| start::start(&args.request(Sums::Now)))?,
     };
-    let sp = start::start(&request)?;
     if args.dry_run {
         println!(
             "dry run: would train `{}` ({}) from step {} to {} with {} workers, listening on {}, run directory {}",
@@ -495,7 +571,7 @@ async fn train(args: RunArgs) -> Result<()> {
         // --token-file runs/<name>/token` can read the job.
         write_private(&run_dir.join("token"), &token)?;
     }
-    let mut run = output::RunDir::create(&run_dir, sp.fresh_run_dir)?;
+    let run = output::RunDir::create(&run_dir, sp.fresh_run_dir)?;
     let schedule = sp.schedule.clone();
     let (bar, _traces) = output::init_run_logging(&run.log_path(), schedule.max_steps(), &sp.name)?;
     tracing::info!(
@@ -511,9 +587,8 @@ async fn train(args: RunArgs) -> Result<()> {
     for n in &sp.notes {
         tracing::info!("{n}");
     }
-    if let Some(marker) = &sp.marker {
-        run.write_line(marker)?;
-    }
+    // From here on, the checkpoint's files are hashed beside everything else.
+    let check = start_check(&args, &sp);
 
     // Check the data once, here, before any worker starts.
     let corpus = Corpus::open(&config.data, &config.model, config.train.seed, Scan::Full)?;
@@ -684,6 +759,8 @@ async fn train(args: RunArgs) -> Result<()> {
         entropy_floor,
         run_dir: run_dir.clone(),
         history: sp.history,
+        marker: sp.marker,
+        check,
     };
     let mut driver = driver::Driver::new(spec, events_rx, shared, local, run, bar);
     let result = driver.run().await;

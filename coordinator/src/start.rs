@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use stride_job::checkpoint::{self, Checkpoint, HistoryEvent};
+use stride_job::checkpoint::{self, HistoryEvent, Sums, Unverified};
 use stride_job::config::{Config, ConfigSource, RawConfig};
 use stride_job::params;
 use stride_job::schedule::{Cooldown, Schedule};
@@ -40,6 +40,11 @@ pub struct StartPoint {
     /// Said once the log is open (fallbacks, extensions).
     pub notes: Vec<String>,
     pub warnings: Vec<String>,
+    /// A resume's checkpoint files still to hash ([`Request::sums`]).
+    pub unverified: Unverified,
+    /// The resume named `latest` or a folder: if `unverified` does not
+    /// check out, start again from the checkpoint before it.
+    pub falls_back: bool,
 }
 
 /// How the user asked to start.
@@ -54,6 +59,10 @@ pub struct Request<'a> {
     /// The shape of the cooldown `extend_steps` appends.
     pub decay: Cooldown,
     pub init_from: Option<&'a Path>,
+    /// When a resume hashes its checkpoint's safetensors files: `Later`
+    /// leaves them in [`StartPoint::unverified`], for the coordinator to
+    /// hash while the workers load them.
+    pub sums: Sums,
 }
 
 /// Keys a resume must not change: they define the model, the optimiser,
@@ -162,6 +171,8 @@ pub fn start(req: &Request) -> Result<StartPoint> {
         marker: None,
         notes: Vec::new(),
         warnings: Vec::new(),
+        unverified: Unverified::default(),
+        falls_back: false,
     };
     if let Some(path) = req.init_from {
         let (ckpt, warnings) = checkpoint::resolve(path)?;
@@ -221,7 +232,8 @@ fn same_dir(a: &Path, b: &Path) -> bool {
 }
 
 fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
-    let (ckpt, warnings): (Checkpoint, Vec<String>) = checkpoint::resolve(path)?;
+    let resolved = checkpoint::resolve_with(path, req.sums)?;
+    let (ckpt, warnings) = (resolved.checkpoint, resolved.warnings);
     let state = &ckpt.state;
     let config_path = ckpt.dir.join(checkpoint::CONFIG_FILE);
     let text = std::fs::read_to_string(&config_path)
@@ -356,6 +368,8 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
         marker: Some(marker),
         notes,
         warnings,
+        unverified: resolved.unverified,
+        falls_back: resolved.falls_back,
     })
 }
 

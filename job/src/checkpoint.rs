@@ -252,8 +252,63 @@ pub fn sha256_files(paths: &[PathBuf]) -> Vec<Result<String, CheckpointError>> {
     })
 }
 
+/// When a checkpoint's two safetensors files (all but a few kilobytes of
+/// it) are hashed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Sums {
+    /// Before the checkpoint is returned.
+    #[default]
+    Now,
+    /// Later, by [`Unverified::verify`]: the coordinator hashes them while
+    /// the workers load the same files, and no step runs before it has.
+    Later,
+}
+
+/// Files of a checkpoint whose sums are still to be checked (none after
+/// [`Sums::Now`]).
+#[derive(Debug, Clone, Default)]
+pub struct Unverified {
+    dir: PathBuf,
+    /// File name → expected sha256.
+    files: Vec<(String, String)>,
+}
+
+impl Unverified {
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    /// Hashes the files, all at the same time; the first whose sum differs
+    /// (or that cannot be read) is the error — the error [`validate`]
+    /// would have given.
+    pub fn verify(&self) -> Result<(), CheckpointError> {
+        let paths: Vec<PathBuf> = self.files.iter().map(|(f, _)| self.dir.join(f)).collect();
+        for ((file, expected), found) in self.files.iter().zip(sha256_files(&paths)) {
+            let found = found.map_err(|e| CheckpointError::Invalid {
+                path: self.dir.clone(),
+                message: format!("{file}: {e}"),
+            })?;
+            if &found != expected {
+                return Err(CheckpointError::Checksum {
+                    path: self.dir.clone(),
+                    file: file.clone(),
+                    expected: expected.clone(),
+                    found,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks that `dir` is a complete checkpoint whose files match their sums.
 pub fn validate(dir: &Path) -> Result<Checkpoint, CheckpointError> {
+    validate_with(dir, Sums::Now).map(|(c, _)| c)
+}
+
+/// [`validate`], hashing the two safetensors files now or leaving them in
+/// the returned [`Unverified`].
+pub fn validate_with(dir: &Path, sums: Sums) -> Result<(Checkpoint, Unverified), CheckpointError> {
     if !dir.is_dir() {
         return Err(CheckpointError::NotFound {
             path: dir.to_path_buf(),
@@ -296,22 +351,25 @@ pub fn validate(dir: &Path) -> Result<Checkpoint, CheckpointError> {
             )));
         }
     }
-    let paths: Vec<PathBuf> = state.files.keys().map(|f| dir.join(f)).collect();
-    for ((file, expected), found) in state.files.iter().zip(sha256_files(&paths)) {
-        let found = found.map_err(|e| invalid(format!("{file}: {e}")))?;
-        if &found != expected {
-            return Err(CheckpointError::Checksum {
-                path: dir.to_path_buf(),
-                file: file.clone(),
-                expected: expected.clone(),
-                found,
-            });
-        }
-    }
-    Ok(Checkpoint {
+    let (later, now): (Vec<_>, Vec<_>) = state
+        .files
+        .iter()
+        .map(|(f, sum)| (f.clone(), sum.clone()))
+        .partition(|(f, _)| {
+            sums == Sums::Later && [MODEL_FILE, OPTIMIZER_FILE].contains(&f.as_str())
+        });
+    let unverified = |files| Unverified {
         dir: dir.to_path_buf(),
-        state,
-    })
+        files,
+    };
+    unverified(now).verify()?;
+    Ok((
+        Checkpoint {
+            dir: dir.to_path_buf(),
+            state,
+        },
+        unverified(later),
+    ))
 }
 
 /// Complete-looking `step-*` directories of a checkpoint folder, oldest first.
@@ -336,10 +394,21 @@ pub fn list_steps(folder: &Path) -> Vec<(u64, PathBuf)> {
 /// The newest valid checkpoint in `folder`, with a warning for every newer
 /// one that was skipped.
 pub fn newest_valid(folder: &Path) -> Result<(Checkpoint, Vec<String>), CheckpointError> {
+    newest_valid_with(folder, Sums::Now).map(|r| (r.checkpoint, r.warnings))
+}
+
+fn newest_valid_with(folder: &Path, sums: Sums) -> Result<Resolved, CheckpointError> {
     let mut skipped = Vec::new();
     for (_, dir) in list_steps(folder).into_iter().rev() {
-        match validate(&dir) {
-            Ok(c) => return Ok((c, skipped)),
+        match validate_with(&dir, sums) {
+            Ok((checkpoint, unverified)) => {
+                return Ok(Resolved {
+                    checkpoint,
+                    warnings: skipped,
+                    unverified,
+                    falls_back: true,
+                });
+            }
             Err(e) => skipped.push(format!("skipped {e}")),
         }
     }
@@ -353,11 +422,33 @@ pub fn newest_valid(folder: &Path) -> Result<(Checkpoint, Vec<String>), Checkpoi
     })
 }
 
+/// What [`resolve_with`] found.
+#[derive(Debug)]
+pub struct Resolved {
+    pub checkpoint: Checkpoint,
+    /// Newer checkpoints skipped, and why.
+    pub warnings: Vec<String>,
+    /// The sums still to check ([`Sums::Later`]).
+    pub unverified: Unverified,
+    /// Named by `latest` or a folder: if the sums still to check do not
+    /// match, the start falls back to an older checkpoint (resolving the
+    /// same path again with [`Sums::Now`]). An explicit checkpoint fails.
+    pub falls_back: bool,
+}
+
 /// What `--resume PATH` / `--init-from PATH` names: a step directory (must
 /// be valid), the `best` pointer (must be valid), the `latest` pointer or a
 /// checkpoint folder (the newest valid checkpoint, warning about any newer
 /// one that was skipped). Returns the checkpoint and the warnings.
 pub fn resolve(path: &Path) -> Result<(Checkpoint, Vec<String>), CheckpointError> {
+    resolve_with(path, Sums::Now).map(|r| (r.checkpoint, r.warnings))
+}
+
+/// [`resolve`], hashing the safetensors files of the checkpoint it picks
+/// now or later. Later, a `latest` or a folder picks the newest checkpoint
+/// that is complete and whose other files check out; if its own sums turn
+/// out wrong, resolving again with [`Sums::Now`] skips it.
+pub fn resolve_with(path: &Path, sums: Sums) -> Result<Resolved, CheckpointError> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -367,20 +458,28 @@ pub fn resolve(path: &Path) -> Result<(Checkpoint, Vec<String>), CheckpointError
         Ok(t) => p.parent().unwrap_or(Path::new(".")).join(t),
         Err(_) => p.to_path_buf(),
     };
+    let exactly = |falls_back: bool| {
+        validate_with(&target(path), sums).map(|(checkpoint, unverified)| Resolved {
+            checkpoint,
+            warnings: Vec::new(),
+            unverified,
+            falls_back,
+        })
+    };
     if name == LATEST {
         let folder = path.parent().unwrap_or(Path::new("."));
-        return match validate(&target(path)) {
-            Ok(c) => Ok((c, Vec::new())),
+        return match exactly(true) {
+            Ok(r) => Ok(r),
             Err(e) => {
-                let (c, mut warnings) = newest_valid(folder)?;
-                warnings.insert(
+                let mut r = newest_valid_with(folder, sums)?;
+                r.warnings.insert(
                     0,
                     format!(
                         "`latest` is not usable ({e}); falling back to {}",
-                        c.dir.display()
+                        r.checkpoint.dir.display()
                     ),
                 );
-                Ok((c, warnings))
+                Ok(r)
             }
         };
     }
@@ -389,10 +488,10 @@ pub fn resolve(path: &Path) -> Result<(Checkpoint, Vec<String>), CheckpointError
         || path.join(STATE_FILE).exists()
         || path.join(COMPLETE_FILE).exists()
     {
-        return validate(&target(path)).map(|c| (c, Vec::new()));
+        return exactly(false);
     }
     if path.is_dir() {
-        return newest_valid(path);
+        return newest_valid_with(path, sums);
     }
     Err(CheckpointError::NotFound {
         path: path.to_path_buf(),
@@ -1243,6 +1342,53 @@ mod tests {
         assert!(e.contains("incomplete"), "{e}");
         let empty = tempfile::tempdir().expect("tmp");
         assert!(resolve(empty.path()).is_err());
+    }
+
+    /// With the sums left for later, resolving reads only the small files:
+    /// a damaged model file is found by `verify` (the error `validate`
+    /// gives), and resolving `latest` again now skips it.
+    #[test]
+    fn sums_left_for_later_are_checked_by_verify() {
+        let d = tempfile::tempdir().expect("tmp");
+        make(d.path(), 10);
+        let newer = make(d.path(), 20);
+        set_pointer(d.path(), LATEST, 20).expect("ptr");
+        let model = newer.join(MODEL_FILE);
+        let mut bytes = std::fs::read(&model).expect("read");
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&model, bytes).expect("write");
+
+        let later = resolve_with(&d.path().join(LATEST), Sums::Later).expect("resolves");
+        assert_eq!(later.checkpoint.state.step, 20, "not hashed yet");
+        assert!(later.falls_back && later.warnings.is_empty());
+        let e = later.unverified.verify().expect_err("damaged").to_string();
+        assert_eq!(e, validate(&newer).expect_err("damaged").to_string());
+        assert!(
+            e.contains("model.safetensors does not match its sha256"),
+            "{e}"
+        );
+
+        let (now, warnings) = resolve(&d.path().join(LATEST)).expect("falls back");
+        assert_eq!(now.state.step, 10);
+        assert!(warnings[0].contains("falling back"), "{warnings:?}");
+        let explicit = resolve_with(&newer, Sums::Later).expect("resolves");
+        assert!(!explicit.falls_back);
+        assert!(
+            resolve_with(d.path(), Sums::Later)
+                .expect("folder")
+                .falls_back
+        );
+        let whole = resolve_with(&d.path().join("step-00000010"), Sums::Later).expect("ok");
+        assert_eq!(whole.unverified.files.len(), 2, "model and optimizer");
+        whole.unverified.verify().expect("intact");
+        assert!(resolve_with(&newer, Sums::Now).is_err());
+        assert!(
+            validate_with(&d.path().join("step-00000010"), Sums::Now)
+                .expect("valid")
+                .1
+                .is_empty()
+        );
     }
 
     #[test]

@@ -227,8 +227,13 @@ impl Compute {
             }
             Err(e) => {
                 // A ring that could not form (a peer died meanwhile) is
-                // retried by the coordinator; anything else is not.
-                let transient = e.chain().any(|c| c.is::<CollectiveError>());
+                // retried by the coordinator, and a checkpoint that could
+                // not be read is judged by it (it hashes the files while
+                // the ranks load them: a damaged `latest` falls back to an
+                // older checkpoint, with this worker); anything else is
+                // bad input for this worker.
+                let transient = e.chain().any(|c| c.is::<CollectiveError>())
+                    || e.downcast_ref::<LoadFailed>().is_some();
                 let why = format!("{e:#}");
                 self.fail(generation, e, !transient);
                 if transient {
@@ -561,7 +566,7 @@ fn build_trainer(
         let dir = std::path::Path::new(&a.load_checkpoint);
         trainer
             .load_checkpoint(dir, a.weights_only)
-            .with_context(|| format!("loading {}", dir.display()))?;
+            .context(LoadFailed(dir.to_path_buf()))?;
         tracing::info!(
             "loaded {} from {}",
             if a.weights_only {
@@ -574,6 +579,11 @@ fn build_trainer(
     }
     Ok(trainer)
 }
+
+/// Reading the checkpoint of an assignment failed.
+#[derive(Debug, thiserror::Error)]
+#[error("loading {}", .0.display())]
+struct LoadFailed(std::path::PathBuf);
 
 /// The GPU of `cuda:N`, or for plain `cuda` the local rank's GPU
 /// (`LOCAL_RANK`, else 0: one GPU per pod in the Indexed Job).

@@ -29,7 +29,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use indicatif::ProgressBar;
-use stride_job::checkpoint::{self, HistoryEvent, MetricsSoFar, RngState, TrainState};
+use stride_job::checkpoint::{
+    self, CheckpointError, HistoryEvent, MetricsSoFar, RngState, TrainState,
+};
 use stride_job::config::Config;
 use stride_job::sampler::{DataCursor, Sampler, eval_samples, shard, shard_uneven};
 use stride_job::schedule::Schedule;
@@ -71,6 +73,40 @@ pub struct Preempted {
     pub dir: String,
 }
 
+/// The checkpoint a job resumes did not check out: its files were hashed
+/// while the workers loaded them, and no step ran from it.
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct DamagedStart(pub CheckpointError);
+
+/// Where a resume of `latest` (or of a folder) starts instead when its
+/// checkpoint does not check out: the start resolved again, hashing first.
+#[derive(Debug)]
+pub struct Fallback {
+    pub schedule: Schedule,
+    pub start: RestartPoint,
+    pub history: Vec<HistoryEvent>,
+    pub marker: Option<serde_json::Value>,
+}
+
+/// Resolves the start again (see [`Fallback`]).
+pub struct Replan(pub Box<dyn FnOnce() -> Result<Fallback> + Send>);
+
+impl std::fmt::Debug for Replan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Replan")
+    }
+}
+
+/// A resume's checkpoint files being hashed while the workers load them.
+#[derive(Debug)]
+pub struct StartCheck {
+    pub check: worker_set::Check,
+    /// Where to start instead if they do not check out; None (an explicit
+    /// checkpoint): the job fails with the checksum error.
+    pub fallback: Option<Replan>,
+}
+
 /// Everything the driver needs to run a job.
 #[derive(Debug)]
 pub struct JobSpec {
@@ -92,6 +128,11 @@ pub struct JobSpec {
     pub run_dir: PathBuf,
     /// Carried over from the checkpoint a run resumes.
     pub history: Vec<HistoryEvent>,
+    /// The line `metrics.jsonl` gets when the first attempt has formed and
+    /// its checkpoint checked out (a resume's marker).
+    pub marker: Option<serde_json::Value>,
+    /// A resume's checkpoint check, if it still runs.
+    pub check: Option<StartCheck>,
 }
 
 /// One token split as the coordinator opened it.
@@ -158,11 +199,13 @@ pub struct Driver {
     restarts: Restarts,
     /// Root of the job's trace; steps, formations and restarts link to it.
     job_span: tracing::Span,
+    /// Where to start instead if the resume's checkpoint check fails.
+    fallback: Option<Replan>,
 }
 
 impl Driver {
     pub fn new(
-        spec: JobSpec,
+        mut spec: JobSpec,
         events: UnboundedReceiver<Event>,
         shared: Arc<Shared>,
         local: Option<LocalWorkers>,
@@ -183,8 +226,14 @@ impl Driver {
             c.checkpoint.keep_last,
             shared.clone(),
         );
+        let mut workers = WorkerSet::new(c.clone(), events, shared.clone(), local);
+        let fallback = spec.check.take().and_then(|c| {
+            workers.expect_check(c.check);
+            c.fallback
+        });
         Driver {
-            workers: WorkerSet::new(c.clone(), events, shared.clone(), local),
+            workers,
+            fallback,
             boundary: Boundary {
                 checkpoints,
                 preempt: false,
@@ -263,7 +312,14 @@ impl Driver {
             data: &self.spec.data,
             job_span: &self.job_span,
         };
-        self.workers.form(formation, &mut self.boundary).await?;
+        let formed = self.workers.form(formation, &mut self.boundary).await;
+        self.workers
+            .settle_check(self.step, formed.is_ok(), &mut self.boundary)
+            .await?;
+        formed?;
+        if let Some(marker) = self.spec.marker.take() {
+            self.run.write_line(&marker)?;
+        }
         let world = self.workers.ranks().len();
         let accumulation = c.accumulation_for(world)?;
         tracing::info!(

@@ -18,7 +18,7 @@ use anyhow::{Result, bail};
 use stride_job::checkpoint::{Checkpoint, HistoryEvent, MetricsSoFar};
 use stride_job::sampler::DataCursor;
 
-use super::{Driver, Summary};
+use super::{DamagedStart, Driver, Replan, Summary};
 
 /// Where an attempt starts: the step, the data cursor at that step, what
 /// every rank loads first, and the metrics carried over.
@@ -149,6 +149,12 @@ impl Driver {
                 Ok(summary) => return Ok(summary),
                 Err(e) => e,
             };
+            if err.is::<DamagedStart>()
+                && let Some(fallback) = self.fallback.take()
+            {
+                self.fall_back(&err, fallback).await?;
+                continue;
+            }
             let Some(failure) = err.downcast_ref::<RankFailure>() else {
                 return Err(err);
             };
@@ -163,6 +169,32 @@ impl Driver {
                 self.step
             );
         }
+    }
+
+    /// The checkpoint a resume of `latest` named did not check out: start
+    /// from the one before it instead, with the workers present, as if the
+    /// job had been started from it (its step, schedule, history and
+    /// marker; nothing of the damaged one was written anywhere).
+    async fn fall_back(&mut self, damaged: &anyhow::Error, fallback: Replan) -> Result<()> {
+        tracing::warn!("{damaged}; no step ran from it");
+        let f = (fallback.0)()?;
+        self.workers
+            .dismiss(
+                None,
+                "the checkpoint failed its check; starting from an older one",
+            )
+            .await?;
+        self.step = f.start.step;
+        self.metrics = f.start.metrics.clone();
+        self.restarts = Restarts::new(f.start.clone());
+        self.spec.start = f.start;
+        self.spec.schedule = f.schedule;
+        self.spec.history = f.history;
+        self.spec.marker = f.marker;
+        if let Some(bar) = &self.bar {
+            bar.set_length(self.spec.schedule.max_steps());
+        }
+        Ok(())
     }
 
     /// After a failure: stop the surviving ranks' step, drop the failed

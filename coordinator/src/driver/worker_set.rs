@@ -9,12 +9,19 @@
 //! report, a SIGTERM, a decay request) is handed to the driver's
 //! [`Asides`]. It never commits a checkpoint. A lost, frozen or failing
 //! rank becomes a [`RankFailure`] that names it (rank, host, pid, step).
+//!
+//! A resume's checkpoint files may still be being hashed
+//! ([`WorkerSet::expect_check`]) while the set forms and the ranks load
+//! them: every wait also watches for that verdict, a damaged checkpoint
+//! ends the wait at once ([`DamagedStart`]), and
+//! [`WorkerSet::settle_check`] holds the first step until it has come.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow, bail};
+use stride_job::checkpoint::CheckpointError;
 use stride_job::config::Config;
 use stride_proto::exit;
 use stride_proto::v1::{
@@ -22,13 +29,27 @@ use stride_proto::v1::{
     Shutdown, coordinator_message, worker_message,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::task::JoinHandle;
 use tokio::time::Instant as TokioInstant;
 
 use super::decay::DecayRequest;
 use super::recovery::{Load, RankFailure};
-use super::{DataSplitSpec, Interrupted};
+use super::{DamagedStart, DataSplitSpec, Interrupted};
 use crate::local::LocalWorkers;
 use crate::server::{Event, Outbound, Shared, WorkerInfo};
+
+/// The checkpoint check's result: a damaged checkpoint is a
+/// [`DamagedStart`].
+fn verdict_of(v: Result<Result<(), CheckpointError>, tokio::task::JoinError>) -> Result<Wait> {
+    match v {
+        Ok(Ok(())) => {
+            tracing::info!("the checkpoint's files match their sha256");
+            Ok(Wait::Checked)
+        }
+        Ok(Err(e)) => Err(DamagedStart(e).into()),
+        Err(e) => Err(anyhow!("the checkpoint check stopped: {e}")),
+    }
+}
 
 /// Upper bound on the collective id rank 0 may send (NCCL's is 128 bytes).
 const MAX_COLLECTIVE_ID_BYTES: usize = 1024;
@@ -107,7 +128,13 @@ pub enum Patience {
 enum Wait {
     Event(Event),
     TimedOut,
+    /// The resume's checkpoint files checked out.
+    Checked,
 }
+
+/// The hashing of a resume's checkpoint files, running on a blocking
+/// thread.
+pub type Check = JoinHandle<Result<(), CheckpointError>>;
 
 /// What forming a worker set needs from the job.
 #[derive(Debug)]
@@ -150,6 +177,8 @@ pub struct WorkerSet {
     closed: HashMap<usize, Instant>,
     /// Bumped each time the set forms; messages of older ones are stale.
     generation: u64,
+    /// A resume's checkpoint check still running (taken when it ends).
+    check: Option<Check>,
 }
 
 impl WorkerSet {
@@ -172,7 +201,48 @@ impl WorkerSet {
             symptom: None,
             closed: HashMap::new(),
             generation: 0,
+            check: None,
         }
+    }
+
+    /// From now on every wait also watches `check`, the hashing of the
+    /// checkpoint the ranks are about to load.
+    pub fn expect_check(&mut self, check: Check) {
+        self.check = Some(check);
+    }
+
+    /// Holds the first step until the checkpoint check has come (nothing
+    /// to wait for without one). `formed`: whether the set formed; if not
+    /// (a damaged file may fail to load), the verdict is awaited alone —
+    /// events stay queued — because a damaged checkpoint, not the failure
+    /// it caused, is what to report. Otherwise the ranks are watched
+    /// (heartbeats, losses, asides) while it runs.
+    pub async fn settle_check(
+        &mut self,
+        step: u64,
+        formed: bool,
+        asides: &mut impl Asides,
+    ) -> Result<()> {
+        let Some(check) = self.check.as_mut() else {
+            return Ok(());
+        };
+        if !formed {
+            let verdict = check.await;
+            self.check = None;
+            return verdict_of(verdict).map(|_| ());
+        }
+        tracing::info!(
+            "the ranks are ready; the first step waits for the checkpoint's sha256 check"
+        );
+        // Hashing is bounded by reading the files, as the check before
+        // the workers started was: no timeout of its own.
+        let forever =
+            Patience::Until(TokioInstant::now() + Duration::from_secs(100 * 365 * 86_400));
+        while self.check.is_some() {
+            self.next(step, forever, "to hear the checkpoint check", &[], asides)
+                .await?;
+        }
+        Ok(())
     }
 
     pub fn generation(&self) -> u64 {
@@ -345,7 +415,15 @@ impl WorkerSet {
         let (want, min_workers, startup_s) = (c.workers, c.min_workers, c.startup_timeout_s);
         let mut joined: Vec<Worker> = std::mem::take(&mut self.pool);
         while joined.len() < want {
-            match self.next_event(step, deadline).await? {
+            let waited = match self.next_event(step, deadline).await {
+                Err(e) if e.is::<DamagedStart>() => {
+                    // Kept for the start from an older checkpoint.
+                    self.pool = joined;
+                    return Err(e);
+                }
+                other => other?,
+            };
+            match waited {
                 Wait::TimedOut => {
                     // After a failure, continue with fewer workers if the
                     // global batch divides among them (cluster.min_workers).
@@ -416,7 +494,7 @@ impl WorkerSet {
                 Wait::Event(Event::Decay { over, shape, reply }) => {
                     asides.take(Aside::Decay(DecayRequest { over, shape, reply }))?;
                 }
-                Wait::Event(Event::Message { .. }) => {}
+                Wait::Event(Event::Message { .. }) | Wait::Checked => {}
             }
         }
         // Stable ranks: by identity (local-0, local-1, …, or pod index), in
@@ -558,6 +636,7 @@ impl WorkerSet {
                     return Err(self.timed_out(step, patience, what, waiting_for).into());
                 }
                 Wait::TimedOut => {}
+                Wait::Checked => return Ok(None),
                 Wait::Event(Event::Interrupted(sig)) => return Err(Interrupted(sig).into()),
                 Wait::Event(Event::Preempt) => {
                     asides.take(Aside::Preempt)?;
@@ -799,7 +878,18 @@ impl WorkerSet {
 
     async fn next_event_until(&mut self, step: u64, deadline: TokioInstant) -> Result<Wait> {
         let local = self.local.as_mut();
-        tokio::select! {
+        let check = self.check.as_mut();
+        let mut verdict = None;
+        let waited = tokio::select! {
+            v = async move {
+                match check {
+                    Some(c) => c.await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                verdict = Some(v);
+                Ok(Wait::Checked)
+            }
             ev = self.events.recv() => ev.map(Wait::Event).ok_or_else(|| anyhow!("the gRPC service stopped")),
             (slot, status) = async move {
                 match local {
@@ -823,7 +913,13 @@ impl WorkerSet {
                 .into())
             }
             _ = tokio::time::sleep_until(deadline) => Ok(Wait::TimedOut),
+        };
+        if let Some(v) = verdict {
+            // A finished task must not be awaited again.
+            self.check = None;
+            verdict_of(v)?;
         }
+        waited
     }
 
     /// The first rank silent for longer than `hb_timeout`, as a failure

@@ -6,7 +6,7 @@ use std::f64::consts::PI;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::common::{eventually, metrics, run, snapshot, spawn, worker_pids};
+use crate::common::{eventually, metrics, run, snapshot, spawn, spawn_env, worker_pids};
 use serde_json::Value;
 use stride_job::checkpoint;
 
@@ -604,6 +604,155 @@ fn damaged_checkpoints_are_refused_or_skipped_never_touched() {
         kept,
         "the incomplete step-20 must be moved aside, not deleted"
     );
+}
+
+/// A resume hashes the checkpoint's two large files while the workers load
+/// them, and no step runs before they check out. When they do not, the
+/// job never trains from it: an explicit checkpoint fails with the
+/// checksum error (exit code 2) and adds nothing to the run's metrics;
+/// `latest` starts from the checkpoint before it, with the same workers —
+/// also when the damage makes the workers' load fail (a truncated file) —
+/// and the damaged directory is kept. Each case runs twice: as it comes
+/// (on `tiny` the check ends before the workers join), and with the check
+/// held back 3 s (a debug-build hook), so that the ranks have loaded the
+/// damaged files — or failed to — before the verdict.
+#[test]
+fn a_checkpoint_damaged_past_its_first_check_is_never_trained_from() {
+    let _turn = crate::common::beside_others();
+    let d = tempfile::tempdir().expect("tmp");
+    ok(
+        &args(&[
+            "--workers",
+            "2",
+            "--set",
+            "train.max_steps=20",
+            "--set",
+            "checkpoint.interval=10",
+        ]),
+        d.path(),
+    );
+    let good = d.path().join("runs/tiny/checkpoints");
+    // A resume continues the run's own directory (and its metrics).
+    let tiny = d.path().join("runs/tiny");
+    type Damage = fn(&Path);
+    let cases: [(&str, Damage); 2] = [
+        ("flipped", |p| {
+            let mut bytes = std::fs::read(p).expect("read");
+            let n = bytes.len();
+            bytes[n - 1] ^= 0x40;
+            std::fs::write(p, bytes).expect("write");
+        }),
+        ("truncated", |p| {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(p)
+                .expect("open");
+            let n = f.metadata().expect("len").len();
+            f.set_len(n - 4096).expect("truncate");
+        }),
+    ];
+    let go = |args: &[&str], delay: &str| {
+        let env = [("STRIDE_TEST_DELAY_CHECK_S", delay)];
+        let mut p = spawn_env("coordinator", args, d.path(), "coordinator.out", &env);
+        let status = p.wait(LIMIT);
+        let out = std::fs::read_to_string(d.path().join("coordinator.out")).unwrap_or_default();
+        (status, out)
+    };
+    for ((name, damage), delay) in cases.into_iter().flat_map(|c| [(c, "0"), (c, "3")]) {
+        let name = &format!("{name}-{delay}");
+        let folder = d.path().join(name);
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&good)
+            .arg(&folder)
+            .status()
+            .expect("cp");
+        assert!(copied.success());
+        let model = folder.join("step-00000020").join(checkpoint::MODEL_FILE);
+        damage(&model);
+        let damaged = std::fs::read(&model).expect("read");
+        let before = snapshot(&folder);
+        let dir = format!("checkpoint.dir={name}");
+
+        // Explicit: the checksum error, nothing written anywhere.
+        let explicit = folder.join("step-00000020");
+        let explicit = explicit.to_str().expect("utf8");
+        let seen = metrics(&tiny).len();
+        let args = [
+            "--resume",
+            explicit,
+            "--extend-steps",
+            "30",
+            "--local",
+            "--set",
+            &dir,
+        ];
+        let (status, out) = go(&args, delay);
+        assert_eq!(status.code(), Some(2), "{name}: must fail with 2:\n{out}");
+        // Found while the workers loaded it, not before they started.
+        for needle in [
+            explicit,
+            "model.safetensors does not match its sha256",
+            "starting 2 local workers",
+        ] {
+            assert!(out.contains(needle), "{name}: lacks `{needle}`:\n{out}");
+        }
+        assert_eq!(before, snapshot(&folder), "{name}: the folder changed");
+        assert_eq!(
+            metrics(&tiny).len(),
+            seen,
+            "{name}: a resume that never ran wrote metrics"
+        );
+
+        // `latest`: from step 10, extended as asked, with the same workers.
+        let latest = format!("{name}/latest");
+        let args = [
+            "--resume",
+            &latest,
+            "--extend-steps",
+            "30",
+            "--local",
+            "--set",
+            &dir,
+        ];
+        let (status, out) = go(&args, delay);
+        assert!(status.success(), "{name}: failed:\n{out}");
+        for needle in [
+            "model.safetensors does not match its sha256",
+            "no step ran from it",
+            "falling back to",
+        ] {
+            assert!(out.contains(needle), "{name}: lacks `{needle}`:\n{out}");
+        }
+        let lines = metrics(&tiny).split_off(seen);
+        let markers: Vec<u64> = lines
+            .iter()
+            .filter(|r| r["event"] == "resume")
+            .map(|r| r["step"].as_u64().expect("step"))
+            .collect();
+        assert_eq!(markers, vec![10], "{name}: one resume, from step 10");
+        let ran: Vec<u64> = lines
+            .iter()
+            .filter(|r| r.get("loss").is_some())
+            .map(|r| r["step"].as_u64().expect("step"))
+            .collect();
+        assert_eq!(ran, (10..30).collect::<Vec<_>>(), "{name}: steps 10..30");
+        // Step 20 is written again; the damaged one is moved aside.
+        let aside = std::fs::read_dir(&folder)
+            .expect("ls")
+            .flatten()
+            .find(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".superseded-step-00000020")
+            })
+            .expect("the damaged step-20 is kept aside");
+        assert_eq!(
+            std::fs::read(aside.path().join(checkpoint::MODEL_FILE)).expect("read"),
+            damaged,
+            "{name}: the damaged file is kept as it was"
+        );
+    }
 }
 
 #[test]

@@ -17,7 +17,11 @@
 //! (`.tmp-step-…`), every file fsynced, `COMPLETE` last, then renamed into
 //! place and the folder fsynced; pointers are replaced by renaming a new
 //! symlink over the old. **A directory without `COMPLETE`, or whose files do
-//! not match their sha256, does not exist**: [`validate`] refuses it.
+//! not match their sha256, does not exist**: [`validate`] refuses it. A
+//! resume may leave the sums of the two large files for later
+//! ([`Sums::Later`], [`Unverified::verify`]), to compute them while the
+//! workers read the same files; the coordinator then holds the first step
+//! until they check out.
 //! Nothing here deletes anything except [`prune`], which removes complete
 //! `step-*` directories beyond keep-last-k that are not `best`.
 //!

@@ -236,8 +236,7 @@ impl WorkerSet {
         );
         // Hashing is bounded by reading the files, as the check before
         // the workers started was: no timeout of its own.
-        let forever =
-            Patience::Until(TokioInstant::now() + Duration::from_secs(100 * 365 * 86_400));
+        let forever = Patience::Until(TokioInstant::now() + Duration::from_secs(365 * 86_400));
         while self.check.is_some() {
             self.next(step, forever, "to hear the checkpoint check", &[], asides)
                 .await?;
@@ -579,7 +578,8 @@ impl WorkerSet {
     }
 
     /// The next message from a ranked worker, turning failures into errors
-    /// that name the rank; `None` after an [`Aside`] was handed over. `what`
+    /// that name the rank; `None` after an [`Aside`] was handed over or the
+    /// checkpoint check passed. `what`
     /// says what the ranks are doing, for the timeout message.
     pub async fn next(
         &mut self,

@@ -676,14 +676,15 @@ fn read_header(
 /// safetensors file straight into `flat` (in `slots` order), one read per
 /// tensor in file order; a tensor missing, extra or of another shape is
 /// an error listing every difference.
-fn read_flat_into(
+/// The tensors named `prefix` + a slot's name, in file order, each with
+/// where its bytes start and its slot; an error unless they are exactly
+/// the model's (names and shapes).
+fn matched<'s>(
     path: &Path,
-    f: &mut std::fs::File,
     entries: &[Entry],
-    slots: &[Slot],
+    slots: &'s [Slot],
     prefix: &str,
-    flat: &mut [f32],
-) -> Result<(), CheckpointError> {
+) -> Result<Vec<(u64, &'s Slot)>, CheckpointError> {
     let shapes: BTreeMap<String, Vec<usize>> = entries
         .iter()
         .filter_map(|e| {
@@ -693,25 +694,124 @@ fn read_flat_into(
         })
         .collect();
     let diff = layout_mismatch(&shapes, slots);
-    let total = slots.last().map_or(0, |s| s.offset + s.len);
-    if !diff.is_empty() || flat.len() != total {
+    if !diff.is_empty() {
         return Err(CheckpointError::Invalid {
             path: path.to_path_buf(),
             message: format!("tensors differ from the model:\n  {}", diff.join("\n  ")),
         });
     }
     let by_name: HashMap<&str, &Slot> = slots.iter().map(|s| (s.name.as_str(), s)).collect();
-    for e in entries {
-        let Some(slot) = e.name.strip_prefix(prefix).and_then(|n| by_name.get(n)) else {
-            continue;
-        };
+    Ok(entries
+        .iter()
+        .filter_map(|e| {
+            let slot = e.name.strip_prefix(prefix).and_then(|n| by_name.get(n))?;
+            Some((e.start, *slot))
+        })
+        .collect())
+}
+
+fn read_flat_into(
+    path: &Path,
+    f: &mut std::fs::File,
+    entries: &[Entry],
+    slots: &[Slot],
+    prefix: &str,
+    flat: &mut [f32],
+) -> Result<(), CheckpointError> {
+    let total = slots.last().map_or(0, |s| s.offset + s.len);
+    if flat.len() != total {
+        return Err(CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            message: format!(
+                "a buffer of {} values for a model of {total} parameters",
+                flat.len()
+            ),
+        });
+    }
+    for (start, slot) in matched(path, entries, slots, prefix)? {
         let dest =
             bytemuck::cast_slice_mut::<f32, u8>(&mut flat[slot.offset..slot.offset + slot.len]);
-        f.seek(std::io::SeekFrom::Start(e.start))
+        f.seek(std::io::SeekFrom::Start(start))
             .and_then(|_| f.read_exact(dest))
             .map_err(io_err(path))?;
     }
     Ok(())
+}
+
+/// The tensors of one kind in a checkpoint file — the weights of
+/// `model.safetensors`, or one moment of `optimizer.safetensors` — read
+/// one at a time, in file order, into one buffer reused for each: for
+/// moving them on into other memory (a device's) without a host copy of
+/// the whole state first.
+#[derive(Debug)]
+pub struct TensorReader<'s> {
+    path: PathBuf,
+    file: std::fs::File,
+    order: std::vec::IntoIter<(u64, &'s Slot)>,
+    buf: Vec<f32>,
+    metadata: HashMap<String, String>,
+}
+
+/// Which tensors of a checkpoint a [`TensorReader`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Weights,
+    FirstMoments,
+    SecondMoments,
+}
+
+impl<'s> TensorReader<'s> {
+    /// Opens `kind`'s file in checkpoint `dir` and checks its tensors are
+    /// the model's (names and shapes), reading only the header.
+    pub fn open(dir: &Path, slots: &'s [Slot], kind: Kind) -> Result<Self, CheckpointError> {
+        let (file, prefix) = match kind {
+            Kind::Weights => (MODEL_FILE, ""),
+            Kind::FirstMoments => (OPTIMIZER_FILE, "exp_avg."),
+            Kind::SecondMoments => (OPTIMIZER_FILE, "exp_avg_sq."),
+        };
+        let path = dir.join(file);
+        let mut file = std::fs::File::open(&path).map_err(io_err(&path))?;
+        let (entries, metadata) = read_header(&path, &mut file)?;
+        let order = matched(&path, &entries, slots, prefix)?.into_iter();
+        Ok(TensorReader {
+            path,
+            file,
+            order,
+            buf: Vec::new(),
+            metadata,
+        })
+    }
+
+    /// The next tensor's slot and values; None after the last.
+    pub fn next_tensor(&mut self) -> Result<Option<(&'s Slot, &[f32])>, CheckpointError> {
+        let Some((start, slot)) = self.order.next() else {
+            return Ok(None);
+        };
+        self.buf.resize(slot.len, 0.0);
+        self.file
+            .seek(std::io::SeekFrom::Start(start))
+            .and_then(|_| {
+                self.file
+                    .read_exact(bytemuck::cast_slice_mut::<f32, u8>(&mut self.buf))
+            })
+            .map_err(io_err(&self.path))?;
+        Ok(Some((slot, &self.buf)))
+    }
+
+    /// The update count an `optimizer.safetensors` records.
+    pub fn optimizer_step(&self) -> Result<u64, CheckpointError> {
+        optimizer_step(&self.path, &self.metadata)
+    }
+}
+
+fn optimizer_step(path: &Path, metadata: &HashMap<String, String>) -> Result<u64, CheckpointError> {
+    metadata
+        .get("step")
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            message: "no `step` in the metadata".into(),
+        })
 }
 
 /// The safetensors crate's own writer and reader: the reference the
@@ -987,12 +1087,7 @@ pub fn read_optimizer_into(
     let (entries, meta) = read_header(&path, &mut f)?;
     read_flat_into(&path, &mut f, &entries, slots, "exp_avg.", m)?;
     read_flat_into(&path, &mut f, &entries, slots, "exp_avg_sq.", v)?;
-    meta.get("step")
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| CheckpointError::Invalid {
-            path: path.clone(),
-            message: "no `step` in the metadata".into(),
-        })
+    optimizer_step(&path, &meta)
 }
 
 /// [`read_optimizer_into`] new buffers: first moments, second moments,
@@ -1215,7 +1310,37 @@ mod tests {
         assert_eq!(got, w);
         let (mut gm, mut gv) = (vec![0.0; 7], vec![0.0; 7]);
         let step = read_optimizer_into(d.path(), &slots, &mut gm, &mut gv).expect("opt");
-        assert_eq!((gm, gv, step), (m, v, 9));
+        assert_eq!((gm, gv, step), (m.clone(), v.clone(), 9));
+
+        // One tensor at a time: every slot once, the same values.
+        for (kind, want) in [
+            (Kind::Weights, &w),
+            (Kind::FirstMoments, &m),
+            (Kind::SecondMoments, &v),
+        ] {
+            let mut r = TensorReader::open(d.path(), &slots, kind).expect("open");
+            let mut flat = vec![f32::NAN; 7];
+            let mut seen = Vec::new();
+            while let Some((slot, values)) = r.next_tensor().expect("read") {
+                flat[slot.offset..slot.offset + slot.len].copy_from_slice(values);
+                seen.push(slot.name.clone());
+            }
+            seen.sort();
+            let mut names: Vec<String> = slots.iter().map(|s| s.name.clone()).collect();
+            names.sort();
+            assert_eq!((&flat, seen), (want, names), "{kind:?}");
+            if kind != Kind::Weights {
+                assert_eq!(r.optimizer_step().expect("step"), 9);
+            }
+        }
+        let other = [Slot {
+            name: "a.bias".into(),
+            shape: vec![7],
+            offset: 0,
+            len: 7,
+        }];
+        let e = TensorReader::open(d.path(), &other, Kind::Weights).expect_err("another model");
+        assert!(e.to_string().contains("differ from the model"), "{e}");
     }
 
     #[test]

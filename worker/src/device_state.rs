@@ -30,8 +30,10 @@
 //!
 //! The weights and both moments are one tensor, `[weights | m | v]` (and
 //! the gradient factor after them): the fused update writes all three in
-//! one pass, and a checkpoint load copies straight into its parts
-//! (`slice_set`) instead of allocating new ones.
+//! one pass, and a checkpoint load copies each tensor into its place
+//! (`slice_set`), read one at a time into a reused host buffer
+//! ([`DeviceState::load`]): neither allocates a second state, and the
+//! host never holds more than one tensor of it.
 //!
 //! Copies of the whole state to or from the host (checkpoint snapshots and
 //! loads, the every-K-steps weight hash) go through [`Transfers`] with
@@ -47,8 +49,10 @@
 //! `bench`.
 
 use std::ops::Range;
+use std::path::Path;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Error, Result, Tensor};
+use stride_job::checkpoint::{Kind, TensorReader};
 use stride_job::config::OptimConfig;
 
 use crate::collective::{Collective, CollectiveError};
@@ -379,11 +383,50 @@ impl DeviceState {
         self.load_part(0, "weights", weights)
     }
 
-    /// Replaces the moments and the update count (a full checkpoint load).
+    /// Replaces the moments and the update count.
     pub fn set_moments(&mut self, m: &[f32], v: &[f32], step: u64) -> Result<()> {
         self.load_part(1, "first moments", m)?;
         self.load_part(2, "second moments", v)?;
         self.step = step;
+        Ok(())
+    }
+
+    /// Loads checkpoint `dir` — the weights, and unless `weights_only` the
+    /// moments and the update count — one tensor at a time, each read into
+    /// one reused host buffer and copied into its place in the state: the
+    /// host never holds more than the largest tensor (`wte`, 154 MB for
+    /// GPT-2 small), not a copy of the whole state. After an error the
+    /// state is half-loaded.
+    pub fn load(&mut self, dir: &Path, slots: &[Slot], weights_only: bool) -> Result<()> {
+        let kinds: &[Kind] = if weights_only {
+            &[Kind::Weights]
+        } else {
+            &[Kind::Weights, Kind::FirstMoments, Kind::SecondMoments]
+        };
+        let n = self.len();
+        for &kind in kinds {
+            let part = match kind {
+                Kind::Weights => 0,
+                Kind::FirstMoments => 1,
+                Kind::SecondMoments => 2,
+            };
+            let mut tensors = TensorReader::open(dir, slots, kind).map_err(Error::wrap)?;
+            while let Some((slot, values)) = tensors.next_tensor().map_err(Error::wrap)? {
+                if slot.offset + slot.len > n {
+                    candle_core::bail!("{} lies outside a state of {n} parameters", slot.name);
+                }
+                let t = self.transfers.to_device(
+                    Purpose::State,
+                    values,
+                    &[values.len()],
+                    self.state.device(),
+                )?;
+                self.state.slice_set(&t, 0, part * n + slot.offset)?;
+            }
+            if kind == Kind::SecondMoments {
+                self.step = tensors.optimizer_step().map_err(Error::wrap)?;
+            }
+        }
         Ok(())
     }
 }

@@ -59,6 +59,10 @@ struct Args {
     /// Internal: time one device-state update (`fused` or `reference`).
     #[arg(long, hide = true)]
     child_update: Option<String>,
+    /// Internal: time one checkpoint load into a device-resident state
+    /// (`staged` or `streamed`) from --checkpoint-dir.
+    #[arg(long, hide = true)]
+    child_load: Option<String>,
     /// Internal: run one model line in this process.
     #[arg(long, hide = true, requires = "engine")]
     child: Option<String>,
@@ -132,11 +136,16 @@ fn config(shape: &Shape, engine: &str) -> Result<Config> {
 
 /// This process's peak resident set (VmHWM), in MB.
 fn peak_rss_mb() -> f64 {
+    status_mb("VmHWM:")
+}
+
+/// A memory figure of this process's `/proc/self/status`, in MB.
+fn status_mb(key: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(key))
                 .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
         })
         .map_or(f64::NAN, |kb| kb / 1024.0)
@@ -520,6 +529,20 @@ fn bench_checkpoint(dir: &std::path::Path) -> Result<()> {
         validate + load_new,
         (validate + load_new) / read_once,
     );
+    // Into a device-resident state: staged whole (before) and one tensor
+    // at a time (now), one child each for their peak RSS.
+    let load = |kind: &str| -> Result<(f64, f64)> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["--child-load", kind, "--checkpoint-dir"])
+            .arg(&new_dir);
+        measured_in(cmd, "load", "ms")
+    };
+    let (staged, streamed) = (load("staged")?, load("streamed")?);
+    println!(
+        "load into a device-resident state, one tensor at a time / staged whole: {:.2}x time, {:.2}x peak RSS",
+        streamed.0 / staged.0,
+        streamed.1 / staged.1
+    );
     let _ = std::fs::remove_dir_all(dir);
     Ok(())
 }
@@ -564,6 +587,65 @@ fn child_update(kind: &str, steps: usize) -> Result<()> {
     Ok(())
 }
 
+/// One load line, in this (child) process: checkpoint `dir` (GPT-2 small)
+/// into a device-resident state on the CPU device, from the page cache
+/// (read once first), the whole files staged in host buffers and uploaded
+/// part by part (what the worker did before), or one tensor at a time
+/// (`DeviceState::load`). The peak RSS is that of the first load (into a
+/// fresh state, whose moments' pages it faults in: +1 GB for both).
+fn child_load(kind: &str, dir: &std::path::Path) -> Result<()> {
+    use stride_job::checkpoint;
+    let model = ModelConfig::default();
+    let slots = model::layout(&model);
+    let weights = model::initial_weights(&model, 1);
+    let config = stride_job::config::OptimConfig::default();
+    let mut state = DeviceState::new(
+        &weights,
+        &slots,
+        &config,
+        &Device::Cpu,
+        Transfers::default(),
+    )?;
+    drop(weights);
+    for f in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE] {
+        std::fs::read(dir.join(f))?;
+    }
+    let mut load = || -> Result<f64> {
+        let start = Instant::now();
+        match kind {
+            "staged" => {
+                let w = checkpoint::read_model(dir, &slots)?;
+                state.set_weights(&w)?;
+                drop(w);
+                let (m, v, step) = checkpoint::read_optimizer(dir, &slots)?;
+                state.set_moments(&m, &v, step)?;
+            }
+            _ => state.load(dir, &slots, false)?,
+        }
+        Ok(start.elapsed().as_secs_f64())
+    };
+    // The first load also faults in the state's moments (a fresh state);
+    // the second shows the load's own cost. The peak is the load's own:
+    // Linux resets it to the current RSS on `5 > clear_refs`.
+    std::fs::write("/proc/self/clear_refs", "5")?;
+    let before = status_mb("VmRSS:");
+    let first = load()?;
+    let peak = peak_rss_mb();
+    let again = load()?;
+    let (mut w, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    state.read(&mut w, &mut m, &mut v)?;
+    anyhow::ensure!(
+        w == checkpoint::read_model(dir, &slots)?,
+        "{kind}: the weights did not load"
+    );
+    println!(
+        "load {kind:<8} GPT-2 small into a device-resident state (CPU device, page cache) {:>7.1} ms  peak RSS {peak:>6.0} MB  (RSS before {before:.0} MB; first load, into a fresh state, {:.1} ms)",
+        1e3 * again,
+        1e3 * first,
+    );
+    Ok(())
+}
+
 /// The fused update next to its Candle-op reference, one child each.
 fn bench_update(steps: usize) -> Result<()> {
     let line = |kind: &str| -> Result<(f64, f64)> {
@@ -586,6 +668,10 @@ fn main() -> Result<()> {
     if let Some(kind) = &args.child_update {
         stride_worker::alloc::tune_malloc();
         return child_update(kind, args.steps);
+    }
+    if let Some(kind) = &args.child_load {
+        stride_worker::alloc::tune_malloc();
+        return child_load(kind, &args.checkpoint_dir);
     }
     if args.update_only {
         return bench_update(args.steps);

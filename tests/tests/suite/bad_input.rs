@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::common::{eventually, run, snapshot, spawn};
+use crate::common::{copy_folder, eventually, run, snapshot, spawn};
 use stride_job::tokens::write_nanogpt;
 
 #[test]
@@ -51,13 +51,7 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
     std::fs::write(dir.join("odd.bin"), [1u8, 0, 2]).expect("w");
     write_nanogpt(&dir.join("bigid.bin"), &[7u16, 200, 3].repeat(100)).expect("w");
     let corrupted = dir.join("corrupted");
-    let copied = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(&ckpts)
-        .arg(&corrupted)
-        .status()
-        .expect("cp");
-    assert!(copied.success());
+    copy_folder(&ckpts, &corrupted);
     let model = corrupted.join("step-00000004/model.safetensors");
     let mut bytes = std::fs::read(&model).expect("read");
     let last = bytes.len() - 1;

@@ -3,10 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::f64::consts::PI;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::common::{eventually, metrics, run, snapshot, spawn, spawn_env, worker_pids};
+use crate::common::{
+    copy_folder, eventually, metrics, run, snapshot, spawn, spawn_env, worker_pids,
+};
 use serde_json::Value;
 use stride_job::checkpoint;
 
@@ -52,6 +54,23 @@ fn steps(run_dir: &Path) -> BTreeMap<u64, Value> {
         .filter(|r| r.get("loss").is_some())
         .map(|r| (r["step"].as_u64().expect("step"), r))
         .collect()
+}
+
+/// A finished 20-step `tiny` run in `dir` with `workers` workers and
+/// checkpoints at steps 10 and 20; returns its checkpoint folder.
+fn twenty_steps(dir: &Path, workers: &str) -> PathBuf {
+    ok(
+        &args(&[
+            "--workers",
+            workers,
+            "--set",
+            "train.max_steps=20",
+            "--set",
+            "checkpoint.interval=10",
+        ]),
+        dir,
+    );
+    dir.join("runs/tiny/checkpoints")
 }
 
 fn state(dir: &Path) -> checkpoint::TrainState {
@@ -486,18 +505,7 @@ fn strategy_b_and_the_refusals_that_point_to_it() {
 fn damaged_checkpoints_are_refused_or_skipped_never_touched() {
     let _turn = crate::common::beside_others();
     let d = tempfile::tempdir().expect("tmp");
-    ok(
-        &args(&[
-            "--workers",
-            "1",
-            "--set",
-            "train.max_steps=20",
-            "--set",
-            "checkpoint.interval=10",
-        ]),
-        d.path(),
-    );
-    let good = d.path().join("runs/tiny/checkpoints");
+    let good = twenty_steps(d.path(), "1");
 
     type Damage = fn(&Path);
     let cases: Vec<(&str, Damage, &str)> = vec![
@@ -547,13 +555,7 @@ fn damaged_checkpoints_are_refused_or_skipped_never_touched() {
     ];
     for (name, damage, want) in cases {
         let folder = d.path().join(name);
-        let status = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(&good)
-            .arg(&folder)
-            .status()
-            .expect("cp");
-        assert!(status.success());
+        copy_folder(&good, &folder);
         damage(&folder.join("step-00000020"));
         let before = snapshot(&folder);
         let explicit = folder.join("step-00000020");
@@ -620,18 +622,7 @@ fn damaged_checkpoints_are_refused_or_skipped_never_touched() {
 fn a_checkpoint_damaged_past_its_first_check_is_never_trained_from() {
     let _turn = crate::common::beside_others();
     let d = tempfile::tempdir().expect("tmp");
-    ok(
-        &args(&[
-            "--workers",
-            "2",
-            "--set",
-            "train.max_steps=20",
-            "--set",
-            "checkpoint.interval=10",
-        ]),
-        d.path(),
-    );
-    let good = d.path().join("runs/tiny/checkpoints");
+    let good = twenty_steps(d.path(), "2");
     // A resume continues the run's own directory (and its metrics).
     let tiny = d.path().join("runs/tiny");
     type Damage = fn(&Path);
@@ -651,43 +642,37 @@ fn a_checkpoint_damaged_past_its_first_check_is_never_trained_from() {
             f.set_len(n - 4096).expect("truncate");
         }),
     ];
-    let go = |args: &[&str], delay: &str| {
-        let env = [("STRIDE_TEST_DELAY_CHECK_S", delay)];
-        let mut p = spawn_env("coordinator", args, d.path(), "coordinator.out", &env);
-        let status = p.wait(LIMIT);
-        let out = std::fs::read_to_string(d.path().join("coordinator.out")).unwrap_or_default();
-        (status, out)
-    };
     for ((name, damage), delay) in cases.into_iter().flat_map(|c| [(c, "0"), (c, "3")]) {
         let name = &format!("{name}-{delay}");
         let folder = d.path().join(name);
-        let copied = std::process::Command::new("cp")
-            .arg("-a")
-            .arg(&good)
-            .arg(&folder)
-            .status()
-            .expect("cp");
-        assert!(copied.success());
+        copy_folder(&good, &folder);
         let model = folder.join("step-00000020").join(checkpoint::MODEL_FILE);
         damage(&model);
         let damaged = std::fs::read(&model).expect("read");
         let before = snapshot(&folder);
         let dir = format!("checkpoint.dir={name}");
+        let resume = |path: &str| {
+            let args = [
+                "--resume",
+                path,
+                "--extend-steps",
+                "30",
+                "--local",
+                "--set",
+                &dir,
+            ];
+            let env = [("STRIDE_TEST_DELAY_CHECK_S", delay)];
+            let mut p = spawn_env("coordinator", &args, d.path(), "coordinator.out", &env);
+            let status = p.wait(LIMIT);
+            let out = std::fs::read_to_string(d.path().join("coordinator.out")).unwrap_or_default();
+            (status, out)
+        };
 
         // Explicit: the checksum error, nothing written anywhere.
         let explicit = folder.join("step-00000020");
         let explicit = explicit.to_str().expect("utf8");
         let seen = metrics(&tiny).len();
-        let args = [
-            "--resume",
-            explicit,
-            "--extend-steps",
-            "30",
-            "--local",
-            "--set",
-            &dir,
-        ];
-        let (status, out) = go(&args, delay);
+        let (status, out) = resume(explicit);
         assert_eq!(status.code(), Some(2), "{name}: must fail with 2:\n{out}");
         // Found while the workers loaded it, not before they started.
         for needle in [
@@ -705,17 +690,7 @@ fn a_checkpoint_damaged_past_its_first_check_is_never_trained_from() {
         );
 
         // `latest`: from step 10, extended as asked, with the same workers.
-        let latest = format!("{name}/latest");
-        let args = [
-            "--resume",
-            &latest,
-            "--extend-steps",
-            "30",
-            "--local",
-            "--set",
-            &dir,
-        ];
-        let (status, out) = go(&args, delay);
+        let (status, out) = resume(&format!("{name}/latest"));
         assert!(status.success(), "{name}: failed:\n{out}");
         for needle in [
             "model.safetensors does not match its sha256",

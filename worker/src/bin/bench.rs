@@ -547,23 +547,29 @@ fn bench_checkpoint(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// One optimiser-update line, in this (child) process: the device-resident
-/// state of GPT-2 small on the CPU device, `steps` timed updates after a
-/// warm-up one, with the fused in-place pass or its Candle-op reference.
-fn child_update(kind: &str, steps: usize) -> Result<()> {
+/// GPT-2 small's layout and a device-resident state of it on the CPU
+/// device, from seeded initial weights.
+fn gpt2_small_state() -> Result<(Vec<model::Slot>, DeviceState)> {
     let model = ModelConfig::default();
     let slots = model::layout(&model);
-    let n = model::parameter_count(&slots);
     let weights = model::initial_weights(&model, 1);
     let config = stride_job::config::OptimConfig::default();
-    let mut state = DeviceState::new(
+    let state = DeviceState::new(
         &weights,
         &slots,
         &config,
         &Device::Cpu,
         Transfers::default(),
     )?;
-    drop(weights);
+    Ok((slots, state))
+}
+
+/// One optimiser-update line, in this (child) process: the device-resident
+/// state of GPT-2 small on the CPU device, `steps` timed updates after a
+/// warm-up one, with the fused in-place pass or its Candle-op reference.
+fn child_update(kind: &str, steps: usize) -> Result<()> {
+    let (slots, mut state) = gpt2_small_state()?;
+    let n = model::parameter_count(&slots);
     let grad: Vec<f32> = (0..n).map(|i| ((i % 1999) as f32 - 999.0) * 1e-4).collect();
     let mut total = 0.0;
     for step in 0..=steps {
@@ -595,18 +601,7 @@ fn child_update(kind: &str, steps: usize) -> Result<()> {
 /// fresh state, whose moments' pages it faults in: +1 GB for both).
 fn child_load(kind: &str, dir: &std::path::Path) -> Result<()> {
     use stride_job::checkpoint;
-    let model = ModelConfig::default();
-    let slots = model::layout(&model);
-    let weights = model::initial_weights(&model, 1);
-    let config = stride_job::config::OptimConfig::default();
-    let mut state = DeviceState::new(
-        &weights,
-        &slots,
-        &config,
-        &Device::Cpu,
-        Transfers::default(),
-    )?;
-    drop(weights);
+    let (slots, mut state) = gpt2_small_state()?;
     for f in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE] {
         std::fs::read(dir.join(f))?;
     }

@@ -512,6 +512,7 @@ fn start_check(args: &RunArgs, sp: &start::StartPoint) -> Option<driver::StartCh
                 tracing::info!("{n}");
             }
             Ok(driver::Fallback {
+                config: sp.config,
                 schedule: sp.schedule,
                 start: sp.from,
                 history: sp.history,

@@ -83,6 +83,8 @@ pub struct DamagedStart(pub CheckpointError);
 /// checkpoint does not check out: the start resolved again, hashing first.
 #[derive(Debug)]
 pub struct Fallback {
+    /// The same as the job's but for `train.max_steps` (checked).
+    pub config: Config,
     pub schedule: Schedule,
     pub start: RestartPoint,
     pub history: Vec<HistoryEvent>,

@@ -188,6 +188,7 @@ impl Driver {
         self.metrics = f.start.metrics.clone();
         self.restarts = Restarts::new(f.start.clone());
         self.spec.start = f.start;
+        self.spec.config = f.config;
         self.spec.schedule = f.schedule;
         self.spec.history = f.history;
         self.spec.marker = f.marker;

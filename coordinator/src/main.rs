@@ -452,8 +452,6 @@ fn offline(command: Command) -> Result<()> {
     Ok(())
 }
 
-/// Runs a training job: checks the config and data, serves gRPC, starts
-/// local workers if asked, and hands over to the driver.
 impl RunArgs {
     fn request(&self, sums: Sums) -> start::Request<'_> {
         start::Request {
@@ -471,8 +469,8 @@ impl RunArgs {
 }
 
 /// A resume hashes its checkpoint's two large files while the workers load
-/// them (a dry run, or a start refused for any reason, hashes them first). The first step
-/// waits for the verdict; a damaged `latest` then starts from the
+/// them (a dry run, or a start refused for any reason, hashes them first).
+/// The first step waits for the verdict; a damaged `latest` then starts from the
 /// checkpoint before it, found by resolving the start again with the files
 /// hashed first.
 fn start_check(args: &RunArgs, sp: &start::StartPoint) -> Option<driver::StartCheck> {
@@ -501,10 +499,10 @@ fn start_check(args: &RunArgs, sp: &start::StartPoint) -> Option<driver::StartCh
                 tracing::warn!("{w}");
             }
             if sp.name != name || sp.run_dir != run_dir || comparable(&sp.config) != first {
+                let dir = sp.from.load.as_ref().map(|l| l.dir.display().to_string());
+                let dir = dir.unwrap_or_default();
                 return Err(start::Refused(format!(
-                    "the checkpoint {} falls back to was written with another config or run directory than the one the workers were started with; resume it explicitly: --resume {}",
-                    sp.from.load.as_ref().map_or(String::new(), |l| l.dir.display().to_string()),
-                    sp.from.load.as_ref().map_or(String::new(), |l| l.dir.display().to_string()),
+                    "the checkpoint {dir} falls back to was written with another config or run directory than the one the workers were started with; resume it explicitly: --resume {dir}"
                 ))
                 .into());
             }
@@ -532,15 +530,18 @@ fn comparable(config: &stride_job::Config) -> String {
     c.to_toml()
 }
 
+/// Runs a training job: checks the config and data, serves gRPC, starts
+/// local workers if asked, and hands over to the driver.
 async fn train(args: RunArgs) -> Result<()> {
     stride_telemetry::check_env()?;
     // A start refused with the files unhashed is tried again hashing them
     // first, so that it ends as it would have: a damaged checkpoint is
     // reported (or `latest` falls back) before anything else is judged.
-    let sp = match args.dry_run {
-        true => start::start(&args.request(Sums::Now))?,
-        false => start::start(&args.request(Sums::Later))
-            .or_else(|_| start::start(&args.request(Sums::Now)))?,
+    let sp = if args.dry_run {
+        start::start(&args.request(Sums::Now))?
+    } else {
+        start::start(&args.request(Sums::Later))
+            .or_else(|_| start::start(&args.request(Sums::Now)))?
     };
     if args.dry_run {
         println!(

@@ -363,7 +363,26 @@ impl DeviceState {
             .to_host(Purpose::State, &self.weights()?, out)
     }
 
-    /// Copies `values` into part `i` of the state, in place.
+    /// Copies `values` into part `i` of the state (0 weights, 1 first
+    /// moments, 2 second moments) from parameter `at` on, in place.
+    fn copy_in(&mut self, i: usize, at: usize, values: &[f32]) -> Result<()> {
+        let n = self.len();
+        if at + values.len() > n {
+            candle_core::bail!(
+                "{} values at {at} lie outside a state of {n} parameters",
+                values.len()
+            );
+        }
+        let t = self.transfers.to_device(
+            Purpose::State,
+            values,
+            &[values.len()],
+            self.state.device(),
+        )?;
+        self.state.slice_set(&t, 0, i * n + at)
+    }
+
+    /// Copies `values` into the whole of part `i` of the state.
     fn load_part(&mut self, i: usize, what: &str, values: &[f32]) -> Result<()> {
         let n = self.len();
         if values.len() != n {
@@ -372,18 +391,16 @@ impl DeviceState {
                 values.len()
             );
         }
-        let t = self
-            .transfers
-            .to_device(Purpose::State, values, &[n], self.state.device())?;
-        self.state.slice_set(&t, 0, i * n)
+        self.copy_in(i, 0, values)
     }
 
-    /// Replaces the weights (a checkpoint load).
+    /// Replaces the weights from a host buffer (the staged load `bench`
+    /// measures [`DeviceState::load`] against).
     pub fn set_weights(&mut self, weights: &[f32]) -> Result<()> {
         self.load_part(0, "weights", weights)
     }
 
-    /// Replaces the moments and the update count.
+    /// Replaces the moments and the update count from host buffers.
     pub fn set_moments(&mut self, m: &[f32], v: &[f32], step: u64) -> Result<()> {
         self.load_part(1, "first moments", m)?;
         self.load_part(2, "second moments", v)?;
@@ -403,7 +420,6 @@ impl DeviceState {
         } else {
             &[Kind::Weights, Kind::FirstMoments, Kind::SecondMoments]
         };
-        let n = self.len();
         for &kind in kinds {
             let part = match kind {
                 Kind::Weights => 0,
@@ -412,16 +428,7 @@ impl DeviceState {
             };
             let mut tensors = TensorReader::open(dir, slots, kind).map_err(Error::wrap)?;
             while let Some((slot, values)) = tensors.next_tensor().map_err(Error::wrap)? {
-                if slot.offset + slot.len > n {
-                    candle_core::bail!("{} lies outside a state of {n} parameters", slot.name);
-                }
-                let t = self.transfers.to_device(
-                    Purpose::State,
-                    values,
-                    &[values.len()],
-                    self.state.device(),
-                )?;
-                self.state.slice_set(&t, 0, part * n + slot.offset)?;
+                self.copy_in(part, slot.offset, values)?;
             }
             if kind == Kind::SecondMoments {
                 self.step = tensors.optimizer_step().map_err(Error::wrap)?;

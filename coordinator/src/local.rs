@@ -107,35 +107,39 @@ impl LocalWorkers {
     }
 
     /// Kills local worker `slot` if it still runs (e.g. frozen) and starts a
-    /// fresh one in its place.
-    pub async fn restart(&mut self, slot: usize) -> Result<()> {
+    /// fresh one in its place; returns the new process's pid.
+    pub async fn restart(&mut self, slot: usize) -> Result<u32> {
         if let Some(Some(child)) = self.children.get_mut(slot) {
             let _ = child.kill().await;
         }
         let child = self.start(slot)?;
+        let pid = child.id().unwrap_or(0);
         if let Some(c) = self.children.get_mut(slot) {
             *c = Some(child);
         }
-        Ok(())
+        Ok(pid)
     }
 
-    /// Resolves when a worker process exits on its own; returns its slot,
-    /// its status and the tail of its log.
-    pub async fn exited(&mut self) -> (usize, String) {
+    /// Resolves when a worker process exits on its own: its slot, pid,
+    /// status and the tail of its log.
+    pub async fn exited(&mut self) -> Exited {
         loop {
-            for (i, c) in self.children.iter_mut().enumerate() {
-                if let Some(child) = c
-                    && let Ok(Some(status)) = child.try_wait()
-                {
-                    *c = None;
-                    return (
-                        i,
-                        format!(
-                            "{status}; last lines of {}:\n{}",
-                            self.logs[i].display(),
-                            tail(&self.logs[i], 8)
-                        ),
-                    );
+            for (slot, c) in self.children.iter_mut().enumerate() {
+                if let Some(child) = c {
+                    let pid = child.id().unwrap_or(0);
+                    if let Ok(Some(status)) = child.try_wait() {
+                        *c = None;
+                        return Exited {
+                            slot,
+                            pid,
+                            status,
+                            log: format!(
+                                "last lines of {}:\n{}",
+                                self.logs[slot].display(),
+                                tail(&self.logs[slot], 8)
+                            ),
+                        };
+                    }
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -156,6 +160,32 @@ impl LocalWorkers {
                 *c = None;
             }
         }
+    }
+}
+
+/// A local worker process that exited on its own.
+#[derive(Debug)]
+pub struct Exited {
+    pub slot: usize,
+    pub pid: u32,
+    pub status: std::process::ExitStatus,
+    /// The last lines of its log, introduced.
+    pub log: String,
+}
+
+impl Exited {
+    /// `local-N`, the identity it registered with.
+    pub fn identity(&self) -> String {
+        format!("local-{}", self.slot)
+    }
+
+    /// It said the job cannot work here (bad input, 2) or that the job
+    /// failed (4): restarting it would not help.
+    pub fn gave_up(&self) -> bool {
+        matches!(
+            self.status.code(),
+            Some(stride_proto::exit::BAD_INPUT | stride_proto::exit::JOB_FAILED)
+        )
     }
 }
 

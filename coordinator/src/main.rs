@@ -14,6 +14,7 @@ mod output;
 mod plan;
 mod prepare;
 mod report;
+mod serve;
 mod server;
 mod start;
 mod status;
@@ -26,15 +27,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use stride_job::checkpoint::Sums;
+use stride_job::checkpoint::{self, Sums};
 use stride_job::config::{ConfigError, RawConfig};
 use stride_job::sampler::window_count;
 use stride_job::schedule::Cooldown;
-use stride_job::tokens::{Corpus, Scan};
-use stride_proto::v1::coordinator_server::CoordinatorServer;
-
-/// Default gRPC address without `--local` (torchrun's rendezvous port).
-const DEFAULT_LISTEN: &str = "127.0.0.1:29400";
+use stride_job::tokens::{Corpus, Fingerprint, Scan};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -107,6 +104,12 @@ struct RunArgs {
     /// a checkpoint's weights (Strategy B).
     #[arg(long, value_name = "PATH")]
     init_from: Option<PathBuf>,
+    /// With --resume: the token files differ from the ones the checkpoint
+    /// was trained on, on purpose. The run continues on the new data from
+    /// the start of its next epoch (a new permutation of the new samples);
+    /// without this flag such a resume is refused.
+    #[arg(long, requires = "resume")]
+    data_changed: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -327,9 +330,10 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     }
     let user_error = e.chain().any(|c| {
         c.is::<ConfigError>()
+            || c.is::<stride_job::files::BadFile>()
             || c.is::<start::Refused>()
             || c.is::<stride_job::auth::TokenError>()
-            || c.is::<stride_job::checkpoint::CheckpointError>()
+            || c.is::<checkpoint::CheckpointError>()
             || c.is::<driver::DamagedStart>()
             || c.is::<stride_job::tokens::DataError>()
             || c.is::<stride_job::schedule::ScheduleError>()
@@ -466,6 +470,19 @@ impl RunArgs {
             sums,
         }
     }
+
+    /// Where the gRPC service listens, with what TLS; `coordinator.addr`
+    /// goes into `run_dir`.
+    fn listen_on<'a>(&'a self, run_dir: Option<&'a std::path::Path>) -> serve::Listen<'a> {
+        serve::Listen {
+            addr: self.listen,
+            local: self.local,
+            tls_cert: self.tls_cert.as_deref(),
+            tls_key: self.tls_key.as_deref(),
+            tls_client_ca: self.tls_client_ca.as_deref(),
+            addr_file_dir: run_dir,
+        }
+    }
 }
 
 /// A resume hashes its checkpoint's two large files while the workers load
@@ -473,7 +490,11 @@ impl RunArgs {
 /// The first step waits for the verdict; a damaged `latest` then starts from the
 /// checkpoint before it, found by resolving the start again with the files
 /// hashed first.
-fn start_check(args: &RunArgs, sp: &start::StartPoint) -> Option<driver::StartCheck> {
+fn start_check(
+    args: &RunArgs,
+    sp: &start::StartPoint,
+    data: Arc<std::sync::OnceLock<Vec<Fingerprint>>>,
+) -> Option<driver::StartCheck> {
     if sp.unverified.is_empty() {
         return None;
     }
@@ -509,12 +530,20 @@ fn start_check(args: &RunArgs, sp: &start::StartPoint) -> Option<driver::StartCh
             for n in &sp.notes {
                 tracing::info!("{n}");
             }
+            let (mut from, mut history, mut marker) = (sp.from, sp.history, sp.marker);
+            // The older checkpoint's data is judged as the first one's was.
+            if let Some(now) = data.get()
+                && let Some(change) = resumed_data(&sp.data, now, args.data_changed)?
+            {
+                tracing::warn!("{change}");
+                change.apply(&mut from, &mut history, &mut marker);
+            }
             Ok(driver::Fallback {
                 config: sp.config,
                 schedule: sp.schedule,
-                start: sp.from,
-                history: sp.history,
-                marker: sp.marker,
+                start: from,
+                history,
+                marker,
             })
         }) as Box<dyn FnOnce() -> Result<driver::Fallback> + Send>)
     });
@@ -537,11 +566,14 @@ async fn train(args: RunArgs) -> Result<()> {
     // A start refused with the files unhashed is tried again hashing them
     // first, so that it ends as it would have: a damaged checkpoint is
     // reported (or `latest` falls back) before anything else is judged.
-    let sp = if args.dry_run {
-        start::start(&args.request(Sums::Now))?
+    let started = if args.dry_run {
+        start::start(&args.request(Sums::Now))
     } else {
-        start::start(&args.request(Sums::Later))
-            .or_else(|_| start::start(&args.request(Sums::Now)))?
+        start::start(&args.request(Sums::Later)).or_else(|_| start::start(&args.request(Sums::Now)))
+    };
+    let mut sp = match started {
+        Err(e) if e.is::<start::NothingToTrain>() => return finished(&args, e).await,
+        other => other?,
     };
     if args.dry_run {
         println!(
@@ -567,13 +599,16 @@ async fn train(args: RunArgs) -> Result<()> {
     };
     let config = sp.config.clone();
     let run_dir = sp.run_dir.clone();
-    let _lock = output::RunLock::acquire(&run_dir)?;
+    let folder = config.checkpoint.dir.clone();
+    // Every folder this job writes is held: a second coordinator on the
+    // same run directory or checkpoint folder is refused.
+    let _lock = output::RunLock::acquire(&run_dir, &folder)?;
     if generated {
         // Kept in the run directory (owner-only) so that `coordinator status
         // --token-file runs/<name>/token` can read the job.
-        write_private(&run_dir.join("token"), &token)?;
+        serve::write_private(&run_dir.join("token"), &token)?;
     }
-    let run = output::RunDir::create(&run_dir, sp.fresh_run_dir)?;
+    let mut run = output::RunDir::create(&run_dir, sp.fresh_run_dir)?;
     let schedule = sp.schedule.clone();
     let (bar, _traces) = output::init_run_logging(&run.log_path(), schedule.max_steps(), &sp.name)?;
     tracing::info!(
@@ -583,14 +618,30 @@ async fn train(args: RunArgs) -> Result<()> {
         &config.hash()[..16],
         run_dir.display()
     );
+    if let Some(torn) = run.repaired.take() {
+        tracing::warn!("{torn}");
+    }
     for w in &sp.warnings {
         tracing::warn!("{w}");
     }
     for n in &sp.notes {
         tracing::info!("{n}");
     }
+    // What an interrupted write left behind; only this coordinator (it
+    // holds the folder's lock) writes here.
+    for gone in checkpoint::clean_leftovers(&folder)? {
+        tracing::warn!(
+            "removed {}, left by an interrupted checkpoint write",
+            gone.display()
+        );
+    }
+    if let Some(repaired) = checkpoint::repair_latest(&folder)? {
+        tracing::warn!("{repaired}");
+    }
+    // The data's fingerprints, for the resume's fallback to check too.
+    let fingerprints: Arc<std::sync::OnceLock<Vec<Fingerprint>>> = Arc::default();
     // From here on, the checkpoint's files are hashed beside everything else.
-    let check = start_check(&args, &sp);
+    let check = start_check(&args, &sp, fingerprints.clone());
 
     // Check the data once, here, before any worker starts.
     let corpus = Corpus::open(&config.data, &config.model, config.train.seed, Scan::Full)?;
@@ -618,40 +669,25 @@ async fn train(args: RunArgs) -> Result<()> {
             tracing::warn!("{w}");
         }
     }
-    // What every worker must read too (checked when the worker set forms).
-    let data: Vec<driver::DataSplitSpec> = [("train", &corpus.train), ("val", &corpus.val)]
-        .into_iter()
-        .map(|(split, t)| driver::DataSplitSpec {
-            split,
-            name: t.name.clone(),
-            tokens: t.len() as u64,
-            checksum: t.checksum(),
-        })
-        .collect();
-    drop(corpus);
-
-    let listen = match args.listen {
-        Some(a) => a,
-        None if args.local => SocketAddr::from(([127, 0, 0, 1], 0)),
-        None => DEFAULT_LISTEN.parse().context("bad default address")?,
-    };
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen} (is another coordinator running? pick another with --listen)"))?;
-    let addr = listener.local_addr()?;
-    let tls = tls_config(&args)?;
-    if !addr.ip().is_loopback() && tls.is_none() {
-        tracing::warn!(
-            "listening on {addr} without TLS: the job token and all traffic cross the network in clear; pass --tls-cert and --tls-key"
-        );
+    let data = corpus.fingerprints().to_vec();
+    let _ = fingerprints.set(data.clone());
+    let change = resumed_data(&sp.data, &data, args.data_changed)?;
+    if let Some(change) = &change {
+        tracing::warn!("{change}");
+        change.apply(&mut sp.from, &mut sp.history, &mut sp.marker);
     }
-    let url = format!("{}://{addr}", if tls.is_some() { "https" } else { "http" });
-    std::fs::write(run_dir.join("coordinator.addr"), format!("{url}\n")).with_context(|| {
-        format!(
-            "cannot write {}",
-            run_dir.join("coordinator.addr").display()
-        )
-    })?;
+    let data_files = [&config.data.train, &config.data.val]
+        .into_iter()
+        .flatten()
+        .map(|path| {
+            Ok(driver::DataFile {
+                path: path.clone(),
+                stamp: driver::FileStamp::of(path)
+                    .with_context(|| format!("cannot stat {}", path.display()))?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    drop(corpus);
 
     let metrics = Arc::new(metrics::Metrics::new(&sp.name));
     if let Some(addr) = args.metrics_listen {
@@ -666,71 +702,15 @@ async fn train(args: RunArgs) -> Result<()> {
         events_tx.clone(),
         Duration::from_secs_f64(config.cluster.heartbeat_interval_s),
         metrics,
+        server::JobForWorkers {
+            config_toml: config.to_toml(),
+            data: data.clone(),
+            finished: None,
+        },
     );
-    let service = tonic::service::interceptor::InterceptedService::new(
-        CoordinatorServer::new(server::Service {
-            shared: shared.clone(),
-        })
-        .max_decoding_message_size(server::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(server::MAX_MESSAGE_BYTES),
-        server::Authenticator::new(&token),
-    );
-    // The standard gRPC health service answers Kubernetes probes without a
-    // token: it reveals nothing but "serving" — or NOT_SERVING while the
-    // driver loop has not gone round for `health_bound` (it wakes at least
-    // every heartbeat interval, also while it waits), so a liveness probe
-    // can restart a stuck coordinator.
-    let (health_reporter, health) = tonic_health::server::health_reporter();
-    for name in ["", "stride.v1.Coordinator"] {
-        health_reporter
-            .set_service_status(name, tonic_health::ServingStatus::Serving)
-            .await;
-    }
-    shared.driver_tick();
-    let health_bound = server::health_bound(config.cluster.heartbeat_interval_s);
-    let watchdog = {
-        let (shared, reporter) = (shared.clone(), health_reporter.clone());
-        tokio::spawn(async move {
-            let mut serving = true;
-            let mut tick = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                tick.tick().await;
-                let now = shared.driver_idle() <= health_bound;
-                if now != serving {
-                    serving = now;
-                    let status = if now {
-                        tonic_health::ServingStatus::Serving
-                    } else {
-                        tracing::error!(
-                            "the driver loop has not gone round for {:.0} s: health says NOT_SERVING",
-                            health_bound.as_secs_f64()
-                        );
-                        tonic_health::ServingStatus::NotServing
-                    };
-                    for name in ["", "stride.v1.Coordinator"] {
-                        reporter.set_service_status(name, status).await;
-                    }
-                }
-            }
-        })
-    };
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls).context("bad TLS configuration")?;
-    }
-    let serve = tokio::spawn(
-        builder
-            .add_service(service)
-            .add_service(health)
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = stop_rx.await;
-                },
-            ),
-    );
-    tokio::spawn(forward_signals(events_tx));
+    let serving = serve::start(args.listen_on(Some(&run_dir)), &token, shared.clone()).await?;
+    let url = serving.url.clone();
+    tokio::spawn(serve::forward_signals(events_tx));
 
     let workers = config.cluster.workers;
     let local = if args.local {
@@ -751,12 +731,13 @@ async fn train(args: RunArgs) -> Result<()> {
 
     let spec = driver::JobSpec {
         name: sp.name.clone(),
-        checkpoint_dir: config.checkpoint.dir.clone(),
+        checkpoint_dir: folder,
         config,
         schedule,
         train_samples,
         val_samples,
         data,
+        data_files,
         start: sp.from,
         entropy_floor,
         run_dir: run_dir.clone(),
@@ -766,9 +747,7 @@ async fn train(args: RunArgs) -> Result<()> {
     };
     let mut driver = driver::Driver::new(spec, events_rx, shared, local, run, bar);
     let result = driver.run().await;
-    watchdog.abort();
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(5), serve).await;
+    serving.stop().await;
     let summary = result?;
     let val = summary
         .final_val_loss
@@ -787,63 +766,154 @@ async fn train(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Turns Ctrl-C and SIGTERM into an event the driver handles like any
-/// other: it stops the workers and exits with 130.
-async fn forward_signals(events: tokio::sync::mpsc::UnboundedSender<server::Event>) {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot watch SIGTERM: {e}");
-            return;
-        }
+/// A resume of a run that is already at its end: exit 0, saying so. A
+/// coordinator restarted after its final commit may have workers trying
+/// to reconnect (hand-started, or pods): it serves for a short while and
+/// tells each that joins that the job is finished (exit 0), so that none
+/// waits out its `--connect-timeout` and fails.
+async fn finished(args: &RunArgs, e: anyhow::Error) -> Result<()> {
+    output::init_console_logging();
+    let Some(done) = e.downcast_ref::<start::NothingToTrain>() else {
+        return Err(e);
     };
-    let mut preempting = false;
-    loop {
-        let which = tokio::select! {
-            _ = tokio::signal::ctrl_c() => "Ctrl-C",
-            _ = term.recv() => "SIGTERM",
-        };
-        if which == "SIGTERM" && !preempting {
-            preempting = true;
-            tracing::warn!(
-                "SIGTERM: finishing the step in flight, checkpointing it, then stopping (exit {}); SIGTERM again or Ctrl-C stops at once",
-                driver::PREEMPTED_EXIT
-            );
-            let _ = events.send(server::Event::Preempt);
-            continue;
-        }
-        let _ = events.send(server::Event::Interrupted(which));
-        return;
+    tracing::info!("{done}");
+    if args.local || args.dry_run {
+        return Ok(());
     }
-}
-
-/// The server TLS configuration the flags ask for, if any.
-fn tls_config(args: &RunArgs) -> Result<Option<tonic::transport::ServerTlsConfig>> {
-    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
-        return Ok(None);
+    let Some(token) = stride_job::auth::load(args.token_file.as_deref())? else {
+        return Ok(());
     };
-    let read =
-        |p: &PathBuf| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
-    let mut tls = tonic::transport::ServerTlsConfig::new().identity(
-        tonic::transport::Identity::from_pem(read(cert)?, read(key)?),
+    let c = &done.config.cluster;
+    // Workers that lost their coordinator retry every 2 s at most.
+    let linger = Duration::from_secs_f64(c.heartbeat_timeout_s.max(10.0));
+    let (events, _ignored) = tokio::sync::mpsc::unbounded_channel();
+    let shared = server::Shared::new(
+        events,
+        Duration::from_secs_f64(c.heartbeat_interval_s),
+        Arc::new(metrics::Metrics::new(
+            &done.config.checkpoint.dir.display().to_string(),
+        )),
+        server::JobForWorkers {
+            finished: Some(format!("the job is finished: {}", done.dir)),
+            ..server::JobForWorkers::default()
+        },
     );
-    if let Some(ca) = &args.tls_client_ca {
-        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    let serving = serve::start(args.listen_on(None), &token, shared.clone()).await?;
+    tracing::info!(
+        "telling workers that reconnect to {} within {:.0} s that the job is finished",
+        serving.url,
+        linger.as_secs_f64()
+    );
+    let ticker = async {
+        loop {
+            shared.driver_tick();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    tokio::select! {
+        () = tokio::time::sleep(linger) => {}
+        () = ticker => {}
     }
-    Ok(Some(tls))
+    serving.stop().await;
+    Ok(())
 }
 
-/// Writes a file only its owner can read.
-fn write_private(path: &std::path::Path, text: &str) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    f.write_all(text.as_bytes())?;
-    Ok(())
+/// What a resume does about its data, when it differs from the data the
+/// checkpoint was trained on.
+#[derive(Debug)]
+struct DataChange {
+    recorded: Vec<Fingerprint>,
+    now: Vec<Fingerprint>,
+}
+
+impl std::fmt::Display for DataChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "--data-changed: the data differs from the checkpoint's ({}); training continues on it from the start of the next epoch",
+            describe_change(&self.recorded, &self.now)
+        )
+    }
+}
+
+impl DataChange {
+    /// The run goes on from the start of the next epoch: a new permutation
+    /// of the new data's samples (a position inside the old data's
+    /// permutation means nothing for other data).
+    fn apply(
+        &self,
+        from: &mut driver::RestartPoint,
+        history: &mut Vec<checkpoint::HistoryEvent>,
+        marker: &mut Option<serde_json::Value>,
+    ) {
+        let step = from.step;
+        from.cursor = stride_job::DataCursor {
+            epoch: from.cursor.epoch + 1,
+            position: 0,
+        };
+        history.push(checkpoint::HistoryEvent {
+            step,
+            event: "data-changed".into(),
+            detail: describe_change(&self.recorded, &self.now),
+        });
+        if let Some(m) = marker {
+            m["data_changed"] = serde_json::json!(describe_change(&self.recorded, &self.now));
+            m["epoch"] = serde_json::json!(from.cursor.epoch);
+        }
+    }
+}
+
+/// `train: A (checkpoint) → B (now); val: …` for the splits that differ.
+fn describe_change(recorded: &[Fingerprint], now: &[Fingerprint]) -> String {
+    now.iter()
+        .filter_map(|n| {
+            let r = recorded.iter().find(|r| r.split == n.split);
+            if r.is_some_and(|r| r.same_tokens(n)) {
+                return None;
+            }
+            let was = r.map_or("none recorded".to_string(), Fingerprint::describe);
+            Some(format!(
+                "{}: {was} (checkpoint) → {} (now)",
+                n.split,
+                n.describe()
+            ))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// A resume must read the data its checkpoint was trained on: otherwise it
+/// is refused, naming both fingerprints, unless `--data-changed` says the
+/// change is on purpose. Checkpoints of format 1 recorded no fingerprint.
+fn resumed_data(
+    recorded: &[Fingerprint],
+    now: &[Fingerprint],
+    data_changed: bool,
+) -> Result<Option<DataChange>> {
+    let same = recorded.is_empty()
+        || now.iter().all(|n| {
+            recorded
+                .iter()
+                .any(|r| r.split == n.split && r.same_tokens(n))
+        });
+    if same {
+        if data_changed {
+            tracing::info!(
+                "--data-changed: the data is the checkpoint's own; the data cursor is kept"
+            );
+        }
+        return Ok(None);
+    }
+    let change = DataChange {
+        recorded: recorded.to_vec(),
+        now: now.to_vec(),
+    };
+    if !data_changed {
+        return Err(start::Refused(format!(
+            "the data differs from the data the checkpoint was trained on: {}. A resume continues the same samples in the same order, which other data cannot give: restore the files (data.train / data.val), or pass --data-changed to continue on the new data from the start of the next epoch",
+            describe_change(&change.recorded, &change.now)
+        ))
+        .into());
+    }
+    Ok(Some(change))
 }

@@ -64,6 +64,36 @@ pub struct MetricsRecord {
 pub struct RunDir {
     pub path: PathBuf,
     metrics: File,
+    /// What [`RunDir::create`] repaired (a torn last line of
+    /// `metrics.jsonl`), to be said once the log is open.
+    pub repaired: Option<String>,
+}
+
+/// Cuts a torn last line (no newline: a write interrupted by a crash or a
+/// full disk) off `metrics.jsonl`, so that the next line is not glued to
+/// it; says what it cut.
+fn repair_torn_line(path: &Path) -> Result<Option<String>> {
+    let Ok(bytes) = std::fs::read(path) else {
+        return Ok(None);
+    };
+    if bytes.is_empty() || bytes.ends_with(b"\n") {
+        return Ok(None);
+    }
+    let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let torn = String::from_utf8_lossy(&bytes[keep..]).into_owned();
+    let f = OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    f.set_len(keep as u64)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot repair {}", path.display()))?;
+    let shown: String = torn.chars().take(80).collect();
+    Ok(Some(format!(
+        "{}: removed a torn last line left by an interrupted write ({} bytes: `{shown}…`)",
+        path.display(),
+        torn.len()
+    )))
 }
 
 /// Moves `path` to `path.N` (first free N) if it exists.
@@ -92,6 +122,7 @@ impl RunDir {
             keep_old(&path.join("metrics.jsonl"))?;
             keep_old(&path.join("train.log"))?;
         }
+        let repaired = repair_torn_line(&path.join("metrics.jsonl"))?;
         let metrics = OpenOptions::new()
             .create(true)
             .append(true)
@@ -100,6 +131,7 @@ impl RunDir {
         Ok(RunDir {
             path: path.to_path_buf(),
             metrics,
+            repaired,
         })
     }
 
@@ -121,41 +153,77 @@ impl RunDir {
     }
 }
 
-/// Exclusive hold on a run directory: a second coordinator on the same run
-/// is refused (an OS file lock, released even on SIGKILL), with the holder's
-/// pid and host in the message.
+/// Exclusive hold on the folders a job writes (its run directory and its
+/// checkpoint folder): a second coordinator on either is refused (an OS
+/// file lock, released even on SIGKILL), with the holder's pid and host in
+/// the message.
 #[derive(Debug)]
 pub struct RunLock {
-    _file: File,
+    _files: Vec<File>,
 }
 
 impl RunLock {
-    pub fn acquire(run_dir: &Path) -> Result<RunLock> {
-        std::fs::create_dir_all(run_dir)
-            .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
-        let path = run_dir.join("coordinator.lock");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .with_context(|| format!("cannot open {}", path.display()))?;
-        if file.try_lock().is_err() {
-            let holder = std::fs::read_to_string(&path).unwrap_or_default();
-            return Err(crate::start::Refused(format!(
-                "run directory {} is in use by another coordinator ({}); stop it first, or use another --run-dir",
-                run_dir.display(),
-                holder.trim()
-            ))
-            .into());
+    pub fn acquire(run_dir: &Path, checkpoints: &Path) -> Result<RunLock> {
+        let mut files = vec![lock_file(run_dir, checkpoints)?];
+        // The checkpoint folder is locked itself (its directory, so that
+        // nothing is written into it: a refused resume changes nothing
+        // there), unless it is the run directory.
+        std::fs::create_dir_all(checkpoints)
+            .with_context(|| format!("cannot create {}", checkpoints.display()))?;
+        if !same_folder(run_dir, checkpoints) {
+            let dir = File::open(checkpoints)
+                .with_context(|| format!("cannot open {}", checkpoints.display()))?;
+            if dir.try_lock().is_err() {
+                return Err(crate::start::Refused(format!(
+                    "checkpoint folder {} is in use by another coordinator (its run directory's coordinator.lock names it); stop that job first, or give this one its own folder with --set checkpoint.dir=DIR",
+                    checkpoints.display()
+                ))
+                .into());
+            }
+            files.push(dir);
         }
-        let host =
-            std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "unknown host".into());
-        file.set_len(0)?;
-        write!(file, "pid {} on {}", std::process::id(), host.trim())?;
-        Ok(RunLock { _file: file })
+        Ok(RunLock { _files: files })
     }
+}
+
+fn same_folder(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// Locks `run_dir/coordinator.lock` (creating both) and writes who holds
+/// it and which checkpoint folder it writes, or says who holds it.
+fn lock_file(run_dir: &Path, checkpoints: &Path) -> Result<File> {
+    std::fs::create_dir_all(run_dir)
+        .with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+    let path = run_dir.join("coordinator.lock");
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    if file.try_lock().is_err() {
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        return Err(crate::start::Refused(format!(
+            "run directory {} is in use by another coordinator ({}); stop it first, or use another --run-dir",
+            run_dir.display(),
+            holder.trim()
+        ))
+        .into());
+    }
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "unknown host".into());
+    file.set_len(0)?;
+    write!(
+        file,
+        "pid {} on {}, checkpoints in {}",
+        std::process::id(),
+        host.trim(),
+        std::path::absolute(checkpoints)
+            .unwrap_or_else(|_| checkpoints.to_path_buf())
+            .display()
+    )?;
+    Ok(file)
 }
 
 /// Console writer that clears the progress bar around each line.

@@ -12,11 +12,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stride_job::schedule::Cooldown;
+use stride_job::tokens::Fingerprint;
 use stride_proto::PROTOCOL_VERSION;
 use stride_proto::v1::coordinator_server::Coordinator;
 use stride_proto::v1::{
-    CoordinatorMessage, DecayRequest, DecayResponse, RegisterRequest, RegisterResponse,
-    StatusRequest, StatusResponse, WorkerMessage, worker_message,
+    CoordinatorMessage, DataSplit, DecayRequest, DecayResponse, RegisterRequest, RegisterResponse,
+    Shutdown, StatusRequest, StatusResponse, WorkerMessage, coordinator_message, worker_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -113,11 +114,62 @@ pub fn health_bound(heartbeat_interval_s: f64) -> Duration {
     Duration::from_secs_f64((5.0 * heartbeat_interval_s).max(5.0))
 }
 
+/// What a worker is told at registration: the job's config, so that it
+/// can open the job's data before it joins, and the fingerprints of that
+/// data, which it must match.
+#[derive(Debug, Clone, Default)]
+pub struct JobForWorkers {
+    pub config_toml: String,
+    pub data: Vec<Fingerprint>,
+    /// The job is already finished (a coordinator restarted after its
+    /// final commit): every worker that joins is told so and exits 0.
+    pub finished: Option<String>,
+}
+
+/// A fingerprint on the wire.
+pub fn to_wire(f: &Fingerprint) -> DataSplit {
+    DataSplit {
+        split: f.split.clone(),
+        name: f.name.clone(),
+        tokens: f.tokens,
+        checksum: u64::from_str_radix(&f.xxh3, 16).unwrap_or(0),
+    }
+}
+
+/// A fingerprint from the wire.
+pub fn from_wire(d: &DataSplit) -> Fingerprint {
+    Fingerprint::new(&d.split, &d.name, d.tokens, d.checksum)
+}
+
+/// Why a worker whose data differs from the job's is refused, or `None`
+/// when they agree (a worker that reports no splits, such as the load
+/// test's simulated ones, is not checked).
+pub fn data_refusal(job: &[Fingerprint], worker: &[DataSplit]) -> Option<String> {
+    if worker.is_empty() {
+        return None;
+    }
+    for want in job {
+        let theirs = worker.iter().find(|d| d.split == want.split).map(from_wire);
+        if theirs.as_ref().is_some_and(|t| t.same_tokens(want)) {
+            continue;
+        }
+        let theirs = theirs.map_or("no such split".to_string(), |t| t.describe());
+        return Some(format!(
+            "its {} data differs from the job's: the worker's {theirs}; the coordinator's {}. Every worker must read the same token files (a shared volume, the same data.train / data.val)",
+            want.split,
+            want.describe()
+        ));
+    }
+    None
+}
+
 /// State shared between the service and the driver.
 #[derive(Debug)]
 pub struct Shared {
     pub events: mpsc::UnboundedSender<Event>,
     pub heartbeat_interval: Duration,
+    /// Told to every worker at registration.
+    pub job: JobForWorkers,
     pub status: Mutex<StatusResponse>,
     /// The Prometheus numbers (served only with --metrics-listen).
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -147,10 +199,12 @@ impl Shared {
         events: mpsc::UnboundedSender<Event>,
         heartbeat_interval: Duration,
         metrics: Arc<crate::metrics::Metrics>,
+        job: JobForWorkers,
     ) -> Arc<Shared> {
         Arc::new(Shared {
             events,
             heartbeat_interval,
+            job,
             metrics,
             status: Mutex::new(StatusResponse::default()),
             registered: Mutex::new(HashMap::new()),
@@ -219,6 +273,8 @@ impl Coordinator for Service {
             coordinator_version: VERSION.to_string(),
             protocol_version: PROTOCOL_VERSION,
             heartbeat_interval_ms: self.shared.heartbeat_interval.as_millis() as u32,
+            config_toml: self.shared.job.config_toml.clone(),
+            data: self.shared.job.data.iter().map(to_wire).collect(),
         }))
     }
 
@@ -251,6 +307,40 @@ impl Coordinator for Service {
                 ))
             })?;
         let (tx, rx) = mpsc::channel(64);
+        let stop = |tx: &Outbound, reason: String, exit_code: i32| {
+            let _ = tx.try_send(Ok(CoordinatorMessage {
+                body: Some(coordinator_message::Body::Shutdown(Shutdown {
+                    reason,
+                    exit_code,
+                })),
+            }));
+        };
+        if let Some(done) = &self.shared.job.finished {
+            tracing::info!(
+                "told worker {} ({}, pid {}) that {done}",
+                info.identity,
+                info.host,
+                info.pid
+            );
+            stop(&tx, done.clone(), stride_proto::exit::DONE);
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
+        // A worker reading other data than the job's is refused here,
+        // alone, before it can take part in anything: told to exit 2.
+        if let Some(why) = data_refusal(&self.shared.job.data, &hello.data) {
+            tracing::warn!(
+                "refused worker {} ({}, pid {}): {why}",
+                info.identity,
+                info.host,
+                info.pid
+            );
+            stop(
+                &tx,
+                format!("refused by the coordinator: {why}"),
+                stride_proto::exit::BAD_INPUT,
+            );
+            return Ok(Response::new(ReceiverStream::new(rx)));
+        }
         let worker_id = hello.worker_id;
         let events = self.shared.events.clone();
         let _ = events.send(Event::Joined {

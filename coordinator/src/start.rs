@@ -22,6 +22,21 @@ use crate::driver::RestartPoint;
 #[error("{0}")]
 pub struct Refused(pub String);
 
+/// `--resume` of a checkpoint at the end of its run: the job is done
+/// (exit code 0). A coordinator restarted after its final commit says so,
+/// and tells the workers that reconnect to it to stop.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{dir} is the end of its run (step {step} of {step}): nothing left to train; `--extend-steps N` continues it with a cooldown to step N (`--decay cosine|linear|1-sqrt`, cosine by default)"
+)]
+pub struct NothingToTrain {
+    pub dir: String,
+    pub step: u64,
+    /// The run's config (its cluster section says how long to wait for
+    /// workers that reconnect).
+    pub config: Box<Config>,
+}
+
 /// Everything `train()` needs to know about where the job starts.
 #[derive(Debug)]
 pub struct StartPoint {
@@ -45,6 +60,9 @@ pub struct StartPoint {
     /// The resume named `latest` or a folder: if `unverified` does not
     /// check out, start again from the checkpoint before it.
     pub falls_back: bool,
+    /// The data the resumed checkpoint was trained on (empty for a fresh
+    /// start, `--init-from`, or a checkpoint of format 1).
+    pub data: Vec<stride_job::tokens::Fingerprint>,
 }
 
 /// How the user asked to start.
@@ -173,6 +191,7 @@ pub fn start(req: &Request) -> Result<StartPoint> {
         warnings: Vec::new(),
         unverified: Unverified::default(),
         falls_back: false,
+        data: Vec::new(),
     };
     if let Some(path) = req.init_from {
         let (ckpt, warnings) = checkpoint::resolve(path)?;
@@ -298,10 +317,12 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
             detail,
         });
     } else if r >= old_max {
-        return Err(Refused(format!(
-            "{} is the end of its run (step {r} of {old_max}): nothing left to train; `--extend-steps N` continues it with a cooldown to step N (`--decay cosine|linear|1-sqrt`, cosine by default)",
-            ckpt.dir.display()
-        )).into());
+        return Err(NothingToTrain {
+            dir: ckpt.dir.display().to_string(),
+            step: r,
+            config: Box::new(config),
+        }
+        .into());
     }
     history.push(HistoryEvent {
         step: r,
@@ -370,6 +391,7 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
         warnings,
         unverified: resolved.unverified,
         falls_back: resolved.falls_back,
+        data: state.data.clone(),
     })
 }
 

@@ -25,6 +25,10 @@ pub enum TokenError {
 /// The token from `file`, else from `STRIDE_TOKEN`; `None` when neither is set.
 pub fn load(file: Option<&Path>) -> Result<Option<String>, TokenError> {
     if let Some(path) = file {
+        crate::files::check_regular(path).map_err(|message| TokenError::File {
+            path: path.display().to_string(),
+            message,
+        })?;
         let text = std::fs::read_to_string(path).map_err(|e| TokenError::File {
             path: path.display().to_string(),
             message: e.to_string(),
@@ -86,6 +90,8 @@ mod tests {
                 .contains("empty")
         );
         assert!(load(Some(&d.path().join("none"))).is_err());
+        let e = load(Some(Path::new("/dev/zero"))).expect_err("a device");
+        assert!(e.to_string().contains("a character device"), "{e}");
         let t = generate().expect("random");
         assert_eq!(t.len(), 64);
         assert_ne!(t, generate().expect("random"));

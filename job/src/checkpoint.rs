@@ -8,7 +8,7 @@
 //!     train_state.json         step, max_steps, schedule, data cursor, RNG, world
 //!                              size, config hash, metrics so far, sha256 of files
 //!     config.toml              the resolved config of the run
-//!     COMPLETE                 written last
+//!     COMPLETE                 written last: the sha256 of train_state.json
 //!   best   -> step-00000900    symlink: lowest validation loss
 //!   latest -> step-00001000    symlink: newest complete checkpoint
 //! ```
@@ -16,8 +16,12 @@
 //! A checkpoint is written under a temporary name in the same folder
 //! (`.tmp-step-…`), every file fsynced, `COMPLETE` last, then renamed into
 //! place and the folder fsynced; pointers are replaced by renaming a new
-//! symlink over the old. **A directory without `COMPLETE`, or whose files do
-//! not match their sha256, does not exist**: [`validate`] refuses it. A
+//! symlink over the old. `COMPLETE` is in `sha256sum` format (`sha256sum
+//! -c COMPLETE` checks it): the sum of `train_state.json`, which lists the
+//! sums of every other file, so every byte a resume trusts is covered, and
+//! the state is checked before a field of it is read. **A directory
+//! without `COMPLETE`, or whose files do not match their sha256, does not
+//! exist**: [`validate`] refuses it. A
 //! resume may leave the sums of the two large files for later
 //! ([`Sums::Later`], [`Unverified::verify`]), to compute them while the
 //! workers read the same files; the coordinator then holds the first step
@@ -42,9 +46,14 @@ use crate::config::hex;
 use crate::params::Slot;
 use crate::sampler::DataCursor;
 use crate::schedule::Schedule;
+use crate::tokens::Fingerprint;
 
 /// Version of this layout; a checkpoint from a newer Stride is refused.
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: `COMPLETE` holds the sha256 of `train_state.json` (which holds the
+/// sums of every other file), and the state records the data's
+/// fingerprints. Version 1 checkpoints still load, with a warning that
+/// their state file is covered by no sum.
+pub const FORMAT_VERSION: u32 = 2;
 pub const MODEL_FILE: &str = "model.safetensors";
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 pub const STATE_FILE: &str = "train_state.json";
@@ -174,6 +183,10 @@ pub struct TrainState {
     pub optimizer_step: u64,
     pub metrics: MetricsSoFar,
     pub history: Vec<HistoryEvent>,
+    /// The training and validation data the run read (absent in format 1):
+    /// a resume against other data is refused.
+    #[serde(default)]
+    pub data: Vec<Fingerprint>,
     /// File name → sha256 (hex) of every other file in the directory.
     pub files: BTreeMap<String, String>,
 }
@@ -329,6 +342,22 @@ pub fn validate_with(dir: &Path, sums: Sums) -> Result<(Checkpoint, Unverified),
     };
     let text = std::fs::read_to_string(dir.join(STATE_FILE))
         .map_err(|e| invalid(format!("cannot read {STATE_FILE}: {e}")))?;
+    let complete = std::fs::read_to_string(dir.join(COMPLETE_FILE))
+        .map_err(|e| invalid(format!("cannot read {COMPLETE_FILE}: {e}")))?;
+    // The state's own sum comes first: nothing of it is read before.
+    let state_sum = complete_sum(&complete, STATE_FILE)
+        .map_err(|m| invalid(format!("{COMPLETE_FILE}: {m}")))?;
+    if let Some(expected) = &state_sum {
+        let found = hex(&Sha256::digest(text.as_bytes()));
+        if &found != expected {
+            return Err(CheckpointError::Checksum {
+                path: dir.to_path_buf(),
+                file: STATE_FILE.into(),
+                expected: expected.clone(),
+                found,
+            });
+        }
+    }
     // Read the version first, so a future format is reported as such and
     // not as a parse error of fields this version does not know.
     let version = serde_json::from_str::<serde_json::Value>(&text)
@@ -341,6 +370,13 @@ pub fn validate_with(dir: &Path, sums: Sums) -> Result<(Checkpoint, Unverified),
             path: dir.to_path_buf(),
             found: version as u32,
         });
+    }
+    // From format 2 on the state's sum is required: an empty COMPLETE
+    // beside a state that says 2 is damage, not an old checkpoint.
+    if state_sum.is_none() && version >= 2 {
+        return Err(invalid(format!(
+            "{COMPLETE_FILE} holds no sha256 of {STATE_FILE}, which format {version} requires"
+        )));
     }
     let state: TrainState = serde_json::from_str(&text)
         .map_err(|e| invalid(format!("{STATE_FILE} does not parse: {e}")))?;
@@ -374,6 +410,27 @@ pub fn validate_with(dir: &Path, sums: Sums) -> Result<(Checkpoint, Unverified),
         },
         unverified(later),
     ))
+}
+
+/// The sha256 `COMPLETE` lists for `file` (`sha256sum` lines: `HEX  NAME`);
+/// `None` for an empty `COMPLETE` (format 1).
+fn complete_sum(complete: &str, file: &str) -> Result<Option<String>, String> {
+    if complete.trim().is_empty() {
+        return Ok(None);
+    }
+    for line in complete.lines().filter(|l| !l.trim().is_empty()) {
+        let (sum, name) = line
+            .split_once("  ")
+            .ok_or_else(|| format!("`{line}` is not a `SHA256  FILE` line"))?;
+        let is_hex = sum.len() == 64 && sum.bytes().all(|b| b.is_ascii_hexdigit());
+        if !is_hex {
+            return Err(format!("`{sum}` is not a sha256"));
+        }
+        if name == file {
+            return Ok(Some(sum.to_ascii_lowercase()));
+        }
+    }
+    Err(format!("lists no sha256 of {file}"))
 }
 
 /// Complete-looking `step-*` directories of a checkpoint folder, oldest first.
@@ -453,6 +510,18 @@ pub fn resolve(path: &Path) -> Result<(Checkpoint, Vec<String>), CheckpointError
 /// that is complete and whose other files check out; if its own sums turn
 /// out wrong, resolving again with [`Sums::Now`] skips it.
 pub fn resolve_with(path: &Path, sums: Sums) -> Result<Resolved, CheckpointError> {
+    let mut r = resolve_exactly(path, sums)?;
+    let version = r.checkpoint.state.format_version;
+    if version < 2 {
+        r.warnings.push(format!(
+            "{} was written by an older Stride (checkpoint format {version}): its {STATE_FILE} is covered by no checksum and it records no data fingerprint, so neither is checked",
+            r.checkpoint.dir.display()
+        ));
+    }
+    Ok(r)
+}
+
+fn resolve_exactly(path: &Path, sums: Sums) -> Result<Resolved, CheckpointError> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -1141,8 +1210,11 @@ pub fn commit(
         path: tmp.to_path_buf(),
         message: format!("cannot serialise the train state: {e}"),
     })?;
-    write_synced(&tmp.join(STATE_FILE), json.as_bytes())?;
-    write_synced(&tmp.join(COMPLETE_FILE), b"")?;
+    let state_sum = write_synced(&tmp.join(STATE_FILE), json.as_bytes())?;
+    write_synced(
+        &tmp.join(COMPLETE_FILE),
+        format!("{state_sum}  {STATE_FILE}\n").as_bytes(),
+    )?;
     fsync_dir(tmp)?;
     let dest = folder.join(step_dir_name(state.step));
     if dest.exists() {
@@ -1199,6 +1271,76 @@ pub fn prune(folder: &Path, keep_last: usize) -> Result<Vec<PathBuf>, Checkpoint
     Ok(removed)
 }
 
+/// Removes what interrupted writes left in `folder`: temporary checkpoint
+/// folders (`.tmp-step-…`, never complete, never loaded), checkpoints an
+/// earlier attempt at the same step moved aside (`.superseded-…`) and
+/// half-made pointer links. Only a coordinator holding the folder's lock
+/// may call it (no other process is writing there). Returns what it
+/// removed.
+pub fn clean_leftovers(folder: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(folder).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        let is_link = e.file_type().map(|t| t.is_symlink()).unwrap_or(false);
+        let leftover_dir = !is_link
+            && path.is_dir()
+            && (name.starts_with(".tmp-step-") || name.starts_with(".superseded-step-"));
+        let leftover_link = is_link
+            && [LATEST, BEST]
+                .iter()
+                .any(|p| name.starts_with(&format!(".{p}.tmp-")));
+        if leftover_dir {
+            std::fs::remove_dir_all(&path).map_err(io_err(&path))?;
+        } else if leftover_link {
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        } else {
+            continue;
+        }
+        removed.push(path);
+    }
+    removed.sort();
+    Ok(removed)
+}
+
+/// Points `latest` back at the newest complete checkpoint when it names a
+/// folder that is gone or incomplete (a crash between a prune and the
+/// pointer's move, a hand-deleted step); removes it when no complete
+/// checkpoint is left. Returns what it did, for a warning. Only a
+/// coordinator holding the folder's lock may call it.
+pub fn repair_latest(folder: &Path) -> Result<Option<String>, CheckpointError> {
+    let link = folder.join(LATEST);
+    let Ok(target) = std::fs::read_link(&link) else {
+        return Ok(None);
+    };
+    if folder.join(&target).join(COMPLETE_FILE).is_file() {
+        return Ok(None);
+    }
+    let newest = list_steps(folder)
+        .into_iter()
+        .rev()
+        .find(|(_, d)| d.join(COMPLETE_FILE).is_file());
+    Ok(Some(match newest {
+        Some((step, dir)) => {
+            set_pointer(folder, LATEST, step)?;
+            format!(
+                "{} named {}, which is not a complete checkpoint; it now names {}",
+                link.display(),
+                target.display(),
+                dir.display()
+            )
+        }
+        None => {
+            std::fs::remove_file(&link).map_err(io_err(&link))?;
+            format!(
+                "{} named {}, which is not a complete checkpoint, and no complete checkpoint is left: removed it",
+                link.display(),
+                target.display()
+            )
+        }
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1227,6 +1369,7 @@ mod tests {
             optimizer_step: step,
             metrics: MetricsSoFar::default(),
             history: vec![],
+            data: vec![Fingerprint::new("train", "t.bin", 1000, 42)],
             files: BTreeMap::new(),
         }
     }
@@ -1251,6 +1394,16 @@ mod tests {
         s.files.insert(MODEL_FILE.into(), m);
         s.files.insert(OPTIMIZER_FILE.into(), o);
         commit(&tmp, folder, s, "[train]\n").expect("commit")
+    }
+
+    /// Replaces the state file with `edit` of it and COMPLETE with its new
+    /// sum: a state that is consistent, but says something else.
+    fn rewrite_state(dir: &Path, edit: impl FnOnce(&str) -> String) {
+        let t = std::fs::read_to_string(dir.join(STATE_FILE)).expect("r");
+        let t = edit(&t);
+        std::fs::write(dir.join(STATE_FILE), &t).expect("w");
+        let sum = hex(&Sha256::digest(t.as_bytes()));
+        std::fs::write(dir.join(COMPLETE_FILE), format!("{sum}  {STATE_FILE}\n")).expect("w");
     }
 
     /// Two slots of a small model, in name order, and values for them.
@@ -1426,19 +1579,38 @@ mod tests {
                 "does not match its sha256",
             ),
             (
+                "an edited train_state.json",
+                |p| {
+                    let t = std::fs::read_to_string(p.join(STATE_FILE)).expect("r");
+                    std::fs::write(
+                        p.join(STATE_FILE),
+                        t.replace("\"position\": 7", "\"position\": 8"),
+                    )
+                    .expect("w");
+                },
+                "train_state.json does not match its sha256",
+            ),
+            (
+                "COMPLETE emptied",
+                |p| std::fs::write(p.join(COMPLETE_FILE), "").expect("w"),
+                "holds no sha256 of train_state.json, which format 2 requires",
+            ),
+            (
+                "COMPLETE garbled",
+                |p| std::fs::write(p.join(COMPLETE_FILE), "nonsense\n").expect("w"),
+                "is not a `SHA256  FILE` line",
+            ),
+            (
                 "bad json",
-                |p| std::fs::write(p.join(STATE_FILE), "{not json").expect("w"),
+                |p| rewrite_state(p, |_| "{not json".into()),
                 "not valid JSON",
             ),
             (
                 "future version",
                 |p| {
-                    let t = std::fs::read_to_string(p.join(STATE_FILE)).expect("r");
-                    std::fs::write(
-                        p.join(STATE_FILE),
-                        t.replace("\"format_version\": 1", "\"format_version\": 99"),
-                    )
-                    .expect("w");
+                    rewrite_state(p, |t| {
+                        t.replace("\"format_version\": 2", "\"format_version\": 99")
+                    })
                 },
                 "format version 99 is newer",
             ),
@@ -1550,5 +1722,68 @@ mod tests {
             .count();
         assert_eq!(aside, 1);
         validate(&d.path().join("step-00000010")).expect("valid");
+    }
+
+    #[test]
+    fn format_1_checkpoints_still_load_with_a_warning() {
+        let d = tempfile::tempdir().expect("tmp");
+        let dir = make(d.path(), 5);
+        let t = std::fs::read_to_string(dir.join(STATE_FILE)).expect("r");
+        std::fs::write(
+            dir.join(STATE_FILE),
+            t.replace("\"format_version\": 2", "\"format_version\": 1"),
+        )
+        .expect("w");
+        std::fs::write(dir.join(COMPLETE_FILE), "").expect("w");
+        let r = resolve_with(&dir, Sums::Now).expect("format 1 loads");
+        assert_eq!(r.checkpoint.state.format_version, 1);
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.contains("checkpoint format 1") && w.contains("covered by no checksum")),
+            "{:?}",
+            r.warnings
+        );
+        // Written now, it is format 2, and `sha256sum -c COMPLETE` holds.
+        let fresh = make(d.path(), 6);
+        let ok = std::process::Command::new("sha256sum")
+            .args(["-c", COMPLETE_FILE])
+            .current_dir(&fresh)
+            .output()
+            .expect("sha256sum");
+        assert!(ok.status.success(), "{ok:?}");
+    }
+
+    #[test]
+    fn leftovers_are_cleaned_and_a_dangling_latest_is_repaired() {
+        let d = tempfile::tempdir().expect("tmp");
+        let f = d.path();
+        make(f, 10);
+        make(f, 20);
+        set_pointer(f, LATEST, 20).expect("latest");
+        let tmp = temp_dir(f, 30, "gone").expect("tmp");
+        std::fs::write(tmp.join(MODEL_FILE), "half").expect("w");
+        std::fs::create_dir(f.join(".superseded-step-00000010-123")).expect("mkdir");
+        std::os::unix::fs::symlink("step-00000010", f.join(".latest.tmp-99")).expect("ln");
+        let removed = clean_leftovers(f).expect("clean");
+        assert_eq!(removed.len(), 3, "{removed:?}");
+        assert!(!tmp.exists() && f.join("step-00000010").is_dir());
+        assert_eq!(repair_latest(f).expect("fine"), None);
+
+        // `latest` names a step that is gone: it is pointed back.
+        set_pointer(f, LATEST, 80).expect("dangling");
+        let said = repair_latest(f).expect("repair").expect("repaired");
+        assert!(
+            said.contains("step-00000080") && said.contains("step-00000020"),
+            "{said}"
+        );
+        assert_eq!(pointer_step(f, LATEST), Some(20));
+        // Nothing complete left: the pointer goes.
+        for s in [10, 20] {
+            std::fs::remove_file(f.join(step_dir_name(s)).join(COMPLETE_FILE)).expect("rm");
+        }
+        let said = repair_latest(f).expect("repair").expect("removed");
+        assert!(said.contains("removed it"), "{said}");
+        assert!(std::fs::symlink_metadata(f.join(LATEST)).is_err());
     }
 }

@@ -88,6 +88,7 @@ pub const SCHEMA: &[(&str, &[&str])] = &[
             "heartbeat_interval_s",
             "heartbeat_timeout_s",
             "startup_timeout_s",
+            "rejoin_timeout_s",
             "step_timeout_s",
             "max_restarts",
         ],
@@ -222,6 +223,17 @@ impl RawConfig {
     pub fn locate(name: &str) -> Result<RawConfig, ConfigError> {
         let direct = Path::new(name);
         let in_configs = Path::new("configs").join(format!("{name}.toml"));
+        // A path that exists but is no regular file (a FIFO would block
+        // the read) is refused, not looked up as a preset.
+        if direct.exists() && !direct.is_file() {
+            let message = crate::files::check_regular(direct)
+                .err()
+                .unwrap_or_default();
+            return Err(ConfigError::Io {
+                origin: direct.display().to_string(),
+                message,
+            });
+        }
         let source = if direct.is_file() {
             ConfigSource::File(direct.to_path_buf())
         } else if !name.contains(['/', '\\']) && in_configs.is_file() {
@@ -878,6 +890,11 @@ pub struct ClusterConfig {
     pub heartbeat_timeout_s: f64,
     /// Time for all workers to register and load (long: model building, checkpoint loading).
     pub startup_timeout_s: f64,
+    /// After a failure, how long the worker set waits for replacements
+    /// before it continues with the workers present (at least
+    /// `min_workers`); a replacement that joins later is taken back at the
+    /// next step boundary.
+    pub rejoin_timeout_s: f64,
     /// Time for every rank to report one step (short: names the ranks that did not).
     pub step_timeout_s: f64,
     /// Automatic restarts from the latest checkpoint before the job gives up.
@@ -893,6 +910,7 @@ impl Default for ClusterConfig {
             heartbeat_interval_s: 2.0,
             heartbeat_timeout_s: 10.0,
             startup_timeout_s: 300.0,
+            rejoin_timeout_s: 30.0,
             step_timeout_s: 120.0,
             max_restarts: 3,
         }
@@ -1148,6 +1166,7 @@ impl Config {
             ("cluster.heartbeat_interval_s", cl.heartbeat_interval_s),
             ("cluster.heartbeat_timeout_s", cl.heartbeat_timeout_s),
             ("cluster.startup_timeout_s", cl.startup_timeout_s),
+            ("cluster.rejoin_timeout_s", cl.rejoin_timeout_s),
             ("cluster.step_timeout_s", cl.step_timeout_s),
             ("checkpoint.write_timeout_s", c.write_timeout_s),
         ] {

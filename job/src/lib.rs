@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod checkpoint;
 pub mod config;
+pub mod files;
 pub mod params;
 pub mod rng;
 pub mod sampler;

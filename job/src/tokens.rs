@@ -62,12 +62,54 @@ impl fmt::Display for TokenFormat {
 
 #[derive(Debug)]
 enum Backing {
-    /// Little-endian u16 tokens at `offset` bytes into the map.
+    /// Little-endian u16 tokens at `offset` bytes into the map. The file
+    /// stays open, so that [`Tokens::check_unchanged`] can ask whether it
+    /// was changed under the map (a truncated file would raise SIGBUS on
+    /// the next read past its new end).
     Mapped {
         map: Mmap,
         offset: usize,
+        file: std::fs::File,
+        modified: Option<std::time::SystemTime>,
     },
     Memory(Vec<u16>),
+}
+
+/// What identifies the tokens of a split: their count and their xxh3-64
+/// (of the tokens as little-endian `u16`, headers excluded). A checkpoint
+/// records one per split, so that a resume against other data is caught;
+/// workers report theirs when they join.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Fingerprint {
+    /// "train" or "val".
+    pub split: String,
+    /// The file (or "synthetic corpus …") as its reader names it.
+    pub name: String,
+    pub tokens: u64,
+    /// xxh3-64, 16 hex digits.
+    pub xxh3: String,
+}
+
+impl Fingerprint {
+    pub fn new(split: &str, name: &str, tokens: u64, checksum: u64) -> Fingerprint {
+        Fingerprint {
+            split: split.to_string(),
+            name: name.to_string(),
+            tokens,
+            xxh3: format!("{checksum:016x}"),
+        }
+    }
+
+    /// The same tokens (the name may differ: a file moved or mounted
+    /// elsewhere holds the same data).
+    pub fn same_tokens(&self, other: &Fingerprint) -> bool {
+        self.tokens == other.tokens && self.xxh3 == other.xxh3
+    }
+
+    /// `name: N tokens, xxh3 H`.
+    pub fn describe(&self) -> String {
+        format!("{}: {} tokens, xxh3 {}", self.name, self.tokens, self.xxh3)
+    }
 }
 
 /// A read-only view of a range of tokens, cheap to clone.
@@ -84,12 +126,14 @@ pub struct Tokens {
 impl Tokens {
     /// Memory-maps a token file and checks its layout.
     pub fn open(path: &Path) -> Result<Tokens, DataError> {
+        crate::files::check_regular(path).map_err(|e| file_err(path, e))?;
         let file =
             std::fs::File::open(path).map_err(|e| file_err(path, format!("cannot open: {e}")))?;
-        let bytes = file
+        let meta = file
             .metadata()
-            .map_err(|e| file_err(path, format!("cannot stat: {e}")))?
-            .len() as usize;
+            .map_err(|e| file_err(path, format!("cannot stat: {e}")))?;
+        let bytes = meta.len() as usize;
+        let modified = meta.modified().ok();
         if bytes == 0 {
             return Err(file_err(path, "the file is empty"));
         }
@@ -105,10 +149,50 @@ impl Tokens {
         Ok(Tokens {
             name: path.display().to_string(),
             format: Some(format),
-            backing: Arc::new(Backing::Mapped { map, offset }),
+            backing: Arc::new(Backing::Mapped {
+                map,
+                offset,
+                file,
+                modified,
+            }),
             start: 0,
             len,
         })
+    }
+
+    /// Fails, naming the file, if it was truncated, extended or rewritten
+    /// since it was opened (its length or modification time changed). One
+    /// `fstat`; readers call it before each batch, so that a file truncated
+    /// under a running job is an error that names it instead of a SIGBUS.
+    pub fn check_unchanged(&self) -> Result<(), DataError> {
+        let Backing::Mapped {
+            map,
+            file,
+            modified,
+            ..
+        } = &*self.backing
+        else {
+            return Ok(());
+        };
+        let now = file
+            .metadata()
+            .map_err(|e| file_err(Path::new(&self.name), format!("cannot stat: {e}")))?;
+        let was = map.len() as u64;
+        if now.len() != was || now.modified().ok() != *modified {
+            return Err(DataError::Corpus {
+                name: self.name.clone(),
+                message: format!(
+                    "the token file changed while the job read it ({was} bytes when opened, {} now{}); a running job's data must not change: restore it, or resume from a checkpoint with --data-changed",
+                    now.len(),
+                    if now.len() == was {
+                        ", rewritten in place"
+                    } else {
+                        ""
+                    }
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Tokens held in memory (the synthetic corpus, tests).
@@ -142,7 +226,7 @@ impl Tokens {
         );
         let i = self.start + i;
         match &*self.backing {
-            Backing::Mapped { map, offset } => {
+            Backing::Mapped { map, offset, .. } => {
                 let at = offset + 2 * i;
                 u16::from_le_bytes([map[at], map[at + 1]])
             }
@@ -154,19 +238,40 @@ impl Tokens {
     /// views hold the same tokens iff (barring collisions) their lengths
     /// and checksums agree. One pass over the view (~0.1 s per GB).
     pub fn checksum(&self) -> u64 {
+        self.scan().1
+    }
+
+    /// The largest token id and the checksum, in one pass over the view,
+    /// 16 MiB at a time: a file costs one read whatever its size (a 20 GB
+    /// corpus: one sequential read of it, ~0.1 s per GB from the page
+    /// cache).
+    pub fn scan(&self) -> (Option<u16>, u64) {
+        const CHUNK: usize = 16 << 20;
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut max: Option<u16> = None;
+        let mut take = |bytes: &[u8]| {
+            hasher.update(bytes);
+            let m = bytes
+                .chunks_exact(2)
+                .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                .max();
+            max = max.max(m);
+        };
         match &*self.backing {
-            Backing::Mapped { map, offset } => {
+            Backing::Mapped { map, offset, .. } => {
                 let from = offset + 2 * self.start;
-                xxhash_rust::xxh3::xxh3_64(&map[from..from + 2 * self.len])
+                for chunk in map[from..from + 2 * self.len].chunks(CHUNK) {
+                    take(chunk);
+                }
             }
             Backing::Memory(v) => {
-                let bytes: Vec<u8> = v[self.start..self.start + self.len]
-                    .iter()
-                    .flat_map(|t| t.to_le_bytes())
-                    .collect();
-                xxhash_rust::xxh3::xxh3_64(&bytes)
+                for chunk in v[self.start..self.start + self.len].chunks(CHUNK / 2) {
+                    let bytes: Vec<u8> = chunk.iter().flat_map(|t| t.to_le_bytes()).collect();
+                    take(&bytes);
+                }
             }
         }
+        (max, hasher.digest())
     }
 
     /// `len` tokens from `from`, widened to u32 (the model's index type).
@@ -189,22 +294,18 @@ impl Tokens {
 
     /// The largest token id, in one pass.
     pub fn max_token(&self) -> Option<u16> {
-        match &*self.backing {
-            Backing::Memory(v) => v[self.start..self.start + self.len].iter().copied().max(),
-            Backing::Mapped { map, offset } => {
-                let bytes = &map[offset + 2 * self.start..offset + 2 * (self.start + self.len)];
-                bytes
-                    .chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
-                    .max()
-            }
-        }
+        self.scan().0
     }
 
     /// Fails, naming the file and the first offending position, if any token
     /// id is not below `vocab_size`.
     pub fn check_vocab(&self, vocab_size: usize) -> Result<(), DataError> {
-        let max = self.max_token().unwrap_or(0);
+        self.check_vocab_max(self.max_token(), vocab_size)
+    }
+
+    /// [`Tokens::check_vocab`] with the largest id already known.
+    fn check_vocab_max(&self, max: Option<u16>, vocab_size: usize) -> Result<(), DataError> {
+        let max = max.unwrap_or(0);
         if usize::from(max) < vocab_size {
             return Ok(());
         }
@@ -369,9 +470,11 @@ pub fn val_split_len(data: &DataConfig) -> Result<usize, DataError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scan {
     /// Layout and lengths, plus one pass over every token for ids outside
-    /// the vocabulary (the coordinator, once per job).
+    /// the vocabulary, which also computes the splits' fingerprints (the
+    /// coordinator, once per job).
     Full,
-    /// Layout and lengths only (workers: the coordinator has scanned).
+    /// Layout and lengths only (workers: the coordinator has scanned); the
+    /// fingerprints are computed when first asked for.
     Layout,
 }
 
@@ -383,6 +486,8 @@ pub struct Corpus {
     /// The synthetic source, when the corpus is built in (its entropy rate
     /// is the floor of the validation loss).
     pub synthetic: Option<MarkovSource>,
+    /// Train's and val's [`Fingerprint`], once computed.
+    fingerprints: Arc<std::sync::OnceLock<[Fingerprint; 2]>>,
 }
 
 impl Corpus {
@@ -435,15 +540,46 @@ impl Corpus {
                     ),
                 });
             }
-            if scan == Scan::Full {
-                t.check_vocab(model.vocab_size)?;
-            }
         }
-        Ok(Corpus {
+        let corpus = Corpus {
             train,
             val,
             synthetic,
+            fingerprints: Arc::default(),
+        };
+        if scan == Scan::Full {
+            // One pass per split: the vocabulary check and the fingerprint.
+            let mut prints = Vec::with_capacity(2);
+            for (split, t) in corpus.splits() {
+                let (max, checksum) = t.scan();
+                t.check_vocab_max(max, model.vocab_size)?;
+                prints.push(Fingerprint::new(split, &t.name, t.len() as u64, checksum));
+            }
+            if let Ok(prints) = <[Fingerprint; 2]>::try_from(prints) {
+                let _ = corpus.fingerprints.set(prints);
+            }
+        }
+        Ok(corpus)
+    }
+
+    /// ("train", its tokens), ("val", its tokens).
+    pub fn splits(&self) -> [(&'static str, &Tokens); 2] {
+        [("train", &self.train), ("val", &self.val)]
+    }
+
+    /// The fingerprints of the train and val splits (one pass over each
+    /// the first time, unless [`Scan::Full`] computed them).
+    pub fn fingerprints(&self) -> &[Fingerprint; 2] {
+        self.fingerprints.get_or_init(|| {
+            self.splits()
+                .map(|(split, t)| Fingerprint::new(split, &t.name, t.len() as u64, t.checksum()))
         })
+    }
+
+    /// [`Tokens::check_unchanged`] of every token file behind the corpus.
+    pub fn check_unchanged(&self) -> Result<(), DataError> {
+        self.train.check_unchanged()?;
+        self.val.check_unchanged()
     }
 }
 
@@ -598,5 +734,61 @@ mod tests {
         let c = Corpus::open(&synth, &model, 1, Scan::Full).expect("synthetic");
         assert_eq!((c.train.len(), c.val.len()), (1800, 200));
         assert!(c.synthetic.is_some());
+    }
+
+    #[test]
+    fn fingerprints_are_one_pass_and_equal_the_whole_file_hash() {
+        let dir = tmp();
+        let p = dir.path().join("t.bin");
+        // More than one 16 MiB chunk, so that the streaming hash is tested.
+        let tokens: Vec<u16> = (0..9_000_000u32)
+            .map(|i| (i * 31 % 50_000) as u16)
+            .collect();
+        write_nanogpt(&p, &tokens).expect("write");
+        let t = Tokens::open(&p).expect("open");
+        let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        assert_eq!(
+            t.scan(),
+            (
+                tokens.iter().copied().max(),
+                xxhash_rust::xxh3::xxh3_64(&bytes)
+            )
+        );
+        let mem = Tokens::from_vec("m", tokens.clone());
+        assert_eq!(mem.scan(), t.scan());
+        let s = t.slice(3, 1003, "s");
+        assert_eq!(s.checksum(), xxhash_rust::xxh3::xxh3_64(&bytes[6..2006]));
+    }
+
+    #[test]
+    fn a_token_file_changed_under_its_reader_is_named() {
+        let dir = tmp();
+        let p = dir.path().join("train.bin");
+        write_nanogpt(&p, &vec![7u16; 4000]).expect("write");
+        let t = Tokens::open(&p).expect("open");
+        t.check_unchanged().expect("unchanged");
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .expect("open rw");
+        f.set_len(6000).expect("truncate");
+        let e = t.check_unchanged().expect_err("truncated").to_string();
+        assert!(
+            e.contains("train.bin") && e.contains("8000 bytes when opened, 6000 now"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = tmp();
+        let fifo = dir.path().join("train.bin");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo");
+        assert!(made.success());
+        let e = Tokens::open(&fifo).expect_err("fifo").to_string();
+        assert!(e.contains("train.bin") && e.contains("a FIFO"), "{e}");
     }
 }

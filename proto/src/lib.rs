@@ -29,7 +29,7 @@ pub mod exit {
 
 /// Bumped on every incompatible change of the `.proto` files; checked at
 /// registration together with the crate version.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 #[allow(missing_docs, unused_qualifications, clippy::all)]
 pub mod v1 {

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::Device;
 use stride_job::config::{Config, Device as DeviceKind};
+use stride_job::tokens::{Corpus, DataError, Scan};
 use stride_proto::exit;
 use stride_proto::v1::{
     Assignment, CheckpointPlan, CheckpointReport, CollectiveBootstrap, DataSplit, EvalPlan,
@@ -51,6 +52,16 @@ pub(crate) struct Stop {
 /// Where the compute thread leaves the abort handle of its collective.
 pub(crate) type AbortSlot = Arc<Mutex<Option<AbortHandle>>>;
 
+/// A data fingerprint as the wire carries it.
+pub(crate) fn wire(f: &stride_job::tokens::Fingerprint) -> DataSplit {
+    DataSplit {
+        split: f.split.clone(),
+        name: f.name.clone(),
+        tokens: f.tokens,
+        checksum: u64::from_str_radix(&f.xxh3, 16).unwrap_or(0),
+    }
+}
+
 /// A worker message of `body`.
 pub(crate) fn msg(body: worker_message::Body) -> WorkerMessage {
     WorkerMessage { body: Some(body) }
@@ -76,6 +87,10 @@ pub(crate) struct Compute {
     current: Option<Current>,
     /// Work read early while forming a collective, handled next.
     deferred: Option<Work>,
+    /// The job's data as opened (and fingerprinted) at registration, with
+    /// the config it was opened for: every trainer of the same job reuses
+    /// it instead of opening and hashing the files again.
+    corpus: Option<(Config, Corpus)>,
 }
 
 impl Compute {
@@ -98,7 +113,14 @@ impl Compute {
             current_generation,
             current: None,
             deferred: None,
+            corpus: None,
         }
+    }
+
+    /// The data opened at registration ([`Compute::corpus`]).
+    pub fn with_corpus(mut self, corpus: Option<(Config, Corpus)>) -> Compute {
+        self.corpus = corpus;
+        self
     }
 
     /// Does the work in order. Returns why it stopped when that was its own
@@ -193,8 +215,16 @@ impl Compute {
             }
             wait_for_id(work, generation, timeout, deferred)
         };
+        let corpus = &self.corpus;
         let built = span.in_scope(|| {
-            build_trainer(&a, &self.listener, self.threads, &self.abort, &mut exchange)
+            build_trainer(
+                &a,
+                &self.listener,
+                self.threads,
+                &self.abort,
+                corpus,
+                &mut exchange,
+            )
         });
         let built = built.and_then(|t| {
             let hash = t.weights_hash()?;
@@ -207,16 +237,7 @@ impl Compute {
                     parameter_layout_hash: t.layout_hash().to_le_bytes().to_vec(),
                     weights_hash: weights_hash.to_le_bytes().to_vec(),
                     parameter_count: t.parameter_count() as u64,
-                    data: t
-                        .data_splits()
-                        .into_iter()
-                        .map(|(split, name, tokens, checksum)| DataSplit {
-                            split: split.into(),
-                            name,
-                            tokens,
-                            checksum,
-                        })
-                        .collect(),
+                    data: t.data_fingerprints().iter().map(wire).collect(),
                 }));
                 t.set_signals(self.signals.clone());
                 self.current = Some(Current {
@@ -312,7 +333,9 @@ impl Compute {
                 self.current = None;
             }
             Err(e) => {
-                self.fail(p.generation, e.context(format!("step {}", p.step)), false);
+                // Data changed under the job: retrying cannot help.
+                let fatal = e.chain().any(|c| c.is::<DataError>());
+                self.fail(p.generation, e.context(format!("step {}", p.step)), fatal);
                 self.current = None;
             }
         }
@@ -349,25 +372,26 @@ impl Compute {
             .name("checkpoint".into())
             .spawn(move || {
                 let start = std::time::Instant::now();
-                let written = span.in_scope(|| snapshot.write(std::path::Path::new(&p.tmp_dir)));
-                let body = match written {
-                    Ok(sha256) => worker_message::Body::Checkpoint(CheckpointReport {
-                        generation,
-                        step: p.step,
-                        sha256: sha256.into_iter().collect(),
-                        write_s: start.elapsed().as_secs_f64(),
-                        weights_hash: snapshot.weights_hash().to_le_bytes().to_vec(),
-                    }),
-                    Err(e) => worker_message::Body::Error(WorkerError {
-                        generation,
-                        message: format!(
-                            "writing the checkpoint of step {} into {}: {e:#}",
-                            p.step, p.tmp_dir
-                        ),
-                        fatal: true,
-                        collective_peer: None,
-                    }),
+                let dir = std::path::Path::new(&p.tmp_dir);
+                full_disk_for_tests(p.step, dir);
+                let written = span.in_scope(|| snapshot.write(dir));
+                let mut report = CheckpointReport {
+                    generation,
+                    step: p.step,
+                    write_s: start.elapsed().as_secs_f64(),
+                    ..CheckpointReport::default()
                 };
+                match written {
+                    Ok(sha256) => {
+                        report.sha256 = sha256.into_iter().collect();
+                        report.weights_hash = snapshot.weights_hash().to_le_bytes().to_vec();
+                    }
+                    Err(e) => {
+                        tracing::error!("writing the checkpoint of step {}: {e:#}", p.step);
+                        report.error = write_failure(&e, dir, snapshot.file_bytes());
+                    }
+                }
+                let body = worker_message::Body::Checkpoint(report);
                 let _ = out.blocking_send(msg(body));
             });
         if let Err(e) = spawned {
@@ -406,10 +430,11 @@ impl Compute {
                 self.current = None;
             }
             Err(e) => {
+                let fatal = e.chain().any(|c| c.is::<DataError>());
                 self.fail(
                     p.generation,
                     e.context(format!("evaluation after step {}", p.step)),
-                    false,
+                    fatal,
                 );
                 self.current = None;
             }
@@ -446,6 +471,44 @@ fn injected_failure(step: u64, rank: i64) -> Result<()> {
         .into());
     }
     Ok(())
+}
+
+/// Test hook, in debug builds only: `STRIDE_TEST_FULL_DISK_AT_STEP=N`
+/// makes the checkpoint of step N meet a full disk — its model file is
+/// made a link to `/dev/full`, so the write fails with the kernel's own
+/// ENOSPC and takes the same path as on a disk that is really full.
+fn full_disk_for_tests(step: u64, dir: &std::path::Path) {
+    let at = std::env::var("STRIDE_TEST_FULL_DISK_AT_STEP")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if cfg!(debug_assertions) && at == Some(step) {
+        let _ =
+            std::os::unix::fs::symlink("/dev/full", dir.join(stride_job::checkpoint::MODEL_FILE));
+    }
+}
+
+/// Why a checkpoint write failed, for the coordinator: the error, and for
+/// a full disk the folder, the bytes the files need and the bytes free.
+fn write_failure(e: &anyhow::Error, dir: &std::path::Path, needed: u64) -> String {
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::StorageFull)
+            || c.downcast_ref::<stride_job::checkpoint::CheckpointError>()
+                .is_some_and(|ce| matches!(ce, stride_job::checkpoint::CheckpointError::Io { source, .. } if source.kind() == std::io::ErrorKind::StorageFull))
+    });
+    let folder = dir.parent().unwrap_or(dir);
+    if !full {
+        return format!("writing into {}: {e}", dir.display());
+    }
+    let free = stride_job::files::free_bytes(folder).map_or_else(
+        || "an unknown number of bytes are".into(),
+        |b| format!("{b} bytes ({:.1} MB) are", b as f64 / 1e6),
+    );
+    format!(
+        "no space left on device (ENOSPC) in {}: the checkpoint's files need {needed} bytes ({:.1} MB) and {free} free; free space or give checkpoints another folder (checkpoint.dir), then resume ({e})",
+        folder.display(),
+        needed as f64 / 1e6
+    )
 }
 
 /// Waits for the coordinator to hand out the collective id of `generation`.
@@ -489,9 +552,21 @@ fn build_trainer(
     listener: &RingListener,
     threads: usize,
     abort: &AbortSlot,
+    opened: &Option<(Config, Corpus)>,
     exchange: &mut dyn FnMut(Option<Vec<u8>>, Duration) -> Result<Vec<u8>>,
 ) -> Result<Trainer> {
     let config = Config::from_toml(&a.config_toml, "the job sent by the coordinator")?;
+    // The data opened at registration, if it is this job's.
+    let corpus = match opened {
+        Some((c, corpus))
+            if c.data == config.data
+                && c.model == config.model
+                && c.train.seed == config.train.seed =>
+        {
+            corpus.clone()
+        }
+        _ => Corpus::open(&config.data, &config.model, config.train.seed, Scan::Layout)?,
+    };
     let device = match config.worker.device {
         DeviceKind::Cpu => Device::Cpu,
         DeviceKind::Cuda(ordinal) => cuda_device(ordinal)?,
@@ -555,7 +630,8 @@ fn build_trainer(
     if let Ok(mut h) = abort.lock() {
         *h = collective.abort_handle();
     }
-    let mut trainer = Trainer::new(&config, collective, a.accumulation as usize, device)?;
+    let mut trainer =
+        Trainer::with_corpus(&config, corpus, collective, a.accumulation as usize, device)?;
     tracing::info!(
         "rank {}: {} engine (worker.engine = {})",
         a.rank,

@@ -150,7 +150,13 @@ fn main() -> ExitCode {
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // A refusal (token, version, data) is bad input: retrying the
+            // same worker cannot help (the README's exit-code table).
+            if e.chain().any(|c| c.is::<session::Refused>()) {
+                ExitCode::from(exit::BAD_INPUT as u8)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

@@ -26,6 +26,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use stride_job::config::Config;
+use stride_job::tokens::{Corpus, Scan};
 use stride_proto::client::TokenInterceptor;
 use stride_proto::v1::coordinator_client::CoordinatorClient;
 use stride_proto::v1::{
@@ -64,6 +66,13 @@ pub struct Options {
     /// TLS towards an `https://` coordinator.
     pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
+
+/// The coordinator refused this worker (a wrong token, another version)
+/// or the job's data cannot be read here: bad input, exit code 2 — a
+/// restart cannot help.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refused(pub String);
 
 /// The coordinator went away without saying stop (killed, restarted, or
 /// the network failed): the worker reconnects and rejoins.
@@ -181,7 +190,11 @@ async fn run_session(opts: &Options) -> Result<i32> {
             if transport {
                 anyhow::Error::from(Unreachable(s.message().to_string()))
             } else {
-                anyhow!("the coordinator refused registration: {}", s.message())
+                Refused(format!(
+                    "the coordinator refused registration: {}",
+                    s.message()
+                ))
+                .into()
             }
         })?
         .into_inner();
@@ -192,10 +205,20 @@ async fn run_session(opts: &Options) -> Result<i32> {
         std::process::id()
     );
 
+    // The job's data as this worker reads it: the coordinator refuses a
+    // worker whose data differs before it takes part in anything.
+    let config_toml = reg.config_toml.clone();
+    let corpus = tokio::task::spawn_blocking(move || open_job_data(&config_toml))
+        .await
+        .map_err(|e| anyhow!("the data check stopped: {e}"))??;
+    let data = corpus.as_ref().map_or_else(Vec::new, |(_, c)| {
+        c.fingerprints().iter().map(crate::compute::wire).collect()
+    });
     let (out_tx, out_rx) = mpsc::channel::<WorkerMessage>(64);
     out_tx
         .send(msg(worker_message::Body::Hello(Hello {
             worker_id: reg.worker_id.clone(),
+            data,
         })))
         .await
         .map_err(|_| anyhow!("session closed before it opened"))?;
@@ -252,6 +275,7 @@ async fn run_session(opts: &Options) -> Result<i32> {
                     let (tx, signals, generation) = (tx.clone(), signals, generation.clone());
                     std::panic::AssertUnwindSafe(move || {
                         Compute::new(work_rx, tx, listener, threads, signals, abort, generation)
+                            .with_corpus(corpus)
                             .run()
                     })
                 };
@@ -333,7 +357,12 @@ async fn run_session(opts: &Options) -> Result<i32> {
                 send_work(&work_tx, Work::Checkpoint(p))?
             }
             Some(coordinator_message::Body::Shutdown(s)) => {
-                tracing::info!("coordinator: {}", s.reason);
+                if matches!(s.exit_code, exit::BAD_INPUT | exit::JOB_FAILED) {
+                    tracing::error!("coordinator: {} (exit {})", s.reason, s.exit_code);
+                    eprintln!("error: {} (exit {})", s.reason, s.exit_code);
+                } else {
+                    tracing::info!("coordinator: {}", s.reason);
+                }
                 signals.cancel.store(true, Ordering::Relaxed);
                 break s.exit_code;
             }
@@ -409,6 +438,23 @@ async fn last_words(
             LAST_WORDS.as_secs()
         );
     }
+}
+
+/// Opens the data of the job the coordinator described at registration
+/// (its config as TOML), and fingerprints it: `None` when it sent no
+/// config (a finished job). A config or data that cannot be read here is
+/// [`Refused`] (bad input for this worker).
+fn open_job_data(config_toml: &str) -> Result<Option<(Config, Corpus)>> {
+    if config_toml.is_empty() {
+        return Ok(None);
+    }
+    let refused = |e: &dyn std::fmt::Display| Refused(format!("the job cannot run here: {e}"));
+    let config = Config::from_toml(config_toml, "the job sent by the coordinator")
+        .map_err(|e| refused(&e))?;
+    let corpus = Corpus::open(&config.data, &config.model, config.train.seed, Scan::Layout)
+        .map_err(|e| refused(&e))?;
+    corpus.fingerprints();
+    Ok(Some((config, corpus)))
 }
 
 fn send_work(tx: &std::sync::mpsc::Sender<Work>, w: Work) -> Result<()> {

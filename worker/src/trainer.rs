@@ -91,6 +91,13 @@ impl Snapshot {
         xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(&self.buffers.weights))
     }
 
+    /// Bytes of tensor data the two files hold (weights, both moments; the
+    /// headers add a few kilobytes).
+    pub fn file_bytes(&self) -> u64 {
+        let b = &self.buffers;
+        4 * (b.weights.len() + b.m.len() + b.v.len()) as u64
+    }
+
     /// Writes model.safetensors and optimizer.safetensors into `dir`
     /// (fsynced), straight from the snapshot's buffers; returns file name →
     /// sha256.
@@ -201,6 +208,17 @@ impl Trainer {
         device: Device,
     ) -> Result<Trainer> {
         let corpus = Corpus::open(&config.data, &config.model, config.train.seed, Scan::Layout)?;
+        Trainer::with_corpus(config, corpus, collective, accumulation, device)
+    }
+
+    /// [`Trainer::new`] on a corpus already opened for `config`'s data.
+    pub fn with_corpus(
+        config: &Config,
+        corpus: Corpus,
+        collective: Box<dyn Collective>,
+        accumulation: usize,
+        device: Device,
+    ) -> Result<Trainer> {
         let slots = model::layout(&config.model);
         let weights = model::initial_weights(&config.model, config.train.seed);
         let transfers = Transfers::default();
@@ -401,6 +419,9 @@ impl Trainer {
     /// micro_batch of them) at learning rate `lr`.
     pub fn step(&mut self, samples: &[u64], lr: f64) -> Result<StepOutcome> {
         let start = Instant::now();
+        // A token file truncated under the job is an error that names it,
+        // not a SIGBUS on the read past its new end.
+        self.corpus.train.check_unchanged()?;
         let micro = self.config.train.micro_batch;
         anyhow::ensure!(
             samples.len() == micro * self.accumulation,
@@ -523,6 +544,7 @@ impl Trainer {
     /// Sum of token losses and token count over validation `samples`
     /// (windows at `data.val_stride`).
     pub fn evaluate(&mut self, samples: &[u64]) -> Result<(f64, u64)> {
+        self.corpus.val.check_unchanged()?;
         let val = self.corpus.val.clone();
         let t = self.config.model.context;
         let mut loss_sum = 0.0;
@@ -543,13 +565,10 @@ impl Trainer {
         Ok((loss_sum, tokens))
     }
 
-    /// The token splits this trainer reads: ("train" | "val", name,
-    /// tokens, checksum), for the coordinator to compare with its own.
-    pub fn data_splits(&self) -> Vec<(&'static str, String, u64, u64)> {
-        [("train", &self.corpus.train), ("val", &self.corpus.val)]
-            .into_iter()
-            .map(|(split, t)| (split, t.name.clone(), t.len() as u64, t.checksum()))
-            .collect()
+    /// The fingerprints of the token splits this trainer reads, for the
+    /// coordinator to compare with its own (computed once per corpus).
+    pub fn data_fingerprints(&self) -> &[stride_job::tokens::Fingerprint; 2] {
+        self.corpus.fingerprints()
     }
 
     /// The synthetic corpus's entropy rate, when the corpus is built in.

@@ -60,8 +60,10 @@ async fn fake_worker(url: String, i: usize) -> Result<()> {
         .await?
         .into_inner();
     let (tx, rx) = tokio::sync::mpsc::channel(16);
+    // Simulated workers read no data: they report none (not checked).
     tx.send(msg(worker_message::Body::Hello(Hello {
         worker_id: reg.worker_id,
+        data: Vec::new(),
     })))
     .await?;
     let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
@@ -132,6 +134,7 @@ async fn fake_worker(url: String, i: usize) -> Result<()> {
                         .collect(),
                     write_s: 0.0,
                     weights_hash: vec![3],
+                    error: String::new(),
                 })
             }
             Some(coordinator_message::Body::Shutdown(_)) => break,

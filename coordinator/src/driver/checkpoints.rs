@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
+
+use super::CheckpointFailed;
 use stride_job::checkpoint::{self, Checkpoint, TrainState};
 use stride_proto::v1::CheckpointReport;
 
@@ -81,11 +83,50 @@ impl Checkpoints {
     }
 
     /// Rank 0 wrote its files: write the manifest and COMPLETE, rename into
-    /// place, move the pointers, prune.
+    /// place, move the pointers, prune. A write that failed (rank 0's
+    /// report says why) or a commit that fails here (the disk is full) is
+    /// a [`CheckpointFailed`]: the temporary folder is removed at once and
+    /// the job stops, the checkpoint before staying the newest.
     pub fn commit(&mut self, r: CheckpointReport) -> Result<()> {
-        let Some(mut p) = self.pending.remove(&r.step) else {
+        let Some(p) = self.pending.remove(&r.step) else {
             return Ok(());
         };
+        let (step, tmp) = (r.step, p.tmp.clone());
+        let failed = if r.error.is_empty() {
+            match self.commit_written(p, r) {
+                Ok(()) => return Ok(()),
+                Err(e) => format!("{e:#}"),
+            }
+        } else {
+            r.error
+        };
+        let removed = match std::fs::remove_dir_all(&tmp) {
+            Ok(()) => format!("its temporary folder {} was removed", tmp.display()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => format!(
+                "its temporary folder {} could not be removed ({e})",
+                tmp.display()
+            ),
+        };
+        let newest = self
+            .committed
+            .last()
+            .map(|d| format!("the newest checkpoint is still {}", d.display()))
+            .unwrap_or_else(|| "this job has committed no checkpoint yet".into());
+        Err(CheckpointFailed {
+            step,
+            message: failed,
+            kept: [removed, newest]
+                .into_iter()
+                .filter(|s| !s.is_empty())
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+        .into())
+    }
+
+    /// [`Checkpoints::commit`] of files rank 0 wrote.
+    fn commit_written(&mut self, mut p: Pending, r: CheckpointReport) -> Result<()> {
         for file in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE] {
             if !r.sha256.contains_key(file) {
                 bail!(
@@ -103,21 +144,24 @@ impl Checkpoints {
         let folder = &self.folder;
         let commit_span =
             tracing::info_span!(parent: &p.span, "checkpoint_commit", step = r.step as i64);
-        let dir =
-            commit_span.in_scope(|| checkpoint::commit(&p.tmp, folder, p.state, &p.config_toml))?;
+        full_disk_for_tests(r.step, &p.tmp);
+        let dir = commit_span
+            .in_scope(|| checkpoint::commit(&p.tmp, folder, p.state, &p.config_toml))
+            .map_err(|e| environment(e, folder))?;
         p.span.record("dir", dir.display().to_string());
         let m = &self.shared.metrics;
         m.checkpoint_seconds
             .observe(p.planned.elapsed().as_secs_f64());
         m.checkpoints.inc();
         self.committed.push(dir.clone());
+        let env = |e| environment(e, folder);
         if checkpoint::pointer_step(folder, checkpoint::LATEST).is_none_or(|s| s <= r.step) {
-            checkpoint::set_pointer(folder, checkpoint::LATEST, r.step)?;
+            checkpoint::set_pointer(folder, checkpoint::LATEST, r.step).map_err(env)?;
         }
         if p.best {
-            checkpoint::set_pointer(folder, checkpoint::BEST, r.step)?;
+            checkpoint::set_pointer(folder, checkpoint::BEST, r.step).map_err(env)?;
         }
-        let removed = checkpoint::prune(folder, self.keep_last)?;
+        let removed = checkpoint::prune(folder, self.keep_last).map_err(env)?;
         let pruned = if removed.is_empty() {
             String::new()
         } else {
@@ -138,10 +182,26 @@ impl Checkpoints {
         self.pending.len()
     }
 
+    /// Whether the checkpoint of `step` is planned and not yet committed.
+    pub fn is_planned(&self, step: u64) -> bool {
+        self.pending.contains_key(&step)
+    }
+
+    /// The step of the last checkpoint committed.
+    pub fn last_committed_step(&self) -> Option<u64> {
+        self.committed
+            .last()
+            .and_then(|d| d.file_name())
+            .and_then(|n| n.to_string_lossy().strip_prefix("step-")?.parse().ok())
+    }
+
     /// Forgets the checkpoints in flight (after a failure: their writer's
-    /// generation is gone; their temporary folders are never loaded).
+    /// generation is gone) and removes their temporary folders (a writer
+    /// still running finds its folder gone and fails harmlessly).
     pub fn abandon_in_flight(&mut self) {
-        self.pending.clear();
+        for (_, p) in std::mem::take(&mut self.pending) {
+            let _ = std::fs::remove_dir_all(&p.tmp);
+        }
     }
 
     /// The newest checkpoint this job committed that still validates.
@@ -155,5 +215,35 @@ impl Checkpoints {
     /// The folder of the last checkpoint committed.
     pub fn last_committed(&self) -> Option<&Path> {
         self.committed.last().map(PathBuf::as_path)
+    }
+}
+
+/// A checkpoint error while committing is the environment's (a full disk,
+/// a folder not writable), not a bad input: reported as text, so that it
+/// maps to exit 1, not 2 — with what a full disk needs said plainly.
+fn environment(e: checkpoint::CheckpointError, folder: &Path) -> anyhow::Error {
+    let full = matches!(&e, checkpoint::CheckpointError::Io { source, .. }
+        if source.kind() == std::io::ErrorKind::StorageFull);
+    if !full {
+        return anyhow::anyhow!("{e}");
+    }
+    let free = stride_job::files::free_bytes(folder)
+        .map_or_else(|| "an unknown number of".into(), |b| b.to_string());
+    anyhow::anyhow!(
+        "no space left on device (ENOSPC) in {}, {free} bytes free: {e}; free space or give checkpoints another folder (checkpoint.dir), then resume",
+        folder.display()
+    )
+}
+
+/// Test hook, in debug builds only: `STRIDE_TEST_COORDINATOR_FULL_DISK_AT_STEP=N`
+/// makes the commit of step N meet a full disk — the `config.toml` it
+/// writes is made a link to `/dev/full`, so the write fails with the
+/// kernel's own ENOSPC.
+fn full_disk_for_tests(step: u64, tmp: &Path) {
+    let at = std::env::var("STRIDE_TEST_COORDINATOR_FULL_DISK_AT_STEP")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if cfg!(debug_assertions) && at == Some(step) {
+        let _ = std::os::unix::fs::symlink("/dev/full", tmp.join(checkpoint::CONFIG_FILE));
     }
 }

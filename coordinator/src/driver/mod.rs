@@ -35,6 +35,7 @@ use stride_job::checkpoint::{
 use stride_job::config::Config;
 use stride_job::sampler::{DataCursor, Sampler, eval_samples, shard, shard_uneven};
 use stride_job::schedule::Schedule;
+use stride_job::tokens::Fingerprint;
 use stride_proto::exit;
 use stride_proto::v1::{
     CheckpointPlan, EvalPlan, RankStatus, StepPlan, coordinator_message, worker_message,
@@ -49,7 +50,7 @@ use checkpoints::Checkpoints;
 use decay::{DecayRequest, describe_segment};
 pub use recovery::RestartPoint;
 use recovery::Restarts;
-use worker_set::{Aside, Asides, Formation, Patience, WorkerSet};
+use worker_set::{Aside, Asides, Formation, Occasion, Patience, WorkerSet};
 
 /// The job was stopped by a signal (Ctrl-C or SIGTERM); exit code 130.
 #[derive(Debug, thiserror::Error)]
@@ -63,15 +64,58 @@ pub struct Interrupted(pub &'static str);
 pub const PREEMPTED_EXIT: u8 = 143;
 
 /// The job stopped after a SIGTERM, with a committed checkpoint of its
-/// last finished step.
+/// last finished step (or, stopped while the worker set formed, with the
+/// checkpoint it was about to start from: no step ran since).
 #[derive(Debug, thiserror::Error)]
-#[error(
-    "stopped after SIGTERM with a checkpoint of step {step} ({dir}); continue with `coordinator --resume {dir}`"
-)]
 pub struct Preempted {
     pub step: u64,
-    pub dir: String,
+    /// None: stopped before the first step of a fresh job; nothing to save.
+    pub dir: Option<String>,
 }
+
+impl std::fmt::Display for Preempted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.dir {
+            Some(dir) => write!(
+                f,
+                "stopped after SIGTERM with a checkpoint of step {} ({dir}); continue with `coordinator --resume {dir}`",
+                self.step
+            ),
+            None => write!(
+                f,
+                "stopped after SIGTERM before step {} (no step had run, nothing to save); start the job again with the same command",
+                self.step
+            ),
+        }
+    }
+}
+
+/// A first SIGTERM came while the worker set formed: no step is in
+/// flight, so the driver stops at once with the checkpoint it was to
+/// start from ([`Preempted`]).
+#[derive(Debug, thiserror::Error)]
+#[error("SIGTERM while the worker set formed")]
+pub struct PreemptedForming;
+
+/// A checkpoint could not be written or committed (the disk is full, the
+/// folder is not writable): the job stops at once (exit 1, not the
+/// bad-input 2) with the cause, and the checkpoint before stays the
+/// newest.
+#[derive(Debug, thiserror::Error)]
+#[error("the checkpoint of step {step} was not written: {message}; {kept}")]
+pub struct CheckpointFailed {
+    pub step: u64,
+    pub message: String,
+    /// What is left to resume from.
+    pub kept: String,
+}
+
+/// A replacement joined a job that went on with fewer workers: the
+/// driver checkpointed the step just finished and forms the set again
+/// from it with everyone present.
+#[derive(Debug, thiserror::Error)]
+#[error("re-forming the worker set with the workers present")]
+pub struct Regrow;
 
 /// The checkpoint a job resumes did not check out: its files were hashed
 /// while the workers loaded them, and no step ran from it.
@@ -119,8 +163,12 @@ pub struct JobSpec {
     /// Samples in the training / validation split.
     pub train_samples: u64,
     pub val_samples: u64,
-    /// The coordinator's own token splits: every worker must read the same.
-    pub data: Vec<DataSplitSpec>,
+    /// The fingerprints of the job's data: every worker must read the
+    /// same, and every checkpoint records them.
+    pub data: Vec<Fingerprint>,
+    /// The token files as the coordinator found them: a restart checks
+    /// they did not change under the job.
+    pub data_files: Vec<DataFile>,
     /// Where the job starts (and, after a restart, where the attempt did).
     pub start: RestartPoint,
     /// The entropy rate of a synthetic corpus (reported next to losses).
@@ -137,14 +185,32 @@ pub struct JobSpec {
     pub check: Option<StartCheck>,
 }
 
-/// One token split as the coordinator opened it.
-#[derive(Debug, Clone)]
-pub struct DataSplitSpec {
-    /// "train" or "val".
-    pub split: &'static str,
-    pub name: String,
-    pub tokens: u64,
-    pub checksum: u64,
+/// A token file and what `stat` said of it when the job started.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataFile {
+    pub path: PathBuf,
+    pub stamp: FileStamp,
+}
+
+/// Length, inode and modification time: a file rewritten, replaced or
+/// truncated has another stamp.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FileStamp {
+    pub len: u64,
+    pub inode: u64,
+    pub modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    pub fn of(path: &std::path::Path) -> std::io::Result<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(FileStamp {
+            len: m.len(),
+            inode: m.ino(),
+            modified: m.modified().ok(),
+        })
+    }
 }
 
 /// How a finished job went.
@@ -203,6 +269,8 @@ pub struct Driver {
     job_span: tracing::Span,
     /// Where to start instead if the resume's checkpoint check fails.
     fallback: Option<Replan>,
+    /// Why the next formation happens (how long it waits for workers).
+    occasion: Occasion,
 }
 
 impl Driver {
@@ -250,6 +318,7 @@ impl Driver {
             restarts: Restarts::new(spec.start.clone()),
             job_span,
             spec,
+            occasion: Occasion::Start,
         }
     }
 
@@ -285,6 +354,11 @@ impl Driver {
         // (Kubernetes must not retry: the pod failure policy fails the Job).
         let (reason, code) = match &result {
             Ok(_) => ("training finished".to_string(), exit::DONE),
+            Err(e) if e.chain().any(|c| c.is::<CheckpointFailed>()) => {
+                // The environment failed, not the job's input: a restarted
+                // coordinator (`--resume …/latest`) takes the workers back.
+                (format!("the coordinator stopped: {e:#}"), exit::REMOVED)
+            }
             Err(e)
                 if e.chain()
                     .any(|c| c.is::<Interrupted>() || c.is::<Preempted>()) =>
@@ -308,7 +382,7 @@ impl Driver {
         let config_toml = c.to_toml();
         let formation = Formation {
             step: self.step,
-            restarts: self.restarts.count,
+            occasion: self.occasion,
             config_toml: &config_toml,
             load: self.spec.start.load.as_ref(),
             data: &self.spec.data,
@@ -318,7 +392,12 @@ impl Driver {
         self.workers
             .settle_check(self.step, formed.is_ok(), &mut self.boundary)
             .await?;
-        formed?;
+        if let Err(e) = formed {
+            if e.is::<PreemptedForming>() {
+                return Err(self.stop_preempted_forming());
+            }
+            return Err(e);
+        }
         if let Some(marker) = self.spec.marker.take() {
             self.run.write_line(&marker)?;
         }
@@ -509,6 +588,9 @@ impl Driver {
             if preempted {
                 return Err(self.stop_preempted().await?.into());
             }
+            if self.step < max_steps && self.workers.can_grow() {
+                return Err(self.grow(sampler.cursor(), &span).await?.into());
+            }
         }
         self.finish_checkpoints().await?;
         last.steps = self.step - self.spec.start.step;
@@ -527,20 +609,60 @@ impl Driver {
             .last_committed()
             .map(|d| d.display().to_string())
             .unwrap_or_default();
+        self.record_preempted(Some(dir))
+    }
+
+    /// A SIGTERM while the worker set formed: no step ran since the
+    /// checkpoint the attempt starts from, which is the one to resume.
+    fn stop_preempted_forming(&mut self) -> anyhow::Error {
+        let dir = self
+            .spec
+            .start
+            .load
+            .as_ref()
+            .filter(|l| !l.weights_only)
+            .map(|l| l.dir.display().to_string());
+        match self.record_preempted(dir) {
+            Ok(p) => p.into(),
+            Err(e) => e,
+        }
+    }
+
+    /// The `preempted` history event and metrics line.
+    fn record_preempted(&mut self, dir: Option<String>) -> Result<Preempted> {
+        let shown = dir.clone().unwrap_or_default();
         self.spec.history.push(HistoryEvent {
             step: self.step,
             event: "preempted".into(),
-            detail: format!("SIGTERM; checkpoint {dir}"),
+            detail: format!("SIGTERM; checkpoint {shown}"),
         });
         self.run.write_line(&serde_json::json!({
             "event": "preempted",
             "step": self.step,
-            "checkpoint": dir,
+            "checkpoint": shown,
         }))?;
         Ok(Preempted {
             step: self.step,
             dir,
         })
+    }
+
+    /// A replacement joined while the job ran short of workers: checkpoint
+    /// the step just finished (unless that was done), commit it, and
+    /// return [`Regrow`] — the next attempt forms the set from it with
+    /// everyone present. Not a restart: nothing failed.
+    async fn grow(&mut self, cursor: DataCursor, span: &tracing::Span) -> Result<Regrow> {
+        let planned = self.boundary.checkpoints.is_planned(self.step)
+            || self
+                .boundary
+                .checkpoints
+                .last_committed_step()
+                .is_some_and(|s| s == self.step);
+        if !planned {
+            self.plan_checkpoint(false, cursor, span).await?;
+        }
+        self.finish_checkpoints().await?;
+        Ok(Regrow)
     }
 
     /// Every rank's report of `step`.
@@ -654,6 +776,7 @@ impl Driver {
             optimizer_step: self.step,
             metrics: self.metrics.clone(),
             history: self.spec.history.clone(),
+            data: self.spec.data.clone(),
             files: BTreeMap::new(),
         };
         // Open until the commit, which may come several steps later.

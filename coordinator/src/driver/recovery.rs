@@ -8,9 +8,11 @@
 //!
 //! The rules of restarting: a [`RankFailure`] (a rank lost, frozen, too
 //! slow, or failed in a step) is recoverable, anything else stops the job;
-//! the same cause at the same step twice in a row stops it (restarting
-//! would run into it again), and so does a failure after
-//! `cluster.max_restarts` restarts.
+//! the same repeatable cause at the same step twice in a row stops it
+//! (restarting would run into it again), and so does a failure after
+//! `cluster.max_restarts` restarts. A job that went on with fewer workers
+//! takes a replacement back at a step boundary ([`Driver::grow`]): a
+//! checkpoint of that step, then a new formation from it — not a restart.
 
 use std::path::PathBuf;
 
@@ -18,7 +20,8 @@ use anyhow::{Result, bail};
 use stride_job::checkpoint::{Checkpoint, HistoryEvent, MetricsSoFar};
 use stride_job::sampler::DataCursor;
 
-use super::{DamagedStart, Driver, Replan, Summary};
+use super::worker_set::Occasion;
+use super::{DamagedStart, Driver, Regrow, Replan, Summary};
 
 /// Where an attempt starts: the step, the data cursor at that step, what
 /// every rank loads first, and the metrics carried over.
@@ -84,8 +87,14 @@ pub struct RankFailure {
     pub message: String,
     /// What failed, without what changes from one attempt to the next
     /// (pids, durations): the same cause at the same step twice in a row
-    /// stops the job instead of restarting into it again.
+    /// stops the job instead of restarting into it again — when the
+    /// failure is `repeatable`.
     pub cause: String,
+    /// Whether a restart would run into it again: a step that fails on a
+    /// rank, work slower than the step timeout, a collective failing with
+    /// every rank alive. A process that died, froze or was replaced is
+    /// not (two kills at one step are two accidents, not a pattern).
+    pub repeatable: bool,
 }
 
 /// The restarts of a job so far.
@@ -117,7 +126,7 @@ impl Restarts {
         self.failures
             .push(format!("step {step}: {}", failure.message));
         let this = (step, failure.cause.clone());
-        if self.last.as_ref() == Some(&this) {
+        if failure.repeatable && self.last.as_ref() == Some(&this) {
             bail!(
                 "{failure}\nThe same failure stopped step {step} before the last restart, so restarting would run into it again; stopping the job. Failures:\n  {}",
                 self.failures.join("\n  ")
@@ -155,6 +164,10 @@ impl Driver {
                 self.fall_back(&err, fallback).await?;
                 continue;
             }
+            if err.is::<Regrow>() {
+                self.regrow().await?;
+                continue;
+            }
             let Some(failure) = err.downcast_ref::<RankFailure>() else {
                 return Err(err);
             };
@@ -163,6 +176,7 @@ impl Driver {
             tracing::warn!("{failure}");
             let failed = failure.worker_id.clone();
             self.recover(failed.as_deref()).await?;
+            self.occasion = Occasion::Restart;
             tracing::warn!(
                 "restart {}/{max}: resuming at step {} with the workers that are present",
                 self.restarts.count,
@@ -198,6 +212,36 @@ impl Driver {
         Ok(())
     }
 
+    /// A replacement joined a job running short: the step just finished is
+    /// committed ([`Driver::grow`]); stop the ranks and form the set again
+    /// from that checkpoint with every worker present.
+    async fn regrow(&mut self) -> Result<()> {
+        let present = self.workers.connected();
+        let reason = format!(
+            "a replacement joined: re-forming at step {} with the {present} workers present",
+            self.step
+        );
+        tracing::info!("{reason}");
+        self.workers.dismiss(None, &reason).await?;
+        self.spec.start = match self.boundary.checkpoints.newest_valid() {
+            Some(ckpt) => RestartPoint::resume(&ckpt)?,
+            None => bail!("the checkpoint taken to re-form the worker set does not validate"),
+        };
+        self.step = self.spec.start.step;
+        self.spec.history.push(HistoryEvent {
+            step: self.step,
+            event: "grow".into(),
+            detail: reason.clone(),
+        });
+        self.run.write_line(&serde_json::json!({
+            "event": "grow",
+            "step": self.step,
+            "workers": present,
+        }))?;
+        self.occasion = Occasion::Grow;
+        Ok(())
+    }
+
     /// After a failure: stop the surviving ranks' step, drop the failed
     /// worker (restarting it in --local mode), and rewind to the newest
     /// checkpoint this job committed (or to where the job started).
@@ -214,6 +258,21 @@ impl Driver {
         span.follows_from(&self.job_span);
         self.shared.metrics.restarts.inc();
         self.workers.dismiss(failed, &reason).await?;
+        // The checkpoints to restart from were trained on the data as it
+        // was: a token file changed under the job (truncated, rewritten,
+        // replaced) ends it, naming the file, instead of a restart that
+        // would read other samples (or die of SIGBUS reading past its end).
+        for f in &self.spec.data_files {
+            let now = super::FileStamp::of(&f.path);
+            if now.as_ref().ok() != Some(&f.stamp) {
+                let now = now.map_or_else(|e| e.to_string(), |s| format!("{} bytes", s.len));
+                bail!(
+                    "{reason}\nThe token file {} changed while the job ran ({} bytes when it started, {now} now), so the job cannot restart on the data its checkpoints were trained on; restore the file and resume with `--resume …/latest`, or resume on the new data with `--data-changed`",
+                    f.path.display(),
+                    f.stamp.len
+                );
+            }
+        }
         self.boundary.checkpoints.abandon_in_flight();
         self.spec.start = match self.boundary.checkpoints.newest_valid() {
             Some(ckpt) => RestartPoint::resume(&ckpt)?,
@@ -233,5 +292,46 @@ impl Driver {
             "reason": reason,
         }))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(cause: &str, repeatable: bool) -> RankFailure {
+        RankFailure {
+            worker_id: None,
+            message: format!("{cause} at step 25"),
+            cause: cause.into(),
+            repeatable,
+        }
+    }
+
+    /// Two kills of a worker at the same step are two accidents: both are
+    /// restarted from. The same step failing the same way twice is a
+    /// pattern: the second stops the job.
+    #[test]
+    fn only_a_repeatable_failure_twice_at_one_step_stops_the_job() {
+        let mut r = Restarts::new(RestartPoint::default());
+        let killed = failure("local-1 exited", false);
+        r.admit(25, &killed, 5).expect("first kill");
+        r.admit(25, &killed, 5)
+            .expect("second kill: another accident");
+        let slow = failure("timeout to report the step, all alive: true", true);
+        r.admit(25, &slow, 5).expect("first timeout");
+        let e = r.admit(25, &slow, 5).expect_err("the same timeout again");
+        assert!(
+            e.to_string().contains("restarting would run into it again"),
+            "{e}"
+        );
+        assert_eq!(r.count, 3);
+        let e = Restarts::new(RestartPoint::default())
+            .admit(3, &killed, 0)
+            .expect_err("no restarts allowed");
+        assert!(
+            e.to_string().contains("giving up after 0 restart(s)"),
+            "{e}"
+        );
     }
 }

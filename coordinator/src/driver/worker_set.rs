@@ -32,10 +32,12 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinHandle;
 use tokio::time::Instant as TokioInstant;
 
+use stride_job::tokens::Fingerprint;
+
 use super::decay::DecayRequest;
 use super::recovery::{Load, RankFailure};
-use super::{DamagedStart, DataSplitSpec, Interrupted};
-use crate::local::LocalWorkers;
+use super::{DamagedStart, Interrupted, PreemptedForming};
+use crate::local::{Exited, LocalWorkers};
 use crate::server::{Event, Outbound, Shared, WorkerInfo};
 
 /// The checkpoint check's result: a damaged checkpoint is a
@@ -130,26 +132,41 @@ enum Wait {
     TimedOut,
     /// The resume's checkpoint files checked out.
     Checked,
+    /// A local worker process that held no rank exited.
+    Exited(Exited),
 }
 
 /// The hashing of a resume's checkpoint files, running on a blocking
 /// thread.
 pub type Check = JoinHandle<Result<(), CheckpointError>>;
 
+/// Why the worker set forms, which says how long it waits for workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Occasion {
+    /// The job's first formation: all `cluster.workers`, within
+    /// `startup_timeout_s`.
+    Start,
+    /// After a failure: all `cluster.workers` if they come within
+    /// `rejoin_timeout_s`, else as many as are present (at least
+    /// `min_workers`, and a count the global batch divides among).
+    Restart,
+    /// A replacement joined a job running short: everyone present now,
+    /// without waiting for more.
+    Grow,
+}
+
 /// What forming a worker set needs from the job.
 #[derive(Debug)]
 pub struct Formation<'a> {
     /// The step training starts at (for messages and the trace).
     pub step: u64,
-    /// Restarts so far: after one, fewer workers may do
-    /// (`cluster.min_workers`).
-    pub restarts: u32,
+    pub occasion: Occasion,
     /// The resolved config every rank runs.
     pub config_toml: &'a str,
     /// The checkpoint every rank loads first.
     pub load: Option<&'a Load>,
-    /// The coordinator's token splits: every rank must read the same.
-    pub data: &'a [DataSplitSpec],
+    /// The fingerprints of the job's data: every rank must read the same.
+    pub data: &'a [Fingerprint],
     pub job_span: &'a tracing::Span,
 }
 
@@ -179,6 +196,17 @@ pub struct WorkerSet {
     generation: u64,
     /// A resume's checkpoint check still running (taken when it ends).
     check: Option<Check>,
+    /// A spare joined while the set ran short of `cluster.workers`
+    /// ([`WorkerSet::can_grow`]).
+    grow: bool,
+}
+
+/// What a rank reports once it built its model.
+#[derive(Debug)]
+struct ReadyReport {
+    layout_hash: Vec<u8>,
+    weights_hash: Vec<u8>,
+    data: Vec<stride_proto::v1::DataSplit>,
 }
 
 impl WorkerSet {
@@ -202,6 +230,7 @@ impl WorkerSet {
             closed: HashMap::new(),
             generation: 0,
             check: None,
+            grow: false,
         }
     }
 
@@ -265,15 +294,18 @@ impl WorkerSet {
         }
     }
 
-    /// Waits for `cluster.workers` workers, gives them ranks and the job,
-    /// hands them the collective's id, and checks that they built the same
-    /// model from the same data.
+    /// Waits for `cluster.workers` workers (see [`Occasion`]), gives them
+    /// ranks and the job, hands them the collective's id, and checks that
+    /// they built the same model from the same data.
     pub async fn form(&mut self, f: Formation<'_>, asides: &mut impl Asides) -> Result<()> {
         self.symptom = None;
         self.closed.clear();
+        self.grow = false;
         let startup = Duration::from_secs_f64(self.config.cluster.startup_timeout_s);
+        self.join(f.step, f.occasion, asides).await?;
+        // The ranks get the whole start-up time for what follows, however
+        // long joining took (waiting for a replacement that never came).
         let deadline = TokioInstant::now() + startup;
-        self.join(f.step, f.restarts, deadline, asides).await?;
         let world = self.ranks.len();
         let span = tracing::info_span!(
             parent: None,
@@ -359,7 +391,11 @@ impl WorkerSet {
                 "to build its model",
                 |generation, body| match body {
                     worker_message::Body::Ready(r) if r.generation == generation => {
-                        Some((r.parameter_layout_hash, r.weights_hash, r.data))
+                        Some(ReadyReport {
+                            layout_hash: r.parameter_layout_hash,
+                            weights_hash: r.weights_hash,
+                            data: r.data,
+                        })
                     }
                     _ => None,
                 },
@@ -367,17 +403,19 @@ impl WorkerSet {
             )
             .await?;
         for (rank, r) in ready.iter().enumerate() {
-            self.check_data(rank, f.data, &r.2)?;
+            if let Some(why) = crate::server::data_refusal(f.data, &r.data) {
+                bail!("{} {why}", self.ranks[rank].describe(rank));
+            }
         }
-        let first = ready[0].clone();
+        let first = &ready[0];
         for (rank, r) in ready.iter().enumerate().skip(1) {
-            if r.0 != first.0 {
+            if r.layout_hash != first.layout_hash {
                 bail!(
                     "{} built a model with other parameter names or shapes than rank 0; every worker must run the same config and binary",
                     self.ranks[rank].describe(rank)
                 );
             }
-            if r.1 != first.1 {
+            if r.weights_hash != first.weights_hash {
                 bail!(
                     "{} initialised different weights from rank 0 (seeded initialisation disagrees)",
                     self.ranks[rank].describe(rank)
@@ -385,12 +423,20 @@ impl WorkerSet {
             }
         }
         if let Some(load) = f.load {
-            let got = stride_job::config::hex(&first.1);
+            let got = stride_job::config::hex(&first.weights_hash);
             if got != load.weights_hash {
-                bail!(
-                    "the ranks loaded weights with hash {got}, but the checkpoint recorded {}: the checkpoint changed after it was validated",
-                    load.weights_hash
-                );
+                // The files passed their sums, yet hold other weights than
+                // the checkpoint recorded: the checkpoint is damaged (its
+                // state and files disagree), so a resume of `latest` falls
+                // back as for any other damage.
+                return Err(DamagedStart(CheckpointError::Invalid {
+                    path: load.dir.clone(),
+                    message: format!(
+                        "the ranks loaded weights with hash {got}, but its train_state.json records {}: its files and its state disagree",
+                        load.weights_hash
+                    ),
+                })
+                .into());
             }
             tracing::info!("all {world} ranks loaded the checkpoint's weights (hash {got})");
         }
@@ -401,20 +447,47 @@ impl WorkerSet {
         Ok(())
     }
 
-    /// Waits for `cluster.workers` workers (fewer after a restart, down to
-    /// `cluster.min_workers`) and gives them ranks in a new generation.
+    /// Waits for workers as `occasion` says and gives them ranks in a new
+    /// generation: `cluster.workers` of them, or after a failure (once
+    /// `rejoin_timeout_s` has passed) or for a [`Occasion::Grow`] as many
+    /// as are present — at least `cluster.min_workers`, and a count the
+    /// global batch divides among.
     async fn join(
         &mut self,
         step: u64,
-        restarts: u32,
-        deadline: TokioInstant,
+        occasion: Occasion,
         asides: &mut impl Asides,
     ) -> Result<()> {
         let c = &self.config.cluster;
-        let (want, min_workers, startup_s) = (c.workers, c.min_workers, c.startup_timeout_s);
+        let (want, startup_s, rejoin_s) = (c.workers, c.startup_timeout_s, c.rejoin_timeout_s);
+        let now = TokioInstant::now();
+        let deadline = now + Duration::from_secs_f64(startup_s);
+        // When fewer workers than `want` may do.
+        let settle_at = match occasion {
+            Occasion::Start => None,
+            Occasion::Restart => Some(now + Duration::from_secs_f64(rejoin_s)),
+            Occasion::Grow => Some(now),
+        };
         let mut joined: Vec<Worker> = std::mem::take(&mut self.pool);
-        while joined.len() < want {
-            let waited = match self.next_event(step, deadline).await {
+        loop {
+            if joined.len() >= want {
+                break;
+            }
+            let settling = settle_at.is_some_and(|t| TokioInstant::now() >= t);
+            if settling && let Some(n) = self.usable(joined.len()) {
+                tracing::warn!(
+                    "continuing with {n} of {want} workers (cluster.min_workers = {}); a replacement that joins later is taken back at the next step boundary",
+                    self.config.cluster.min_workers
+                );
+                joined.sort_by_key(|w| natural_key(&w.info.identity));
+                self.pool = joined.split_off(n);
+                break;
+            }
+            let wake = match settle_at {
+                Some(t) if !settling => t.min(deadline),
+                _ => deadline,
+            };
+            let waited = match self.next_event(step, wake).await {
                 Err(e) if e.is::<DamagedStart>() => {
                     // Kept for the start from an older checkpoint.
                     self.pool = joined;
@@ -423,27 +496,22 @@ impl WorkerSet {
                 other => other?,
             };
             match waited {
+                Wait::TimedOut if TokioInstant::now() < deadline => {}
                 Wait::TimedOut => {
-                    // After a failure, continue with fewer workers if the
-                    // global batch divides among them (cluster.min_workers).
-                    let usable = (min_workers..=joined.len())
-                        .rev()
-                        .find(|n| self.config.accumulation_for(*n).is_ok());
-                    if restarts > 0
-                        && let Some(n) = usable
-                    {
-                        tracing::warn!("continuing with {n} of {want} workers");
-                        joined.sort_by_key(|w| natural_key(&w.info.identity));
-                        self.pool = joined.split_off(n);
-                        break;
-                    }
                     let present = joined.len();
                     // Kept, so that the job's end tells them to stop
                     // (dropping them would look like a lost coordinator,
                     // and they would try to reconnect).
                     self.pool = joined;
+                    let fewer = match occasion {
+                        Occasion::Start => String::new(),
+                        _ => format!(
+                            " (after a failure at least cluster.min_workers = {} that the global batch divides among)",
+                            self.config.cluster.min_workers
+                        ),
+                    };
                     bail!(
-                        "only {present} of {want} workers joined within cluster.startup_timeout_s = {startup_s}s; start more `worker --connect` processes or pass --workers {}",
+                        "only {present} of {want} workers joined within cluster.startup_timeout_s = {startup_s}s{fewer}; start more `worker --connect` processes or pass --workers {}",
                         present.max(1)
                     )
                 }
@@ -483,15 +551,31 @@ impl WorkerSet {
                     });
                 }
                 Wait::Event(Event::Left { worker_id, reason }) => {
-                    joined.retain(|w| w.id != worker_id);
-                    tracing::warn!("a worker left before the job started: {reason}");
+                    if let Some(at) = joined.iter().position(|w| w.id == worker_id) {
+                        let w = joined.remove(at);
+                        tracing::warn!(
+                            "worker {} ({}, pid {}) left before the worker set formed: {reason}",
+                            w.info.identity,
+                            w.info.host,
+                            w.info.pid
+                        );
+                    }
                 }
                 Wait::Event(Event::Interrupted(sig)) => return Err(Interrupted(sig).into()),
-                // No step is in flight while the worker set forms: nothing
-                // newer than the last checkpoint to save.
-                Wait::Event(Event::Preempt) => return Err(Interrupted("SIGTERM").into()),
+                // No step is in flight while the worker set forms: the
+                // newest checkpoint already holds everything to save.
+                Wait::Event(Event::Preempt) => {
+                    self.pool = joined;
+                    return Err(PreemptedForming.into());
+                }
                 Wait::Event(Event::Decay { over, shape, reply }) => {
                     asides.take(Aside::Decay(DecayRequest { over, shape, reply }))?;
+                }
+                Wait::Exited(gone) => {
+                    // A local worker that died before it held a rank
+                    // (before it registered, or idle between generations).
+                    joined.retain(|w| w.info.identity != gone.identity());
+                    self.replace_local(step, gone).await?;
                 }
                 Wait::Event(Event::Message { .. }) | Wait::Checked => {}
             }
@@ -514,6 +598,52 @@ impl WorkerSet {
             .enumerate()
             .map(|(i, r)| (r.worker.id.clone(), i))
             .collect();
+        Ok(())
+    }
+
+    /// The most workers, of `present`, a formation after a failure may go
+    /// on with: at least `cluster.min_workers`, at most `cluster.workers`,
+    /// and a count the global batch divides among.
+    fn usable(&self, present: usize) -> Option<usize> {
+        let c = &self.config.cluster;
+        (c.min_workers..=present.min(c.workers))
+            .rev()
+            .find(|n| self.config.accumulation_for(*n).is_ok())
+    }
+
+    /// Whether the job runs short and the workers connected now would let
+    /// it run with more ranks (a replacement joined after it went on with
+    /// fewer): the driver then re-forms the set at the next step boundary.
+    pub fn can_grow(&self) -> bool {
+        self.grow
+            && self
+                .usable(self.connected())
+                .is_some_and(|n| n > self.ranks.len())
+    }
+
+    /// A local worker process exited on its own without holding a rank:
+    /// start a fresh one in its slot — unless it said the job cannot work
+    /// (bad input, exit 2): that is the job's failure, with its log.
+    async fn replace_local(&mut self, step: u64, gone: Exited) -> Result<()> {
+        self.pool.retain(|w| w.info.identity != gone.identity());
+        if gone.gave_up() {
+            bail!(
+                "local worker {} (pid {}) stopped at step {step} ({}) and cannot work with this job; {}",
+                gone.slot,
+                gone.pid,
+                gone.status,
+                gone.log
+            );
+        }
+        if let Some(local) = &mut self.local {
+            let pid = local.restart(gone.slot).await?;
+            tracing::warn!(
+                "local worker {} (pid {}) exited at step {step} without holding a rank ({}); restarted it (pid {pid})",
+                gone.slot,
+                gone.pid,
+                gone.status
+            );
+        }
         Ok(())
     }
 
@@ -629,6 +759,7 @@ impl WorkerSet {
                             symptom_grace.as_secs_f64()
                         ),
                         cause: "a collective failed, no rank lost".into(),
+                        repeatable: true,
                     }
                     .into());
                 }
@@ -637,6 +768,7 @@ impl WorkerSet {
                 }
                 Wait::TimedOut => {}
                 Wait::Checked => return Ok(None),
+                Wait::Exited(gone) => self.replace_local(step, gone).await?,
                 Wait::Event(Event::Interrupted(sig)) => return Err(Interrupted(sig).into()),
                 Wait::Event(Event::Preempt) => {
                     asides.take(Aside::Preempt)?;
@@ -655,6 +787,7 @@ impl WorkerSet {
                                 self.ranks[rank].describe(rank),
                             ),
                             cause: format!("{} left", self.ranks[rank].worker.info.identity),
+                            repeatable: false,
                             worker_id: Some(worker_id),
                         }
                         .into());
@@ -708,6 +841,7 @@ impl WorkerSet {
                                     "{} failed: {}",
                                     self.ranks[rank].worker.info.identity, e.message
                                 ),
+                                repeatable: true,
                             }
                             .into());
                         }
@@ -755,6 +889,7 @@ impl WorkerSet {
                     info.pid
                 ),
                 cause: format!("{} replaced", info.identity),
+                repeatable: false,
             };
             self.last_seen.insert(worker.id.clone(), Instant::now());
             let identity = info.identity.clone();
@@ -763,14 +898,21 @@ impl WorkerSet {
             return Some(failure);
         }
         if self.connected() < self.config.cluster.max_workers {
+            self.last_seen.insert(worker.id.clone(), Instant::now());
+            let short = self.ranks.len() < self.config.cluster.workers;
             tracing::info!(
-                "worker {} ({}, pid {}) joined as a spare; it takes part from the next restart",
+                "worker {} ({}, pid {}) joined as a spare; {}",
                 info.identity,
                 info.host,
-                info.pid
+                info.pid,
+                if short {
+                    "the job runs short of cluster.workers, so it is taken in at the next step boundary (after a checkpoint of it)"
+                } else {
+                    "it takes part from the next restart"
+                }
             );
-            self.last_seen.insert(worker.id.clone(), Instant::now());
             self.pool.push(worker);
+            self.grow |= short;
             return None;
         }
         tracing::warn!(
@@ -807,8 +949,11 @@ impl WorkerSet {
                     .and_then(|s| s.parse().ok())
                     && let Some(local) = &mut self.local
                 {
-                    local.restart(slot).await?;
-                    tracing::info!("restarted local worker {slot}");
+                    let pid = local.restart(slot).await?;
+                    tracing::info!(
+                        "restarted local worker {slot} (pid {} → pid {pid})",
+                        worker.info.pid
+                    );
                 }
             } else {
                 let abort = coordinator_message::Body::Abort(Abort {
@@ -891,26 +1036,34 @@ impl WorkerSet {
                 Ok(Wait::Checked)
             }
             ev = self.events.recv() => ev.map(Wait::Event).ok_or_else(|| anyhow!("the gRPC service stopped")),
-            (slot, status) = async move {
+            gone = async move {
                 match local {
                     Some(l) => l.exited().await,
                     None => std::future::pending().await,
                 }
             } => {
-                let identity = format!("local-{slot}");
-                let rank = self.ranks.iter().position(|r| r.worker.info.identity == identity);
-                let who = rank
-                    .map(|r| self.ranks[r].describe(r))
-                    .unwrap_or_else(|| format!("local worker {slot}"));
-                let worker_id = rank
-                    .map(|r| self.ranks[r].worker.id.clone())
-                    .or_else(|| self.pool.iter().find(|w| w.info.identity == identity).map(|w| w.id.clone()));
-                Err(RankFailure {
-                    worker_id,
-                    message: format!("{who} lost at step {step}: the process exited ({status})"),
-                    cause: format!("{identity} exited"),
+                let identity = gone.identity();
+                match self.ranks.iter().position(|r| r.worker.info.identity == identity) {
+                    Some(rank) if gone.gave_up() => Err(anyhow!(
+                        "{} stopped at step {step} ({}) and cannot work with this job; {}",
+                        self.ranks[rank].describe(rank),
+                        gone.status,
+                        gone.log
+                    )),
+                    Some(rank) => Err(RankFailure {
+                        worker_id: Some(self.ranks[rank].worker.id.clone()),
+                        message: format!(
+                            "{} lost at step {step}: the process exited ({}); {}",
+                            self.ranks[rank].describe(rank),
+                            gone.status,
+                            gone.log
+                        ),
+                        cause: format!("{identity} exited"),
+                        repeatable: false,
+                    }
+                    .into()),
+                    None => Ok(Wait::Exited(gone)),
                 }
-                .into())
             }
             _ = tokio::time::sleep_until(deadline) => Ok(Wait::TimedOut),
         };
@@ -939,6 +1092,7 @@ impl WorkerSet {
                     self.config.cluster.heartbeat_timeout_s
                 ),
                 cause: format!("no heartbeat from {}", r.worker.info.identity),
+                repeatable: false,
             })
         })
     }
@@ -957,6 +1111,7 @@ impl WorkerSet {
                     r.describe(rank)
                 ),
                 cause: format!("{} left", r.worker.info.identity),
+                repeatable: false,
             })
     }
 
@@ -1033,45 +1188,8 @@ impl WorkerSet {
             worker_id: None,
             message,
             cause: format!("timeout {what}, all alive: {all_alive}"),
+            repeatable: all_alive,
         }
-    }
-
-    /// Refuses a rank whose token splits differ from the coordinator's (a
-    /// file of another length or content at the same path, another path):
-    /// it would read other samples than the ones it is planned. A worker
-    /// that reports no splits (the load test's simulated workers) is not
-    /// checked; every real worker of this version reports them.
-    fn check_data(
-        &self,
-        rank: usize,
-        data: &[DataSplitSpec],
-        got: &[stride_proto::v1::DataSplit],
-    ) -> Result<()> {
-        if got.is_empty() {
-            return Ok(());
-        }
-        for want in data {
-            let theirs = got.iter().find(|d| d.split == want.split);
-            let same =
-                theirs.is_some_and(|d| d.tokens == want.tokens && d.checksum == want.checksum);
-            if !same {
-                let theirs = theirs.map_or("no such split".to_string(), |d| {
-                    format!(
-                        "{}: {} tokens, checksum {:016x}",
-                        d.name, d.tokens, d.checksum
-                    )
-                });
-                bail!(
-                    "{} reads other {} data than the coordinator: the worker's {theirs}; the coordinator's {}: {} tokens, checksum {:016x}. Every worker must read the same token files (a shared volume, the same data.train / data.val)",
-                    self.ranks[rank].describe(rank),
-                    want.split,
-                    want.name,
-                    want.tokens,
-                    want.checksum
-                );
-            }
-        }
-        Ok(())
     }
 }
 

@@ -72,14 +72,27 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
             "runs/live",
             "--set",
             "checkpoint.dir=live",
+            "--set",
+            "cluster.startup_timeout_s=3600",
         ],
         dir,
         "live.out",
     );
     let addr = dir.join("runs/live/coordinator.addr");
-    eventually(Duration::from_secs(60), "the live coordinator", || {
-        addr.exists().then_some(())
+    let live_url = eventually(Duration::from_secs(60), "the live coordinator", || {
+        std::fs::read_to_string(&addr)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
     });
+    // Files that are not regular files: each would block or never end.
+    let fifo = dir.join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success());
+    std::fs::write(dir.join("wrong-token"), "not-the-job-token\n").expect("w");
 
     let fresh = [
         "--set",
@@ -302,6 +315,52 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
             2,
             vec!["missing-token"],
         ),
+        (
+            "worker",
+            vec!["--connect", &live_url, "--token-file", "wrong-token"],
+            2,
+            vec!["refused registration", "wrong job token"],
+        ),
+        (
+            "worker",
+            vec!["--connect", "http://127.0.0.1:9", "--token-file", "fifo"],
+            2,
+            vec!["fifo", "a FIFO"],
+        ),
+        (
+            "coordinator",
+            vec!["--config", "fifo"],
+            2,
+            vec!["fifo", "a FIFO"],
+        ),
+        (
+            "coordinator",
+            vec!["--set", "data.train=fifo"],
+            2,
+            vec!["fifo", "a FIFO"],
+        ),
+        (
+            "coordinator",
+            vec!["--token-file", "fifo", "--listen", "127.0.0.1:0"],
+            2,
+            vec!["fifo", "a FIFO"],
+        ),
+        (
+            // Another run directory, but the live job's checkpoint folder.
+            "coordinator",
+            vec![
+                "--config",
+                "tiny",
+                "--listen",
+                "127.0.0.1:0",
+                "--run-dir",
+                "runs/live3",
+                "--set",
+                "checkpoint.dir=live",
+            ],
+            2,
+            vec!["checkpoint folder live", "in use by another coordinator"],
+        ),
     ];
     let before = (snapshot(&ckpts), snapshot(&corrupted));
     for (binary, args, code, needles) in cases {
@@ -431,8 +490,9 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
 }
 
 /// A worker whose token file differs from the coordinator's (same path,
-/// other content — e.g. a stale copy on one machine) is refused by name,
-/// with both files' lengths and checksums, before any step runs.
+/// other content — e.g. a stale copy on one machine) is refused by name
+/// when it joins, with both files' lengths and hashes (exit 2), before
+/// any step runs; the coordinator waits on for a worker that can join.
 #[test]
 fn a_worker_reading_other_data_is_refused_before_training() {
     let _turn = crate::common::beside_others();
@@ -458,23 +518,29 @@ fn a_worker_reading_other_data_is_refused_before_training() {
             "model.context=16",
             "--set",
             "data.stride=16",
+            "--set",
+            "cluster.startup_timeout_s=5",
         ],
         coordinator_dir.path(),
         "c.out",
     );
     let url = crate::common::coordinator_url(coordinator_dir.path(), "tiny", &mut coord);
     let mut worker = spawn("worker", &["--connect", &url], worker_dir.path(), "w.out");
+    let code = worker.wait(Duration::from_secs(60)).code();
+    let wout = std::fs::read_to_string(worker_dir.path().join("w.out")).unwrap_or_default();
+    assert_eq!(code, Some(2), "{wout}");
     let status = coord.wait(Duration::from_secs(120));
     let out = std::fs::read_to_string(coordinator_dir.path().join("c.out")).unwrap_or_default();
     assert_eq!(status.code(), Some(1), "{out}");
-    assert!(
-        out.contains("rank 0 (")
-            && out.contains("reads other train data than the coordinator")
-            && out.contains("the worker's data/train.bin")
-            && out.contains("the coordinator's data/train.bin")
-            && out.matches("3600 tokens, checksum").count() == 2,
-        "{out}"
-    );
+    for text in [&out, &wout] {
+        assert!(
+            text.contains("train data differs from the job's")
+                && text.contains("the worker's data/train.bin")
+                && text.contains("the coordinator's data/train.bin")
+                && text.matches("3600 tokens, xxh3").count() >= 2,
+            "{text}"
+        );
+    }
+    assert!(out.contains("only 0 of 1 workers joined"), "{out}");
     assert!(!out.contains("step      0"), "no step may run: {out}");
-    let _ = worker.wait(Duration::from_secs(60));
 }

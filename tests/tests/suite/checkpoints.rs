@@ -73,6 +73,16 @@ fn twenty_steps(dir: &Path, workers: &str) -> PathBuf {
     dir.join("runs/tiny/checkpoints")
 }
 
+/// Replaces a checkpoint's train_state.json with `edit` of it and its sum
+/// in COMPLETE: a state that checks out but says something else.
+fn rewrite_state(dir: &Path, edit: impl FnOnce(&str) -> String) {
+    let file = dir.join(checkpoint::STATE_FILE);
+    let t = std::fs::read_to_string(&file).expect("r");
+    std::fs::write(&file, edit(&t)).expect("w");
+    let sum = checkpoint::sha256_file(&file).expect("sha");
+    std::fs::write(dir.join("COMPLETE"), format!("{sum}  train_state.json\n")).expect("w");
+}
+
 fn state(dir: &Path) -> checkpoint::TrainState {
     checkpoint::validate(dir).expect("valid checkpoint").state
 }
@@ -536,19 +546,40 @@ fn damaged_checkpoints_are_refused_or_skipped_never_touched() {
             "does not match its sha256",
         ),
         (
+            // One character of the data cursor: trained from silently
+            // before train_state.json had a sum of its own (in COMPLETE).
+            "edited-state",
+            |p| {
+                let t = std::fs::read_to_string(p.join("train_state.json")).expect("r");
+                let edited = t.replacen("\"position\": ", "\"position\": 1", 1);
+                assert_ne!(t, edited);
+                std::fs::write(p.join("train_state.json"), edited).expect("w");
+            },
+            "train_state.json does not match its sha256",
+        ),
+        (
+            "edited-weights-hash",
+            |p| {
+                let t = std::fs::read_to_string(p.join("train_state.json")).expect("r");
+                let edited = t.replacen("\"weights_hash\": \"", "\"weights_hash\": \"0", 1);
+                assert_ne!(t, edited);
+                std::fs::write(p.join("train_state.json"), edited).expect("w");
+            },
+            "train_state.json does not match its sha256",
+        ),
+        (
             "bad-state",
-            |p| std::fs::write(p.join("train_state.json"), "{\"format_version\": 1,").expect("w"),
+            |p| {
+                rewrite_state(p, |_| "{\"format_version\": 2,".into());
+            },
             "not valid JSON",
         ),
         (
             "future-version",
             |p| {
-                let t = std::fs::read_to_string(p.join("train_state.json")).expect("r");
-                std::fs::write(
-                    p.join("train_state.json"),
-                    t.replace("\"format_version\": 1", "\"format_version\": 7"),
-                )
-                .expect("w");
+                rewrite_state(p, |t| {
+                    t.replace("\"format_version\": 2", "\"format_version\": 7")
+                })
             },
             "format version 7 is newer",
         ),
@@ -574,6 +605,30 @@ fn damaged_checkpoints_are_refused_or_skipped_never_touched() {
             before,
             snapshot(&folder),
             "{name}: a failed resume changed the folder"
+        );
+    }
+
+    // `latest` of an edited state falls back to the checkpoint before it
+    // (it used to train from the edit, or fail with exit 1 for an edited
+    // weights hash).
+    for name in ["edited-state", "edited-weights-hash"] {
+        let out = ok(
+            &[
+                "--resume",
+                &format!("{name}/latest"),
+                "--local",
+                "--set",
+                &format!("checkpoint.dir={name}"),
+                "--run-dir",
+                &format!("runs/{name}"),
+            ],
+            d.path(),
+        );
+        assert!(
+            out.contains("train_state.json does not match its sha256")
+                && out.contains("falling back to")
+                && out.contains("at step 10"),
+            "{name}: {out}"
         );
     }
 
@@ -778,4 +833,79 @@ fn model_safetensors_has_the_names_and_shapes_of_a_nanogpt_gpt() {
         }
     }
     assert_eq!(shapes, want);
+}
+
+/// A checkpoint records the fingerprint (length and xxh3) of the data it
+/// was trained on. A resume on other data — truncated, another file of the
+/// same size, one token changed — is refused with both fingerprints and
+/// changes nothing; with `--data-changed` it goes on, on the new data,
+/// from the start of the next epoch.
+#[test]
+fn a_resume_on_other_data_is_refused_unless_declared() {
+    let _turn = crate::common::beside_others();
+    let d = tempfile::tempdir().expect("tmp");
+    std::fs::create_dir(d.path().join("data")).expect("mkdir");
+    let train = d.path().join("data/train.bin");
+    let tokens: Vec<u16> = (0..40_000u32).map(|i| (i * 7 % 128) as u16).collect();
+    stride_job::tokens::write_nanogpt(&train, &tokens).expect("write");
+    let data = ["--set", "data.train=data/train.bin"];
+    let mut first = args(&["--workers", "1", "--set", "train.max_steps=20"]);
+    first.extend_from_slice(&["--set", "checkpoint.interval=10"]);
+    first.extend_from_slice(&data);
+    ok(&first, d.path());
+    let folder = d.path().join("runs/tiny/checkpoints");
+    let recorded = state(&folder.join("step-00000010")).data;
+    assert_eq!(recorded.len(), 2, "{recorded:?}");
+    assert_eq!(recorded[0].tokens, 36_000);
+    let resume = [
+        "--resume",
+        "runs/tiny/checkpoints/step-00000010",
+        "--local",
+        "--set",
+        "checkpoint.dir=runs/tiny/checkpoints",
+    ];
+    type Change = fn(&mut Vec<u16>);
+    let changes: [(&str, Change); 3] = [
+        ("truncated", |t| t.truncate(30_000)),
+        ("same size, other tokens", |t| {
+            for x in t.iter_mut() {
+                *x = (*x + 1) % 128;
+            }
+        }),
+        ("one token changed", |t| t[123] ^= 1),
+    ];
+    let before = snapshot(&folder);
+    for (what, change) in changes {
+        let mut changed = tokens.clone();
+        change(&mut changed);
+        stride_job::tokens::write_nanogpt(&train, &changed).expect("write");
+        refused(
+            &resume,
+            d.path(),
+            &[
+                "the data differs from the data the checkpoint was trained on",
+                &format!(
+                    "train: data/train.bin (first 36000 tokens): 36000 tokens, xxh3 {}",
+                    recorded[0].xxh3
+                ),
+                "(checkpoint) →",
+                "--data-changed",
+            ],
+        );
+        assert_eq!(before, snapshot(&folder), "{what}: the folder changed");
+    }
+    // Declared: the run goes on from the start of the checkpoint's next
+    // epoch, on the data as it is now.
+    let mut declared = resume.to_vec();
+    declared.push("--data-changed");
+    let out = ok(&declared, d.path());
+    assert!(out.contains("--data-changed: the data differs"), "{out}");
+    let epoch_then = state(&folder.join("step-00000010")).data_cursor.epoch;
+    let m = steps(&d.path().join("runs/tiny"));
+    assert_eq!(m[&10]["epoch"].as_u64(), Some(epoch_then + 1), "{out}");
+    let marker = metrics(&d.path().join("runs/tiny"))
+        .into_iter()
+        .rfind(|r| r["event"] == "resume")
+        .expect("a resume marker");
+    assert!(marker["data_changed"].as_str().is_some(), "{marker}");
 }

@@ -10,10 +10,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::common::{Proc, eventually, metrics, run, spawn, spawn_env, worker_pids};
 use stride_job::checkpoint;
 
-const LIMIT: Duration = Duration::from_secs(300);
+pub(crate) const LIMIT: Duration = Duration::from_secs(300);
 
 /// tiny for 60 steps, a checkpoint every 20, evaluation every 25.
-const JOB: &[&str] = &[
+pub(crate) const JOB: &[&str] = &[
     "--config",
     "tiny",
     "--workers",
@@ -28,14 +28,14 @@ const JOB: &[&str] = &[
     "train.eval_interval=25",
 ];
 
-fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+pub(crate) fn with<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = JOB.to_vec();
     v.extend_from_slice(extra);
     v
 }
 
 /// sha256 of the final model and optimizer files of a run in `dir`.
-fn final_state(dir: &Path) -> (String, String) {
+pub(crate) fn final_state(dir: &Path) -> (String, String) {
     let s = checkpoint::validate(&dir.join("runs/tiny/checkpoints/step-00000060"))
         .expect("final checkpoint")
         .state;
@@ -45,21 +45,21 @@ fn final_state(dir: &Path) -> (String, String) {
     )
 }
 
-fn reference() -> (String, String) {
+pub(crate) fn reference() -> (String, String) {
     let d = tempfile::tempdir().expect("tmp");
     let (status, out) = run(&with(&["--local"]), d.path(), LIMIT);
     assert!(status.success(), "{out}");
     final_state(d.path())
 }
 
-fn steps_done(dir: &Path) -> usize {
+pub(crate) fn steps_done(dir: &Path) -> usize {
     metrics(&dir.join("runs/tiny"))
         .iter()
         .filter(|r| r.get("loss").is_some())
         .count()
 }
 
-fn signal(sig: &str, pid: u32) {
+pub(crate) fn signal(sig: &str, pid: u32) {
     let ok = Command::new("kill")
         .args([sig, &pid.to_string()])
         .status()
@@ -86,7 +86,7 @@ fn next(state: &mut u64, below: u64) -> u64 {
 
 /// The live pid of each local worker: the last "worker local-N joined (…,
 /// pid P" line per identity.
-fn current_workers(dir: &Path) -> Vec<u32> {
+pub(crate) fn current_workers(dir: &Path) -> Vec<u32> {
     let log = std::fs::read_to_string(dir.join("runs/tiny/train.log")).unwrap_or_default();
     let mut by_identity = std::collections::BTreeMap::new();
     for line in log.lines().filter(|l| l.contains(" joined (")) {
@@ -183,7 +183,7 @@ fn killed_and_frozen_workers_are_named_replaced_and_change_nothing() {
     );
 }
 
-fn round_restarts(dir: &Path) -> usize {
+pub(crate) fn round_restarts(dir: &Path) -> usize {
     std::fs::read_to_string(dir.join("runs/tiny/train.log"))
         .unwrap_or_default()
         .matches(" restart ")
@@ -221,7 +221,7 @@ fn exhausted_restarts_fail_with_a_summary() {
 /// outgoing connection of any other process can take an ephemeral port in
 /// the gap between the kill and the restart (that made this test flaky on
 /// a loaded machine), but never one outside the range.
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| {

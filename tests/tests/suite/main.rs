@@ -11,6 +11,7 @@
 mod common;
 
 mod bad_input;
+mod chaos;
 mod checkpoints;
 mod e2e;
 mod failures;

@@ -20,20 +20,20 @@ job=(--config tiny --workers 2 --local)
 
 # Phase 1: 400 steps, warmup then a constant LR (tiny's default), a
 # checkpoint every 100 steps.
-"$coordinator" "${job[@]}" --run-dir $out/phase1 --set checkpoint.dir=$out/phase1/checkpoints
+"$coordinator" "${job[@]}" --run-dir $out/phase1
 
 # Two cooldowns from the step-200 checkpoint, 1-sqrt to min_lr_ratio × lr:
 # over 100 steps (ends at 300) and over 200 steps (ends at 400, the same
 # compute as phase 1).
 for n in 300 400; do
     "$coordinator" --resume $out/phase1/checkpoints/step-00000200 --extend-steps $n --decay 1-sqrt \
-        --local --run-dir $out/cool-to-$n --set checkpoint.dir=$out/cool-to-$n/checkpoints
+        --local --run-dir $out/cool-to-$n
 done
 
 # A live job planned for 2,000 steps, told at step ~200 to cool down over
 # 200 steps: it ends at ~400.
 "$coordinator" "${job[@]}" --set train.max_steps=2000 --run-dir $out/live \
-    --set checkpoint.dir=$out/live/checkpoints > $out/live.out 2>&1 &
+    > $out/live.out 2>&1 &
 live=$!
 until [ -s $out/live/coordinator.addr ] && [ "$(grep -c '"loss"' $out/live/metrics.jsonl 2>/dev/null || true)" -ge 200 ]; do
     sleep 0.2

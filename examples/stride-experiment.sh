@@ -40,7 +40,7 @@ job=(
 for stride in 1 64; do
     run=$out/stride-$stride
     if [ ! -e "$run/checkpoints/latest" ]; then
-        "$coordinator" "${job[@]}" --set "data.stride=$stride" --run-dir "$run" --set "checkpoint.dir=$run/checkpoints"
+        "$coordinator" "${job[@]}" --set "data.stride=$stride" --run-dir "$run"
     fi
     "$coordinator" --resume "$run/checkpoints/latest" --extend-steps 300 --local --run-dir "$run"
     "$coordinator" report "$run"

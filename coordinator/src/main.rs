@@ -599,7 +599,7 @@ async fn train(args: RunArgs) -> Result<()> {
     };
     let config = sp.config.clone();
     let run_dir = sp.run_dir.clone();
-    let folder = config.checkpoint.dir.clone();
+    let folder = sp.checkpoint_dir.clone();
     // Every folder this job writes is held: a second coordinator on the
     // same run directory or checkpoint folder is refused.
     let _lock = output::RunLock::acquire(&run_dir, &folder)?;

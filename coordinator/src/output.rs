@@ -175,7 +175,7 @@ impl RunLock {
                 .with_context(|| format!("cannot open {}", checkpoints.display()))?;
             if dir.try_lock().is_err() {
                 return Err(crate::start::Refused(format!(
-                    "checkpoint folder {} is in use by another coordinator (its run directory's coordinator.lock names it); stop that job first, or give this one its own folder with --set checkpoint.dir=DIR",
+                    "checkpoint folder {} is in use by another coordinator (its run directory's coordinator.lock names it); stop that job first, or give this one a run directory of its own (--run-dir DIR, with a relative checkpoint.dir)",
                     checkpoints.display()
                 ))
                 .into());

@@ -48,6 +48,9 @@ pub struct StartPoint {
     pub from: RestartPoint,
     pub history: Vec<HistoryEvent>,
     pub run_dir: PathBuf,
+    /// Where this job's checkpoints go: `checkpoint.dir` inside the run
+    /// directory, or as written when absolute.
+    pub checkpoint_dir: PathBuf,
     /// False when a resumed run appends to its earlier logs.
     pub fresh_run_dir: bool,
     /// Line appended to metrics.jsonl to mark a resume.
@@ -172,7 +175,7 @@ pub fn start(req: &Request) -> Result<StartPoint> {
         .run_dir
         .map(Path::to_path_buf)
         .unwrap_or_else(|| Path::new("runs").join(&raw.name));
-    let folder = &config.checkpoint.dir;
+    let folder = &config.checkpoint.folder(&run_dir);
     let mut sp = StartPoint {
         name: raw.name.clone(),
         source: raw.source.to_string(),
@@ -184,7 +187,8 @@ pub fn start(req: &Request) -> Result<StartPoint> {
             event: "start".into(),
             detail: format!("config `{}` from {}", raw.name, raw.source),
         }],
-        run_dir,
+        checkpoint_dir: folder.clone(),
+        run_dir: run_dir.clone(),
         fresh_run_dir: true,
         marker: None,
         notes: Vec::new(),
@@ -210,7 +214,7 @@ pub fn start(req: &Request) -> Result<StartPoint> {
         let src_folder = ckpt.dir.parent().unwrap_or(Path::new("."));
         if same_dir(src_folder, folder) {
             return Err(Refused(format!(
-                "--init-from {}: this run would write its own checkpoints into {} and prune the one it starts from; give it another folder with --set checkpoint.dir=DIR",
+                "--init-from {}: this run would write its own checkpoints into {} and prune the one it starts from; give it another run directory with --run-dir DIR",
                 ckpt.dir.display(),
                 folder.display()
             )).into());
@@ -235,12 +239,42 @@ pub fn start(req: &Request) -> Result<StartPoint> {
     }
     if let Some(last) = existing_checkpoints(folder) {
         return Err(Refused(format!(
-            "{} already holds checkpoints of a run (newest {last}); continue it with `--resume {}`, or start a new run elsewhere with --set checkpoint.dir=DIR",
+            "{} already holds checkpoints of a run (newest {last}); continue it with `--resume {}`, or start a new run in another run directory with --run-dir DIR",
             folder.display(),
-            folder.join(checkpoint::LATEST).display()
+            run_dir.display()
         )).into());
     }
     Ok(sp)
+}
+
+/// The run directory a checkpoint belongs to, wherever its run was copied
+/// or moved: its checkpoint folder with the config's relative
+/// `checkpoint.dir` taken off the end (`runs/x/checkpoints` → `runs/x`).
+/// For an absolute `checkpoint.dir` (a shared volume) or a checkpoint of
+/// format 1 (whose `checkpoint.dir` was relative to the current directory),
+/// the run directory its state recorded.
+fn home_run_dir(ckpt: &checkpoint::Checkpoint, saved: &Config) -> PathBuf {
+    let folder = ckpt.dir.parent().unwrap_or(Path::new("."));
+    let dir = &saved.checkpoint.dir;
+    if ckpt.state.format_version >= 2 && dir.is_relative() {
+        let mut home = folder.to_path_buf();
+        let mut matches = true;
+        for part in dir.components().rev() {
+            if home.file_name() != Some(part.as_os_str()) {
+                matches = false;
+                break;
+            }
+            home.pop();
+        }
+        if matches {
+            return if home.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                home
+            };
+        }
+    }
+    ckpt.state.run_dir.clone()
 }
 
 fn same_dir(a: &Path, b: &Path) -> bool {
@@ -333,25 +367,67 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
             config.cluster.workers
         ),
     });
-    let run_dir = req
-        .run_dir
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| state.run_dir.clone());
-    // A branch: another run directory continuing from this checkpoint. An
-    // extended branch (another schedule) must not write (and prune) in the
-    // folder of the run it branches from; a plain resume into another run
-    // directory continues the same run and may keep its folder.
-    let branch = run_dir != state.run_dir && !same_dir(&run_dir, &state.run_dir);
-    if branch && req.extend_steps.is_some() {
-        let src_folder = ckpt.dir.parent().unwrap_or(Path::new("."));
-        if same_dir(src_folder, &config.checkpoint.dir) {
+    // A resume continues in the run directory its checkpoint belongs to
+    // (wherever it was copied or moved); `--run-dir` elsewhere is a branch:
+    // it reads this checkpoint and writes only there.
+    let home = home_run_dir(&ckpt, &saved);
+    let run_dir = req.run_dir.map(Path::to_path_buf).unwrap_or(home.clone());
+    let branch = !same_dir(&run_dir, &home) && run_dir != home;
+    let src_folder = ckpt.dir.parent().unwrap_or(Path::new(".")).to_path_buf();
+    if state.format_version < 2 && saved.checkpoint.dir.is_relative() {
+        // Format 1: `checkpoint.dir` was relative to the current directory.
+        // Its folder stays this run's if it is inside the run directory;
+        // otherwise new checkpoints go into the run directory, and the
+        // user is told where.
+        match src_folder.strip_prefix(&run_dir) {
+            Ok(inside) if !branch && !inside.as_os_str().is_empty() => {
+                config.checkpoint.dir = inside.to_path_buf();
+            }
+            _ => {
+                // Unless the user named a folder, the default one.
+                if config.checkpoint.dir == saved.checkpoint.dir {
+                    config.checkpoint.dir = PathBuf::from(checkpoint::DEFAULT_FOLDER);
+                }
+                notes.push(format!(
+                    "{} was written by an older Stride that kept checkpoints outside the run directory; new checkpoints go to {}",
+                    ckpt.dir.display(),
+                    config.checkpoint.folder(&run_dir).display()
+                ));
+            }
+        }
+    }
+    let checkpoint_dir = config.checkpoint.folder(&run_dir);
+    if branch && same_dir(&src_folder, &checkpoint_dir) {
+        return Err(Refused(format!(
+            "--run-dir {} branches from {} (run {}), but its checkpoint folder {} is that run's own (checkpoint.dir = {} is absolute): the branch would write into it and prune its checkpoints; give the branch a relative checkpoint.dir (inside its run directory), e.g. --set checkpoint.dir=checkpoints",
+            run_dir.display(),
+            ckpt.dir.display(),
+            home.display(),
+            checkpoint_dir.display(),
+            config.checkpoint.dir.display()
+        ))
+        .into());
+    }
+    // An extension in the run's own directory must not rewrite its
+    // history: never a shorter end, never over checkpoints later than the
+    // one resumed. A branch (`--run-dir`) is for both.
+    if let Some(n) = req.extend_steps
+        && !branch
+    {
+        let later = checkpoint::list_steps(&checkpoint_dir)
+            .into_iter()
+            .rfind(|(s, _)| *s > r);
+        if let Some((_, newest)) = later {
             return Err(Refused(format!(
-                "--run-dir {} branches from {} (run {}), but checkpoint.dir {} is that run's own folder: the branch would write into it and prune its checkpoints; give the branch its own with --set checkpoint.dir={}/checkpoints",
-                run_dir.display(),
+                "--resume {} --extend-steps {n} in its own run directory would overwrite the run's later checkpoints (newest: {}) with another schedule; branch into a run directory of its own with --run-dir DIR",
                 ckpt.dir.display(),
-                state.run_dir.display(),
-                config.checkpoint.dir.display(),
-                run_dir.display()
+                newest.display()
+            ))
+            .into());
+        }
+        if n < old_max {
+            return Err(Refused(format!(
+                "--extend-steps {n} would end the run at step {n}, before its own end ({old_max}): an extension never shortens a run in place; branch a shorter cooldown into a run directory of its own with --run-dir DIR, or tell a running job `coordinator decay`"
             ))
             .into());
         }
@@ -365,7 +441,7 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
         "workers": config.cluster.workers,
     });
     if branch {
-        marker["branched_from"] = serde_json::json!(state.run_dir.display().to_string());
+        marker["branched_from"] = serde_json::json!(home.display().to_string());
     }
     notes.insert(
         0,
@@ -385,6 +461,7 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
         from: RestartPoint::resume(&ckpt)?,
         history,
         run_dir,
+        checkpoint_dir,
         fresh_run_dir: false,
         marker: Some(marker),
         notes,

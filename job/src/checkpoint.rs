@@ -60,6 +60,9 @@ pub const STATE_FILE: &str = "train_state.json";
 pub const CONFIG_FILE: &str = "config.toml";
 pub const COMPLETE_FILE: &str = "COMPLETE";
 pub const BEST: &str = "best";
+/// The checkpoint folder inside a run directory unless `checkpoint.dir`
+/// says otherwise; `--resume RUN_DIR` looks there.
+pub const DEFAULT_FOLDER: &str = "checkpoints";
 pub const LATEST: &str = "latest";
 
 /// `step-00001000`.
@@ -498,9 +501,10 @@ pub struct Resolved {
 }
 
 /// What `--resume PATH` / `--init-from PATH` names: a step directory (must
-/// be valid), the `best` pointer (must be valid), the `latest` pointer or a
-/// checkpoint folder (the newest valid checkpoint, warning about any newer
-/// one that was skipped). Returns the checkpoint and the warnings.
+/// be valid), the `best` pointer (must be valid), the `latest` pointer, a
+/// checkpoint folder or a run directory (its `checkpoints` folder): the
+/// newest valid checkpoint, warning about any newer one that was skipped.
+/// Returns the checkpoint and the warnings.
 pub fn resolve(path: &Path) -> Result<(Checkpoint, Vec<String>), CheckpointError> {
     resolve_with(path, Sums::Now).map(|r| (r.checkpoint, r.warnings))
 }
@@ -522,6 +526,18 @@ pub fn resolve_with(path: &Path, sums: Sums) -> Result<Resolved, CheckpointError
 }
 
 fn resolve_exactly(path: &Path, sums: Sums) -> Result<Resolved, CheckpointError> {
+    // Nothing there at all (a mistyped run, a folder moved away): say so,
+    // rather than "no valid checkpoint". A dangling `latest` is there.
+    if std::fs::symlink_metadata(path).is_err() {
+        return Err(CheckpointError::NotFound {
+            path: path.to_path_buf(),
+        });
+    }
+    // A run directory: its checkpoint folder (the default `checkpoints`).
+    let in_run = path.join(DEFAULT_FOLDER);
+    if path.is_dir() && list_steps(path).is_empty() && in_run.is_dir() {
+        return resolve_exactly(&in_run, sums);
+    }
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -694,7 +694,9 @@ impl Default for OptimConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
-    /// Folder of `step-NNNNNNNN/` directories and the `best`/`latest` pointers.
+    /// Folder of `step-NNNNNNNN/` directories and the `best`/`latest`
+    /// pointers: relative to the run directory (a run directory holds
+    /// everything its run writes), or absolute (a shared volume).
     pub dir: PathBuf,
     /// Checkpoint every this many steps (0 = only at the end and on a new best).
     pub interval: u64,
@@ -705,6 +707,18 @@ pub struct CheckpointConfig {
     /// incomplete and never loaded. Keep it below the supervisor's grace
     /// period (Kubernetes: 300 s in deploy/).
     pub write_timeout_s: f64,
+}
+
+impl CheckpointConfig {
+    /// The folder this job's checkpoints go to: `dir` inside `run_dir`
+    /// when relative, as written when absolute (SPEC §1).
+    pub fn folder(&self, run_dir: &Path) -> PathBuf {
+        if self.dir.is_absolute() {
+            self.dir.clone()
+        } else {
+            run_dir.join(&self.dir)
+        }
+    }
 }
 
 impl Default for CheckpointConfig {

@@ -60,7 +60,9 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
     let corrupted_step = corrupted.join("step-00000004");
     let corrupted_step = corrupted_step.to_str().expect("utf8");
 
-    // A live coordinator holding runs/live.
+    // A live coordinator holding runs/live and a checkpoint folder given
+    // as an absolute path (as a shared volume would be).
+    let live_ckpts = format!("checkpoint.dir={}", dir.join("live-ckpts").display());
     let mut live = spawn(
         "coordinator",
         &[
@@ -71,7 +73,7 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
             "--run-dir",
             "runs/live",
             "--set",
-            "checkpoint.dir=live",
+            &live_ckpts,
             "--set",
             "cluster.startup_timeout_s=3600",
         ],
@@ -170,6 +172,12 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
             ],
             2,
             vec!["--extend-steps 4", "(4)"],
+        ),
+        (
+            "coordinator",
+            vec!["--resume", "runs/nonexistent/checkpoints/latest"],
+            2,
+            vec!["runs/nonexistent/checkpoints/latest", "does not exist"],
         ),
         (
             "coordinator",
@@ -356,10 +364,10 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
                 "--run-dir",
                 "runs/live3",
                 "--set",
-                "checkpoint.dir=live",
+                &live_ckpts,
             ],
             2,
-            vec!["checkpoint folder live", "in use by another coordinator"],
+            vec!["live-ckpts is in use by another coordinator"],
         ),
     ];
     let before = (snapshot(&ckpts), snapshot(&corrupted));

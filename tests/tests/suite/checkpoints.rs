@@ -187,6 +187,8 @@ fn resume_after_sigkill_is_exact_and_independent_of_the_worker_count() {
                 "--local",
                 "--set",
                 &micro,
+                "--run-dir",
+                "runs/tiny",
             ],
             d.path(),
         );
@@ -251,7 +253,13 @@ fn weights_checked_every_k_steps_and_checkpoints_still_record_their_hash() {
     );
     let resumed = tempfile::tempdir().expect("tmp");
     ok(
-        &["--resume", ckpt.to_str().expect("utf8"), "--local"],
+        &[
+            "--resume",
+            ckpt.to_str().expect("utf8"),
+            "--local",
+            "--run-dir",
+            "runs/tiny",
+        ],
         resumed.path(),
     );
     let c = steps(&resumed.path().join("runs/tiny"));
@@ -340,13 +348,13 @@ fn strategy_a_extends_with_a_cosine_that_starts_where_the_run_stopped() {
             "--extend-steps",
             "50",
             "--local",
-            "--set",
-            "checkpoint.dir=mid",
             "--run-dir",
             "runs/mid",
         ],
         d.path(),
     );
+    checkpoint::validate(&d.path().join("runs/mid/checkpoints/step-00000050"))
+        .expect("the branch's checkpoints are in its own run directory");
     // A branch's metrics.jsonl begins with where it branched from.
     let first = std::fs::read_to_string(d.path().join("runs/mid/metrics.jsonl"))
         .expect("branch metrics")
@@ -367,8 +375,15 @@ fn strategy_a_extends_with_a_cosine_that_starts_where_the_run_stopped() {
     }
 
     // N ≤ the resume step is refused, and nothing on disk changes; so is a
-    // branch that would write into (and prune) the source run's folder.
+    // branch that would write into (and prune) the source run's folder
+    // (possible only with an absolute checkpoint.dir), and a shorter end
+    // in the run's own directory (it would overwrite its later
+    // checkpoints: a branch is for that).
     let before = snapshot(&d.path().join("runs/tiny/checkpoints"));
+    let source_folder = format!(
+        "checkpoint.dir={}",
+        d.path().join("runs/tiny/checkpoints").display()
+    );
     refused(
         &[
             "--resume",
@@ -378,15 +393,33 @@ fn strategy_a_extends_with_a_cosine_that_starts_where_the_run_stopped() {
             "--local",
             "--run-dir",
             "runs/careless",
+            "--set",
+            &source_folder,
         ],
         d.path(),
         &[
             "--run-dir runs/careless branches from",
             "prune its checkpoints",
-            "checkpoint.dir=runs/careless/checkpoints",
+            "relative checkpoint.dir",
         ],
     );
     assert!(!d.path().join("runs/careless").exists());
+    refused(
+        &[
+            "--resume",
+            "runs/tiny/checkpoints/step-00000020",
+            "--extend-steps",
+            "50",
+            "--local",
+        ],
+        d.path(),
+        &[
+            "--extend-steps 50",
+            "later checkpoints",
+            "step-00000090",
+            "--run-dir",
+        ],
+    );
     refused(
         &[
             "--resume",
@@ -424,8 +457,6 @@ fn strategy_b_and_the_refusals_that_point_to_it() {
             "--local",
             "--init-from",
             best_s,
-            "--set",
-            "checkpoint.dir=ckpt_b",
             "--run-dir",
             "runs/b",
             "--set",
@@ -451,7 +482,7 @@ fn strategy_b_and_the_refusals_that_point_to_it() {
     // A fresh optimizer: the workers' own step count in optimizer.safetensors
     // is 5 (it would be 25 had the moments of the 20-step run come along),
     // and so is the coordinator's record.
-    let b_dir = d.path().join("ckpt_b/step-00000005");
+    let b_dir = d.path().join("runs/b/checkpoints/step-00000005");
     let b = state(&b_dir);
     let tiny = stride_job::config::RawConfig::parse(
         stride_job::config::preset_text("tiny").expect("preset"),
@@ -584,20 +615,18 @@ fn damaged_checkpoints_are_refused_or_skipped_never_touched() {
             "format version 7 is newer",
         ),
     ];
+    // Each case damages a copy of the whole run directory (a resume writes
+    // into the run directory its checkpoint belongs to).
+    let good_run = good.parent().expect("run dir").to_path_buf();
     for (name, damage, want) in cases {
-        let folder = d.path().join(name);
-        copy_folder(&good, &folder);
+        let run = d.path().join("runs").join(name);
+        copy_folder(&good_run, &run);
+        let folder = run.join("checkpoints");
         damage(&folder.join("step-00000020"));
         let before = snapshot(&folder);
         let explicit = folder.join("step-00000020");
         refused(
-            &[
-                "--resume",
-                explicit.to_str().expect("utf8"),
-                "--local",
-                "--set",
-                &format!("checkpoint.dir={name}"),
-            ],
+            &["--resume", explicit.to_str().expect("utf8"), "--local"],
             d.path(),
             &[&explicit.display().to_string(), want],
         );
@@ -615,12 +644,8 @@ fn damaged_checkpoints_are_refused_or_skipped_never_touched() {
         let out = ok(
             &[
                 "--resume",
-                &format!("{name}/latest"),
+                &format!("runs/{name}/checkpoints/latest"),
                 "--local",
-                "--set",
-                &format!("checkpoint.dir={name}"),
-                "--run-dir",
-                &format!("runs/{name}"),
             ],
             d.path(),
         );
@@ -634,17 +659,9 @@ fn damaged_checkpoints_are_refused_or_skipped_never_touched() {
 
     // `latest` (and a folder) fall back to the newest valid checkpoint,
     // saying what was skipped; the damaged directory is kept.
-    let folder = d.path().join("no-complete");
+    let folder = d.path().join("runs/no-complete/checkpoints");
     let out = ok(
-        &[
-            "--resume",
-            "no-complete/latest",
-            "--local",
-            "--set",
-            "checkpoint.dir=no-complete",
-            "--run-dir",
-            "runs/fallback",
-        ],
+        &["--resume", "runs/no-complete/checkpoints/latest", "--local"],
         d.path(),
     );
     assert!(
@@ -678,8 +695,6 @@ fn a_checkpoint_damaged_past_its_first_check_is_never_trained_from() {
     let _turn = crate::common::beside_others();
     let d = tempfile::tempdir().expect("tmp");
     let good = twenty_steps(d.path(), "2");
-    // A resume continues the run's own directory (and its metrics).
-    let tiny = d.path().join("runs/tiny");
     type Damage = fn(&Path);
     let cases: [(&str, Damage); 2] = [
         ("flipped", |p| {
@@ -697,25 +712,19 @@ fn a_checkpoint_damaged_past_its_first_check_is_never_trained_from() {
             f.set_len(n - 4096).expect("truncate");
         }),
     ];
+    let good_run = good.parent().expect("run dir").to_path_buf();
     for ((name, damage), delay) in cases.into_iter().flat_map(|c| [(c, "0"), (c, "3")]) {
         let name = &format!("{name}-{delay}");
-        let folder = d.path().join(name);
-        copy_folder(&good, &folder);
+        // A copy of the whole run: the resume continues in it.
+        let tiny = d.path().join("runs").join(name);
+        copy_folder(&good_run, &tiny);
+        let folder = tiny.join("checkpoints");
         let model = folder.join("step-00000020").join(checkpoint::MODEL_FILE);
         damage(&model);
         let damaged = std::fs::read(&model).expect("read");
         let before = snapshot(&folder);
-        let dir = format!("checkpoint.dir={name}");
         let resume = |path: &str| {
-            let args = [
-                "--resume",
-                path,
-                "--extend-steps",
-                "30",
-                "--local",
-                "--set",
-                &dir,
-            ];
+            let args = ["--resume", path, "--extend-steps", "30", "--local"];
             let env = [("STRIDE_TEST_DELAY_CHECK_S", delay)];
             let mut p = spawn_env("coordinator", &args, d.path(), "coordinator.out", &env);
             let status = p.wait(LIMIT);
@@ -745,7 +754,7 @@ fn a_checkpoint_damaged_past_its_first_check_is_never_trained_from() {
         );
 
         // `latest`: from step 10, extended as asked, with the same workers.
-        let (status, out) = resume(&format!("{name}/latest"));
+        let (status, out) = resume(&format!("runs/{name}/checkpoints/latest"));
         assert!(status.success(), "{name}: failed:\n{out}");
         for needle in [
             "model.safetensors does not match its sha256",
@@ -857,13 +866,7 @@ fn a_resume_on_other_data_is_refused_unless_declared() {
     let recorded = state(&folder.join("step-00000010")).data;
     assert_eq!(recorded.len(), 2, "{recorded:?}");
     assert_eq!(recorded[0].tokens, 36_000);
-    let resume = [
-        "--resume",
-        "runs/tiny/checkpoints/step-00000010",
-        "--local",
-        "--set",
-        "checkpoint.dir=runs/tiny/checkpoints",
-    ];
+    let resume = ["--resume", "runs/tiny/checkpoints/step-00000010", "--local"];
     type Change = fn(&mut Vec<u16>);
     let changes: [(&str, Change); 3] = [
         ("truncated", |t| t.truncate(30_000)),
@@ -908,4 +911,107 @@ fn a_resume_on_other_data_is_refused_unless_declared() {
         .rfind(|r| r["event"] == "resume")
         .expect("a resume marker");
     assert!(marker["data_changed"].as_str().is_some(), "{marker}");
+}
+
+/// A run directory holds everything its run writes (SPEC §1): a resume
+/// continues in the run directory its checkpoint is in — wherever the run
+/// was copied or moved — and never writes into the original; a branch
+/// (`--run-dir B`) reads A and writes only B; `--resume RUN_DIR` takes the
+/// run's latest checkpoint; a checkpoint of the old layout (format 1,
+/// `checkpoint.dir` relative to the current directory, beside the run
+/// directory) still resumes, saying where new checkpoints go.
+#[test]
+fn a_run_directory_holds_its_run_wherever_it_is_copied_or_moved() {
+    let _turn = crate::common::beside_others();
+    let d = tempfile::tempdir().expect("tmp");
+    let runs = d.path().join("runs");
+    ok(
+        &args(&[
+            "--workers",
+            "1",
+            "--set",
+            "train.max_steps=20",
+            "--set",
+            "checkpoint.interval=10",
+            "--run-dir",
+            "runs/live",
+        ]),
+        d.path(),
+    );
+    let original = snapshot(&runs.join("live"));
+    let extend = |from: &str, n: &str, extra: &[&str]| {
+        let mut a = vec!["--resume", from, "--extend-steps", n, "--local"];
+        a.extend_from_slice(extra);
+        ok(&a, d.path())
+    };
+
+    // A copy resumes into itself.
+    copy_folder(&runs.join("live"), &runs.join("livecopy"));
+    let out = extend("runs/livecopy/checkpoints/latest", "30", &[]);
+    assert!(out.contains("run directory runs/livecopy"), "{out}");
+    state(&runs.join("livecopy/checkpoints/step-00000030"));
+    assert_eq!(
+        original,
+        snapshot(&runs.join("live")),
+        "the original changed"
+    );
+
+    // A moved run resumes where it is now; its old name is not recreated.
+    std::fs::rename(runs.join("livecopy"), runs.join("moved")).expect("mv");
+    let out = extend("runs/moved/checkpoints/latest", "40", &[]);
+    assert!(out.contains("run directory runs/moved"), "{out}");
+    state(&runs.join("moved/checkpoints/step-00000040"));
+    assert!(!runs.join("livecopy").exists(), "the old name came back");
+
+    // `--resume RUN_DIR`: its latest checkpoint.
+    let out = extend("runs/moved", "50", &[]);
+    assert!(out.contains("at step 40"), "{out}");
+    state(&runs.join("moved/checkpoints/step-00000050"));
+
+    // A branch reads the source and writes only its own run directory.
+    let out = extend(
+        "runs/live/checkpoints/step-00000010",
+        "25",
+        &["--run-dir", "runs/branch"],
+    );
+    assert!(out.contains("run directory runs/branch"), "{out}");
+    state(&runs.join("branch/checkpoints/step-00000025"));
+    assert_eq!(original, snapshot(&runs.join("live")), "the source changed");
+
+    // The old layout: checkpoints in ./old/checkpoints, run dir runs/old.
+    let old = d.path().join("old/checkpoints");
+    std::fs::create_dir_all(d.path().join("old")).expect("mkdir");
+    copy_folder(&runs.join("live/checkpoints"), &old);
+    let step = old.join("step-00000020");
+    let config = step.join(checkpoint::CONFIG_FILE);
+    let text = std::fs::read_to_string(&config).expect("config");
+    std::fs::write(
+        &config,
+        text.replace("dir = \"checkpoints\"", "dir = \"old/checkpoints\""),
+    )
+    .expect("w");
+    let mut st: checkpoint::TrainState = serde_json::from_str(
+        &std::fs::read_to_string(step.join(checkpoint::STATE_FILE)).expect("state"),
+    )
+    .expect("json");
+    st.format_version = 1;
+    st.run_dir = "runs/old".into();
+    st.data.clear();
+    st.files.insert(
+        checkpoint::CONFIG_FILE.into(),
+        checkpoint::sha256_file(&config).expect("sha"),
+    );
+    std::fs::write(
+        step.join(checkpoint::STATE_FILE),
+        serde_json::to_string_pretty(&st).expect("json"),
+    )
+    .expect("w");
+    std::fs::write(step.join(checkpoint::COMPLETE_FILE), "").expect("w");
+    let out = extend("old/checkpoints/step-00000020", "30", &[]);
+    assert!(
+        out.contains("checkpoint format 1")
+            && out.contains("kept checkpoints outside the run directory; new checkpoints go to runs/old/checkpoints"),
+        "{out}"
+    );
+    state(&runs.join("old/checkpoints/step-00000030"));
 }

@@ -573,15 +573,7 @@ fn decay_on_demand_cools_a_live_job_down_and_its_checkpoints_keep_the_new_schedu
     let inside = (s / 5 + 1) * 5 + 5;
     let ckpt = format!("runs/tiny/checkpoints/step-{inside:08}");
     let (status, out) = run(
-        &[
-            "--resume",
-            &ckpt,
-            "--local",
-            "--run-dir",
-            "runs/again",
-            "--set",
-            "checkpoint.dir=again",
-        ],
+        &["--resume", &ckpt, "--local", "--run-dir", "runs/again"],
         dir.path(),
         LIMIT,
     );

@@ -77,8 +77,6 @@ fn a_cpu_checkpoint_resumes_on_cuda() {
                 "worker.precision=f32",
                 "--run-dir",
                 "runs/gpu",
-                "--set",
-                "checkpoint.dir=gpu-checkpoints",
             ],
             d.path(),
             LIMIT,

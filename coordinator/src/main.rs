@@ -331,6 +331,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
     let user_error = e.chain().any(|c| {
         c.is::<ConfigError>()
             || c.is::<stride_job::files::BadFile>()
+            || c.is::<stride_job::sampler::TooFewSamples>()
+            || c.is::<prepare::BadInput>()
             || c.is::<start::Refused>()
             || c.is::<stride_job::auth::TokenError>()
             || c.is::<checkpoint::CheckpointError>()
@@ -576,16 +578,29 @@ async fn train(args: RunArgs) -> Result<()> {
         other => other?,
     };
     if args.dry_run {
+        // The data must be there and readable, as for a run (layout only:
+        // a full scan is a read of every file).
+        let c = &sp.config;
+        let corpus = Corpus::open(&c.data, &c.model, c.train.seed, Scan::Layout)?;
+        let samples = window_count(corpus.train.len(), c.model.context, c.data.stride);
+        let device = match c.worker.device {
+            stride_job::config::Device::Cpu => String::new(),
+            d => format!(
+                "; worker.device = {d}: the workers must be CUDA builds (`cargo build --release -p stride-worker --features cuda`, deploy/Dockerfile.cuda) on machines with GPUs"
+            ),
+        };
         println!(
-            "dry run: would train `{}` ({}) from step {} to {} with {} workers, listening on {}, run directory {}",
+            "dry run: would train `{}` ({}) from step {} to {} with {} workers on {samples} training samples ({}), listening on {}, run directory {}, checkpoints in {}{device}",
             sp.name,
             sp.source,
             sp.from.step,
             sp.schedule.max_steps(),
-            sp.config.cluster.workers,
+            c.cluster.workers,
+            corpus.train.name,
             args.listen
                 .map_or_else(|| "the default address".to_string(), |a| a.to_string()),
-            sp.run_dir.display()
+            sp.run_dir.display(),
+            sp.checkpoint_dir.display()
         );
         return Ok(());
     }
@@ -668,6 +683,16 @@ async fn train(args: RunArgs) -> Result<()> {
         if let Some(w) = v.clamp_warning() {
             tracing::warn!("{w}");
         }
+    }
+    let epoch = stride_job::sampler::EpochStats::new(
+        train_samples,
+        config.train.global_batch,
+        sp.schedule.max_steps(),
+    );
+    for w in
+        stride_job::sampler::data_plan_warnings(&epoch, sp.schedule.max_steps(), Some(val_samples))?
+    {
+        tracing::warn!("{w}");
     }
     let data = corpus.fingerprints().to_vec();
     let _ = fingerprints.set(data.clone());

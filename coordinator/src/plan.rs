@@ -9,7 +9,9 @@ use std::fmt::Write as _;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use stride_job::config::Config;
-use stride_job::sampler::{DataCursor, EpochStats, Sampler, ValidationStats, window_count};
+use stride_job::sampler::{
+    DataCursor, EpochStats, Sampler, ValidationStats, data_plan_warnings, window_count,
+};
 use stride_job::schedule::{Cooldown, Schedule};
 use stride_job::tokens;
 
@@ -37,6 +39,9 @@ pub struct PlanReport {
     /// Set when the plan previews `--extend-steps`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub extension: Option<Extension>,
+    /// What the data plan cannot mean, with the figures (too many epochs,
+    /// a tiny validation split).
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -111,6 +116,11 @@ pub fn build(
             )
         }
     };
+    let val_windows = validation.as_ref().map(|v| v.windows);
+    let warnings = match &epoch {
+        Some(e) => data_plan_warnings(e, schedule.max_steps(), val_windows)?,
+        None => Vec::new(),
+    };
     // The config as the extended run would hold it: the schedule is the
     // source of max_steps (as `--resume --extend-steps` sets it).
     let mut config = config.clone();
@@ -125,6 +135,7 @@ pub fn build(
         batches,
         accumulation,
         extension,
+        warnings,
     })
 }
 
@@ -219,6 +230,9 @@ pub fn render(plan: &PlanReport, name: &str, source: &str) -> String {
     }
     if let Some(note) = &plan.validation_note {
         let _ = writeln!(out, "Validation: {note}");
+    }
+    for w in &plan.warnings {
+        let _ = writeln!(out, "warning: {w}");
     }
     if c.data.stride < c.model.context {
         let _ = writeln!(

@@ -11,8 +11,18 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use stride_job::tokens::{self, split_point};
+
+/// An input `prepare` cannot use (exit code 2): no input, a bad fraction,
+/// an output that exists, an input that cannot be read or is not UTF-8.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(String);
+
+fn bad(message: String) -> anyhow::Error {
+    BadInput(message).into()
+}
 
 /// GPT-2's end-of-text token.
 pub const EOT: u32 = 50_256;
@@ -47,29 +57,35 @@ pub fn prepare(
     force: bool,
 ) -> Result<Prepared> {
     if inputs.is_empty() {
-        bail!("prepare needs at least one --input file");
+        return Err(bad("prepare needs at least one --input file".into()));
     }
     if !(0.0..1.0).contains(&val_fraction) {
-        bail!("--val-fraction {val_fraction} must be in [0, 1)");
+        return Err(bad(format!(
+            "--val-fraction {val_fraction} must be in [0, 1)"
+        )));
     }
     let train = out.join("train.bin");
     let val = out.join("val.bin");
     for p in [&train, &val] {
         if p.exists() && !force {
-            bail!("{} already exists; pass --force to replace it", p.display());
+            return Err(bad(format!(
+                "{} already exists; pass --force to replace it",
+                p.display()
+            )));
         }
     }
     let bpe = tokenizer()?;
     let mut all: Vec<u16> = Vec::new();
     for input in inputs {
-        let bytes =
-            std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
+        stride_job::files::require_regular(input)?;
+        let bytes = std::fs::read(input)
+            .map_err(|e| bad(format!("cannot read {}: {e}", input.display())))?;
         let text = String::from_utf8(bytes).map_err(|e| {
-            anyhow::anyhow!(
+            bad(format!(
                 "{}: not UTF-8 text (invalid byte at offset {}); convert it first, e.g. with iconv",
                 input.display(),
                 e.utf8_error().valid_up_to()
-            )
+            ))
         })?;
         for t in bpe.encode_ordinary(&text).into_iter().chain([EOT]) {
             // r50k_base ids are < 50,257, so they always fit in u16.

@@ -15,9 +15,12 @@
    a pod that exits is judged by the rendered podFailurePolicy and
    backoffLimitPerIndex and replaced (same completion index) when they
    allow it; the liveness probes are run (gRPC health) and a pod that fails
-   them is killed. One worker is frozen (SIGSTOP) and one killed
-   (SIGKILL) mid-run; the job must complete, and no exit code any process
-   really returned may match a rule that fails the Job.
+   them is killed. First the data step runs as the coordinator pod's init
+   container would (on a real English text), and the workers' wait for it
+   must return; then the job trains on that data. One worker is frozen
+   (SIGSTOP) and one killed (SIGKILL) mid-run; the job must complete, and
+   no exit code any process really returned may match a rule that fails
+   the Job.
 
 Usage: check.py --bin target/debug --kubectl target/deploy-venv/bin/kubectl
                 [--overlay h100x8] [--k8s-version 1.33.0]
@@ -156,6 +159,16 @@ def consistency(objects):
         fail(f"the worker's --health-listen port {hport}, its liveness probe and its `health` port disagree")
     if worker["resources"]["limits"].get("nvidia.com/gpu") != 1:
         fail("each worker must request one GPU")
+    # The data step: the coordinator pod's init container writes the files
+    # the config names and a marker the workers' init container waits for.
+    data_init = {c["name"]: c for c in cspec.get("initContainers", [])}.get("data")
+    wait_init = {c["name"]: c for c in wspec.get("initContainers", [])}.get("wait-for-data")
+    if data_init is None or wait_init is None:
+        fail("the coordinator pod needs a `data` init container and the workers a `wait-for-data` one")
+    marker = "/shared/data/READY"
+    if marker not in " ".join(data_init["args"]) or marker not in " ".join(wait_init["args"]):
+        fail(f"the data step and the workers' wait must agree on {marker}")
+    print("data step: the coordinator pod's `data` init container, the workers' `wait-for-data`: ok")
     print(f"consistency: {n} workers, port {port}, config {config_path}: ok")
     return coord_job, workers, cm
 
@@ -259,6 +272,20 @@ def local_run(coord_job, workers_job, cm, bins: pathlib.Path):
         env = {e["name"]: e["value"] for e in worker.get("env", [])}
         hport = flag(wargs, "health-listen").rsplit(":", 1)[1]
 
+        # The data step as the init containers run it, on real text (Pride
+        # and Prejudice), with the binaries on PATH as in the images.
+        raw = shared / "raw"
+        raw.mkdir()
+        (raw / "book.txt").write_text((REPO / "examples" / "data" / "pride-and-prejudice.txt").read_text())
+        path_env = dict(os.environ, PATH=f"{bins}:{os.environ.get('PATH', '')}")
+        for pod, c in (("coordinator", coord_job), ("worker", workers_job)):
+            for init in c["spec"]["template"]["spec"].get("initContainers", []):
+                argv = rewrite([*init["command"], *init["args"]], mapping)
+                r = subprocess.run(argv, cwd=shared, env=path_env, capture_output=True, text=True, timeout=300)
+                if r.returncode != 0:
+                    fail(f"the {pod}'s init container {init['name']} failed:\n{r.stdout}{r.stderr}")
+                print(f"  {pod} init container {init['name']}: " + (r.stdout.strip().splitlines() or ["ok"])[-1])
+
         # Every command line must be accepted as written (paths rewritten).
         for binary, args in (("coordinator", cargs), ("worker", wargs)):
             r = subprocess.run([str(bins / binary), *args, "--dry-run"], cwd=shared,
@@ -268,9 +295,9 @@ def local_run(coord_job, workers_job, cm, bins: pathlib.Path):
         print("command lines: accepted by coordinator and worker (--dry-run)")
 
         steps_wanted = 400
+        # The model shrunk; the data is the data step's (GPT-2 vocabulary).
         shrink = ["--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=32",
-                  "--set", "model.vocab_size=128", "--set", "model.context=32", "--set", "data.train=",
-                  "--set", "data.val=", "--set", "data.synthetic_tokens=20000", "--set", "worker.device=cpu",
+                  "--set", "model.context=32", "--set", "data.stride=32", "--set", "worker.device=cpu",
                   "--set", f"train.max_steps={steps_wanted}", "--set", "train.warmup_steps=1",
                   "--set", "train.eval_batches=1", "--set", "checkpoint.interval=50",
                   "--set", "cluster.startup_timeout_s=120",

@@ -422,10 +422,33 @@ fn schema_keys(section: &str) -> Option<&'static [&'static str]> {
     SCHEMA.iter().find(|(s, _)| *s == section).map(|(_, k)| *k)
 }
 
+/// Names other tools (nanoGPT, PyTorch, Hugging Face) give Stride's keys:
+/// a key close to one of these is pointed at Stride's.
+const ALIASES: &[(&str, &str)] = &[
+    ("learning_rate", "train.lr"),
+    ("max_iters", "train.max_steps"),
+    ("warmup_iters", "train.warmup_steps"),
+    ("batch_size", "train.micro_batch"),
+    ("gradient_accumulation_steps", "train.global_batch"),
+    ("eval_iters", "train.eval_batches"),
+    ("block_size", "model.context"),
+    ("n_ctx", "model.context"),
+    ("n_positions", "model.context"),
+    ("weight_decay", "optim.weight_decay"),
+    ("grad_clip", "optim.grad_clip"),
+    ("out_dir", "checkpoint.dir"),
+];
+
 /// The closest valid `section.key` to a mistyped `section.key`, if any is
 /// close enough to be worth suggesting.
 fn suggest_key(section: &str, key: &str) -> Option<String> {
     let mut best: Option<(f64, String)> = None;
+    for (alias, target) in ALIASES {
+        let score = strsim::normalized_damerau_levenshtein(key, alias);
+        if score >= 0.75 && best.as_ref().is_none_or(|(b, _)| score > *b) {
+            best = Some((score, (*target).to_string()));
+        }
+    }
     for (s, keys) in SCHEMA {
         for k in *keys {
             let mut score = strsim::normalized_damerau_levenshtein(key, k);
@@ -1076,10 +1099,10 @@ impl Config {
             &format!("must not exceed train.max_steps = {}", t.max_steps),
         )?;
         check(
-            t.lr.is_finite() && t.lr > 0.0,
+            t.lr.is_finite() && t.lr > 0.0 && t.lr <= 1.0,
             "train.lr",
             t.lr,
-            "must be a positive number",
+            "must be a positive number, at most 1 (an AdamW step moves each weight by about lr; GPT-2-size models train at 1e-4..1e-3)",
         )?;
         check(
             (0.0..=1.0).contains(&t.min_lr_ratio),
@@ -1319,6 +1342,24 @@ mod tests {
             (
                 "[train]\nbeta1 = 0.9\n",
                 &["unknown key `train.beta1`", "`optim.beta1`"],
+            ),
+            (
+                "[train]\nlerning_rate = 1e-3\n",
+                &[
+                    "unknown key `train.lerning_rate`",
+                    "did you mean `train.lr`",
+                ],
+            ),
+            (
+                "[model]\nblock_size = 1024\n",
+                &[
+                    "unknown key `model.block_size`",
+                    "did you mean `model.context`",
+                ],
+            ),
+            (
+                "[train]\nlr = 1e9\n",
+                &["`train.lr` = 1000000000", "at most 1"],
             ),
             (
                 "[trian]\nlr = 1e-3\n",

@@ -249,6 +249,56 @@ impl EpochStats {
     }
 }
 
+/// More passes over the training data than this, and a run is told it
+/// will memorise rather than learn (nanoGPT's Shakespeare char run is ~4
+/// epochs of overfitting; 20 is far past where validation loss turns).
+pub const MANY_EPOCHS: f64 = 20.0;
+
+/// Fewer validation windows than this, and the validation loss is
+/// called noisy.
+pub const FEW_VALIDATION_WINDOWS: u64 = 8;
+
+/// Data that cannot mean anything: fewer training samples than one global
+/// batch (every step would repeat samples within itself).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the training split gives {samples} samples (windows of model.context + 1 tokens), fewer than one global batch of {global_batch} (train.global_batch): every step would repeat samples; use more data, a smaller data.stride, or a smaller train.global_batch"
+)]
+pub struct TooFewSamples {
+    pub samples: u64,
+    pub global_batch: usize,
+}
+
+/// Checks a run's data plan: an error for fewer samples than a global
+/// batch; warnings, with the figures, for a run that will see the data
+/// more than [`MANY_EPOCHS`] times and for a validation split of fewer
+/// than [`FEW_VALIDATION_WINDOWS`] windows.
+pub fn data_plan_warnings(
+    epoch: &EpochStats,
+    max_steps: u64,
+    val_windows: Option<u64>,
+) -> Result<Vec<String>, TooFewSamples> {
+    if epoch.samples < epoch.global_batch as u64 {
+        return Err(TooFewSamples {
+            samples: epoch.samples,
+            global_batch: epoch.global_batch,
+        });
+    }
+    let mut warnings = Vec::new();
+    if epoch.epochs > MANY_EPOCHS {
+        warnings.push(format!(
+            "the run sees its training data {:.1} times ({max_steps} steps × {} samples over {} samples): past ~{MANY_EPOCHS:.0} epochs a model memorises rather than learns; use more data or fewer steps",
+            epoch.epochs, epoch.global_batch, epoch.samples
+        ));
+    }
+    if let Some(w) = val_windows.filter(|w| *w > 0 && *w < FEW_VALIDATION_WINDOWS) {
+        warnings.push(format!(
+            "the validation split holds only {w} window(s): its loss will be noisy; give it more tokens (data.val_fraction, or a larger data.val)"
+        ));
+    }
+    Ok(warnings)
+}
+
 /// What a token split yields at a context and stride, as `inspect-data`
 /// prints it.
 #[derive(Debug, Clone, PartialEq, Serialize)]

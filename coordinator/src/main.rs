@@ -7,6 +7,7 @@
 //! NCCL, and never touch a tensor.
 
 mod driver;
+mod export;
 mod inspect;
 mod local;
 mod metrics;
@@ -127,6 +128,26 @@ enum Command {
     /// Tell a running job to cool down from its next step and end after K
     /// more steps (the segment `--resume --extend-steps --decay` would add).
     Decay(DecayArgs),
+    /// Write a checkpoint's weights for another tool: `--format hf` is a
+    /// folder Hugging Face transformers loads (GPT2LMHeadModel).
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+struct ExportArgs {
+    /// A step directory, `…/best`, `…/latest`, a checkpoint folder or a run
+    /// directory.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// What to write.
+    #[arg(long, value_enum, default_value_t = export::Format::Hf)]
+    format: export::Format,
+    /// The folder to write (config.json, model.safetensors, README.md).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace an export already in --out.
+    #[arg(long)]
+    force: bool,
 }
 
 /// How to reach a running job (shared by `status` and `decay`).
@@ -179,6 +200,13 @@ struct ReportArgs {
     /// Image height in pixels.
     #[arg(long, default_value_t = report::HEIGHT, value_parser = clap::value_parser!(u32).range(200..=10_000))]
     height: u32,
+    /// Only these steps (inclusive): `200..400`, `200..` or `..400`.
+    #[arg(long, value_name = "A..B", value_parser = report::parse_steps)]
+    steps: Option<(Option<u64>, Option<u64>)>,
+    /// The left axis's range, e.g. `1.0..1.6` [default: from the data shown,
+    /// leaving out the first tenth of the steps' early losses].
+    #[arg(long, value_name = "LO..HI", value_parser = report::parse_ylim)]
+    ylim: Option<(f64, f64)>,
 }
 
 #[derive(Debug, Args)]
@@ -333,6 +361,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             || c.is::<stride_job::files::BadFile>()
             || c.is::<stride_job::sampler::TooFewSamples>()
             || c.is::<prepare::BadInput>()
+            || c.is::<export::BadExport>()
             || c.is::<start::Refused>()
             || c.is::<stride_job::auth::TokenError>()
             || c.is::<checkpoint::CheckpointError>()
@@ -349,6 +378,17 @@ fn exit_code(e: &anyhow::Error) -> u8 {
 
 fn offline(command: Command) -> Result<()> {
     match command {
+        Command::Export(a) => {
+            let e = export::export(&a.checkpoint, a.format, &a.out, a.force)?;
+            println!(
+                "exported step {} ({} tensors, vocabulary {}) to {}: GPT2LMHeadModel.from_pretrained(\"{}\")",
+                e.step,
+                e.tensors,
+                e.vocab_size,
+                e.dir.display(),
+                e.dir.display()
+            );
+        }
         Command::Decay(a) => {
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             let text = rt.block_on(status::decay(
@@ -378,6 +418,10 @@ fn offline(command: Command) -> Result<()> {
                 .map(|d| Ok((d.display().to_string(), report::read(d)?)))
                 .collect::<Result<Vec<_>>>()?;
             let size = (a.width, a.height);
+            let view = report::View {
+                steps: a.steps,
+                ylim: a.ylim,
+            };
             if a.json {
                 println!(
                     "{}",
@@ -388,14 +432,14 @@ fn offline(command: Command) -> Result<()> {
                 _ if a.json && a.out.is_none() => {}
                 ([(name, curves)], None) => {
                     let out = a.out.unwrap_or_else(|| report::default_out(&a.run_dirs[0]));
-                    report::draw(curves, &format!("Stride · {name}"), &out, size)?;
+                    report::draw(curves, &format!("Stride · {name}"), &out, size, view)?;
                     print!("{}", report::summary(curves, &out));
                 }
                 _ => {
                     let out = a.out.unwrap_or_else(|| PathBuf::from(report::COMPARE_OUT));
                     let names: Vec<&str> = runs.iter().map(|(n, _)| n.as_str()).collect();
                     let title = format!("Stride · {}", names.join(" vs "));
-                    report::draw_runs(&runs, a.metric, &title, &out, size)?;
+                    report::draw_runs(&runs, a.metric, &title, &out, size, view)?;
                     for (name, curves) in &runs {
                         print!(
                             "{name}: {}",

@@ -28,6 +28,7 @@ use stride_job::config::UnknownName;
 
 use anyhow::{Context, Result, bail};
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::Deserialize;
 
 /// Default image size (pixels).
@@ -148,12 +149,21 @@ pub fn read(run_dir: &Path) -> Result<Curves> {
 /// Parses the lines of a `metrics.jsonl`.
 pub fn parse(text: &str) -> Result<Curves> {
     let mut c = Curves::default();
+    let lines = text.lines().count();
     for (i, raw) in text.lines().enumerate() {
         if raw.trim().is_empty() {
             continue;
         }
-        let l: Line = serde_json::from_str(raw)
-            .with_context(|| format!("line {} is not a metrics record", i + 1))?;
+        // A last line without its newline was torn by a crash (the next
+        // start of the run cuts it): skipped, not an error.
+        let torn = i + 1 == lines && !text.ends_with('\n');
+        let l: Line = match serde_json::from_str(raw) {
+            Ok(l) => l,
+            Err(_) if torn => continue,
+            Err(e) => {
+                return Err(e).with_context(|| format!("line {} is not a metrics record", i + 1));
+            }
+        };
         let Some(step) = l.step else { continue };
         match l.event.as_deref() {
             None => {
@@ -173,11 +183,12 @@ pub fn parse(text: &str) -> Result<Curves> {
             }
             Some("resume") => {
                 let mut label = match (l.previous_max_steps, l.max_steps) {
-                    (Some(a), Some(b)) if a != b => format!("extend {a}→{b}"),
+                    (Some(a), Some(b)) if a < b => format!("extend {a}→{b}"),
+                    (Some(a), Some(b)) if a > b => format!("end {a}→{b}"),
                     _ => "resume".to_string(),
                 };
-                if let Some(from) = &l.branched_from {
-                    label = format!("branch of {from}, {label}");
+                if l.branched_from.is_some() {
+                    label = format!("branch, {label}");
                 }
                 c.markers.push(Marker { step, label });
             }
@@ -213,9 +224,64 @@ pub fn default_out(run_dir: &Path) -> PathBuf {
 /// Where the PNG of several runs goes by default (see the module doc).
 pub const COMPARE_OUT: &str = "compare.png";
 
+/// What part of the curves a chart shows: the steps (`--steps A..B`,
+/// all by default) and the left axis's range (`--ylim LO..HI`; by
+/// default chosen from the data shown, see [`y_range`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct View {
+    pub steps: Option<(Option<u64>, Option<u64>)>,
+    pub ylim: Option<(f64, f64)>,
+}
+
+impl View {
+    fn shows(&self, step: u64) -> bool {
+        match self.steps {
+            None => true,
+            Some((from, to)) => from.is_none_or(|a| step >= a) && to.is_none_or(|b| step <= b),
+        }
+    }
+}
+
+/// `A..B`, `A..` or `..B` (steps, inclusive) for `--steps`.
+pub fn parse_steps(s: &str) -> Result<(Option<u64>, Option<u64>), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("`{s}` is not a step range such as 200..400, 200.. or ..400"))?;
+    let num = |x: &str| -> Result<Option<u64>, String> {
+        if x.is_empty() {
+            return Ok(None);
+        }
+        x.parse()
+            .map(Some)
+            .map_err(|_| format!("`{x}` in `{s}` is not a step"))
+    };
+    let (a, b) = (num(a)?, num(b)?);
+    if let (Some(x), Some(y)) = (a, b)
+        && x > y
+    {
+        return Err(format!("`{s}`: the range ends before it starts"));
+    }
+    Ok((a, b))
+}
+
+/// `LO..HI` for `--ylim`.
+pub fn parse_ylim(s: &str) -> Result<(f64, f64), String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("`{s}` is not a range such as 1.0..1.6"))?;
+    let (lo, hi): (f64, f64) = (
+        a.parse().map_err(|_| format!("`{a}` is not a number"))?,
+        b.parse().map_err(|_| format!("`{b}` is not a number"))?,
+    );
+    if !(lo.is_finite() && hi.is_finite() && lo < hi) {
+        return Err(format!("`{s}`: need finite LO < HI"));
+    }
+    Ok((lo, hi))
+}
+
 /// Draws `c` into a PNG of `size` pixels at `out`.
-pub fn draw(c: &Curves, title: &str, out: &Path, size: (u32, u32)) -> Result<()> {
-    draw_with(out, size, |root| plot(root, c, title))
+pub fn draw(c: &Curves, title: &str, out: &Path, size: (u32, u32), view: View) -> Result<()> {
+    draw_with(out, size, |root| plot(root, c, title, view))
 }
 
 /// Draws named runs on one chart (all of them, or only `metric`).
@@ -225,8 +291,80 @@ pub fn draw_runs(
     title: &str,
     out: &Path,
     size: (u32, u32),
+    view: View,
 ) -> Result<()> {
-    draw_with(out, size, |root| plot_runs(root, runs, metric, title))
+    draw_with(out, size, |root| plot_runs(root, runs, metric, title, view))
+}
+
+/// The left axis's range for `values` (step, value) when nothing asks
+/// otherwise: from the lowest value shown to the highest one after the
+/// first tenth of the steps shown, plus 5 %. The first steps of a run
+/// (loss 4.8 falling to 1.3 within a hundred steps) would otherwise squeeze
+/// every later curve — the part worth comparing — into a sliver.
+pub fn y_range(values: &[(u64, f64)]) -> std::ops::Range<f64> {
+    let finite: Vec<(u64, f64)> = values
+        .iter()
+        .copied()
+        .filter(|(_, v)| v.is_finite())
+        .collect();
+    let (Some(first), Some(last)) = (
+        finite.iter().map(|(s, _)| *s).min(),
+        finite.iter().map(|(s, _)| *s).max(),
+    ) else {
+        return 0.0..1.0;
+    };
+    let settled = first + (last - first) / 10;
+    let lo = finite.iter().map(|(_, v)| *v).fold(f64::INFINITY, f64::min);
+    let hi = finite
+        .iter()
+        .filter(|(s, _)| *s >= settled)
+        .map(|(_, v)| *v)
+        .fold(f64::NEG_INFINITY, f64::max)
+        .max(lo);
+    let pad = ((hi - lo) * 0.05).max(hi.abs() * 1e-3).max(1e-12);
+    (lo - pad)..(hi + pad)
+}
+
+/// One entry of a legend drawn beside the chart.
+struct Entry {
+    label: String,
+    colour: RGBColor,
+    width: u32,
+    dot: bool,
+}
+
+/// The legend in its own panel, right of the chart, so that it never hides
+/// a curve, a point or an event label.
+fn legend<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    entries: &[Entry],
+) -> DrawResult<()>
+where
+    DB::ErrorType: 'static,
+{
+    let font = ("sans-serif", 15).into_font();
+    for (i, e) in entries.iter().enumerate() {
+        let y = 60 + 24 * i as i32;
+        area.draw(&PathElement::new(
+            [(8, y), (34, y)],
+            e.colour.stroke_width(e.width),
+        ))?;
+        if e.dot {
+            area.draw(&Circle::new((21, y), 4, e.colour.filled()))?;
+        }
+        area.draw(&Text::new(e.label.clone(), (42, y - 8), font.clone()))?;
+    }
+    Ok(())
+}
+
+/// Width of the legend panel for `entries`.
+fn legend_width(entries: &[Entry], width: u32) -> u32 {
+    let longest = entries
+        .iter()
+        .map(|e| e.label.chars().count())
+        .max()
+        .unwrap_or(0) as u32;
+    (50 + 8 * longest).clamp(120, width / 3)
 }
 
 fn draw_with(
@@ -258,38 +396,69 @@ fn plot<DB: DrawingBackend>(
     root: &DrawingArea<DB, plotters::coord::Shift>,
     c: &Curves,
     title: &str,
+    view: View,
 ) -> DrawResult<()>
 where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE)?;
-    let first = *c.steps.keys().next().unwrap_or(&0);
-    let last = *c.steps.keys().next_back().unwrap_or(&0);
+    let shown: Vec<(u64, Point)> = c
+        .steps
+        .iter()
+        .filter(|(s, _)| view.shows(**s))
+        .map(|(s, p)| (*s, *p))
+        .collect();
+    let first = shown.first().map_or(0, |(s, _)| *s);
+    let last = shown.last().map_or(0, |(s, _)| *s);
     let x_end = last.max(first + 1) + 1;
-    let losses = c
-        .steps
-        .values()
-        .flat_map(|p| std::iter::once(p.loss).chain(p.val_loss))
-        .filter(|v| v.is_finite());
-    let (lo, hi) = losses.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-        (a.min(v), b.max(v))
-    });
-    let pad = ((hi - lo) * 0.05).max(1e-3);
-    let lr_max = c
-        .steps
-        .values()
-        .map(|p| p.lr)
+    let losses: Vec<(u64, f64)> = shown
+        .iter()
+        .flat_map(|(s, p)| std::iter::once((*s, p.loss)).chain(p.val_loss.map(|v| (*s, v))))
+        .collect();
+    let y = view
+        .ylim
+        .map_or_else(|| y_range(&losses), |(lo, hi)| lo..hi);
+    let lr_max = shown
+        .iter()
+        .map(|(_, p)| p.lr)
         .fold(0.0, f64::max)
         .max(1e-12)
         * 1.1;
-
-    let mut chart = ChartBuilder::on(root)
+    let (train, val, lr) = (
+        RGBColor(31, 119, 180),
+        RGBColor(214, 39, 40),
+        RGBColor(44, 160, 44),
+    );
+    let marker = RGBColor(120, 120, 120);
+    let entries = [
+        Entry {
+            label: "train loss".into(),
+            colour: train,
+            width: 2,
+            dot: false,
+        },
+        Entry {
+            label: "val loss".into(),
+            colour: val,
+            width: 2,
+            dot: true,
+        },
+        Entry {
+            label: "learning rate (right axis)".into(),
+            colour: lr,
+            width: 2,
+            dot: false,
+        },
+    ];
+    let (w, _) = root.dim_in_pixel();
+    let (chart_area, legend_area) = root.split_horizontally(w - legend_width(&entries, w));
+    let mut chart = ChartBuilder::on(&chart_area)
         .caption(title, ("sans-serif", 26))
         .margin(16)
         .x_label_area_size(48)
         .y_label_area_size(70)
         .right_y_label_area_size(80)
-        .build_cartesian_2d(first..x_end, (lo - pad)..(hi + pad))?
+        .build_cartesian_2d(first..x_end, y)?
         .set_secondary_coord(first..x_end, 0.0..lr_max);
     chart
         .configure_mesh()
@@ -305,39 +474,24 @@ where
         .label_style(("sans-serif", 15))
         .axis_desc_style(("sans-serif", 17))
         .draw()?;
-
-    let train = RGBColor(31, 119, 180);
-    let val = RGBColor(214, 39, 40);
-    let lr = RGBColor(44, 160, 44);
-    let marker = RGBColor(120, 120, 120);
-    chart
-        .draw_series(LineSeries::new(
-            c.steps.iter().map(|(s, p)| (*s, p.loss)),
-            train.stroke_width(2),
-        ))?
-        .label("train loss")
-        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], train.stroke_width(2)));
-    let vals: Vec<(u64, f64)> = c
-        .steps
+    chart.draw_series(LineSeries::new(
+        shown.iter().map(|(s, p)| (*s, p.loss)),
+        train.stroke_width(2),
+    ))?;
+    let vals: Vec<(u64, f64)> = shown
         .iter()
         .filter_map(|(s, p)| p.val_loss.map(|v| (*s, v)))
         .collect();
-    chart
-        .draw_series(LineSeries::new(vals.iter().copied(), val.stroke_width(2)))?
-        .label("val loss")
-        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], val.stroke_width(2)));
+    chart.draw_series(LineSeries::new(vals.iter().copied(), val.stroke_width(2)))?;
     chart.draw_series(
         vals.iter()
             .map(|(s, v)| Circle::new((*s, *v), 4, val.filled())),
     )?;
-    chart
-        .draw_secondary_series(LineSeries::new(
-            c.steps.iter().map(|(s, p)| (*s, p.lr)),
-            lr.stroke_width(2),
-        ))?
-        .label("learning rate (right axis)")
-        .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], lr.stroke_width(2)));
-    for m in &c.markers {
+    chart.draw_secondary_series(LineSeries::new(
+        shown.iter().map(|(s, p)| (*s, p.lr)),
+        lr.stroke_width(2),
+    ))?;
+    for m in c.markers.iter().filter(|m| view.shows(m.step)) {
         chart.draw_secondary_series(LineSeries::new(
             [(m.step, 0.0), (m.step, lr_max)],
             marker.stroke_width(2),
@@ -348,14 +502,7 @@ where
             ("sans-serif", 15).into_font().color(&marker),
         )))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 15))
-        .draw()?;
-    Ok(())
+    legend(&legend_area, &entries)
 }
 
 /// One colour per run (matplotlib's tab10, which is made to be told apart).
@@ -372,30 +519,22 @@ const PALETTE: [RGBColor; 10] = [
     RGBColor(23, 190, 207),
 ];
 
-fn range(values: impl Iterator<Item = f64>) -> std::ops::Range<f64> {
-    let (lo, hi) = values
-        .filter(|v| v.is_finite())
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
-            (a.min(v), b.max(v))
-        });
-    if lo > hi {
-        return 0.0..1.0;
-    }
-    let pad = ((hi - lo) * 0.05).max(hi.abs() * 1e-3).max(1e-12);
-    (lo - pad)..(hi + pad)
-}
-
 fn plot_runs<DB: DrawingBackend>(
     root: &DrawingArea<DB, plotters::coord::Shift>,
     runs: &[(String, Curves)],
     metric: Option<Metric>,
     title: &str,
+    view: View,
 ) -> DrawResult<()>
 where
     DB::ErrorType: 'static,
 {
     root.fill(&WHITE)?;
-    let all = || runs.iter().flat_map(|(_, c)| c.steps.iter());
+    let all = || {
+        runs.iter()
+            .flat_map(|(_, c)| c.steps.iter())
+            .filter(|(s, _)| view.shows(**s))
+    };
     let first = all().map(|(s, _)| *s).min().unwrap_or(0);
     let last = all().map(|(s, _)| *s).max().unwrap_or(0);
     let x_end = last.max(first + 1) + 1;
@@ -403,13 +542,56 @@ where
         Some(m) => vec![m],
         None => vec![Metric::Loss, Metric::ValLoss],
     };
-    let y = range(all().flat_map(|(_, p)| primary.iter().filter_map(|m| m.of(p))));
+    // Where several runs share steps (branches of one checkpoint) is what a
+    // comparison is for: the axis fits those steps when there are any.
+    let mut runs_at: BTreeMap<u64, usize> = BTreeMap::new();
+    for (_, c) in runs {
+        for s in c.steps.keys().filter(|s| view.shows(**s)) {
+            *runs_at.entry(*s).or_default() += 1;
+        }
+    }
+    let shared = runs_at.values().any(|n| *n > 1);
+    let values: Vec<(u64, f64)> = all()
+        .filter(|(s, _)| !shared || runs_at.get(s).is_some_and(|n| *n > 1))
+        .flat_map(|(s, p)| primary.iter().filter_map(|m| m.of(p).map(|v| (*s, v))))
+        .collect();
+    let y = view
+        .ylim
+        .map_or_else(|| y_range(&values), |(lo, hi)| lo..hi);
     let lr_max = all().map(|(_, p)| p.lr).fold(0.0, f64::max).max(1e-12) * 1.1;
     let y_desc = match metric {
         None => "loss (nats/token)".to_string(),
         Some(m) => m.name().to_string(),
     };
-    let mut chart = ChartBuilder::on(root)
+    let mut entries = Vec::new();
+    for (i, (name, _)) in runs.iter().enumerate() {
+        let colour = PALETTE[i % PALETTE.len()];
+        for m in &primary {
+            let label = match (metric, m) {
+                (None, Metric::ValLoss) => format!("{name}: val loss (dots)"),
+                (None, _) => format!("{name}: train loss"),
+                (Some(_), _) => name.clone(),
+            };
+            let dot = *m == Metric::ValLoss;
+            entries.push(Entry {
+                label,
+                colour,
+                width: if dot { 1 } else { 2 },
+                dot,
+            });
+        }
+    }
+    if metric.is_none() {
+        entries.push(Entry {
+            label: "thin lines: learning rate (right axis)".into(),
+            colour: RGBColor(120, 120, 120),
+            width: 1,
+            dot: false,
+        });
+    }
+    let (w, _) = root.dim_in_pixel();
+    let (chart_area, legend_area) = root.split_horizontally(w - legend_width(&entries, w));
+    let mut chart = ChartBuilder::on(&chart_area)
         .caption(title, ("sans-serif", 26))
         .margin(16)
         .x_label_area_size(48)
@@ -446,60 +628,59 @@ where
             let points: Vec<(u64, f64)> = c
                 .steps
                 .iter()
+                .filter(|(s, _)| view.shows(**s))
                 .filter_map(|(s, p)| m.of(p).map(|v| (*s, v)))
                 .collect();
             let width = if *m == Metric::ValLoss { 1 } else { 2 };
-            let label = match (metric, m) {
-                (None, Metric::ValLoss) => format!("{name}: val loss (dots)"),
-                (None, _) => format!("{name}: train loss"),
-                (Some(_), _) => name.clone(),
-            };
-            let series = chart
-                .draw_series(LineSeries::new(
-                    points.iter().copied(),
-                    colour.stroke_width(width),
-                ))?
-                .label(label);
+            chart.draw_series(LineSeries::new(
+                points.iter().copied(),
+                colour.stroke_width(width),
+            ))?;
             if *m == Metric::ValLoss {
-                series.legend(move |(x, y)| Circle::new((x + 10, y), 4, colour.filled()));
                 chart.draw_series(
                     points
                         .iter()
                         .map(|(s, v)| Circle::new((*s, *v), 4, colour.filled())),
                 )?;
-            } else {
-                series.legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2))
-                });
             }
         }
         if metric.is_none() {
             chart.draw_secondary_series(LineSeries::new(
-                c.steps.iter().map(|(s, p)| (*s, p.lr)),
+                c.steps
+                    .iter()
+                    .filter(|(s, _)| view.shows(**s))
+                    .map(|(s, p)| (*s, p.lr)),
                 colour.mix(0.6).stroke_width(1),
             ))?;
         }
-        for (k, m) in c.markers.iter().enumerate() {
-            let top = lr_max * (0.97 - 0.04 * ((i + k) % 6) as f64);
+        let short = Path::new(name)
+            .file_name()
+            .map_or(name.clone(), |n| n.to_string_lossy().into_owned());
+        for (k, m) in c.markers.iter().filter(|m| view.shows(m.step)).enumerate() {
+            let top = lr_max * (0.97 - 0.05 * ((i + k) % 8) as f64);
             chart.draw_secondary_series(LineSeries::new(
                 [(m.step, 0.0), (m.step, lr_max)],
                 colour.mix(0.5).stroke_width(1),
             ))?;
+            // Labels right of a line in the left half, left of it in the
+            // right half: never across the right axis.
+            let right_half = m.step > first + (x_end - first) / 2;
+            let (text, anchor) = if right_half {
+                (format!("{short}: {} @ {} ", m.label, m.step), HPos::Right)
+            } else {
+                (format!(" {short}: {} @ {}", m.label, m.step), HPos::Left)
+            };
             chart.draw_secondary_series(std::iter::once(Text::new(
-                format!(" {name}: {} @ {}", m.label, m.step),
+                text,
                 (m.step, top),
-                ("sans-serif", 14).into_font().color(&colour),
+                ("sans-serif", 14)
+                    .into_font()
+                    .color(&colour)
+                    .pos(Pos::new(anchor, VPos::Top)),
             )))?;
         }
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 15))
-        .draw()?;
-    Ok(())
+    legend(&legend_area, &entries)
 }
 
 /// Per run: the best validation loss and its step, the final train and
@@ -615,7 +796,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         for metric in [None, Some(Metric::GradNorm), Some(Metric::ValLoss)] {
             let out = dir.path().join("c.png");
-            draw_runs(&runs, metric, "t", &out, (640, 400)).expect("draws");
+            draw_runs(&runs, metric, "t", &out, (640, 400), View::default()).expect("draws");
             assert_eq!(
                 &std::fs::read(&out).expect("png")[..8],
                 b"\x89PNG\r\n\x1a\n"
@@ -636,8 +817,54 @@ mod tests {
     fn draws_a_png_of_the_asked_size() {
         let dir = tempfile::tempdir().expect("tmp");
         let out = dir.path().join("r.png");
-        draw(&parse(LINES).expect("parses"), "t", &out, (640, 400)).expect("draws");
+        draw(
+            &parse(LINES).expect("parses"),
+            "t",
+            &out,
+            (640, 400),
+            View::default(),
+        )
+        .expect("draws");
         let bytes = std::fs::read(&out).expect("png");
         assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        // IHDR: width and height, big-endian, right after the chunk header.
+        let be = |at: usize| {
+            u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
+        assert_eq!(&bytes[12..16], b"IHDR");
+        assert_eq!((be(16), be(20)), (640, 400));
+    }
+
+    /// The axis fits what is worth seeing: the first tenth of the steps (a
+    /// loss falling from 4.8) does not set the top; several runs that share
+    /// steps (branches) are fitted to those steps.
+    #[test]
+    fn the_y_range_follows_the_data_shown() {
+        let mut values: Vec<(u64, f64)> = (0..100).map(|s| (s, 1.2 - s as f64 * 0.001)).collect();
+        values[0].1 = 4.8;
+        values[5].1 = 3.0;
+        let r = y_range(&values);
+        assert!(r.start < 1.101 && r.end < 1.22, "{r:?}");
+        assert_eq!(parse_steps("200..400"), Ok((Some(200), Some(400))));
+        assert_eq!(parse_steps("200.."), Ok((Some(200), None)));
+        assert_eq!(parse_steps("..400"), Ok((None, Some(400))));
+        assert!(parse_steps("400..200").is_err() && parse_steps("x").is_err());
+        assert_eq!(parse_ylim("1.0..1.5"), Ok((1.0, 1.5)));
+        assert!(parse_ylim("2..1").is_err() && parse_ylim("a..b").is_err());
+        let v = View {
+            steps: Some((Some(10), Some(20))),
+            ylim: None,
+        };
+        assert!(v.shows(10) && v.shows(20) && !v.shows(9) && !v.shows(21));
+    }
+
+    /// A last line torn by a crash (no newline) is skipped; anywhere else
+    /// a line that does not parse is an error.
+    #[test]
+    fn a_torn_last_line_is_skipped() {
+        let torn = format!("{LINES}{{\"step\":3,\"loss\":3.");
+        assert_eq!(parse(&torn).expect("parses").steps.len(), 3);
+        let inside = format!("{{\"step\":3,\"loss\":3.\n{LINES}");
+        assert!(parse(&inside).is_err());
     }
 }

@@ -414,9 +414,12 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
     if let Some(n) = req.extend_steps
         && !branch
     {
+        // (Through `latest` or a folder, every newer one was skipped as
+        // not valid: those are not the run's history any more.)
         let later = checkpoint::list_steps(&checkpoint_dir)
             .into_iter()
-            .rfind(|(s, _)| *s > r);
+            .filter(|_| !resolved.falls_back)
+            .rfind(|(s, d)| *s > r && d.join(checkpoint::COMPLETE_FILE).is_file());
         if let Some((_, newest)) = later {
             return Err(Refused(format!(
                 "--resume {} --extend-steps {n} in its own run directory would overwrite the run's later checkpoints (newest: {}) with another schedule; branch into a run directory of its own with --run-dir DIR",

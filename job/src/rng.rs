@@ -24,6 +24,8 @@ pub enum Stream {
     SyntheticTable,
     /// The walk that emits the synthetic corpus.
     SyntheticWalk,
+    /// Token choices when sampling text from a model (`worker sample`).
+    Sample,
     /// The sample permutation of one epoch.
     Epoch(u64),
 }
@@ -34,6 +36,7 @@ impl Stream {
             Stream::Init => 1,
             Stream::SyntheticTable => 2,
             Stream::SyntheticWalk => 3,
+            Stream::Sample => 4,
             // Epoch streams live in the upper half of the id space.
             Stream::Epoch(e) => (1 << 63) | e,
         }

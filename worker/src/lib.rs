@@ -16,6 +16,7 @@ pub mod fused_adamw;
 pub mod handoff;
 pub mod model;
 pub mod optim;
+pub mod sample;
 pub mod session;
 pub mod trainer;
 pub mod transfer;

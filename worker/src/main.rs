@@ -14,12 +14,19 @@ use stride_worker::session::{self, Options};
 #[command(
     name = "worker",
     version,
-    about = "Stride worker: trains its share of a job driven by a coordinator"
+    about = "Stride worker: trains its share of a job driven by a coordinator",
+    long_about = "Stride worker: trains its share of a job driven by a coordinator.\n\n\
+        `worker --connect URL` joins a job; `worker sample --checkpoint CKPT --prompt TEXT` \
+        continues a text with a checkpoint's model.",
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The coordinator's gRPC URL, e.g. http://127.0.0.1:29400.
-    #[arg(long)]
-    connect: String,
+    #[arg(long, required = true)]
+    connect: Option<String>,
     /// A stable name for this worker (ranks are given in its natural order);
     /// default: the Indexed Job's completion index, else host-pid.
     #[arg(long, env = "STRIDE_WORKER_IDENTITY")]
@@ -55,6 +62,129 @@ struct Cli {
     health_listen: Option<std::net::SocketAddr>,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Continue a prompt with a checkpoint's model (the fused CPU engine the
+    /// workers train with); prints the continuation.
+    Sample(SampleArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SampleArgs {
+    /// A step directory, `…/best`, `…/latest`, a checkpoint folder or a run
+    /// directory.
+    #[arg(long)]
+    checkpoint: std::path::PathBuf,
+    /// Text to continue (GPT-2 BPE; for a model with GPT-2's vocabulary).
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
+    prompt: Option<String>,
+    /// Token ids to continue, comma-separated (any vocabulary, e.g. `tiny`'s).
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// New tokens to generate.
+    #[arg(long, default_value_t = 64, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    tokens: usize,
+    /// Softmax temperature; 0 takes the most likely token (greedy).
+    #[arg(long, default_value_t = 0.8, value_parser = temperature)]
+    temperature: f64,
+    /// Draw among the K most likely tokens (0: all).
+    #[arg(long, default_value_t = 200)]
+    top_k: usize,
+    /// Seed of the draws: the same seed gives the same text.
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    /// Print the logits after the prompt (its last position) as a JSON
+    /// list instead of sampling (to compare with another implementation,
+    /// e.g. bench/hf_export.py).
+    #[arg(long)]
+    logits: bool,
+}
+
+/// A temperature: finite, in 0..=100.
+fn temperature(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if v.is_finite() && (0.0..=100.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s} is outside 0..=100"))
+    }
+}
+
+/// `worker sample`: prints the prompt's continuation (exit 2 for a request
+/// the checkpoint cannot serve).
+fn sample(a: SampleArgs) -> ExitCode {
+    use stride_worker::sample::{BadRequest, Prompt, Request, Sampler};
+    let prompt = match (a.prompt, a.prompt_ids) {
+        (Some(text), _) => Prompt::Text(text),
+        (None, Some(ids)) => Prompt::Ids(ids),
+        (None, None) => Prompt::Ids(Vec::new()),
+    };
+    let request = Request {
+        checkpoint: a.checkpoint,
+        prompt,
+        tokens: a.tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        seed: a.seed,
+    };
+    if a.logits {
+        let run = || -> anyhow::Result<String> {
+            let mut s = Sampler::open(&request.checkpoint)?;
+            let ids = s.prompt_ids(&request.prompt)?;
+            let logits = s.next_logits(&ids)?;
+            Ok(format!(
+                "[{}]",
+                logits
+                    .iter()
+                    .map(|l| format!("{l:e}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ))
+        };
+        return match run() {
+            Ok(json) => {
+                println!("{json}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(exit::BAD_INPUT as u8)
+            }
+        };
+    }
+    let run = || -> anyhow::Result<stride_worker::sample::Sampled> {
+        Sampler::open(&request.checkpoint)?.sample(&request)
+    };
+    match run() {
+        Ok(s) => {
+            match &s.text {
+                Some(text) => println!("{text}"),
+                None => {
+                    let ids: Vec<String> = s.tokens[s.prompt_len..]
+                        .iter()
+                        .map(u32::to_string)
+                        .collect();
+                    println!("{}", ids.join(","));
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let bad = e.chain().any(|c| {
+                c.is::<BadRequest>()
+                    || c.is::<stride_job::checkpoint::CheckpointError>()
+                    || c.is::<stride_job::ConfigError>()
+            });
+            ExitCode::from(if bad { exit::BAD_INPUT } else { exit::FAILED } as u8)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // Before anything allocates: see stride_worker::alloc.
     stride_worker::alloc::tune_malloc();
@@ -67,6 +197,17 @@ fn main() -> ExitCode {
         return ExitCode::from(exit::BAD_INPUT as u8);
     }
     let cli = Cli::parse();
+    if let Some(Command::Sample(a)) = cli.command {
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(stride_telemetry::log_filter())
+            .try_init();
+        return sample(a);
+    }
+    let Some(connect) = cli.connect.clone() else {
+        eprintln!("error: --connect URL is required");
+        return ExitCode::from(exit::BAD_INPUT as u8);
+    };
     let identity =
         cli.identity
             .clone()
@@ -85,7 +226,7 @@ fn main() -> ExitCode {
     if cli.dry_run {
         println!(
             "dry run: would join {} as {identity} (token from {})",
-            cli.connect,
+            connect,
             cli.token_file.as_ref().map_or_else(
                 || format!("${}", stride_job::auth::TOKEN_ENV),
                 |p| p.display().to_string()
@@ -104,7 +245,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::BAD_INPUT as u8);
         }
     };
-    let tls = match tls_config(&cli) {
+    let tls = match tls_config(&cli, &connect) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -114,7 +255,7 @@ fn main() -> ExitCode {
     let opts = Options {
         tls,
         token,
-        url: cli.connect,
+        url: connect,
         identity,
         threads: cli.threads,
         connect_timeout: Duration::from_secs_f64(cli.connect_timeout),
@@ -247,13 +388,13 @@ fn init_logging(identity: &str) -> anyhow::Result<stride_telemetry::Guard> {
 
 /// The client TLS configuration the flags ask for: for an https:// URL,
 /// the system roots plus --tls-ca, and a client identity for mutual TLS.
-fn tls_config(cli: &Cli) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
-    if !cli.connect.starts_with("https://") {
+fn tls_config(
+    cli: &Cli,
+    connect: &str,
+) -> anyhow::Result<Option<tonic::transport::ClientTlsConfig>> {
+    if !connect.starts_with("https://") {
         if cli.tls_ca.is_some() || cli.tls_cert.is_some() {
-            anyhow::bail!(
-                "--tls-* flags need an https:// coordinator URL, not {}",
-                cli.connect
-            );
+            anyhow::bail!("--tls-* flags need an https:// coordinator URL, not {connect}");
         }
         return Ok(None);
     }

@@ -1015,3 +1015,77 @@ fn a_run_directory_holds_its_run_wherever_it_is_copied_or_moved() {
     );
     state(&runs.join("old/checkpoints/step-00000030"));
 }
+
+/// A checkpoint is something you can talk to and take elsewhere: `worker
+/// sample` continues a prompt with the model the workers trained (the same
+/// tokens for the same seed), and `coordinator export --format hf` writes a
+/// folder with Hugging Face GPT-2's names and Conv1D layout.
+#[test]
+fn a_checkpoint_can_be_sampled_and_exported() {
+    let _turn = crate::common::beside_others();
+    let d = tempfile::tempdir().expect("tmp");
+    ok(
+        &args(&["--workers", "1", "--set", "train.max_steps=20"]),
+        d.path(),
+    );
+    let sample = |extra: &[&str]| {
+        let mut a = vec!["sample", "--checkpoint", "runs/tiny", "--tokens", "8"];
+        a.extend_from_slice(extra);
+        let out = std::process::Command::new(crate::common::bin("worker"))
+            .args(&a)
+            .current_dir(d.path())
+            .output()
+            .expect("worker sample");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, greedy, err) = sample(&["--prompt-ids", "1,2,3", "--temperature", "0"]);
+    assert_eq!(code, Some(0), "{err}");
+    let ids: Vec<u32> = greedy
+        .split(',')
+        .map(|t| t.parse().expect("a token id"))
+        .collect();
+    assert!(ids.len() == 8 && ids.iter().all(|t| *t < 128), "{greedy}");
+    assert_eq!(
+        sample(&["--prompt-ids", "1,2,3", "--temperature", "0"]).1,
+        greedy
+    );
+    let drawn = sample(&["--prompt-ids", "1,2,3", "--seed", "7"]).1;
+    assert_eq!(sample(&["--prompt-ids", "1,2,3", "--seed", "7"]).1, drawn);
+    let (code, _, err) = sample(&["--prompt", "hello"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("not GPT-2's"), "{err}");
+
+    let export = |extra: &[&str]| {
+        let mut a = vec![
+            "export",
+            "--checkpoint",
+            "runs/tiny",
+            "--format",
+            "hf",
+            "--out",
+            "hf",
+        ];
+        a.extend_from_slice(extra);
+        run(&a, d.path(), LIMIT)
+    };
+    let (status, out) = export(&[]);
+    assert!(status.success(), "{out}");
+    let shapes = checkpoint::tensor_shapes(&d.path().join("hf/model.safetensors")).expect("read");
+    assert_eq!(shapes["transformer.h.0.attn.c_attn.weight"], vec![64, 192]);
+    assert_eq!(shapes["transformer.h.1.mlp.c_proj.weight"], vec![256, 64]);
+    assert_eq!(shapes["transformer.wte.weight"], vec![128, 64]);
+    assert!(!shapes.contains_key("lm_head.weight"));
+    let config: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.path().join("hf/config.json")).expect("config.json"),
+    )
+    .expect("json");
+    assert_eq!(config["model_type"], "gpt2");
+    assert_eq!(config["n_layer"], 2);
+    let (status, out) = export(&[]);
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(out.contains("--force"), "{out}");
+}

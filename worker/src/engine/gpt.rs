@@ -424,6 +424,50 @@ impl<T: Real> FusedGpt<T> {
             .forward(w, &p.ln_f, &self.res[self.config.n_layer][..n * c]);
     }
 
+    /// The logits (V) at `position` of one sequence of T token ids, into
+    /// `out`, for sampling: the training forward through the final
+    /// LayerNorm, then that row times the (tied) token embedding. Tokens
+    /// after `position` do not change them (causal attention), so a prompt
+    /// shorter than the context is padded with any token.
+    pub fn logits_at(
+        &mut self,
+        w: &[T],
+        inputs: &[u32],
+        position: usize,
+        out: &mut [T],
+    ) -> Result<(), BatchError> {
+        let (t, c, v) = (
+            self.config.context,
+            self.config.n_embd,
+            self.config.vocab_size,
+        );
+        let b = self.check(inputs, inputs)?;
+        if b != 1 || position >= t || out.len() != v {
+            return Err(BatchError::Length {
+                inputs: inputs.len(),
+                targets: out.len(),
+                b,
+                t,
+            });
+        }
+        self.forward(w, inputs, 1);
+        let x = &self.ln_f.out(t)[position * c..(position + 1) * c];
+        let wte = &w[self.index.wte.clone()];
+        for (o, row) in out.iter_mut().zip(wte.chunks_exact(c)) {
+            *o = x
+                .iter()
+                .zip(row)
+                .fold(T::zero(), |acc, (a, b)| acc + *a * *b);
+        }
+        Ok(())
+    }
+
+    /// Each row's loss of the last [`FusedGpt::loss`] call: row p of
+    /// sequence b at `b·T + p` (a test reads one position's cross-entropy).
+    pub fn row_losses(&self) -> &[f64] {
+        &self.scratch.row_loss
+    }
+
     /// Mean cross-entropy of `targets` given `inputs` (each B·T token ids,
     /// B ≤ the micro-batch the model was built for); no gradient.
     pub fn loss(&mut self, w: &[T], inputs: &[u32], targets: &[u32]) -> Result<f64, BatchError> {

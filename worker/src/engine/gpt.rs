@@ -1,33 +1,35 @@
 //! The fused GPT: the whole model's forward and backward as a short
-//! sequence of named layer calls (`kernels.rs`), over activations and
-//! gradient scratch allocated once, for the largest micro-batch, and reused
-//! every step — as llm.c's `train_gpt2.c` does.
+//! sequence of named layer calls, over activations and gradient scratch
+//! allocated once, for the largest micro-batch, and reused every step — as
+//! llm.c's `train_gpt2.c` does. Written once against [`Backend`]: the same
+//! sequence runs on the CPU kernels of `stride-kernels` ([`Cpu`]) and on
+//! the CUDA kernels of `stride-cuda-kernels` (their CPU emulation in tests,
+//! the GPU with the `cuda` feature).
 //!
-//! Weights are read straight from the trainer's flat master buffer and
+//! Weights are read straight from the trainer's flat weight buffer and
 //! gradients added straight into its flat gradient buffer (both in
 //! parameter-name order, see `stride_job::params`), so there is no copy
 //! between the model and the optimiser and nothing the size of an
 //! activation is allocated after construction.
 //!
 //! What is kept for the backward, per block: the block's input, both
-//! LayerNorm outputs with their mean and 1/σ, qkv, the attention
-//! probabilities (B, NH, T, T), the attention output, the residual after
-//! attention, and the MLP's pre- and post-GELU activations. The backward
-//! needs one block's worth of gradient scratch, reused block after block.
-//! The LM head never holds the (B·T, V) logits: see
-//! [`kernels::head_cross_entropy`].
+//! LayerNorm outputs with their mean and 1/σ, qkv, what attention saves
+//! (the CPU: the probabilities (B, NH, T, T); the CUDA kernels: the
+//! log-sum-exp of each row, (B, NH, T)), the attention output, the
+//! residual after attention, and the MLP's pre- and post-GELU activations.
+//! The backward needs one block's worth of gradient scratch, reused block
+//! after block. The LM head never holds the (B·T, V) logits (see
+//! [`Backend::head_cross_entropy`]).
 
 use std::ops::Range;
 
 use stride_job::config::ModelConfig;
 use stride_job::params::Slot;
 
-use stride_kernels::{self as kernels, HeadGrad, Heads, Real};
+use stride_kernels::{Heads, Real};
 
-/// Rows of logits the LM head computes at once. 256 × 50,304 f32 is 51 MB:
-/// large enough that the embedding-gradient product (whose k is this) runs
-/// near full speed, small next to the (B·T, V) logits it replaces.
-const HEAD_ROWS: usize = 256;
+pub use super::backend::HEAD_ROWS;
+use super::backend::{Backend, BackendError, Cpu};
 
 /// Input the fused model refuses (the trainer checked the config; these
 /// guard against a plan or a token file that disagrees with it).
@@ -59,6 +61,8 @@ pub enum BatchError {
     },
     #[error("the model has no parameter {0} (layout and engine disagree)")]
     Layout(String),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
 }
 
 /// A LayerNorm's gain and bias in the flat buffer.
@@ -73,27 +77,6 @@ struct NormParams {
 struct LinearParams {
     w: Range<usize>,
     b: Range<usize>,
-}
-
-impl LinearParams {
-    /// out (N, OC) = inp (N, IC) · wᵀ + b (+ residual).
-    fn forward<T: Real>(&self, w: &[T], out: &mut [T], inp: &[T], residual: Option<&[T]>) {
-        kernels::linear_forward(out, inp, &w[self.w.clone()], &w[self.b.clone()], residual);
-    }
-
-    /// dinp ← dout · w; the weight's and bias's gradients added into `grad`.
-    fn backward<T: Real>(
-        &self,
-        w: &[T],
-        grad: &mut [T],
-        partials: &mut [T],
-        dinp: &mut [T],
-        dout: &[T],
-        inp: &[T],
-    ) {
-        let (dw, db) = pair(grad, &self.w, &self.b);
-        kernels::linear_backward(Some(dinp), dw, db, partials, dout, inp, &w[self.w.clone()]);
-    }
 }
 
 /// Where each parameter of one block lies in the flat buffer.
@@ -159,52 +142,48 @@ impl ParamIndex {
     }
 }
 
-/// Two disjoint parameter ranges of one buffer, both mutable.
-fn pair<'a, T>(g: &'a mut [T], a: &Range<usize>, b: &Range<usize>) -> (&'a mut [T], &'a mut [T]) {
-    if a.end <= b.start {
-        let (lo, hi) = g.split_at_mut(b.start);
-        (&mut lo[a.clone()], &mut hi[..b.len()])
-    } else {
-        assert!(b.end <= a.start, "parameter ranges overlap");
-        let (lo, hi) = g.split_at_mut(a.start);
-        (&mut hi[..a.len()], &mut lo[b.clone()])
-    }
-}
-
 /// A LayerNorm's output, with the statistics its backward needs, for up
-/// to N rows.
+/// to N rows of C.
 #[derive(Debug)]
-struct NormActs<T> {
-    out: Vec<T>,  // (N, C)
-    mean: Vec<T>, // (N)
-    rstd: Vec<T>, // (N)
+struct NormActs<B: Backend> {
+    out: B::Buf<B::A>,  // (N, C)
+    mean: B::Buf<B::G>, // (N)
+    rstd: B::Buf<B::G>, // (N)
+    c: usize,
 }
 
-impl<T: Real> NormActs<T> {
-    fn new(n: usize, c: usize) -> NormActs<T> {
-        NormActs {
-            out: vec![T::zero(); n * c],
-            mean: vec![T::zero(); n],
-            rstd: vec![T::zero(); n],
-        }
+impl<B: Backend> NormActs<B> {
+    fn new(be: &mut B, n: usize, c: usize) -> Result<NormActs<B>, BackendError> {
+        Ok(NormActs {
+            out: be.alloc(n * c)?,
+            mean: be.alloc(n)?,
+            rstd: be.alloc(n)?,
+            c,
+        })
     }
 
     /// The output's first `n` rows.
-    fn out(&self, n: usize) -> &[T] {
-        &self.out[..n * (self.out.len() / self.mean.len())]
+    fn out(&self, n: usize) -> B::View<'_, B::A> {
+        B::part(&self.out, 0..n * self.c)
     }
 
     /// out = LayerNorm(x) over the n rows of x.
-    fn forward(&mut self, w: &[T], p: &NormParams, x: &[T]) {
-        let n = x.len() / p.w.len();
-        kernels::layernorm_forward(
-            &mut self.out[..x.len()],
-            &mut self.mean[..n],
-            &mut self.rstd[..n],
+    fn forward(
+        &mut self,
+        be: &mut B,
+        w: &B::View<'_, B::A>,
+        p: &NormParams,
+        x: B::View<'_, B::A>,
+        n: usize,
+    ) -> Result<(), BackendError> {
+        be.layernorm_forward(
+            B::part_mut(&mut self.out, 0..n * self.c),
+            B::part_mut(&mut self.mean, 0..n),
+            B::part_mut(&mut self.rstd, 0..n),
             x,
-            &w[p.w.clone()],
-            &w[p.b.clone()],
-        );
+            B::sub(w, p.w.clone()),
+            B::sub(w, p.b.clone()),
+        )
     }
 
     /// dx += the gradient through this norm of dout (its forward read x);
@@ -212,64 +191,108 @@ impl<T: Real> NormActs<T> {
     #[allow(clippy::too_many_arguments)]
     fn backward(
         &self,
-        w: &[T],
+        be: &mut B,
+        w: &B::View<'_, B::A>,
         p: &NormParams,
-        grad: &mut [T],
-        partials: &mut [T],
-        dx: &mut [T],
-        dout: &[T],
-        x: &[T],
-    ) {
-        let n = x.len() / p.w.len();
-        let (dw, db) = pair(grad, &p.w, &p.b);
-        kernels::layernorm_backward(
+        grad: &mut B::ViewMut<'_, B::G>,
+        partials: &mut B::Buf<B::G>,
+        dx: B::ViewMut<'_, B::A>,
+        dout: B::View<'_, B::A>,
+        x: B::View<'_, B::A>,
+        n: usize,
+    ) -> Result<(), BackendError> {
+        let (dw, db) = B::pair_mut(grad, p.w.clone(), p.b.clone());
+        be.layernorm_backward(
             dx,
             dw,
             db,
-            partials,
+            B::view_mut(partials),
             dout,
             x,
-            &w[p.w.clone()],
-            &self.mean[..n],
-            &self.rstd[..n],
-        );
+            B::sub(w, p.w.clone()),
+            B::part(&self.mean, 0..n),
+            B::part(&self.rstd, 0..n),
+        )
+    }
+}
+
+impl LinearParams {
+    /// out (N, OC) = inp (N, IC) · wᵀ + b (+ residual).
+    fn forward<B: Backend>(
+        &self,
+        be: &mut B,
+        w: &B::View<'_, B::A>,
+        out: B::ViewMut<'_, B::A>,
+        inp: B::View<'_, B::A>,
+        residual: Option<B::View<'_, B::A>>,
+    ) -> Result<(), BackendError> {
+        be.linear_forward(
+            out,
+            inp,
+            B::sub(w, self.w.clone()),
+            B::sub(w, self.b.clone()),
+            residual,
+        )
+    }
+
+    /// dinp ← dout · w; the weight's and bias's gradients added into `grad`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward<B: Backend>(
+        &self,
+        be: &mut B,
+        w: &B::View<'_, B::A>,
+        grad: &mut B::ViewMut<'_, B::G>,
+        partials: &mut B::Buf<B::G>,
+        dinp: B::ViewMut<'_, B::A>,
+        dout: B::View<'_, B::A>,
+        inp: B::View<'_, B::A>,
+    ) -> Result<(), BackendError> {
+        let (dw, db) = B::pair_mut(grad, self.w.clone(), self.b.clone());
+        be.linear_backward(
+            dinp,
+            dw,
+            db,
+            B::view_mut(partials),
+            dout,
+            inp,
+            B::sub(w, self.w.clone()),
+        )
     }
 }
 
 /// What one block keeps from its forward for its backward. Shapes for N =
 /// B·T rows.
 #[derive(Debug)]
-struct BlockActs<T> {
-    ln_1: NormActs<T>,
-    qkv: Vec<T>,  // (N, 3C)
-    att: Vec<T>,  // (B, NH, T, T)
-    atty: Vec<T>, // (N, C)
-    res2: Vec<T>, // (N, C): block input + attention
-    ln_2: NormActs<T>,
-    fc: Vec<T>,   // (N, 4C): before GELU
-    gelu: Vec<T>, // (N, 4C)
+struct BlockActs<B: Backend> {
+    ln_1: NormActs<B>,
+    qkv: B::Buf<B::A>,  // (N, 3C)
+    att: B::Buf<B::G>,  // what attention saves (Backend::attention_sizes)
+    atty: B::Buf<B::A>, // (N, C)
+    res2: B::Buf<B::A>, // (N, C): block input + attention
+    ln_2: NormActs<B>,
+    fc: B::Buf<B::A>,   // (N, 4C): before GELU
+    gelu: B::Buf<B::A>, // (N, 4C)
 }
 
 /// Gradient scratch, reused block after block.
 #[derive(Debug)]
-struct Scratch<T> {
-    dres: Vec<T>,       // (N, C): gradient of the residual stream
-    dln: Vec<T>,        // (N, C): gradient of a LayerNorm output
-    datty: Vec<T>,      // (N, C)
-    dqkv: Vec<T>,       // (N, 3C)
-    dfc: Vec<T>,        // (N, 4C)
-    heads: Vec<T>,      // (B, NH, T, hs): head-major y, then dy
-    dheads: Vec<T>,     // (B, NH, 3, T, hs)
-    datt: Vec<T>,       // (B, NH, T, T)
-    partials: Vec<T>,   // (blocks(N), 4C): column-sum partials
-    logits: Vec<T>,     // (HEAD_ROWS, V)
-    row_loss: Vec<f64>, // (N)
+struct Scratch<B: Backend> {
+    dres: B::Buf<B::A>,      // (N, C): gradient of the residual stream
+    dln: B::Buf<B::A>,       // (N, C): gradient of a LayerNorm output
+    datty: B::Buf<B::A>,     // (N, C)
+    dqkv: B::Buf<B::A>,      // (N, 3C)
+    dfc: B::Buf<B::A>,       // (N, 4C)
+    attention: B::Buf<B::G>, // attention's scratch (Backend::attention_sizes)
+    partials: B::Buf<B::G>,  // column-sum partials for rows of up to 4C
+    tokens: B::Buf<u32>,     // (N): the micro-batch's inputs on the device
+    targets: B::Buf<u32>,    // (N)
 }
 
-/// A GPT whose forward and backward run on the fused CPU kernels; see the
-/// module doc.
+/// A GPT whose forward and backward run layer by layer on a [`Backend`];
+/// see the module doc.
 #[derive(Debug)]
-pub struct FusedGpt<T> {
+pub struct Gpt<B: Backend> {
+    backend: B,
     config: ModelConfig,
     max_batch: usize,
     /// Rows of logits per chunk of the LM head.
@@ -277,21 +300,81 @@ pub struct FusedGpt<T> {
     index: ParamIndex,
     /// The residual stream entering each block, and (last) leaving the
     /// final block: n_layer + 1 of (N, C).
-    res: Vec<Vec<T>>,
-    blocks: Vec<BlockActs<T>>,
-    ln_f: NormActs<T>,
-    scratch: Scratch<T>,
+    res: Vec<B::Buf<B::A>>,
+    blocks: Vec<BlockActs<B>>,
+    ln_f: NormActs<B>,
+    scratch: Scratch<B>,
 }
 
-impl<T: Real> FusedGpt<T> {
-    /// A model for micro-batches of up to `max_batch` sequences, with every
-    /// buffer a step needs. `slots` is the layout of the weights it will be
-    /// handed.
+/// The fused engine on the CPU kernels, in `T` (f32 to train, f64 for
+/// gradient checks).
+pub type FusedGpt<T> = Gpt<Cpu<T>>;
+
+impl<T: Real + super::backend::Elem> Gpt<Cpu<T>> {
+    /// A model on the CPU kernels; see [`Gpt::on`].
     pub fn new(
         config: &ModelConfig,
         slots: &[Slot],
         max_batch: usize,
     ) -> Result<FusedGpt<T>, BatchError> {
+        Gpt::on(Cpu::default(), config, slots, max_batch)
+    }
+
+    /// Each row's loss of the last [`Gpt::loss`] call: row p of sequence b
+    /// at `b·T + p` (a test reads one position's cross-entropy).
+    pub fn row_losses(&self) -> &[f64] {
+        self.backend.row_losses()
+    }
+
+    /// The logits (V) at `position` of one sequence of T token ids, into
+    /// `out`, for sampling: the training forward through the final
+    /// LayerNorm, then that row times the (tied) token embedding. Tokens
+    /// after `position` do not change them (causal attention), so a prompt
+    /// shorter than the context is padded with any token.
+    pub fn logits_at(
+        &mut self,
+        w: &[T],
+        inputs: &[u32],
+        position: usize,
+        out: &mut [T],
+    ) -> Result<(), BatchError> {
+        let (t, c, v) = (
+            self.config.context,
+            self.config.n_embd,
+            self.config.vocab_size,
+        );
+        let b = self.check(inputs, inputs)?;
+        if b != 1 || position >= t || out.len() != v {
+            return Err(BatchError::Length {
+                inputs: inputs.len(),
+                targets: out.len(),
+                b,
+                t,
+            });
+        }
+        self.forward(&w, inputs, 1)?;
+        let x = &self.ln_f.out[position * c..(position + 1) * c];
+        let wte = &w[self.index.wte.clone()];
+        for (o, row) in out.iter_mut().zip(wte.chunks_exact(c)) {
+            *o = x
+                .iter()
+                .zip(row)
+                .fold(T::zero(), |acc, (a, b)| acc + *a * *b);
+        }
+        Ok(())
+    }
+}
+
+impl<B: Backend> Gpt<B> {
+    /// A model for micro-batches of up to `max_batch` sequences on
+    /// `backend`, with every buffer a step needs. `slots` is the layout of
+    /// the weights it will be handed.
+    pub fn on(
+        mut backend: B,
+        config: &ModelConfig,
+        slots: &[Slot],
+        max_batch: usize,
+    ) -> Result<Gpt<B>, BatchError> {
         let (b, t, c, nh, v) = (
             max_batch.max(1),
             config.context,
@@ -300,48 +383,61 @@ impl<T: Real> FusedGpt<T> {
             config.vocab_size,
         );
         let n = b * t;
-        let z = |len: usize| vec![T::zero(); len];
+        let be = &mut backend;
+        let att = B::attention_sizes(Heads { b, t, c, nh });
         let blocks = (0..config.n_layer)
-            .map(|_| BlockActs {
-                ln_1: NormActs::new(n, c),
-                qkv: z(3 * n * c),
-                att: z(b * nh * t * t),
-                atty: z(n * c),
-                res2: z(n * c),
-                ln_2: NormActs::new(n, c),
-                fc: z(4 * n * c),
-                gelu: z(4 * n * c),
+            .map(|_| {
+                Ok(BlockActs {
+                    ln_1: NormActs::new(be, n, c)?,
+                    qkv: be.alloc(3 * n * c)?,
+                    att: be.alloc(att.saved)?,
+                    atty: be.alloc(n * c)?,
+                    res2: be.alloc(n * c)?,
+                    ln_2: NormActs::new(be, n, c)?,
+                    fc: be.alloc(4 * n * c)?,
+                    gelu: be.alloc(4 * n * c)?,
+                })
             })
-            .collect();
-        Ok(FusedGpt {
+            .collect::<Result<Vec<_>, BackendError>>()?;
+        let res = (0..=config.n_layer)
+            .map(|_| be.alloc(n * c))
+            .collect::<Result<Vec<_>, BackendError>>()?;
+        let ln_f = NormActs::new(be, n, c)?;
+        let scratch = Scratch {
+            dres: be.alloc(n * c)?,
+            dln: be.alloc(n * c)?,
+            datty: be.alloc(n * c)?,
+            dqkv: be.alloc(3 * n * c)?,
+            dfc: be.alloc(4 * n * c)?,
+            attention: be.alloc(att.scratch)?,
+            partials: be.alloc(B::partials_len(n, 4 * c))?,
+            tokens: be.alloc(n)?,
+            targets: be.alloc(n)?,
+        };
+        be.prepare(n, c, v)?;
+        Ok(Gpt {
             index: ParamIndex::new(slots, config.n_layer)?,
             config: config.clone(),
             max_batch: b,
             head_rows: HEAD_ROWS.min(n),
-            res: (0..=config.n_layer).map(|_| z(n * c)).collect(),
+            res,
             blocks,
-            ln_f: NormActs::new(n, c),
-            scratch: Scratch {
-                dres: z(n * c),
-                dln: z(n * c),
-                datty: z(n * c),
-                dqkv: z(3 * n * c),
-                dfc: z(4 * n * c),
-                heads: z(n * c),
-                dheads: z(3 * n * c),
-                datt: z(b * nh * t * t),
-                partials: z(kernels::blocks(n) * 4 * c),
-                logits: z(HEAD_ROWS.min(n) * v),
-                row_loss: vec![0.0; n],
-            },
+            ln_f,
+            scratch,
+            backend,
         })
+    }
+
+    /// The backend the model runs on.
+    pub fn backend(&self) -> &B {
+        &self.backend
     }
 
     /// Computes the LM head `rows` rows at a time (tests use chunks that do
     /// not divide the batch; the default is [`HEAD_ROWS`]).
     pub fn set_head_rows(&mut self, rows: usize) {
-        let v = self.config.vocab_size;
-        self.head_rows = rows.clamp(1, self.scratch.logits.len() / v);
+        let n = self.max_batch * self.config.context;
+        self.head_rows = rows.clamp(1, HEAD_ROWS.min(n));
     }
 
     /// The number of sequences in `inputs`, after checking the micro-batch
@@ -382,110 +478,258 @@ impl<T: Real> FusedGpt<T> {
 
     /// Forward through the final LayerNorm for `b` sequences of `inputs`
     /// (B·T token ids), keeping what the backward needs.
-    fn forward(&mut self, w: &[T], inputs: &[u32], b: usize) {
+    fn forward(
+        &mut self,
+        w: &B::View<'_, B::A>,
+        inputs: &[u32],
+        b: usize,
+    ) -> Result<(), BatchError> {
         let (t, c, nh) = (self.config.context, self.config.n_embd, self.config.n_head);
         let n = b * t;
         let p = &self.index;
-        let heads = &mut self.scratch.heads;
+        let be = &mut self.backend;
+        let s = &mut self.scratch;
+        be.upload(B::part_mut(&mut s.tokens, 0..n), inputs)?;
         // x = wte[tokens] + wpe[positions]
-        kernels::embed_forward(
-            &mut self.res[0][..n * c],
-            inputs,
-            &w[p.wte.clone()],
-            &w[p.wpe.clone()],
+        be.embed_forward(
+            B::part_mut(&mut self.res[0], 0..n * c),
+            B::part(&s.tokens, 0..n),
+            B::sub(w, p.wte.clone()),
+            B::sub(w, p.wpe.clone()),
             t,
-        );
+        )?;
         for (l, (a, bp)) in self.blocks.iter_mut().zip(&p.blocks).enumerate() {
             let (done, next) = self.res.split_at_mut(l + 1);
-            let (x, out) = (&done[l][..n * c], &mut next[0][..n * c]);
+            let x = || B::part(&done[l], 0..n * c);
             // res2 = x + c_proj(attention(c_attn(ln_1(x))))
-            a.ln_1.forward(w, &bp.ln_1, x);
-            bp.c_attn
-                .forward(w, &mut a.qkv[..3 * n * c], a.ln_1.out(n), None);
-            let shape = Heads { b, t, c, nh };
-            kernels::attention_forward(
-                &mut a.atty[..n * c],
-                &mut a.att,
-                heads,
-                &a.qkv[..3 * n * c],
-                shape,
-            );
-            bp.attn_proj
-                .forward(w, &mut a.res2[..n * c], &a.atty[..n * c], Some(x));
+            a.ln_1.forward(be, w, &bp.ln_1, x(), n)?;
+            bp.c_attn.forward(
+                be,
+                w,
+                B::part_mut(&mut a.qkv, 0..3 * n * c),
+                a.ln_1.out(n),
+                None,
+            )?;
+            be.attention_forward(
+                B::part_mut(&mut a.atty, 0..n * c),
+                B::view_mut(&mut a.att),
+                B::view_mut(&mut s.attention),
+                B::part(&a.qkv, 0..3 * n * c),
+                Heads { b, t, c, nh },
+            )?;
+            bp.attn_proj.forward(
+                be,
+                w,
+                B::part_mut(&mut a.res2, 0..n * c),
+                B::part(&a.atty, 0..n * c),
+                Some(x()),
+            )?;
             // out = res2 + c_proj(gelu(c_fc(ln_2(res2))))
-            a.ln_2.forward(w, &bp.ln_2, &a.res2[..n * c]);
-            bp.c_fc
-                .forward(w, &mut a.fc[..4 * n * c], a.ln_2.out(n), None);
-            kernels::gelu_forward(&mut a.gelu[..4 * n * c], &a.fc[..4 * n * c]);
-            bp.mlp_proj
-                .forward(w, out, &a.gelu[..4 * n * c], Some(&a.res2[..n * c]));
+            a.ln_2
+                .forward(be, w, &bp.ln_2, B::part(&a.res2, 0..n * c), n)?;
+            bp.c_fc.forward(
+                be,
+                w,
+                B::part_mut(&mut a.fc, 0..4 * n * c),
+                a.ln_2.out(n),
+                None,
+            )?;
+            be.gelu_forward(
+                B::part_mut(&mut a.gelu, 0..4 * n * c),
+                B::part(&a.fc, 0..4 * n * c),
+            )?;
+            bp.mlp_proj.forward(
+                be,
+                w,
+                B::part_mut(&mut next[0], 0..n * c),
+                B::part(&a.gelu, 0..4 * n * c),
+                Some(B::part(&a.res2, 0..n * c)),
+            )?;
         }
-        self.ln_f
-            .forward(w, &p.ln_f, &self.res[self.config.n_layer][..n * c]);
-    }
-
-    /// The logits (V) at `position` of one sequence of T token ids, into
-    /// `out`, for sampling: the training forward through the final
-    /// LayerNorm, then that row times the (tied) token embedding. Tokens
-    /// after `position` do not change them (causal attention), so a prompt
-    /// shorter than the context is padded with any token.
-    pub fn logits_at(
-        &mut self,
-        w: &[T],
-        inputs: &[u32],
-        position: usize,
-        out: &mut [T],
-    ) -> Result<(), BatchError> {
-        let (t, c, v) = (
-            self.config.context,
-            self.config.n_embd,
-            self.config.vocab_size,
-        );
-        let b = self.check(inputs, inputs)?;
-        if b != 1 || position >= t || out.len() != v {
-            return Err(BatchError::Length {
-                inputs: inputs.len(),
-                targets: out.len(),
-                b,
-                t,
-            });
-        }
-        self.forward(w, inputs, 1);
-        let x = &self.ln_f.out(t)[position * c..(position + 1) * c];
-        let wte = &w[self.index.wte.clone()];
-        for (o, row) in out.iter_mut().zip(wte.chunks_exact(c)) {
-            *o = x
-                .iter()
-                .zip(row)
-                .fold(T::zero(), |acc, (a, b)| acc + *a * *b);
-        }
+        let last = B::part(&self.res[self.config.n_layer], 0..n * c);
+        self.ln_f.forward(be, w, &p.ln_f, last, n)?;
         Ok(())
     }
 
-    /// Each row's loss of the last [`FusedGpt::loss`] call: row p of
-    /// sequence b at `b·T + p` (a test reads one position's cross-entropy).
-    pub fn row_losses(&self) -> &[f64] {
-        &self.scratch.row_loss
+    /// Sum of the cross-entropy of `targets` given `inputs` (each B·T
+    /// token ids, B ≤ the micro-batch the model was built for), over
+    /// the micro-batch's tokens: see [`Gpt::loss`].
+    fn head(
+        &mut self,
+        w: &B::View<'_, B::A>,
+        targets: &[u32],
+        n: usize,
+        grad: Option<&mut B::ViewMut<'_, B::G>>,
+    ) -> Result<B::Loss, BatchError> {
+        let c = self.config.n_embd;
+        let be = &mut self.backend;
+        let s = &mut self.scratch;
+        be.upload(B::part_mut(&mut s.targets, 0..n), targets)?;
+        let wte = self.index.wte.clone();
+        let grad = grad.map(|g| {
+            (
+                B::part_mut(&mut s.dln, 0..n * c),
+                B::sub_mut(g, wte.clone()),
+            )
+        });
+        Ok(be.head_cross_entropy(
+            self.ln_f.out(n),
+            B::sub(w, wte),
+            B::part(&s.targets, 0..n),
+            targets,
+            grad,
+            1.0 / n as f64,
+            self.head_rows,
+        )?)
     }
 
+    /// The loss of `targets` given `inputs` (each B·T token ids, B ≤ the
+    /// micro-batch the model was built for), summed over the tokens; no
+    /// gradient. (The mean is the sum over B·T, see [`Gpt::mean`].)
+    pub fn loss_sum(
+        &mut self,
+        w: &B::View<'_, B::A>,
+        inputs: &[u32],
+        targets: &[u32],
+    ) -> Result<B::Loss, BatchError> {
+        let b = self.check(inputs, targets)?;
+        self.forward(w, inputs, b)?;
+        self.head(w, targets, b * self.config.context, None)
+    }
+
+    /// Forward and backward of one micro-batch: adds the gradient of its
+    /// mean loss into `grad` (same layout as `w`) and returns its summed
+    /// loss (the mean times B·T).
+    pub fn forward_backward_sum(
+        &mut self,
+        w: &B::View<'_, B::A>,
+        grad: &mut B::ViewMut<'_, B::G>,
+        inputs: &[u32],
+        targets: &[u32],
+    ) -> Result<B::Loss, BatchError> {
+        let b = self.check(inputs, targets)?;
+        self.forward(w, inputs, b)?;
+        let (t, c, nh) = (self.config.context, self.config.n_embd, self.config.n_head);
+        let n = b * t;
+        // LM head and loss; their gradient reaches ln_f's output (dln).
+        let total = self.head(w, targets, n, Some(grad))?;
+        let p = &self.index;
+        let be = &mut self.backend;
+        let s = &mut self.scratch;
+        be.zero(B::part_mut(&mut s.dres, 0..n * c))?;
+        let last = B::part(&self.res[self.config.n_layer], 0..n * c);
+        self.ln_f.backward(
+            be,
+            w,
+            &p.ln_f,
+            grad,
+            &mut s.partials,
+            B::part_mut(&mut s.dres, 0..n * c),
+            B::part(&s.dln, 0..n * c),
+            last,
+            n,
+        )?;
+
+        for (l, (a, bp)) in self.blocks.iter().zip(&p.blocks).enumerate().rev() {
+            // out = res2 + c_proj(gelu(c_fc(ln_2(res2)))): dres reaches res2 as is.
+            bp.mlp_proj.backward(
+                be,
+                w,
+                grad,
+                &mut s.partials,
+                B::part_mut(&mut s.dfc, 0..4 * n * c),
+                B::part(&s.dres, 0..n * c),
+                B::part(&a.gelu, 0..4 * n * c),
+            )?;
+            be.gelu_backward(
+                B::part_mut(&mut s.dfc, 0..4 * n * c),
+                B::part(&a.fc, 0..4 * n * c),
+            )?;
+            bp.c_fc.backward(
+                be,
+                w,
+                grad,
+                &mut s.partials,
+                B::part_mut(&mut s.dln, 0..n * c),
+                B::part(&s.dfc, 0..4 * n * c),
+                a.ln_2.out(n),
+            )?;
+            a.ln_2.backward(
+                be,
+                w,
+                &bp.ln_2,
+                grad,
+                &mut s.partials,
+                B::part_mut(&mut s.dres, 0..n * c),
+                B::part(&s.dln, 0..n * c),
+                B::part(&a.res2, 0..n * c),
+                n,
+            )?;
+            // res2 = x + c_proj(attention(c_attn(ln_1(x)))): dres reaches x as is.
+            bp.attn_proj.backward(
+                be,
+                w,
+                grad,
+                &mut s.partials,
+                B::part_mut(&mut s.datty, 0..n * c),
+                B::part(&s.dres, 0..n * c),
+                B::part(&a.atty, 0..n * c),
+            )?;
+            be.attention_backward(
+                B::part_mut(&mut s.dqkv, 0..3 * n * c),
+                B::view_mut(&mut s.attention),
+                B::part(&s.datty, 0..n * c),
+                B::part(&a.atty, 0..n * c),
+                B::view(&a.att),
+                B::part(&a.qkv, 0..3 * n * c),
+                Heads { b, t, c, nh },
+            )?;
+            bp.c_attn.backward(
+                be,
+                w,
+                grad,
+                &mut s.partials,
+                B::part_mut(&mut s.dln, 0..n * c),
+                B::part(&s.dqkv, 0..3 * n * c),
+                a.ln_1.out(n),
+            )?;
+            a.ln_1.backward(
+                be,
+                w,
+                &bp.ln_1,
+                grad,
+                &mut s.partials,
+                B::part_mut(&mut s.dres, 0..n * c),
+                B::part(&s.dln, 0..n * c),
+                B::part(&self.res[l], 0..n * c),
+                n,
+            )?;
+        }
+
+        // x = wte[tokens] + wpe[positions]
+        be.token_embedding_backward(
+            B::sub_mut(grad, p.wte.clone()),
+            B::part(&s.dres, 0..n * c),
+            B::part(&s.tokens, 0..n),
+            inputs,
+            c,
+        )?;
+        be.position_embedding_backward(
+            B::sub_mut(grad, p.wpe.clone()),
+            B::part(&s.dres, 0..n * c),
+            t,
+            c,
+        )?;
+        Ok(total)
+    }
+}
+
+impl<T: Real + super::backend::Elem> Gpt<Cpu<T>> {
     /// Mean cross-entropy of `targets` given `inputs` (each B·T token ids,
     /// B ≤ the micro-batch the model was built for); no gradient.
     pub fn loss(&mut self, w: &[T], inputs: &[u32], targets: &[u32]) -> Result<f64, BatchError> {
-        let b = self.check(inputs, targets)?;
-        self.forward(w, inputs, b);
-        let n = b * self.config.context;
-        let rows = self.head_rows * self.config.vocab_size;
-        let s = &mut self.scratch;
-        let total = kernels::head_cross_entropy(
-            self.ln_f.out(n),
-            &w[self.index.wte.clone()],
-            targets,
-            &mut s.logits[..rows],
-            &mut s.row_loss,
-            None,
-            T::one(),
-        );
-        Ok(total / n as f64)
+        let total = self.loss_sum(&w, inputs, targets)?;
+        Ok(total / inputs.len() as f64)
     }
 
     /// Forward and backward of one micro-batch: adds the gradient of its
@@ -497,88 +741,7 @@ impl<T: Real> FusedGpt<T> {
         inputs: &[u32],
         targets: &[u32],
     ) -> Result<f64, BatchError> {
-        let b = self.check(inputs, targets)?;
-        self.forward(w, inputs, b);
-        let (t, c, nh) = (self.config.context, self.config.n_embd, self.config.n_head);
-        let n = b * t;
-        let rows = self.head_rows * self.config.vocab_size;
-        let p = &self.index;
-        let s = &mut self.scratch;
-
-        // LM head and loss; their gradient reaches ln_f's output.
-        let total = kernels::head_cross_entropy(
-            self.ln_f.out(n),
-            &w[p.wte.clone()],
-            targets,
-            &mut s.logits[..rows],
-            &mut s.row_loss,
-            Some(HeadGrad {
-                dx: &mut s.dln[..n * c],
-                dwte: &mut grad[p.wte.clone()],
-            }),
-            T::one() / T::of(n as f64),
-        );
-        let dres = &mut s.dres[..n * c];
-        dres.fill(T::zero());
-        let last = &self.res[self.config.n_layer][..n * c];
-        self.ln_f.backward(
-            w,
-            &p.ln_f,
-            grad,
-            &mut s.partials,
-            dres,
-            &s.dln[..n * c],
-            last,
-        );
-
-        for (l, (a, bp)) in self.blocks.iter().zip(&p.blocks).enumerate().rev() {
-            let (dln, dfc) = (&mut s.dln[..n * c], &mut s.dfc[..4 * n * c]);
-            // out = res2 + c_proj(gelu(c_fc(ln_2(res2)))): dres reaches res2 as is.
-            bp.mlp_proj
-                .backward(w, grad, &mut s.partials, dfc, dres, &a.gelu[..4 * n * c]);
-            kernels::gelu_backward(dfc, &a.fc[..4 * n * c]);
-            bp.c_fc
-                .backward(w, grad, &mut s.partials, dln, dfc, a.ln_2.out(n));
-            a.ln_2.backward(
-                w,
-                &bp.ln_2,
-                grad,
-                &mut s.partials,
-                dres,
-                dln,
-                &a.res2[..n * c],
-            );
-            // res2 = x + c_proj(attention(c_attn(ln_1(x)))): dres reaches x as is.
-            let (datty, dqkv) = (&mut s.datty[..n * c], &mut s.dqkv[..3 * n * c]);
-            bp.attn_proj
-                .backward(w, grad, &mut s.partials, datty, dres, &a.atty[..n * c]);
-            let shape = Heads { b, t, c, nh };
-            kernels::attention_backward(
-                dqkv,
-                &mut s.datt,
-                &mut s.heads,
-                &mut s.dheads,
-                datty,
-                &a.att,
-                &a.qkv[..3 * n * c],
-                shape,
-            );
-            bp.c_attn
-                .backward(w, grad, &mut s.partials, dln, dqkv, a.ln_1.out(n));
-            a.ln_1.backward(
-                w,
-                &bp.ln_1,
-                grad,
-                &mut s.partials,
-                dres,
-                dln,
-                &self.res[l][..n * c],
-            );
-        }
-
-        // x = wte[tokens] + wpe[positions]
-        kernels::token_embedding_backward(&mut grad[p.wte.clone()], dres, inputs, c);
-        kernels::position_embedding_backward(&mut grad[p.wpe.clone()], dres, t, c);
-        Ok(total / n as f64)
+        let total = self.forward_backward_sum(&w, &mut &mut *grad, inputs, targets)?;
+        Ok(total / inputs.len() as f64)
     }
 }

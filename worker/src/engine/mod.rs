@@ -24,6 +24,9 @@
 //! `worker.engine = auto` picks fused on the CPU in f32 and composed
 //! elsewhere; the config refuses `fused` where it cannot run.
 
+pub mod backend;
+#[cfg(test)]
+mod emulated;
 pub mod gpt;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,483 @@
+//! What the fused engine needs from a device: buffers, views of them, and
+//! one call per layer and direction — the engine's forward and backward
+//! (`gpt.rs`) are written once, against this trait, and run unchanged on
+//! every implementation:
+//!
+//! - [`Cpu`]: host memory and the CPU kernels of `stride-kernels`, generic
+//!   over f32 (training) and f64 (gradient checks). Everything, gradients
+//!   included, in one type.
+//! - `emulated::Emulated` (tests): host memory, the **CUDA kernels** of
+//!   `stride-cuda-kernels` run by their CPU emulator, and the cuBLASLt
+//!   product contract computed on the host — the GPU's step, call for
+//!   call, short of the driver.
+//! - the CUDA device (with the `cuda` feature, through cudarc: the same
+//!   kernels from their sm_90 fatbin, cuBLASLt for the products).
+//!
+//! Storage types: `A` holds activations and the copy of the weights the
+//! kernels read (f32, f64, or bf16 on GPUs); `G` holds what is summed or
+//! must stay precise — parameter gradients, LayerNorm statistics, what
+//! attention keeps for its backward, partial sums (f32 on GPUs, `A` on the
+//! CPU). A backend owns whatever scratch only it needs (the LM head's
+//! logits, say); the engine allocates everything else through it, once.
+//!
+//! A backend never decides anything about the model: shapes and the order
+//! of the layers are the engine's.
+
+use std::fmt::Debug;
+use std::ops::Range;
+
+use stride_kernels::{self as kernels, HeadGrad, Heads, Real};
+
+/// An element a backend's buffers hold.
+pub trait Elem: Copy + Default + Send + Sync + Debug + 'static {}
+impl Elem for f32 {}
+impl Elem for f64 {}
+impl Elem for u32 {}
+impl Elem for stride_cuda_kernels::Bf16 {}
+
+/// A backend's refusal or failure (a shape its kernels do not take, a
+/// device error), with what to do about it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BackendError(pub String);
+
+/// The sizes of what attention needs, in elements of `G`: kept from the
+/// forward for the backward, and scratch (reused by every block).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttentionSizes {
+    pub saved: usize,
+    pub scratch: usize,
+}
+
+/// See the module doc.
+pub trait Backend: Debug + Sized {
+    /// Activations and the weights the kernels read.
+    type A: Elem;
+    /// Gradients, statistics, attention's saved state, partial sums.
+    type G: Elem;
+    /// An owned buffer of `E`.
+    type Buf<E: Elem>: Debug + Send;
+    /// A shared view of a buffer's elements.
+    type View<'a, E: Elem>;
+    /// An exclusive view of a buffer's elements.
+    type ViewMut<'a, E: Elem>;
+    /// What the loss of a micro-batch comes back as: a host number where
+    /// the backend computes on the host, a value left on the device
+    /// otherwise (the step reads its losses once, at its end).
+    type Loss: Debug;
+
+    /// A buffer of `n` zeros.
+    fn alloc<E: Elem>(&mut self, n: usize) -> Result<Self::Buf<E>, BackendError>;
+    fn view<E: Elem>(b: &Self::Buf<E>) -> Self::View<'_, E>;
+    fn view_mut<E: Elem>(b: &mut Self::Buf<E>) -> Self::ViewMut<'_, E>;
+    /// Part `r` of a buffer.
+    fn part<E: Elem>(b: &Self::Buf<E>, r: Range<usize>) -> Self::View<'_, E>;
+    /// Part `r` of a buffer, exclusively.
+    fn part_mut<E: Elem>(b: &mut Self::Buf<E>, r: Range<usize>) -> Self::ViewMut<'_, E>;
+    /// Part `r` of a view.
+    fn sub<'a, E: Elem>(v: &'a Self::View<'_, E>, r: Range<usize>) -> Self::View<'a, E>;
+    /// Part `r` of an exclusive view, for as long as that view is borrowed.
+    fn sub_mut<'a, E: Elem>(
+        v: &'a mut Self::ViewMut<'_, E>,
+        r: Range<usize>,
+    ) -> Self::ViewMut<'a, E>;
+    /// Two disjoint parts of an exclusive view (a weight's and its bias's
+    /// gradients in the flat gradient).
+    fn pair_mut<'a, E: Elem>(
+        v: &'a mut Self::ViewMut<'_, E>,
+        a: Range<usize>,
+        b: Range<usize>,
+    ) -> (Self::ViewMut<'a, E>, Self::ViewMut<'a, E>);
+    /// An exclusive view read as a shared one.
+    fn shared<'a, E: Elem>(v: &'a Self::ViewMut<'_, E>) -> Self::View<'a, E>;
+
+    /// `dst` ← `src` (token ids from the host).
+    fn upload(&mut self, dst: Self::ViewMut<'_, u32>, src: &[u32]) -> Result<(), BackendError>;
+    /// `v` ← 0.
+    fn zero<E: Elem>(&mut self, v: Self::ViewMut<'_, E>) -> Result<(), BackendError>;
+
+    /// Scratch only this backend needs, for micro-batches of `n` rows of
+    /// a model of width `c` and vocabulary `v`; called once.
+    fn prepare(&mut self, n: usize, c: usize, v: usize) -> Result<(), BackendError>;
+    /// The length of a column-sum partials buffer for `n` rows of `width`.
+    fn partials_len(n: usize, width: usize) -> usize;
+    /// What attention keeps and uses as scratch, for `shape`.
+    fn attention_sizes(shape: Heads) -> AttentionSizes;
+
+    /// out (N, C) = wte[tokens] + wpe[position], sequences of `t`.
+    fn embed_forward(
+        &mut self,
+        out: Self::ViewMut<'_, Self::A>,
+        tokens: Self::View<'_, u32>,
+        wte: Self::View<'_, Self::A>,
+        wpe: Self::View<'_, Self::A>,
+        t: usize,
+    ) -> Result<(), BackendError>;
+    /// dwte[tokens[n]] += dout[n] for every row (`host_tokens` are the
+    /// same ids, on the host).
+    fn token_embedding_backward(
+        &mut self,
+        dwte: Self::ViewMut<'_, Self::G>,
+        dout: Self::View<'_, Self::A>,
+        tokens: Self::View<'_, u32>,
+        host_tokens: &[u32],
+        c: usize,
+    ) -> Result<(), BackendError>;
+    /// dwpe[p] += Σ over sequences of dout[b, p].
+    fn position_embedding_backward(
+        &mut self,
+        dwpe: Self::ViewMut<'_, Self::G>,
+        dout: Self::View<'_, Self::A>,
+        t: usize,
+        c: usize,
+    ) -> Result<(), BackendError>;
+    /// LayerNorm of rows of C = w.len(), keeping mean and 1/σ.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &mut self,
+        out: Self::ViewMut<'_, Self::A>,
+        mean: Self::ViewMut<'_, Self::G>,
+        rstd: Self::ViewMut<'_, Self::G>,
+        x: Self::View<'_, Self::A>,
+        w: Self::View<'_, Self::A>,
+        b: Self::View<'_, Self::A>,
+    ) -> Result<(), BackendError>;
+    /// dx += ∂/∂x; dw, db += the gain's and bias's gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &mut self,
+        dx: Self::ViewMut<'_, Self::A>,
+        dw: Self::ViewMut<'_, Self::G>,
+        db: Self::ViewMut<'_, Self::G>,
+        partials: Self::ViewMut<'_, Self::G>,
+        dout: Self::View<'_, Self::A>,
+        x: Self::View<'_, Self::A>,
+        w: Self::View<'_, Self::A>,
+        mean: Self::View<'_, Self::G>,
+        rstd: Self::View<'_, Self::G>,
+    ) -> Result<(), BackendError>;
+    /// out (N, OC) = inp (N, IC) · wᵀ + b (+ residual); w is (OC, IC).
+    fn linear_forward(
+        &mut self,
+        out: Self::ViewMut<'_, Self::A>,
+        inp: Self::View<'_, Self::A>,
+        w: Self::View<'_, Self::A>,
+        b: Self::View<'_, Self::A>,
+        residual: Option<Self::View<'_, Self::A>>,
+    ) -> Result<(), BackendError>;
+    /// dinp ← dout · w; dw += doutᵀ · inp; db += Σ rows of dout.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &mut self,
+        dinp: Self::ViewMut<'_, Self::A>,
+        dw: Self::ViewMut<'_, Self::G>,
+        db: Self::ViewMut<'_, Self::G>,
+        partials: Self::ViewMut<'_, Self::G>,
+        dout: Self::View<'_, Self::A>,
+        inp: Self::View<'_, Self::A>,
+        w: Self::View<'_, Self::A>,
+    ) -> Result<(), BackendError>;
+    /// GELU (tanh form).
+    fn gelu_forward(
+        &mut self,
+        out: Self::ViewMut<'_, Self::A>,
+        inp: Self::View<'_, Self::A>,
+    ) -> Result<(), BackendError>;
+    /// GELU backward in place: d holds dout and becomes dinp.
+    fn gelu_backward(
+        &mut self,
+        d: Self::ViewMut<'_, Self::A>,
+        inp: Self::View<'_, Self::A>,
+    ) -> Result<(), BackendError>;
+    /// Causal self-attention: qkv (B, T, 3C) → out (B, T, C), keeping
+    /// `saved` for the backward ([`Backend::attention_sizes`]).
+    fn attention_forward(
+        &mut self,
+        out: Self::ViewMut<'_, Self::A>,
+        saved: Self::ViewMut<'_, Self::G>,
+        scratch: Self::ViewMut<'_, Self::G>,
+        qkv: Self::View<'_, Self::A>,
+        shape: Heads,
+    ) -> Result<(), BackendError>;
+    /// Causal self-attention backward: dqkv (B, T, 3C) overwritten from
+    /// dout and the forward's qkv, out and saved state.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &mut self,
+        dqkv: Self::ViewMut<'_, Self::A>,
+        scratch: Self::ViewMut<'_, Self::G>,
+        dout: Self::View<'_, Self::A>,
+        out: Self::View<'_, Self::A>,
+        saved: Self::View<'_, Self::G>,
+        qkv: Self::View<'_, Self::A>,
+        shape: Heads,
+    ) -> Result<(), BackendError>;
+    /// The tied LM head and the cross-entropy of `targets` (N rows; x the
+    /// final LayerNorm's output, wte the token embedding), in chunks of
+    /// `head_rows` rows so that the (N, V) logits never exist. With
+    /// `grad`, dx is overwritten with ∂loss/∂x and ∂loss/∂wte added into
+    /// dwte, for the loss `loss_scale · Σ row losses`. Returns Σ row
+    /// losses. (`grad` is (dx, dwte): a pair rather than a struct, which
+    /// would need the backend's views in a type of its own.)
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn head_cross_entropy(
+        &mut self,
+        x: Self::View<'_, Self::A>,
+        wte: Self::View<'_, Self::A>,
+        targets: Self::View<'_, u32>,
+        host_targets: &[u32],
+        grad: Option<(Self::ViewMut<'_, Self::A>, Self::ViewMut<'_, Self::G>)>,
+        loss_scale: f64,
+        head_rows: usize,
+    ) -> Result<Self::Loss, BackendError>;
+}
+
+/// The host and the CPU kernels of `stride-kernels`, everything in `T`.
+#[derive(Debug, Default)]
+pub struct Cpu<T> {
+    /// The LM head's logits, `head_rows` rows at a time.
+    logits: Vec<T>,
+    /// Each row's loss of the last head call (a test reads one).
+    row_loss: Vec<f64>,
+}
+
+impl<T: Real> Cpu<T> {
+    /// The row losses of the last [`Backend::head_cross_entropy`].
+    pub fn row_losses(&self) -> &[f64] {
+        &self.row_loss
+    }
+}
+
+/// `Ok` for the CPU kernels, which cannot fail once the engine has checked
+/// the shapes.
+const OK: Result<(), BackendError> = Ok(());
+
+impl<T: Real + Elem> Backend for Cpu<T> {
+    type A = T;
+    type G = T;
+    type Buf<E: Elem> = Vec<E>;
+    type View<'a, E: Elem> = &'a [E];
+    type ViewMut<'a, E: Elem> = &'a mut [E];
+    type Loss = f64;
+
+    fn alloc<E: Elem>(&mut self, n: usize) -> Result<Vec<E>, BackendError> {
+        Ok(vec![E::default(); n])
+    }
+    fn view<E: Elem>(b: &Vec<E>) -> &[E] {
+        b
+    }
+    fn view_mut<E: Elem>(b: &mut Vec<E>) -> &mut [E] {
+        b
+    }
+    fn part<E: Elem>(b: &Vec<E>, r: Range<usize>) -> &[E] {
+        &b[r]
+    }
+    fn part_mut<E: Elem>(b: &mut Vec<E>, r: Range<usize>) -> &mut [E] {
+        &mut b[r]
+    }
+    fn sub<'a, E: Elem>(v: &'a &[E], r: Range<usize>) -> &'a [E] {
+        &v[r]
+    }
+    fn sub_mut<'a, E: Elem>(v: &'a mut &mut [E], r: Range<usize>) -> &'a mut [E] {
+        &mut v[r]
+    }
+    fn pair_mut<'a, E: Elem>(
+        v: &'a mut &mut [E],
+        a: Range<usize>,
+        b: Range<usize>,
+    ) -> (&'a mut [E], &'a mut [E]) {
+        pair(v, &a, &b)
+    }
+    fn shared<'a, E: Elem>(v: &'a &mut [E]) -> &'a [E] {
+        v
+    }
+    fn upload(&mut self, dst: &mut [u32], src: &[u32]) -> Result<(), BackendError> {
+        dst.copy_from_slice(src);
+        OK
+    }
+    fn zero<E: Elem>(&mut self, v: &mut [E]) -> Result<(), BackendError> {
+        v.fill(E::default());
+        OK
+    }
+    fn prepare(&mut self, n: usize, _c: usize, v: usize) -> Result<(), BackendError> {
+        self.logits = vec![T::zero(); HEAD_ROWS.min(n) * v];
+        self.row_loss = vec![0.0; n];
+        OK
+    }
+    fn partials_len(n: usize, width: usize) -> usize {
+        kernels::blocks(n) * width
+    }
+    fn attention_sizes(s: Heads) -> AttentionSizes {
+        let (b, t, c, nh) = (s.b, s.t, s.c, s.nh);
+        AttentionSizes {
+            // The softmax probabilities (B, NH, T, T).
+            saved: b * nh * t * t,
+            // heads (B, NH, T, hs), dheads (B, NH, 3, T, hs), datt (B, NH, T, T).
+            scratch: b * t * c + 3 * b * t * c + b * nh * t * t,
+        }
+    }
+    fn embed_forward(
+        &mut self,
+        out: &mut [T],
+        tokens: &[u32],
+        wte: &[T],
+        wpe: &[T],
+        t: usize,
+    ) -> Result<(), BackendError> {
+        kernels::embed_forward(out, tokens, wte, wpe, t);
+        OK
+    }
+    fn token_embedding_backward(
+        &mut self,
+        dwte: &mut [T],
+        dout: &[T],
+        tokens: &[u32],
+        _host_tokens: &[u32],
+        c: usize,
+    ) -> Result<(), BackendError> {
+        kernels::token_embedding_backward(dwte, dout, tokens, c);
+        OK
+    }
+    fn position_embedding_backward(
+        &mut self,
+        dwpe: &mut [T],
+        dout: &[T],
+        t: usize,
+        c: usize,
+    ) -> Result<(), BackendError> {
+        kernels::position_embedding_backward(dwpe, dout, t, c);
+        OK
+    }
+    fn layernorm_forward(
+        &mut self,
+        out: &mut [T],
+        mean: &mut [T],
+        rstd: &mut [T],
+        x: &[T],
+        w: &[T],
+        b: &[T],
+    ) -> Result<(), BackendError> {
+        kernels::layernorm_forward(out, mean, rstd, x, w, b);
+        OK
+    }
+    fn layernorm_backward(
+        &mut self,
+        dx: &mut [T],
+        dw: &mut [T],
+        db: &mut [T],
+        partials: &mut [T],
+        dout: &[T],
+        x: &[T],
+        w: &[T],
+        mean: &[T],
+        rstd: &[T],
+    ) -> Result<(), BackendError> {
+        kernels::layernorm_backward(dx, dw, db, partials, dout, x, w, mean, rstd);
+        OK
+    }
+    fn linear_forward(
+        &mut self,
+        out: &mut [T],
+        inp: &[T],
+        w: &[T],
+        b: &[T],
+        residual: Option<&[T]>,
+    ) -> Result<(), BackendError> {
+        kernels::linear_forward(out, inp, w, b, residual);
+        OK
+    }
+    fn linear_backward(
+        &mut self,
+        dinp: &mut [T],
+        dw: &mut [T],
+        db: &mut [T],
+        partials: &mut [T],
+        dout: &[T],
+        inp: &[T],
+        w: &[T],
+    ) -> Result<(), BackendError> {
+        kernels::linear_backward(Some(dinp), dw, db, partials, dout, inp, w);
+        OK
+    }
+    fn gelu_forward(&mut self, out: &mut [T], inp: &[T]) -> Result<(), BackendError> {
+        kernels::gelu_forward(out, inp);
+        OK
+    }
+    fn gelu_backward(&mut self, d: &mut [T], inp: &[T]) -> Result<(), BackendError> {
+        kernels::gelu_backward(d, inp);
+        OK
+    }
+    fn attention_forward(
+        &mut self,
+        out: &mut [T],
+        saved: &mut [T],
+        scratch: &mut [T],
+        qkv: &[T],
+        shape: Heads,
+    ) -> Result<(), BackendError> {
+        let heads = &mut scratch[..shape.b * shape.t * shape.c];
+        kernels::attention_forward(out, saved, heads, qkv, shape);
+        OK
+    }
+    fn attention_backward(
+        &mut self,
+        dqkv: &mut [T],
+        scratch: &mut [T],
+        dout: &[T],
+        _out: &[T],
+        saved: &[T],
+        qkv: &[T],
+        shape: Heads,
+    ) -> Result<(), BackendError> {
+        let n = shape.b * shape.t * shape.c;
+        let (heads, rest) = scratch.split_at_mut(n);
+        let (dheads, datt) = rest.split_at_mut(3 * n);
+        let datt = &mut datt[..shape.b * shape.nh * shape.t * shape.t];
+        kernels::attention_backward(dqkv, datt, heads, dheads, dout, saved, qkv, shape);
+        OK
+    }
+    fn head_cross_entropy(
+        &mut self,
+        x: &[T],
+        wte: &[T],
+        targets: &[u32],
+        _host_targets: &[u32],
+        grad: Option<(&mut [T], &mut [T])>,
+        loss_scale: f64,
+        head_rows: usize,
+    ) -> Result<f64, BackendError> {
+        let v = wte.len() / (x.len() / targets.len().max(1)).max(1);
+        let rows = head_rows.min(self.logits.len() / v.max(1)).max(1);
+        let grad = grad.map(|(dx, dwte)| HeadGrad { dx, dwte });
+        Ok(kernels::head_cross_entropy(
+            x,
+            wte,
+            targets,
+            &mut self.logits[..rows * v],
+            &mut self.row_loss,
+            grad,
+            T::of(loss_scale),
+        ))
+    }
+}
+
+/// Rows of logits the LM head computes at once. 256 × 50,304 f32 is 51 MB:
+/// large enough that the embedding-gradient product (whose k is this) runs
+/// near full speed, small next to the (B·T, V) logits it replaces.
+pub const HEAD_ROWS: usize = 256;
+
+/// Two disjoint ranges of one slice, both mutable.
+pub fn pair<'a, T>(
+    g: &'a mut [T],
+    a: &Range<usize>,
+    b: &Range<usize>,
+) -> (&'a mut [T], &'a mut [T]) {
+    if a.end <= b.start {
+        let (lo, hi) = g.split_at_mut(b.start);
+        (&mut lo[a.clone()], &mut hi[..b.len()])
+    } else {
+        assert!(b.end <= a.start, "parameter ranges overlap");
+        let (lo, hi) = g.split_at_mut(a.start);
+        (&mut hi[..a.len()], &mut lo[b.clone()])
+    }
+}

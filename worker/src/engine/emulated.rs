@@ -1,0 +1,296 @@
+//! The fused engine's GPU step on the CPU, call for call: a [`Backend`]
+//! whose kernels are the CUDA kernels of `stride-cuda-kernels` run by
+//! their CPU emulator, and whose products follow the cuBLASLt contract of
+//! `stride_cuda_kernels::matmul` (computed on the host). Storage `S` is
+//! f32 or bf16, gradients and statistics f32 — what the CUDA backend holds
+//! on the device. Only the driver calls (allocation, launches, cuBLASLt)
+//! are not exercised; everything the engine asks of a GPU — which kernel,
+//! on which buffers, in what order, with which shapes — is.
+//!
+//! Tests run the whole model's forward and backward and whole AdamW steps
+//! on it against the CPU engine ([`super::backend::Cpu`]).
+
+use std::ops::Range;
+
+use stride_cuda_kernels::Storage;
+use stride_cuda_kernels::emu;
+use stride_cuda_kernels::launch::partial_blocks;
+use stride_cuda_kernels::matmul::{self, Gemm, Op};
+use stride_kernels::Heads;
+
+use super::backend::{AttentionSizes, Backend, BackendError, Elem, pair};
+
+/// See the module doc.
+#[derive(Debug, Default)]
+pub struct Emulated<S> {
+    /// One chunk of the LM head's logits (rows × V), f32.
+    logits: Vec<f32>,
+    /// The same chunk as `S`, the operand of the head's backward products.
+    dlogits: Vec<S>,
+    /// Each row's loss of the last head call.
+    row_loss: Vec<f32>,
+}
+
+fn emu_err(e: emu::EmuError) -> BackendError {
+    BackendError(format!("emulated CUDA kernel: {e}"))
+}
+
+fn mm_err(e: matmul::MatmulError) -> BackendError {
+    BackendError(e.to_string())
+}
+
+fn heads(s: Heads) -> stride_cuda_kernels::Heads {
+    stride_cuda_kernels::Heads {
+        b: s.b,
+        t: s.t,
+        c: s.c,
+        nh: s.nh,
+    }
+}
+
+impl<S: Storage + Elem> Backend for Emulated<S> {
+    type A = S;
+    type G = f32;
+    type Buf<E: Elem> = Vec<E>;
+    type View<'a, E: Elem> = &'a [E];
+    type ViewMut<'a, E: Elem> = &'a mut [E];
+    type Loss = f64;
+
+    fn alloc<E: Elem>(&mut self, n: usize) -> Result<Vec<E>, BackendError> {
+        Ok(vec![E::default(); n])
+    }
+    fn view<E: Elem>(b: &Vec<E>) -> &[E] {
+        b
+    }
+    fn view_mut<E: Elem>(b: &mut Vec<E>) -> &mut [E] {
+        b
+    }
+    fn part<E: Elem>(b: &Vec<E>, r: Range<usize>) -> &[E] {
+        &b[r]
+    }
+    fn part_mut<E: Elem>(b: &mut Vec<E>, r: Range<usize>) -> &mut [E] {
+        &mut b[r]
+    }
+    fn sub<'a, E: Elem>(v: &'a &[E], r: Range<usize>) -> &'a [E] {
+        &v[r]
+    }
+    fn sub_mut<'a, E: Elem>(v: &'a mut &mut [E], r: Range<usize>) -> &'a mut [E] {
+        &mut v[r]
+    }
+    fn pair_mut<'a, E: Elem>(
+        v: &'a mut &mut [E],
+        a: Range<usize>,
+        b: Range<usize>,
+    ) -> (&'a mut [E], &'a mut [E]) {
+        pair(v, &a, &b)
+    }
+    fn shared<'a, E: Elem>(v: &'a &mut [E]) -> &'a [E] {
+        v
+    }
+    fn upload(&mut self, dst: &mut [u32], src: &[u32]) -> Result<(), BackendError> {
+        dst.copy_from_slice(src);
+        Ok(())
+    }
+    fn zero<E: Elem>(&mut self, v: &mut [E]) -> Result<(), BackendError> {
+        v.fill(E::default());
+        Ok(())
+    }
+    fn prepare(&mut self, n: usize, _c: usize, v: usize) -> Result<(), BackendError> {
+        let rows = super::backend::HEAD_ROWS.min(n);
+        self.logits = vec![0.0; rows * v];
+        self.dlogits = vec![S::default(); rows * v];
+        self.row_loss = vec![0.0; n];
+        Ok(())
+    }
+    fn partials_len(n: usize, width: usize) -> usize {
+        partial_blocks(n) * width
+    }
+    fn attention_sizes(s: Heads) -> AttentionSizes {
+        // lse (B, NH, T) kept; the backward's row dots (B, NH, T) scratch.
+        AttentionSizes {
+            saved: s.b * s.nh * s.t,
+            scratch: s.b * s.nh * s.t,
+        }
+    }
+    fn embed_forward(
+        &mut self,
+        out: &mut [S],
+        tokens: &[u32],
+        wte: &[S],
+        wpe: &[S],
+        t: usize,
+    ) -> Result<(), BackendError> {
+        let c = out.len() / tokens.len().max(1);
+        emu::embedding_forward(out, tokens, wte, wpe, t, c).map_err(emu_err)
+    }
+    fn token_embedding_backward(
+        &mut self,
+        dwte: &mut [f32],
+        dout: &[S],
+        _tokens: &[u32],
+        host_tokens: &[u32],
+        c: usize,
+    ) -> Result<(), BackendError> {
+        // The CUDA backend uploads these buckets with the token ids.
+        let (order, offsets, segments) = emu::bucket_tokens(host_tokens);
+        emu::token_embedding_backward(dwte, dout, &order, &offsets, &segments, c).map_err(emu_err)
+    }
+    fn position_embedding_backward(
+        &mut self,
+        dwpe: &mut [f32],
+        dout: &[S],
+        t: usize,
+        c: usize,
+    ) -> Result<(), BackendError> {
+        emu::position_embedding_backward(dwpe, dout, t, c).map_err(emu_err)
+    }
+    fn layernorm_forward(
+        &mut self,
+        out: &mut [S],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        x: &[S],
+        w: &[S],
+        b: &[S],
+    ) -> Result<(), BackendError> {
+        emu::layernorm_forward(out, mean, rstd, x, w, b).map_err(emu_err)
+    }
+    fn layernorm_backward(
+        &mut self,
+        dx: &mut [S],
+        dw: &mut [f32],
+        db: &mut [f32],
+        partials: &mut [f32],
+        dout: &[S],
+        x: &[S],
+        w: &[S],
+        mean: &[f32],
+        rstd: &[f32],
+    ) -> Result<(), BackendError> {
+        emu::layernorm_backward(dx, dw, db, partials, dout, x, w, mean, rstd).map_err(emu_err)
+    }
+    fn linear_forward(
+        &mut self,
+        out: &mut [S],
+        inp: &[S],
+        w: &[S],
+        b: &[S],
+        residual: Option<&[S]>,
+    ) -> Result<(), BackendError> {
+        // out (N, OC) = inp (N, IC) · wᵀ + b (+ residual as C, beta 1).
+        let oc = b.len();
+        let ic = w.len() / oc.max(1);
+        let n = inp.len() / ic.max(1);
+        let mut g = Gemm::new(n, oc, ic, Op::N, Op::T);
+        if residual.is_some() {
+            g = g.scaled(1.0, 1.0);
+        }
+        matmul::host(&g, inp, w, residual, out, Some(b)).map_err(mm_err)
+    }
+    fn linear_backward(
+        &mut self,
+        dinp: &mut [S],
+        dw: &mut [f32],
+        db: &mut [f32],
+        partials: &mut [f32],
+        dout: &[S],
+        inp: &[S],
+        w: &[S],
+    ) -> Result<(), BackendError> {
+        let oc = db.len();
+        let ic = w.len() / oc.max(1);
+        let n = dout.len() / oc.max(1);
+        // dinp (N, IC) = dout (N, OC) · w (OC, IC)
+        let g = Gemm::new(n, ic, oc, Op::N, Op::N);
+        matmul::host(&g, dout, w, None, dinp, None).map_err(mm_err)?;
+        // dw (OC, IC) += doutᵀ · inp, in f32
+        let g = Gemm::new(oc, ic, n, Op::T, Op::N).scaled(1.0, 1.0);
+        matmul::host(&g, dout, inp, None, dw, None).map_err(mm_err)?;
+        emu::column_sums(db, partials, dout).map_err(emu_err)
+    }
+    fn gelu_forward(&mut self, out: &mut [S], inp: &[S]) -> Result<(), BackendError> {
+        emu::gelu_forward(out, inp).map_err(emu_err)
+    }
+    fn gelu_backward(&mut self, d: &mut [S], inp: &[S]) -> Result<(), BackendError> {
+        emu::gelu_backward(d, inp).map_err(emu_err)
+    }
+    fn attention_forward(
+        &mut self,
+        out: &mut [S],
+        saved: &mut [f32],
+        _scratch: &mut [f32],
+        qkv: &[S],
+        shape: Heads,
+    ) -> Result<(), BackendError> {
+        let lse = &mut saved[..shape.b * shape.nh * shape.t];
+        emu::attention_forward(out, lse, qkv, heads(shape)).map_err(emu_err)
+    }
+    fn attention_backward(
+        &mut self,
+        dqkv: &mut [S],
+        scratch: &mut [f32],
+        dout: &[S],
+        out: &[S],
+        saved: &[f32],
+        qkv: &[S],
+        shape: Heads,
+    ) -> Result<(), BackendError> {
+        let rows = shape.b * shape.nh * shape.t;
+        emu::attention_backward(
+            dqkv,
+            &mut scratch[..rows],
+            dout,
+            out,
+            &saved[..rows],
+            qkv,
+            heads(shape),
+        )
+        .map_err(emu_err)
+    }
+    fn head_cross_entropy(
+        &mut self,
+        x: &[S],
+        wte: &[S],
+        targets: &[u32],
+        _host_targets: &[u32],
+        mut grad: Option<(&mut [S], &mut [f32])>,
+        loss_scale: f64,
+        head_rows: usize,
+    ) -> Result<f64, BackendError> {
+        let n = targets.len();
+        let c = x.len() / n.max(1);
+        let v = wte.len() / c.max(1);
+        let chunk = head_rows.min(self.logits.len() / v.max(1)).max(1);
+        for r0 in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - r0);
+            let xr = &x[r0 * c..(r0 + rows) * c];
+            let logits = &mut self.logits[..rows * v];
+            // logits (rows, V) = x (rows, C) · wteᵀ, in f32
+            let g = Gemm::new(rows, v, c, Op::N, Op::T);
+            matmul::host(&g, xr, wte, None, logits, None).map_err(mm_err)?;
+            emu::cross_entropy(
+                logits,
+                &mut self.row_loss[r0..r0 + rows],
+                &targets[r0..r0 + rows],
+                v,
+                loss_scale as f32,
+                grad.is_some(),
+            )
+            .map_err(emu_err)?;
+            if let Some((dx, dwte)) = grad.as_mut() {
+                let dl = &mut self.dlogits[..rows * v];
+                for (d, l) in dl.iter_mut().zip(logits.iter()) {
+                    *d = S::from_f32(*l);
+                }
+                // dx (rows, C) = dlogits (rows, V) · wte (V, C)
+                let g = Gemm::new(rows, c, v, Op::N, Op::N);
+                matmul::host(&g, dl, wte, None, &mut dx[r0 * c..(r0 + rows) * c], None)
+                    .map_err(mm_err)?;
+                // dwte (V, C) += dlogitsᵀ · x, in f32
+                let g = Gemm::new(v, c, rows, Op::T, Op::N).scaled(1.0, 1.0);
+                matmul::host(&g, dl, xr, None, dwte, None).map_err(mm_err)?;
+            }
+        }
+        Ok(self.row_loss[..n].iter().map(|l| f64::from(*l)).sum())
+    }
+}

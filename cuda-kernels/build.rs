@@ -7,6 +7,14 @@
 //!   tests, with nvcc, into ONE fatbin (sm_90 SASS and compute_90 PTX, ahead
 //!   of time), `$OUT_DIR/stride_kernels.fatbin`, checked to hold both.
 //!
+//! With `cuda` it also records nvcc's CUDA release (`STRIDE_NVCC_RELEASE`,
+//! for the GPU layer's messages about drivers) and, when
+//! `STRIDE_CUDA_LINK_DIR` is set, adds that folder to the linker's search
+//! path: check.sh puts link stubs of the CUDA libraries there (libcuda and
+//! the toolkit libraries cudarc links, for machines that have neither a
+//! driver nor those libraries; the binaries load the real ones where they
+//! run).
+//!
 //! It also scans the `.cu` files for `extern "C" __global__ void stride_*`
 //! and writes `$OUT_DIR/kernels.rs`: the kernel names (the fatbin's entry
 //! points) and the declarations of their emulator launchers. Each kernel
@@ -29,6 +37,7 @@ fn main() {
         "PATH",
         "CXX",
         "STRIDE_EMU_VALGRIND",
+        "STRIDE_CUDA_LINK_DIR",
     ] {
         println!("cargo::rerun-if-env-changed={var}");
     }
@@ -65,7 +74,36 @@ fn main() {
             .filter(|p| p.file_name().is_some_and(|f| f != SELFTEST))
             .collect();
         fatbin(&out, &gpu_sources);
+        println!("cargo::rustc-env=STRIDE_NVCC_RELEASE={}", nvcc_release());
+        if let Some(dir) = std::env::var_os("STRIDE_CUDA_LINK_DIR") {
+            println!(
+                "cargo::rustc-link-search=native={}",
+                PathBuf::from(dir).display()
+            );
+        }
     }
+}
+
+/// nvcc's CUDA release, "13.2" from "Cuda compilation tools, release 13.2,
+/// V13.2.86".
+fn nvcc_release() -> String {
+    let nvcc = nvcc();
+    let output = Command::new(&nvcc)
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| fail(&format!("{} --version: {e}", nvcc.display())));
+    let text = String::from_utf8_lossy(&output.stdout);
+    text.split("release ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty() && r.chars().all(|c| c.is_ascii_digit() || c == '.'))
+        .unwrap_or_else(|| {
+            fail(&format!(
+                "no release in `{} --version`: {text}",
+                nvcc.display()
+            ))
+        })
 }
 
 fn fail(message: &str) -> ! {

@@ -52,6 +52,8 @@ pub trait Storage:
 {
     /// The suffix of the kernels' names: `f32` or `bf16`.
     const SUFFIX: &'static str;
+    /// The element type, as [`crate::matmul`] names it.
+    const DTYPE: crate::matmul::DType;
     /// The value as f32 (exact).
     fn to_f32(self) -> f32;
     /// The nearest value to `x` (for bf16: ties to even).
@@ -60,6 +62,7 @@ pub trait Storage:
 
 impl Storage for f32 {
     const SUFFIX: &'static str = "f32";
+    const DTYPE: crate::matmul::DType = crate::matmul::DType::F32;
     fn to_f32(self) -> f32 {
         self
     }
@@ -70,6 +73,7 @@ impl Storage for f32 {
 
 impl Storage for Bf16 {
     const SUFFIX: &'static str = "bf16";
+    const DTYPE: crate::matmul::DType = crate::matmul::DType::Bf16;
     fn to_f32(self) -> f32 {
         Bf16::to_f32(self)
     }

@@ -4,7 +4,9 @@
 //! mirrors. Each checks every slice length against the shape (and every
 //! index a kernel reads from a buffer) before the launch, runs the launch
 //! configuration of [`crate::launch`], and returns the emulator's errors
-//! (deadlock, invalid launch, misuse) as [`EmuError`]s.
+//! (deadlock, invalid launch, misuse) as [`EmuError`]s. The checks, the
+//! configurations and the argument lists are the GPU layer's too: both
+//! take them from one plan per call (`src/plan.rs`).
 //!
 //! Storage is `f32` or [`Bf16`](crate::Bf16) ([`Storage`]); the kernels
 //! compute in f32, and statistics, losses, partial sums and gradients of
@@ -14,7 +16,10 @@ use std::fmt;
 
 use crate::bf16::{Bf16, Storage};
 use crate::ffi::{self, Arg};
-use crate::launch::{self, Launch};
+use crate::launch::Launch;
+use crate::plan::{self, Param};
+
+pub use crate::plan::Heads;
 
 /// What went wrong in an emulated launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,38 +81,26 @@ fn shape_error(message: String) -> EmuError {
     }
 }
 
-fn expect_len(what: &str, len: usize, want: usize) -> Result {
-    if len == want {
-        Ok(())
-    } else {
-        Err(shape_error(format!(
-            "{what}: {len} values, the shape needs {want}"
-        )))
+/// Runs a call's plan ([`crate::plan`]: the checks, configurations and
+/// argument lists the GPU layer shares) with `buffers` as its buffers.
+fn run_plan(plan: plan::Checked, buffers: &[Arg]) -> Result {
+    for step in plan.map_err(shape_error)? {
+        let args = step
+            .params
+            .iter()
+            .map(|p| match *p {
+                Param::Buf(i) => buffers.get(i).copied().ok_or_else(|| EmuError {
+                    kind: ErrorKind::BadArgs,
+                    message: format!("{}: no buffer {i} in this call", step.kernel),
+                }),
+                Param::I32(v) => Ok(Arg::I32(v)),
+                Param::I64(v) => Ok(Arg::I64(v)),
+                Param::F32(v) => Ok(Arg::F32(v)),
+            })
+            .collect::<Result<Vec<Arg>>>()?;
+        run(&step.kernel, step.launch, &args)?;
     }
-}
-
-fn expect_at_least(what: &str, len: usize, want: usize) -> Result {
-    if len >= want {
-        Ok(())
-    } else {
-        Err(shape_error(format!(
-            "{what}: {len} values, the shape needs at least {want}"
-        )))
-    }
-}
-
-/// A size as the kernels' `int`.
-fn int(what: &str, x: usize) -> Result<i32> {
-    i32::try_from(x).map_err(|_| shape_error(format!("{what} = {x} does not fit an int")))
-}
-
-/// A flat length as the kernels' `long long`.
-fn long(what: &str, x: usize) -> Result<i64> {
-    i64::try_from(x).map_err(|_| shape_error(format!("{what} = {x} does not fit a long long")))
-}
-
-fn name<T: Storage>(kernel: &str) -> String {
-    format!("stride_{kernel}_{}", T::SUFFIX)
+    Ok(())
 }
 
 /// Runs `kernel` with `config` after checking the configuration here too.
@@ -161,8 +154,8 @@ pub fn run_selftest(
             "{kernel} is not a float self-test kernel"
         )));
     }
-    expect_at_least("out", out.len(), out_min_len)?;
-    expect_at_least("out", out.len(), config.threads() as usize)?;
+    plan::expect_at_least("out", out.len(), out_min_len).map_err(shape_error)?;
+    plan::expect_at_least("out", out.len(), config.threads() as usize).map_err(shape_error)?;
     let mut args = vec![Arg::output(out)];
     args.extend(ints.iter().map(|&i| Arg::I32(i)));
     // Raw launch: the configuration is not checked here, so that the
@@ -178,8 +171,8 @@ pub fn run_selftest(
 pub fn run_index_selftest(config: Launch, out: &mut [u32], poison: &mut [u32]) -> Result {
     let blocks: u64 = config.grid.iter().map(|&g| u64::from(g)).product();
     let threads = blocks * config.threads();
-    expect_len("out", out.len(), (9 * threads) as usize)?;
-    expect_len("poison", poison.len(), blocks as usize)?;
+    plan::expect_len("out", out.len(), (9 * threads) as usize).map_err(shape_error)?;
+    plan::expect_len("poison", poison.len(), blocks as usize).map_err(shape_error)?;
     if u64::from(config.shared_bytes) < 4 * config.threads() {
         return Err(shape_error("shared memory below 4 bytes per thread".into()));
     }
@@ -203,32 +196,23 @@ pub fn embedding_forward<T: Storage>(
     t: usize,
     c: usize,
 ) -> Result {
-    if t == 0 || c == 0 {
-        return Err(shape_error(format!(
-            "T = {t}, C = {c}: both must be at least 1"
-        )));
-    }
-    let n = tokens.len();
-    expect_len("out", out.len(), n * c)?;
-    expect_at_least("wpe", wpe.len(), t.min(n) * c)?;
-    let v = wte.len() / c;
-    if let Some(bad) = tokens.iter().find(|&&tok| tok as usize >= v) {
-        return Err(shape_error(format!("token {bad} is not below V = {v}")));
-    }
-    if n == 0 {
-        return Ok(());
-    }
-    run(
-        &name::<T>("embedding_forward"),
-        launch::embedding_forward_launch(n, c),
+    let plan = plan::embedding_forward(
+        T::SUFFIX,
+        out.len(),
+        tokens.len(),
+        plan::max_index(tokens),
+        wte.len(),
+        wpe.len(),
+        t,
+        c,
+    );
+    run_plan(
+        plan,
         &[
             Arg::output(out),
             Arg::input(tokens),
             Arg::input(wte),
             Arg::input(wpe),
-            Arg::I32(int("N", n)?),
-            Arg::I32(int("T", t)?),
-            Arg::I32(int("C", c)?),
         ],
     )
 }
@@ -265,46 +249,16 @@ pub fn token_embedding_backward<T: Storage>(
     segment_tokens: &[u32],
     c: usize,
 ) -> Result {
-    if c == 0 {
-        return Err(shape_error("C must be at least 1".into()));
-    }
-    let n = order.len();
-    expect_len("dout", dout.len(), n * c)?;
-    let s = segment_tokens.len();
-    expect_len("offsets", offsets.len(), s + 1)?;
-    if offsets[0] != 0 || offsets[s] as usize != n || offsets.windows(2).any(|w| w[0] > w[1]) {
-        return Err(shape_error(format!(
-            "offsets must rise from 0 to N = {n}: {:?}..",
-            &offsets[..offsets.len().min(8)]
-        )));
-    }
-    if let Some(bad) = order.iter().find(|&&r| r as usize >= n) {
-        return Err(shape_error(format!(
-            "row {bad} in order is not below N = {n}"
-        )));
-    }
-    // Strictly increasing: no two blocks write the same row of dwte.
-    let v = dwte.len() / c;
-    if segment_tokens.windows(2).any(|w| w[0] >= w[1])
-        || segment_tokens.last().is_some_and(|&tok| tok as usize >= v)
-    {
-        return Err(shape_error(format!(
-            "segment tokens must increase strictly and stay below V = {v}"
-        )));
-    }
-    if s == 0 {
-        return Ok(());
-    }
-    run(
-        &name::<T>("token_embedding_backward"),
-        launch::token_embedding_backward_launch(s, c),
+    let buckets = plan::buckets(order, offsets, segment_tokens).map_err(shape_error)?;
+    let plan = plan::token_embedding_backward(T::SUFFIX, dwte.len(), dout.len(), buckets, c);
+    run_plan(
+        plan,
         &[
             Arg::output(dwte),
             Arg::input(dout),
             Arg::input(order),
             Arg::input(offsets),
             Arg::input(segment_tokens),
-            Arg::I32(int("C", c)?),
         ],
     )
 }
@@ -317,25 +271,8 @@ pub fn position_embedding_backward<T: Storage>(
     t: usize,
     c: usize,
 ) -> Result {
-    if t == 0 || c == 0 || !dout.len().is_multiple_of(t * c) {
-        return Err(shape_error(format!(
-            "dout ({}) is not (B, T = {t}, C = {c})",
-            dout.len()
-        )));
-    }
-    let b = dout.len() / (t * c);
-    expect_at_least("dwpe", dwpe.len(), t * c)?;
-    run(
-        &name::<T>("position_embedding_backward"),
-        launch::position_embedding_backward_launch(t, c),
-        &[
-            Arg::output(dwpe),
-            Arg::input(dout),
-            Arg::I32(int("B", b)?),
-            Arg::I32(int("T", t)?),
-            Arg::I32(int("C", c)?),
-        ],
-    )
+    let plan = plan::position_embedding_backward(T::SUFFIX, dwpe.len(), dout.len(), t, c);
+    run_plan(plan, &[Arg::output(dwpe), Arg::input(dout)])
 }
 
 // ---- LayerNorm ----------------------------------------------------------------
@@ -350,24 +287,17 @@ pub fn layernorm_forward<T: Storage>(
     w: &[T],
     b: &[T],
 ) -> Result {
-    let c = w.len();
-    if c == 0 || !inp.len().is_multiple_of(c) {
-        return Err(shape_error(format!(
-            "inp ({}) is not (N, C = {c})",
-            inp.len()
-        )));
-    }
-    let n = inp.len() / c;
-    expect_len("b", b.len(), c)?;
-    expect_len("out", out.len(), n * c)?;
-    expect_len("mean", mean.len(), n)?;
-    expect_len("rstd", rstd.len(), n)?;
-    if n == 0 {
-        return Ok(());
-    }
-    run(
-        &name::<T>("layernorm_forward"),
-        launch::layernorm_forward_launch(n, c),
+    let plan = plan::layernorm_forward(
+        T::SUFFIX,
+        out.len(),
+        mean.len(),
+        rstd.len(),
+        inp.len(),
+        w.len(),
+        b.len(),
+    );
+    run_plan(
+        plan,
         &[
             Arg::output(out),
             Arg::output(mean),
@@ -375,43 +305,14 @@ pub fn layernorm_forward<T: Storage>(
             Arg::input(inp),
             Arg::input(w),
             Arg::input(b),
-            Arg::I32(int("N", n)?),
-            Arg::I32(int("C", c)?),
-        ],
-    )
-}
-
-/// acc[j] += Σ_k partials[k·stride + at + j], blocks in order.
-fn reduce_partials(
-    acc: &mut [f32],
-    partials: &[f32],
-    blocks: usize,
-    stride: usize,
-    at: usize,
-) -> Result {
-    let w = acc.len();
-    if blocks == 0 || w == 0 {
-        return Ok(());
-    }
-    expect_at_least("partials", partials.len(), (blocks - 1) * stride + at + w)?;
-    run(
-        "stride_reduce_partials_f32",
-        launch::reduce_partials_launch(w),
-        &[
-            Arg::output(acc),
-            Arg::input(partials),
-            Arg::I32(int("blocks", blocks)?),
-            Arg::I32(int("stride", stride)?),
-            Arg::I32(int("at", at)?),
-            Arg::I32(int("W", w)?),
         ],
     )
 }
 
 /// LayerNorm backward: dinp (N, C) += ∂/∂x; dw (C) += Σ norm·dout and db
 /// (C) += Σ dout over rows, through `partials` (at least
-/// [`launch::partial_blocks`]`(N)` × 2C): per block of 32 rows, then the
-/// blocks in order.
+/// [`launch::partial_blocks`](crate::launch::partial_blocks)`(N)` × 2C):
+/// per block of 32 rows, then the blocks in order.
 #[allow(clippy::too_many_arguments)]
 pub fn layernorm_backward<T: Storage>(
     dinp: &mut [T],
@@ -424,175 +325,67 @@ pub fn layernorm_backward<T: Storage>(
     mean: &[f32],
     rstd: &[f32],
 ) -> Result {
-    let c = w.len();
-    if c == 0 || !dout.len().is_multiple_of(c) {
-        return Err(shape_error(format!(
-            "dout ({}) is not (N, C = {c})",
-            dout.len()
-        )));
-    }
-    let n = dout.len() / c;
-    expect_len("dinp", dinp.len(), n * c)?;
-    expect_len("inp", inp.len(), n * c)?;
-    expect_len("dw", dw.len(), c)?;
-    expect_len("db", db.len(), c)?;
-    expect_len("mean", mean.len(), n)?;
-    expect_len("rstd", rstd.len(), n)?;
-    let blocks = launch::partial_blocks(n);
-    expect_at_least("partials", partials.len(), blocks * 2 * c)?;
-    if n == 0 {
-        return Ok(());
-    }
-    run(
-        &name::<T>("layernorm_backward"),
-        launch::layernorm_backward_launch(n, c),
+    let plan = plan::layernorm_backward(
+        T::SUFFIX,
+        dinp.len(),
+        dw.len(),
+        db.len(),
+        partials.len(),
+        dout.len(),
+        inp.len(),
+        w.len(),
+        mean.len(),
+        rstd.len(),
+    );
+    run_plan(
+        plan,
         &[
             Arg::output(dinp),
+            Arg::output(dw),
+            Arg::output(db),
             Arg::output(partials),
             Arg::input(dout),
             Arg::input(inp),
             Arg::input(w),
             Arg::input(mean),
             Arg::input(rstd),
-            Arg::I32(int("N", n)?),
-            Arg::I32(int("C", c)?),
         ],
-    )?;
-    reduce_partials(dw, partials, blocks, 2 * c, 0)?;
-    reduce_partials(db, partials, blocks, 2 * c, c)
+    )
 }
 
 /// acc (W) += Σ rows of x (N, W), through `partials` (at least
-/// [`launch::partial_blocks`]`(N)` × W): the CPU's blocks and order, so f32
-/// gives the CPU's bits.
+/// [`launch::partial_blocks`](crate::launch::partial_blocks)`(N)` × W): the
+/// CPU's blocks and order, so f32 gives the CPU's bits.
 pub fn column_sums<T: Storage>(acc: &mut [f32], partials: &mut [f32], x: &[T]) -> Result {
-    let w = acc.len();
-    if w == 0 || !x.len().is_multiple_of(w) {
-        return Err(shape_error(format!("x ({}) is not (N, W = {w})", x.len())));
-    }
-    let n = x.len() / w;
-    let blocks = launch::partial_blocks(n);
-    expect_at_least("partials", partials.len(), blocks * w)?;
-    if n == 0 {
-        return Ok(());
-    }
-    run(
-        &name::<T>("column_sums"),
-        launch::column_sums_launch(n, w),
-        &[
-            Arg::output(partials),
-            Arg::input(x),
-            Arg::I32(int("N", n)?),
-            Arg::I32(int("W", w)?),
-        ],
-    )?;
-    reduce_partials(acc, partials, blocks, w, 0)
+    let plan = plan::column_sums(T::SUFFIX, acc.len(), partials.len(), x.len());
+    run_plan(
+        plan,
+        &[Arg::output(acc), Arg::output(partials), Arg::input(x)],
+    )
 }
 
 // ---- elementwise --------------------------------------------------------------
 
 /// GELU (tanh form): out = x·σ(2u), u = √(2/π)(x + 0.044715x³).
 pub fn gelu_forward<T: Storage>(out: &mut [T], inp: &[T]) -> Result {
-    expect_len("out", out.len(), inp.len())?;
-    if inp.is_empty() {
-        return Ok(());
-    }
-    run(
-        &name::<T>("gelu_forward"),
-        launch::gelu_launch(inp.len()),
-        &[
-            Arg::output(out),
-            Arg::input(inp),
-            Arg::I64(long("n", inp.len())?),
-        ],
-    )
+    let plan = plan::gelu("gelu_forward", T::SUFFIX, "out", out.len(), inp.len());
+    run_plan(plan, &[Arg::output(out), Arg::input(inp)])
 }
 
 /// GELU backward in place: d holds dout and becomes dinp; inp is the
 /// forward's input.
 pub fn gelu_backward<T: Storage>(d: &mut [T], inp: &[T]) -> Result {
-    expect_len("d", d.len(), inp.len())?;
-    if inp.is_empty() {
-        return Ok(());
-    }
-    run(
-        &name::<T>("gelu_backward"),
-        launch::gelu_launch(inp.len()),
-        &[
-            Arg::output(d),
-            Arg::input(inp),
-            Arg::I64(long("n", inp.len())?),
-        ],
-    )
+    let plan = plan::gelu("gelu_backward", T::SUFFIX, "d", d.len(), inp.len());
+    run_plan(plan, &[Arg::output(d), Arg::input(inp)])
 }
 
 /// out = a + b, elementwise.
 pub fn add<T: Storage>(out: &mut [T], a: &[T], b: &[T]) -> Result {
-    expect_len("a", a.len(), out.len())?;
-    expect_len("b", b.len(), out.len())?;
-    if out.is_empty() {
-        return Ok(());
-    }
-    let n = out.len();
-    run(
-        &name::<T>("add"),
-        launch::elementwise_launch(n),
-        &[
-            Arg::output(out),
-            Arg::input(a),
-            Arg::input(b),
-            Arg::I64(long("n", n)?),
-        ],
-    )
+    let plan = plan::add(T::SUFFIX, out.len(), a.len(), b.len());
+    run_plan(plan, &[Arg::output(out), Arg::input(a), Arg::input(b)])
 }
 
 // ---- attention ------------------------------------------------------------------
-
-/// The shape of one attention call (as stride-kernels' `Heads`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Heads {
-    /// Sequences.
-    pub b: usize,
-    /// Positions per sequence.
-    pub t: usize,
-    /// Model width.
-    pub c: usize,
-    /// Heads (c / nh wide each).
-    pub nh: usize,
-}
-
-impl Heads {
-    /// The head size: C / NH.
-    pub fn hs(&self) -> usize {
-        self.c / self.nh.max(1)
-    }
-
-    fn check(&self) -> Result {
-        let hs = self.hs();
-        if self.b == 0 || self.t == 0 || self.nh == 0 || !self.c.is_multiple_of(self.nh) {
-            return Err(shape_error(format!(
-                "{self:?}: B, T, NH ≥ 1 and NH dividing C"
-            )));
-        }
-        if !hs.is_multiple_of(8) || hs > 128 {
-            return Err(shape_error(format!(
-                "{self:?}: head size {hs} must be a multiple of 8, at most 128"
-            )));
-        }
-        int("B·NH", self.b * self.nh)?;
-        int("B·T·3C", self.b * self.t * 3 * self.c)?;
-        Ok(())
-    }
-
-    fn ints(&self) -> [Arg; 3] {
-        // Checked in `check`: all fit (they are below B·T·3C).
-        [
-            Arg::I32(self.t as i32),
-            Arg::I32(self.c as i32),
-            Arg::I32(self.nh as i32),
-        ]
-    }
-}
 
 /// Causal self-attention, flash style. qkv (B, T, 3C) holds [q | k | v]
 /// per row; out (B, T, C) receives the heads side by side; lse (B, NH, T)
@@ -603,23 +396,8 @@ pub fn attention_forward<T: Storage>(
     qkv: &[T],
     s: Heads,
 ) -> Result {
-    s.check()?;
-    expect_len("qkv", qkv.len(), s.b * s.t * 3 * s.c)?;
-    expect_len("out", out.len(), s.b * s.t * s.c)?;
-    expect_len("lse", lse.len(), s.b * s.nh * s.t)?;
-    let [t, c, nh] = s.ints();
-    run(
-        &name::<T>("attention_forward"),
-        launch::attention_forward_launch(s.b, s.t, s.c, s.nh),
-        &[
-            Arg::output(out),
-            Arg::output(lse),
-            Arg::input(qkv),
-            t,
-            c,
-            nh,
-        ],
-    )
+    let plan = plan::attention_forward(T::SUFFIX, out.len(), lse.len(), qkv.len(), s);
+    run_plan(plan, &[Arg::output(out), Arg::output(lse), Arg::input(qkv)])
 }
 
 /// Causal self-attention backward: dqkv (B, T, 3C) is overwritten from
@@ -635,53 +413,25 @@ pub fn attention_backward<T: Storage>(
     qkv: &[T],
     s: Heads,
 ) -> Result {
-    s.check()?;
-    expect_len("qkv", qkv.len(), s.b * s.t * 3 * s.c)?;
-    expect_len("dqkv", dqkv.len(), s.b * s.t * 3 * s.c)?;
-    expect_len("out", out.len(), s.b * s.t * s.c)?;
-    expect_len("dout", dout.len(), s.b * s.t * s.c)?;
-    expect_len("lse", lse.len(), s.b * s.nh * s.t)?;
-    expect_len("dots", dots.len(), s.b * s.nh * s.t)?;
-    let [t, c, nh] = s.ints();
-    run(
-        &name::<T>("attention_row_dots"),
-        launch::attention_row_dots_launch(s.b, s.t, s.nh),
+    let plan = plan::attention_backward(
+        T::SUFFIX,
+        dqkv.len(),
+        dots.len(),
+        dout.len(),
+        out.len(),
+        lse.len(),
+        qkv.len(),
+        s,
+    );
+    run_plan(
+        plan,
         &[
+            Arg::output(dqkv),
             Arg::output(dots),
+            Arg::input(dout),
             Arg::input(out),
-            Arg::input(dout),
-            Arg::I32(s.b as i32),
-            t,
-            c,
-            nh,
-        ],
-    )?;
-    run(
-        &name::<T>("attention_backward_dkv"),
-        launch::attention_backward_dkv_launch(s.b, s.t, s.c, s.nh),
-        &[
-            Arg::output(dqkv),
-            Arg::input(qkv),
-            Arg::input(dout),
             Arg::input(lse),
-            Arg::input(dots),
-            t,
-            c,
-            nh,
-        ],
-    )?;
-    run(
-        &name::<T>("attention_backward_dq"),
-        launch::attention_backward_dq_launch(s.b, s.t, s.c, s.nh),
-        &[
-            Arg::output(dqkv),
             Arg::input(qkv),
-            Arg::input(dout),
-            Arg::input(lse),
-            Arg::input(dots),
-            t,
-            c,
-            nh,
         ],
     )
 }
@@ -700,29 +450,21 @@ pub fn cross_entropy(
     loss_scale: f32,
     with_grad: bool,
 ) -> Result {
-    let rows = targets.len();
-    if v == 0 {
-        return Err(shape_error("V must be at least 1".into()));
-    }
-    expect_len("logits", logits.len(), rows * v)?;
-    expect_len("row_loss", row_loss.len(), rows)?;
-    if let Some(bad) = targets.iter().find(|&&t| t as usize >= v) {
-        return Err(shape_error(format!("target {bad} is not below V = {v}")));
-    }
-    if rows == 0 {
-        return Ok(());
-    }
-    int("R·V", rows * v)?;
-    run(
-        "stride_cross_entropy_f32",
-        launch::cross_entropy_launch(rows, v),
+    let plan = plan::cross_entropy(
+        logits.len(),
+        row_loss.len(),
+        targets.len(),
+        plan::max_index(targets),
+        v,
+        loss_scale,
+        with_grad,
+    );
+    run_plan(
+        plan,
         &[
             Arg::output(logits),
             Arg::output(row_loss),
             Arg::input(targets),
-            Arg::I32(int("V", v)?),
-            Arg::F32(loss_scale),
-            Arg::I32(i32::from(with_grad)),
         ],
     )
 }
@@ -730,62 +472,24 @@ pub fn cross_entropy(
 // ---- reductions and casts ---------------------------------------------------------
 
 /// out[0] = Σ x², in two passes: per-block partials (at least
-/// [`launch::sumsq_blocks`]`(N)` of them), then one block adds them in
-/// order. The result depends on x alone.
+/// [`launch::sumsq_blocks`](crate::launch::sumsq_blocks)`(N)` of them),
+/// then one block adds them in order. The result depends on x alone.
 pub fn sum_of_squares(out: &mut [f32], partials: &mut [f32], x: &[f32]) -> Result {
-    expect_len("out", out.len(), 1)?;
-    let blocks = launch::sumsq_blocks(x.len());
-    expect_at_least("partials", partials.len(), blocks)?;
-    run(
-        "stride_sumsq_partials_f32",
-        launch::sumsq_partials_launch(x.len()),
-        &[
-            Arg::output(partials),
-            Arg::input(x),
-            Arg::I64(long("n", x.len())?),
-        ],
-    )?;
-    run(
-        "stride_sumsq_final_f32",
-        launch::sumsq_final_launch(blocks),
-        &[
-            Arg::output(out),
-            Arg::input(partials),
-            Arg::I32(int("blocks", blocks)?),
-        ],
+    let plan = plan::sum_of_squares(out.len(), partials.len(), x.len());
+    run_plan(
+        plan,
+        &[Arg::output(out), Arg::output(partials), Arg::input(x)],
     )
 }
 
 /// f32 → bf16, round to nearest even (the compute weights' refresh).
 pub fn cast_f32_to_bf16(out: &mut [Bf16], x: &[f32]) -> Result {
-    expect_len("out", out.len(), x.len())?;
-    if x.is_empty() {
-        return Ok(());
-    }
-    run(
-        "stride_cast_f32_to_bf16",
-        launch::cast_launch(x.len()),
-        &[
-            Arg::output(out),
-            Arg::input(x),
-            Arg::I64(long("n", x.len())?),
-        ],
-    )
+    let plan = plan::cast("stride_cast_f32_to_bf16", out.len(), x.len());
+    run_plan(plan, &[Arg::output(out), Arg::input(x)])
 }
 
 /// bf16 → f32 (exact).
 pub fn cast_bf16_to_f32(out: &mut [f32], x: &[Bf16]) -> Result {
-    expect_len("out", out.len(), x.len())?;
-    if x.is_empty() {
-        return Ok(());
-    }
-    run(
-        "stride_cast_bf16_to_f32",
-        launch::cast_launch(x.len()),
-        &[
-            Arg::output(out),
-            Arg::input(x),
-            Arg::I64(long("n", x.len())?),
-        ],
-    )
+    let plan = plan::cast("stride_cast_bf16_to_f32", out.len(), x.len());
+    run_plan(plan, &[Arg::output(out), Arg::input(x)])
 }

@@ -10,19 +10,28 @@
 //!   and tested on machines without a GPU ([`emu`]).
 //!
 //! Launch configurations are computed here, in Rust ([`launch`]), one
-//! function per kernel, for the emulator now and for the GPU later. See
-//! README.md for the design, the kernels, the tolerances and the limits.
+//! function per kernel; each call's checks, configurations and argument
+//! lists are decided once (`src/plan.rs`) for both the emulator and the
+//! GPU layer (`gpu`, with `--features cuda`: every kernel through cudarc on
+//! a CUDA stream, and cuBLASLt). [`matmul`] holds the matrix multiply's
+//! contract and its host reference. See README.md for the design, the
+//! kernels, the tolerances and the limits.
 
 mod bf16;
 pub mod emu;
 pub mod fatbin_format;
 mod ffi;
+#[cfg(feature = "cuda")]
+pub mod gpu;
 pub mod launch;
+pub mod matmul;
+mod plan;
 
 pub use bf16::{Bf16, Storage, from_bf16, round_bf16, to_bf16};
 pub use emu::bucket_tokens;
 pub use ffi::KERNEL_NAMES;
 pub use launch::Launch;
+pub use plan::Heads;
 
 /// Whether the emulator's library holds kernel `name` (every name of
 /// [`KERNEL_NAMES`] must).
@@ -48,6 +57,12 @@ mod fatbin {
 
 #[cfg(feature = "cuda")]
 pub use fatbin::FATBIN;
+
+/// The CUDA release of the nvcc that built [`FATBIN`] (e.g. "13.2"): the
+/// driver must support this major version (gpu::Kernels::load says so
+/// when it does not).
+#[cfg(feature = "cuda")]
+pub const NVCC_RELEASE: &str = env!("STRIDE_NVCC_RELEASE");
 
 #[cfg(test)]
 mod tests {

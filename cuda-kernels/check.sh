@@ -5,7 +5,13 @@
 #      into target/cuda-venv), then `--features cuda`: nvcc compiles every
 #      kernel into one fatbin of sm_90 SASS and compute_90 PTX (build.rs
 #      checks both are there; a test checks the cubin names every kernel),
-#      and ptxas' report per kernel (registers, spills, shared memory).
+#      and ptxas' report per kernel (registers, spills, shared memory);
+#   3. the GPU layer (src/gpu, cudarc) and the GPU tests (tests/gpu.rs):
+#      clippy with the feature, every test binary built and linked (against
+#      link stubs of libcuda and the CUDA libraries, link-stubs.sh), the
+#      unit tests run, the GPU tests listed (all ignored here), and the GPU
+#      test binary copied to target/cuda-kernels-gpu/ for a GPU session
+#      (cuda-kernels/gpu-run.sh runs it there; README).
 # Prints how long each step took.
 #
 #   bash cuda-kernels/check.sh              # the above
@@ -90,6 +96,12 @@ pushd "$ROOT" > /dev/null
 source .ci/cuda-env.sh
 popd > /dev/null
 
+step "link stubs of libcuda and the CUDA libraries cudarc links (link-stubs.sh)"
+pushd "$ROOT" > /dev/null
+# shellcheck source=/dev/null
+source cuda-kernels/link-stubs.sh
+popd > /dev/null
+
 step "cargo build --features cuda (nvcc: every kernel into one sm_90 + compute_90 fatbin)"
 "${NICE[@]}" cargo build --locked --features cuda
 LOG="$(ls -t "$CARGO_TARGET_DIR"/debug/build/stride-cuda-kernels-*/out/nvcc.log | head -1)"
@@ -105,9 +117,31 @@ if grep -qiE 'warning|[1-9][0-9]* bytes spill' "$LOG"; then
   echo "nvcc or ptxas reported warnings or spills (above)"
 fi
 
-step "cargo clippy and the fatbin's test with --features cuda"
+step "cargo clippy --features cuda (the GPU layer and its tests)"
 "${NICE[@]}" cargo clippy --locked --all-targets --features cuda -- -D warnings
-"${NICE[@]}" cargo test --locked --features cuda --lib -q 2>&1 | grep -E '^test result|FAILED|panicked'
+
+step "cargo test --features cuda --no-run, the unit tests, the GPU tests listed"
+"${NICE[@]}" cargo test --locked --features cuda --no-run 2>&1 | grep -E '^(error|warning)' || true
+# The binaries load the stubs here (the GPU tests are all ignored here).
+LD_LIBRARY_PATH="$STRIDE_CUDA_LINK_DIR" "${NICE[@]}" cargo test --locked --features cuda --lib --test gpu \
+  2>&1 | tee "$CARGO_TARGET_DIR/check-cuda-tests.log" | grep -E '^test result|FAILED|panicked|error'
+if ! grep -q 'test result: ok' "$CARGO_TARGET_DIR/check-cuda-tests.log" \
+  || grep -qE 'test result: FAILED|^error' "$CARGO_TARGET_DIR/check-cuda-tests.log"; then
+  echo "tests with --features cuda failed: $CARGO_TARGET_DIR/check-cuda-tests.log" >&2
+  exit 1
+fi
+GPU_TESTS="$("${NICE[@]}" cargo test --locked --features cuda --test gpu --no-run --message-format=json 2>/dev/null \
+  | python3 -c 'import json, sys
+exes = [m["executable"] for m in map(json.loads, sys.stdin) if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu"]
+print(exes[-1])')"
+BUNDLE="$CARGO_TARGET_DIR/cuda-kernels-gpu"
+mkdir -p "$BUNDLE"
+cp "$GPU_TESTS" "$BUNDLE/gpu-tests"
+strip "$BUNDLE/gpu-tests"
+git -C "$ROOT" rev-parse HEAD > "$BUNDLE/COMMIT" 2>/dev/null || true
+echo "GPU tests for a GPU session: $BUNDLE/gpu-tests ($(du -k "$BUNDLE/gpu-tests" | cut -f1) KiB," \
+  "$(LD_LIBRARY_PATH="$STRIDE_CUDA_LINK_DIR" "$BUNDLE/gpu-tests" --list --ignored 2>/dev/null | grep -c ': test$') tests;" \
+  "needs $(readelf -d "$BUNDLE/gpu-tests" | grep -oP 'NEEDED.*\[\K(libcu|libnv)[^]]+' | tr '\n' ' '))"
 
 TOOLS="$CARGO_TARGET_DIR/cuda-tools-venv"
 if [ "$CUOBJDUMP" = 1 ] && [ ! -x "$TOOLS/bin/pip" ]; then

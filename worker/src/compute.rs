@@ -535,7 +535,7 @@ fn wait_for_id(
             Ok(_) => {} // stale plans or ids of an earlier generation
             Err(RecvTimeoutError::Timeout) => {
                 return Err(CollectiveError::Setup(format!(
-                    "no collective id from the coordinator within {:.0} s (cluster.step_timeout_s)",
+                    "no collective id from the coordinator within {:.0} s (cluster.startup_timeout_s)",
                     timeout.as_secs_f64()
                 ))
                 .into());
@@ -593,7 +593,10 @@ fn build_trainer(
                 .ok_or_else(|| anyhow!("cannot resolve peer {}:{}", p.host, p.port))
         })
         .collect::<Result<_>>()?;
-    let timeout = Duration::from_secs_f64(config.cluster.step_timeout_s);
+    // Rank 0 makes the id once its device is open (a CUDA context takes
+    // seconds; a loaded machine, more): part of starting, so it is bounded
+    // by the startup timeout, not by a step's.
+    let id_timeout = Duration::from_secs_f64(config.cluster.startup_timeout_s);
     // The ring's own stall timeout outlasts the coordinator's patience (at
     // most step_timeout_s after the last heartbeat that showed progress):
     // the coordinator, which hears every rank, names the rank that stalled;
@@ -614,7 +617,7 @@ fn build_trainer(
     } else {
         None
     };
-    let shared_id = exchange(mine, timeout)?;
+    let shared_id = exchange(mine, id_timeout)?;
     let collective = collective::form(
         &device,
         listener,

@@ -53,7 +53,8 @@ fn tiny_on_cuda_matches_the_cpu_run() {
     );
     let a = tiny_losses(cpu.path(), "cpu", &[]);
     let b = tiny_losses(gpu.path(), "cuda", &[]);
-    assert_eq!(a.len(), b.len());
+    // Both runs trained every step: an empty metrics file must not pass.
+    assert_eq!((a.len(), b.len()), (20, 20), "losses logged by each run");
     for (step, (x, y)) in a.iter().zip(&b).enumerate() {
         assert!((x - y).abs() < 1e-3, "step {step}: cpu {x} vs cuda {y}");
     }
@@ -65,6 +66,7 @@ fn a_cpu_checkpoint_resumes_on_cuda() {
     let _turn = crate::common::beside_others();
     let d = tempfile::tempdir().expect("tmp");
     let cpu = tiny_losses(d.path(), "cpu", &["--set", "checkpoint.interval=10"]);
+    assert_eq!(cpu.len(), 20, "losses logged by the CPU run");
     let resumed = {
         let (status, out) = run(
             &[

@@ -451,6 +451,15 @@ fn open_job_data(config_toml: &str) -> Result<Option<(Config, Corpus)>> {
     let refused = |e: &dyn std::fmt::Display| Refused(format!("the job cannot run here: {e}"));
     let config = Config::from_toml(config_toml, "the job sent by the coordinator")
         .map_err(|e| refused(&e))?;
+    // A driver too old for this build's PTX fails every launch: say so
+    // now, once, instead of at the first kernel of every assignment.
+    #[cfg(feature = "cuda")]
+    if matches!(config.worker.device, stride_job::config::Device::Cuda(_)) {
+        stride_cuda_kernels::gpu::require_driver_for_ptx(
+            "this worker's CUDA kernels (Candle's and the fused AdamW)",
+        )
+        .map_err(|e| refused(&e.message))?;
+    }
     let corpus = Corpus::open(&config.data, &config.model, config.train.seed, Scan::Layout)
         .map_err(|e| refused(&e))?;
     corpus.fingerprints();

@@ -265,6 +265,45 @@ pub(crate) fn driver_version() -> Option<i32> {
     (result == CUresult::CUDA_SUCCESS).then_some(version)
 }
 
+/// `"13.2"` → 13020, cuDriverGetVersion's encoding of a CUDA release.
+fn encoded_release(release: &str) -> Option<i32> {
+    let mut parts = release.split('.');
+    let major: i32 = parts.next()?.parse().ok()?;
+    let minor: i32 = parts.next().unwrap_or("0").parse().ok()?;
+    Some(1000 * major + 10 * minor)
+}
+
+/// Refuses, before any kernel is loaded, a driver that cannot JIT-compile
+/// PTX from this build's nvcc ([`NVCC_RELEASE`]): the kernels `what` names
+/// (Candle's and the composed engine's AdamW, which ship as PTX) would
+/// fail at their first launch with CUDA_ERROR_UNSUPPORTED_PTX_VERSION. The
+/// fused kernels' fatbin needs only the major version (its SASS); this
+/// check is for PTX.
+pub fn require_driver_for_ptx(what: &str) -> Result<(), GpuError> {
+    ptx_driver_verdict(driver_version(), NVCC_RELEASE, what)
+}
+
+fn ptx_driver_verdict(driver: Option<i32>, release: &str, what: &str) -> Result<(), GpuError> {
+    let (Some(have), Some(need)) = (driver, encoded_release(release)) else {
+        return Ok(()); // unknown: the load itself reports what it finds
+    };
+    if have >= need {
+        return Ok(());
+    }
+    Err(GpuError::new(
+        GpuErrorKind::Load,
+        format!(
+            "the NVIDIA driver here supports CUDA {}.{} (cuDriverGetVersion = {have}), but {what} \
+             are PTX made by nvcc {release}, which only a driver for CUDA {release} or newer \
+             compiles: install the driver that ships with CUDA {release} (or newer), or build the \
+             worker with the CUDA toolkit this driver supports (CUDA_ROOT; \
+             deploy/Dockerfile.cuda's CUDA_VERSION)",
+            have / 1000,
+            (have % 1000) / 10
+        ),
+    ))
+}
+
 /// The driver branch a CUDA major version needs (NVIDIA's minimum drivers
 /// for minor-version compatibility on Linux).
 fn required_driver(major: &str) -> String {
@@ -700,5 +739,33 @@ impl Kernels {
         let (o, _o) = out.device_ptr_mut(s);
         let (i, _i) = inp.device_ptr(s);
         self.run(plan, &[o, i])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_driver_older_than_the_ptx_is_refused_by_name() {
+        assert_eq!(encoded_release("13.2"), Some(13020));
+        assert_eq!(encoded_release("12"), Some(12000));
+        assert_eq!(encoded_release("x.1"), None);
+        let e = ptx_driver_verdict(Some(13000), "13.2", "Candle's kernels")
+            .expect_err("a CUDA 13.0 driver cannot compile 13.2's PTX");
+        assert_eq!(e.kind, GpuErrorKind::Load);
+        for part in [
+            "supports CUDA 13.0",
+            "13000",
+            "Candle's kernels",
+            "nvcc 13.2",
+        ] {
+            assert!(e.message.contains(part), "{part:?} in {}", e.message);
+        }
+        assert!(ptx_driver_verdict(Some(13020), "13.2", "k").is_ok());
+        assert!(ptx_driver_verdict(Some(13010), "13.1", "k").is_ok());
+        assert!(ptx_driver_verdict(Some(12080), "13.0", "k").is_err());
+        // An unreadable version is left to the load, which names it.
+        assert!(ptx_driver_verdict(None, "13.2", "k").is_ok());
     }
 }

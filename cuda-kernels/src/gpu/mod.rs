@@ -32,7 +32,7 @@ use cudarc::driver::result::DriverError;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr, ValidAsZeroBits};
 
 pub use blas::Blas;
-pub use kernels::Kernels;
+pub use kernels::{Kernels, require_driver_for_ptx};
 
 pub use crate::matmul::{DType, Gemm, Op};
 use crate::plan;

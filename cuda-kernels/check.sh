@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Checks stride-cuda-kernels without a GPU:
 #   1. fmt, clippy and every test with the kernels run by the CPU emulator;
-#   2. the CUDA 13.2 toolkit from NVIDIA's PyPI wheels (.ci/cuda-env.sh,
-#      into target/cuda-venv), then `--features cuda`: nvcc compiles every
+#   2. the CUDA 13.0 toolkit from NVIDIA's PyPI wheels (.ci/cuda-env.sh,
+#      into target/cuda-venv-*), then `--features cuda`: nvcc compiles every
 #      kernel into one fatbin of sm_90 SASS and compute_90 PTX (build.rs
 #      checks both are there; a test checks the cubin names every kernel),
 #      and ptxas' report per kernel (registers, spills, shared memory);
@@ -90,7 +90,7 @@ for l in sys.stdin:
   "${NICE[@]}" cargo build --locked --tests -q
 fi
 
-step "CUDA 13.2 toolkit (.ci/cuda-env.sh: PyPI wheels into target/cuda-venv)"
+step "CUDA 13.0 toolkit (.ci/cuda-env.sh: PyPI wheels into target/cuda-venv-*)"
 pushd "$ROOT" > /dev/null
 # shellcheck source=/dev/null
 source .ci/cuda-env.sh
@@ -157,6 +157,8 @@ if [ -n "$TOOLS_BIN" ] && [ -x "$TOOLS_BIN/cuobjdump" ]; then
   PATH="$TOOLS_BIN:$PATH"
   cuobjdump --list-elf "$FATBIN"
   cuobjdump --list-ptx "$FATBIN"
+  # The PTX ISA the driver must accept (9.0: any CUDA 13 driver).
+  echo "PTX $(cuobjdump --dump-ptx "$FATBIN" | grep -m1 '^\.version')"
   if [ -x "$TOOLS_BIN/nvdisasm" ]; then
     echo "SASS functions for sm_90: $(cuobjdump --dump-sass "$FATBIN" | grep -c 'Function :')"
   fi

@@ -158,7 +158,9 @@ pub struct StartCheck {
 pub struct JobSpec {
     pub name: String,
     pub config: Config,
-    /// The one source of `max_steps` (a decay or an extension changes it).
+    /// The LR schedule, whose end is the job's `max_steps` (a decay or an
+    /// extension changes it; `config.train.max_steps` is kept equal to it
+    /// for what reads the config).
     pub schedule: Schedule,
     /// Samples in the training / validation split.
     pub train_samples: u64,

@@ -2,7 +2,9 @@
 //! workers, and the one home of everything a backend needs.
 //!
 //! [`Collective`] is the seam between the training step and the transport:
-//! an in-place sum of an `f32` buffer over all ranks, and a barrier. Two
+//! an in-place sum of an `f32` buffer over all ranks, its two halves
+//! (reduce-scatter into each rank's shard, all-gather of the shards: what
+//! a sharded optimizer needs), and a barrier. Two
 //! backends implement it: [`ring::TcpRing`], a ring all-reduce over TCP
 //! between worker processes (CPUs), and `nccl::Nccl` (the `cuda` feature,
 //! GPUs). [`form`] builds the one a device needs from the shared id that
@@ -50,6 +52,33 @@ pub trait Collective: std::fmt::Debug {
     /// call it with a buffer of the same length; every rank ends with the
     /// same bits.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
+    /// The values of a buffer of `n` this rank holds summed after
+    /// [`Collective::reduce_scatter_sum`] and gives everyone in
+    /// [`Collective::all_gather`]: the ranks' shards are disjoint and
+    /// cover `0..n`. A rank keeps the optimizer state of its shard only
+    /// (ZeRO-1). The default, for one rank: everything.
+    fn shard(&self, n: usize) -> Range<usize> {
+        0..n
+    }
+    /// Sums `buf` over all ranks into this rank's [`Collective::shard`],
+    /// with the same bits there as [`Collective::all_reduce_sum`] would
+    /// give; the values outside the shard are left unspecified. Returns
+    /// the shard. The default all-reduces the whole buffer.
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<Range<usize>, CollectiveError> {
+        self.all_reduce_sum(buf)?;
+        Ok(self.shard(buf.len()))
+    }
+    /// Every rank's [`Collective::shard`] of `buf` to every rank: each
+    /// ends with the same bits, each value the shard's owner's. The
+    /// default all-reduces with the values outside the shard zeroed
+    /// (exact: a value plus zeros is itself, a −0 aside, which comes back
+    /// +0); a backend with a real all-gather moves half the bytes.
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let mine = self.shard(buf.len());
+        buf[..mine.start].fill(0.0);
+        buf[mine.end..].fill(0.0);
+        self.all_reduce_sum(buf)
+    }
     /// A handle another thread can use to make a blocked collective call
     /// fail at once (when the coordinator aborts the step).
     fn abort_handle(&self) -> Option<AbortHandle> {

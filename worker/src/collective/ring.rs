@@ -307,36 +307,81 @@ impl Collective for TcpRing {
         self.all_reduce_part(buf, 0, buf.len())
     }
 
+    /// Chunk r + 1 of the whole buffer: the one the reduce-scatter rounds
+    /// leave fully summed on rank r (each round adds the chunk it receives
+    /// to its own and passes it on; after w − 1 rounds rank r has added
+    /// the last contribution to chunk r + 1).
+    fn shard(&self, n: usize) -> Range<usize> {
+        self.chunk(Part { at: 0, n, whole: n }, self.rank + 1)
+    }
+
+    fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<Range<usize>, CollectiveError> {
+        self.rounds(buf, TcpRing::whole(buf), 0..self.world - 1)?;
+        Ok(self.shard(buf.len()))
+    }
+
+    fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.rounds(
+            buf,
+            TcpRing::whole(buf),
+            self.world - 1..2 * (self.world - 1),
+        )
+    }
+
     fn all_reduce_part(
         &mut self,
         buf: &mut [f32],
         at: usize,
         whole: usize,
     ) -> Result<(), CollectiveError> {
-        let (n, w) = (buf.len(), self.world);
+        let n = buf.len();
         if at + n > whole {
             return Err(CollectiveError::Setup(format!(
                 "a part of {n} values at {at} lies outside a buffer of {whole}"
             )));
         }
-        let p = Part { at, n, whole };
+        self.rounds(buf, Part { at, n, whole }, 0..2 * (self.world - 1))
+    }
+}
+
+impl TcpRing {
+    /// The part that is the whole of `buf`.
+    fn whole(buf: &[f32]) -> Part {
+        let n = buf.len();
+        Part { at: 0, n, whole: n }
+    }
+
+    /// Runs `rounds` of the ring on part `p` held in `buf`: rounds
+    /// 0..w − 1 are the reduce-scatter, w − 1..2(w − 1) the all-gather
+    /// (see [`TcpRing::segment`]); an all-reduce runs both.
+    fn rounds(
+        &mut self,
+        buf: &mut [f32],
+        p: Part,
+        rounds: Range<usize>,
+    ) -> Result<(), CollectiveError> {
+        let w = self.world;
         // Parts per chunk: enough for the largest chunk of this call.
         let largest = (0..w).map(|i| self.chunk(p, i).len()).max().unwrap_or(0);
         let parts = largest.div_ceil(PART).max(1);
-        let total = 2 * (w - 1) * parts;
+        // Segments are numbered from the first round of the whole ring.
+        let (first, total) = (rounds.start * parts, rounds.end * parts);
         // Segment and byte offset reached on each side.
-        let (mut sent, mut sent_bytes) = (0, 0);
-        let (mut received, mut received_bytes) = (0, 0);
+        let (mut sent, mut sent_bytes) = (first, 0);
+        let (mut received, mut received_bytes) = (first, 0);
         let mut last_progress = Instant::now();
         while sent < total || received < total {
             let mut progressed = false;
             // Send what is ready: a segment of round s+1 once the same part
-            // of round s has arrived.
-            while sent < total && (sent < parts || sent - parts < received) {
+            // of round s has arrived (the call's first round: at once).
+            while sent < total && (sent < first + parts || sent - parts < received) {
                 let range = self.segment(p, parts, sent, true);
                 let bytes: &[u8] = bytemuck::cast_slice(&buf[range]);
                 if sent_bytes == bytes.len() {
-                    (sent, sent_bytes) = (sent + 1, 0);
+                    // Done (or empty: a chunk that misses this call's
+                    // part). Progress too, or the loop would wait on the
+                    // sockets for a step that needs no I/O.
+                    (sent, sent_bytes, progressed) = (sent + 1, 0, true);
                     continue;
                 }
                 match self.next.write(&bytes[sent_bytes..]) {
@@ -358,7 +403,7 @@ impl Collective for TcpRing {
                             *x += *y;
                         }
                     }
-                    (received, received_bytes) = (received + 1, 0);
+                    (received, received_bytes, progressed) = (received + 1, 0, true);
                     continue;
                 }
                 let into: &mut [u8] = if reducing {
@@ -500,6 +545,106 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A rank's shard, its summed values, and the buffer after the gather.
+    type Halves = (Range<usize>, Vec<f32>, Vec<f32>);
+
+    /// A sharded update's collectives on rank `c`'s input of `n` values:
+    /// reduce-scatter, the summed shard scaled by `scale` (the update),
+    /// all-gather.
+    fn halves(c: &mut dyn Collective, n: usize, scale: f32) -> Result<Halves, CollectiveError> {
+        let mut buf = input(c.rank(), n, false);
+        let mine = c.reduce_scatter_sum(&mut buf)?;
+        let summed = buf[mine.clone()].to_vec();
+        for x in &mut buf[mine.clone()] {
+            *x *= scale;
+        }
+        c.all_gather(&mut buf)?;
+        Ok((mine, summed, buf))
+    }
+
+    #[test]
+    fn reduce_scatter_then_all_gather_is_the_all_reduce_bit_for_bit() {
+        // Shards partition the buffer; each rank's summed shard has the
+        // all-reduce's bits; the all-gather hands every rank every owner's
+        // values (here each rank changes its shard in between, as an
+        // optimizer does, and the gather must carry exactly those).
+        // (Chunks of several PARTs: only with 2 ranks, to keep it quick.)
+        let cases = (1..=4)
+            .flat_map(|w| [0, 1, 3, 7, 1000].map(|n| (w, n)))
+            .chain([(2, 2 * PART + 13)]);
+        for (world, n) in cases {
+            {
+                let reduced = local_ring(world, |mut c| {
+                    let mut buf = input(c.rank(), n, false);
+                    c.all_reduce_sum(&mut buf).map(|_| buf)
+                })
+                .expect("ring");
+                let all_reduced = reduced[0].as_ref().expect("all-reduce").clone();
+                let results = local_ring(world, |mut c| halves(c.as_mut(), n, 0.5)).expect("ring");
+                let mut covered = vec![0u32; n];
+                let mut gathered_want = vec![0f32; n];
+                for r in &results {
+                    let (mine, summed, _) = r.as_ref().expect("reduce-scatter");
+                    for (i, x) in mine.clone().zip(summed) {
+                        covered[i] += 1;
+                        assert_eq!(
+                            x.to_bits(),
+                            all_reduced[i].to_bits(),
+                            "world {world} n {n} [{i}]"
+                        );
+                        gathered_want[i] = x * 0.5;
+                    }
+                }
+                assert!(
+                    covered.iter().all(|&k| k == 1),
+                    "world {world} n {n}: shards {covered:?}"
+                );
+                for (rank, r) in results.iter().enumerate() {
+                    let (_, _, got) = r.as_ref().expect("all-gather");
+                    assert!(
+                        got.iter()
+                            .zip(&gathered_want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "world {world} n {n}: rank {rank}'s gather"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_default_halves_agree_with_the_ring() {
+        // A backend with only all_reduce_sum (the trait's defaults) gives
+        // the same shards and gathered values as the ring's own halves.
+        #[derive(Debug)]
+        struct OnlySum(Box<dyn Collective>);
+        impl Collective for OnlySum {
+            fn rank(&self) -> usize {
+                self.0.rank()
+            }
+            fn world_size(&self) -> usize {
+                self.0.world_size()
+            }
+            fn shard(&self, n: usize) -> Range<usize> {
+                self.0.shard(n)
+            }
+            fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+                self.0.all_reduce_sum(buf)
+            }
+        }
+        let run = |default: bool| {
+            local_ring(3, move |c| {
+                let mut c: Box<dyn Collective> = if default { Box::new(OnlySum(c)) } else { c };
+                halves(c.as_mut(), 1001, 1.0)
+            })
+            .expect("ring")
+            .into_iter()
+            .map(|r| r.expect("collective"))
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(run(true), run(false));
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! Builds the kernels twice from the same source (src/cuda):
 //!
 //! - always: every `.cu` file and the emulator, with g++ in STRIDE_EMU mode
-//!   (`-x c++ -std=c++17 -O2`), into a static library: the CPU path the
-//!   tests run;
+//!   (`-x c++ -std=c++17 -O2 -ffp-contract=off`), into a static library:
+//!   the CPU path the tests run;
 //! - with the `cuda` feature: every kernel file but the emulator's self
 //!   tests, with nvcc, into ONE fatbin (sm_90 SASS and compute_90 PTX, ahead
 //!   of time), `$OUT_DIR/stride_kernels.fatbin`, checked to hold both.
@@ -186,6 +186,11 @@ fn emulator_library(sources: &[PathBuf]) {
         .cpp(true)
         .flag("-x")
         .flag("c++")
+        // Every float operation rounded on its own, never fused into a
+        // multiply-add: the emulated __fmul_rn & co. (portable.cuh) must be
+        // single roundings, as they are on the GPU (ISO C++17 already
+        // means `off` for g++; this says so whatever the compiler's default).
+        .flag("-ffp-contract=off")
         .std("c++17")
         .opt_level(2)
         .define("STRIDE_EMU", None)

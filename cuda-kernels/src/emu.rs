@@ -19,7 +19,7 @@ use crate::ffi::{self, Arg};
 use crate::launch::Launch;
 use crate::plan::{self, Param};
 
-pub use crate::plan::Heads;
+pub use crate::plan::{AdamWCoefficients, Heads};
 
 /// What went wrong in an emulated launch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -492,4 +492,64 @@ pub fn cast_f32_to_bf16(out: &mut [Bf16], x: &[f32]) -> Result {
 pub fn cast_bf16_to_f32(out: &mut [f32], x: &[Bf16]) -> Result {
     let plan = plan::cast("stride_cast_bf16_to_f32", out.len(), x.len());
     run_plan(plan, &[Arg::output(out), Arg::input(x)])
+}
+
+// ---- the optimizer step ------------------------------------------------------------
+
+/// One AdamW update in place of f32 master weights `w` and moments `m`,
+/// `v` (n each, separate buffers) with the gradient `grad` (n) scaled by
+/// `factor[0]` as it is read, weight decay where `decay` (n bytes) is
+/// nonzero: the worker's `optim::Coefficients::apply`, operation for
+/// operation, so the same bits as the worker's CPU update from the same
+/// gradient (src/cuda/optimizer.cu). n = 0 launches nothing.
+pub fn adamw(
+    w: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    grad: &[f32],
+    decay: &[u8],
+    factor: &[f32],
+    k: AdamWCoefficients,
+) -> Result {
+    let plan = plan::adamw(
+        w.len(),
+        m.len(),
+        v.len(),
+        grad.len(),
+        decay.len(),
+        factor.len(),
+        k,
+    );
+    run_plan(
+        plan,
+        &[
+            Arg::output(w),
+            Arg::output(m),
+            Arg::output(v),
+            Arg::input(grad),
+            Arg::input(decay),
+            Arg::input(factor),
+        ],
+    )
+}
+
+/// The step's gradient factor from `sumsq[0]`, the sum of squares of the
+/// summed gradient ([`sum_of_squares`]): `norm[0]` = √sumsq·scale (the
+/// averaged gradient's norm) and `factor[0]` = scale, times
+/// max_norm / (norm + 1e-6) when `max_norm` > 0 and norm > max_norm — in
+/// the order and the f32 roundings of the composed engine's
+/// `DeviceState::write_factor`. `scale` (1 / the micro-batches over all
+/// ranks) must be positive; `max_norm` ≤ 0 disables clipping.
+pub fn grad_factor(
+    factor: &mut [f32],
+    norm: &mut [f32],
+    sumsq: &[f32],
+    scale: f64,
+    max_norm: f64,
+) -> Result {
+    let plan = plan::grad_factor(factor.len(), norm.len(), sumsq.len(), scale, max_norm);
+    run_plan(
+        plan,
+        &[Arg::output(factor), Arg::output(norm), Arg::input(sumsq)],
+    )
 }

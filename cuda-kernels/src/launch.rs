@@ -260,6 +260,16 @@ pub fn cast_launch(n: usize) -> Launch {
     elementwise_launch(n)
 }
 
+/// `stride_adamw_f32`: a thread per element of the `n` parameters.
+pub fn adamw_launch(n: usize) -> Launch {
+    elementwise_launch(n)
+}
+
+/// `stride_grad_factor_f32`: one thread (a few scalar operations).
+pub fn grad_factor_launch() -> Launch {
+    one_d(1, 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,6 +299,8 @@ mod tests {
             sumsq_partials_launch(124_475_904),
             sumsq_final_launch(sumsq_blocks(124_475_904)),
             cast_launch(124_475_904),
+            // GPT-2 XL's 1.56 billion parameters.
+            adamw_launch(1_557_611_200),
         ];
         for l in launches {
             assert!(l.check().is_ok(), "{l:?}");
@@ -308,6 +320,9 @@ mod tests {
         assert!(!attention_forward_launch(b, t, c, nh).needs_shared_opt_in());
         assert!(attention_backward_dkv_launch(b, t, c, nh).needs_shared_opt_in());
         assert!(attention_backward_dq_launch(b, t, c, nh).needs_shared_opt_in());
+        // One thread, not a warp: it computes two scalars.
+        assert!(grad_factor_launch().check().is_ok());
+        assert_eq!(grad_factor_launch().threads(), 1);
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub use bf16::{Bf16, Storage, from_bf16, round_bf16, to_bf16};
 pub use emu::bucket_tokens;
 pub use ffi::KERNEL_NAMES;
 pub use launch::Launch;
-pub use plan::Heads;
+pub use plan::{AdamWCoefficients, Heads};
 
 /// Whether the emulator's library holds kernel `name` (every name of
 /// [`KERNEL_NAMES`] must).

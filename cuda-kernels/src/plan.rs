@@ -610,6 +610,119 @@ pub(crate) fn cast(kernel: &str, out: usize, x: usize) -> Checked {
     )])
 }
 
+// ---- the optimizer step ------------------------------------------------------------------
+
+/// The constants of one AdamW update, in f32, as `stride_adamw_f32` takes
+/// them: the worker's `optim::Coefficients` field for field (computed
+/// there, for update number t at learning rate lr; the kernel only
+/// applies them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWCoefficients {
+    /// β1.
+    pub beta1: f32,
+    /// 1 − β1.
+    pub one_minus_beta1: f32,
+    /// β2.
+    pub beta2: f32,
+    /// 1 − β2.
+    pub one_minus_beta2: f32,
+    /// lr / (1 − β1^t): bias correction of the first moment folded in.
+    pub step_size: f32,
+    /// √(1 − β2^t).
+    pub bc2_sqrt: f32,
+    /// ε.
+    pub eps: f32,
+    /// 1 − lr·weight_decay.
+    pub shrink: f32,
+}
+
+/// buffers: w, m, v, grad, decay, factor.
+pub(crate) fn adamw(
+    w: usize,
+    m: usize,
+    v: usize,
+    grad: usize,
+    decay: usize,
+    factor: usize,
+    k: AdamWCoefficients,
+) -> Checked {
+    let n = w;
+    expect_len("m", m, n)?;
+    expect_len("v", v, n)?;
+    expect_len("grad", grad, n)?;
+    expect_len("decay", decay, n)?;
+    expect_len("factor", factor, 1)?;
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    Ok(vec![step(
+        "stride_adamw_f32".into(),
+        launch::adamw_launch(n),
+        vec![
+            Param::Buf(0),
+            Param::Buf(1),
+            Param::Buf(2),
+            Param::Buf(3),
+            Param::Buf(4),
+            Param::Buf(5),
+            Param::I64(long("n", n)?),
+            Param::F32(k.beta1),
+            Param::F32(k.one_minus_beta1),
+            Param::F32(k.beta2),
+            Param::F32(k.one_minus_beta2),
+            Param::F32(k.step_size),
+            Param::F32(k.bc2_sqrt),
+            Param::F32(k.eps),
+            Param::F32(k.shrink),
+        ],
+    )])
+}
+
+/// buffers: factor, norm, sumsq. `scale` (1 / the micro-batches over all
+/// ranks) must be finite and positive; `max_norm` ≤ 0 disables clipping
+/// (as the worker's `grad_clip = 0`), NaN is refused. The f32 constants
+/// are rounded from f64 here as the composed engine's Candle ops round
+/// theirs (`DeviceState::write_factor`): scale, max_norm and the product
+/// max_norm·scale each rounded once.
+pub(crate) fn grad_factor(
+    factor: usize,
+    norm: usize,
+    sumsq: usize,
+    scale: f64,
+    max_norm: f64,
+) -> Checked {
+    expect_len("factor", factor, 1)?;
+    expect_len("norm", norm, 1)?;
+    expect_len("sumsq", sumsq, 1)?;
+    if !(scale.is_finite() && scale > 0.0 && (scale as f32).is_normal()) {
+        return Err(format!(
+            "scale = {scale}: the averaging scale must be a positive normal f32"
+        ));
+    }
+    if max_norm.is_nan() {
+        return Err("max_norm is NaN (0 disables clipping)".into());
+    }
+    let clip = max_norm > 0.0;
+    let (max_norm, clip_scale) = if clip {
+        (max_norm as f32, (max_norm * scale) as f32)
+    } else {
+        (0.0, 0.0)
+    };
+    Ok(vec![step(
+        "stride_grad_factor_f32".into(),
+        launch::grad_factor_launch(),
+        vec![
+            Param::Buf(0),
+            Param::Buf(1),
+            Param::Buf(2),
+            Param::F32(scale as f32),
+            Param::I32(i32::from(clip)),
+            Param::F32(max_norm),
+            Param::F32(clip_scale),
+        ],
+    )])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -658,6 +771,18 @@ mod tests {
         plans.push((3, sum_of_squares(1, 1, 100)));
         plans.push((2, cast("stride_cast_f32_to_bf16", 3, 3)));
         plans.push((2, cast("stride_cast_bf16_to_f32", 3, 3)));
+        let k = AdamWCoefficients {
+            beta1: 0.9,
+            one_minus_beta1: 0.1,
+            beta2: 0.95,
+            one_minus_beta2: 0.05,
+            step_size: 1e-3,
+            bc2_sqrt: 0.2,
+            eps: 1e-8,
+            shrink: 0.9999,
+        };
+        plans.push((6, adamw(7, 7, 7, 7, 7, 1, k)));
+        plans.push((3, grad_factor(1, 1, 1, 0.25, 1.0)));
         let mut launched = std::collections::BTreeSet::new();
         for (buffers, plan) in plans {
             let plan = plan.expect("a valid call");
@@ -703,5 +828,66 @@ mod tests {
             token_embedding_backward("f32", 8, 4, b, 4).is_err(),
             "token 2 of V = 2"
         );
+    }
+
+    #[test]
+    fn optimizer_step_arguments_are_checked() {
+        let k = AdamWCoefficients {
+            beta1: 0.9,
+            one_minus_beta1: 0.1,
+            beta2: 0.95,
+            one_minus_beta2: 0.05,
+            step_size: 1e-3,
+            bc2_sqrt: 0.2,
+            eps: 1e-8,
+            shrink: 1.0,
+        };
+        // Every buffer n long but the factor, exactly one value.
+        assert!(adamw(5, 5, 5, 5, 5, 1, k).is_ok());
+        for (m, v, g, d, f) in [
+            (4, 5, 5, 5, 1),
+            (5, 6, 5, 5, 1),
+            (5, 5, 4, 5, 1),
+            (5, 5, 5, 4, 1),
+            (5, 5, 5, 5, 0),
+            (5, 5, 5, 5, 2),
+        ] {
+            assert!(adamw(5, m, v, g, d, f, k).is_err(), "{m} {v} {g} {d} {f}");
+        }
+        // n = 0: nothing to launch (the factor is still checked).
+        assert_eq!(adamw(0, 0, 0, 0, 0, 1, k), Ok(Vec::new()));
+        assert!(adamw(0, 0, 0, 0, 0, 0, k).is_err());
+        // The grad factor's constants: f32 roundings of scale, max_norm
+        // and their f64 product; max_norm ≤ 0 is no clipping.
+        let plan = grad_factor(1, 1, 1, 1.0 / 3.0, 0.7).expect("valid");
+        assert_eq!(
+            plan[0].params[3..],
+            [
+                Param::F32((1.0f64 / 3.0) as f32),
+                Param::I32(1),
+                Param::F32(0.7f64 as f32),
+                Param::F32((0.7f64 * (1.0 / 3.0)) as f32),
+            ]
+        );
+        for off in [0.0, -1.0] {
+            let plan = grad_factor(1, 1, 1, 0.5, off).expect("valid");
+            assert_eq!(plan[0].params[4], Param::I32(0), "max_norm {off}");
+        }
+        for (scale, max_norm) in [
+            (0.0, 1.0),
+            (-0.5, 1.0),
+            (f64::NAN, 1.0),
+            (f64::INFINITY, 1.0),
+            (1e-300, 1.0),
+            (0.5, f64::NAN),
+        ] {
+            assert!(
+                grad_factor(1, 1, 1, scale, max_norm).is_err(),
+                "scale {scale}, max_norm {max_norm}"
+            );
+        }
+        assert!(grad_factor(2, 1, 1, 0.5, 1.0).is_err());
+        assert!(grad_factor(1, 0, 1, 0.5, 1.0).is_err());
+        assert!(grad_factor(1, 1, 2, 0.5, 1.0).is_err());
     }
 }

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use stride_cuda_kernels::emu::{self, ErrorKind, Heads, Schedule};
-use stride_cuda_kernels::{Bf16, Launch, Storage, bucket_tokens, launch};
+use stride_cuda_kernels::{AdamWCoefficients, Bf16, Launch, Storage, bucket_tokens, launch};
 
 fn one_d(blocks: u32, threads: u32) -> Launch {
     Launch {
@@ -296,6 +296,23 @@ fn chain<T: Storage>(seed: u64) -> Vec<u32> {
     emu::cast_f32_to_bf16(&mut cast, &dwte).expect("cast");
     let mut back = vec![0f32; dwte.len()];
     emu::cast_bf16_to_f32(&mut back, &cast).expect("cast back");
+    // The optimizer step on the token embedding: its gradient's factor,
+    // then AdamW from the refreshed weights.
+    let (mut factor, mut gnorm) = ([0f32], [0f32]);
+    emu::grad_factor(&mut factor, &mut gnorm, &norm, 0.5, 1.0).expect("grad factor");
+    let decay: Vec<u8> = (0..dwte.len()).map(|i| u8::from(i % 3 != 0)).collect();
+    let (mut aw, mut am, mut av) = (back.clone(), dwte.clone(), vec![0f32; dwte.len()]);
+    let k = AdamWCoefficients {
+        beta1: 0.9,
+        one_minus_beta1: 0.1,
+        beta2: 0.95,
+        one_minus_beta2: 0.05,
+        step_size: 1e-2,
+        bc2_sqrt: 0.22,
+        eps: 1e-8,
+        shrink: 0.999,
+    };
+    emu::adamw(&mut aw, &mut am, &mut av, &dwte, &decay, &factor, k).expect("adamw");
     all.extend(bits(&dr));
     all.extend(bits(&dqkv));
     all.extend(bits(&dx));
@@ -313,6 +330,11 @@ fn chain<T: Storage>(seed: u64) -> Vec<u32> {
         &dwpe,
         &norm,
         &back,
+        &factor,
+        &gnorm,
+        &aw,
+        &am,
+        &av,
     ] {
         all.extend(bits(part));
     }

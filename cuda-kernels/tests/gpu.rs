@@ -19,7 +19,11 @@
 //!   g++ on x86-64 does not) nor CUDA's math library can change a bit: the
 //!   embedding forward (one add), the token- and position-embedding
 //!   backwards (adds in row order), the residual add, the column sums and
-//!   their second pass, LayerNorm's db, and the casts;
+//!   their second pass, LayerNorm's db, and the casts; and AdamW and the
+//!   gradient factor, whose every operation is a correctly rounded
+//!   `__f*_rn` intrinsic that nvcc does not contract
+//!   (src/cuda/optimizer.cu): their bits are the emulator's, which are the
+//!   worker's CPU update's (tests/optimizer.rs, worker/src/optim.rs);
 //! - everything else within the crate's tolerances — F32 (rel 1e-5, abs
 //!   1e-6 of the tensor's scale) for f32 results, BF16 (2⁻⁸, 2⁻⁸) for bf16
 //!   ones — measured against the emulator's result: FMA contraction moves
@@ -49,7 +53,7 @@ use stride_cuda_kernels::gpu::{
     Blas, DeviceStorage, GpuError, GpuErrorKind, Indices, Kernels, TokenBuckets,
 };
 use stride_cuda_kernels::matmul::{self, Gemm, Op};
-use stride_cuda_kernels::{Bf16, Heads, KERNEL_NAMES, Storage, emu, launch};
+use stride_cuda_kernels::{AdamWCoefficients, Bf16, Heads, KERNEL_NAMES, Storage, emu, launch};
 
 macro_rules! gpu_test {
     ($name:ident, $body:expr) => {
@@ -592,6 +596,142 @@ gpu_test!(casts_are_the_emulators_bits, {
     for (i, (got, want)) in g.down(&out).iter().zip(&want).enumerate() {
         assert_eq!(got.to_bits(), want.to_bits(), "bf16 {i:#x} → f32");
     }
+});
+
+// ---- the optimizer step --------------------------------------------------------------------------
+
+/// Update `step`'s coefficients as the worker's `Coefficients::new` makes
+/// them (β 0.9, 0.95, ε 1e-8, weight decay 0.1).
+fn adamw_coefficients(step: i32, lr: f64) -> AdamWCoefficients {
+    let (beta1, beta2) = (0.9f64, 0.95f64);
+    AdamWCoefficients {
+        beta1: beta1 as f32,
+        one_minus_beta1: 1.0 - beta1 as f32,
+        beta2: beta2 as f32,
+        one_minus_beta2: 1.0 - beta2 as f32,
+        step_size: (lr / (1.0 - beta1.powi(step))) as f32,
+        bc2_sqrt: (1.0 - beta2.powi(step)).sqrt() as f32,
+        eps: 1e-8,
+        shrink: (1.0 - lr * 0.1) as f32,
+    }
+}
+
+gpu_test!(adamw_is_the_emulators_bits, {
+    let g = gpu();
+    // n: one, around a block, not a multiple of 256, GPT-2-small-sized
+    // tensors; decay on a pattern (any nonzero byte); three updates with
+    // factors ≠ 1, read from device memory.
+    for (i, &n) in [1usize, 255, 257, 100_003, 589_827].iter().enumerate() {
+        let mut rng = Inputs::new(100 + i as u64);
+        let decay: Vec<u8> = (0..n).map(|j| [0u8, 1, 1, 0, 7][j % 5]).collect();
+        let w0 = rng.uniform(n, 1.0);
+        let (mut w, mut m, mut v) = (w0.clone(), vec![0f32; n], vec![0f32; n]);
+        let mut w_d = g.up::<f32>(&w);
+        let mut m_d = g.up::<f32>(&m);
+        let mut v_d = g.up::<f32>(&v);
+        let decay_d = g.stream.clone_htod(&decay).expect("upload");
+        for step in 1..=3 {
+            let what = format!("n={n} step {step}");
+            let mut grad = rng.uniform(n, 2.0);
+            // Gradients whose squares are tiny or subnormal, and zeros.
+            for (j, x) in grad.iter_mut().enumerate().skip(1).step_by(97) {
+                *x = [0.0, -0.0, 1e-20, -3e-23][j % 4];
+            }
+            let factor = [0.3 * step as f32];
+            let k = adamw_coefficients(step, 3e-3);
+            emu::adamw(&mut w, &mut m, &mut v, &grad, &decay, &factor, k).expect("emulated");
+            g.kernels
+                .adamw(
+                    &mut w_d,
+                    &mut m_d,
+                    &mut v_d,
+                    &g.up::<f32>(&grad),
+                    &decay_d,
+                    &g.up::<f32>(&factor),
+                    k,
+                )
+                .expect("adamw");
+            assert_bits(&format!("{what} w"), &g.down(&w_d), &w);
+            assert_bits(&format!("{what} m"), &g.down(&m_d), &m);
+            assert_bits(&format!("{what} v"), &g.down(&v_d), &v);
+        }
+    }
+    // n = 0 launches nothing; a wrong length is refused.
+    let k = adamw_coefficients(1, 1e-3);
+    let (mut a, mut b, mut c) = (g.nans::<f32>(1), g.nans::<f32>(1), g.nans::<f32>(1));
+    let one_mask = g.stream.alloc_zeros::<u8>(1).expect("alloc");
+    g.kernels
+        .adamw(
+            &mut a.slice_mut(0..0),
+            &mut b.slice_mut(0..0),
+            &mut c.slice_mut(0..0),
+            &g.nans::<f32>(1).slice(0..0),
+            &one_mask.slice(0..0),
+            &g.nans::<f32>(1),
+            k,
+        )
+        .expect("n = 0");
+    let mask = g.stream.alloc_zeros::<u8>(4).expect("alloc");
+    shape_error(g.kernels.adamw(
+        &mut g.nans::<f32>(4),
+        &mut g.nans::<f32>(4),
+        &mut g.nans::<f32>(3),
+        &g.nans::<f32>(4),
+        &mask,
+        &g.nans::<f32>(1),
+        k,
+    ));
+});
+
+gpu_test!(grad_factor_is_the_emulators_bits, {
+    let g = gpu();
+    // (Σg², scale, max_norm): no clipping, below and above the limit, at
+    // it, tiny and huge sums (tests/optimizer.rs).
+    let cases: &[(f32, f64, f64)] = &[
+        (16.0, 0.25, 0.0),
+        (16.0, 0.25, 2.0),
+        (16.0, 0.25, 1.0),
+        (16.0, 0.25, 0.5),
+        (123.456, 1.0 / 3.0, 1.0),
+        (1e-30, 1.0 / 24.0, 1.0),
+        (3.0e38, 1.0 / 64.0, 1.0),
+        (0.0, 0.5, 1.0),
+        (0.7, 1.0, 1.0),
+    ];
+    for &(sumsq, scale, max_norm) in cases {
+        let what = format!("Σg² {sumsq}, scale {scale}, max {max_norm}");
+        let (mut factor, mut norm) = ([0f32], [0f32]);
+        emu::grad_factor(&mut factor, &mut norm, &[sumsq], scale, max_norm).expect("emulated");
+        let mut factor_d = g.nans::<f32>(1);
+        let mut norm_d = g.nans::<f32>(1);
+        g.kernels
+            .grad_factor(
+                &mut factor_d,
+                &mut norm_d,
+                &g.up::<f32>(&[sumsq]),
+                scale,
+                max_norm,
+            )
+            .expect("grad_factor");
+        assert_bits(&format!("{what}: factor"), &g.down(&factor_d), &factor);
+        assert_bits(&format!("{what}: norm"), &g.down(&norm_d), &norm);
+    }
+    // Refused: a non-positive scale, a factor of two values.
+    let one = g.up::<f32>(&[1.0]);
+    shape_error(g.kernels.grad_factor(
+        &mut g.nans::<f32>(1),
+        &mut g.nans::<f32>(1),
+        &one,
+        0.0,
+        1.0,
+    ));
+    shape_error(g.kernels.grad_factor(
+        &mut g.nans::<f32>(2),
+        &mut g.nans::<f32>(1),
+        &one,
+        0.5,
+        1.0,
+    ));
 });
 
 // ---- refusals ----------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ fn the_layers_features_compile() {
         int k = __shfl_sync(0xffffffffu, (int)v, 0);
         unsigned u = __shfl_sync(0xffffffffu, 3u, 0);
         v = block_sum(v) + block_max(v) + warp_sum(v) + warp_max(v) + stride_neg_inf();
+        v = __fadd_rn(__fmul_rn(v, 2.0f), __fsub_rn(__fdiv_rn(v, 3.0f), __fsqrt_rn(fabsf(v))));
         if (i < n) { out[i] = v + k + u + blockIdx.x + blockDim.y + gridDim.z; h[i] = from_f32<bf16>(v); }
     "#;
     if let Err(e) = compile("allowed", body) {
@@ -72,6 +73,8 @@ fn what_the_emulator_lacks_does_not_compile() {
         ("fast_exp", "out[0] = __expf(x[0]);"),
         ("fast_div", "out[0] = __fdividef(x[0], 2.0f);"),
         ("fma_intrinsic", "out[0] = __fmaf_rn(x[0], x[0], 1.0f);"),
+        // Only the round-to-nearest single operations are the layer's.
+        ("other_rounding", "out[0] = __fmul_rz(x[0], 3.0f);"),
         ("double_exp", "out[0] = (float)exp((double)x[0]);"),
         ("double_sqrt", "out[0] = (float)sqrt(2.0);"),
         ("tanh", "out[0] = tanhf(x[0]);"),

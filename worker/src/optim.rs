@@ -120,6 +120,24 @@ impl Coefficients {
     }
 }
 
+/// The same constants for the fused engine's GPU kernel
+/// (`stride_cuda_kernels`' `adamw`, which applies them exactly as
+/// [`Coefficients::apply`] does: the test below).
+impl From<Coefficients> for stride_cuda_kernels::AdamWCoefficients {
+    fn from(k: Coefficients) -> Self {
+        stride_cuda_kernels::AdamWCoefficients {
+            beta1: k.beta1,
+            one_minus_beta1: k.one_minus_beta1,
+            beta2: k.beta2,
+            one_minus_beta2: k.one_minus_beta2,
+            step_size: k.step_size,
+            bc2_sqrt: k.bc2_sqrt,
+            eps: k.eps,
+            shrink: k.shrink,
+        }
+    }
+}
+
 /// The L2 norm of a gradient, accumulated in f64 in a fixed order (so every
 /// rank computes the same bits from the same gradient).
 pub fn global_norm(grad: &[f32]) -> f64 {
@@ -203,6 +221,116 @@ mod tests {
             );
         }
         assert_eq!(opt.step, 2);
+    }
+
+    /// The fused engine's GPU update (`stride_cuda_kernels`' `adamw`
+    /// kernel, run by its CPU emulator: the same source nvcc compiles, its
+    /// bits checked against the GPU's by the crate's GPU tests) is this
+    /// module's update bit for bit: three consecutive steps over a few
+    /// hundred elements, decay on the matrices only, the gradient factor
+    /// (averaging and the clip) computed on the "device" from the sum of
+    /// squares and applied as the kernel reads the gradient, against
+    /// `AdamW::update` on the host-scaled gradient and against a loop of
+    /// `Coefficients::apply`.
+    #[test]
+    fn the_gpu_kernel_is_this_update_bit_for_bit() {
+        use stride_cuda_kernels::{emu, launch};
+
+        let config = OptimConfig {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+        };
+        let shapes: [(&str, Vec<usize>); 4] = [
+            ("h.0.attn.bias", vec![37]),
+            ("h.0.attn.weight", vec![8, 16]),
+            ("h.0.ln.weight", vec![61]),
+            ("wte.weight", vec![11, 7]),
+        ];
+        let mut slots = Vec::new();
+        let mut offset = 0;
+        for (name, shape) in shapes {
+            let len = shape.iter().product();
+            slots.push(Slot {
+                name: name.into(),
+                shape,
+                offset,
+                len,
+            });
+            offset += len;
+        }
+        let n = offset;
+        let decay: Vec<u8> = slots
+            .iter()
+            .flat_map(|s| std::iter::repeat_n(u8::from(s.decays()), s.len))
+            .collect();
+        // Deterministic values in [−scale, scale) (xorshift64).
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut values = |count: usize, scale: f32| -> Vec<f32> {
+            (0..count)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+                })
+                .collect()
+        };
+        let w0 = values(n, 1.0);
+        let mut host = AdamW::new(&config, &slots);
+        let mut host_w = w0.clone();
+        let (mut apply_w, mut apply_m, mut apply_v) = (w0.clone(), vec![0f32; n], vec![0f32; n]);
+        let (mut dev_w, mut dev_m, mut dev_v) = (w0.clone(), vec![0f32; n], vec![0f32; n]);
+        let mut partials = vec![0f32; launch::sumsq_blocks(n)];
+        // Two micro-batches summed; gradients large enough to clip on
+        // steps 1 and 3, not on step 2.
+        let (scale, lr) = (0.5, 3e-2);
+        let mut clipped = 0;
+        for step in 1..=3u64 {
+            let grad = values(n, if step == 2 { 1e-3 } else { 2.0 });
+            let (mut sumsq, mut factor, mut norm) = ([0f32], [0f32], [0f32]);
+            emu::sum_of_squares(&mut sumsq, &mut partials, &grad).expect("sum of squares");
+            emu::grad_factor(&mut factor, &mut norm, &sumsq, scale, config.grad_clip)
+                .expect("grad factor");
+            clipped += usize::from(f64::from(norm[0]) > config.grad_clip);
+            let k = Coefficients::new(&config, step, lr);
+            emu::adamw(
+                &mut dev_w,
+                &mut dev_m,
+                &mut dev_v,
+                &grad,
+                &decay,
+                &factor,
+                k.into(),
+            )
+            .expect("adamw");
+
+            // The host: the gradient scaled by the same factor (one f32
+            // multiply, as the kernel does when it reads it).
+            let scaled: Vec<f32> = grad.iter().map(|g| g * factor[0]).collect();
+            host.update(&mut host_w, &scaled, lr);
+            for i in 0..n {
+                k.apply(
+                    &mut apply_w[i],
+                    &mut apply_m[i],
+                    &mut apply_v[i],
+                    scaled[i],
+                    decay[i] != 0,
+                );
+            }
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(&dev_w), bits(&host_w), "step {step}: weights");
+            assert_eq!(bits(&dev_m), bits(&host.m), "step {step}: first moments");
+            assert_eq!(bits(&dev_v), bits(&host.v), "step {step}: second moments");
+            assert_eq!(bits(&dev_w), bits(&apply_w), "step {step}: apply");
+            assert_eq!(bits(&dev_m), bits(&apply_m), "step {step}: apply m");
+            assert_eq!(bits(&dev_v), bits(&apply_v), "step {step}: apply v");
+        }
+        assert_eq!(clipped, 2, "clipping was exercised on two steps of three");
+        assert_eq!(host.step, 3);
+        assert!(dev_w != w0, "the weights moved");
     }
 
     #[test]

@@ -32,6 +32,16 @@
 //   math         expf, logf, sqrtf, fmaxf, fminf, fabsf (float only; the C
 //                library's in the emulator, CUDA's correctly rounded or
 //                ≤ 2 ulp versions on the GPU), stride_neg_inf().
+//   rounding     __fadd_rn, __fsub_rn, __fmul_rn, __fdiv_rn, __fsqrt_rn:
+//                one IEEE operation each, rounded to nearest even, that
+//                nvcc never contracts into a fused multiply-add (it does
+//                contract a plain a * b + c: the fatbin is compiled with
+//                contraction allowed). For kernels whose bits must equal a
+//                CPU loop's (the AdamW update). In the emulator they are
+//                the plain operations, and g++ compiles the emulator with
+//                -ffp-contract=off (build.rs), so they are rounded once
+//                each there too. __fmaf_rn and the other intrinsics stay
+//                out of reach.
 //
 // The exported kernels are `extern "C" __global__ void stride_<kernel>_<t>`
 // (no C++ name mangling: the GPU side loads them by name from the fatbin),
@@ -60,6 +70,9 @@ template <> STRIDE_DEVICE float from_f32<float>(float x) { return x; }
 template <> STRIDE_DEVICE bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
 
 STRIDE_DEVICE float stride_neg_inf() { return -INFINITY; }
+
+// __fadd_rn, __fsub_rn, __fmul_rn, __fdiv_rn, __fsqrt_rn: CUDA's own
+// (correctly rounded, never contracted).
 
 #define STRIDE_DYNAMIC_SHARED(name)                                            \
   extern __shared__ __align__(16) unsigned char stride_dynamic_shared_[];      \
@@ -148,6 +161,17 @@ template <> inline bf16 from_f32<bf16>(float x) {
 }
 
 inline float stride_neg_inf() { return -__builtin_huge_valf(); }
+
+// CUDA's correctly rounded single operations, which nvcc never contracts
+// into a fused multiply-add: here the plain operations (SSE on x86-64,
+// IEEE binary32, round to nearest even), each rounded once because build.rs
+// compiles the emulator with -ffp-contract=off. __fsqrt_rn is the C
+// library's sqrtf, which IEEE 754 requires to be correctly rounded.
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return sqrtf(a); }
 
 // STRIDE_EMU_LAUNCHER(x) defines stride_emu_x, the launcher of kernel
 // stride_x.

@@ -12,7 +12,7 @@ use cudarc::nvrtc::Ptx;
 
 use super::{DeviceStorage, GpuError, GpuErrorKind, Heads, Indices, TokenBuckets};
 use crate::plan::{self, Param, Plan};
-use crate::{FATBIN, KERNEL_NAMES, NVCC_RELEASE};
+use crate::{AdamWCoefficients, FATBIN, KERNEL_NAMES, NVCC_RELEASE};
 
 /// Every kernel of [`FATBIN`], loaded on one CUDA stream's context; every
 /// launch goes on that stream.
@@ -725,6 +725,75 @@ impl Kernels {
         let plan =
             plan::cast("stride_cast_bf16_to_f32", out.len(), x.len()).map_err(GpuError::shape)?;
         self.two(&plan, out, x)
+    }
+
+    /// One AdamW update in place of f32 master weights `w` and moments
+    /// `m`, `v` (n each) with `grad` (n) scaled by `factor` (one f32 on the
+    /// device, [`Kernels::grad_factor`]'s) as it is read, decay where
+    /// `decay` (n bytes) is nonzero: the worker's `Coefficients::apply`
+    /// operation for operation, never contracted (as
+    /// [`crate::emu::adamw`], the same bits).
+    #[allow(clippy::too_many_arguments)]
+    pub fn adamw(
+        &self,
+        w: &mut impl DevicePtrMut<f32>,
+        m: &mut impl DevicePtrMut<f32>,
+        v: &mut impl DevicePtrMut<f32>,
+        grad: &impl DevicePtr<f32>,
+        decay: &impl DevicePtr<u8>,
+        factor: &impl DevicePtr<f32>,
+        k: AdamWCoefficients,
+    ) -> Result<(), GpuError> {
+        let plan = plan::adamw(
+            w.len(),
+            m.len(),
+            v.len(),
+            grad.len(),
+            decay.len(),
+            factor.len(),
+            k,
+        )
+        .map_err(GpuError::shape)?;
+        self.same_context([
+            w.stream(),
+            m.stream(),
+            v.stream(),
+            grad.stream(),
+            decay.stream(),
+            factor.stream(),
+        ])?;
+        let s = &self.stream;
+        let (ww, _ww) = w.device_ptr_mut(s);
+        let (mm, _mm) = m.device_ptr_mut(s);
+        let (vv, _vv) = v.device_ptr_mut(s);
+        let (g, _g) = grad.device_ptr(s);
+        let (d, _d) = decay.device_ptr(s);
+        let (f, _f) = factor.device_ptr(s);
+        self.run(&plan, &[ww, mm, vv, g, d, f])
+    }
+
+    /// The step's gradient factor and norm from `sumsq` (one f32, the
+    /// summed gradient's [`Kernels::sum_of_squares`]), on the device (as
+    /// [`crate::emu::grad_factor`]): norm = √sumsq·scale, factor = scale,
+    /// times the clip when `max_norm` > 0 and norm > max_norm. Nothing
+    /// waits for the GPU: [`Kernels::adamw`] reads the factor on the
+    /// stream, the host reads the norm when it reads the step's results.
+    pub fn grad_factor(
+        &self,
+        factor: &mut impl DevicePtrMut<f32>,
+        norm: &mut impl DevicePtrMut<f32>,
+        sumsq: &impl DevicePtr<f32>,
+        scale: f64,
+        max_norm: f64,
+    ) -> Result<(), GpuError> {
+        let plan = plan::grad_factor(factor.len(), norm.len(), sumsq.len(), scale, max_norm)
+            .map_err(GpuError::shape)?;
+        self.same_context([factor.stream(), norm.stream(), sumsq.stream()])?;
+        let s = &self.stream;
+        let (f, _f) = factor.device_ptr_mut(s);
+        let (n, _n) = norm.device_ptr_mut(s);
+        let (q, _q) = sumsq.device_ptr(s);
+        self.run(&plan, &[f, n, q])
     }
 
     /// Runs a plan of two buffers: one written, one read.

@@ -32,6 +32,9 @@ use cudarc::driver::result::DriverError;
 use cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr, ValidAsZeroBits};
 
 pub use blas::Blas;
+/// The `half` crate of cudarc's bf16 (`half::bf16`, a device storage
+/// type), for users of this layer that do not depend on it themselves.
+pub use half;
 pub use kernels::{Kernels, require_driver_for_ptx};
 
 pub use crate::matmul::{DType, Gemm, Op};

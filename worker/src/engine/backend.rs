@@ -10,8 +10,9 @@
 //!   `stride-cuda-kernels` run by their CPU emulator, and the cuBLASLt
 //!   product contract computed on the host — the GPU's step, call for
 //!   call, short of the driver.
-//! - the CUDA device (with the `cuda` feature, through cudarc: the same
-//!   kernels from their sm_90 fatbin, cuBLASLt for the products).
+//! - `cuda::CudaBackend` (with the `cuda` feature): device buffers through
+//!   cudarc, the same kernels from their sm_90 fatbin, cuBLASLt for the
+//!   products.
 //!
 //! Storage types: `A` holds activations and the copy of the weights the
 //! kernels read (f32, f64, or bf16 on GPUs); `G` holds what is summed or
@@ -20,20 +21,70 @@
 //! CPU). A backend owns whatever scratch only it needs (the LM head's
 //! logits, say); the engine allocates everything else through it, once.
 //!
+//! Token ids (inputs and targets) are host data: each call that reads
+//! them gets the host slice, and a backend whose kernels read them on a
+//! device uploads them itself (the CUDA layer checks them against V as it
+//! uploads them, so that a launch never reads an unchecked index).
+//!
 //! A backend never decides anything about the model: shapes and the order
 //! of the layers are the engine's.
 
 use std::fmt::Debug;
 use std::ops::Range;
 
+#[cfg(feature = "cuda")]
+use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+use stride_cuda_kernels::Bf16;
+#[cfg(feature = "cuda")]
+use stride_cuda_kernels::gpu;
 use stride_kernels::{self as kernels, HeadGrad, Heads, Real};
 
-/// An element a backend's buffers hold.
-pub trait Elem: Copy + Default + Send + Sync + Debug + 'static {}
-impl Elem for f32 {}
-impl Elem for f64 {}
-impl Elem for u32 {}
-impl Elem for stride_cuda_kernels::Bf16 {}
+/// An element a backend's buffers hold, named by its host type.
+pub trait Elem: Copy + Default + Send + Sync + Debug + 'static {
+    /// The type of the same bits in a CUDA buffer (cudarc's `half::bf16`
+    /// for [`Bf16`]): what the CUDA backend's buffers of this element hold.
+    #[cfg(feature = "cuda")]
+    type Device: DeviceRepr + ValidAsZeroBits + Copy + Send + Sync + Debug + 'static;
+    /// The same bits as the device type.
+    #[cfg(feature = "cuda")]
+    fn to_device(self) -> Self::Device;
+    /// The same bits as the host type.
+    #[cfg(feature = "cuda")]
+    fn from_device(x: Self::Device) -> Self;
+}
+
+/// Elements a device buffer holds as they are (f64 compiles but no kernel
+/// takes it: the CUDA backend's `A` is f32 or bf16).
+macro_rules! same_on_device {
+    ($($t:ty),*) => {$(
+        impl Elem for $t {
+            #[cfg(feature = "cuda")]
+            type Device = $t;
+            #[cfg(feature = "cuda")]
+            fn to_device(self) -> $t {
+                self
+            }
+            #[cfg(feature = "cuda")]
+            fn from_device(x: $t) -> $t {
+                x
+            }
+        }
+    )*};
+}
+same_on_device!(f32, f64, u32);
+
+impl Elem for Bf16 {
+    #[cfg(feature = "cuda")]
+    type Device = gpu::half::bf16;
+    #[cfg(feature = "cuda")]
+    fn to_device(self) -> gpu::half::bf16 {
+        gpu::DeviceStorage::from_host(self)
+    }
+    #[cfg(feature = "cuda")]
+    fn from_device(x: gpu::half::bf16) -> Bf16 {
+        gpu::DeviceStorage::to_host(x)
+    }
+}
 
 /// A backend's refusal or failure (a shape its kernels do not take, a
 /// device error), with what to do about it.
@@ -91,8 +142,19 @@ pub trait Backend: Debug + Sized {
     /// An exclusive view read as a shared one.
     fn shared<'a, E: Elem>(v: &'a Self::ViewMut<'_, E>) -> Self::View<'a, E>;
 
-    /// `dst` ← `src` (token ids from the host).
-    fn upload(&mut self, dst: Self::ViewMut<'_, u32>, src: &[u32]) -> Result<(), BackendError>;
+    /// `dst` ← `src`, from the host (weights, say); the lengths must match.
+    fn upload<E: Elem>(&mut self, dst: Self::ViewMut<'_, E>, src: &[E])
+    -> Result<(), BackendError>;
+    /// `dst` ← `src`, to the host (gradients, say), once everything queued
+    /// before has written it; the lengths must match.
+    fn download<E: Elem>(
+        &mut self,
+        src: Self::View<'_, E>,
+        dst: &mut [E],
+    ) -> Result<(), BackendError>;
+    /// The value of a loss [`Backend::head_cross_entropy`] returned (on a
+    /// device: waits for it).
+    fn loss_value(&mut self, loss: &Self::Loss) -> Result<f64, BackendError>;
     /// `v` ← 0.
     fn zero<E: Elem>(&mut self, v: Self::ViewMut<'_, E>) -> Result<(), BackendError>;
 
@@ -108,19 +170,17 @@ pub trait Backend: Debug + Sized {
     fn embed_forward(
         &mut self,
         out: Self::ViewMut<'_, Self::A>,
-        tokens: Self::View<'_, u32>,
+        tokens: &[u32],
         wte: Self::View<'_, Self::A>,
         wpe: Self::View<'_, Self::A>,
         t: usize,
     ) -> Result<(), BackendError>;
-    /// dwte[tokens[n]] += dout[n] for every row (`host_tokens` are the
-    /// same ids, on the host).
+    /// dwte[tokens[n]] += dout[n] for every row.
     fn token_embedding_backward(
         &mut self,
         dwte: Self::ViewMut<'_, Self::G>,
         dout: Self::View<'_, Self::A>,
-        tokens: Self::View<'_, u32>,
-        host_tokens: &[u32],
+        tokens: &[u32],
         c: usize,
     ) -> Result<(), BackendError>;
     /// dwpe[p] += Σ over sequences of dout[b, p].
@@ -224,8 +284,7 @@ pub trait Backend: Debug + Sized {
         &mut self,
         x: Self::View<'_, Self::A>,
         wte: Self::View<'_, Self::A>,
-        targets: Self::View<'_, u32>,
-        host_targets: &[u32],
+        targets: &[u32],
         grad: Option<(Self::ViewMut<'_, Self::A>, Self::ViewMut<'_, Self::G>)>,
         loss_scale: f64,
         head_rows: usize,
@@ -291,9 +350,14 @@ impl<T: Real + Elem> Backend for Cpu<T> {
     fn shared<'a, E: Elem>(v: &'a &mut [E]) -> &'a [E] {
         v
     }
-    fn upload(&mut self, dst: &mut [u32], src: &[u32]) -> Result<(), BackendError> {
-        dst.copy_from_slice(src);
-        OK
+    fn upload<E: Elem>(&mut self, dst: &mut [E], src: &[E]) -> Result<(), BackendError> {
+        host_copy(dst, src)
+    }
+    fn download<E: Elem>(&mut self, src: &[E], dst: &mut [E]) -> Result<(), BackendError> {
+        host_copy(dst, src)
+    }
+    fn loss_value(&mut self, loss: &f64) -> Result<f64, BackendError> {
+        Ok(*loss)
     }
     fn zero<E: Elem>(&mut self, v: &mut [E]) -> Result<(), BackendError> {
         v.fill(E::default());
@@ -332,7 +396,6 @@ impl<T: Real + Elem> Backend for Cpu<T> {
         dwte: &mut [T],
         dout: &[T],
         tokens: &[u32],
-        _host_tokens: &[u32],
         c: usize,
     ) -> Result<(), BackendError> {
         kernels::token_embedding_backward(dwte, dout, tokens, c);
@@ -441,7 +504,6 @@ impl<T: Real + Elem> Backend for Cpu<T> {
         x: &[T],
         wte: &[T],
         targets: &[u32],
-        _host_targets: &[u32],
         grad: Option<(&mut [T], &mut [T])>,
         loss_scale: f64,
         head_rows: usize,
@@ -465,6 +527,19 @@ impl<T: Real + Elem> Backend for Cpu<T> {
 /// large enough that the embedding-gradient product (whose k is this) runs
 /// near full speed, small next to the (B·T, V) logits it replaces.
 pub const HEAD_ROWS: usize = 256;
+
+/// `dst` ← `src` on the host, refusing different lengths.
+pub fn host_copy<E: Copy>(dst: &mut [E], src: &[E]) -> Result<(), BackendError> {
+    if dst.len() != src.len() {
+        return Err(BackendError(format!(
+            "copying {} elements into a buffer of {}",
+            src.len(),
+            dst.len()
+        )));
+    }
+    dst.copy_from_slice(src);
+    OK
+}
 
 /// Two disjoint ranges of one slice, both mutable.
 pub fn pair<'a, T>(

@@ -18,7 +18,7 @@ use stride_cuda_kernels::launch::partial_blocks;
 use stride_cuda_kernels::matmul::{self, Gemm, Op};
 use stride_kernels::Heads;
 
-use super::backend::{AttentionSizes, Backend, BackendError, Elem, pair};
+use super::backend::{AttentionSizes, Backend, BackendError, Elem, host_copy, pair};
 
 /// See the module doc.
 #[derive(Debug, Default)]
@@ -87,9 +87,14 @@ impl<S: Storage + Elem> Backend for Emulated<S> {
     fn shared<'a, E: Elem>(v: &'a &mut [E]) -> &'a [E] {
         v
     }
-    fn upload(&mut self, dst: &mut [u32], src: &[u32]) -> Result<(), BackendError> {
-        dst.copy_from_slice(src);
-        Ok(())
+    fn upload<E: Elem>(&mut self, dst: &mut [E], src: &[E]) -> Result<(), BackendError> {
+        host_copy(dst, src)
+    }
+    fn download<E: Elem>(&mut self, src: &[E], dst: &mut [E]) -> Result<(), BackendError> {
+        host_copy(dst, src)
+    }
+    fn loss_value(&mut self, loss: &f64) -> Result<f64, BackendError> {
+        Ok(*loss)
     }
     fn zero<E: Elem>(&mut self, v: &mut [E]) -> Result<(), BackendError> {
         v.fill(E::default());
@@ -127,12 +132,11 @@ impl<S: Storage + Elem> Backend for Emulated<S> {
         &mut self,
         dwte: &mut [f32],
         dout: &[S],
-        _tokens: &[u32],
-        host_tokens: &[u32],
+        tokens: &[u32],
         c: usize,
     ) -> Result<(), BackendError> {
-        // The CUDA backend uploads these buckets with the token ids.
-        let (order, offsets, segments) = emu::bucket_tokens(host_tokens);
+        // The CUDA backend uploads these buckets (gpu::TokenBuckets).
+        let (order, offsets, segments) = emu::bucket_tokens(tokens);
         emu::token_embedding_backward(dwte, dout, &order, &offsets, &segments, c).map_err(emu_err)
     }
     fn position_embedding_backward(
@@ -252,7 +256,6 @@ impl<S: Storage + Elem> Backend for Emulated<S> {
         x: &[S],
         wte: &[S],
         targets: &[u32],
-        _host_targets: &[u32],
         mut grad: Option<(&mut [S], &mut [f32])>,
         loss_scale: f64,
         head_rows: usize,

@@ -284,8 +284,6 @@ struct Scratch<B: Backend> {
     dfc: B::Buf<B::A>,       // (N, 4C)
     attention: B::Buf<B::G>, // attention's scratch (Backend::attention_sizes)
     partials: B::Buf<B::G>,  // column-sum partials for rows of up to 4C
-    tokens: B::Buf<u32>,     // (N): the micro-batch's inputs on the device
-    targets: B::Buf<u32>,    // (N)
 }
 
 /// A GPT whose forward and backward run layer by layer on a [`Backend`];
@@ -411,8 +409,6 @@ impl<B: Backend> Gpt<B> {
             dfc: be.alloc(4 * n * c)?,
             attention: be.alloc(att.scratch)?,
             partials: be.alloc(B::partials_len(n, 4 * c))?,
-            tokens: be.alloc(n)?,
-            targets: be.alloc(n)?,
         };
         be.prepare(n, c, v)?;
         Ok(Gpt {
@@ -431,6 +427,12 @@ impl<B: Backend> Gpt<B> {
     /// The backend the model runs on.
     pub fn backend(&self) -> &B {
         &self.backend
+    }
+
+    /// The backend, to allocate, upload and read buffers of its own (the
+    /// weights and gradients the model is handed, on a device).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
     }
 
     /// Computes the LM head `rows` rows at a time (tests use chunks that do
@@ -489,11 +491,10 @@ impl<B: Backend> Gpt<B> {
         let p = &self.index;
         let be = &mut self.backend;
         let s = &mut self.scratch;
-        be.upload(B::part_mut(&mut s.tokens, 0..n), inputs)?;
         // x = wte[tokens] + wpe[positions]
         be.embed_forward(
             B::part_mut(&mut self.res[0], 0..n * c),
-            B::part(&s.tokens, 0..n),
+            inputs,
             B::sub(w, p.wte.clone()),
             B::sub(w, p.wpe.clone()),
             t,
@@ -564,7 +565,6 @@ impl<B: Backend> Gpt<B> {
         let c = self.config.n_embd;
         let be = &mut self.backend;
         let s = &mut self.scratch;
-        be.upload(B::part_mut(&mut s.targets, 0..n), targets)?;
         let wte = self.index.wte.clone();
         let grad = grad.map(|g| {
             (
@@ -575,7 +575,6 @@ impl<B: Backend> Gpt<B> {
         Ok(be.head_cross_entropy(
             self.ln_f.out(n),
             B::sub(w, wte),
-            B::part(&s.targets, 0..n),
             targets,
             grad,
             1.0 / n as f64,
@@ -710,7 +709,6 @@ impl<B: Backend> Gpt<B> {
         be.token_embedding_backward(
             B::sub_mut(grad, p.wte.clone()),
             B::part(&s.dres, 0..n * c),
-            B::part(&s.tokens, 0..n),
             inputs,
             c,
         )?;

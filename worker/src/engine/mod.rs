@@ -25,6 +25,8 @@
 //! elsewhere; the config refuses `fused` where it cannot run.
 
 pub mod backend;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 #[cfg(test)]
 mod emulated;
 pub mod gpt;

@@ -394,7 +394,8 @@ fn worst(got: &[f64], want: &[f64]) -> f64 {
 /// their CPU emulator, products by the cuBLASLt contract on the host), in
 /// f32 and in bf16, against the CPU engine in f64: the loss, and every
 /// parameter's gradient, over two micro-batches (the second adds to the
-/// first).
+/// first). The CUDA backend's GPU test holds the GPU to the same
+/// tolerances ([`EMULATED_F32`], [`EMULATED_BF16`]).
 #[test]
 fn the_gpu_step_emulated_equals_the_cpu_engine() {
     use super::emulated::Emulated;
@@ -403,72 +404,54 @@ fn the_gpu_step_emulated_equals_the_cpu_engine() {
     let c = gpu_shaped();
     let slots = model::layout(&c);
     let w32 = weights(&c);
-    let w64: Vec<f64> = w32.iter().map(|v| f64::from(*v)).collect();
-    let mut cpu = FusedGpt::<f64>::new(&c, &slots, 3).expect("cpu");
-    let mut want = vec![0.0f64; w64.len()];
-    let mut want_loss = Vec::new();
     let batches = [tokens(&c, 3, 1), tokens(&c, 2, 2)];
-    for (x, y) in &batches {
-        want_loss.push(
-            cpu.forward_backward(&w64, &mut want, x, y)
-                .expect("cpu step"),
-        );
-    }
+    let (want_loss, want) = cpu_reference(&c, &slots, &w32, &batches);
 
     // f32 storage: the kernels' and products' own rounding only.
     let mut gpu = Gpt::on(Emulated::<f32>::default(), &c, &slots, 3).expect("emulated f32");
     gpu.set_head_rows(7); // several chunks of the head, the last one short
     let mut grad = vec![0f32; w32.len()];
-    for ((x, y), want_loss) in batches.iter().zip(&want_loss) {
-        let sum = gpu
-            .forward_backward_sum(&w32.as_slice(), &mut grad.as_mut_slice(), x, y)
-            .expect("emulated step");
-        let loss = sum / x.len() as f64;
-        assert!(
-            ((loss - want_loss) / want_loss).abs() < 1e-5,
-            "f32: loss {loss} vs {want_loss}"
-        );
-    }
-    for s in &slots {
-        let got: Vec<f64> = grad[s.offset..s.offset + s.len]
-            .iter()
-            .map(|g| f64::from(*g))
-            .collect();
-        let err = worst(&got, &want[s.offset..s.offset + s.len]);
-        assert!(
-            err < 2e-5,
-            "f32 {}: gradient off by {err:e} of its scale",
-            s.name
-        );
-    }
+    let sums: Vec<f64> = batches
+        .iter()
+        .map(|(x, y)| {
+            gpu.forward_backward_sum(&w32.as_slice(), &mut grad.as_mut_slice(), x, y)
+                .expect("emulated step")
+        })
+        .collect();
+    let (loss, gradient) = (&want_loss, &want);
+    assert_step(
+        "f32",
+        &slots,
+        &batches,
+        &sums,
+        &grad,
+        loss,
+        gradient,
+        EMULATED_F32,
+    );
 
     // bf16 storage (the H100 configuration): weights rounded to bf16,
     // activations stored in bf16, gradients and every sum in f32.
     let wb: Vec<Bf16> = w32.iter().map(|v| Bf16::from_f32(*v)).collect();
     let mut gpu = Gpt::on(Emulated::<Bf16>::default(), &c, &slots, 3).expect("emulated bf16");
     let mut grad = vec![0f32; w32.len()];
-    for ((x, y), want_loss) in batches.iter().zip(&want_loss) {
-        let sum = gpu
-            .forward_backward_sum(&wb.as_slice(), &mut grad.as_mut_slice(), x, y)
-            .expect("emulated bf16 step");
-        let loss = sum / x.len() as f64;
-        assert!(
-            ((loss - want_loss) / want_loss).abs() < 1e-2,
-            "bf16: loss {loss} vs {want_loss}"
-        );
-    }
-    for s in &slots {
-        let got: Vec<f64> = grad[s.offset..s.offset + s.len]
-            .iter()
-            .map(|g| f64::from(*g))
-            .collect();
-        let err = worst(&got, &want[s.offset..s.offset + s.len]);
-        assert!(
-            err < 6e-2,
-            "bf16 {}: gradient off by {err:e} of its scale",
-            s.name
-        );
-    }
+    let sums: Vec<f64> = batches
+        .iter()
+        .map(|(x, y)| {
+            gpu.forward_backward_sum(&wb.as_slice(), &mut grad.as_mut_slice(), x, y)
+                .expect("emulated bf16 step")
+        })
+        .collect();
+    assert_step(
+        "bf16",
+        &slots,
+        &batches,
+        &sums,
+        &grad,
+        loss,
+        gradient,
+        EMULATED_BF16,
+    );
 }
 
 /// Three whole training steps — forward and backward, the global norm,
@@ -592,5 +575,266 @@ fn twenty_emulated_bf16_steps_stay_within_one_percent_of_f32() {
         clip_global_norm(&mut g16, optim.grad_clip);
         o32.update(&mut w32, &g32, 3e-3);
         o16.update(&mut master, &g16, 3e-3);
+    }
+}
+
+// ---- the GPU step through a backend's own buffers ---------------------------------
+
+/// The CPU engine in f64 over `batches` (accumulating one gradient): each
+/// micro-batch's mean loss, and the gradient.
+fn cpu_reference(
+    c: &ModelConfig,
+    slots: &[stride_job::params::Slot],
+    w32: &[f32],
+    batches: &[(Vec<u32>, Vec<u32>)],
+) -> (Vec<f64>, Vec<f64>) {
+    let w64: Vec<f64> = w32.iter().map(|v| f64::from(*v)).collect();
+    let mut cpu = FusedGpt::<f64>::new(c, slots, 3).expect("cpu");
+    let mut grad = vec![0.0f64; w64.len()];
+    let losses = batches
+        .iter()
+        .map(|(x, y)| {
+            cpu.forward_backward(&w64, &mut grad, x, y)
+                .expect("cpu step")
+        })
+        .collect();
+    (losses, grad)
+}
+
+/// The whole model's forward and backward on backend `B` with the weights
+/// and the gradient in the backend's own buffers, as a trainer on a device
+/// holds them: `w` uploaded, then `batches` in turn (the gradient
+/// accumulates), then each micro-batch's summed loss and the gradient
+/// read back.
+fn steps_on<B: super::backend::Backend<G = f32>>(
+    model: &mut super::gpt::Gpt<B>,
+    w: &[B::A],
+    batches: &[(Vec<u32>, Vec<u32>)],
+) -> (Vec<f64>, Vec<f32>) {
+    let be = model.backend_mut();
+    let mut weights = be.alloc::<B::A>(w.len()).expect("weights");
+    be.upload(B::view_mut(&mut weights), w).expect("upload");
+    let mut grad = be.alloc::<f32>(w.len()).expect("gradient");
+    let losses: Vec<B::Loss> = batches
+        .iter()
+        .map(|(x, y)| {
+            model
+                .forward_backward_sum(&B::view(&weights), &mut B::view_mut(&mut grad), x, y)
+                .expect("step")
+        })
+        .collect();
+    let be = model.backend_mut();
+    let sums = losses
+        .iter()
+        .map(|l| be.loss_value(l).expect("loss"))
+        .collect();
+    let mut host = vec![0f32; w.len()];
+    be.download(B::view(&grad), &mut host).expect("download");
+    (sums, host)
+}
+
+/// The GPU step's tolerances against the CPU engine in f64, as (the loss,
+/// relative; each parameter's gradient, relative to its largest value):
+/// f32 storage, where only the kernels' and products' rounding differs,
+/// and bf16 storage.
+const EMULATED_F32: (f64, f64) = (1e-5, 2e-5);
+const EMULATED_BF16: (f64, f64) = (1e-2, 6e-2);
+
+/// Each micro-batch's loss within `loss_tol` (relative) of the CPU's, and
+/// every parameter's gradient within `grad_tol` of its scale.
+#[allow(clippy::too_many_arguments)]
+fn assert_step(
+    what: &str,
+    slots: &[stride_job::params::Slot],
+    batches: &[(Vec<u32>, Vec<u32>)],
+    sums: &[f64],
+    grad: &[f32],
+    want_loss: &[f64],
+    want: &[f64],
+    (loss_tol, grad_tol): (f64, f64),
+) {
+    assert_eq!(sums.len(), batches.len(), "{what}: one loss a micro-batch");
+    for (((x, _), sum), want_loss) in batches.iter().zip(sums).zip(want_loss) {
+        let loss = sum / x.len() as f64;
+        assert!(
+            ((loss - want_loss) / want_loss).abs() < loss_tol,
+            "{what}: loss {loss} vs {want_loss}"
+        );
+    }
+    for s in slots {
+        let got: Vec<f64> = grad[s.offset..s.offset + s.len]
+            .iter()
+            .map(|g| f64::from(*g))
+            .collect();
+        let err = worst(&got, &want[s.offset..s.offset + s.len]);
+        assert!(
+            err < grad_tol,
+            "{what} {}: gradient off by {err:e} of its scale",
+            s.name
+        );
+    }
+}
+
+/// The path a device backend takes (weights uploaded into its buffers,
+/// the gradient and the losses read back) gives, on the emulated GPU,
+/// exactly what the host slices give; a copy of the wrong length is
+/// refused, not a panic.
+#[test]
+fn emulated_backend_through_its_own_buffers_equals_host_slices() {
+    use super::backend::Backend;
+    use super::emulated::Emulated;
+    use super::gpt::Gpt;
+    let c = gpu_shaped();
+    let slots = model::layout(&c);
+    let w32 = weights(&c);
+    let batches = [tokens(&c, 3, 1), tokens(&c, 2, 2)];
+    let mut direct = Gpt::on(Emulated::<f32>::default(), &c, &slots, 3).expect("emulated");
+    let mut want = vec![0f32; w32.len()];
+    let want_sums: Vec<f64> = batches
+        .iter()
+        .map(|(x, y)| {
+            direct
+                .forward_backward_sum(&w32.as_slice(), &mut want.as_mut_slice(), x, y)
+                .expect("step")
+        })
+        .collect();
+    let mut model = Gpt::on(Emulated::<f32>::default(), &c, &slots, 3).expect("emulated");
+    let (sums, grad) = steps_on(&mut model, &w32, &batches);
+    assert_eq!(sums, want_sums);
+    assert_eq!(grad, want);
+
+    let be = model.backend_mut();
+    let mut short = vec![0f32; 3];
+    let e = be
+        .upload(short.as_mut_slice(), &w32[..4])
+        .expect_err("4 values into 3");
+    assert!(
+        e.to_string().contains("4 elements into a buffer of 3"),
+        "{e}"
+    );
+    let e = be
+        .download(&w32[..2], short.as_mut_slice())
+        .expect_err("2 values into 3");
+    assert!(
+        e.to_string().contains("2 elements into a buffer of 3"),
+        "{e}"
+    );
+}
+
+/// The CUDA backend on a GPU (`cuda` feature; ignored unless asked for on
+/// a machine with one: `STRIDE_TEST_CUDA=1 cargo test -p stride-worker
+/// --features cuda -- --ignored gpu`; asked for without the variable or
+/// without a GPU, they fail saying so).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::sync::Arc;
+
+    use candle_core::cuda_backend::cudarc::driver::CudaStream;
+    use stride_cuda_kernels::Bf16;
+
+    use super::*;
+    use crate::engine::backend::Backend;
+    use crate::engine::cuda::CudaBackend;
+    use crate::engine::gpt::Gpt;
+
+    /// The stream of Candle's CUDA device 0.
+    fn stream() -> Arc<CudaStream> {
+        crate::test_cuda_device()
+            .as_cuda_device()
+            .expect("a CUDA device")
+            .cuda_stream()
+    }
+
+    /// The emulated GPU step's test on the GPU: the whole model's forward
+    /// and backward on `Gpt<CudaBackend<_>>`, f32 and bf16, weights and
+    /// gradient in device buffers, against the CPU engine in f64 — the
+    /// loss of each of two micro-batches and every parameter's
+    /// accumulated gradient, to the emulated test's tolerances.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: STRIDE_TEST_CUDA=1 cargo test -p stride-worker --features cuda -- --ignored gpu"]
+    fn gpu_cuda_backend_step_equals_the_cpu_engine() {
+        let c = gpu_shaped();
+        let slots = model::layout(&c);
+        let w32 = weights(&c);
+        let batches = [tokens(&c, 3, 1), tokens(&c, 2, 2)];
+        let (want_loss, want) = cpu_reference(&c, &slots, &w32, &batches);
+
+        let be = CudaBackend::<f32>::new(stream()).expect("CUDA backend, f32");
+        let mut gpu = Gpt::on(be, &c, &slots, 3).expect("model, f32");
+        gpu.set_head_rows(7); // several chunks of the head, the last one short
+        let (sums, grad) = steps_on(&mut gpu, &w32, &batches);
+        let (loss, gradient) = (&want_loss, &want);
+        assert_step(
+            "CUDA f32",
+            &slots,
+            &batches,
+            &sums,
+            &grad,
+            loss,
+            gradient,
+            EMULATED_F32,
+        );
+
+        let wb: Vec<Bf16> = w32.iter().map(|v| Bf16::from_f32(*v)).collect();
+        let be = CudaBackend::<Bf16>::new(stream()).expect("CUDA backend, bf16");
+        let mut gpu = Gpt::on(be, &c, &slots, 3).expect("model, bf16");
+        let (sums, grad) = steps_on(&mut gpu, &wb, &batches);
+        assert_step(
+            "CUDA bf16",
+            &slots,
+            &batches,
+            &sums,
+            &grad,
+            loss,
+            gradient,
+            EMULATED_BF16,
+        );
+    }
+
+    /// Bad input reaches the CUDA backend as errors that say what is
+    /// wrong, before anything is launched: a token past the vocabulary,
+    /// buffers of mismatched lengths, the head before `prepare`.
+    #[test]
+    #[ignore = "needs an NVIDIA GPU: STRIDE_TEST_CUDA=1 cargo test -p stride-worker --features cuda -- --ignored gpu"]
+    fn gpu_cuda_backend_refuses_bad_input_without_panicking() {
+        type B = CudaBackend<f32>;
+        let mut be = B::new(stream()).expect("CUDA backend");
+        let (t, c, v) = (4, 8, 5);
+        let mut out = be.alloc::<f32>(2 * t * c).expect("out");
+        let wte = be.alloc::<f32>(v * c).expect("wte");
+        let wpe = be.alloc::<f32>(t * c).expect("wpe");
+        let tokens = [0, 1, 2, 3, 4, 5, 0, 1];
+        let e = be
+            .embed_forward(
+                B::view_mut::<f32>(&mut out),
+                &tokens,
+                B::view::<f32>(&wte),
+                B::view::<f32>(&wpe),
+                t,
+            )
+            .expect_err("token 5 of a vocabulary of 5");
+        assert!(e.to_string().contains("not below V = 5"), "{e}");
+        let e = be
+            .gelu_forward(B::view_mut::<f32>(&mut out), B::view::<f32>(&wte))
+            .expect_err("64 outputs of 40 inputs");
+        assert!(e.to_string().contains("Shape"), "{e}");
+        let e = be
+            .upload(B::view_mut::<f32>(&mut out), &[1.0f32; 3])
+            .expect_err("3 values into 64");
+        assert!(
+            e.to_string().contains("3 elements into a buffer of 64"),
+            "{e}"
+        );
+        let e = be
+            .head_cross_entropy(
+                B::view::<f32>(&out),
+                B::view::<f32>(&wte),
+                &tokens[..1],
+                None,
+                1.0,
+                1,
+            )
+            .expect_err("no head before prepare");
+        assert!(e.to_string().contains("prepare"), "{e}");
     }
 }

@@ -74,13 +74,14 @@ struct RunArgs {
     /// LR in force to min_lr_ratio × lr is appended (Strategy A).
     #[arg(long, value_name = "N", requires = "resume", value_parser = steps())]
     extend_steps: Option<u64>,
-    /// With --extend-steps: the cooldown's shape, `cosine`, `linear` or
-    /// `1-sqrt` (formulas: stride-job's `schedule` module).
+    /// With --extend-steps: the cooldown's shape (formulas: stride-job's
+    /// `schedule` module).
     #[arg(
         long,
         value_name = "SHAPE",
         requires = "extend_steps",
-        default_value = "cosine"
+        default_value = "cosine",
+        value_parser = cooldown()
     )]
     decay: Cooldown,
     /// File holding the shared job token (else $STRIDE_TOKEN; --local makes one).
@@ -171,8 +172,8 @@ struct DecayArgs {
     /// Steps of cooldown: the run ends at S + K, S its next step boundary.
     #[arg(long, value_name = "K", value_parser = steps())]
     over: u64,
-    /// The cooldown's shape: `cosine`, `linear` or `1-sqrt`.
-    #[arg(long, default_value = "cosine")]
+    /// The cooldown's shape.
+    #[arg(long, default_value = "cosine", value_parser = cooldown())]
     shape: Cooldown,
 }
 
@@ -249,12 +250,13 @@ struct PlanArgs {
     /// step and extended to this new total number of steps.
     #[arg(long, value_name = "N", value_parser = steps())]
     extend_steps: Option<u64>,
-    /// With --extend-steps: the cooldown's shape, `cosine`, `linear` or `1-sqrt`.
+    /// With --extend-steps: the cooldown's shape.
     #[arg(
         long,
         value_name = "SHAPE",
         requires = "extend_steps",
-        default_value = "cosine"
+        default_value = "cosine",
+        value_parser = cooldown()
     )]
     decay: Cooldown,
     /// Also list the global sample indices of the first K steps.
@@ -313,6 +315,14 @@ struct PrepareArgs {
 /// A number of steps for a flag: 1..=`MAX_STEPS`, the config's own bound.
 fn steps() -> clap::builder::RangedU64ValueParser<u64> {
     clap::builder::RangedU64ValueParser::new().range(1..=stride_job::config::MAX_STEPS)
+}
+
+/// A cooldown shape for a flag: its `--help` lists the shapes
+/// (`Cooldown::NAMES`, the one list).
+fn cooldown() -> impl clap::builder::TypedValueParser<Value = Cooldown> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(Cooldown::NAMES.iter().map(|(name, _)| *name))
+        .try_map(|s| s.parse::<Cooldown>())
 }
 
 /// A count for a flag: 1..=`max` (the bound of the config key it mirrors).

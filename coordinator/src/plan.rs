@@ -49,7 +49,7 @@ pub struct Extension {
     pub resume_step: u64,
     pub old_max_steps: u64,
     pub new_max_steps: u64,
-    /// The cooldown's shape: `cosine`, `linear` or `1-sqrt`.
+    /// The cooldown's shape (`Cooldown::name`).
     pub shape: &'static str,
 }
 

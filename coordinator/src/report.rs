@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use stride_job::config::UnknownName;
+use stride_job::names::UnknownName;
 
 use anyhow::{Context, Result, bail};
 use plotters::prelude::*;

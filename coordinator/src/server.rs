@@ -382,9 +382,7 @@ impl Coordinator for Service {
         let shape: Cooldown = r
             .shape
             .parse()
-            .map_err(|e: stride_job::config::UnknownName| {
-                Status::invalid_argument(e.to_string())
-            })?;
+            .map_err(|e: stride_job::names::UnknownName| Status::invalid_argument(e.to_string()))?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.shared
             .events

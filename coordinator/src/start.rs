@@ -27,7 +27,9 @@ pub struct Refused(pub String);
 /// and tells the workers that reconnect to it to stop.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{dir} is the end of its run (step {step} of {step}): nothing left to train; `--extend-steps N` continues it with a cooldown to step N (`--decay cosine|linear|1-sqrt`, cosine by default)"
+    "{dir} is the end of its run (step {step} of {step}): nothing left to train; `--extend-steps N` continues it with a cooldown to step N (`--decay` {}, {} by default)",
+    stride_job::schedule::Cooldown::choices(),
+    stride_job::schedule::Cooldown::default()
 )]
 pub struct NothingToTrain {
     pub dir: String,

@@ -53,7 +53,7 @@ pub fn generate() -> std::io::Result<String> {
     use std::io::Read;
     let mut bytes = [0u8; 32];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(crate::config::hex(&bytes))
+    Ok(crate::names::hex(&bytes))
 }
 
 /// Compares `presented` with `expected` in time independent of where they

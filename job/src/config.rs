@@ -18,6 +18,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::named_choices;
+use crate::names::{Hint, UnknownName, hex};
+
 /// The presets shipped inside every binary, so `--config tiny` works from
 /// any directory. Files in `configs/` take precedence (see [`RawConfig::locate`]).
 pub const PRESETS: &[(&str, &str)] = &[
@@ -152,40 +155,6 @@ pub enum ConfigError {
     },
     #[error("--set {arg}: {reason} (expected `section.key=value`, e.g. `--set train.lr=3e-4`)")]
     BadOverride { arg: String, reason: String },
-}
-
-/// A name that is not one of a key's or flag's choices (a device, an
-/// engine, a cooldown shape, a metric): what it names, what was given,
-/// what is accepted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown {what} `{got}`: {expected}")]
-pub struct UnknownName {
-    pub what: &'static str,
-    pub got: String,
-    pub expected: String,
-}
-
-impl UnknownName {
-    pub fn new(what: &'static str, got: &str, expected: impl Into<String>) -> UnknownName {
-        UnknownName {
-            what,
-            got: got.to_string(),
-            expected: expected.into(),
-        }
-    }
-}
-
-/// An optional "did you mean" suffix for an error message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Hint(pub Option<String>);
-
-impl fmt::Display for Hint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            Some(s) => write!(f, " (did you mean `{s}`?)"),
-            None => Ok(()),
-        }
-    }
 }
 
 /// Where a config's text came from.
@@ -797,85 +766,35 @@ impl fmt::Display for Device {
     }
 }
 
-/// The dtype the model computes in; master weights and optimizer state are
-/// always f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(try_from = "String", into = "String")]
-pub enum Precision {
-    /// bf16 on CUDA, f32 on CPU.
-    #[default]
-    Auto,
-    F32,
-    /// bf16 matmuls with f32 LayerNorm, softmax and loss.
-    Bf16,
-}
-
-impl TryFrom<String> for Precision {
-    type Error = UnknownName;
-    fn try_from(s: String) -> Result<Self, UnknownName> {
-        match s.as_str() {
-            "auto" => Ok(Precision::Auto),
-            "f32" => Ok(Precision::F32),
-            "bf16" => Ok(Precision::Bf16),
-            other => Err(UnknownName::new(
-                "precision",
-                other,
-                "expected `auto` (bf16 on CUDA, f32 on CPU), `f32` or `bf16`",
-            )),
-        }
+named_choices! {
+    /// The dtype the model computes in; master weights and optimizer state
+    /// are always f32.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+    #[serde(try_from = "String", into = "String")]
+    pub enum Precision: "precision" {
+        /// bf16 on CUDA, f32 on CPU.
+        #[default]
+        Auto = "auto" ("bf16 on CUDA, f32 on CPU"),
+        F32 = "f32",
+        /// bf16 matmuls with f32 LayerNorm, softmax and loss.
+        Bf16 = "bf16",
     }
 }
 
-impl From<Precision> for String {
-    fn from(p: Precision) -> String {
-        match p {
-            Precision::Auto => "auto",
-            Precision::F32 => "f32",
-            Precision::Bf16 => "bf16",
-        }
-        .to_string()
-    }
-}
-
-/// Which implementation of the model's forward and backward a worker runs
-/// (see the worker's `engine` module).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(try_from = "String", into = "String")]
-pub enum Engine {
-    /// `fused` where it can run (CPU, f32), `composed` elsewhere.
-    #[default]
-    Auto,
-    /// Stride's fused kernels with their own backward, buffers reused
-    /// across steps; CPU and f32 only so far.
-    Fused,
-    /// Candle ops and Candle's autograd: any device, bf16 included.
-    Composed,
-}
-
-impl TryFrom<String> for Engine {
-    type Error = UnknownName;
-    fn try_from(s: String) -> Result<Self, UnknownName> {
-        match s.as_str() {
-            "auto" => Ok(Engine::Auto),
-            "fused" => Ok(Engine::Fused),
-            "composed" => Ok(Engine::Composed),
-            other => Err(UnknownName::new(
-                "engine",
-                other,
-                "expected `auto` (fused on CPU, composed on CUDA), `fused` or `composed`",
-            )),
-        }
-    }
-}
-
-impl From<Engine> for String {
-    fn from(e: Engine) -> String {
-        match e {
-            Engine::Auto => "auto",
-            Engine::Fused => "fused",
-            Engine::Composed => "composed",
-        }
-        .to_string()
+named_choices! {
+    /// Which implementation of the model's forward and backward a worker
+    /// runs (see the worker's `engine` module).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+    #[serde(try_from = "String", into = "String")]
+    pub enum Engine: "engine" {
+        /// `fused` where it can run (CPU, f32), `composed` elsewhere.
+        #[default]
+        Auto = "auto" ("fused on CPU, composed on CUDA"),
+        /// Stride's fused kernels with their own backward, buffers reused
+        /// across steps; CPU and f32 only so far.
+        Fused = "fused",
+        /// Candle ops and Candle's autograd: any device, bf16 included.
+        Composed = "composed",
     }
 }
 
@@ -1275,11 +1194,6 @@ impl Config {
     pub fn hash(&self) -> String {
         hex(&Sha256::digest(self.to_toml().as_bytes()))
     }
-}
-
-/// Lower-case hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod auth;
 pub mod checkpoint;
 pub mod config;
 pub mod files;
+pub mod names;
 pub mod params;
 pub mod rng;
 pub mod sampler;

@@ -37,22 +37,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Decay, TrainConfig};
 
-/// The shape of a cooldown appended by an extension (`--decay`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Cooldown {
-    #[default]
-    Cosine,
-    Linear,
-    OneMinusSqrt,
+crate::named_choices! {
+    /// The shape of a cooldown appended by an extension (`--decay`) or by
+    /// `decay`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub enum Cooldown: "cooldown shape" {
+        #[default]
+        Cosine = "cosine",
+        Linear = "linear",
+        OneMinusSqrt = "1-sqrt",
+    }
 }
 
 impl Cooldown {
-    pub const NAMES: &'static str = "cosine, linear, 1-sqrt";
-
-    pub fn name(self) -> &'static str {
-        self.kind().name()
-    }
-
     fn kind(self) -> SegmentKind {
         match self {
             Cooldown::Cosine => SegmentKind::Cosine,
@@ -62,24 +59,6 @@ impl Cooldown {
     }
 }
 
-impl std::str::FromStr for Cooldown {
-    type Err = crate::config::UnknownName;
-
-    fn from_str(s: &str) -> Result<Cooldown, Self::Err> {
-        match s {
-            "cosine" => Ok(Cooldown::Cosine),
-            "linear" => Ok(Cooldown::Linear),
-            "1-sqrt" => Ok(Cooldown::OneMinusSqrt),
-            _ => Err(crate::config::UnknownName::new(
-                "cooldown shape",
-                s,
-                format!("use one of {}", Cooldown::NAMES),
-            )),
-        }
-    }
-}
-
-/// The shape of one segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SegmentKind {
@@ -360,6 +339,22 @@ mod tests {
     use super::*;
     use std::f64::consts::PI;
 
+    /// The one list of cooldown shapes (`Cooldown::NAMES`, which the CLI's
+    /// `--decay`/`--shape` parsers and their help show) agrees with the
+    /// segment kinds, the config's `train.decay` and `is_cooldown`: a
+    /// shape added to one and not the others fails here.
+    #[test]
+    fn every_cooldown_shape_is_a_segment_kind_and_a_train_decay() {
+        for &(name, _) in Cooldown::NAMES {
+            let shape: Cooldown = name.parse().expect("a listed name parses");
+            assert_eq!(shape.kind().name(), name, "segment kind of {name}");
+            let decay = Decay::deserialize(toml::Value::String(name.into()));
+            assert!(decay.is_ok(), "train.decay = {name:?} is not accepted");
+            let seg = Segment::new(shape.kind(), 0, 10, 1.0, 0.1);
+            assert!(seg.is_cooldown(), "{name} is not a cooldown");
+        }
+    }
+
     fn train(max_steps: u64, warmup_steps: u64, decay: Decay) -> TrainConfig {
         TrainConfig {
             max_steps,
@@ -533,7 +528,7 @@ mod tests {
         }
         assert_eq!("1-sqrt".parse::<Cooldown>(), Ok(Cooldown::OneMinusSqrt));
         let e = "sqrt".parse::<Cooldown>().expect_err("unknown").to_string();
-        assert!(e.contains("cosine, linear, 1-sqrt"), "{e}");
+        assert!(e.contains("`cosine`, `linear` or `1-sqrt`"), "{e}");
     }
 
     #[test]

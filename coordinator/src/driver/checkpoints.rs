@@ -139,7 +139,7 @@ impl Checkpoints {
         // Rank 0's hash of the weights it wrote (the step's own report may
         // not have hashed them: `worker.weights_check_interval`).
         if !r.weights_hash.is_empty() {
-            p.state.weights_hash = stride_job::config::hex(&r.weights_hash);
+            p.state.weights_hash = stride_job::names::hex(&r.weights_hash);
         }
         let folder = &self.folder;
         let commit_span =

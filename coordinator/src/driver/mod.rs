@@ -544,7 +544,7 @@ impl Driver {
                 step_s,
                 workers: world,
                 elapsed_s: started.elapsed().as_secs_f64(),
-                weights_hash: stride_job::config::hex(first_hash),
+                weights_hash: stride_job::names::hex(first_hash),
                 samples_digest: samples_digest(&batch.samples),
                 host_device_bytes: reports[0].host_device_bytes,
             };
@@ -774,7 +774,7 @@ impl Driver {
             config_name: self.spec.name.clone(),
             config_hash: c.hash(),
             run_dir: self.spec.run_dir.clone(),
-            weights_hash: stride_job::config::hex(&self.last_weights_hash),
+            weights_hash: stride_job::names::hex(&self.last_weights_hash),
             optimizer_step: self.step,
             metrics: self.metrics.clone(),
             history: self.spec.history.clone(),
@@ -908,5 +908,5 @@ fn samples_digest(samples: &[u64]) -> String {
     for s in samples {
         h.update(s.to_le_bytes());
     }
-    stride_job::config::hex(&h.finalize()[..8])
+    stride_job::names::hex(&h.finalize()[..8])
 }

@@ -423,7 +423,7 @@ impl WorkerSet {
             }
         }
         if let Some(load) = f.load {
-            let got = stride_job::config::hex(&first.weights_hash);
+            let got = stride_job::names::hex(&first.weights_hash);
             if got != load.weights_hash {
                 // The files passed their sums, yet hold other weights than
                 // the checkpoint recorded: the checkpoint is damaged (its

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::config::hex;
+use crate::names::hex;
 use crate::params::Slot;
 
 use super::*;

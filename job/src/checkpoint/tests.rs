@@ -2,7 +2,7 @@ use sha2::{Digest, Sha256};
 
 use super::*;
 use crate::config::TrainConfig;
-use crate::config::hex;
+use crate::names::hex;
 
 fn state(step: u64) -> TrainState {
     TrainState {

@@ -238,9 +238,9 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
             ],
             2,
             vec![
-                "--decay",
-                "unknown cooldown shape `sqrt`",
-                "cosine, linear, 1-sqrt",
+                "invalid value 'sqrt' for '--decay <SHAPE>'",
+                "[possible values: cosine, linear, 1-sqrt]",
+                "a similar value exists: '1-sqrt'",
             ],
         ),
         (

@@ -14,6 +14,7 @@ mod metrics;
 mod output;
 mod plan;
 mod prepare;
+mod refused;
 mod report;
 mod serve;
 mod server;
@@ -372,7 +373,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             || c.is::<stride_job::sampler::TooFewSamples>()
             || c.is::<prepare::BadInput>()
             || c.is::<export::BadExport>()
-            || c.is::<start::Refused>()
+            || c.is::<refused::Refused>()
             || c.is::<stride_job::auth::TokenError>()
             || c.is::<checkpoint::CheckpointError>()
             || c.is::<driver::DamagedStart>()
@@ -578,7 +579,7 @@ fn start_check(
             if sp.name != name || sp.run_dir != run_dir || comparable(&sp.config) != first {
                 let dir = sp.from.load.as_ref().map(|l| l.dir.display().to_string());
                 let dir = dir.unwrap_or_default();
-                return Err(start::Refused(format!(
+                return Err(refused::Refused(format!(
                     "the checkpoint {dir} falls back to was written with another config or run directory than the one the workers were started with; resume it explicitly: --resume {dir}"
                 ))
                 .into());
@@ -988,7 +989,7 @@ fn resumed_data(
         now: now.to_vec(),
     };
     if !data_changed {
-        return Err(start::Refused(format!(
+        return Err(refused::Refused(format!(
             "the data differs from the data the checkpoint was trained on: {}. A resume continues the same samples in the same order, which other data cannot give: restore the files (data.train / data.val), or pass --data-changed to continue on the new data from the start of the next epoch",
             describe_change(&change.recorded, &change.now)
         ))

@@ -174,7 +174,7 @@ impl RunLock {
             let dir = File::open(checkpoints)
                 .with_context(|| format!("cannot open {}", checkpoints.display()))?;
             if dir.try_lock().is_err() {
-                return Err(crate::start::Refused(format!(
+                return Err(crate::refused::Refused(format!(
                     "checkpoint folder {} is in use by another coordinator (its run directory's coordinator.lock names it); stop that job first, or give this one a run directory of its own (--run-dir DIR, with a relative checkpoint.dir)",
                     checkpoints.display()
                 ))
@@ -205,7 +205,7 @@ fn lock_file(run_dir: &Path, checkpoints: &Path) -> Result<File> {
         .with_context(|| format!("cannot open {}", path.display()))?;
     if file.try_lock().is_err() {
         let holder = std::fs::read_to_string(&path).unwrap_or_default();
-        return Err(crate::start::Refused(format!(
+        return Err(crate::refused::Refused(format!(
             "run directory {} is in use by another coordinator ({}); stop it first, or use another --run-dir",
             run_dir.display(),
             holder.trim()

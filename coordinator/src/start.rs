@@ -16,11 +16,7 @@ use stride_job::params;
 use stride_job::schedule::{Cooldown, Schedule};
 
 use crate::driver::RestartPoint;
-
-/// A start that was refused because of what the user asked (exit code 2).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Refused(pub String);
+use crate::refused::Refused;
 
 /// `--resume` of a checkpoint at the end of its run: the job is done
 /// (exit code 0). A coordinator restarted after its final commit says so,

@@ -307,6 +307,65 @@ impl<T: Real> Cpu<T> {
     }
 }
 
+/// The buffers, views and copies of a backend whose memory is the host's
+/// (`Vec`s and slices; the loss a host number): [`Cpu`] and the tests'
+/// emulated CUDA backend, written once.
+macro_rules! host_memory {
+    () => {
+        type Buf<E: Elem> = Vec<E>;
+        type View<'a, E: Elem> = &'a [E];
+        type ViewMut<'a, E: Elem> = &'a mut [E];
+        type Loss = f64;
+
+        fn alloc<E: Elem>(&mut self, n: usize) -> Result<Vec<E>, BackendError> {
+            Ok(vec![E::default(); n])
+        }
+        fn view<E: Elem>(b: &Vec<E>) -> &[E] {
+            b
+        }
+        fn view_mut<E: Elem>(b: &mut Vec<E>) -> &mut [E] {
+            b
+        }
+        fn part<E: Elem>(b: &Vec<E>, r: Range<usize>) -> &[E] {
+            &b[r]
+        }
+        fn part_mut<E: Elem>(b: &mut Vec<E>, r: Range<usize>) -> &mut [E] {
+            &mut b[r]
+        }
+        fn sub<'a, E: Elem>(v: &'a &[E], r: Range<usize>) -> &'a [E] {
+            &v[r]
+        }
+        fn sub_mut<'a, E: Elem>(v: &'a mut &mut [E], r: Range<usize>) -> &'a mut [E] {
+            &mut v[r]
+        }
+        fn pair_mut<'a, E: Elem>(
+            v: &'a mut &mut [E],
+            a: Range<usize>,
+            b: Range<usize>,
+        ) -> (&'a mut [E], &'a mut [E]) {
+            pair(v, &a, &b)
+        }
+        fn shared<'a, E: Elem>(v: &'a &mut [E]) -> &'a [E] {
+            v
+        }
+        fn upload<E: Elem>(&mut self, dst: &mut [E], src: &[E]) -> Result<(), BackendError> {
+            host_copy(dst, src)
+        }
+        fn download<E: Elem>(&mut self, src: &[E], dst: &mut [E]) -> Result<(), BackendError> {
+            host_copy(dst, src)
+        }
+        fn loss_value(&mut self, loss: &f64) -> Result<f64, BackendError> {
+            Ok(*loss)
+        }
+        fn zero<E: Elem>(&mut self, v: &mut [E]) -> Result<(), BackendError> {
+            v.fill(E::default());
+            Ok(())
+        }
+    };
+}
+#[cfg(test)]
+pub(super) use host_memory;
+
 /// `Ok` for the CPU kernels, which cannot fail once the engine has checked
 /// the shapes.
 const OK: Result<(), BackendError> = Ok(());
@@ -314,55 +373,7 @@ const OK: Result<(), BackendError> = Ok(());
 impl<T: Real + Elem> Backend for Cpu<T> {
     type A = T;
     type G = T;
-    type Buf<E: Elem> = Vec<E>;
-    type View<'a, E: Elem> = &'a [E];
-    type ViewMut<'a, E: Elem> = &'a mut [E];
-    type Loss = f64;
-
-    fn alloc<E: Elem>(&mut self, n: usize) -> Result<Vec<E>, BackendError> {
-        Ok(vec![E::default(); n])
-    }
-    fn view<E: Elem>(b: &Vec<E>) -> &[E] {
-        b
-    }
-    fn view_mut<E: Elem>(b: &mut Vec<E>) -> &mut [E] {
-        b
-    }
-    fn part<E: Elem>(b: &Vec<E>, r: Range<usize>) -> &[E] {
-        &b[r]
-    }
-    fn part_mut<E: Elem>(b: &mut Vec<E>, r: Range<usize>) -> &mut [E] {
-        &mut b[r]
-    }
-    fn sub<'a, E: Elem>(v: &'a &[E], r: Range<usize>) -> &'a [E] {
-        &v[r]
-    }
-    fn sub_mut<'a, E: Elem>(v: &'a mut &mut [E], r: Range<usize>) -> &'a mut [E] {
-        &mut v[r]
-    }
-    fn pair_mut<'a, E: Elem>(
-        v: &'a mut &mut [E],
-        a: Range<usize>,
-        b: Range<usize>,
-    ) -> (&'a mut [E], &'a mut [E]) {
-        pair(v, &a, &b)
-    }
-    fn shared<'a, E: Elem>(v: &'a &mut [E]) -> &'a [E] {
-        v
-    }
-    fn upload<E: Elem>(&mut self, dst: &mut [E], src: &[E]) -> Result<(), BackendError> {
-        host_copy(dst, src)
-    }
-    fn download<E: Elem>(&mut self, src: &[E], dst: &mut [E]) -> Result<(), BackendError> {
-        host_copy(dst, src)
-    }
-    fn loss_value(&mut self, loss: &f64) -> Result<f64, BackendError> {
-        Ok(*loss)
-    }
-    fn zero<E: Elem>(&mut self, v: &mut [E]) -> Result<(), BackendError> {
-        v.fill(E::default());
-        OK
-    }
+    host_memory!();
     fn prepare(&mut self, n: usize, _c: usize, v: usize) -> Result<(), BackendError> {
         self.logits = vec![T::zero(); HEAD_ROWS.min(n) * v];
         self.row_loss = vec![0.0; n];

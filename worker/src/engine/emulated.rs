@@ -51,55 +51,7 @@ fn heads(s: Heads) -> stride_cuda_kernels::Heads {
 impl<S: Storage + Elem> Backend for Emulated<S> {
     type A = S;
     type G = f32;
-    type Buf<E: Elem> = Vec<E>;
-    type View<'a, E: Elem> = &'a [E];
-    type ViewMut<'a, E: Elem> = &'a mut [E];
-    type Loss = f64;
-
-    fn alloc<E: Elem>(&mut self, n: usize) -> Result<Vec<E>, BackendError> {
-        Ok(vec![E::default(); n])
-    }
-    fn view<E: Elem>(b: &Vec<E>) -> &[E] {
-        b
-    }
-    fn view_mut<E: Elem>(b: &mut Vec<E>) -> &mut [E] {
-        b
-    }
-    fn part<E: Elem>(b: &Vec<E>, r: Range<usize>) -> &[E] {
-        &b[r]
-    }
-    fn part_mut<E: Elem>(b: &mut Vec<E>, r: Range<usize>) -> &mut [E] {
-        &mut b[r]
-    }
-    fn sub<'a, E: Elem>(v: &'a &[E], r: Range<usize>) -> &'a [E] {
-        &v[r]
-    }
-    fn sub_mut<'a, E: Elem>(v: &'a mut &mut [E], r: Range<usize>) -> &'a mut [E] {
-        &mut v[r]
-    }
-    fn pair_mut<'a, E: Elem>(
-        v: &'a mut &mut [E],
-        a: Range<usize>,
-        b: Range<usize>,
-    ) -> (&'a mut [E], &'a mut [E]) {
-        pair(v, &a, &b)
-    }
-    fn shared<'a, E: Elem>(v: &'a &mut [E]) -> &'a [E] {
-        v
-    }
-    fn upload<E: Elem>(&mut self, dst: &mut [E], src: &[E]) -> Result<(), BackendError> {
-        host_copy(dst, src)
-    }
-    fn download<E: Elem>(&mut self, src: &[E], dst: &mut [E]) -> Result<(), BackendError> {
-        host_copy(dst, src)
-    }
-    fn loss_value(&mut self, loss: &f64) -> Result<f64, BackendError> {
-        Ok(*loss)
-    }
-    fn zero<E: Elem>(&mut self, v: &mut [E]) -> Result<(), BackendError> {
-        v.fill(E::default());
-        Ok(())
-    }
+    super::backend::host_memory!();
     fn prepare(&mut self, n: usize, _c: usize, v: usize) -> Result<(), BackendError> {
         let rows = super::backend::HEAD_ROWS.min(n);
         self.logits = vec![0.0; rows * v];

@@ -370,6 +370,70 @@ fn a_second_coordinator_on_a_live_run_is_refused() {
     );
 }
 
+/// Two jobs with their own run directories but one checkpoint folder (an
+/// absolute `checkpoint.dir`) would commit and prune each other's
+/// checkpoints: the second is refused, exit 2, and the folder is left as
+/// the first job has it.
+#[test]
+fn a_second_job_on_the_same_checkpoint_folder_is_refused() {
+    // Heartbeat and step timeouts would measure a neighbour's load.
+    let _turn = crate::common::alone();
+    let d = tempfile::tempdir().expect("tmp");
+    let shared = d.path().join("shared-checkpoints");
+    let dir = format!("checkpoint.dir={}", shared.display());
+    let mut first = spawn(
+        "coordinator",
+        &[
+            "--config",
+            "tiny",
+            "--listen",
+            "127.0.0.1:0",
+            "--run-dir",
+            "runs/a",
+            "--set",
+            &dir,
+        ],
+        d.path(),
+        "c1.out",
+    );
+    let addr = d.path().join("runs/a/coordinator.addr");
+    eventually(Duration::from_secs(60), "the first coordinator", || {
+        addr.exists().then_some(())
+    });
+    let before = crate::common::snapshot(&shared);
+    let (status, out) = run(
+        &[
+            "--config",
+            "tiny",
+            "--listen",
+            "127.0.0.1:0",
+            "--run-dir",
+            "runs/b",
+            "--set",
+            &dir,
+        ],
+        d.path(),
+        Duration::from_secs(60),
+    );
+    assert_eq!(status.code(), Some(2), "{out}");
+    assert!(
+        out.contains(&format!(
+            "checkpoint folder {} is in use by another coordinator",
+            shared.display()
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        crate::common::snapshot(&shared),
+        before,
+        "the folder changed"
+    );
+    assert!(
+        first.child.try_wait().expect("wait").is_none(),
+        "the first coordinator must be unharmed"
+    );
+}
+
 #[test]
 fn the_control_plane_holds_two_hundred_simulated_workers() {
     // Heartbeat and step timeouts would measure a neighbour's load.

@@ -440,9 +440,10 @@ impl Heads {
         if self.b == 0 || self.t == 0 || self.nh == 0 || !self.c.is_multiple_of(self.nh) {
             return Err(format!("{self:?}: B, T, NH ≥ 1 and NH dividing C"));
         }
-        if !hs.is_multiple_of(8) || hs > 128 {
+        if !head_size_ok(hs) {
             return Err(format!(
-                "{self:?}: head size {hs} must be a multiple of 8, at most 128"
+                "{self:?}: head size {hs} must be a multiple of {HEAD_SIZE_STEP}, at most \
+                 {MAX_HEAD_SIZE}"
             ));
         }
         int("B·NH", self.b * self.nh)?;
@@ -454,6 +455,146 @@ impl Heads {
             Param::I32(self.nh as i32),
         ])
     }
+}
+
+/// The attention kernels' head sizes: multiples of this (their tiles read
+/// rows of 8 elements)...
+pub const HEAD_SIZE_STEP: usize = 8;
+/// ... up to this (their shared-memory tiles hold whole rows: 107 KiB for
+/// the backward's dK dV at 128).
+pub const MAX_HEAD_SIZE: usize = 128;
+
+fn head_size_ok(hs: usize) -> bool {
+    hs.is_multiple_of(HEAD_SIZE_STEP) && (HEAD_SIZE_STEP..=MAX_HEAD_SIZE).contains(&hs)
+}
+
+/// The most rows of logits a caller computes at once (the worker's LM head
+/// works in chunks of at most this many rows; `cross_entropy` takes rows × V
+/// logits as an `int`).
+pub const MAX_HEAD_ROWS: usize = 256;
+
+/// The most blocks in a grid's y dimension: attention launches a block row
+/// per (sequence, head).
+const MAX_GRID_Y: usize = 65_535;
+
+/// A GPT's shape and its micro-batch, as the fused engine hands them to the
+/// kernels: what [`supports`] checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    /// `model.n_head`.
+    pub n_head: usize,
+    /// `model.n_embd` (C).
+    pub n_embd: usize,
+    /// `model.vocab_size` (V).
+    pub vocab_size: usize,
+    /// `model.context` (T).
+    pub context: usize,
+    /// `train.micro_batch` (B): sequences per forward and backward.
+    pub micro_batch: usize,
+}
+
+/// A shape the CUDA kernels refuse: the config key to change, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsupported {
+    /// The key, as a config names it (`model.n_head`, `train.micro_batch`, ...).
+    pub key: &'static str,
+    /// What the kernels need, with the values that break it.
+    pub reason: String,
+}
+
+impl std::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "`{}`: {}", self.key, self.reason)
+    }
+}
+
+impl std::error::Error for Unsupported {}
+
+/// Whether the fused engine's CUDA kernels take every call a step of this
+/// shape makes — checked once, where a config is read, so that no kernel
+/// ever refuses one in the middle of a job. Pure: no GPU, no CUDA. The
+/// limits are the plans' own (`Heads::check`, `cross_entropy`'s sizes,
+/// the launch grid's): the head size is a multiple of 8 up to 128, B·NH
+/// blocks fit a grid's y dimension (65,535), B·T·3C and
+/// min(B·T, [`MAX_HEAD_ROWS`])·V fit the kernels' 32-bit `int`s. Anything
+/// the CPU kernels take and these refuse runs on the composed engine.
+pub fn supports(s: &ModelShape) -> Result<(), Unsupported> {
+    let refuse = |key, reason: String| Err(Unsupported { key, reason });
+    for (key, value) in [
+        ("model.n_head", s.n_head),
+        ("model.n_embd", s.n_embd),
+        ("model.vocab_size", s.vocab_size),
+        ("model.context", s.context),
+        ("train.micro_batch", s.micro_batch),
+    ] {
+        if value == 0 {
+            return refuse(key, "must be at least 1".into());
+        }
+    }
+    let (b, t, c, nh, v) = (s.micro_batch, s.context, s.n_embd, s.n_head, s.vocab_size);
+    if !c.is_multiple_of(nh) {
+        return refuse(
+            "model.n_head",
+            format!("{nh} heads do not divide model.n_embd = {c}"),
+        );
+    }
+    let hs = c / nh;
+    if !head_size_ok(hs) {
+        let fits: Vec<String> = (1..=c)
+            .filter(|&h| c.is_multiple_of(h) && head_size_ok(c / h))
+            .take(4)
+            .map(|h| h.to_string())
+            .collect();
+        let hint = if fits.is_empty() {
+            format!(
+                "no head count does for model.n_embd = {c} (it must be a multiple of \
+                 {HEAD_SIZE_STEP})"
+            )
+        } else {
+            format!("n_head = {} would", fits.join(", "))
+        };
+        return refuse(
+            "model.n_head",
+            format!(
+                "head size n_embd / n_head = {c} / {nh} = {hs}: the CUDA attention kernels \
+                 take multiples of {HEAD_SIZE_STEP} up to {MAX_HEAD_SIZE} ({hint})"
+            ),
+        );
+    }
+    let as_int = |x: Option<usize>| x.filter(|&x| x <= i32::MAX as usize);
+    if b.checked_mul(nh).is_none_or(|blocks| blocks > MAX_GRID_Y) {
+        return refuse(
+            "train.micro_batch",
+            format!(
+                "{b} sequences × {nh} heads = {} attention block rows, above a grid's \
+                 {MAX_GRID_Y}",
+                b.saturating_mul(nh)
+            ),
+        );
+    }
+    let n = b.checked_mul(t);
+    if as_int(n.and_then(|n| n.checked_mul(3 * c))).is_none() {
+        return refuse(
+            "train.micro_batch",
+            format!(
+                "B·T·3C = {b} × {t} × 3 × {c} values of qkv do not fit the kernels' 32-bit \
+                 sizes (at most {})",
+                i32::MAX
+            ),
+        );
+    }
+    let rows = n.map_or(MAX_HEAD_ROWS, |n| n.min(MAX_HEAD_ROWS));
+    if as_int(rows.checked_mul(v)).is_none() {
+        return refuse(
+            "model.vocab_size",
+            format!(
+                "{rows} rows of {v} logits do not fit the cross-entropy's 32-bit size (at most \
+                 {})",
+                i32::MAX
+            ),
+        );
+    }
+    Ok(())
 }
 
 /// buffers: out, lse, qkv.
@@ -805,6 +946,184 @@ mod tests {
         let all: std::collections::BTreeSet<String> =
             crate::KERNEL_NAMES.iter().map(|k| k.to_string()).collect();
         assert_eq!(launched, all);
+    }
+
+    /// Every launch a step of shape `s` makes for attention (forward and
+    /// backward) and the LM head's cross-entropy, planned and checked
+    /// against the H100's launch limits: Ok where all of them would run.
+    fn step_plans(s: &ModelShape) -> Checked<()> {
+        let h = Heads {
+            b: s.micro_batch,
+            t: s.context,
+            c: s.n_embd,
+            nh: s.n_head,
+        };
+        let (n, c) = (h.b * h.t, h.c);
+        let rows_of = |x: usize| x.saturating_mul(h.nh.max(1));
+        let mut plans = vec![
+            attention_forward("bf16", n * c, rows_of(h.b * h.t), n * 3 * c, h)?,
+            attention_backward(
+                "bf16",
+                n * 3 * c,
+                rows_of(h.b * h.t),
+                n * c,
+                n * c,
+                rows_of(h.b * h.t),
+                n * 3 * c,
+                h,
+            )?,
+        ];
+        let rows = n.min(MAX_HEAD_ROWS);
+        plans.push(cross_entropy(
+            rows * s.vocab_size,
+            rows,
+            rows,
+            s.vocab_size.checked_sub(1).map(|t| t as u32),
+            s.vocab_size,
+            1.0,
+            true,
+        )?);
+        for step in plans.iter().flatten() {
+            step.launch.check()?;
+        }
+        Ok(())
+    }
+
+    /// `supports` accepts exactly the shapes whose step plans all run, and
+    /// names the key to change for the others.
+    #[test]
+    fn supports_agrees_with_the_plans_and_names_the_key() {
+        let gpt2 = ModelShape {
+            n_head: 12,
+            n_embd: 768,
+            vocab_size: 50_304,
+            context: 1024,
+            micro_batch: 16,
+        };
+        let cases: [(ModelShape, Option<&str>); 14] = [
+            (gpt2, None),
+            (
+                ModelShape {
+                    micro_batch: 1,
+                    ..gpt2
+                },
+                None,
+            ),
+            // GPT-2 XL (head size 64); the `tiny` preset (32); the worker's
+            // test model (8, the smallest); head size 128.
+            (
+                ModelShape {
+                    n_head: 25,
+                    n_embd: 1600,
+                    ..gpt2
+                },
+                None,
+            ),
+            (
+                ModelShape {
+                    n_head: 2,
+                    n_embd: 64,
+                    vocab_size: 128,
+                    context: 64,
+                    micro_batch: 16,
+                },
+                None,
+            ),
+            (
+                ModelShape {
+                    n_head: 2,
+                    n_embd: 16,
+                    vocab_size: 32,
+                    context: 16,
+                    micro_batch: 2,
+                },
+                None,
+            ),
+            (
+                ModelShape {
+                    n_head: 6,
+                    n_embd: 768,
+                    ..gpt2
+                },
+                None,
+            ),
+            // Head sizes 3 (the engine tests' awkward model), 12, 256; 5
+            // heads do not divide 768.
+            (
+                ModelShape {
+                    n_head: 3,
+                    n_embd: 9,
+                    vocab_size: 13,
+                    context: 7,
+                    micro_batch: 3,
+                },
+                Some("model.n_head"),
+            ),
+            (ModelShape { n_head: 64, ..gpt2 }, Some("model.n_head")),
+            (
+                ModelShape {
+                    n_head: 6,
+                    n_embd: 1536,
+                    ..gpt2
+                },
+                Some("model.n_head"),
+            ),
+            (ModelShape { n_head: 5, ..gpt2 }, Some("model.n_head")),
+            // 6,000 × 12 heads: 72,000 block rows; B·T·3C = 2.4 billion.
+            (
+                ModelShape {
+                    micro_batch: 6000,
+                    context: 8,
+                    ..gpt2
+                },
+                Some("train.micro_batch"),
+            ),
+            (
+                ModelShape {
+                    micro_batch: 1000,
+                    ..gpt2
+                },
+                Some("train.micro_batch"),
+            ),
+            // 256 rows of 10 million logits.
+            (
+                ModelShape {
+                    vocab_size: 10_000_000,
+                    ..gpt2
+                },
+                Some("model.vocab_size"),
+            ),
+            (
+                ModelShape {
+                    micro_batch: 0,
+                    ..gpt2
+                },
+                Some("train.micro_batch"),
+            ),
+        ];
+        for (shape, refused) in cases {
+            let verdict = supports(&shape);
+            assert_eq!(
+                verdict.as_ref().err().map(|u| u.key),
+                refused,
+                "{shape:?}: {verdict:?}"
+            );
+            assert_eq!(
+                verdict.is_ok(),
+                step_plans(&shape).is_ok(),
+                "{shape:?}: supports says {verdict:?}, the plans {:?}",
+                step_plans(&shape)
+            );
+        }
+        let e = supports(&ModelShape { n_head: 64, ..gpt2 }).expect_err("head size 12");
+        for part in [
+            "head size",
+            "768 / 64 = 12",
+            "multiples of 8 up to 128",
+            "n_head = 6, 8, 12, 16 would",
+        ] {
+            assert!(e.to_string().contains(part), "{part:?} in {e}");
+        }
     }
 
     #[test]

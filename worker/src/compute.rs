@@ -638,7 +638,7 @@ fn build_trainer(
     tracing::info!(
         "rank {}: {} engine (worker.engine = {})",
         a.rank,
-        trainer.engine_name(),
+        trainer.engine_description(),
         String::from(config.worker.engine)
     );
     if !a.load_checkpoint.is_empty() {

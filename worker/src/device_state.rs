@@ -16,7 +16,7 @@
 //!   in the order of the unbucketed sum, so bucketing changes no bit
 //!   (test). The engine's segmented backward hands each bucket over as
 //!   soon as it is final ([`DeviceState::reduce_ready`]), so on CUDA the
-//!   sums overlap backward (`engine::segmented_backward`);
+//!   sums overlap backward (`engine::composed::segmented_backward`);
 //! - the global norm is a Candle reduction on the device (bucket by
 //!   bucket, so its squares are never a gradient-sized buffer), and so is
 //!   the gradient factor (averaging and the clip), which the update reads
@@ -236,11 +236,16 @@ impl DeviceState {
         &mut self,
         collective: &mut dyn Collective,
     ) -> std::result::Result<(), CollectiveError> {
+        // A sum over one rank is the gradient itself: nothing to call (a
+        // one-GPU job, or the tests' `Solo`, which sums host memory only).
+        let alone = collective.world_size() == 1;
         while let Some(bucket) = self.buckets.get(self.reduced) {
             if self.filled[self.reduced] != bucket.len() {
                 break;
             }
-            collective.all_reduce_tensor(&self.grad, bucket.clone())?;
+            if !alone {
+                collective.all_reduce_tensor(&self.grad, bucket.clone())?;
+            }
             self.reduced += 1;
         }
         Ok(())

@@ -1,5 +1,5 @@
-//! The Stride worker: a GPT-2 model computed by the fused CPU engine or
-//! Candle ops ([`engine`], [`model`]), Stride's own
+//! The Stride worker: a GPT-2 model computed by the fused engine (CPU or
+//! CUDA kernels) or Candle ops ([`engine`], [`model`]), Stride's own
 //! AdamW with clipping ([`optim`]), the gradient collective
 //! ([`collective`]), the training step ([`trainer`]) and the gRPC session
 //! with the coordinator ([`session`]).

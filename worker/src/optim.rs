@@ -33,11 +33,7 @@ impl AdamW {
         let n = slots.last().map_or(0, |s| s.offset + s.len);
         AdamW {
             config: config.clone(),
-            decay_mask: slots
-                .iter()
-                .filter(|s| s.decays())
-                .map(|s| (s.offset, s.len))
-                .collect(),
+            decay_mask: decay_ranges(slots),
             m: vec![0.0; n],
             v: vec![0.0; n],
             step: 0,
@@ -47,25 +43,51 @@ impl AdamW {
     /// One update of `weights` with the (already averaged and clipped)
     /// gradient `grad` at learning rate `lr`.
     pub fn update(&mut self, weights: &mut [f32], grad: &[f32], lr: f64) {
-        assert_eq!(weights.len(), grad.len());
-        assert_eq!(weights.len(), self.m.len());
         self.step += 1;
         let k = Coefficients::new(&self.config, self.step, lr);
-        // Decoupled decay first (PyTorch order): w ← w·(1 − lr·wd).
-        for &(off, len) in &self.decay_mask {
-            for w in &mut weights[off..off + len] {
-                *w *= k.shrink;
-            }
+        adamw_step(
+            &k,
+            weights,
+            &mut self.m,
+            &mut self.v,
+            grad,
+            &self.decay_mask,
+        );
+    }
+}
+
+/// The `(offset, len)` ranges of the slots weight decay applies to.
+pub fn decay_ranges(slots: &[Slot]) -> Vec<(usize, usize)> {
+    slots
+        .iter()
+        .filter(|s| s.decays())
+        .map(|s| (s.offset, s.len))
+        .collect()
+}
+
+/// One AdamW update of `weights` and the moments `m`, `v` with the
+/// (already averaged and clipped) gradient `grad`, decaying the ranges
+/// `decay` (`(offset, len)`): [`AdamW::update`]'s loops, which the fused
+/// CPU engine runs on its own buffers.
+pub fn adamw_step(
+    k: &Coefficients,
+    weights: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    grad: &[f32],
+    decay: &[(usize, usize)],
+) {
+    assert_eq!(weights.len(), grad.len());
+    assert_eq!(weights.len(), m.len());
+    assert_eq!(weights.len(), v.len());
+    // Decoupled decay first (PyTorch order): w ← w·(1 − lr·wd).
+    for &(off, len) in decay {
+        for w in &mut weights[off..off + len] {
+            *w *= k.shrink;
         }
-        for i in 0..weights.len() {
-            k.apply(
-                &mut weights[i],
-                &mut self.m[i],
-                &mut self.v[i],
-                grad[i],
-                false,
-            );
-        }
+    }
+    for i in 0..weights.len() {
+        k.apply(&mut weights[i], &mut m[i], &mut v[i], grad[i], false);
     }
 }
 

@@ -2,16 +2,14 @@
 //! backward over the micro-batches of this rank, **the gradient all-reduce**,
 //! averaging, clipping, the AdamW update, and the hash of the new weights.
 //!
-//! The trainer owns the master weights (flat `f32`, in parameter-name
-//! order), the gradient accumulator, the optimiser state, the model's
-//! compute ([`Engine`]) and the collective. It does what a plan says —
-//! which samples, which LR — and never chooses either.
-//!
-//! Where that state lives follows the engine ([`Master`]): the fused CPU
-//! engine reads and writes host buffers in place; the composed engine (the
-//! CUDA path) keeps it on its device ([`DeviceState`]), so a step moves
-//! only token ids in and scalars out, counted by [`Transfers`]
-//! ([`StepOutcome::host_device_bytes`]).
+//! The trainer owns the [`Engine`] — the model's compute and the training
+//! state it computes on (flat f32 master weights in parameter-name order,
+//! the gradient accumulator, the AdamW moments), which each engine keeps
+//! where it computes: host buffers for the fused CPU engine, device memory
+//! for the fused CUDA engine and the composed one — and the collective. It
+//! does what a plan says — which samples, which LR — and never chooses
+//! either. On a device a step moves only token ids in and scalars out,
+//! counted by [`Transfers`] ([`StepOutcome::host_device_bytes`]).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -27,10 +25,8 @@ use stride_job::sampler::window_start;
 use stride_job::tokens::{Corpus, Scan, Tokens};
 
 use crate::collective::Collective;
-use crate::device_state::DeviceState;
-use crate::engine::Engine;
+use crate::engine::{self, Engine, Scalars};
 use crate::model::{self, Slot};
-use crate::optim::{AdamW, clip_global_norm};
 use crate::transfer::{Pinned, Purpose, Transfers};
 
 /// Host buffers a checkpoint's state is copied into.
@@ -120,16 +116,6 @@ impl Drop for Snapshot {
     }
 }
 
-/// `dst` = `src`, reusing `dst`'s memory when it has the same length.
-fn copy_into(dst: &mut Vec<f32>, src: &[f32]) {
-    if dst.len() == src.len() {
-        dst.copy_from_slice(src);
-    } else {
-        dst.clear();
-        dst.extend_from_slice(src);
-    }
-}
-
 /// What a trainer and the thread that talks to the coordinator share.
 #[derive(Debug, Default)]
 pub struct Signals {
@@ -165,26 +151,12 @@ pub struct StepOutcome {
     pub host_device_bytes: u64,
 }
 
-/// Where the master weights, the gradient and the optimizer state live;
-/// see the module doc.
-#[derive(Debug)]
-enum Master {
-    /// Host buffers, read and written in place by the fused engine.
-    Host {
-        weights: Vec<f32>,
-        grad: Vec<f32>,
-        optimizer: AdamW,
-    },
-    /// Tensors on the composed engine's device.
-    Device(Box<DeviceState>),
-}
-
 #[derive(Debug)]
 pub struct Trainer {
     pub config: Config,
+    /// The model's compute and its state (see the module doc).
     engine: Engine,
     slots: Vec<Slot>,
-    master: Master,
     transfers: Transfers,
     corpus: Corpus,
     collective: Box<dyn Collective>,
@@ -222,39 +194,26 @@ impl Trainer {
         let slots = model::layout(&config.model);
         let weights = model::initial_weights(&config.model, config.train.seed);
         let transfers = Transfers::default();
-        // Master weights and optimizer state stay f32; the composed engine
-        // computes in bf16 on GPUs (autocast-style, see model.rs).
+        // Master weights and optimizer state stay f32 whatever the engine
+        // computes in (bf16 on GPUs by default).
         let engine = Engine::new(
             config.worker.engine,
-            &config.model,
-            &weights,
-            config.train.micro_batch,
-            &device,
-            config.worker.precision,
-            transfers.clone(),
-        )?;
-        let master = if engine.is_device_resident() {
-            Master::Device(Box::new(DeviceState::new(
-                &weights,
-                &slots,
-                &config.optim,
-                &device,
-                transfers.clone(),
-            )?))
-        } else {
-            Master::Host {
-                optimizer: AdamW::new(&config.optim, &slots),
-                grad: vec![0.0; weights.len()],
+            engine::Setup {
+                model: &config.model,
+                optim: &config.optim,
                 weights,
-            }
-        };
+                micro_batch: config.train.micro_batch,
+                device: &device,
+                precision: config.worker.precision,
+                transfers: transfers.clone(),
+            },
+        )?;
         // Building the state is not a step's traffic.
         transfers.take(Purpose::Step);
         Ok(Trainer {
             config: config.clone(),
             engine,
             slots,
-            master,
             transfers,
             corpus,
             collective,
@@ -295,6 +254,11 @@ impl Trainer {
         self.engine.name()
     }
 
+    /// The engine, its device and compute precision, for the log.
+    pub fn engine_description(&self) -> &'static str {
+        self.engine.describe()
+    }
+
     pub fn slots(&self) -> &[Slot] {
         &self.slots
     }
@@ -315,22 +279,7 @@ impl Trainer {
     /// straight into the trainer's buffers. After an error the trainer is
     /// half-loaded and must be dropped (`compute.rs` does).
     pub fn load_checkpoint(&mut self, dir: &Path, weights_only: bool) -> Result<()> {
-        match &mut self.master {
-            Master::Host {
-                weights, optimizer, ..
-            } => {
-                checkpoint::read_model_into(dir, &self.slots, weights)?;
-                if !weights_only {
-                    let o = optimizer;
-                    o.step = checkpoint::read_optimizer_into(dir, &self.slots, &mut o.m, &mut o.v)?;
-                }
-            }
-            Master::Device(state) => {
-                state.load(dir, &self.slots, weights_only)?;
-                self.engine.refresh_from(state)?;
-            }
-        }
-        Ok(())
+        self.engine.load(dir, &self.slots, weights_only)
     }
 
     /// A copy of everything a checkpoint holds from this rank, taken at a
@@ -343,21 +292,10 @@ impl Trainer {
             .ok()
             .and_then(|mut s| s.take())
             .unwrap_or_default();
-        let optimizer_step = match &self.master {
-            Master::Host {
-                weights, optimizer, ..
-            } => {
-                copy_into(&mut buffers.weights, weights);
-                copy_into(&mut buffers.m, &optimizer.m);
-                copy_into(&mut buffers.v, &optimizer.v);
-                optimizer.step
-            }
-            Master::Device(state) => {
-                buffers.prepare(state.device(), state.len());
-                state.read(&mut buffers.weights, &mut buffers.m, &mut buffers.v)?;
-                state.step
-            }
-        };
+        buffers.prepare(self.engine.device(), self.engine.len());
+        let optimizer_step =
+            self.engine
+                .read_state(&mut buffers.weights, &mut buffers.m, &mut buffers.v)?;
         Ok(Snapshot {
             slots: self.slots.clone(),
             buffers,
@@ -380,15 +318,7 @@ impl Trainer {
     /// weights are copied to the host for it: the plan asks for it every
     /// `worker.weights_check_interval` steps).
     pub fn weights_hash(&self) -> Result<u64> {
-        let hash = |w: &[f32]| xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(w));
-        Ok(match &self.master {
-            Master::Host { weights, .. } => hash(weights),
-            Master::Device(state) => {
-                let mut w = Vec::new();
-                state.weights_to_host(&mut w)?;
-                hash(&w)
-            }
-        })
+        self.engine.weights_hash()
     }
 
     /// Reads the windows of `samples` from `tokens` into the reused input
@@ -436,11 +366,7 @@ impl Trainer {
 
         // Forward and backward over this rank's micro-batches, summing
         // gradients into the flat accumulator.
-        match &mut self.master {
-            Master::Host { grad, .. } => grad.fill(0.0),
-            Master::Device(state) => state.zero_grad(),
-        }
-        let mut loss_sum = 0.0;
+        self.engine.begin_step()?;
         // The rank is on every span.
         let rank = self.rank();
         let span = tracing::info_span!(
@@ -450,36 +376,20 @@ impl Trainer {
         );
         let entered = span.enter();
         let chunks = samples.len().div_ceil(micro.max(1));
-        let mut device_losses = Vec::new();
         for (i, chunk) in samples.chunks(micro).enumerate() {
             self.micro_batch_boundary(false)?;
             self.batch(&train, chunk, self.config.data.stride)?;
-            loss_sum += match &mut self.master {
-                Master::Host { weights, grad, .. } => {
-                    self.engine
-                        .forward_backward(weights, grad, &self.inputs, &self.targets)?
-                }
-                Master::Device(state) => {
-                    state.begin_micro_batch()?;
-                    // The last micro-batch all-reduces buckets as backward
-                    // finishes them.
-                    let last = i + 1 == chunks;
-                    let reduce: Option<&mut dyn Collective> = if last {
-                        Some(&mut *self.collective)
-                    } else {
-                        None
-                    };
-                    // Read with the norm after the update (one wait for
-                    // the device a step).
-                    device_losses.push(self.engine.forward_backward_on(
-                        state,
-                        &self.inputs,
-                        &self.targets,
-                        reduce,
-                    )?);
-                    0.0
-                }
+            // The last micro-batch may all-reduce buckets as backward
+            // finishes them (the composed engine does).
+            let reduce: Option<&mut dyn Collective> = if i + 1 == chunks {
+                Some(&mut *self.collective)
+            } else {
+                None
             };
+            // Its loss is read with the norm after the update (one wait
+            // for a device a step).
+            self.engine
+                .forward_backward(&self.inputs, &self.targets, reduce)?;
             self.micro_batch_boundary(true)?;
         }
         drop(entered);
@@ -488,47 +398,18 @@ impl Trainer {
         // ---- Gradient synchronisation: the only exchange between ranks ----
         let reduce_start = Instant::now();
         let floats = self.parameter_count() as i64;
-        tracing::info_span!("allreduce", rank, floats).in_scope(|| match &mut self.master {
-            Master::Host { grad, .. } => self.collective.all_reduce_sum(grad),
-            Master::Device(state) => state.all_reduce(self.collective.as_mut()),
-        })?;
+        tracing::info_span!("allreduce", rank, floats)
+            .in_scope(|| self.engine.all_reduce(self.collective.as_mut()))?;
         let allreduce_s = reduce_start.elapsed().as_secs_f64();
         let _optimizer = tracing::info_span!("optimizer", rank).entered();
 
-        // Sum over all micro-batches of all ranks → mean over the global batch.
+        // Sum over all micro-batches of all ranks → mean over the global
+        // batch; clipping; AdamW; then the step's losses and norm are read.
         let micro_batches = self.accumulation * self.collective.world_size();
-        let grad_norm = match &mut self.master {
-            Master::Host {
-                weights,
-                grad,
-                optimizer,
-            } => {
-                let scale = 1.0 / micro_batches as f32;
-                for g in grad.iter_mut() {
-                    *g *= scale;
-                }
-                let grad_norm = clip_global_norm(grad, self.config.optim.grad_clip);
-                optimizer.update(weights, grad, lr);
-                grad_norm
-            }
-            Master::Device(state) => {
-                let norm = state.update_on_device(1.0 / micro_batches as f64, lr)?;
-                self.engine.refresh_from(state)?;
-                // Everything is enqueued: the one read of the step.
-                device_losses.push(norm);
-                let mut values = Vec::new();
-                self.transfers.to_host(
-                    Purpose::Step,
-                    &candle_core::Tensor::stack(&device_losses, 0)?,
-                    &mut values,
-                )?;
-                let Some((norm, losses)) = values.split_last() else {
-                    anyhow::bail!("a step without micro-batches");
-                };
-                loss_sum = losses.iter().copied().map(f64::from).sum();
-                f64::from(*norm)
-            }
-        };
+        let Scalars {
+            loss_sum,
+            grad_norm,
+        } = self.engine.update(micro_batches, lr)?;
 
         Ok(StepOutcome {
             loss: loss_sum / self.accumulation as f64,
@@ -552,11 +433,7 @@ impl Trainer {
         for chunk in samples.chunks(self.config.train.micro_batch) {
             self.micro_batch_boundary(false)?;
             self.batch(&val, chunk, self.config.data.val_stride)?;
-            let weights: &[f32] = match &self.master {
-                Master::Host { weights, .. } => weights,
-                Master::Device(_) => &[],
-            };
-            let loss = self.engine.loss(weights, &self.inputs, &self.targets)?;
+            let loss = self.engine.loss(&self.inputs, &self.targets)?;
             self.signals.micro_batches.fetch_add(1, Ordering::Relaxed);
             let n = (chunk.len() * t) as u64;
             loss_sum += loss * n as f64;
@@ -800,14 +677,14 @@ mod tests {
             held,
             "reused, not allocated"
         );
-        let Master::Host {
-            weights, optimizer, ..
-        } = &t.master
-        else {
-            panic!("the fused engine keeps its state on the host");
-        };
-        assert_eq!(&second.buffers.weights, weights);
-        assert_eq!(second.buffers.v, optimizer.v);
+        assert!(
+            !t.engine.is_device_resident(),
+            "the fused CPU engine keeps its state on the host"
+        );
+        let (mut w, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
+        t.engine.read_state(&mut w, &mut m, &mut v).expect("state");
+        assert_eq!(second.buffers.weights, w);
+        assert_eq!(second.buffers.v, v);
         second.write(dir_b.path()).expect("write");
         let mut back = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
         back.load_checkpoint(dir_b.path(), false).expect("load");
@@ -816,6 +693,74 @@ mod tests {
             t.weights_hash().expect("hash")
         );
         assert_eq!(state_of(&back), state_of(&t));
+    }
+
+    /// The fused CPU engine owns its state now (`Fused<Cpu<f32>>`); its
+    /// step is the host step the trainer ran before, operation for
+    /// operation. Three steps of accumulation 4 with clipping active,
+    /// against that step written out (the fused model over host buffers,
+    /// the sum scaled by 1/micro-batches in f32, `clip_global_norm`,
+    /// `AdamW::update`): the same bits of loss, norm, weights, moments and
+    /// update count after each.
+    #[test]
+    fn the_fused_cpu_step_is_the_host_step_it_replaced_bit_for_bit() {
+        use crate::engine::FusedGpt;
+        use crate::optim::{AdamW, clip_global_norm};
+        let c = config("[optim]\ngrad_clip = 0.05\n");
+        let batches = samples_of(&c, 3);
+        let mut t = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+        // The windows, read as the trainer reads them.
+        let mut reader = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+        let train = reader.corpus.train.clone();
+
+        let slots = model::layout(&c.model);
+        let mut weights = model::initial_weights(&c.model, c.train.seed);
+        let mut grad = vec![0f32; weights.len()];
+        let mut optimizer = AdamW::new(&c.optim, &slots);
+        let mut fused = FusedGpt::<f32>::new(&c.model, &slots, c.train.micro_batch).expect("model");
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+        let mut clipped = 0;
+        for b in &batches {
+            let got = t.step(b, 1e-2).expect("step");
+            grad.fill(0.0);
+            let mut loss_sum = 0.0;
+            for chunk in b.chunks(c.train.micro_batch) {
+                reader.batch(&train, chunk, c.data.stride).expect("batch");
+                loss_sum += fused
+                    .forward_backward(&weights, &mut grad, &reader.inputs, &reader.targets)
+                    .expect("forward and backward");
+            }
+            let micro_batches: usize = 4;
+            let scale = 1.0 / micro_batches as f32;
+            for g in grad.iter_mut() {
+                *g *= scale;
+            }
+            let norm = clip_global_norm(&mut grad, c.optim.grad_clip);
+            optimizer.update(&mut weights, &grad, 1e-2);
+            clipped += usize::from(norm > c.optim.grad_clip);
+            assert_eq!(got.loss.to_bits(), (loss_sum / 4.0).to_bits(), "loss");
+            assert_eq!(got.grad_norm.to_bits(), norm.to_bits(), "norm");
+            let (w, m, v, step) = state_of(&t);
+            assert_eq!(step, optimizer.step);
+            assert_eq!(bits(&w), bits(&weights), "weights");
+            assert_eq!(bits(&m), bits(&optimizer.m), "first moments");
+            assert_eq!(bits(&v), bits(&optimizer.v), "second moments");
+        }
+        assert!(clipped > 0, "clipping was exercised");
+        let (sum, n) = t.evaluate(&[0, 1, 2]).expect("evaluate");
+        reader
+            .batch(&reader.corpus.val.clone(), &[0, 1, 2], c.data.val_stride)
+            .expect("batch");
+        let mut want = 0.0;
+        for (x, y) in reader
+            .inputs
+            .chunks(2 * 16)
+            .zip(reader.targets.chunks(2 * 16))
+        {
+            let loss = fused.loss(&weights, x, y).expect("loss");
+            want += loss * x.len() as f64;
+        }
+        assert_eq!((sum.to_bits(), n), (want.to_bits(), 48));
     }
 
     /// Checkpoints written before the fused engine existed came from the
@@ -998,16 +943,215 @@ mod tests {
         assert_eq!(one[0].0.3, 6, "six updates");
     }
 
-    /// The GPU checks of the device-resident step. Compiled with the `cuda`
-    /// feature (`.ci/cuda-check`), ignored unless asked for on a machine
-    /// with a GPU: `STRIDE_TEST_CUDA=1 cargo test -p stride-worker
-    /// --features cuda -- --ignored gpu`. Asked for without the variable
-    /// or without a GPU, they fail saying so: never a silent pass.
+    /// The GPU checks of the device-resident steps, the composed engine's
+    /// and the fused CUDA engine's. Compiled with the `cuda` feature
+    /// (`.ci/cuda-check`), ignored unless asked for on a machine with a
+    /// GPU: `STRIDE_TEST_CUDA=1 cargo test -p stride-worker --features
+    /// cuda -- --ignored gpu`. Asked for without the variable or without a
+    /// GPU, they fail saying so: never a silent pass. (Nothing of it has
+    /// run on a GPU yet.)
     #[cfg(feature = "cuda")]
     mod gpu {
         use super::*;
 
+        use crate::engine::tests::{assert_tracks, mark_noise};
         use crate::test_cuda_device as cuda;
+
+        /// The fused engine computing in `precision`, clipping at 0.5 (the
+        /// test model's gradients exceed it: clipping is exercised).
+        fn fused(precision: &str) -> Config {
+            config(&format!(
+                "[worker]\nengine = \"fused\"\nprecision = \"{precision}\"\n\
+                 [optim]\ngrad_clip = 0.5\n"
+            ))
+        }
+
+        /// Three whole steps of the fused engine on CUDA in f32 compute
+        /// (accumulation 4: the gradient zeroed and summed on the device,
+        /// the optimizer step as kernels, one read at the end) against the
+        /// fused CPU engine: the losses to 1e-5, the gradient norm to 1e-4,
+        /// the weights and both AdamW moments to 1e-4 of their scale (the
+        /// weights whose gradient is cancellation noise to 2·lr a step:
+        /// `engine::tests::assert_tracks`). A step waits for the device
+        /// once and moves the token ids in and 5 scalars out.
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: STRIDE_TEST_CUDA=1 cargo test -p stride-worker --features cuda -- --ignored gpu"]
+        fn gpu_three_fused_f32_steps_track_the_cpu_fused_engine() {
+            let c = fused("f32");
+            let batches = samples_of(&c, 3);
+            let mut gpu = Trainer::new(&c, Box::new(Solo), 4, cuda()).expect("trainer");
+            let mut cpu = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+            assert_eq!(gpu.engine_description(), "fused (CUDA kernels, f32)");
+            assert_eq!(cpu.engine_description(), "fused (CPU kernels, f32)");
+            let slots = gpu.slots().to_vec();
+            let lr = 1e-3;
+            let mut noise = vec![false; gpu.parameter_count()];
+            let tokens_in = 2 * 4 * c.train.micro_batch * c.model.context * 4;
+            gpu.transfers.take_step_reads();
+            let mut clipped = 0;
+            for (step, b) in batches.iter().enumerate() {
+                let (og, oc) = (
+                    gpu.step(b, lr).expect("gpu step"),
+                    cpu.step(b, lr).expect("cpu step"),
+                );
+                assert!(
+                    ((og.loss - oc.loss) / oc.loss).abs() < 1e-5,
+                    "step {step}: {og:?} vs {oc:?}"
+                );
+                assert!(
+                    ((og.grad_norm - oc.grad_norm) / oc.grad_norm).abs() < 1e-4,
+                    "step {step}: {og:?} vs {oc:?}"
+                );
+                clipped += usize::from(oc.grad_norm > 0.5);
+                assert_eq!(gpu.transfers.take_step_reads(), 1, "one wait a step");
+                assert!(
+                    og.host_device_bytes >= (tokens_in + 5 * 4) as u64,
+                    "{og:?}: token ids in (with the embedding backward's buckets), scalars out"
+                );
+                assert_eq!(oc.host_device_bytes, 0);
+                let (g_gpu, g_cpu) = (
+                    gpu.engine.gradient().expect("gradient"),
+                    cpu.engine.gradient().expect("gradient"),
+                );
+                mark_noise(&mut noise, &slots, &g_cpu, &g_gpu);
+                let (a, b) = (state_of(&gpu), state_of(&cpu));
+                assert_eq!(a.3, b.3, "update counts");
+                assert_tracks(
+                    &format!("step {step}"),
+                    step + 1,
+                    lr,
+                    &slots,
+                    &noise,
+                    [
+                        ("weights", &a.0, &b.0),
+                        ("first moments", &a.1, &b.1),
+                        ("second moments", &a.2, &b.2),
+                    ],
+                );
+            }
+            assert!(clipped > 0, "clipping was exercised");
+            let (gs, gn) = gpu.evaluate(&[0, 1, 2]).expect("evaluate");
+            let (cs, cn) = cpu.evaluate(&[0, 1, 2]).expect("evaluate");
+            assert_eq!(gn, cn);
+            assert!(((gs - cs) / cs).abs() < 1e-5, "validation {gs} vs {cs}");
+        }
+
+        /// The fused CUDA engine in bf16 compute (f32 master weights and
+        /// moments, the bf16 copy refreshed by a cast after every update)
+        /// follows its f32 compute within 1 % on the loss, step by step,
+        /// over 20 steps.
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: STRIDE_TEST_CUDA=1 cargo test -p stride-worker --features cuda -- --ignored gpu"]
+        fn gpu_twenty_fused_bf16_steps_stay_within_one_percent_of_f32() {
+            let device = cuda();
+            let losses = |precision: &str| {
+                let c = fused(precision);
+                let mut t = Trainer::new(&c, Box::new(Solo), 4, device.clone()).expect("trainer");
+                assert!(
+                    t.engine_description().contains(precision),
+                    "{}",
+                    t.engine_description()
+                );
+                samples_of(&c, 20)
+                    .iter()
+                    .map(|b| t.step(b, 3e-3).expect("step").loss)
+                    .collect::<Vec<_>>()
+            };
+            let (f32s, bf16s) = (losses("f32"), losses("bf16"));
+            for (step, (a, b)) in f32s.iter().zip(&bf16s).enumerate() {
+                assert!(
+                    ((a - b) / a).abs() < 0.01,
+                    "step {step}: f32 {f32s:?} vs bf16 {bf16s:?}"
+                );
+            }
+            assert!(f32s[19] < f32s[0], "it learns: {f32s:?}");
+        }
+
+        /// A checkpoint written by the fused CUDA trainer (bf16 compute,
+        /// `auto`'s choice on CUDA) resumes on the CPU (the fused CPU
+        /// engine: `auto`'s choice there) with the same bits of weights,
+        /// moments and update count and the same weights hash; the CPU's
+        /// next checkpoint resumes on CUDA with the same bits again. A
+        /// second CUDA trainer loading the first checkpoint takes the same
+        /// next step as the one that wrote it (its compute copy was
+        /// refreshed from the loaded weights).
+        #[test]
+        #[ignore = "needs an NVIDIA GPU: STRIDE_TEST_CUDA=1 cargo test -p stride-worker --features cuda -- --ignored gpu"]
+        fn gpu_a_fused_cuda_checkpoint_resumes_on_the_cpu_and_back() {
+            let device = cuda();
+            let c = config("[worker]\nengine = \"auto\"\n");
+            let batches = samples_of(&c, 4);
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+            let same = |a: &(Vec<f32>, Vec<f32>, Vec<f32>, u64),
+                        b: &(Vec<f32>, Vec<f32>, Vec<f32>, u64),
+                        what: &str| {
+                assert_eq!(a.3, b.3, "{what}: update count");
+                assert_eq!(bits(&a.0), bits(&b.0), "{what}: weights");
+                assert_eq!(bits(&a.1), bits(&b.1), "{what}: first moments");
+                assert_eq!(bits(&a.2), bits(&b.2), "{what}: second moments");
+            };
+            let (d1, d2) = (
+                tempfile::tempdir().expect("tmp"),
+                tempfile::tempdir().expect("tmp"),
+            );
+            let mut gpu = Trainer::new(&c, Box::new(Solo), 4, device.clone()).expect("trainer");
+            assert!(
+                gpu.engine_description().contains("CUDA kernels, bf16"),
+                "{}",
+                gpu.engine_description()
+            );
+            for b in &batches[..2] {
+                gpu.step(b, 1e-2).expect("step");
+            }
+            let snapshot = gpu.snapshot().expect("snapshot");
+            assert_eq!(
+                snapshot.buffers.pins.len(),
+                3,
+                "weights and moments are copied into page-locked buffers"
+            );
+            assert_eq!(snapshot.weights_hash(), gpu.weights_hash().expect("hash"));
+            snapshot.write(d1.path()).expect("write");
+            drop(snapshot);
+            let written = state_of(&gpu);
+
+            let mut cpu = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
+            assert_eq!(cpu.engine_description(), "fused (CPU kernels, f32)");
+            cpu.load_checkpoint(d1.path(), false)
+                .expect("load on the CPU");
+            same(&state_of(&cpu), &written, "CUDA → CPU");
+            assert_eq!(
+                cpu.weights_hash().expect("hash"),
+                gpu.weights_hash().expect("hash")
+            );
+            cpu.step(&batches[2], 1e-2).expect("step");
+            cpu.snapshot()
+                .expect("snapshot")
+                .write(d2.path())
+                .expect("write");
+            let mut back = Trainer::new(&c, Box::new(Solo), 4, device.clone()).expect("trainer");
+            back.load_checkpoint(d2.path(), false)
+                .expect("load on the GPU");
+            same(&state_of(&back), &state_of(&cpu), "CPU → CUDA");
+            assert_eq!(
+                back.weights_hash().expect("hash"),
+                cpu.weights_hash().expect("hash")
+            );
+            let resumed = back.step(&batches[3], 1e-2).expect("step");
+            assert!(resumed.loss.is_finite(), "{resumed:?}");
+
+            let mut again = Trainer::new(&c, Box::new(Solo), 4, device).expect("trainer");
+            again
+                .load_checkpoint(d1.path(), false)
+                .expect("load on the GPU");
+            let (x, y) = (
+                gpu.step(&batches[2], 1e-2).expect("step"),
+                again.step(&batches[2], 1e-2).expect("step"),
+            );
+            assert!(
+                ((x.loss - y.loss) / x.loss).abs() < 1e-6,
+                "the writer's next step {x:?}, the reloaded one's {y:?}"
+            );
+        }
 
         fn composed(precision: &str) -> Config {
             config(&format!(

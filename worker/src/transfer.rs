@@ -1,5 +1,7 @@
-//! Every copy between host memory and a Candle device made by the
-//! device-resident step goes through here, and is counted.
+//! Every copy between host memory and a device made by the
+//! device-resident steps is counted here: the composed engine's go through
+//! here (Candle tensors), the fused CUDA engine's (raw cudarc buffers, its
+//! backend's uploads of token ids) are recorded here as they are made.
 //!
 //! The count is the product's check that a step keeps its state on the
 //! device: the step reports the bytes it moved ([`Transfers::take`]), and a
@@ -50,6 +52,20 @@ impl Transfers {
             Purpose::State => &self.state,
         };
         counter.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a copy to the device made elsewhere: the fused CUDA engine's
+    /// (its backend uploads the token ids each kernel reads, and its state
+    /// loads are raw cudarc copies). Every copy the device-resident paths
+    /// make is counted here, whoever makes it.
+    pub fn record_upload(&self, purpose: Purpose, bytes: usize) {
+        self.count(purpose, bytes);
+    }
+
+    /// Counts a copy to the host made elsewhere (the fused CUDA engine's):
+    /// within a step, a wait for the device.
+    pub fn record_download(&self, purpose: Purpose, bytes: usize) {
+        self.count_read(purpose, bytes);
     }
 
     /// `data` as a tensor of `shape` on `device`.

@@ -155,6 +155,42 @@ impl DeviceStorage for half::bf16 {
     }
 }
 
+/// The most bytes of device memory `stream`'s context has had allocated at
+/// once from its device's current memory pool since the context began
+/// (`CU_MEMPOOL_ATTR_USED_MEM_HIGH`): where cudarc allocates stream-ordered
+/// (`cuMemAllocAsync`, on every GPU that has pools, an H100 included),
+/// that is every buffer cudarc, Candle and this layer allocate — a peak
+/// that a later read of the free memory (`cuMemGetInfo`) cannot see once
+/// the pool has given transient buffers back. `None` where the context
+/// does not allocate from pools.
+#[allow(unsafe_code)]
+pub fn pool_peak_bytes(stream: &CudaStream) -> Result<Option<u64>, GpuError> {
+    use cudarc::driver::{result, sys};
+    let ctx = stream.context();
+    if !ctx.has_async_alloc() {
+        return Ok(None);
+    }
+    let what = "reading the memory pool's high-water mark";
+    ctx.bind_to_thread()
+        .map_err(|e| GpuError::driver(what, e))?;
+    // SAFETY: `cu_device` is the context's own device, as cuDeviceGet gave it.
+    let pool = unsafe { result::device::get_mem_pool(ctx.cu_device()) }
+        .map_err(|e| GpuError::driver(what, e))?;
+    let mut bytes: u64 = 0;
+    // SAFETY: `pool` is the device's current pool; USED_MEM_HIGH is a
+    // cuuint64_t, which `bytes` is, alive for the call.
+    unsafe {
+        sys::cuMemPoolGetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            (&raw mut bytes).cast(),
+        )
+    }
+    .result()
+    .map_err(|e| GpuError::driver(what, e))?;
+    Ok(Some(bytes))
+}
+
 /// `host` on the device, at least one element long (an empty buffer still
 /// gets a valid allocation; its users are told the real length).
 fn upload_padded(stream: &Arc<CudaStream>, host: &[u32]) -> Result<CudaSlice<u32>, GpuError> {

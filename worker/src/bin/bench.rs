@@ -5,6 +5,19 @@
 //!
 //!     cargo run --release -p stride-worker --bin bench -- [--pytorch python3] [--steps N]
 //!
+//! With `--cuda` (a `--features cuda` build, on a GPU) it prints instead
+//! the GPU lines: GPT-2 small (124 M) at micro-batch 1 × 1,024 and 16 ×
+//! 1,024, the fused CUDA engine and the composed one side by side — ms per
+//! step, tokens/s, MFU against the H100's dense bf16 peak (989 TFLOP/s;
+//! FLOPs per token 6N + 12·L·C·T, N every parameter), the peak of device
+//! memory (the memory pool's high-water mark; cuMemGetInfo's figure
+//! beside it) — each step without a CUDA graph (none is built yet). A
+//! line that fails (the composed engine out of memory at 16 × 1,024, say)
+//! or takes longer than `--line-timeout-s` says so, and the others still
+//! run.
+//!
+//!     bench --cuda [--steps N] [--line-timeout-s S]
+//!
 //! Each model line is one child process (so its peak RSS is its own) that
 //! builds a real `Trainer` on a synthetic corpus and times `Trainer::step`
 //! — the code a worker runs, not a copy of it — with one worker (no
@@ -71,6 +84,17 @@ struct Args {
     /// Internal: leave glibc's malloc at its defaults in the child.
     #[arg(long, hide = true)]
     default_malloc: bool,
+    /// The GPU lines only (module doc): fused CUDA and composed engines on
+    /// GPT-2 small, at micro-batch 1 and 16 of 1,024 tokens.
+    #[arg(long)]
+    cuda: bool,
+    /// With --cuda: the longest a line may take (its process is killed
+    /// after it, and the line says so).
+    #[arg(long, default_value_t = 60)]
+    line_timeout_s: u64,
+    /// Internal: the device of a model line (`cpu` or `cuda`).
+    #[arg(long, hide = true, default_value = "cpu")]
+    device: String,
 }
 
 /// A model shape the bench trains: name, model, micro-batch.
@@ -108,6 +132,28 @@ fn shapes() -> Vec<Shape> {
             batch: 2,
         },
     ]
+}
+
+/// The GPU lines' shapes: GPT-2 small at context 1,024, micro-batch 1 and 16.
+fn cuda_shapes() -> Vec<Shape> {
+    [("gpt2-1x1024", 1), ("gpt2-16x1024", 16)]
+        .into_iter()
+        .map(|(name, batch)| Shape {
+            name,
+            model: ModelConfig::default(),
+            batch,
+        })
+        .collect()
+}
+
+/// The H100 SXM's dense bf16 peak, the MFU's denominator.
+const H100_PEAK_FLOPS: f64 = 989e12;
+
+/// Training FLOPs per token of a GPT (PaLM's estimate, nanoGPT's MFU):
+/// 6N for the parameters' products forward and backward, 12·L·C·T for
+/// attention's.
+fn flops_per_token(parameters: usize, m: &ModelConfig) -> f64 {
+    6.0 * parameters as f64 + 12.0 * (m.n_layer * m.n_embd * m.context) as f64
 }
 
 /// A resolved job config for `shape` on one CPU worker with `engine`.
@@ -151,15 +197,104 @@ fn status_mb(key: &str) -> f64 {
         .map_or(f64::NAN, |kb| kb / 1024.0)
 }
 
+/// Candle's device for a model line.
+fn open_device(device: &str) -> Result<Device> {
+    match device {
+        "cpu" => Ok(Device::Cpu),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Device::new_cuda(0)?),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => anyhow::bail!("this bench was built without CUDA: --features cuda"),
+        other => anyhow::bail!("no device {other} (cpu or cuda)"),
+    }
+}
+
+/// Device memory of `device`'s GPU: the memory pool's high-water mark and
+/// what cuMemGetInfo says is in use (total − free), in MB; NaN where
+/// unknown (a CPU, a context without pools).
+#[cfg(feature = "cuda")]
+fn device_memory_mb(device: &Device) -> (f64, f64) {
+    let Ok(cuda) = device.as_cuda_device() else {
+        return (f64::NAN, f64::NAN);
+    };
+    let stream = cuda.cuda_stream();
+    let mb = |b: u64| b as f64 / 1e6;
+    let peak = stride_cuda_kernels::gpu::pool_peak_bytes(&stream)
+        .ok()
+        .flatten()
+        .map_or(f64::NAN, mb);
+    let used = stream
+        .context()
+        .mem_get_info()
+        .map_or(f64::NAN, |(free, total)| mb((total - free) as u64));
+    (peak, used)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn device_memory_mb(_: &Device) -> (f64, f64) {
+    (f64::NAN, f64::NAN)
+}
+
+/// One GPU model line, in this (child) process: two warm-up steps (the
+/// first one's cuBLASLt heuristics and, for the composed engine, the PTX
+/// compilation of Candle's kernels), then `steps` timed `Trainer::step`s,
+/// each ending in the step's read of its scalars (so its time is the
+/// device's).
+fn child_cuda(shape: &Shape, engine: &str, steps: usize) -> Result<()> {
+    let c = config(shape, engine)?;
+    let device = open_device("cuda")?;
+    let (_, used_before) = device_memory_mb(&device);
+    let mut trainer = Trainer::new(&c, Box::new(Solo), 1, device.clone())?;
+    let samples: Vec<u64> = (0..shape.batch as u64).collect();
+    for _ in 0..2 {
+        trainer.step(&samples, 1e-4)?;
+    }
+    let (mut total, mut moved) = (0.0, 0);
+    for _ in 0..steps {
+        let o = trainer.step(&samples, 1e-4)?;
+        total += o.total_s;
+        moved = o.host_device_bytes;
+    }
+    let (peak, used_after) = device_memory_mb(&device);
+    let parameters = model::parameter_count(trainer.slots());
+    let step_s = total / steps.max(1) as f64;
+    let tokens = (shape.batch * shape.model.context) as f64;
+    let mfu = tokens / step_s * flops_per_token(parameters, &shape.model) / H100_PEAK_FLOPS;
+    println!(
+        "stride {:<8} {:<12} cuda  {:>5.1}M params  batch {}x{}  {} without CUDA graph: {:>7.2} ms/step  {:>8.0} tokens/s  MFU {:>5.1}% of 989 TFLOP/s  peak device memory {:>6.0} MB (pool high-water; cuMemGetInfo in use {:.0} MB, {:.0} MB before the trainer)  host<->device {moved} B/step",
+        trainer.engine_name(),
+        shape.name,
+        parameters as f64 / 1e6,
+        shape.batch,
+        shape.model.context,
+        trainer.engine_description(),
+        1e3 * step_s,
+        tokens / step_s,
+        100.0 * mfu,
+        peak,
+        used_after,
+        used_before,
+    );
+    Ok(())
+}
+
 /// One model line, in this (child) process: `steps` timed `Trainer::step`s
 /// after a warm-up step.
-fn child(name: &str, engine: &str, steps: usize) -> Result<()> {
+fn child(name: &str, engine: &str, steps: usize, device: &str) -> Result<()> {
+    if device == "cuda" {
+        let shape = cuda_shapes()
+            .into_iter()
+            .chain(shapes())
+            .find(|s| s.name == name)
+            .with_context(|| format!("no shape {name}"))?;
+        return child_cuda(&shape, engine, steps);
+    }
     let shape = shapes()
         .into_iter()
         .find(|s| s.name == name)
         .with_context(|| format!("no shape {name}"))?;
     let c = config(&shape, engine)?;
-    let mut trainer = Trainer::new(&c, Box::new(Solo), 1, Device::Cpu)?;
+    let mut trainer = Trainer::new(&c, Box::new(Solo), 1, open_device(device)?)?;
     let samples: Vec<u64> = (0..shape.batch as u64).collect();
     trainer.step(&samples, 1e-3)?;
     let (mut total, mut compute, mut moved) = (0.0, 0.0, 0);
@@ -205,6 +340,72 @@ fn measured(cmd: Command, keep: &str) -> Result<(f64, f64)> {
 /// [`measured`] with the first figure the one before `unit`.
 fn measured_in(mut cmd: Command, keep: &str, unit: &str) -> Result<(f64, f64)> {
     let out = cmd.output().context("cannot start a bench child")?;
+    figures_of(&out, keep, unit)
+}
+
+/// [`measured`], but the child is killed after `limit` (a GPU line that
+/// hangs or crawls must not take the others' time).
+fn measured_within(mut cmd: Command, keep: &str, limit: std::time::Duration) -> Result<(f64, f64)> {
+    use std::io::Read;
+    use std::process::Stdio;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start a bench child")?;
+    // Drained while it runs, so a full pipe never stalls it.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let joined = |h: std::thread::JoinHandle<Vec<u8>>| h.join().unwrap_or_default();
+    let (stdout, stderr) = (joined(stdout), joined(stderr));
+    let Some(status) = status else {
+        anyhow::bail!("stopped after {} s (--line-timeout-s)", limit.as_secs());
+    };
+    figures_of(
+        &std::process::Output {
+            status,
+            stdout,
+            stderr,
+        },
+        keep,
+        "tokens/s",
+    )
+}
+
+/// The figures of a child's last line that starts with `keep` (each such
+/// line echoed): the one before `unit`, and the one before "MB".
+fn figures_of(out: &std::process::Output, keep: &str, unit: &str) -> Result<(f64, f64)> {
     anyhow::ensure!(
         out.status.success(),
         "bench child failed: {}",
@@ -233,6 +434,68 @@ fn stride_line(name: &str, engine: &str, steps: usize, default_malloc: bool) -> 
         cmd.arg("--default-malloc");
     }
     measured(cmd, "stride")
+}
+
+/// The GPU lines (module doc), one child each, the fused engine next to the
+/// composed one on every shape; a failed line is reported and skipped.
+fn bench_cuda(steps: usize, line_timeout: std::time::Duration) -> Result<()> {
+    let line = |name: &str, engine: &str| -> Option<(f64, f64)> {
+        let mut cmd = match std::env::current_exe() {
+            Ok(exe) => Command::new(exe),
+            Err(e) => {
+                println!("stride {engine:<8} {name:<12} cuda  failed: {e}");
+                return None;
+            }
+        };
+        cmd.args([
+            "--child",
+            name,
+            "--engine",
+            engine,
+            "--device",
+            "cuda",
+            "--steps",
+            &steps.to_string(),
+        ]);
+        match measured_within(cmd, "stride", line_timeout) {
+            Ok(figures) => Some(figures),
+            Err(e) => {
+                // The child's error and its causes, without a backtrace.
+                let text = format!("{e:#}");
+                let text = text.split("Stack backtrace:").next().unwrap_or_default();
+                let why: String = text
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+                    .chars()
+                    .take(400)
+                    .collect();
+                println!("stride {engine:<8} {name:<12} cuda  failed: {why}");
+                None
+            }
+        }
+    };
+    println!(
+        "stride bench --cuda: GPT-2 small, {steps} timed steps per line after 2 warm-up steps (at most {} s a line), one GPU, without CUDA graph",
+        line_timeout.as_secs()
+    );
+    let mut summary = Vec::new();
+    for shape in cuda_shapes() {
+        let fused = line(shape.name, "fused");
+        let composed = line(shape.name, "composed");
+        if let (Some(f), Some(c)) = (fused, composed) {
+            summary.push(format!(
+                "{:<12} fused / composed on CUDA: {:.2}x tokens/s, {:.2}x peak device memory",
+                shape.name,
+                f.0 / c.0,
+                f.1 / c.1
+            ));
+        }
+    }
+    for line in &summary {
+        println!("{line}");
+    }
+    Ok(())
 }
 
 fn bench_ring(mib: usize, reps: usize) -> Result<f64> {
@@ -675,7 +938,17 @@ fn main() -> Result<()> {
         if !args.default_malloc {
             stride_worker::alloc::tune_malloc();
         }
-        return child(name, engine, args.steps);
+        return child(name, engine, args.steps, &args.device);
+    }
+    if args.cuda {
+        anyhow::ensure!(
+            cfg!(feature = "cuda"),
+            "--cuda needs a bench built with CUDA: cargo build --release -p stride-worker --features cuda --bin bench"
+        );
+        return bench_cuda(
+            args.steps,
+            std::time::Duration::from_secs(args.line_timeout_s),
+        );
     }
     if args.checkpoint_only {
         return bench_checkpoint(&args.checkpoint_dir);

@@ -129,6 +129,22 @@ pub trait Collective: std::fmt::Debug {
         }
         done.map_err(|e| CollectiveError::Setup(format!("in-place sum of the gradient: {e}")))
     }
+
+    /// Element-wise sum over all ranks of `buf`, a raw CUDA buffer (the
+    /// fused CUDA engine's gradient), in place on its device. Only a
+    /// backend that sums device memory (NCCL) can; the default refuses,
+    /// saying so. (The engine calls nothing for one rank.)
+    #[cfg(feature = "cuda")]
+    fn all_reduce_device(
+        &mut self,
+        buf: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<(), CollectiveError> {
+        Err(CollectiveError::Setup(format!(
+            "this collective sums host memory; the fused CUDA engine's gradient ({} values) is \
+             device memory: a CUDA job sums it with NCCL",
+            buf.len()
+        )))
+    }
 }
 
 /// Runs a host sum on a CPU tensor's storage, in place (Candle hands the

@@ -5,7 +5,7 @@
 //!
 //! Streams: the communicator's stream is not Candle's compute stream, so a
 //! bucket's all-reduce can run while backward computes the blocks below
-//! it (`engine::segmented_backward`). The order between the two streams is
+//! it (`engine::composed::segmented_backward`). The order between the two streams is
 //! cudarc's event tracking (on by default, active once a context has a
 //! second stream): each buffer records an event when a stream reads or
 //! writes it, and the next stream to use it waits on that event. So the
@@ -22,10 +22,13 @@
 //! size (`ncclCommInitRank`). A restart forms a new communicator the same
 //! way, with a new id.
 //!
-//! Two entry points: [`Collective::all_reduce_tensor`] sums the
-//! device-resident step's gradient tensor in place in device memory (the
-//! composed engine's path, no copy); `all_reduce_sum` sums a host buffer
-//! through a device copy (kept for host-resident callers and the tests).
+//! Three entry points: [`Collective::all_reduce_tensor`] sums the
+//! composed engine's gradient tensor in place in device memory (no copy),
+//! bucket by bucket during its backward; [`Collective::all_reduce_device`]
+//! sums the fused CUDA engine's gradient, a raw cudarc buffer on the
+//! engine's stream (Candle's), in place, once after the backward (no
+//! buckets yet); `all_reduce_sum` sums a host buffer through a device copy
+//! (kept for host-resident callers and the tests).
 //!
 //! Not yet: aborting a blocked NCCL call from another thread. cudarc
 //! aborts a communicator only when it is dropped, so a rank blocked on a
@@ -119,6 +122,19 @@ impl Collective for Nccl {
             .map_err(|e| setup("stream synchronize", e))
     }
 
+    /// In place on the fused CUDA engine's gradient buffer, on the
+    /// communicator's stream, ordered with the engine's stream by cudarc's
+    /// events (module doc).
+    fn all_reduce_device(
+        &mut self,
+        buf: &mut cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<(), CollectiveError> {
+        self.comm
+            .all_reduce_in_place(buf, &ReduceOp::Sum)
+            .map(|_| ())
+            .map_err(|e| setup("all-reduce of the gradient", e))
+    }
+
     /// In place on the tensor's device memory, on the communicator's
     /// stream, ordered with Candle's by cudarc's events (module doc).
     fn all_reduce_tensor(
@@ -191,8 +207,9 @@ mod tests {
 
     /// For 1..=N GPUs (one thread and rank per GPU), NCCL's sum equals the
     /// sum computed on the CPU: of a host buffer (through a device copy),
-    /// of a device tensor in place (the device-resident step's path), and
-    /// of the same tensor bucket by bucket, bit for bit.
+    /// of a device tensor in place (the composed engine's path), of the
+    /// same tensor bucket by bucket, and of a raw device buffer in place
+    /// (the fused CUDA engine's path), bit for bit.
     #[test]
     #[ignore = "needs NVIDIA GPUs: cargo test -p stride-worker --features cuda nccl -- --ignored"]
     fn nccl_all_reduce_matches_a_cpu_sum() {
@@ -233,6 +250,18 @@ mod tests {
                             }
                             let bucketed = b.to_vec1::<f32>().expect("to the host");
                             assert_eq!(bucketed, buf, "rank {rank}: bucketed vs unbucketed");
+                            // The fused CUDA engine's path: a raw buffer on
+                            // the device's stream, in place.
+                            let stream = device
+                                .as_cuda_device()
+                                .expect("a CUDA device")
+                                .cuda_stream();
+                            let mut raw = stream.clone_htod(&input(rank)).expect("upload");
+                            c.all_reduce_device(&mut raw.as_view_mut())
+                                .expect("device all-reduce");
+                            let raw = stream.clone_dtoh(&raw).expect("download");
+                            stream.synchronize().expect("synchronize");
+                            assert_eq!(raw, buf, "rank {rank}: raw device buffer vs host buffer");
                             buf
                         })
                     })

@@ -26,6 +26,11 @@
 //! device uploads them itself (the CUDA layer checks them against V as it
 //! uploads them, so that a launch never reads an unchecked index).
 //!
+//! Training ([`Train`], `fused.rs`) asks a little more of a backend: which
+//! weights its kernels read (the f32 master weights, or a bf16 copy), the
+//! optimizer step on the engine's buffers, the gradient's sum over ranks,
+//! and one read of a step's scalars.
+//!
 //! A backend never decides anything about the model: shapes and the order
 //! of the layers are the engine's.
 
@@ -39,6 +44,9 @@ use stride_cuda_kernels::Bf16;
 use stride_cuda_kernels::gpu;
 use stride_kernels::{self as kernels, HeadGrad, Heads, Real};
 
+use crate::collective::{Collective, CollectiveError};
+use crate::optim::{Coefficients, adamw_step, clip_global_norm};
+
 /// An element a backend's buffers hold, named by its host type.
 pub trait Elem: Copy + Default + Send + Sync + Debug + 'static {
     /// The type of the same bits in a CUDA buffer (cudarc's `half::bf16`
@@ -51,6 +59,13 @@ pub trait Elem: Copy + Default + Send + Sync + Debug + 'static {
     /// The same bits as the host type.
     #[cfg(feature = "cuda")]
     fn from_device(x: Self::Device) -> Self;
+    /// A host slice as the device type, where the two are one type (so a
+    /// copy can go straight from or into it, without a converted copy).
+    #[cfg(feature = "cuda")]
+    fn as_device(x: &[Self]) -> Option<&[Self::Device]>;
+    /// [`Elem::as_device`], exclusively.
+    #[cfg(feature = "cuda")]
+    fn as_device_mut(x: &mut [Self]) -> Option<&mut [Self::Device]>;
 }
 
 /// Elements a device buffer holds as they are (f64 compiles but no kernel
@@ -68,10 +83,19 @@ macro_rules! same_on_device {
             fn from_device(x: $t) -> $t {
                 x
             }
+            #[cfg(feature = "cuda")]
+            fn as_device(x: &[$t]) -> Option<&[$t]> {
+                Some(x)
+            }
+            #[cfg(feature = "cuda")]
+            fn as_device_mut(x: &mut [$t]) -> Option<&mut [$t]> {
+                Some(x)
+            }
         }
     )*};
 }
-same_on_device!(f32, f64, u32);
+// u8: the optimizer's decay mask.
+same_on_device!(f32, f64, u32, u8);
 
 impl Elem for Bf16 {
     #[cfg(feature = "cuda")]
@@ -83,6 +107,14 @@ impl Elem for Bf16 {
     #[cfg(feature = "cuda")]
     fn from_device(x: gpu::half::bf16) -> Bf16 {
         gpu::DeviceStorage::to_host(x)
+    }
+    #[cfg(feature = "cuda")]
+    fn as_device(_: &[Bf16]) -> Option<&[gpu::half::bf16]> {
+        None
+    }
+    #[cfg(feature = "cuda")]
+    fn as_device_mut(_: &mut [Bf16]) -> Option<&mut [gpu::half::bf16]> {
+        None
     }
 }
 
@@ -147,14 +179,10 @@ pub trait Backend: Debug + Sized {
     -> Result<(), BackendError>;
     /// `dst` ← `src`, to the host (gradients, say), once everything queued
     /// before has written it; the lengths must match.
-    fn download<E: Elem>(
-        &mut self,
-        src: Self::View<'_, E>,
-        dst: &mut [E],
-    ) -> Result<(), BackendError>;
+    fn download<E: Elem>(&self, src: Self::View<'_, E>, dst: &mut [E]) -> Result<(), BackendError>;
     /// The value of a loss [`Backend::head_cross_entropy`] returned (on a
     /// device: waits for it).
-    fn loss_value(&mut self, loss: &Self::Loss) -> Result<f64, BackendError>;
+    fn loss_value(&self, loss: &Self::Loss) -> Result<f64, BackendError>;
     /// `v` ← 0.
     fn zero<E: Elem>(&mut self, v: Self::ViewMut<'_, E>) -> Result<(), BackendError>;
 
@@ -291,6 +319,151 @@ pub trait Backend: Debug + Sized {
     ) -> Result<Self::Loss, BackendError>;
 }
 
+/// What the fused engine's training state (`fused.rs`) needs from a
+/// backend beyond the model's layers: which weights the kernels read, the
+/// optimizer step, the gradient's sum over ranks, and the one read of a
+/// step's scalars. The state itself (f32 master weights, gradient and
+/// moments, the decay mask, the compute copy) is the engine's, held in the
+/// backend's buffers; the backend runs the calls on them and decides
+/// nothing.
+///
+/// - [`Cpu<f32>`]: host buffers; the kernels read the master weights
+///   themselves; averaging, clipping (an f64 norm) and AdamW are the host
+///   loops of `crate::optim` — the CPU worker's bits.
+/// - `emulated::Emulated` (tests) and `cuda::CudaBackend`: the optimizer
+///   kernels of `stride-cuda-kernels` — the sum of squares, the gradient
+///   factor (averaging and the clip, left in device memory), AdamW reading
+///   the gradient through that factor — and, where `A` is bf16, the f32 →
+///   bf16 refresh of the compute copy.
+pub trait Train: Backend<G = f32> {
+    /// Whether the buffers are host memory, so that nothing crosses a link
+    /// (no transfer is counted).
+    const HOST_MEMORY: bool;
+    /// Whether the kernels read a copy of the master weights in `A` (bf16),
+    /// refreshed after every update, rather than the f32 master weights.
+    const COPIES_WEIGHTS: bool;
+    /// Whether the update reads the decay mask (a byte a parameter) rather
+    /// than [`Update::decay_ranges`].
+    const DECAY_MASK: bool;
+
+    /// The weights the kernels read: the compute copy where
+    /// [`Train::COPIES_WEIGHTS`] (an error without one), else the master
+    /// weights.
+    fn compute_weights<'a>(
+        master: &'a Self::Buf<f32>,
+        copy: Option<&'a Self::Buf<Self::A>>,
+    ) -> Result<Self::View<'a, Self::A>, BackendError>;
+    /// copy ← master, rounded to `A` (called where [`Train::COPIES_WEIGHTS`]).
+    fn refresh(
+        &mut self,
+        copy: Self::ViewMut<'_, Self::A>,
+        master: Self::View<'_, f32>,
+    ) -> Result<(), BackendError>;
+    /// One optimizer step (see [`Update`]); returns the global gradient
+    /// norm before clipping, a value the step reads with its losses
+    /// ([`Train::read_scalars`]).
+    fn update(&mut self, u: Update<'_, Self>) -> Result<Self::Loss, BackendError>;
+    /// The gradient summed over all ranks, in place: the step's one
+    /// exchange between ranks.
+    fn all_reduce(
+        &mut self,
+        grad: &mut Self::Buf<f32>,
+        collective: &mut dyn Collective,
+    ) -> Result<(), CollectiveError>;
+    /// The values of `scalars` (a step's losses and its norm) appended to
+    /// `out`, with one wait for the device.
+    fn read_scalars(
+        &mut self,
+        scalars: &[Self::Loss],
+        out: &mut Vec<f64>,
+    ) -> Result<(), BackendError>;
+    /// A buffer's values as a host slice, where buffers are host memory
+    /// (hashed in place, say).
+    fn host_slice(b: &Self::Buf<f32>) -> Option<&[f32]>;
+    /// [`Train::host_slice`], exclusively (a checkpoint is read straight
+    /// into it).
+    fn host_slice_mut(b: &mut Self::Buf<f32>) -> Option<&mut [f32]>;
+    /// A buffer holding `host` (the initial master weights): host memory
+    /// takes the vector as it is, a device copies it.
+    fn adopt(&mut self, host: Vec<f32>) -> Result<Self::Buf<f32>, BackendError>;
+    /// Bytes of token ids copied to the device since the last call (none
+    /// for host memory).
+    fn take_uploaded(&mut self) -> u64 {
+        0
+    }
+}
+
+/// One optimizer step's operands, in the backend's views: the gradient
+/// summed over this step's micro-batches on every rank is averaged over
+/// `micro_batches`, clipped to a global norm of `grad_clip` (0: no
+/// clipping) and applied by AdamW with the coefficients `k` (the update's
+/// number and learning rate folded in), decaying the matrices.
+pub struct Update<'a, B: Backend> {
+    /// f32 master weights, updated in place.
+    pub weights: B::ViewMut<'a, f32>,
+    /// First moments.
+    pub m: B::ViewMut<'a, f32>,
+    /// Second moments.
+    pub v: B::ViewMut<'a, f32>,
+    /// The summed gradient (the host backend scales it in place; the
+    /// device kernels read it through the gradient factor).
+    pub grad: B::ViewMut<'a, f32>,
+    /// 1 where weight decay applies ([`Train::DECAY_MASK`] backends).
+    pub decay: Option<B::View<'a, u8>>,
+    /// The same as `(offset, len)` ranges: the host loop's form.
+    pub decay_ranges: &'a [(usize, usize)],
+    /// Micro-batches over all ranks: the average is the sum over this.
+    pub micro_batches: usize,
+    /// The largest global norm (0: no clipping).
+    pub grad_clip: f64,
+    pub k: Coefficients,
+}
+
+impl<B: Backend> Debug for Update<'_, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Update")
+            .field("micro_batches", &self.micro_batches)
+            .field("grad_clip", &self.grad_clip)
+            .field("k", &self.k)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The parts of [`Train`] every backend whose memory is the host's shares
+/// (the gradient summed in its host buffer, scalars that are host numbers),
+/// written once for [`Cpu`] and the tests' emulated CUDA backend.
+macro_rules! host_train {
+    () => {
+        const HOST_MEMORY: bool = true;
+        fn all_reduce(
+            &mut self,
+            grad: &mut Vec<f32>,
+            collective: &mut dyn crate::collective::Collective,
+        ) -> Result<(), crate::collective::CollectiveError> {
+            collective.all_reduce_sum(grad)
+        }
+        fn read_scalars(
+            &mut self,
+            scalars: &[f64],
+            out: &mut Vec<f64>,
+        ) -> Result<(), BackendError> {
+            out.extend_from_slice(scalars);
+            Ok(())
+        }
+        fn host_slice(b: &Vec<f32>) -> Option<&[f32]> {
+            Some(b)
+        }
+        fn adopt(&mut self, host: Vec<f32>) -> Result<Vec<f32>, BackendError> {
+            Ok(host)
+        }
+        fn host_slice_mut(b: &mut Vec<f32>) -> Option<&mut [f32]> {
+            Some(b)
+        }
+    };
+}
+#[cfg(test)]
+pub(super) use host_train;
+
 /// The host and the CPU kernels of `stride-kernels`, everything in `T`.
 #[derive(Debug, Default)]
 pub struct Cpu<T> {
@@ -351,10 +524,10 @@ macro_rules! host_memory {
         fn upload<E: Elem>(&mut self, dst: &mut [E], src: &[E]) -> Result<(), BackendError> {
             host_copy(dst, src)
         }
-        fn download<E: Elem>(&mut self, src: &[E], dst: &mut [E]) -> Result<(), BackendError> {
+        fn download<E: Elem>(&self, src: &[E], dst: &mut [E]) -> Result<(), BackendError> {
             host_copy(dst, src)
         }
-        fn loss_value(&mut self, loss: &f64) -> Result<f64, BackendError> {
+        fn loss_value(&self, loss: &f64) -> Result<f64, BackendError> {
             Ok(*loss)
         }
         fn zero<E: Elem>(&mut self, v: &mut [E]) -> Result<(), BackendError> {
@@ -534,10 +707,42 @@ impl<T: Real + Elem> Backend for Cpu<T> {
     }
 }
 
+/// The CPU worker's step: the host loops of `crate::optim`, as the trainer
+/// ran them before the engine owned its state (the same operations in the
+/// same order: the same bits).
+impl Train for Cpu<f32> {
+    const COPIES_WEIGHTS: bool = false;
+    const DECAY_MASK: bool = false;
+    host_train!();
+
+    fn compute_weights<'a>(
+        master: &'a Vec<f32>,
+        _copy: Option<&'a Vec<f32>>,
+    ) -> Result<&'a [f32], BackendError> {
+        Ok(master)
+    }
+    fn refresh(&mut self, _copy: &mut [f32], _master: &[f32]) -> Result<(), BackendError> {
+        OK
+    }
+    fn update(&mut self, u: Update<'_, Self>) -> Result<f64, BackendError> {
+        let scale = 1.0 / u.micro_batches as f32;
+        for g in u.grad.iter_mut() {
+            *g *= scale;
+        }
+        let norm = clip_global_norm(u.grad, u.grad_clip);
+        adamw_step(&u.k, u.weights, u.m, u.v, u.grad, u.decay_ranges);
+        Ok(norm)
+    }
+}
+
 /// Rows of logits the LM head computes at once. 256 × 50,304 f32 is 51 MB:
 /// large enough that the embedding-gradient product (whose k is this) runs
 /// near full speed, small next to the (B·T, V) logits it replaces.
 pub const HEAD_ROWS: usize = 256;
+
+// The CUDA kernels' limits (`stride_cuda_kernels::supports`) hold for
+// chunks of at most this many rows.
+const _: () = assert!(HEAD_ROWS <= stride_cuda_kernels::MAX_HEAD_ROWS);
 
 /// `dst` ← `src` on the host, refusing different lengths.
 pub fn host_copy<E: Copy>(dst: &mut [E], src: &[E]) -> Result<(), BackendError> {

@@ -9,7 +9,9 @@
 //! [`Backend::download`] and [`Backend::loss_value`] wait for the GPU.
 //!
 //! It must not decide anything about the model (that is `gpt.rs`'s), nor
-//! own the training state (master weights, AdamW moments: the trainer's).
+//! own the training state (master weights, AdamW moments: the fused
+//! engine's, `fused.rs`, in this backend's buffers); it runs the optimizer
+//! step's kernels on them ([`Train`]).
 //!
 //! Decisions:
 //!
@@ -19,7 +21,7 @@
 //!   for `Bf16`, the type itself otherwise), and `Buf<E>` is a
 //!   `CudaSlice<E::Device>`. f64 buffers compile but no kernel takes them:
 //!   the backend is implemented for the `S` whose device type the kernels
-//!   take ([`HeadOperand`]: f32 and bf16), so `CudaBackend<f64>` is not a
+//!   take ([`ComputeStorage`]: f32 and bf16), so `CudaBackend<f64>` is not a
 //!   `Backend`.
 //! - **Views.** A shared view is cudarc's `CudaView`. An exclusive view is
 //!   a [`PartMut`]: a `CudaViewMut` and the range of it the view stands
@@ -50,11 +52,22 @@
 //!   [`BackendError`] with its message; shapes, lengths and ids are
 //!   checked by the GPU layer before anything is launched.
 //!
-//! Not here yet (the trainer's, to come): device-resident f32 master
-//! weights with the bf16 refresh, AdamW on the device, gradient buckets
-//! handed to NCCL during the backward, the step as a CUDA graph (which
-//! will need the id uploads into fixed buffers of the backend, outside
-//! the graph).
+//! - **Training** ([`Train`]): the optimizer step as the emulated
+//!   backend runs it, kernel for kernel — the sum of squares of the summed
+//!   gradient, the gradient factor (averaging and the clip) and the norm
+//!   left in device memory, AdamW reading the gradient through the factor,
+//!   the f32 → bf16 cast refreshing the compute copy where `S` is bf16
+//!   (f32 compute reads the master weights themselves: no copy). The
+//!   gradient's sum over ranks goes to the collective as a device buffer
+//!   (`Collective::all_reduce_device`: NCCL, in place, on its own stream;
+//!   nothing to call for one rank). A step's scalars (each micro-batch's
+//!   loss and the norm) are gathered on the device and read in one copy,
+//!   the step's one wait. The bytes of token ids uploaded are counted
+//!   ([`Train::take_uploaded`]) for the step's `host_device_bytes`.
+//!
+//! Not here yet: gradient buckets handed to NCCL during the backward, the
+//! step as a CUDA graph (which will need the id uploads into fixed buffers
+//! of the backend, outside the graph).
 
 use std::marker::PhantomData;
 use std::ops::Range;
@@ -68,9 +81,11 @@ use stride_cuda_kernels::gpu::{
     self, Blas, DeviceStorage, Gemm, GpuError, Indices, Kernels, Op, TokenBuckets,
 };
 use stride_cuda_kernels::launch::partial_blocks;
+use stride_cuda_kernels::launch::sumsq_blocks;
 use stride_kernels::Heads;
 
-use super::backend::{AttentionSizes, Backend, BackendError, Elem, HEAD_ROWS};
+use super::backend::{AttentionSizes, Backend, BackendError, Elem, HEAD_ROWS, Train, Update};
+use crate::collective::{Collective, CollectiveError};
 
 fn gpu_err(e: GpuError) -> BackendError {
     BackendError(format!("CUDA backend: {e}"))
@@ -150,13 +165,28 @@ impl<'a, T> PartMut<'a, T> {
 }
 
 /// What the backend needs of its activations' device type beyond the
-/// kernels' [`DeviceStorage`]: the operand the LM head's backward products
-/// read for the chunk's f32 gradient of the logits — the logits buffer
-/// itself in f32, a bf16 copy in bf16 (`Emulated` copies into `S` in both
-/// cases; for f32 the copy is the identity).
-pub trait HeadOperand: DeviceStorage {
-    /// Whether the head keeps a copy of a chunk of logits in this type.
+/// kernels' [`DeviceStorage`]: how it reads f32 data in this type — the
+/// operand the LM head's backward products read for the chunk's f32
+/// gradient of the logits, and the weights the kernels read — as itself in
+/// f32, through a bf16 copy in bf16 (`Emulated` copies the logits into `S`
+/// in both cases; for f32 the copy is the identity).
+pub trait ComputeStorage: DeviceStorage {
+    /// Whether the head keeps a copy of a chunk of logits in this type,
+    /// and the kernels read a copy of the master weights.
     const COPIES_LOGITS: bool;
+    /// The weights the kernels read: the master weights themselves, or
+    /// `copy` (refreshed from them by [`ComputeStorage::refresh`]).
+    fn weights<'a>(
+        master: CudaView<'a, f32>,
+        copy: Option<CudaView<'a, Self>>,
+    ) -> Result<CudaView<'a, Self>, BackendError>;
+    /// copy ← master in this type (nothing where the kernels read the
+    /// master weights).
+    fn refresh(
+        kernels: &Kernels,
+        copy: &mut CudaViewMut<'_, Self>,
+        master: &CudaView<'_, f32>,
+    ) -> Result<(), GpuError>;
     /// `logits` as this type, converted into `copy` where needed.
     fn head_operand<'a>(
         kernels: &Kernels,
@@ -165,8 +195,21 @@ pub trait HeadOperand: DeviceStorage {
     ) -> Result<CudaView<'a, Self>, GpuError>;
 }
 
-impl HeadOperand for f32 {
+impl ComputeStorage for f32 {
     const COPIES_LOGITS: bool = false;
+    fn weights<'a>(
+        master: CudaView<'a, f32>,
+        _: Option<CudaView<'a, f32>>,
+    ) -> Result<CudaView<'a, f32>, BackendError> {
+        Ok(master)
+    }
+    fn refresh(
+        _: &Kernels,
+        _: &mut CudaViewMut<'_, f32>,
+        _: &CudaView<'_, f32>,
+    ) -> Result<(), GpuError> {
+        Ok(())
+    }
     fn head_operand<'a>(
         _: &Kernels,
         logits: CudaView<'a, f32>,
@@ -176,8 +219,23 @@ impl HeadOperand for f32 {
     }
 }
 
-impl HeadOperand for bf16 {
+impl ComputeStorage for bf16 {
     const COPIES_LOGITS: bool = true;
+    fn weights<'a>(
+        _: CudaView<'a, f32>,
+        copy: Option<CudaView<'a, bf16>>,
+    ) -> Result<CudaView<'a, bf16>, BackendError> {
+        copy.ok_or_else(|| {
+            BackendError("CUDA backend: bf16 compute without a bf16 copy of the weights".into())
+        })
+    }
+    fn refresh(
+        kernels: &Kernels,
+        copy: &mut CudaViewMut<'_, bf16>,
+        master: &CudaView<'_, f32>,
+    ) -> Result<(), GpuError> {
+        kernels.cast_f32_to_bf16(copy, master)
+    }
     fn head_operand<'a>(
         kernels: &Kernels,
         logits: CudaView<'a, f32>,
@@ -199,7 +257,7 @@ impl HeadOperand for bf16 {
 struct Head<S> {
     /// One chunk of logits (rows × V), f32.
     logits: CudaSlice<f32>,
-    /// The same chunk in `S`, where [`HeadOperand::COPIES_LOGITS`] (one
+    /// The same chunk in `S`, where [`ComputeStorage::COPIES_LOGITS`] (one
     /// element otherwise).
     dlogits: CudaSlice<S>,
     /// Each row's loss of the last head call (N).
@@ -215,12 +273,29 @@ pub struct CudaBackend<S: Elem> {
     kernels: Kernels,
     blas: Blas,
     head: Option<Head<S::Device>>,
+    /// The optimizer step's scratch, made by its first update.
+    optimizer: Option<OptimizerScratch>,
+    /// Where a step's scalars are gathered for their one read.
+    gather: Option<CudaSlice<f32>>,
+    /// Bytes of token ids uploaded since [`Train::take_uploaded`].
+    uploaded: u64,
     storage: PhantomData<S>,
+}
+
+/// The optimizer step's device scratch, for a state of `n` parameters.
+#[derive(Debug)]
+struct OptimizerScratch {
+    /// Σ g² of the summed gradient (one value).
+    sumsq: CudaSlice<f32>,
+    /// The sum of squares' partials (`sumsq_blocks(n)`).
+    partials: CudaSlice<f32>,
+    /// The gradient factor AdamW reads (one value).
+    factor: CudaSlice<f32>,
 }
 
 impl<S: Elem> CudaBackend<S>
 where
-    S::Device: HeadOperand,
+    S::Device: ComputeStorage,
 {
     /// A backend on `stream`: loads the kernels' fatbin into its context
     /// and makes a cuBLASLt handle, once.
@@ -232,6 +307,9 @@ where
             kernels,
             blas,
             head: None,
+            optimizer: None,
+            gather: None,
+            uploaded: 0,
             storage: PhantomData,
         })
     }
@@ -244,7 +322,7 @@ where
 
 impl<S: Elem> Backend for CudaBackend<S>
 where
-    S::Device: HeadOperand,
+    S::Device: ComputeStorage,
 {
     type A = S;
     type G = f32;
@@ -333,13 +411,19 @@ where
         }
         // From pageable memory the driver stages the copy before it
         // returns, so `host` may go at the end of this call.
+        if let Some(same) = E::as_device(src) {
+            return self
+                .stream
+                .memcpy_htod(same, &mut dst.get())
+                .map_err(driver_err("uploading"));
+        }
         let host: Vec<E::Device> = src.iter().map(|x| x.to_device()).collect();
         self.stream
             .memcpy_htod(&host, &mut dst.get())
             .map_err(driver_err("uploading"))
     }
     fn download<E: Elem>(
-        &mut self,
+        &self,
         src: CudaView<'_, E::Device>,
         dst: &mut [E],
     ) -> Result<(), BackendError> {
@@ -353,6 +437,17 @@ where
         if dst.is_empty() {
             return Ok(());
         }
+        // Straight into `dst` where it holds the device type (a DMA where
+        // it is page-locked: a checkpoint's snapshot buffers).
+        if let Some(same) = E::as_device_mut(dst) {
+            self.stream
+                .memcpy_dtoh(&src, same)
+                .map_err(driver_err("downloading"))?;
+            return self
+                .stream
+                .synchronize()
+                .map_err(driver_err("waiting for a download"));
+        }
         let host = self
             .stream
             .clone_dtoh(&src)
@@ -365,7 +460,7 @@ where
         }
         Ok(())
     }
-    fn loss_value(&mut self, loss: &CudaSlice<f32>) -> Result<f64, BackendError> {
+    fn loss_value(&self, loss: &CudaSlice<f32>) -> Result<f64, BackendError> {
         let mut value = [0f32];
         self.download(loss.as_view(), &mut value)?;
         Ok(f64::from(value[0]))
@@ -378,7 +473,7 @@ where
 
     fn prepare(&mut self, n: usize, _c: usize, v: usize) -> Result<(), BackendError> {
         let rows = HEAD_ROWS.min(n);
-        let copy = if <S::Device as HeadOperand>::COPIES_LOGITS {
+        let copy = if <S::Device as ComputeStorage>::COPIES_LOGITS {
             rows * v
         } else {
             1
@@ -414,6 +509,7 @@ where
     ) -> Result<(), BackendError> {
         let c = out.len() / tokens.len().max(1);
         let ids = Indices::upload(&self.stream, tokens).map_err(gpu_err)?;
+        self.uploaded += 4 * tokens.len() as u64;
         self.kernels
             .embedding_forward(&mut out.get(), &ids, &wte, &wpe, t, c)
             .map_err(gpu_err)
@@ -426,6 +522,8 @@ where
         c: usize,
     ) -> Result<(), BackendError> {
         let buckets = TokenBuckets::from_tokens(&self.stream, tokens).map_err(gpu_err)?;
+        // order (N), offsets (S + 1), segment tokens (S).
+        self.uploaded += 4 * (buckets.rows() + 2 * buckets.segments() + 1) as u64;
         self.kernels
             .token_embedding_backward(&mut dwte.get(), &dout, &buckets, c)
             .map_err(gpu_err)
@@ -635,6 +733,7 @@ where
                 .matmul(&g, &xr, &wte, None, &mut lg, None)
                 .map_err(gpu_err)?;
             let ids = Indices::upload(&self.stream, &targets[r0..r0 + rows]).map_err(gpu_err)?;
+            self.uploaded += 4 * rows as u64;
             self.kernels
                 .cross_entropy(
                     &mut lg,
@@ -646,9 +745,12 @@ where
                 )
                 .map_err(gpu_err)?;
             if let Some((dx, dwte)) = grad.as_mut() {
-                let dl =
-                    <S::Device as HeadOperand>::head_operand(&self.kernels, lg.as_view(), dlogits)
-                        .map_err(gpu_err)?;
+                let dl = <S::Device as ComputeStorage>::head_operand(
+                    &self.kernels,
+                    lg.as_view(),
+                    dlogits,
+                )
+                .map_err(gpu_err)?;
                 // dx (rows, C) = dlogits (rows, V) · wte (V, C)
                 let g = Gemm::new(rows, c, v, Op::N, Op::N);
                 self.blas
@@ -677,5 +779,152 @@ where
             .column_sums(&mut loss, loss_partials, &row_loss.slice(..n))
             .map_err(gpu_err)?;
         Ok(loss)
+    }
+}
+
+impl<S: Elem> Train for CudaBackend<S>
+where
+    S::Device: ComputeStorage,
+{
+    const HOST_MEMORY: bool = false;
+    const COPIES_WEIGHTS: bool = <S::Device as ComputeStorage>::COPIES_LOGITS;
+    const DECAY_MASK: bool = true;
+
+    fn compute_weights<'a>(
+        master: &'a CudaSlice<f32>,
+        copy: Option<&'a CudaSlice<S::Device>>,
+    ) -> Result<CudaView<'a, S::Device>, BackendError> {
+        <S::Device as ComputeStorage>::weights(master.as_view(), copy.map(CudaSlice::as_view))
+    }
+    fn refresh(
+        &mut self,
+        mut copy: PartMut<'_, S::Device>,
+        master: CudaView<'_, f32>,
+    ) -> Result<(), BackendError> {
+        <S::Device as ComputeStorage>::refresh(&self.kernels, &mut copy.get(), &master)
+            .map_err(gpu_err)
+    }
+    fn update(&mut self, u: Update<'_, Self>) -> Result<CudaSlice<f32>, BackendError> {
+        let Update {
+            mut weights,
+            mut m,
+            mut v,
+            grad,
+            decay,
+            micro_batches,
+            grad_clip,
+            k,
+            ..
+        } = u;
+        let decay = decay.ok_or_else(|| {
+            BackendError("CUDA backend: the AdamW kernel reads a decay mask".into())
+        })?;
+        let n = grad.len();
+        if self
+            .optimizer
+            .as_ref()
+            .is_none_or(|o| o.partials.len() != sumsq_blocks(n))
+        {
+            self.optimizer = Some(OptimizerScratch {
+                sumsq: self.alloc::<f32>(1)?,
+                partials: self.alloc::<f32>(sumsq_blocks(n))?,
+                factor: self.alloc::<f32>(1)?,
+            });
+        }
+        let Some(o) = self.optimizer.as_mut() else {
+            return Err(BackendError("CUDA backend: no optimizer scratch".into()));
+        };
+        // The norm is the step's: a buffer of its own, read with the losses.
+        let mut norm = self
+            .stream
+            .alloc_zeros::<f32>(1)
+            .map_err(driver_err("allocating the gradient norm"))?;
+        let grad = grad.as_view();
+        self.kernels
+            .sum_of_squares(&mut o.sumsq, &mut o.partials, &grad)
+            .map_err(gpu_err)?;
+        self.kernels
+            .grad_factor(
+                &mut o.factor,
+                &mut norm,
+                &o.sumsq,
+                1.0 / micro_batches as f64,
+                grad_clip,
+            )
+            .map_err(gpu_err)?;
+        self.kernels
+            .adamw(
+                &mut weights.get(),
+                &mut m.get(),
+                &mut v.get(),
+                &grad,
+                &decay,
+                &o.factor,
+                k.into(),
+            )
+            .map_err(gpu_err)?;
+        Ok(norm)
+    }
+    fn all_reduce(
+        &mut self,
+        grad: &mut CudaSlice<f32>,
+        collective: &mut dyn Collective,
+    ) -> Result<(), CollectiveError> {
+        // A sum over one rank is the buffer itself: nothing to call (a
+        // one-GPU job, the tests' `Solo`).
+        if collective.world_size() == 1 {
+            return Ok(());
+        }
+        collective.all_reduce_device(&mut grad.as_view_mut())
+    }
+    fn read_scalars(
+        &mut self,
+        scalars: &[CudaSlice<f32>],
+        out: &mut Vec<f64>,
+    ) -> Result<(), BackendError> {
+        let count = scalars.len();
+        if count == 0 {
+            return Ok(());
+        }
+        if let Some(long) = scalars.iter().find(|s| s.len() != 1) {
+            return Err(BackendError(format!(
+                "CUDA backend: a scalar of {} values",
+                long.len()
+            )));
+        }
+        if self.gather.as_ref().is_none_or(|g| g.len() < count) {
+            self.gather = Some(self.alloc::<f32>(count)?);
+        }
+        let Some(gather) = self.gather.as_mut() else {
+            return Err(BackendError("CUDA backend: no gather buffer".into()));
+        };
+        for (i, s) in scalars.iter().enumerate() {
+            self.stream
+                .memcpy_dtod(s, &mut gather.slice_mut(i..i + 1))
+                .map_err(driver_err("gathering a step's scalars"))?;
+        }
+        let mut host = vec![0f32; count];
+        self.stream
+            .memcpy_dtoh(&gather.slice(..count), host.as_mut_slice())
+            .map_err(driver_err("reading a step's scalars"))?;
+        self.stream
+            .synchronize()
+            .map_err(driver_err("waiting for a step's scalars"))?;
+        out.extend(host.iter().map(|x| f64::from(*x)));
+        Ok(())
+    }
+    fn host_slice(_: &CudaSlice<f32>) -> Option<&[f32]> {
+        None
+    }
+    fn adopt(&mut self, host: Vec<f32>) -> Result<CudaSlice<f32>, BackendError> {
+        let mut buf = self.alloc::<f32>(host.len())?;
+        self.upload(Self::view_mut::<f32>(&mut buf), &host)?;
+        Ok(buf)
+    }
+    fn host_slice_mut(_: &mut CudaSlice<f32>) -> Option<&mut [f32]> {
+        None
+    }
+    fn take_uploaded(&mut self) -> u64 {
+        std::mem::take(&mut self.uploaded)
     }
 }

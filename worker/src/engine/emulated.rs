@@ -8,17 +8,21 @@
 //! on which buffers, in what order, with which shapes — is.
 //!
 //! Tests run the whole model's forward and backward and whole AdamW steps
-//! on it against the CPU engine ([`super::backend::Cpu`]).
+//! on it against the CPU engine ([`super::backend::Cpu`]). It also trains
+//! ([`Train`]): the optimizer step through the emulated sum of squares,
+//! gradient factor and AdamW kernels, the bf16 compute weights refreshed by
+//! the emulated cast — so the fused engine's training state
+//! (`fused::Fused`) runs here exactly as it does on a GPU.
 
 use std::ops::Range;
 
-use stride_cuda_kernels::Storage;
 use stride_cuda_kernels::emu;
-use stride_cuda_kernels::launch::partial_blocks;
+use stride_cuda_kernels::launch::{partial_blocks, sumsq_blocks};
 use stride_cuda_kernels::matmul::{self, Gemm, Op};
+use stride_cuda_kernels::{Bf16, Storage};
 use stride_kernels::Heads;
 
-use super::backend::{AttentionSizes, Backend, BackendError, Elem, host_copy, pair};
+use super::backend::{AttentionSizes, Backend, BackendError, Elem, Train, Update, host_copy, pair};
 
 /// See the module doc.
 #[derive(Debug, Default)]
@@ -29,6 +33,8 @@ pub struct Emulated<S> {
     dlogits: Vec<S>,
     /// Each row's loss of the last head call.
     row_loss: Vec<f32>,
+    /// The sum of squares' partial sums (the optimizer step's scratch).
+    sumsq_partials: Vec<f32>,
 }
 
 fn emu_err(e: emu::EmuError) -> BackendError {
@@ -247,5 +253,64 @@ impl<S: Storage + Elem> Backend for Emulated<S> {
             }
         }
         Ok(self.row_loss[..n].iter().map(|l| f64::from(*l)).sum())
+    }
+}
+
+/// What training on the emulated backend needs of its storage type: the
+/// weights its kernels read and their refresh — f32 reads the master
+/// weights themselves, bf16 a copy the emulated cast refreshes.
+pub trait EmuStorage: Storage + Elem {
+    const COPIES: bool;
+    fn weights<'a>(master: &'a [f32], copy: Option<&'a [Self]>)
+    -> Result<&'a [Self], BackendError>;
+    fn refresh(copy: &mut [Self], master: &[f32]) -> Result<(), BackendError>;
+}
+
+impl EmuStorage for f32 {
+    const COPIES: bool = false;
+    fn weights<'a>(master: &'a [f32], _: Option<&'a [f32]>) -> Result<&'a [f32], BackendError> {
+        Ok(master)
+    }
+    fn refresh(_: &mut [f32], _: &[f32]) -> Result<(), BackendError> {
+        Ok(())
+    }
+}
+
+impl EmuStorage for Bf16 {
+    const COPIES: bool = true;
+    fn weights<'a>(_: &'a [f32], copy: Option<&'a [Bf16]>) -> Result<&'a [Bf16], BackendError> {
+        copy.ok_or_else(|| BackendError("bf16 compute without a copy of the weights".into()))
+    }
+    fn refresh(copy: &mut [Bf16], master: &[f32]) -> Result<(), BackendError> {
+        emu::cast_f32_to_bf16(copy, master).map_err(emu_err)
+    }
+}
+
+/// The GPU's optimizer step, kernel for kernel (`cuda::CudaBackend`'s).
+impl<S: EmuStorage> Train for Emulated<S> {
+    const COPIES_WEIGHTS: bool = S::COPIES;
+    const DECAY_MASK: bool = true;
+    super::backend::host_train!();
+
+    fn compute_weights<'a>(
+        master: &'a Vec<f32>,
+        copy: Option<&'a Vec<S>>,
+    ) -> Result<&'a [S], BackendError> {
+        S::weights(master, copy.map(Vec::as_slice))
+    }
+    fn refresh(&mut self, copy: &mut [S], master: &[f32]) -> Result<(), BackendError> {
+        S::refresh(copy, master)
+    }
+    fn update(&mut self, u: Update<'_, Self>) -> Result<f64, BackendError> {
+        let decay = u
+            .decay
+            .ok_or_else(|| BackendError("the optimizer kernel reads a decay mask".into()))?;
+        self.sumsq_partials.resize(sumsq_blocks(u.grad.len()), 0.0);
+        let (mut sumsq, mut factor, mut norm) = ([0f32], [0f32], [0f32]);
+        emu::sum_of_squares(&mut sumsq, &mut self.sumsq_partials, u.grad).map_err(emu_err)?;
+        let scale = 1.0 / u.micro_batches as f64;
+        emu::grad_factor(&mut factor, &mut norm, &sumsq, scale, u.grad_clip).map_err(emu_err)?;
+        emu::adamw(u.weights, u.m, u.v, u.grad, decay, &factor, u.k.into()).map_err(emu_err)?;
+        Ok(f64::from(norm[0]))
     }
 }

@@ -6,11 +6,11 @@
 //! the CUDA kernels of `stride-cuda-kernels` (their CPU emulation in tests,
 //! the GPU with the `cuda` feature).
 //!
-//! Weights are read straight from the trainer's flat weight buffer and
+//! Weights are read straight from the engine's flat weight buffer and
 //! gradients added straight into its flat gradient buffer (both in
-//! parameter-name order, see `stride_job::params`), so there is no copy
-//! between the model and the optimiser and nothing the size of an
-//! activation is allocated after construction.
+//! parameter-name order, see `stride_job::params`; the state is
+//! `fused.rs`'s), so there is no copy between the model and the optimiser
+//! and nothing the size of an activation is allocated after construction.
 //!
 //! What is kept for the backward, per block: the block's input, both
 //! LayerNorm outputs with their mean and 1/σ, qkv, what attention saves

@@ -1,319 +1,401 @@
-//! The model's compute: forward, loss and backward of one micro-batch,
-//! behind one type, [`Engine`], chosen in one place ([`Engine::new`]).
+//! The model's compute **and the training state it computes on**: one
+//! type, [`Engine`], chosen in one place ([`Engine::new`]), each variant
+//! owning its weights, gradient, optimizer state and compute — so that no
+//! second enum has to agree with it on where the state lives.
 //!
 //! Two implementations of the same GPT-2 (same parameters, same math):
 //!
-//! - **fused** (`gpt.rs` over the `stride-kernels` crate): the whole model's
-//!   forward and backward written out layer by layer, as llm.c does, on
-//!   buffers allocated once and reused every step. Attention (scores, mask,
-//!   softmax, weighted sum), the tied LM head with the cross-entropy
-//!   (chunked over rows: the B·T × V logits never exist), LayerNorm and
-//!   GELU are single kernels with their own backward, parallel over rows;
-//!   the products go to `gemm`, the kernel Candle's CPU matmul uses. It
-//!   reads the trainer's flat f32 master weights in place and adds
-//!   gradients straight into its flat gradient buffer. CPU, f32.
-//! - **composed** (`crate::model`): Candle ops and Candle's autograd. Runs
-//!   on every device Candle supports and in bf16; the CUDA path until the
-//!   fused kernels have CUDA versions that have run on a GPU. Tests use it
-//!   as the fused engine's reference. Its training state is
-//!   device-resident ([`DeviceState`]): gradients are added into the flat
-//!   device gradient, the compute weights are refreshed from the device
-//!   master weights, and every host↔device copy goes through
-//!   [`Transfers`].
+//! - **fused** (`gpt.rs`, one model over a [`backend::Backend`]; its state
+//!   in `fused.rs`): the whole model's forward and backward written out
+//!   layer by layer, as llm.c does, on buffers allocated once. On the CPU
+//!   ([`Engine::Fused`]: `stride-kernels`, f32, host memory — the master
+//!   weights read in place, gradients added straight into the flat
+//!   gradient the all-reduce sums); on CUDA (`Engine::FusedCudaF32`,
+//!   `Engine::FusedCudaBf16`: the fatbin's kernels and cuBLASLt, the
+//!   state device-resident — f32 master weights, gradient and moments,
+//!   the decay mask, the bf16 compute copy — and the optimizer step as
+//!   kernels).
+//! - **composed** (`composed.rs` over `crate::model`): Candle ops and
+//!   Candle's autograd, on every device Candle supports and in bf16, its
+//!   state device-resident ([`DeviceState`]) with bucketed all-reduces
+//!   during backward. Tests use it as the fused engine's reference; on
+//!   CUDA it stays selectable (`worker.engine = composed`).
 //!
-//! `worker.engine = auto` picks fused on the CPU in f32 and composed
-//! elsewhere; the config refuses `fused` where it cannot run.
+//! The choice ([`resolve`], a pure function of the config and the device
+//! kind): `worker.engine = auto` is fused on the CPU in f32 and fused on
+//! CUDA (f32 or bf16 compute) for the shapes its kernels take
+//! (`stride_cuda_kernels::supports`), composed otherwise — on CUDA with a
+//! warning that names the key and the reason. `fused` where it cannot run
+//! is refused here with that message, before anything is allocated (config
+//! validation is to call the same `supports` and refuse it earlier), never
+//! in a kernel.
+//!
+//! Every variant does a step the same way, in the order the trainer calls:
+//! [`Engine::begin_step`], [`Engine::forward_backward`] per micro-batch,
+//! [`Engine::all_reduce`] (the trainer's visible synchronisation point),
+//! [`Engine::update`] (averaging, clipping, AdamW, and the step's one read
+//! of its losses and norm).
 
 pub mod backend;
+mod composed;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(test)]
 mod emulated;
+pub mod fused;
 pub mod gpt;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
-use anyhow::{Context, Result};
-use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor, Var};
-use stride_job::config::{self, ModelConfig, Precision};
+use std::path::Path;
 
-use crate::collective::Collective;
-use crate::device_state::DeviceState;
-use crate::model::{self, Gpt, Slot};
-use crate::transfer::{Purpose, Transfers};
+use anyhow::Result;
+use candle_core::{DType, Device};
+use stride_cuda_kernels::{ModelShape, supports};
+use stride_job::config::{self, ModelConfig, OptimConfig, Precision};
+
+use crate::collective::{Collective, CollectiveError};
+use crate::model::{self, Slot};
+use crate::transfer::Transfers;
+pub use backend::Cpu;
+pub use composed::Composed;
+#[cfg(feature = "cuda")]
+use cuda::CudaBackend;
+pub use fused::Fused;
 pub use gpt::FusedGpt;
+#[cfg(feature = "cuda")]
+use stride_cuda_kernels::Bf16;
 
-/// One worker's model compute; see the module doc.
+#[cfg(doc)]
+use crate::device_state::DeviceState;
+
+/// What a step reads back at its end: the sum of its micro-batches' mean
+/// losses, and the global gradient norm (averaged over ranks, before
+/// clipping).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scalars {
+    pub loss_sum: f64,
+    pub grad_norm: f64,
+}
+
+/// One worker's model compute and training state; see the module doc.
 #[derive(Debug)]
 pub enum Engine {
-    Fused(Box<FusedGpt<f32>>),
-    Composed {
-        model: Box<Gpt>,
-        slots: Vec<Slot>,
-        device: Device,
-        transfers: Transfers,
-    },
+    /// The fused engine on the CPU kernels: f32, host memory.
+    Fused(Box<Fused<Cpu<f32>>>),
+    /// The fused engine on the CUDA kernels, computing in f32.
+    #[cfg(feature = "cuda")]
+    FusedCudaF32(Box<Fused<CudaBackend<f32>>>),
+    /// The fused engine on the CUDA kernels, computing in bf16 (f32 master
+    /// weights, gradient and moments).
+    #[cfg(feature = "cuda")]
+    FusedCudaBf16(Box<Fused<CudaBackend<Bf16>>>),
+    /// Candle ops and autograd, the state on Candle's device.
+    Composed(Box<Composed>),
+}
+
+/// The same expression for every fused variant (each a `Fused<_>` of its
+/// own backend), another for the composed one.
+macro_rules! each {
+    ($engine:expr, $f:ident => $fused:expr, $c:ident => $composed:expr) => {
+        match $engine {
+            Engine::Fused($f) => $fused,
+            #[cfg(feature = "cuda")]
+            Engine::FusedCudaF32($f) => $fused,
+            #[cfg(feature = "cuda")]
+            Engine::FusedCudaBf16($f) => $fused,
+            Engine::Composed($c) => $composed,
+        }
+    };
+}
+
+/// What an engine is built from: the worker's sections of the config and
+/// the initial weights.
+#[derive(Debug, Clone)]
+pub struct Setup<'a> {
+    pub model: &'a ModelConfig,
+    pub optim: &'a OptimConfig,
+    /// Initial f32 weights, layout order (the fused CPU engine keeps this
+    /// vector as its master weights).
+    pub weights: Vec<f32>,
+    /// The largest micro-batch (sequences) a step or an evaluation hands it.
+    pub micro_batch: usize,
+    pub device: &'a Device,
+    pub precision: Precision,
+    pub transfers: Transfers,
+}
+
+/// The kind of device, as the engine choice sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceKind {
+    Cpu,
+    Cuda,
+    /// Anything else Candle runs (Metal): the composed engine only.
+    Other,
+}
+
+impl DeviceKind {
+    pub fn of(device: &Device) -> DeviceKind {
+        if device.is_cpu() {
+            DeviceKind::Cpu
+        } else if device.is_cuda() {
+            DeviceKind::Cuda
+        } else {
+            DeviceKind::Other
+        }
+    }
+}
+
+/// Which [`Engine`] variant a config resolves to: the value [`resolve`]
+/// decides and [`Engine::new`] builds at once (nothing keeps it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolved {
+    FusedCpu,
+    FusedCuda { bf16: bool },
+    Composed,
+}
+
+/// The engine `choice` resolves to on a `device` computing in `dtype`, for
+/// a model and micro-batch of `shape`, with a note to log when `auto` fell
+/// back; an error naming the key and the reason when `fused` cannot run.
+pub fn resolve(
+    choice: config::Engine,
+    device: DeviceKind,
+    dtype: DType,
+    shape: &ModelShape,
+) -> Result<(Resolved, Option<String>), String> {
+    let fused = match (device, dtype) {
+        (DeviceKind::Cpu, DType::F32) => Ok(Resolved::FusedCpu),
+        (DeviceKind::Cpu, _) => Err(format!(
+            "the fused engine computes in f32 on the CPU, and the compute dtype is {dtype:?} \
+             (worker.precision): use precision `auto` or `f32`, or engine `composed`"
+        )),
+        (DeviceKind::Cuda, DType::F32 | DType::BF16) => match supports(shape) {
+            Ok(()) => Ok(Resolved::FusedCuda {
+                bf16: dtype == DType::BF16,
+            }),
+            Err(u) => Err(format!(
+                "the fused engine's CUDA kernels do not take this model: {u}"
+            )),
+        },
+        (DeviceKind::Cuda, _) => Err(format!(
+            "the fused engine computes in f32 or bf16 on CUDA, not {dtype:?}"
+        )),
+        (DeviceKind::Other, _) => {
+            Err("the fused engine runs on the CPU and on CUDA GPUs only".to_string())
+        }
+    };
+    match choice {
+        config::Engine::Composed => Ok((Resolved::Composed, None)),
+        config::Engine::Fused => fused
+            .map(|r| (r, None))
+            .map_err(|why| format!("worker.engine = fused: {why}; use `auto` or `composed`")),
+        config::Engine::Auto => Ok(match fused {
+            Ok(r) => (r, None),
+            // The composed engine is the CPU's bf16 path and the only one
+            // elsewhere: no note. On CUDA the fused engine was expected.
+            Err(why) if device == DeviceKind::Cuda => (
+                Resolved::Composed,
+                Some(format!(
+                    "worker.engine = auto runs the composed engine (Candle ops): {why}"
+                )),
+            ),
+            Err(_) => (Resolved::Composed, None),
+        }),
+    }
 }
 
 impl Engine {
-    /// The engine `choice` resolves to on `device` at `precision`, for
-    /// micro-batches of up to `micro_batch` sequences, holding `weights`.
-    pub fn new(
-        choice: config::Engine,
-        model_config: &ModelConfig,
-        weights: &[f32],
-        micro_batch: usize,
-        device: &Device,
-        precision: Precision,
-        transfers: Transfers,
-    ) -> Result<Engine> {
+    /// The engine `choice` resolves to for `setup` ([`resolve`]), with its
+    /// state built from `setup.weights`.
+    pub fn new(choice: config::Engine, setup: Setup<'_>) -> Result<Engine> {
+        let Setup {
+            model: model_config,
+            optim,
+            weights,
+            micro_batch,
+            device,
+            precision,
+            transfers,
+        } = setup;
         let dtype = model::compute_dtype(device, precision);
-        let fused_fits = device.is_cpu() && dtype == DType::F32;
-        let fused = match choice {
-            config::Engine::Auto => fused_fits,
-            config::Engine::Composed => false,
-            config::Engine::Fused => {
-                anyhow::ensure!(
-                    fused_fits,
-                    "worker.engine = fused runs on the CPU in f32 only (device {device:?}, compute dtype {dtype:?}): use `auto` or `composed`"
-                );
-                true
-            }
+        let shape = ModelShape {
+            n_head: model_config.n_head,
+            n_embd: model_config.n_embd,
+            vocab_size: model_config.vocab_size,
+            context: model_config.context,
+            micro_batch,
         };
+        let (resolved, note) =
+            resolve(choice, DeviceKind::of(device), dtype, &shape).map_err(anyhow::Error::msg)?;
+        if let Some(note) = note {
+            tracing::warn!("{note}");
+        }
         let slots = model::layout(model_config);
-        Ok(if fused {
-            Engine::Fused(Box::new(FusedGpt::new(model_config, &slots, micro_batch)?))
-        } else {
-            Engine::Composed {
-                model: Box::new(Gpt::new(model_config, weights, dtype, device)?),
-                slots,
-                device: device.clone(),
+        Ok(match resolved {
+            Resolved::FusedCpu => Engine::Fused(Box::new(Fused::new(
+                Cpu::default(),
+                model_config,
+                &slots,
+                micro_batch,
+                weights,
+                optim,
+                Device::Cpu,
                 transfers,
+            )?)),
+            #[cfg(feature = "cuda")]
+            Resolved::FusedCuda { bf16 } => {
+                let stream = device.as_cuda_device()?.cuda_stream();
+                if bf16 {
+                    Engine::FusedCudaBf16(Box::new(Fused::new(
+                        CudaBackend::<Bf16>::new(stream)?,
+                        model_config,
+                        &slots,
+                        micro_batch,
+                        weights,
+                        optim,
+                        device.clone(),
+                        transfers,
+                    )?))
+                } else {
+                    Engine::FusedCudaF32(Box::new(Fused::new(
+                        CudaBackend::<f32>::new(stream)?,
+                        model_config,
+                        &slots,
+                        micro_batch,
+                        weights,
+                        optim,
+                        device.clone(),
+                        transfers,
+                    )?))
+                }
             }
+            #[cfg(not(feature = "cuda"))]
+            Resolved::FusedCuda { .. } => {
+                anyhow::bail!("the fused CUDA engine needs a worker built with `--features cuda`")
+            }
+            Resolved::Composed => Engine::Composed(Box::new(Composed::new(
+                model_config,
+                &weights,
+                dtype,
+                device,
+                optim,
+                transfers,
+            )?)),
         })
     }
 
-    /// Whether the trainer's state lives on the engine's device (the
-    /// composed engine) rather than in host buffers (the fused one).
-    pub fn is_device_resident(&self) -> bool {
-        matches!(self, Engine::Composed { .. })
+    /// `fused` or `composed`, as `worker.engine` names them.
+    pub fn name(&self) -> &'static str {
+        each!(self, _f => "fused", _c => "composed")
     }
 
-    /// `fused` or `composed`, for the log.
-    pub fn name(&self) -> &'static str {
+    /// The engine, its device and its compute precision, for the log.
+    pub fn describe(&self) -> &'static str {
         match self {
-            Engine::Fused(_) => "fused",
-            Engine::Composed { .. } => "composed",
+            Engine::Fused(_) => "fused (CPU kernels, f32)",
+            #[cfg(feature = "cuda")]
+            Engine::FusedCudaF32(_) => "fused (CUDA kernels, f32)",
+            #[cfg(feature = "cuda")]
+            Engine::FusedCudaBf16(_) => "fused (CUDA kernels, bf16 compute, f32 master weights)",
+            Engine::Composed(_) => "composed (Candle ops)",
         }
     }
 
-    /// Forward and backward of one micro-batch (`inputs` and `targets`: B·T
-    /// token ids each): adds the gradient of its mean loss into `grad`
-    /// (layout order) and returns that loss.
+    /// Whether the state lives in device memory (every engine but the
+    /// fused CPU one), so that a step's copies cross a link.
+    pub fn is_device_resident(&self) -> bool {
+        !matches!(self, Engine::Fused(_))
+    }
+
+    /// Parameters.
+    pub fn len(&self) -> usize {
+        each!(self, f => f.len(), c => c.state().len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The device the state lives on (for page-locking snapshot buffers).
+    pub fn device(&self) -> &Device {
+        each!(self, f => f.device(), c => c.device())
+    }
+
+    /// Starts a step: the gradient ← 0.
+    pub fn begin_step(&mut self) -> Result<()> {
+        each!(self, f => f.begin_step(), c => {
+            c.begin_step();
+            Ok(())
+        })
+    }
+
+    /// Forward and backward of one micro-batch (`inputs`, `targets`: B·T
+    /// token ids each): adds the gradient of its mean loss into the step's
+    /// gradient; its loss is read at the step's end. With `reduce` (the
+    /// step's last micro-batch) the composed engine all-reduces each bucket
+    /// as backward finishes it; the fused engine sums once, in
+    /// [`Engine::all_reduce`] (no buckets during its backward yet).
     pub fn forward_backward(
         &mut self,
-        weights: &[f32],
-        grad: &mut [f32],
-        inputs: &[u32],
-        targets: &[u32],
-    ) -> Result<f64> {
-        match self {
-            Engine::Fused(m) => Ok(m.forward_backward(weights, grad, inputs, targets)?),
-            Engine::Composed { .. } => {
-                anyhow::bail!(
-                    "the composed engine keeps its gradient on the device: use forward_backward_on"
-                )
-            }
-        }
-    }
-
-    /// Forward and backward of one micro-batch on the device-resident
-    /// `state`: adds the gradient of its mean loss into the state's flat
-    /// gradient on the device and returns that loss as an f32 scalar on
-    /// the device — the caller reads the step's losses once, after the
-    /// whole step is enqueued, so the host never waits for the device
-    /// mid-step. With `reduce` (the step's last micro-batch), each bucket
-    /// of the gradient is all-reduced as soon as backward has finished it
-    /// (see [`segmented_backward`]).
-    pub fn forward_backward_on(
-        &mut self,
-        state: &mut DeviceState,
         inputs: &[u32],
         targets: &[u32],
         reduce: Option<&mut dyn Collective>,
-    ) -> Result<Tensor> {
-        let Engine::Composed {
-            model,
-            slots,
-            device,
-            transfers,
-        } = self
-        else {
-            anyhow::bail!("the fused engine works on host buffers: use forward_backward");
-        };
-        let (x, y) = tensors(model.config.context, inputs, targets, device, transfers)?;
-        segmented_backward(model, slots, state, &x, &y, reduce)
+    ) -> Result<()> {
+        each!(self,
+            f => f.forward_backward(inputs, targets),
+            c => c.forward_backward(inputs, targets, reduce).map(drop))
+    }
+
+    /// Sums the step's gradient over all ranks, in place where it lives
+    /// (the parts not summed during backward).
+    pub fn all_reduce(&mut self, collective: &mut dyn Collective) -> Result<(), CollectiveError> {
+        each!(self, f => f.all_reduce(collective), c => c.all_reduce(collective))
+    }
+
+    /// Averages the summed gradient over `micro_batches` (all ranks'),
+    /// clips it to `optim.grad_clip`, applies AdamW at `lr`, refreshes the
+    /// compute weights, and reads the step's losses and norm (one wait).
+    pub fn update(&mut self, micro_batches: usize, lr: f64) -> Result<Scalars> {
+        each!(self, f => f.update(micro_batches, lr), c => c.update(micro_batches, lr))
     }
 
     /// Mean loss of one micro-batch, without gradients.
-    pub fn loss(&mut self, weights: &[f32], inputs: &[u32], targets: &[u32]) -> Result<f64> {
-        match self {
-            Engine::Fused(m) => Ok(m.loss(weights, inputs, targets)?),
-            Engine::Composed {
-                model,
-                device,
-                transfers,
-                ..
-            } => {
-                let (x, y) = tensors(model.config.context, inputs, targets, device, transfers)?;
-                let loss = model.loss(&x, &y)?;
-                Ok(f64::from(transfers.scalar(Purpose::Step, &loss)?))
-            }
-        }
+    pub fn loss(&mut self, inputs: &[u32], targets: &[u32]) -> Result<f64> {
+        each!(self, f => f.loss(inputs, targets), c => c.loss(inputs, targets))
     }
 
-    /// Copies the device-resident master weights into the composed
-    /// model's compute weights (a cast on the device: bf16 on CUDA); the
-    /// fused engine reads host weights in place and has nothing to do.
-    pub fn refresh_from(&mut self, state: &DeviceState) -> Result<()> {
-        match self {
-            Engine::Fused(_) => Ok(()),
-            Engine::Composed { model, slots, .. } => {
-                let weights = state.weights()?;
-                for (slot, (_, var)) in slots.iter().zip(model.vars()) {
-                    let w = weights
-                        .narrow(0, slot.offset, slot.len)?
-                        .reshape(slot.shape.as_slice())?
-                        .to_dtype(var.dtype())?;
-                    var.set(&w)?;
-                }
-                Ok(())
-            }
-        }
+    /// Copies the f32 master weights and both moments into the three
+    /// buffers (resized to [`Engine::len`]); returns the update count.
+    pub fn read_state(
+        &self,
+        weights: &mut Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) -> Result<u64> {
+        each!(self, f => f.read_state(weights, m, v), c => c.read_state(weights, m, v))
     }
-}
 
-/// Forward and backward of the composed model one segment at a time — the
-/// embeddings, each block, the head — so that each block's parameter
-/// gradients are final, written into the flat gradient and (with
-/// `reduce`) all-reduced before backward moves to the block below: the
-/// hook Candle's autograd lacks (it returns every gradient at once).
-///
-/// Forward runs as usual, but each block's input is a fresh leaf (a copy
-/// of the block below's output, cut from its graph). Backward starts from
-/// the loss (giving the head's gradients and the gradient at the last
-/// block's output), then, block by block downwards, back-propagates
-/// Σ(output ⊙ upstream gradient) — whose gradient is exactly the
-/// vector–Jacobian product of the block — giving the block's gradients and
-/// the gradient at its input. Each block's graph is dropped once done, so
-/// activations are freed as backward goes. The tied token embedding sums
-/// its head and input gradients and is the last bucket.
-///
-/// On CUDA the all-reduce runs on NCCL's own stream (collective/nccl.rs):
-/// cudarc orders it after the kernels that wrote the bucket and before the
-/// kernels that next touch the gradient, so a bucket's sum overlaps the
-/// backward of the blocks below it. On the CPU the ring runs in this
-/// thread between blocks (no overlap: the cores are busy with backward).
-fn segmented_backward(
-    model: &Gpt,
-    slots: &[Slot],
-    state: &mut DeviceState,
-    x: &Tensor,
-    y: &Tensor,
-    mut reduce: Option<&mut dyn Collective>,
-) -> Result<Tensor> {
-    let layers = model.config.n_layer;
-    let embedded = model.embed(x)?;
-    let mut leaves = Vec::with_capacity(layers + 1);
-    let mut outputs = Vec::with_capacity(layers);
-    let mut leaf = Var::from_tensor(&embedded.detach())?;
-    for i in 0..layers {
-        let out = model.block(i, leaf.as_tensor())?;
-        leaves.push(leaf);
-        leaf = Var::from_tensor(&out.detach())?;
-        outputs.push(out);
+    /// Loads checkpoint `dir` (a layout of `slots`): the weights, and
+    /// unless `weights_only` the moments and the update count.
+    pub fn load(&mut self, dir: &Path, slots: &[Slot], weights_only: bool) -> Result<()> {
+        each!(self, f => f.load(dir, slots, weights_only), c => c.load(dir, weights_only))
     }
-    leaves.push(leaf);
-    let loss = model.head_loss(leaves[layers].as_tensor(), y)?;
-    let value = loss.detach().to_dtype(DType::F32)?;
 
-    // The parameters of one segment, by name prefix, into the flat gradient.
-    let vars: Vec<(&Slot, &Var)> = slots.iter().zip(model.vars().map(|(_, v)| v)).collect();
-    let mut put = |grads: &GradStore, prefix: &str, extra: Option<&Tensor>| -> Result<()> {
-        for (slot, var) in vars.iter().filter(|(s, _)| s.name.starts_with(prefix)) {
-            let g = grads
-                .get(var.as_tensor())
-                .with_context(|| format!("no gradient reached {}", slot.name))?;
-            anyhow::ensure!(
-                g.elem_count() == slot.len,
-                "the gradient of {} has {} values, its slot {}",
-                slot.name,
-                g.elem_count(),
-                slot.len
-            );
-            match extra {
-                Some(e) => state.add_grad_part(slot.offset, &(g + e)?)?,
-                None => state.add_grad_part(slot.offset, g)?,
-            }
-        }
-        if let Some(c) = reduce.as_deref_mut() {
-            state.reduce_ready(c)?;
-        }
-        Ok(())
-    };
-    let wte = "transformer.wte.weight";
-    let wte_var = vars
-        .iter()
-        .find(|(s, _)| s.name == wte)
-        .map(|(_, v)| v.as_tensor().clone())
-        .context("the model has no token embedding")?;
-
-    // The head: ln_f's gradients are final; the token embedding's head
-    // part waits for its input part.
-    let grads = loss.backward()?;
-    put(&grads, "transformer.ln_f.", None)?;
-    let wte_head = grads.get(&wte_var).cloned();
-    let mut upstream = gradient_at(&grads, &leaves[layers], "the last block's output")?;
-    drop(grads);
-    drop(loss);
-    for i in (0..layers).rev() {
-        let out = outputs.pop().context("one output per block")?;
-        let grads = (out * upstream.detach())?.sum_all()?.backward()?;
-        put(&grads, &format!("transformer.h.{i}."), None)?;
-        upstream = gradient_at(&grads, &leaves[i], "a block's input")?;
+    /// xxh3 of the master weights' bits, layout order.
+    pub fn weights_hash(&self) -> Result<u64> {
+        each!(self, f => f.weights_hash(), c => c.weights_hash())
     }
-    let grads = (embedded * upstream.detach())?.sum_all()?.backward()?;
-    put(&grads, "transformer.wpe.", None)?;
-    put(&grads, wte, wte_head.as_ref())?;
-    Ok(value)
-}
 
-/// The gradient backward computed at a segment's boundary leaf.
-fn gradient_at(grads: &GradStore, leaf: &Var, what: &str) -> Result<Tensor> {
-    grads
-        .get(leaf.as_tensor())
-        .cloned()
-        .with_context(|| format!("no gradient reached {what}"))
-}
-
-/// (B, T) input and target tensors of B·T token ids each.
-fn tensors(
-    t: usize,
-    inputs: &[u32],
-    targets: &[u32],
-    device: &Device,
-    transfers: &Transfers,
-) -> Result<(Tensor, Tensor)> {
-    let b = inputs.len() / t.max(1);
-    anyhow::ensure!(
-        b * t == inputs.len() && inputs.len() == targets.len(),
-        "{} inputs and {} targets are not whole sequences of {t}",
-        inputs.len(),
-        targets.len()
-    );
-    Ok((
-        transfers.to_device(Purpose::Step, inputs, &[b, t], device)?,
-        transfers.to_device(Purpose::Step, targets, &[b, t], device)?,
-    ))
+    /// The step's gradient on the host (tests): summed (device fused),
+    /// averaged and clipped after the update (host fused), written or
+    /// summed (composed).
+    #[cfg(test)]
+    pub fn gradient(&self) -> Result<Vec<f32>> {
+        each!(self, f => f.gradient(), c => {
+            let mut g = Vec::new();
+            c.state().grad_to_host(&mut g)?;
+            Ok(g)
+        })
+    }
 }

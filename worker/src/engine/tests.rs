@@ -233,9 +233,9 @@ fn bad_batches_are_refused_not_indexed() {
 
 // ---- the composed engine's segmented backward ------------------------------------
 
-/// Records each bucket all-reduce (a one-rank collective: the sums change
-/// nothing) and how much of the token embedding's gradient was written
-/// when it came.
+/// Records each bucket all-reduce and how much of the token embedding's
+/// gradient was written when it came. It claims two ranks (a sum over one
+/// is skipped: nothing to call) but sums nothing.
 #[derive(Debug, Default)]
 struct Recorder {
     wte: std::ops::Range<usize>,
@@ -247,7 +247,7 @@ impl crate::collective::Collective for Recorder {
         0
     }
     fn world_size(&self) -> usize {
-        1
+        2
     }
     fn all_reduce_sum(&mut self, _: &mut [f32]) -> Result<(), crate::collective::CollectiveError> {
         Ok(())
@@ -274,9 +274,8 @@ impl crate::collective::Collective for Recorder {
 /// has reached the embedding. A second micro-batch adds to the first.
 #[test]
 fn segmented_backward_equals_one_backward_and_reduces_as_it_goes() {
-    use stride_job::config::{Engine as Choice, OptimConfig, Precision};
+    use stride_job::config::OptimConfig;
 
-    use crate::device_state::DeviceState;
     use crate::transfer::Transfers;
 
     let c = ModelConfig {
@@ -290,19 +289,15 @@ fn segmented_backward_equals_one_backward_and_reduces_as_it_goes() {
     // One whole-graph backward, f32.
     let (want, whole) = composed(&c, &w, &x, &y, DType::F32);
 
-    let transfers = Transfers::default();
-    let mut engine = super::Engine::new(
-        Choice::Composed,
+    let mut engine = super::Composed::new(
         &c,
         &w,
-        2,
+        DType::F32,
         &dev,
-        Precision::F32,
-        transfers.clone(),
+        &OptimConfig::default(),
+        Transfers::default(),
     )
     .expect("engine");
-    let mut state =
-        DeviceState::new(&w, &slots, &OptimConfig::default(), &dev, transfers).expect("state");
     let wte = slots
         .iter()
         .find(|s| s.name == "transformer.wte.weight")
@@ -312,15 +307,14 @@ fn segmented_backward_equals_one_backward_and_reduces_as_it_goes() {
         wte: wte.clone(),
         calls: Vec::new(),
     };
-    state.zero_grad();
-    state.begin_micro_batch().expect("micro-batch");
+    engine.begin_step();
     let value = engine
-        .forward_backward_on(&mut state, &x, &y, Some(&mut recorder))
+        .forward_backward(&x, &y, Some(&mut recorder))
         .and_then(|l| Ok(f64::from(l.to_scalar::<f32>()?)))
         .expect("forward and backward");
     assert!((value - want).abs() <= 1e-6 * want, "{value} vs {want}");
     let mut got = Vec::new();
-    state.grad_to_host(&mut got).expect("gradient");
+    engine.state().grad_to_host(&mut got).expect("gradient");
     assert_eq!(got.len(), whole.len());
     for (i, (g, w)) in got.iter().map(|g| f64::from(*g)).zip(&whole).enumerate() {
         assert!(
@@ -330,7 +324,11 @@ fn segmented_backward_equals_one_backward_and_reduces_as_it_goes() {
     }
 
     let order: Vec<_> = recorder.calls.iter().map(|(r, _)| r.clone()).collect();
-    assert_eq!(order, state.buckets(), "every bucket, in launch order");
+    assert_eq!(
+        order,
+        engine.state().buckets(),
+        "every bucket, in launch order"
+    );
     let (last, before) = recorder.calls.split_last().expect("calls");
     assert_eq!(last.0, wte, "the tied embedding goes last");
     assert!(
@@ -343,21 +341,20 @@ fn segmented_backward_equals_one_backward_and_reduces_as_it_goes() {
         wte.len(),
         "the embedding's own bucket comes once it is written"
     );
-    state.all_reduce(&mut recorder).expect("nothing left");
+    engine.all_reduce(&mut recorder).expect("nothing left");
     assert_eq!(recorder.calls.len(), order.len(), "no bucket twice");
 
     // Two micro-batches: the second adds to the first.
-    state.zero_grad();
+    engine.begin_step();
     for reduce in [false, true] {
-        state.begin_micro_batch().expect("micro-batch");
         let r: Option<&mut dyn crate::collective::Collective> =
             if reduce { Some(&mut recorder) } else { None };
         engine
-            .forward_backward_on(&mut state, &x, &y, r)
+            .forward_backward(&x, &y, r)
             .expect("forward and backward");
     }
     let mut twice = Vec::new();
-    state.grad_to_host(&mut twice).expect("gradient");
+    engine.state().grad_to_host(&mut twice).expect("gradient");
     for (a, b) in twice.iter().zip(&got) {
         assert_eq!(
             *a,
@@ -492,48 +489,84 @@ fn three_emulated_gpu_steps_track_the_cpu_engine() {
         );
         o_cpu.update(&mut w_cpu, &g_cpu, lr);
         o_gpu.update(&mut w_gpu, &g_gpu, lr);
-        // Where a gradient is cancellation noise (below 1e-6 of its
-        // tensor's largest), AdamW's normalised update g/(|g| + ε) is
-        // noise too, whatever the engine: such weights may differ by up to
-        // 2·lr per step; every other weight is held to 1e-4 of its scale.
-        for s in &slots {
-            let r = s.offset..s.offset + s.len;
-            let floor = 1e-6 * g_cpu[r.clone()].iter().fold(0f32, |m, g| m.max(g.abs()));
-            for i in r.filter(|&i| g_cpu[i].abs() < floor || g_gpu[i].abs() < floor) {
-                noise[i] = true;
-            }
-        }
-        for (what, got, want) in [
-            ("weights", &w_gpu, &w_cpu),
-            ("first moments", &o_gpu.m, &o_cpu.m),
-            ("second moments", &o_gpu.v, &o_cpu.v),
-        ] {
-            for s in &slots {
-                let r = s.offset..s.offset + s.len;
-                let scale = want[r.clone()].iter().fold(0f32, |m, x| m.max(x.abs()));
-                for i in r {
-                    let allowed = if what == "weights" && noise[i] {
-                        2.0 * lr as f32 * (step + 1) as f32
-                    } else {
-                        1e-4 * scale
-                    };
-                    let err = (got[i] - want[i]).abs();
-                    assert!(
-                        err <= allowed,
-                        "step {step}, {what} of {} [{i}]: {} vs {} (allowed {allowed:e})",
-                        s.name,
-                        got[i],
-                        want[i]
-                    );
-                }
-            }
-        }
-        let noisy = noise.iter().filter(|n| **n).count();
-        assert!(
-            noisy * 100 < w_cpu.len(),
-            "{noisy} noisy gradients of {}",
-            w_cpu.len()
+        mark_noise(&mut noise, &slots, &g_cpu, &g_gpu);
+        assert_tracks(
+            &format!("step {step}"),
+            step + 1,
+            lr,
+            &slots,
+            &noise,
+            [
+                ("weights", &w_gpu, &w_cpu),
+                ("first moments", &o_gpu.m, &o_cpu.m),
+                ("second moments", &o_gpu.v, &o_cpu.v),
+            ],
         );
+    }
+}
+
+/// Marks the weights whose gradient is cancellation noise in either run
+/// (`a`, `b`: the same step's gradients, each scaled as its run keeps it):
+/// below 1e-6 of its tensor's largest in that run. AdamW's normalised
+/// update g/(|g| + ε) of such a gradient is noise too, whatever the
+/// engine; [`assert_tracks`] holds those weights to 2·lr a step. Fewer
+/// than 1 % of the weights may be noise.
+pub(crate) fn mark_noise(
+    noise: &mut [bool],
+    slots: &[stride_job::params::Slot],
+    a: &[f32],
+    b: &[f32],
+) {
+    for s in slots {
+        let r = s.offset..s.offset + s.len;
+        let floor = |g: &[f32]| 1e-6 * g[r.clone()].iter().fold(0f32, |m, g| m.max(g.abs()));
+        let (fa, fb) = (floor(a), floor(b));
+        for i in r.clone().filter(|&i| a[i].abs() < fa || b[i].abs() < fb) {
+            noise[i] = true;
+        }
+    }
+    let noisy = noise.iter().filter(|n| **n).count();
+    assert!(
+        noisy * 100 < noise.len(),
+        "{noisy} noisy gradients of {}",
+        noise.len()
+    );
+}
+
+/// Two runs' states after `steps` AdamW steps at `lr` agree: the weights
+/// and both moments ((what, got, want)) within 1e-4 of each tensor's
+/// largest |want|, the weights [`mark_noise`] marked within 2·lr a step
+/// (the weights alone would be a weak check: one AdamW step moves them by
+/// about ±lr whatever the gradient).
+pub(crate) fn assert_tracks(
+    when: &str,
+    steps: usize,
+    lr: f64,
+    slots: &[stride_job::params::Slot],
+    noise: &[bool],
+    state: [(&str, &[f32], &[f32]); 3],
+) {
+    for (what, got, want) in state {
+        assert_eq!(got.len(), want.len(), "{when}: {what}");
+        for s in slots {
+            let r = s.offset..s.offset + s.len;
+            let scale = want[r.clone()].iter().fold(0f32, |m, x| m.max(x.abs()));
+            for i in r {
+                let allowed = if what == "weights" && noise[i] {
+                    2.0 * lr as f32 * steps as f32
+                } else {
+                    1e-4 * scale
+                };
+                let err = (got[i] - want[i]).abs();
+                assert!(
+                    err <= allowed,
+                    "{when}, {what} of {} [{i}]: {} vs {} (allowed {allowed:e})",
+                    s.name,
+                    got[i],
+                    want[i]
+                );
+            }
+        }
     }
 }
 
@@ -719,6 +752,365 @@ fn emulated_backend_through_its_own_buffers_equals_host_slices() {
         e.to_string().contains("2 elements into a buffer of 3"),
         "{e}"
     );
+}
+
+// ---- the engine choice ------------------------------------------------------------
+
+/// `worker.engine` × device × compute dtype × shape → engine, in one
+/// table: `auto` is fused wherever the fused kernels take the model
+/// (the CPU's in f32, CUDA's in f32 or bf16 for the shapes
+/// `stride_cuda_kernels::supports` accepts), composed otherwise — with a
+/// note only where CUDA's fused engine was expected; `fused` where it
+/// cannot run is refused naming the key and the reason; `composed` is
+/// composed everywhere.
+#[test]
+fn the_engine_choice_is_one_table() {
+    use super::{DeviceKind as D, Resolved as R, resolve};
+    use stride_cuda_kernels::ModelShape;
+    use stride_job::config::Engine as Choice;
+    let gpt2 = ModelShape {
+        n_head: 12,
+        n_embd: 768,
+        vocab_size: 50_304,
+        context: 1024,
+        micro_batch: 16,
+    };
+    // Head size 3: the CPU kernels take it, the CUDA ones do not.
+    let odd = ModelShape {
+        n_head: 3,
+        n_embd: 9,
+        vocab_size: 13,
+        context: 7,
+        micro_batch: 3,
+    };
+    let (f32, bf16) = (DType::F32, DType::BF16);
+    type Want = Result<(R, Option<&'static [&'static str]>), &'static [&'static str]>;
+    let cases: [(Choice, D, DType, ModelShape, Want); 15] = [
+        (Choice::Auto, D::Cpu, f32, gpt2, Ok((R::FusedCpu, None))),
+        (Choice::Auto, D::Cpu, f32, odd, Ok((R::FusedCpu, None))),
+        (Choice::Auto, D::Cpu, bf16, gpt2, Ok((R::Composed, None))),
+        (
+            Choice::Auto,
+            D::Cuda,
+            bf16,
+            gpt2,
+            Ok((R::FusedCuda { bf16: true }, None)),
+        ),
+        (
+            Choice::Auto,
+            D::Cuda,
+            f32,
+            gpt2,
+            Ok((R::FusedCuda { bf16: false }, None)),
+        ),
+        (
+            Choice::Auto,
+            D::Cuda,
+            bf16,
+            odd,
+            Ok((
+                R::Composed,
+                Some(&["composed engine", "`model.n_head`", "head size"]),
+            )),
+        ),
+        (Choice::Auto, D::Other, f32, gpt2, Ok((R::Composed, None))),
+        (
+            Choice::Composed,
+            D::Cuda,
+            bf16,
+            gpt2,
+            Ok((R::Composed, None)),
+        ),
+        (Choice::Composed, D::Cpu, f32, gpt2, Ok((R::Composed, None))),
+        (Choice::Fused, D::Cpu, f32, odd, Ok((R::FusedCpu, None))),
+        (
+            Choice::Fused,
+            D::Cuda,
+            bf16,
+            gpt2,
+            Ok((R::FusedCuda { bf16: true }, None)),
+        ),
+        (
+            Choice::Fused,
+            D::Cpu,
+            bf16,
+            gpt2,
+            Err(&["worker.engine = fused", "computes in f32"]),
+        ),
+        (
+            Choice::Fused,
+            D::Cuda,
+            f32,
+            odd,
+            Err(&[
+                "worker.engine = fused",
+                "`model.n_head`",
+                "multiples of 8",
+                "`composed`",
+            ]),
+        ),
+        (
+            Choice::Fused,
+            D::Cuda,
+            bf16,
+            ModelShape {
+                micro_batch: 6000,
+                context: 8,
+                ..gpt2
+            },
+            Err(&["`train.micro_batch`", "65535"]),
+        ),
+        (
+            Choice::Fused,
+            D::Other,
+            f32,
+            gpt2,
+            Err(&["CPU and on CUDA"]),
+        ),
+    ];
+    for (choice, device, dtype, shape, want) in cases {
+        let got = resolve(choice, device, dtype, &shape);
+        let case = format!("{choice:?} on {device:?} in {dtype:?}, {shape:?}: {got:?}");
+        match (got, want) {
+            (Ok((r, note)), Ok((want_r, want_note))) => {
+                assert_eq!(r, want_r, "{case}");
+                match (note, want_note) {
+                    (None, None) => {}
+                    (Some(note), Some(parts)) => {
+                        for part in parts {
+                            assert!(note.contains(part), "{part:?} in the note: {case}");
+                        }
+                    }
+                    _ => panic!("the note: {case}"),
+                }
+            }
+            (Err(e), Err(parts)) => {
+                for part in parts {
+                    assert!(e.contains(part), "{part:?} in the refusal: {case}");
+                }
+            }
+            _ => panic!("{case}"),
+        }
+    }
+}
+
+/// `Engine::new` builds what the table says and refuses what it refuses,
+/// with its message.
+#[test]
+fn engine_new_builds_the_resolved_engine_or_refuses_it() {
+    use stride_job::config::{Engine as Choice, OptimConfig, Precision};
+
+    use super::{Engine, Setup};
+    use crate::transfer::Transfers;
+    let c = gpu_shaped();
+    let w = weights(&c);
+    let optim = OptimConfig::default();
+    let build = |choice, precision| {
+        Engine::new(
+            choice,
+            Setup {
+                model: &c,
+                optim: &optim,
+                weights: w.clone(),
+                micro_batch: 2,
+                device: &Device::Cpu,
+                precision,
+                transfers: Transfers::default(),
+            },
+        )
+    };
+    let fused = build(Choice::Auto, Precision::Auto).expect("auto on the CPU");
+    assert_eq!((fused.name(), fused.is_device_resident()), ("fused", false));
+    assert_eq!(fused.len(), w.len());
+    let composed = build(Choice::Auto, Precision::Bf16).expect("bf16 on the CPU");
+    assert_eq!(
+        (composed.name(), composed.is_device_resident()),
+        ("composed", true)
+    );
+    let e = build(Choice::Fused, Precision::Bf16).expect_err("fused bf16 on the CPU");
+    assert!(e.to_string().contains("computes in f32 on the CPU"), "{e}");
+    // Every engine hashes the same weights alike.
+    assert_eq!(
+        fused.weights_hash().expect("hash"),
+        composed.weights_hash().expect("hash")
+    );
+}
+
+// ---- the fused engine's training state on the emulated GPU ------------------------
+
+/// One whole step of `f` over `batches` (micro-batches, one rank), as the
+/// trainer runs it: the summed gradient (before the update) and the
+/// scalars it reads back.
+fn fused_step<B: super::backend::Train>(
+    f: &mut super::Fused<B>,
+    batches: &[(Vec<u32>, Vec<u32>)],
+    lr: f64,
+) -> (Vec<f32>, super::Scalars) {
+    use crate::collective::Solo;
+    f.begin_step().expect("begin");
+    for (x, y) in batches {
+        f.forward_backward(x, y).expect("forward and backward");
+    }
+    f.all_reduce(&mut Solo).expect("all-reduce");
+    let grad = f.gradient().expect("gradient");
+    (grad, f.update(batches.len(), lr).expect("update"))
+}
+
+/// Weights, both moments and the update count of `f`.
+fn fused_state<B: super::backend::Train>(
+    f: &super::Fused<B>,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, u64) {
+    let (mut w, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    let step = f.read_state(&mut w, &mut m, &mut v).expect("state");
+    (w, m, v, step)
+}
+
+/// A fused engine and its state on `backend` for `gpu_shaped` (micro-batches
+/// of 2), from the tests' weights.
+fn fused_on<B: super::backend::Train>(backend: B, lr_clip: f64) -> super::Fused<B> {
+    use stride_job::config::OptimConfig;
+    let c = gpu_shaped();
+    let optim = OptimConfig {
+        grad_clip: lr_clip,
+        ..OptimConfig::default()
+    };
+    super::Fused::new(
+        backend,
+        &c,
+        &model::layout(&c),
+        2,
+        weights(&c),
+        &optim,
+        Device::Cpu,
+        crate::transfer::Transfers::default(),
+    )
+    .expect("fused engine")
+}
+
+/// The fused CUDA engine's whole step — its state in the backend's
+/// buffers, the gradient zeroed and accumulated over two micro-batches,
+/// the optimizer step as the GPU's kernels (sum of squares, gradient
+/// factor, AdamW; emulated), the losses and the norm read at the end —
+/// tracks the fused CPU engine's for three steps (clipping active): the
+/// losses to 1e-5, the norm to 1e-4, the weights and both moments to 1e-4
+/// of their scale ([`assert_tracks`]).
+#[test]
+fn the_fused_state_on_the_emulated_gpu_tracks_the_cpu_engine() {
+    use super::backend::Cpu;
+    use super::emulated::Emulated;
+    let c = gpu_shaped();
+    let slots = model::layout(&c);
+    let lr = 1e-3;
+    let mut cpu = fused_on(Cpu::<f32>::default(), 0.5);
+    let mut gpu = fused_on(Emulated::<f32>::default(), 0.5);
+    let mut noise = vec![false; weights(&c).len()];
+    let mut clipped = 0;
+    for step in 0..3 {
+        let batches = [tokens(&c, 2, 10 + step), tokens(&c, 1, 20 + step)];
+        let (g_cpu, s_cpu) = fused_step(&mut cpu, &batches, lr);
+        let (g_gpu, s_gpu) = fused_step(&mut gpu, &batches, lr);
+        assert!(
+            ((s_gpu.loss_sum - s_cpu.loss_sum) / s_cpu.loss_sum).abs() < 1e-5,
+            "step {step}: {s_gpu:?} vs {s_cpu:?}"
+        );
+        assert!(
+            ((s_gpu.grad_norm - s_cpu.grad_norm) / s_cpu.grad_norm).abs() < 1e-4,
+            "step {step}: {s_gpu:?} vs {s_cpu:?}"
+        );
+        clipped += usize::from(s_cpu.grad_norm > 0.5);
+        mark_noise(&mut noise, &slots, &g_cpu, &g_gpu);
+        let (a, b) = (fused_state(&gpu), fused_state(&cpu));
+        assert_eq!(a.3, b.3, "update counts");
+        assert_tracks(
+            &format!("step {step}"),
+            step + 1,
+            lr,
+            &slots,
+            &noise,
+            [
+                ("weights", &a.0, &b.0),
+                ("first moments", &a.1, &b.1),
+                ("second moments", &a.2, &b.2),
+            ],
+        );
+    }
+    assert!(clipped > 0, "clipping was exercised");
+}
+
+/// Mixed precision through the fused state (emulated GPU): the bf16
+/// compute copy made from the f32 master weights and refreshed by the
+/// emulated cast after every update; ten steps of two micro-batches, each
+/// step's loss within 1 % of the same steps in f32 compute.
+#[test]
+fn ten_fused_bf16_steps_on_the_emulated_gpu_stay_within_one_percent_of_f32() {
+    use super::emulated::Emulated;
+    use stride_cuda_kernels::Bf16;
+    let c = gpu_shaped();
+    let mut f32s = fused_on(Emulated::<f32>::default(), 1.0);
+    let mut bf16s = fused_on(Emulated::<Bf16>::default(), 1.0);
+    for step in 0..10 {
+        let batches = [tokens(&c, 2, 100 + step), tokens(&c, 2, 200 + step)];
+        let (_, a) = fused_step(&mut f32s, &batches, 3e-3);
+        let (_, b) = fused_step(&mut bf16s, &batches, 3e-3);
+        assert!(
+            ((b.loss_sum - a.loss_sum) / a.loss_sum).abs() < 0.01,
+            "step {step}: bf16 {b:?} vs f32 {a:?}"
+        );
+    }
+}
+
+/// A checkpoint of the fused state with a bf16 compute copy (emulated
+/// GPU) loads — into the same engine and into the fused CPU engine — with
+/// the same bits of weights, moments and update count, and the same
+/// weights hash; the reloaded bf16 engine's compute copy is refreshed, so
+/// its next step is the original's, bit for bit.
+#[test]
+fn the_fused_state_round_trips_through_a_checkpoint() {
+    use super::backend::Cpu;
+    use super::emulated::Emulated;
+    use stride_cuda_kernels::Bf16;
+    use stride_job::checkpoint;
+    let c = gpu_shaped();
+    let slots = model::layout(&c);
+    let mut a = fused_on(Emulated::<Bf16>::default(), 1.0);
+    for step in 0..2 {
+        fused_step(&mut a, &[tokens(&c, 2, 300 + step)], 3e-3);
+    }
+    let (w, m, v, step) = fused_state(&a);
+    let dir = tempfile::tempdir().expect("tmp");
+    checkpoint::write_model(dir.path(), &slots, &w).expect("write");
+    checkpoint::write_optimizer(dir.path(), &slots, &m, &v, step).expect("write");
+
+    let mut b = fused_on(Emulated::<Bf16>::default(), 1.0);
+    b.load(dir.path(), &slots, false)
+        .expect("load on the emulated GPU");
+    let mut host = fused_on(Cpu::<f32>::default(), 1.0);
+    host.load(dir.path(), &slots, false)
+        .expect("load on the CPU");
+    let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    for other in [fused_state(&b), fused_state(&host)] {
+        assert_eq!(other.3, step, "update count");
+        assert_eq!(bits(&other.0), bits(&w), "weights");
+        assert_eq!(bits(&other.1), bits(&m), "first moments");
+        assert_eq!(bits(&other.2), bits(&v), "second moments");
+    }
+    let hash = a.weights_hash().expect("hash");
+    assert_eq!(b.weights_hash().expect("hash"), hash);
+    assert_eq!(host.weights_hash().expect("hash"), hash);
+
+    let next = [tokens(&c, 2, 400)];
+    let (ga, sa) = fused_step(&mut a, &next, 3e-3);
+    let (gb, sb) = fused_step(&mut b, &next, 3e-3);
+    assert_eq!(sa, sb, "the reloaded compute copy is the original's");
+    assert_eq!(bits(&ga), bits(&gb));
+    assert_eq!(fused_state(&a).0, fused_state(&b).0);
+
+    // Weights only: a fresh optimizer.
+    let mut fresh = fused_on(Emulated::<Bf16>::default(), 1.0);
+    fresh.load(dir.path(), &slots, true).expect("load weights");
+    let (fw, fm, fv, fstep) = fused_state(&fresh);
+    assert_eq!(bits(&fw), bits(&w));
+    assert!(fm.iter().chain(&fv).all(|x| *x == 0.0) && fstep == 0);
 }
 
 /// The CUDA backend on a GPU (`cuda` feature; ignored unless asked for on

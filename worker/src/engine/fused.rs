@@ -1,0 +1,381 @@
+//! The fused engine with its training state, on any backend that trains
+//! ([`Train`]): the model ([`Gpt`]) and, in the backend's buffers, each
+//! allocated once, the f32 master weights, the f32 gradient the
+//! micro-batches add into, both f32 AdamW moments, the decay mask (a byte a
+//! parameter, where the backend's update reads one) and the compute copy of
+//! the weights (bf16, where the kernels read one; f32 compute reads the
+//! master weights themselves). The same code is the CPU worker's step
+//! (`Fused<Cpu<f32>>`, host memory), the GPU's (`Fused<CudaBackend<_>>`,
+//! device memory) and, in tests, the GPU's with its kernels emulated on the
+//! CPU (`Fused<Emulated<_>>`).
+//!
+//! A step, as the trainer calls it:
+//!
+//! 1. [`Fused::begin_step`]: the gradient ← 0;
+//! 2. [`Fused::forward_backward`] per micro-batch: forward and backward
+//!    reading the compute weights, adding into the gradient; the loss stays
+//!    where the backend computed it (on a GPU: a device value);
+//! 3. [`Fused::all_reduce`]: the gradient summed over ranks in place (the
+//!    trainer's one exchange);
+//! 4. [`Fused::update`]: averaging, clipping and AdamW (the backend's
+//!    [`Train::update`]), the compute copy refreshed, and then — once
+//!    everything is enqueued — the micro-batches' losses and the norm read
+//!    together: the step's one wait for a device.
+//!
+//! Checkpoints see the same state as every engine's: the f32 master weights
+//! and moments by parameter name ([`Fused::read_state`], [`Fused::load`]);
+//! the weights hash is over the master weights' bits. On a device, state
+//! copies are counted apart from the step's (`Purpose::State`), and the
+//! step's own crossings — the token ids the backend uploads, the scalars
+//! read at the end — as `Purpose::Step`.
+//!
+//! It decides nothing about the schedule or the data: the trainer hands it
+//! token ids, the micro-batch count and the learning rate.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use stride_job::checkpoint::{self, Kind, TensorReader};
+use stride_job::config::{ModelConfig, OptimConfig};
+use stride_job::params::Slot;
+
+use super::Scalars;
+use super::backend::{Train, Update};
+use super::gpt::Gpt;
+use crate::collective::{Collective, CollectiveError};
+use crate::optim::{Coefficients, decay_ranges};
+use crate::transfer::{Purpose, Transfers};
+
+/// See the module doc.
+#[derive(Debug)]
+pub struct Fused<B: Train> {
+    model: Gpt<B>,
+    /// f32 master weights, layout order.
+    master: B::Buf<f32>,
+    /// The weights the kernels read, in `A`, where the backend copies them
+    /// ([`Train::COPIES_WEIGHTS`]).
+    copy: Option<B::Buf<B::A>>,
+    /// The gradient the micro-batches add into.
+    grad: B::Buf<f32>,
+    /// First and second AdamW moments.
+    m: B::Buf<f32>,
+    v: B::Buf<f32>,
+    /// 1 where weight decay applies ([`Train::DECAY_MASK`]).
+    decay: Option<B::Buf<u8>>,
+    /// The same as `(offset, len)` ranges.
+    decay_ranges: Vec<(usize, usize)>,
+    /// Parameters.
+    len: usize,
+    /// Updates applied so far (for bias correction).
+    step: u64,
+    optim: OptimConfig,
+    /// This step's summed losses (one a micro-batch), read at its end,
+    /// and each micro-batch's token count.
+    losses: Vec<B::Loss>,
+    tokens: Vec<usize>,
+    /// Candle's device of the same GPU (`Cpu` for host memory): what a
+    /// snapshot's host buffers are page-locked for.
+    device: Device,
+    transfers: Transfers,
+}
+
+impl<B: Train> Fused<B> {
+    /// The model on `backend`, for micro-batches of up to `micro_batch`
+    /// sequences, and its state: `weights` (layout order, `slots`) as the
+    /// master weights (taken as they are into host memory, copied to a
+    /// device), zero moments.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        backend: B,
+        model: &ModelConfig,
+        slots: &[Slot],
+        micro_batch: usize,
+        weights: Vec<f32>,
+        optim: &OptimConfig,
+        device: Device,
+        transfers: Transfers,
+    ) -> Result<Fused<B>> {
+        let len = weights.len();
+        anyhow::ensure!(
+            len == crate::model::parameter_count(slots),
+            "{len} weights for a layout of {} parameters",
+            crate::model::parameter_count(slots)
+        );
+        let mut gpt = Gpt::on(backend, model, slots, micro_batch)?;
+        let be = gpt.backend_mut();
+        let master = be.adopt(weights)?;
+        let grad = be.alloc::<f32>(len)?;
+        let m = be.alloc::<f32>(len)?;
+        let v = be.alloc::<f32>(len)?;
+        let ranges = decay_ranges(slots);
+        let decay = if B::DECAY_MASK {
+            let mut mask = vec![0u8; len];
+            for &(at, n) in &ranges {
+                mask[at..at + n].fill(1);
+            }
+            let mut d = be.alloc::<u8>(len)?;
+            be.upload(B::view_mut(&mut d), &mask)?;
+            Some(d)
+        } else {
+            None
+        };
+        let copy = if B::COPIES_WEIGHTS {
+            let mut c = be.alloc::<B::A>(len)?;
+            be.refresh(B::view_mut(&mut c), B::view(&master))?;
+            Some(c)
+        } else {
+            None
+        };
+        if !B::HOST_MEMORY {
+            let mask = if B::DECAY_MASK { len } else { 0 };
+            transfers.record_upload(Purpose::State, 4 * len + mask);
+        }
+        Ok(Fused {
+            model: gpt,
+            master,
+            copy,
+            grad,
+            m,
+            v,
+            decay,
+            decay_ranges: ranges,
+            len,
+            step: 0,
+            optim: optim.clone(),
+            losses: Vec::new(),
+            tokens: Vec::new(),
+            device,
+            transfers,
+        })
+    }
+
+    /// Parameters.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Candle's device of the same memory (see the field).
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Starts a step: the gradient ← 0, no losses.
+    pub fn begin_step(&mut self) -> Result<()> {
+        self.losses.clear();
+        self.tokens.clear();
+        let be = self.model.backend_mut();
+        be.zero(B::view_mut(&mut self.grad))?;
+        Ok(())
+    }
+
+    /// Forward and backward of one micro-batch (B·T token ids each):
+    /// adds the gradient of its mean loss into the step's gradient; its
+    /// loss is read with the step's others ([`Fused::update`]).
+    pub fn forward_backward(&mut self, inputs: &[u32], targets: &[u32]) -> Result<()> {
+        let loss = {
+            let w = B::compute_weights(&self.master, self.copy.as_ref())?;
+            self.model.forward_backward_sum(
+                &w,
+                &mut B::view_mut(&mut self.grad),
+                inputs,
+                targets,
+            )?
+        };
+        self.losses.push(loss);
+        self.tokens.push(inputs.len());
+        self.count_uploads();
+        Ok(())
+    }
+
+    /// Sums the gradient over all ranks, in place.
+    pub fn all_reduce(&mut self, collective: &mut dyn Collective) -> Result<(), CollectiveError> {
+        self.model
+            .backend_mut()
+            .all_reduce(&mut self.grad, collective)
+    }
+
+    /// Averages the summed gradient over `micro_batches` (over all ranks),
+    /// clips it to `optim.grad_clip` and applies one AdamW update at `lr`,
+    /// refreshes the compute copy, then reads the step's losses and norm
+    /// (one wait for a device).
+    pub fn update(&mut self, micro_batches: usize, lr: f64) -> Result<Scalars> {
+        anyhow::ensure!(micro_batches > 0, "a step without micro-batches");
+        self.step += 1;
+        let k = Coefficients::new(&self.optim, self.step, lr);
+        let be = self.model.backend_mut();
+        let norm = be.update(Update {
+            weights: B::view_mut(&mut self.master),
+            m: B::view_mut(&mut self.m),
+            v: B::view_mut(&mut self.v),
+            grad: B::view_mut(&mut self.grad),
+            decay: self.decay.as_ref().map(B::view),
+            decay_ranges: &self.decay_ranges,
+            micro_batches,
+            grad_clip: self.optim.grad_clip,
+            k,
+        })?;
+        if let Some(copy) = &mut self.copy {
+            be.refresh(B::view_mut(copy), B::view(&self.master))?;
+        }
+        // Everything is enqueued: the step's one read.
+        self.losses.push(norm);
+        let mut values = Vec::with_capacity(self.losses.len());
+        be.read_scalars(&self.losses, &mut values)?;
+        self.losses.clear();
+        if !B::HOST_MEMORY {
+            self.transfers
+                .record_download(Purpose::Step, 4 * values.len());
+        }
+        let Some((grad_norm, losses)) = values.split_last() else {
+            anyhow::bail!("a step without a gradient norm");
+        };
+        anyhow::ensure!(
+            losses.len() == self.tokens.len(),
+            "{} losses for {} micro-batches",
+            losses.len(),
+            self.tokens.len()
+        );
+        let mut loss_sum = 0.0;
+        for (sum, tokens) in losses.iter().zip(&self.tokens) {
+            loss_sum += sum / *tokens as f64;
+        }
+        Ok(Scalars {
+            loss_sum,
+            grad_norm: *grad_norm,
+        })
+    }
+
+    /// Mean loss of one micro-batch, without gradients (evaluation).
+    pub fn loss(&mut self, inputs: &[u32], targets: &[u32]) -> Result<f64> {
+        let total = {
+            let w = B::compute_weights(&self.master, self.copy.as_ref())?;
+            self.model.loss_sum(&w, inputs, targets)?
+        };
+        let mut value = Vec::with_capacity(1);
+        self.model
+            .backend_mut()
+            .read_scalars(std::slice::from_ref(&total), &mut value)?;
+        self.count_uploads();
+        if !B::HOST_MEMORY {
+            self.transfers.record_download(Purpose::Step, 4);
+        }
+        let sum = value.first().context("no loss came back")?;
+        Ok(sum / inputs.len() as f64)
+    }
+
+    /// Copies the master weights and both moments into `weights`, `m`,
+    /// `v` (resized to the parameter count; their memory reused: a
+    /// snapshot's buffers) and returns the update count.
+    pub fn read_state(
+        &self,
+        weights: &mut Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+    ) -> Result<u64> {
+        let be = self.model.backend();
+        for (out, buf) in [(weights, &self.master), (m, &self.m), (v, &self.v)] {
+            out.resize(self.len, 0.0);
+            be.download(B::view(buf), out)?;
+        }
+        if !B::HOST_MEMORY {
+            self.transfers
+                .record_download(Purpose::State, 3 * 4 * self.len);
+        }
+        Ok(self.step)
+    }
+
+    /// xxh3 of the master weights' bits (in place on the host; a copy from
+    /// a device).
+    pub fn weights_hash(&self) -> Result<u64> {
+        let hash = |w: &[f32]| xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(w));
+        if let Some(w) = B::host_slice(&self.master) {
+            return Ok(hash(w));
+        }
+        let mut w = vec![0f32; self.len];
+        self.model
+            .backend()
+            .download(B::view(&self.master), &mut w)?;
+        self.transfers.record_download(Purpose::State, 4 * self.len);
+        Ok(hash(&w))
+    }
+
+    /// Loads checkpoint `dir` — the weights, and unless `weights_only` the
+    /// moments and the update count — and refreshes the compute copy. Host
+    /// buffers are read into in place; a device's one tensor at a time
+    /// through one reused host buffer (never a host copy of the whole
+    /// state). After an error the state is half-loaded.
+    pub fn load(&mut self, dir: &Path, slots: &[Slot], weights_only: bool) -> Result<()> {
+        if let Some(w) = B::host_slice_mut(&mut self.master) {
+            checkpoint::read_model_into(dir, slots, w)?;
+            if !weights_only {
+                let (Some(m), Some(v)) = (
+                    B::host_slice_mut(&mut self.m),
+                    B::host_slice_mut(&mut self.v),
+                ) else {
+                    anyhow::bail!("host weights with moments elsewhere");
+                };
+                self.step = checkpoint::read_optimizer_into(dir, slots, m, v)?;
+            }
+        } else {
+            let kinds: &[Kind] = if weights_only {
+                &[Kind::Weights]
+            } else {
+                &[Kind::Weights, Kind::FirstMoments, Kind::SecondMoments]
+            };
+            let be = self.model.backend_mut();
+            for &kind in kinds {
+                let buf = match kind {
+                    Kind::Weights => &mut self.master,
+                    Kind::FirstMoments => &mut self.m,
+                    Kind::SecondMoments => &mut self.v,
+                };
+                let mut tensors = TensorReader::open(dir, slots, kind)?;
+                while let Some((slot, values)) = tensors.next_tensor()? {
+                    let at = slot.offset..slot.offset + values.len();
+                    anyhow::ensure!(
+                        at.end <= self.len,
+                        "{} values at {} lie outside a state of {} parameters",
+                        values.len(),
+                        slot.offset,
+                        self.len
+                    );
+                    be.upload(B::part_mut(buf, at), values)?;
+                    self.transfers
+                        .record_upload(Purpose::State, 4 * values.len());
+                }
+                if kind == Kind::SecondMoments {
+                    self.step = tensors.optimizer_step()?;
+                }
+            }
+        }
+        if let Some(copy) = &mut self.copy {
+            let be = self.model.backend_mut();
+            be.refresh(B::view_mut(copy), B::view(&self.master))?;
+        }
+        Ok(())
+    }
+
+    /// The token ids the backend uploaded, counted as the step's traffic.
+    fn count_uploads(&mut self) {
+        let bytes = self.model.backend_mut().take_uploaded();
+        if bytes > 0 {
+            self.transfers
+                .record_upload(Purpose::Step, usize::try_from(bytes).unwrap_or(usize::MAX));
+        }
+    }
+
+    /// The step's summed gradient (before averaging and clipping on a
+    /// device; averaged and clipped in place on the host once updated), on
+    /// the host.
+    #[cfg(test)]
+    pub fn gradient(&self) -> Result<Vec<f32>> {
+        let mut g = vec![0f32; self.len];
+        self.model.backend().download(B::view(&self.grad), &mut g)?;
+        Ok(g)
+    }
+}

@@ -586,6 +586,7 @@ impl Driver {
                 bar.set_message(format!("loss {loss:.4}  lr {lr:.2e}"));
             }
             self.publish(&record, tokens_per_step, started, max_steps);
+            hold_for_tests(step).await;
             last.final_loss = loss;
             if preempted {
                 return Err(self.stop_preempted().await?.into());
@@ -902,6 +903,32 @@ impl Driver {
 }
 
 /// Short sha256 of a list of sample indices.
+/// Test hook, in debug builds only: `STRIDE_TEST_HOLD_AFTER_STEP=N:PATH`
+/// holds the driver after step N is published (metrics, the `/metrics`
+/// endpoint) until PATH exists, for at most ten minutes — so a test can
+/// look at a job mid-run however fast the machine trains it.
+async fn hold_for_tests(step: u64) {
+    if !cfg!(debug_assertions) {
+        return;
+    }
+    let Some((at, path)) = std::env::var("STRIDE_TEST_HOLD_AFTER_STEP")
+        .ok()
+        .and_then(|v| {
+            let (at, path) = v.split_once(':')?;
+            Some((at.parse::<u64>().ok()?, PathBuf::from(path)))
+        })
+    else {
+        return;
+    };
+    if at != step {
+        return;
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while !path.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn samples_digest(samples: &[u64]) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();

@@ -156,6 +156,10 @@ fn a_run_exports_linked_traces_serves_metrics_and_plots_its_curves() {
     );
 
     let steps = STEPS.to_string();
+    // The job waits after step 39 (past the checkpoint and evaluation of
+    // step 20) until the scrape below is done, however fast it trains.
+    let release = dir.path().join("scraped");
+    let hold = format!("39:{}", release.display());
     let mut coord = spawn_env(
         "coordinator",
         &[
@@ -175,7 +179,10 @@ fn a_run_exports_linked_traces_serves_metrics_and_plots_its_curves() {
         ],
         dir.path(),
         "coordinator.out",
-        &[("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str())],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("STRIDE_TEST_HOLD_AFTER_STEP", hold.as_str()),
+        ],
     );
     let log = || std::fs::read_to_string(dir.path().join("coordinator.out")).unwrap_or_default();
 
@@ -211,6 +218,7 @@ fn a_run_exports_linked_traces_serves_metrics_and_plots_its_curves() {
             ready.then_some((ct, parsed))
         },
     );
+    std::fs::write(&release, "").expect("release the job");
     assert!(
         content_type.starts_with("application/openmetrics-text"),
         "{content_type}"

@@ -31,9 +31,11 @@ pub use bf16::{Bf16, Storage, from_bf16, round_bf16, to_bf16};
 pub use emu::bucket_tokens;
 pub use ffi::KERNEL_NAMES;
 pub use launch::Launch;
-pub use plan::{
-    AdamWCoefficients, HEAD_SIZE_STEP, Heads, MAX_HEAD_ROWS, MAX_HEAD_SIZE, ModelShape,
-    Unsupported, supports,
+pub use plan::{AdamWCoefficients, Heads};
+/// The limits of these kernels, as a config checks them (stride-job's
+/// `cuda_shapes`, the one definition; `plan` uses the same constants).
+pub use stride_job::cuda_shapes::{
+    HEAD_SIZE_STEP, MAX_HEAD_ROWS, MAX_HEAD_SIZE, ModelShape, Unsupported, supports,
 };
 
 /// Whether the emulator's library holds kernel `name` (every name of

@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod checkpoint;
 pub mod config;
+pub mod cuda_shapes;
 pub mod files;
 pub mod names;
 pub mod params;

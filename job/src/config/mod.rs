@@ -352,11 +352,12 @@ named_choices! {
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
     #[serde(try_from = "String", into = "String")]
     pub enum Engine: "engine" {
-        /// `fused` where it can run (CPU, f32), `composed` elsewhere.
+        /// `fused` where it can run (the CPU in f32; CUDA for the shapes its
+        /// kernels take), `composed` elsewhere.
         #[default]
-        Auto = "auto" ("fused on CPU, composed on CUDA"),
+        Auto = "auto" ("fused where its kernels take the model, else composed"),
         /// Stride's fused kernels with their own backward, buffers reused
-        /// across steps; CPU and f32 only so far.
+        /// across steps: f32 on the CPU, f32 or bf16 on CUDA.
         Fused = "fused",
         /// Candle ops and Candle's autograd: any device, bf16 included.
         Composed = "composed",
@@ -648,21 +649,34 @@ impl Config {
         )?;
 
         if w.engine == Engine::Fused {
-            check(
-                !matches!(w.device, Device::Cuda(_)),
-                "worker.engine",
-                "fused",
-                &format!(
-                    "the fused engine has CPU kernels only so far, and worker.device is `{}`: use `auto` (composed Candle ops on CUDA) or `composed`",
-                    w.device
-                ),
-            )?;
-            check(
-                w.precision != Precision::Bf16,
-                "worker.engine",
-                "fused",
-                "the fused engine computes in f32, and worker.precision is `bf16`: use precision `auto` or `f32`, or engine `composed`",
-            )?;
+            if matches!(w.device, Device::Cuda(_)) {
+                // Refused here, naming the key, rather than by a kernel in
+                // the middle of a job (`auto` runs such a model composed).
+                let shape = crate::cuda_shapes::ModelShape {
+                    n_head: self.model.n_head,
+                    n_embd: self.model.n_embd,
+                    vocab_size: self.model.vocab_size,
+                    context: self.model.context,
+                    micro_batch: t.micro_batch,
+                };
+                if let Err(u) = crate::cuda_shapes::supports(&shape) {
+                    check(
+                        false,
+                        "worker.engine",
+                        "fused",
+                        &format!(
+                            "the fused engine's CUDA kernels do not take this model: {u}; use `auto` (which runs it on the composed engine) or `composed`"
+                        ),
+                    )?;
+                }
+            } else {
+                check(
+                    w.precision != Precision::Bf16,
+                    "worker.engine",
+                    "fused",
+                    "the fused engine computes in f32 on the CPU, and worker.precision is `bf16`: use precision `auto` or `f32`, or engine `composed`",
+                )?;
+            }
         }
 
         check(
@@ -904,8 +918,14 @@ mod tests {
                 &["`worker.engine`", "`auto`", "`fused`", "`composed`"],
             ),
             (
-                "[worker]\nengine = \"fused\"\ndevice = \"cuda\"\n",
-                &["`worker.engine` = fused", "CPU kernels only", "`composed`"],
+                "[worker]\nengine = \"fused\"\ndevice = \"cuda\"\n[model]\nn_embd = 96\nn_head = 8\n",
+                &[
+                    "`worker.engine` = fused",
+                    "CUDA kernels do not take this model",
+                    "`model.n_head`",
+                    "head size n_embd / n_head = 96 / 8 = 12",
+                    "`composed`",
+                ],
             ),
             (
                 "[worker]\nengine = \"fused\"\nprecision = \"bf16\"\n",

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use stride_job::checkpoint::{self, Sums};
 use stride_job::sampler::window_count;
+use stride_job::test_hooks::{self, Hook};
 use stride_job::tokens::{Corpus, Fingerprint, Scan};
 
 use crate::{RunArgs, driver, local, metrics, output, refused, serve, server, start};
@@ -57,12 +58,8 @@ fn start_check(
         return None;
     }
     let unverified = sp.unverified.clone();
-    // Test hook, in debug builds only: STRIDE_TEST_DELAY_CHECK_S=N starts
-    // the hashing N seconds late, so a test sees the ranks load first.
-    let delay = std::env::var("STRIDE_TEST_DELAY_CHECK_S")
-        .ok()
-        .and_then(|v| v.parse::<f64>().ok())
-        .filter(|s| cfg!(debug_assertions) && s.is_finite() && *s >= 0.0 && *s <= 3600.0);
+    // A test that must see the ranks load before the hashing ends.
+    let delay = test_hooks::seconds(Hook::DelayCheckS);
     let check = tokio::task::spawn_blocking(move || {
         if let Some(s) = delay {
             std::thread::sleep(Duration::from_secs_f64(s));

@@ -1,5 +1,9 @@
 //! The coordinator's offline commands, run as a user runs them: `plan`,
 //! `inspect-data`, `prepare`, and their errors.
+//!
+//! An integration test of this package (not a module of the suite in
+//! `tests/`) because it is what makes `cargo test --workspace` build the
+//! coordinator's binaries, which the suite runs.
 
 use std::path::Path;
 use std::process::{Command, Output};

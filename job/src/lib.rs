@@ -18,6 +18,7 @@ pub mod rng;
 pub mod sampler;
 pub mod schedule;
 pub mod synthetic;
+pub mod test_hooks;
 pub mod tokens;
 
 pub use config::{Config, ConfigError, RawConfig};

@@ -15,6 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use candle_core::Device;
 use stride_job::config::{Config, Device as DeviceKind};
+use stride_job::test_hooks::{self, Hook};
 use stride_job::tokens::{Corpus, DataError, Scan};
 use stride_proto::exit;
 use stride_proto::v1::{
@@ -442,22 +443,17 @@ impl Compute {
     }
 }
 
-/// Test hooks, in debug builds only, fired as step `step` starts:
-/// `STRIDE_TEST_PANIC_AT_STEP=N` makes the compute thread panic (a panic
-/// must reach the coordinator with its message and end the worker);
-/// `STRIDE_TEST_COLLECTIVE_ERROR_AT_STEP=N` makes rank 0 report, once per
-/// process, that its all-reduce with rank 1 failed while every rank lives
-/// (a symptom the coordinator must not take for a verdict).
+/// Test hooks fired as step `step` starts: [`Hook::PanicAtStep`] (a panic
+/// must reach the coordinator with its message and end the worker) and
+/// [`Hook::CollectiveErrorAtStep`] (a symptom the coordinator must not take
+/// for a verdict).
 fn injected_failure(step: u64, rank: i64) -> Result<()> {
     static COLLECTIVE_ERROR_INJECTED: AtomicBool = AtomicBool::new(false);
-    let at = |key: &str| {
-        cfg!(debug_assertions) && std::env::var(key).ok().and_then(|v| v.parse().ok()) == Some(step)
-    };
-    if at("STRIDE_TEST_PANIC_AT_STEP") {
+    if test_hooks::at_step(Hook::PanicAtStep, step) {
         panic!("injected by STRIDE_TEST_PANIC_AT_STEP at step {step}");
     }
     if rank == 0
-        && at("STRIDE_TEST_COLLECTIVE_ERROR_AT_STEP")
+        && test_hooks::at_step(Hook::CollectiveErrorAtStep, step)
         && !COLLECTIVE_ERROR_INJECTED.swap(true, Ordering::Relaxed)
     {
         return Err(CollectiveError::Peer {
@@ -473,15 +469,11 @@ fn injected_failure(step: u64, rank: i64) -> Result<()> {
     Ok(())
 }
 
-/// Test hook, in debug builds only: `STRIDE_TEST_FULL_DISK_AT_STEP=N`
-/// makes the checkpoint of step N meet a full disk — its model file is
-/// made a link to `/dev/full`, so the write fails with the kernel's own
-/// ENOSPC and takes the same path as on a disk that is really full.
+/// [`Hook::FullDiskAtStep`]: the checkpoint's model file is made a link
+/// to `/dev/full`, so the write fails with the kernel's own ENOSPC and
+/// takes the same path as on a disk that is really full.
 fn full_disk_for_tests(step: u64, dir: &std::path::Path) {
-    let at = std::env::var("STRIDE_TEST_FULL_DISK_AT_STEP")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok());
-    if cfg!(debug_assertions) && at == Some(step) {
+    if test_hooks::at_step(Hook::FullDiskAtStep, step) {
         let _ =
             std::os::unix::fs::symlink("/dev/full", dir.join(stride_job::checkpoint::MODEL_FILE));
     }

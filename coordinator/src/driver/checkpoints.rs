@@ -14,6 +14,7 @@ use anyhow::{Result, bail};
 
 use super::CheckpointFailed;
 use stride_job::checkpoint::{self, Checkpoint, TrainState};
+use stride_job::test_hooks::{self, Hook};
 use stride_proto::v1::CheckpointReport;
 
 use crate::server::Shared;
@@ -235,15 +236,11 @@ fn environment(e: checkpoint::CheckpointError, folder: &Path) -> anyhow::Error {
     )
 }
 
-/// Test hook, in debug builds only: `STRIDE_TEST_COORDINATOR_FULL_DISK_AT_STEP=N`
-/// makes the commit of step N meet a full disk — the `config.toml` it
-/// writes is made a link to `/dev/full`, so the write fails with the
-/// kernel's own ENOSPC.
+/// [`Hook::CoordinatorFullDiskAtStep`]: the `config.toml` the commit of
+/// that step writes is made a link to `/dev/full`, so the write fails with
+/// the kernel's own ENOSPC.
 fn full_disk_for_tests(step: u64, tmp: &Path) {
-    let at = std::env::var("STRIDE_TEST_COORDINATOR_FULL_DISK_AT_STEP")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok());
-    if cfg!(debug_assertions) && at == Some(step) {
+    if test_hooks::at_step(Hook::CoordinatorFullDiskAtStep, step) {
         let _ = std::os::unix::fs::symlink("/dev/full", tmp.join(checkpoint::CONFIG_FILE));
     }
 }

@@ -35,6 +35,7 @@ use stride_job::checkpoint::{
 use stride_job::config::Config;
 use stride_job::sampler::{DataCursor, Sampler, eval_samples, shard, shard_uneven};
 use stride_job::schedule::Schedule;
+use stride_job::test_hooks::{self, Hook};
 use stride_job::tokens::Fingerprint;
 use stride_proto::exit;
 use stride_proto::v1::{
@@ -327,15 +328,8 @@ impl Driver {
     /// Runs the job to its end. Whatever happens, the workers are told to
     /// stop and local worker processes are reaped before this returns.
     pub async fn run(&mut self) -> Result<Summary> {
-        // Test hook, in debug builds only: STRIDE_TEST_STALL_DRIVER_S=N
-        // holds the driver loop for N seconds, so a test can watch the
-        // health service notice.
-        if cfg!(debug_assertions)
-            && let Some(s) = std::env::var("STRIDE_TEST_STALL_DRIVER_S")
-                .ok()
-                .and_then(|v| v.parse::<f64>().ok())
-                .filter(|s| s.is_finite() && *s >= 0.0 && *s <= 3600.0)
-        {
+        // A test watching the health service notice a stalled loop.
+        if let Some(s) = test_hooks::seconds(Hook::StallDriverS) {
             tokio::time::sleep(Duration::from_secs_f64(s)).await;
         }
         let result = self.run_with_restarts().await;
@@ -903,28 +897,17 @@ impl Driver {
 }
 
 /// Short sha256 of a list of sample indices.
-/// Test hook, in debug builds only: `STRIDE_TEST_HOLD_AFTER_STEP=N:PATH`
-/// holds the driver after step N is published (metrics, the `/metrics`
-/// endpoint) until PATH exists, for at most ten minutes — so a test can
-/// look at a job mid-run however fast the machine trains it.
+/// [`Hook::HoldAfterStep`]: a test looks at a job mid-run (its metrics,
+/// `/metrics`) however fast the machine trains it.
 async fn hold_for_tests(step: u64) {
-    if !cfg!(debug_assertions) {
-        return;
-    }
-    let Some((at, path)) = std::env::var("STRIDE_TEST_HOLD_AFTER_STEP")
-        .ok()
-        .and_then(|v| {
-            let (at, path) = v.split_once(':')?;
-            Some((at.parse::<u64>().ok()?, PathBuf::from(path)))
-        })
-    else {
+    let Some((at, release)) = test_hooks::hold_after_step() else {
         return;
     };
     if at != step {
         return;
     }
     let deadline = Instant::now() + Duration::from_secs(600);
-    while !path.exists() && Instant::now() < deadline {
+    while !release.exists() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

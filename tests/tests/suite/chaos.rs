@@ -14,6 +14,7 @@ use crate::failures::{
     with,
 };
 use stride_job::checkpoint;
+use stride_job::test_hooks::Hook;
 
 /// `tiny` on two workers for `steps` steps, a checkpoint every 20.
 fn tiny<'a>(steps: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
@@ -233,7 +234,7 @@ fn a_token_file_truncated_under_a_running_job_is_named_at_once() {
     }
 }
 
-/// A checkpoint that meets a full disk — rank 0's files (a debug-build
+/// A checkpoint that meets a full disk — rank 0's files (a test
 /// hook makes the model file a link to /dev/full: the kernel's own
 /// ENOSPC), or the coordinator's own config.toml — stops the job at once
 /// (exit 1, not the bad-input 2), naming ENOSPC, the folder and the bytes;
@@ -244,11 +245,11 @@ fn a_full_disk_stops_the_job_at_once_and_keeps_the_last_checkpoint() {
     let _turn = alone();
     for (hook, needles) in [
         (
-            "STRIDE_TEST_FULL_DISK_AT_STEP",
+            Hook::FullDiskAtStep.var(),
             &["no space left on device (ENOSPC)", "MB) are free", "need"][..],
         ),
         (
-            "STRIDE_TEST_COORDINATOR_FULL_DISK_AT_STEP",
+            Hook::CoordinatorFullDiskAtStep.var(),
             &[
                 "no space left on device (ENOSPC)",
                 "bytes free",

@@ -11,6 +11,7 @@ use crate::common::{
 };
 use serde_json::Value;
 use stride_job::checkpoint;
+use stride_job::test_hooks::Hook;
 
 const LIMIT: Duration = Duration::from_secs(300);
 
@@ -688,7 +689,7 @@ fn damaged_checkpoints_are_refused_or_skipped_never_touched() {
 /// also when the damage makes the workers' load fail (a truncated file) —
 /// and the damaged directory is kept. Each case runs twice: as it comes
 /// (on `tiny` the check ends before the workers join), and with the check
-/// held back 3 s (a debug-build hook), so that the ranks have loaded the
+/// held back 3 s (a test hook), so that the ranks have loaded the
 /// damaged files — or failed to — before the verdict.
 #[test]
 fn a_checkpoint_damaged_past_its_first_check_is_never_trained_from() {
@@ -725,7 +726,7 @@ fn a_checkpoint_damaged_past_its_first_check_is_never_trained_from() {
         let before = snapshot(&folder);
         let resume = |path: &str| {
             let args = ["--resume", path, "--extend-steps", "30", "--local"];
-            let env = [("STRIDE_TEST_DELAY_CHECK_S", delay)];
+            let env = [(Hook::DelayCheckS.var(), delay)];
             let mut p = spawn_env("coordinator", &args, d.path(), "coordinator.out", &env);
             let status = p.wait(LIMIT);
             let out = std::fs::read_to_string(d.path().join("coordinator.out")).unwrap_or_default();

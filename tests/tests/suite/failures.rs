@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::common::{Proc, eventually, metrics, run, spawn, spawn_env, worker_pids};
 use stride_job::checkpoint;
+use stride_job::test_hooks::Hook;
 
 pub(crate) const LIMIT: Duration = Duration::from_secs(300);
 
@@ -601,7 +602,7 @@ fn a_panic_on_the_compute_thread_is_reported_with_its_message() {
         &with(&["--local", "--set", "cluster.max_restarts=1"]),
         d.path(),
         "c.out",
-        &[("STRIDE_TEST_PANIC_AT_STEP", "3")],
+        &[(Hook::PanicAtStep.var(), "3")],
     );
     let status = coord.wait(LIMIT);
     let out = std::fs::read_to_string(d.path().join("c.out")).unwrap_or_default();
@@ -778,7 +779,7 @@ fn a_collective_error_with_every_rank_alive_removes_nobody() {
         &with(&["--local", "--set", "cluster.max_restarts=2"]),
         d.path(),
         "c.out",
-        &[("STRIDE_TEST_COLLECTIVE_ERROR_AT_STEP", "7")],
+        &[(Hook::CollectiveErrorAtStep.var(), "7")],
     );
     let status = coord.wait(LIMIT);
     let out = std::fs::read_to_string(d.path().join("c.out")).unwrap_or_default();

@@ -17,6 +17,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
+use stride_job::test_hooks::Hook;
 
 const LIMIT: Duration = Duration::from_secs(300);
 const STEPS: u64 = 60;
@@ -181,7 +182,7 @@ fn a_run_exports_linked_traces_serves_metrics_and_plots_its_curves() {
         "coordinator.out",
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("STRIDE_TEST_HOLD_AFTER_STEP", hold.as_str()),
+            (Hook::HoldAfterStep.var(), hold.as_str()),
         ],
     );
     let log = || std::fs::read_to_string(dir.path().join("coordinator.out")).unwrap_or_default();

@@ -1,63 +1,60 @@
 //! The coordinator's gRPC surface without workers: the standard health
 //! service answers without a token (for Kubernetes probes) and says
 //! NOT_SERVING when the driver loop is stuck; the Stride service refuses a
-//! call without the right token.
+//! call without the right token, from another version, or too large.
 
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use stride_job::test_hooks::Hook;
 use stride_proto::v1::coordinator_client::CoordinatorClient;
 use stride_proto::v1::{RegisterRequest, StatusRequest};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-struct Kill(std::process::Child);
-impl Drop for Kill {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+use crate::common::{Proc, beside_others, coordinator_url, spawn_env};
+
+/// The tests are async (tonic clients); each holds its turn outside.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
-/// A coordinator waiting for its one worker, and the URL it listens on.
-async fn start_coordinator(dir: &std::path::Path, token: &str) -> (Kill, String) {
-    let coord = Kill(
-        Command::new(env!("CARGO_BIN_EXE_coordinator"))
-            .args([
-                "--config",
-                "tiny",
-                "--workers",
-                "1",
-                "--listen",
-                "127.0.0.1:0",
-            ])
-            .current_dir(dir)
-            .env("STRIDE_TOKEN", token)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("coordinator starts"),
-    );
-    let addr_file = dir.join("runs/tiny/coordinator.addr");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(s) = std::fs::read_to_string(&addr_file)
-            && !s.trim().is_empty()
-        {
-            return (coord, s.trim().to_string());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the coordinator never wrote its address"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+/// A coordinator in `dir` waiting for its one worker, with the job token
+/// `token` and `extra` flags, and the URL it listens on.
+fn start_coordinator(
+    dir: &Path,
+    token: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (Proc, String) {
+    let mut args = vec![
+        "--config",
+        "tiny",
+        "--workers",
+        "1",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    let mut env = env.to_vec();
+    env.push(("STRIDE_TOKEN", token));
+    let mut coord = spawn_env("coordinator", &args, dir, "coordinator.out", &env);
+    let url = coordinator_url(dir, "tiny", &mut coord);
+    (coord, url)
 }
 
-#[tokio::test]
-async fn health_is_open_and_the_job_service_needs_the_token() {
+#[test]
+fn health_is_open_and_the_job_service_needs_the_token() {
+    let _turn = beside_others();
+    runtime().block_on(health_is_open_and_the_job_service_needs_the_token_());
+}
+
+async fn health_is_open_and_the_job_service_needs_the_token_() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_coord, url) = start_coordinator(dir.path(), "health-test").await;
+    let (_coord, url) = start_coordinator(dir.path(), "health-test", &[], &[]);
 
     let channel = tonic::transport::Endpoint::from_shared(url.clone())
         .expect("url")
@@ -102,10 +99,15 @@ async fn health_is_open_and_the_job_service_needs_the_token() {
     assert_eq!(s.step, 0);
 }
 
-#[tokio::test]
-async fn another_version_and_oversized_messages_are_refused() {
+#[test]
+fn another_version_and_oversized_messages_are_refused() {
+    let _turn = beside_others();
+    runtime().block_on(another_version_and_oversized_messages_are_refused_());
+}
+
+async fn another_version_and_oversized_messages_are_refused_() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (_coord, url) = start_coordinator(dir.path(), "v").await;
+    let (_coord, url) = start_coordinator(dir.path(), "v", &[], &[]);
     let channel = tonic::transport::Endpoint::from_shared(url)
         .expect("url")
         .connect()
@@ -144,11 +146,16 @@ async fn another_version_and_oversized_messages_are_refused() {
     assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
 }
 
-/// A driver loop that stops going round (held by a debug-build hook) turns
+/// A driver loop that stops going round (held by a test hook) turns
 /// the health answer to NOT_SERVING within its bound (5 s here); a
 /// coordinator that merely waits for workers stays SERVING past it.
-#[tokio::test]
-async fn health_says_not_serving_while_the_driver_loop_is_stuck() {
+#[test]
+fn health_says_not_serving_while_the_driver_loop_is_stuck() {
+    let _turn = beside_others();
+    runtime().block_on(health_says_not_serving_while_the_driver_loop_is_stuck_());
+}
+
+async fn health_says_not_serving_while_the_driver_loop_is_stuck_() {
     let status_of = |url: String| async move {
         let channel = tonic::transport::Endpoint::from_shared(url)
             .expect("url")
@@ -165,45 +172,6 @@ async fn health_says_not_serving_while_the_driver_loop_is_stuck() {
             .into_inner()
             .status
     };
-    let start = |dir: &std::path::Path, stall: &str| {
-        Kill(
-            Command::new(env!("CARGO_BIN_EXE_coordinator"))
-                .args([
-                    "--config",
-                    "tiny",
-                    "--workers",
-                    "1",
-                    "--listen",
-                    "127.0.0.1:0",
-                    "--set",
-                    "cluster.heartbeat_interval_s=0.1",
-                    "--set",
-                    "cluster.startup_timeout_s=120",
-                ])
-                .current_dir(dir)
-                .env("STRIDE_TOKEN", "health-test")
-                .env("STRIDE_TEST_STALL_DRIVER_S", stall)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("coordinator starts"),
-        )
-    };
-    let url_of = |dir: &std::path::Path| {
-        let addr = dir.join("runs/tiny/coordinator.addr");
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                if let Ok(s) = std::fs::read_to_string(&addr)
-                    && !s.trim().is_empty()
-                {
-                    return s.trim().to_string();
-                }
-                assert!(Instant::now() < deadline, "no address");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    };
     const SERVING: i32 = 1;
     const NOT_SERVING: i32 = 2;
 
@@ -211,12 +179,21 @@ async fn health_says_not_serving_while_the_driver_loop_is_stuck() {
         tempfile::tempdir().expect("tmp"),
         tempfile::tempdir().expect("tmp"),
     );
-    let _stuck = start(stuck_dir.path(), "300");
-    let _idle = start(idle_dir.path(), "0");
-    let (stuck, idle) = (
-        url_of(stuck_dir.path()).await,
-        url_of(idle_dir.path()).await,
-    );
+    let start = |dir: &Path, stall: &str| {
+        start_coordinator(
+            dir,
+            "health-test",
+            &[
+                "--set",
+                "cluster.heartbeat_interval_s=0.1",
+                "--set",
+                "cluster.startup_timeout_s=120",
+            ],
+            &[(Hook::StallDriverS.var(), stall)],
+        )
+    };
+    let (_stuck, stuck) = start(stuck_dir.path(), "300");
+    let (_idle, idle) = start(idle_dir.path(), "0");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if status_of(stuck.clone()).await == NOT_SERVING {

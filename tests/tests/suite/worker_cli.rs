@@ -5,7 +5,7 @@ use std::process::Command;
 
 /// Runs `worker ARGS` with a token in the environment: exit code and stderr.
 fn worker(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+    let out = Command::new(crate::common::bin("worker"))
         .args(args)
         .env("STRIDE_TOKEN", "t")
         .output()
@@ -41,7 +41,7 @@ fn a_bad_url_is_named() {
 
 #[test]
 fn no_token_is_refused_before_connecting() {
-    let out = Command::new(env!("CARGO_BIN_EXE_worker"))
+    let out = Command::new(crate::common::bin("worker"))
         .args(["--connect", "http://127.0.0.1:9"])
         .env_remove("STRIDE_TOKEN")
         .output()

@@ -310,20 +310,22 @@ pub async fn train(args: RunArgs) -> Result<()> {
     let spec = driver::JobSpec {
         name: sp.name.clone(),
         checkpoint_dir: folder,
-        config,
-        schedule,
         train_samples,
         val_samples,
         data,
         data_files,
-        start: sp.from,
         entropy_floor,
         run_dir: run_dir.clone(),
+    };
+    let course = driver::Course {
+        config,
+        schedule,
+        start: sp.from,
         history: sp.history,
         marker: sp.marker,
         check,
     };
-    let mut driver = driver::Driver::new(spec, events_rx, shared, local, run, bar);
+    let mut driver = driver::Driver::new(spec, course, events_rx, shared, local, run, bar);
     let result = driver.run().await;
     serving.stop().await;
     let summary = result?;

@@ -55,7 +55,7 @@ impl Driver {
     /// in force.
     fn apply_decay(&mut self, over: u64, shape: Cooldown) -> Result<DecayResponse, tonic::Status> {
         let s = self.step;
-        let schedule = &self.spec.schedule;
+        let schedule = &self.course.schedule;
         let old_max = schedule.max_steps();
         let end = s.saturating_add(over);
         if end > old_max {
@@ -74,7 +74,7 @@ impl Driver {
                 seg.end_lr
             )));
         }
-        let c = &self.spec.config.train;
+        let c = &self.course.config.train;
         let floor = c.lr * c.min_lr_ratio;
         let new = schedule
             .extend(s, end, floor, shape)
@@ -89,9 +89,9 @@ impl Driver {
             seg.end_lr
         );
         tracing::warn!("{detail}");
-        self.spec.schedule = new;
-        self.spec.config.train.max_steps = end;
-        self.spec.history.push(HistoryEvent {
+        self.course.schedule = new;
+        self.course.config.train.max_steps = end;
+        self.course.history.push(HistoryEvent {
             step: s,
             event: "decay".into(),
             detail: detail.clone(),
@@ -110,7 +110,7 @@ impl Driver {
         }
         if let Ok(mut st) = self.shared.status.lock() {
             st.max_steps = end;
-            st.schedule = describe_segment(&self.spec.schedule, s, &self.spec.history);
+            st.schedule = describe_segment(&self.course.schedule, s, &self.course.history);
         }
         Ok(DecayResponse {
             start_step: s,

@@ -6,7 +6,7 @@
 //! The driver alone advances the global step. It never sees a tensor: ranks
 //! report scalars and hashes. Its parts live beside it:
 //!
-//! - `worker_set.rs` — the workers and everything said with them (forming,
+//! - `worker_set/` — the workers and everything said with them (forming,
 //!   messages, gathering, heartbeats, timeouts, aborts). It reports what
 //!   happened and decides nothing about the job.
 //! - `checkpoints.rs` — planned, in-flight and committed checkpoints,
@@ -14,29 +14,29 @@
 //! - `recovery.rs` — [`RestartPoint`] (where an attempt starts) and the
 //!   restart rules after a [`RankFailure`].
 //! - `decay.rs` — `coordinator decay`, applied at a step boundary.
+//! - `job.rs` — what a job is (`JobSpec`) and what changes as it runs
+//!   (`Course`), and how it ended (`Summary`).
+//! - `stops.rs` — the ways an attempt stops short of its end (a signal,
+//!   a preemption, a damaged start, a failed checkpoint, a regrow).
 //!
 //! Every failure it reports names the rank, its host and pid, and the step.
 
 mod checkpoints;
 mod decay;
+mod job;
 mod recovery;
+mod stops;
 mod worker_set;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use indicatif::ProgressBar;
-use stride_job::checkpoint::{
-    self, CheckpointError, HistoryEvent, MetricsSoFar, RngState, TrainState,
-};
-use stride_job::config::Config;
+use stride_job::checkpoint::{self, HistoryEvent, MetricsSoFar, RngState, TrainState};
 use stride_job::sampler::{DataCursor, Sampler, eval_samples, shard, shard_uneven};
-use stride_job::schedule::Schedule;
 use stride_job::test_hooks::{self, Hook};
-use stride_job::tokens::Fingerprint;
 use stride_proto::exit;
 use stride_proto::v1::{
     CheckpointPlan, EvalPlan, RankStatus, StepPlan, coordinator_message, worker_message,
@@ -53,178 +53,11 @@ pub use recovery::RestartPoint;
 use recovery::Restarts;
 use worker_set::{Aside, Asides, Formation, Occasion, Patience, WorkerSet};
 
-/// The job was stopped by a signal (Ctrl-C or SIGTERM); exit code 130.
-#[derive(Debug, thiserror::Error)]
-#[error("interrupted by {0}; all workers were stopped")]
-pub struct Interrupted(pub &'static str);
-
-/// The coordinator's exit code after a SIGTERM it answered by finishing
-/// the step in flight and committing a checkpoint of it (128 + SIGTERM,
-/// the code of a process ended by SIGTERM, so supervisors read it as
-/// such; README "Exit codes").
-pub const PREEMPTED_EXIT: u8 = 143;
-
-/// The job stopped after a SIGTERM, with a committed checkpoint of its
-/// last finished step (or, stopped while the worker set formed, with the
-/// checkpoint it was about to start from: no step ran since).
-#[derive(Debug, thiserror::Error)]
-pub struct Preempted {
-    pub step: u64,
-    /// None: stopped before the first step of a fresh job; nothing to save.
-    pub dir: Option<String>,
-}
-
-impl std::fmt::Display for Preempted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.dir {
-            Some(dir) => write!(
-                f,
-                "stopped after SIGTERM with a checkpoint of step {} ({dir}); continue with `coordinator --resume {dir}`",
-                self.step
-            ),
-            None => write!(
-                f,
-                "stopped after SIGTERM before step {} (no step had run, nothing to save); start the job again with the same command",
-                self.step
-            ),
-        }
-    }
-}
-
-/// A first SIGTERM came while the worker set formed: no step is in
-/// flight, so the driver stops at once with the checkpoint it was to
-/// start from ([`Preempted`]).
-#[derive(Debug, thiserror::Error)]
-#[error("SIGTERM while the worker set formed")]
-pub struct PreemptedForming;
-
-/// A checkpoint could not be written or committed (the disk is full, the
-/// folder is not writable): the job stops at once (exit 1, not the
-/// bad-input 2) with the cause, and the checkpoint before stays the
-/// newest.
-#[derive(Debug, thiserror::Error)]
-#[error("the checkpoint of step {step} was not written: {message}; {kept}")]
-pub struct CheckpointFailed {
-    pub step: u64,
-    pub message: String,
-    /// What is left to resume from.
-    pub kept: String,
-}
-
-/// A replacement joined a job that went on with fewer workers: the
-/// driver checkpointed the step just finished and forms the set again
-/// from it with everyone present.
-#[derive(Debug, thiserror::Error)]
-#[error("re-forming the worker set with the workers present")]
-pub struct Regrow;
-
-/// The checkpoint a job resumes did not check out: its files were hashed
-/// while the workers loaded them, and no step ran from it.
-#[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct DamagedStart(pub CheckpointError);
-
-/// Where a resume of `latest` (or of a folder) starts instead when its
-/// checkpoint does not check out: the start resolved again, hashing first.
-#[derive(Debug)]
-pub struct Fallback {
-    /// The same as the job's but for `train.max_steps` (checked).
-    pub config: Config,
-    pub schedule: Schedule,
-    pub start: RestartPoint,
-    pub history: Vec<HistoryEvent>,
-    pub marker: Option<serde_json::Value>,
-}
-
-/// Resolves the start again (see [`Fallback`]).
-pub struct Replan(pub Box<dyn FnOnce() -> Result<Fallback> + Send>);
-
-impl std::fmt::Debug for Replan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Replan")
-    }
-}
-
-/// A resume's checkpoint files being hashed while the workers load them.
-#[derive(Debug)]
-pub struct StartCheck {
-    pub check: worker_set::Check,
-    /// Where to start instead if they do not check out; None (an explicit
-    /// checkpoint): the job fails with the checksum error.
-    pub fallback: Option<Replan>,
-}
-
-/// Everything the driver needs to run a job.
-#[derive(Debug)]
-pub struct JobSpec {
-    pub name: String,
-    pub config: Config,
-    /// The LR schedule, whose end is the job's `max_steps` (a decay or an
-    /// extension changes it; `config.train.max_steps` is kept equal to it
-    /// for what reads the config).
-    pub schedule: Schedule,
-    /// Samples in the training / validation split.
-    pub train_samples: u64,
-    pub val_samples: u64,
-    /// The fingerprints of the job's data: every worker must read the
-    /// same, and every checkpoint records them.
-    pub data: Vec<Fingerprint>,
-    /// The token files as the coordinator found them: a restart checks
-    /// they did not change under the job.
-    pub data_files: Vec<DataFile>,
-    /// Where the job starts (and, after a restart, where the attempt did).
-    pub start: RestartPoint,
-    /// The entropy rate of a synthetic corpus (reported next to losses).
-    pub entropy_floor: Option<f64>,
-    /// The folder of `step-*` checkpoints, `best` and `latest`.
-    pub checkpoint_dir: PathBuf,
-    pub run_dir: PathBuf,
-    /// Carried over from the checkpoint a run resumes.
-    pub history: Vec<HistoryEvent>,
-    /// The line `metrics.jsonl` gets when the first attempt has formed and
-    /// its checkpoint checked out (a resume's marker).
-    pub marker: Option<serde_json::Value>,
-    /// A resume's checkpoint check, if it still runs.
-    pub check: Option<StartCheck>,
-}
-
-/// A token file and what `stat` said of it when the job started.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DataFile {
-    pub path: PathBuf,
-    pub stamp: FileStamp,
-}
-
-/// Length, inode and modification time: a file rewritten, replaced or
-/// truncated has another stamp.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FileStamp {
-    pub len: u64,
-    pub inode: u64,
-    pub modified: Option<std::time::SystemTime>,
-}
-
-impl FileStamp {
-    pub fn of(path: &std::path::Path) -> std::io::Result<FileStamp> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path)?;
-        Ok(FileStamp {
-            len: m.len(),
-            inode: m.ino(),
-            modified: m.modified().ok(),
-        })
-    }
-}
-
-/// How a finished job went.
-#[derive(Debug, Clone)]
-pub struct Summary {
-    pub steps: u64,
-    pub final_loss: f64,
-    pub final_val_loss: Option<f64>,
-    pub tokens: u64,
-    pub wall_s: f64,
-}
+pub use job::{Course, DataFile, Fallback, FileStamp, JobSpec, Replan, StartCheck, Summary};
+pub use stops::{
+    CheckpointFailed, DamagedStart, Interrupted, PREEMPTED_EXIT, Preempted, PreemptedForming,
+    Regrow,
+};
 
 /// What waits for the next step boundary, and the checkpoints in flight:
 /// the driver's side of the worker set's [`Aside`]s.
@@ -257,6 +90,7 @@ impl Asides for Boundary {
 #[derive(Debug)]
 pub struct Driver {
     spec: JobSpec,
+    course: Course,
     workers: WorkerSet,
     boundary: Boundary,
     shared: Arc<Shared>,
@@ -278,7 +112,8 @@ pub struct Driver {
 
 impl Driver {
     pub fn new(
-        mut spec: JobSpec,
+        spec: JobSpec,
+        mut course: Course,
         events: UnboundedReceiver<Event>,
         shared: Arc<Shared>,
         local: Option<LocalWorkers>,
@@ -289,18 +124,18 @@ impl Driver {
             parent: None,
             "job",
             job = %spec.name,
-            start_step = spec.start.step as i64,
-            max_steps = spec.schedule.max_steps() as i64,
-            workers = spec.config.cluster.workers as i64,
+            start_step = course.start.step as i64,
+            max_steps = course.schedule.max_steps() as i64,
+            workers = course.config.cluster.workers as i64,
         );
-        let c = &spec.config;
+        let c = &course.config;
         let checkpoints = Checkpoints::new(
             spec.checkpoint_dir.clone(),
             c.checkpoint.keep_last,
             shared.clone(),
         );
         let mut workers = WorkerSet::new(c.clone(), events, shared.clone(), local);
-        let fallback = spec.check.take().and_then(|c| {
+        let fallback = course.check.take().and_then(|c| {
             workers.expect_check(c.check);
             c.fallback
         });
@@ -315,12 +150,13 @@ impl Driver {
             shared,
             run,
             bar,
-            step: spec.start.step,
-            metrics: spec.start.metrics.clone(),
+            step: course.start.step,
+            metrics: course.start.metrics.clone(),
             last_weights_hash: Vec::new(),
-            restarts: Restarts::new(spec.start.clone()),
+            restarts: Restarts::new(course.start.clone()),
             job_span,
             spec,
+            course,
             occasion: Occasion::Start,
         }
     }
@@ -373,14 +209,14 @@ impl Driver {
     /// One attempt: form the worker set at the restart point, then train
     /// step by step to the schedule's end.
     async fn run_attempt(&mut self) -> Result<Summary> {
-        let c = self.spec.config.clone();
-        self.metrics = self.spec.start.metrics.clone();
+        let c = self.course.config.clone();
+        self.metrics = self.course.start.metrics.clone();
         let config_toml = c.to_toml();
         let formation = Formation {
             step: self.step,
             occasion: self.occasion,
             config_toml: &config_toml,
-            load: self.spec.start.load.as_ref(),
+            load: self.course.start.load.as_ref(),
             data: &self.spec.data,
             job_span: &self.job_span,
         };
@@ -394,7 +230,7 @@ impl Driver {
             }
             return Err(e);
         }
-        if let Some(marker) = self.spec.marker.take() {
+        if let Some(marker) = self.course.marker.take() {
             self.run.write_line(&marker)?;
         }
         let world = self.workers.ranks().len();
@@ -411,14 +247,14 @@ impl Driver {
         let mut sampler = Sampler::new(
             self.spec.train_samples,
             c.train.seed,
-            self.spec.start.cursor,
+            self.course.start.cursor,
         )?;
         let eval_set = eval_samples(
             self.spec.val_samples,
             c.train.eval_batches,
             c.train.global_batch,
         );
-        let mut max_steps = self.spec.schedule.max_steps();
+        let mut max_steps = self.course.schedule.max_steps();
         let tokens_per_step = (c.train.global_batch * c.model.context) as u64;
         let started = Instant::now();
         let mut tokens = self.metrics.tokens;
@@ -437,13 +273,13 @@ impl Driver {
         while self.step < max_steps {
             if self.boundary.decay.is_some() {
                 self.answer_decay();
-                max_steps = self.spec.schedule.max_steps();
+                max_steps = self.course.schedule.max_steps();
                 if let Some(bar) = &self.bar {
                     bar.set_length(max_steps);
                 }
             }
             let step = self.step;
-            let lr = self.spec.schedule.lr_at(step);
+            let lr = self.course.schedule.lr_at(step);
             let batch = sampler.next_batch(c.train.global_batch);
             let step_start = Instant::now();
             // Each step is a trace of its own (linked to the job's), so a
@@ -590,7 +426,7 @@ impl Driver {
             }
         }
         self.finish_checkpoints().await?;
-        last.steps = self.step - self.spec.start.step;
+        last.steps = self.step - self.course.start.step;
         last.tokens = tokens - run_start_tokens;
         last.wall_s = started.elapsed().as_secs_f64();
         Ok(last)
@@ -613,7 +449,7 @@ impl Driver {
     /// checkpoint the attempt starts from, which is the one to resume.
     fn stop_preempted_forming(&mut self) -> anyhow::Error {
         let dir = self
-            .spec
+            .course
             .start
             .load
             .as_ref()
@@ -628,7 +464,7 @@ impl Driver {
     /// The `preempted` history event and metrics line.
     fn record_preempted(&mut self, dir: Option<String>) -> Result<Preempted> {
         let shown = dir.clone().unwrap_or_default();
-        self.spec.history.push(HistoryEvent {
+        self.course.history.push(HistoryEvent {
             step: self.step,
             event: "preempted".into(),
             detail: format!("SIGTERM; checkpoint {shown}"),
@@ -664,7 +500,7 @@ impl Driver {
 
     /// Every rank's report of `step`.
     async fn collect_step(&mut self, step: u64) -> Result<Vec<stride_proto::v1::StepReport>> {
-        let limit = Duration::from_secs_f64(self.spec.config.cluster.step_timeout_s);
+        let limit = Duration::from_secs_f64(self.course.config.cluster.step_timeout_s);
         self.workers
             .gather(
                 self.step,
@@ -714,7 +550,7 @@ impl Driver {
                 })
             })
             .await;
-        let limit = Duration::from_secs_f64(self.spec.config.cluster.step_timeout_s);
+        let limit = Duration::from_secs_f64(self.course.config.cluster.step_timeout_s);
         let got = self
             .workers
             .gather(
@@ -752,14 +588,14 @@ impl Driver {
         cursor: DataCursor,
         step_span: &tracing::Span,
     ) -> Result<()> {
-        let c = &self.spec.config;
+        let c = &self.course.config;
         let generation = self.workers.generation();
         let state = TrainState {
             format_version: checkpoint::FORMAT_VERSION,
             stride_version: crate::server::VERSION.to_string(),
             step: self.step,
-            max_steps: self.spec.schedule.max_steps(),
-            schedule: self.spec.schedule.clone(),
+            max_steps: self.course.schedule.max_steps(),
+            schedule: self.course.schedule.clone(),
             data_cursor: cursor,
             rng: RngState {
                 seed: c.train.seed,
@@ -772,7 +608,7 @@ impl Driver {
             weights_hash: stride_job::names::hex(&self.last_weights_hash),
             optimizer_step: self.step,
             metrics: self.metrics.clone(),
-            history: self.spec.history.clone(),
+            history: self.course.history.clone(),
             data: self.spec.data.clone(),
             files: BTreeMap::new(),
         };
@@ -808,11 +644,11 @@ impl Driver {
     /// Waits until every planned checkpoint is committed, within
     /// `checkpoint.write_timeout_s`.
     async fn finish_checkpoints(&mut self) -> Result<()> {
-        let limit = Duration::from_secs_f64(self.spec.config.checkpoint.write_timeout_s);
+        let limit = Duration::from_secs_f64(self.course.config.checkpoint.write_timeout_s);
         let deadline = TokioInstant::now() + limit;
         let what = format!(
             "to finish writing checkpoints (checkpoint.write_timeout_s = {})",
-            self.spec.config.checkpoint.write_timeout_s
+            self.course.config.checkpoint.write_timeout_s
         );
         while self.boundary.checkpoints.in_flight() > 0 {
             let Some((rank, body)) = self
@@ -859,7 +695,7 @@ impl Driver {
                 .set(rank.last_step_s);
         }
         if let Ok(mut s) = self.shared.status.lock() {
-            let done = self.step - self.spec.start.step;
+            let done = self.step - self.course.start.step;
             let per_step = started.elapsed().as_secs_f64() / done.max(1) as f64;
             s.config_name = self.spec.name.clone();
             s.step = self.step;
@@ -878,7 +714,7 @@ impl Driver {
                 .map(|d| d.display().to_string())
                 .unwrap_or_default();
             s.eta_s = per_step * (max_steps - self.step) as f64;
-            s.schedule = describe_segment(&self.spec.schedule, self.step, &self.spec.history);
+            s.schedule = describe_segment(&self.course.schedule, self.step, &self.course.history);
             s.workers_connected = connected as u32;
             s.world_size = ranks.len() as u32;
             s.ranks = ranks

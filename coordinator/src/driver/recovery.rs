@@ -171,7 +171,7 @@ impl Driver {
             let Some(failure) = err.downcast_ref::<RankFailure>() else {
                 return Err(err);
             };
-            let max = self.spec.config.cluster.max_restarts;
+            let max = self.course.config.cluster.max_restarts;
             self.restarts.admit(self.step, failure, max)?;
             tracing::warn!("{failure}");
             let failed = failure.worker_id.clone();
@@ -201,13 +201,13 @@ impl Driver {
         self.step = f.start.step;
         self.metrics = f.start.metrics.clone();
         self.restarts = Restarts::new(f.start.clone());
-        self.spec.start = f.start;
-        self.spec.config = f.config;
-        self.spec.schedule = f.schedule;
-        self.spec.history = f.history;
-        self.spec.marker = f.marker;
+        self.course.start = f.start;
+        self.course.config = f.config;
+        self.course.schedule = f.schedule;
+        self.course.history = f.history;
+        self.course.marker = f.marker;
         if let Some(bar) = &self.bar {
-            bar.set_length(self.spec.schedule.max_steps());
+            bar.set_length(self.course.schedule.max_steps());
         }
         Ok(())
     }
@@ -223,12 +223,12 @@ impl Driver {
         );
         tracing::info!("{reason}");
         self.workers.dismiss(None, &reason).await?;
-        self.spec.start = match self.boundary.checkpoints.newest_valid() {
+        self.course.start = match self.boundary.checkpoints.newest_valid() {
             Some(ckpt) => RestartPoint::resume(&ckpt)?,
             None => bail!("the checkpoint taken to re-form the worker set does not validate"),
         };
-        self.step = self.spec.start.step;
-        self.spec.history.push(HistoryEvent {
+        self.step = self.course.start.step;
+        self.course.history.push(HistoryEvent {
             step: self.step,
             event: "grow".into(),
             detail: reason.clone(),
@@ -274,13 +274,13 @@ impl Driver {
             }
         }
         self.boundary.checkpoints.abandon_in_flight();
-        self.spec.start = match self.boundary.checkpoints.newest_valid() {
+        self.course.start = match self.boundary.checkpoints.newest_valid() {
             Some(ckpt) => RestartPoint::resume(&ckpt)?,
             None => self.restarts.initial.clone(),
         };
-        self.step = self.spec.start.step;
+        self.step = self.course.start.step;
         span.record("resume_step", self.step as i64);
-        self.spec.history.push(HistoryEvent {
+        self.course.history.push(HistoryEvent {
             step: self.step,
             event: "restart".into(),
             detail: reason.clone(),

@@ -6,7 +6,6 @@
 //! anything itself; a failure it cannot recover from ends it with a
 //! [`Stop`] (the worker then exits with its code).
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -24,7 +23,7 @@ use stride_proto::v1::{
 };
 use tokio::sync::mpsc;
 
-use crate::collective::{self, AbortHandle, CollectiveError, RingListener};
+use crate::collective::{self, AbortHandle, Bootstrap, CollectiveError};
 use crate::trainer::{Cancelled, Signals, Trainer};
 
 /// Work for the compute thread.
@@ -78,7 +77,8 @@ struct Current {
 pub(crate) struct Compute {
     pub work: Receiver<Work>,
     pub out: mpsc::Sender<WorkerMessage>,
-    pub listener: RingListener,
+    /// What the collective bootstraps from (opened before registering).
+    pub bootstrap: Bootstrap,
     /// `--threads` (0: the job's `worker.threads`, else all cores).
     pub threads: usize,
     pub signals: Arc<Signals>,
@@ -98,7 +98,7 @@ impl Compute {
     pub fn new(
         work: Receiver<Work>,
         out: mpsc::Sender<WorkerMessage>,
-        listener: RingListener,
+        bootstrap: Bootstrap,
         threads: usize,
         signals: Arc<Signals>,
         abort: AbortSlot,
@@ -107,7 +107,7 @@ impl Compute {
         Compute {
             work,
             out,
-            listener,
+            bootstrap,
             threads,
             signals,
             abort,
@@ -220,7 +220,7 @@ impl Compute {
         let built = span.in_scope(|| {
             build_trainer(
                 &a,
-                &self.listener,
+                &self.bootstrap,
                 self.threads,
                 &self.abort,
                 corpus,
@@ -541,7 +541,7 @@ fn wait_for_id(
 /// collective (formed from the id the coordinator hands out), the model.
 fn build_trainer(
     a: &Assignment,
-    listener: &RingListener,
+    bootstrap: &Bootstrap,
     threads: usize,
     abort: &AbortSlot,
     opened: &Option<(Config, Corpus)>,
@@ -574,17 +574,6 @@ fn build_trainer(
             .num_threads(threads)
             .build_global();
     }
-    let peers: Vec<SocketAddr> = a
-        .peers
-        .iter()
-        .map(|p| {
-            (p.host.as_str(), p.port as u16)
-                .to_socket_addrs()
-                .ok()
-                .and_then(|mut it| it.next())
-                .ok_or_else(|| anyhow!("cannot resolve peer {}:{}", p.host, p.port))
-        })
-        .collect::<Result<_>>()?;
     // Rank 0 makes the id once its device is open (a CUDA context takes
     // seconds; a loaded machine, more): part of starting, so it is bounded
     // by the startup timeout, not by a step's.
@@ -604,19 +593,21 @@ fn build_trainer(
         rayon::current_num_threads(),
         a.accumulation
     );
+    let kind = config.cluster.collective.on(&config.worker.device);
     let mine = if a.rank == 0 {
-        Some(collective::new_shared_id(&device)?)
+        Some(collective::new_shared_id(kind)?)
     } else {
         None
     };
     let shared_id = exchange(mine, id_timeout)?;
     let collective = collective::form(
+        kind,
         &device,
-        listener,
+        bootstrap,
         &collective::Formation {
             rank: a.rank as usize,
             world: a.world_size as usize,
-            peers: &peers,
+            peers: &a.peers,
             generation: a.generation,
             shared_id: &shared_id,
             timeout: collective_timeout,

@@ -40,7 +40,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument as _;
 
-use crate::collective::RingListener;
+use crate::collective::Bootstrap;
 use crate::compute::{AbortSlot, Compute, Stop, Work, msg};
 use crate::trainer::Signals;
 
@@ -138,16 +138,9 @@ async fn run_session(opts: &Options) -> Result<i32> {
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
-    // The ring listens on the address this machine uses to reach the
-    // coordinator: loopback stays loopback, a pod advertises its pod IP.
-    let advertised = local_ip_towards(&opts.url).await?;
-    let bind_ip = if advertised.is_loopback() {
-        advertised
-    } else {
-        IpAddr::from([0, 0, 0, 0])
-    };
-    let listener =
-        RingListener::bind(bind_ip).context("cannot open the collective's listening socket")?;
+    // The collective's bootstrap opens on the address this machine uses to
+    // reach the coordinator.
+    let bootstrap = Bootstrap::open(local_ip_towards(&opts.url).await?)?;
     let host = hostname();
     // The rank is not known yet (ranks are given when the worker set forms):
     // this span carries the identity instead.
@@ -157,8 +150,8 @@ async fn run_session(opts: &Options) -> Result<i32> {
         protocol_version: PROTOCOL_VERSION,
         host: host.clone(),
         pid: std::process::id(),
-        collective_host: advertised.to_string(),
-        collective_port: u32::from(listener.port()),
+        collective_host: bootstrap.host().to_string(),
+        collective_port: u32::from(bootstrap.port()),
         // What this build can run on (the job's config picks the device).
         device: if cfg!(feature = "cuda") {
             "cpu+cuda"
@@ -274,7 +267,7 @@ async fn run_session(opts: &Options) -> Result<i32> {
                 let run = {
                     let (tx, signals, generation) = (tx.clone(), signals, generation.clone());
                     std::panic::AssertUnwindSafe(move || {
-                        Compute::new(work_rx, tx, listener, threads, signals, abort, generation)
+                        Compute::new(work_rx, tx, bootstrap, threads, signals, abort, generation)
                             .with_corpus(corpus)
                             .run()
                     })

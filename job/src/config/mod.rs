@@ -364,6 +364,34 @@ named_choices! {
     }
 }
 
+named_choices! {
+    /// How the workers sum their gradients (the worker's `collective`
+    /// module): the backend a rank forms each generation.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+    #[serde(try_from = "String", into = "String")]
+    pub enum CollectiveKind: "collective" {
+        /// `nccl` on CUDA, `ring` on CPUs.
+        #[default]
+        Auto = "auto" ("nccl on CUDA, ring on CPUs"),
+        /// Stride's TCP ring between worker processes: host memory, a
+        /// fixed summation order (bit-identical results on every rank).
+        Ring = "ring",
+        /// NVIDIA's NCCL (a `cuda` build): device memory.
+        Nccl = "nccl",
+    }
+}
+
+impl CollectiveKind {
+    /// The backend a job on `device` forms: never `Auto`.
+    pub fn on(self, device: &Device) -> CollectiveKind {
+        match (self, device) {
+            (CollectiveKind::Auto, Device::Cuda(_)) => CollectiveKind::Nccl,
+            (CollectiveKind::Auto, Device::Cpu) => CollectiveKind::Ring,
+            (chosen, _) => chosen,
+        }
+    }
+}
+
 /// What each worker process runs on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -421,6 +449,9 @@ pub struct ClusterConfig {
     pub step_timeout_s: f64,
     /// Automatic restarts from the latest checkpoint before the job gives up.
     pub max_restarts: u32,
+    /// The gradient collective (`auto`, `ring`, `nccl`); a resume may
+    /// change it.
+    pub collective: CollectiveKind,
 }
 
 impl Default for ClusterConfig {
@@ -435,6 +466,7 @@ impl Default for ClusterConfig {
             rejoin_timeout_s: 30.0,
             step_timeout_s: 120.0,
             max_restarts: 3,
+            collective: CollectiveKind::Auto,
         }
     }
 }
@@ -648,6 +680,22 @@ impl Config {
             "must be at least 1",
         )?;
 
+        match (cl.collective, &w.device) {
+            (CollectiveKind::Nccl, Device::Cpu) => check(
+                false,
+                "cluster.collective",
+                "nccl",
+                "NCCL sums GPU memory and worker.device is `cpu`: use `auto` or `ring`",
+            )?,
+            (CollectiveKind::Ring, Device::Cuda(_)) => check(
+                false,
+                "cluster.collective",
+                "ring",
+                "the TCP ring sums host memory and a CUDA worker's gradient is device memory: use `auto` or `nccl`",
+            )?,
+            _ => {}
+        }
+
         if w.engine == Engine::Fused {
             if matches!(w.device, Device::Cuda(_)) {
                 // Refused here, naming the key, rather than by a kernel in
@@ -787,6 +835,20 @@ mod tests {
         raw(text)?.resolve()
     }
 
+    /// `auto` is NCCL on CUDA and the ring on CPUs; a named backend is
+    /// itself on any device (validation refuses the pairs that cannot run).
+    #[test]
+    fn auto_picks_the_collective_by_device() {
+        use CollectiveKind::{Auto, Nccl, Ring};
+        let (cpu, gpu) = (Device::Cpu, Device::Cuda(Some(0)));
+        assert_eq!(Auto.on(&cpu), Ring);
+        assert_eq!(Auto.on(&gpu), Nccl);
+        for kind in [Ring, Nccl] {
+            assert_eq!(kind.on(&cpu), kind);
+            assert_eq!(kind.on(&gpu), kind);
+        }
+    }
+
     #[test]
     fn schema_matches_the_config_fields() {
         let mut c = Config::default();
@@ -912,6 +974,22 @@ mod tests {
                     "`cluster.step_timeout_s` = 1.5",
                     "2 × cluster.heartbeat_interval_s",
                 ],
+            ),
+            (
+                "[cluster]\ncollective = \"nccl\"\n",
+                &[
+                    "`cluster.collective` = nccl",
+                    "worker.device is `cpu`",
+                    "`ring`",
+                ],
+            ),
+            (
+                "[cluster]\ncollective = \"ring\"\n[worker]\ndevice = \"cuda\"\n",
+                &["`cluster.collective` = ring", "device memory", "`nccl`"],
+            ),
+            (
+                "[cluster]\ncollective = \"gloo\"\n",
+                &["`cluster.collective`", "`auto`", "`ring`", "`nccl`"],
             ),
             (
                 "[worker]\nengine = \"fast\"\n",

@@ -86,6 +86,7 @@ pub const SCHEMA: &[(&str, &[&str])] = &[
             "rejoin_timeout_s",
             "step_timeout_s",
             "max_restarts",
+            "collective",
         ],
     ),
 ];

@@ -7,27 +7,35 @@
 //! a sharded optimizer needs), and a barrier. Two
 //! backends implement it: [`ring::TcpRing`], a ring all-reduce over TCP
 //! between worker processes (CPUs), and `nccl::Nccl` (the `cuda` feature,
-//! GPUs). [`form`] builds the one a device needs from the shared id that
-//! rank 0 makes ([`new_shared_id`]) and the coordinator hands to every rank
-//! (the `CollectiveBootstrap` exchange); [`AbortHandle`] ends a blocked
-//! call from another thread, whatever the transport.
+//! GPUs). The job's `cluster.collective` names the backend
+//! ([`CollectiveKind`], `auto` resolved by device); [`form`] builds it from
+//! the worker's [`Bootstrap`] (what it opened before registering: the
+//! ring's socket) and the shared id that rank 0 makes ([`new_shared_id`])
+//! and the coordinator hands to every rank (the `CollectiveBootstrap`
+//! exchange); [`AbortHandle`] ends a blocked call from another thread,
+//! whatever the transport.
 //!
-//! A new backend is a file here with a `Collective` impl, one arm in
-//! [`new_shared_id`] and one in [`form`]; nothing outside this module
-//! changes.
+//! A new backend is a file here with a `Collective` impl, a name in
+//! `CollectiveKind` (`job/src/config/mod.rs`, with the devices it takes in
+//! `Config::validate`), and an arm in [`new_shared_id`] and in [`form`]
+//! (the compiler lists them); one that needs a socket of its own before
+//! registration also opens it in [`Bootstrap::open`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
+use stride_job::config::CollectiveKind;
+use stride_proto::v1::PeerAddress;
 
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod ring;
 
-pub use ring::{PART, RingListener, TcpRing, local_ring};
+use ring::RingListener;
+pub use ring::{PART, TcpRing, local_ring};
 
 /// What went wrong in a collective.
 #[derive(Debug, thiserror::Error)]
@@ -230,16 +238,75 @@ impl Collective for Solo {
     }
 }
 
-/// The shared id rank 0 makes for a new collective: NCCL's unique id on a
-/// GPU, a random nonce for the TCP ring.
-pub fn new_shared_id(device: &Device) -> Result<Vec<u8>> {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Ok(nccl::new_unique_id()?),
-        _ => Ok(stride_job::auth::generate()
+/// What a worker opens before it registers, for whichever backend a job
+/// will ask of it (the job's config, and so its
+/// [`CollectiveKind`], comes only with the assignment): the ring's
+/// listening socket, on the address this machine uses to reach the
+/// coordinator. Registration advertises [`Bootstrap::host`] and
+/// [`Bootstrap::port`] (the proto's `collective_host`/`collective_port`);
+/// a backend that bootstraps from the shared id alone (NCCL) ignores them.
+#[derive(Debug)]
+pub struct Bootstrap {
+    host: IpAddr,
+    ring: RingListener,
+}
+
+impl Bootstrap {
+    /// Opens the bootstrap on `towards_coordinator`, the local address of
+    /// a connection to the coordinator: loopback stays loopback (nothing
+    /// else can reach it), any other address listens on every interface
+    /// and advertises that one (a pod its pod IP).
+    pub fn open(towards_coordinator: IpAddr) -> Result<Bootstrap> {
+        let bind = if towards_coordinator.is_loopback() {
+            towards_coordinator
+        } else {
+            IpAddr::from([0, 0, 0, 0])
+        };
+        let ring = RingListener::bind(bind)
+            .with_context(|| format!("cannot open the collective's listening socket on {bind}"))?;
+        Ok(Bootstrap {
+            host: towards_coordinator,
+            ring,
+        })
+    }
+
+    /// The address peers reach this worker's collective at.
+    pub fn host(&self) -> IpAddr {
+        self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.ring.port()
+    }
+}
+
+/// The shared id rank 0 makes for a new collective of `kind` (resolved,
+/// [`CollectiveKind::on`]): NCCL's unique id, or a random nonce for the TCP
+/// ring.
+pub fn new_shared_id(kind: CollectiveKind) -> Result<Vec<u8>> {
+    match kind {
+        CollectiveKind::Nccl => nccl_unique_id(),
+        CollectiveKind::Ring | CollectiveKind::Auto => Ok(stride_job::auth::generate()
             .context("cannot read random bytes for the collective id")?
             .into_bytes()),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_unique_id() -> Result<Vec<u8>> {
+    Ok(nccl::new_unique_id()?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_unique_id() -> Result<Vec<u8>> {
+    Err(no_nccl())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn no_nccl() -> anyhow::Error {
+    anyhow::anyhow!(
+        "cluster.collective is nccl, and this worker was built without the `cuda` feature: build it with `--features cuda`, or run the job on CPUs"
+    )
 }
 
 /// What one rank needs to form its collective of a generation.
@@ -247,8 +314,9 @@ pub fn new_shared_id(device: &Device) -> Result<Vec<u8>> {
 pub struct Formation<'a> {
     pub rank: usize,
     pub world: usize,
-    /// Every rank's ring address, in rank order (the ring uses them).
-    pub peers: &'a [SocketAddr],
+    /// Every rank's advertised collective address (its [`Bootstrap`]), in
+    /// rank order.
+    pub peers: &'a [PeerAddress],
     pub generation: u64,
     /// The id rank 0 made ([`new_shared_id`]), the same on every rank.
     pub shared_id: &'a [u8],
@@ -256,11 +324,12 @@ pub struct Formation<'a> {
     pub timeout: Duration,
 }
 
-/// Forms this rank's collective for `device`: NCCL on a GPU, else the TCP
-/// ring through `listener`.
+/// Forms this rank's collective of `kind` (resolved,
+/// [`CollectiveKind::on`]) on `device`, from its `bootstrap`.
 pub fn form(
+    kind: CollectiveKind,
     device: &Device,
-    listener: &RingListener,
+    bootstrap: &Bootstrap,
     f: &Formation,
 ) -> Result<Box<dyn Collective>> {
     let Formation {
@@ -277,16 +346,43 @@ pub fn form(
             peers.len()
         );
     }
-    Ok(match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => Box::new(
-            nccl::Nccl::new(device, rank, world, shared_id)
-                .with_context(|| format!("rank {rank} could not join the NCCL communicator"))?,
-        ),
-        _ => listener
-            .connect(rank, peers, generation, shared_id, timeout)
-            .with_context(|| format!("rank {rank} could not join the ring"))?,
+    Ok(match kind {
+        CollectiveKind::Nccl => nccl_form(device, rank, world, shared_id)?,
+        CollectiveKind::Ring | CollectiveKind::Auto => {
+            let peers: Vec<SocketAddr> = peers
+                .iter()
+                .map(|p| {
+                    u16::try_from(p.port)
+                        .ok()
+                        .and_then(|port| (p.host.as_str(), port).to_socket_addrs().ok())
+                        .and_then(|mut it| it.next())
+                        .ok_or_else(|| anyhow::anyhow!("cannot resolve peer {}:{}", p.host, p.port))
+                })
+                .collect::<Result<_>>()?;
+            bootstrap
+                .ring
+                .connect(rank, &peers, generation, shared_id, timeout)
+                .with_context(|| format!("rank {rank} could not join the ring"))?
+        }
     })
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_form(
+    device: &Device,
+    rank: usize,
+    world: usize,
+    shared_id: &[u8],
+) -> Result<Box<dyn Collective>> {
+    Ok(Box::new(
+        nccl::Nccl::new(device, rank, world, shared_id)
+            .with_context(|| format!("rank {rank} could not join the NCCL communicator"))?,
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_form(_: &Device, _: usize, _: usize, _: &[u8]) -> Result<Box<dyn Collective>> {
+    Err(no_nccl())
 }
 
 #[cfg(test)]

@@ -478,6 +478,11 @@ mod tests {
             (Cooldown::Linear, linear),
             (Cooldown::OneMinusSqrt, one_minus_sqrt),
         ];
+        assert_eq!(
+            shapes.len(),
+            Cooldown::NAMES.len(),
+            "every cooldown shape needs its closed form here"
+        );
         let phase1 = Schedule::from_config(&train(1000, 100, Decay::Constant));
         for (first, first_form) in shapes {
             let a = phase1.extend(1000, 3000, 1e-4, first).expect("first");

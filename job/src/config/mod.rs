@@ -384,10 +384,28 @@ named_choices! {
 impl CollectiveKind {
     /// The backend a job on `device` forms: never `Auto`.
     pub fn on(self, device: &Device) -> CollectiveKind {
-        match (self, device) {
-            (CollectiveKind::Auto, Device::Cuda(_)) => CollectiveKind::Nccl,
-            (CollectiveKind::Auto, Device::Cpu) => CollectiveKind::Ring,
-            (chosen, _) => chosen,
+        match self {
+            CollectiveKind::Auto => match device {
+                Device::Cuda(_) => CollectiveKind::Nccl,
+                Device::Cpu => CollectiveKind::Ring,
+            },
+            CollectiveKind::Ring => CollectiveKind::Ring,
+            CollectiveKind::Nccl => CollectiveKind::Nccl,
+        }
+    }
+
+    /// Why this backend cannot sum the gradient of a worker on `device`,
+    /// if it cannot (said at config validation, naming the key).
+    fn refusal(self, device: &Device) -> Option<&'static str> {
+        let gpu = matches!(device, Device::Cuda(_));
+        match self {
+            CollectiveKind::Auto => None,
+            CollectiveKind::Ring => gpu.then_some(
+                "the TCP ring sums host memory and a CUDA worker's gradient is device memory: use `auto` or `nccl`",
+            ),
+            CollectiveKind::Nccl => (!gpu).then_some(
+                "NCCL sums GPU memory and worker.device is `cpu`: use `auto` or `ring`",
+            ),
         }
     }
 }
@@ -680,20 +698,8 @@ impl Config {
             "must be at least 1",
         )?;
 
-        match (cl.collective, &w.device) {
-            (CollectiveKind::Nccl, Device::Cpu) => check(
-                false,
-                "cluster.collective",
-                "nccl",
-                "NCCL sums GPU memory and worker.device is `cpu`: use `auto` or `ring`",
-            )?,
-            (CollectiveKind::Ring, Device::Cuda(_)) => check(
-                false,
-                "cluster.collective",
-                "ring",
-                "the TCP ring sums host memory and a CUDA worker's gradient is device memory: use `auto` or `nccl`",
-            )?,
-            _ => {}
+        if let Some(why) = cl.collective.refusal(&w.device) {
+            check(false, "cluster.collective", cl.collective, why)?;
         }
 
         if w.engine == Engine::Fused {

@@ -14,6 +14,9 @@
 //! summary — the largest index, [`Buckets`] — that the emulator computes
 //! from the host slice at the call and the GPU layer when it uploads them
 //! (it cannot read device memory without waiting for the GPU).
+//!
+//! Its length (~730 lines before its tests) is one plan function per kernel,
+//! each with its checks; the point is that they sit in one place.
 
 use crate::launch::{self, Launch};
 use stride_job::cuda_shapes::{HEAD_SIZE_STEP, MAX_HEAD_SIZE, head_size_ok};

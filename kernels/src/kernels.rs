@@ -14,6 +14,9 @@
 //! uses wide registers. Reductions keep [`LANES`] separate accumulators,
 //! which is what lets the compiler vectorise them (it may not reorder one
 //! float sum by itself).
+//!
+//! Its length (~700 lines) is one function per layer and direction, in
+//! the order a step calls them.
 
 use rayon::prelude::*;
 

@@ -20,6 +20,9 @@
 //!   a preemption, a damaged start, a failed checkpoint, a regrow).
 //!
 //! Every failure it reports names the rank, its host and pid, and the step.
+//!
+//! Its length (~760 lines) is `run_attempt`, the training loop read top to
+//! bottom in one function, and the handful of steps it calls.
 
 mod checkpoints;
 mod decay;

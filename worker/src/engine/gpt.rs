@@ -20,6 +20,9 @@
 //! The backward needs one block's worth of gradient scratch, reused block
 //! after block. The LM head never holds the (B·T, V) logits (see
 //! [`Backend::head_cross_entropy`]).
+//!
+//! Its length (~750 lines) is the model's: forward and backward are read
+//! together, layer against layer, and split they could not be.
 
 use std::ops::Range;
 

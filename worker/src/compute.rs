@@ -611,6 +611,7 @@ fn build_trainer(
             generation: a.generation,
             shared_id: &shared_id,
             timeout: collective_timeout,
+            wire: config.train.grad_comm_dtype,
         },
     )?;
     if let Ok(mut h) = abort.lock() {

@@ -127,6 +127,11 @@ pub struct Signals {
     /// Set to stop the step or evaluation in flight at the next
     /// micro-batch boundary (an abort or the end of the job).
     pub cancel: AtomicBool,
+    /// Unit tests: `cancel` is set once this many micro-batches have
+    /// finished (0: never) — an abort arriving at a known point of the
+    /// work, whatever the machine's speed.
+    #[cfg(test)]
+    pub cancel_after: AtomicU64,
 }
 
 /// The work in flight was stopped by [`Signals::cancel`].
@@ -242,6 +247,13 @@ impl Trainer {
     fn micro_batch_boundary(&self, finished: bool) -> Result<()> {
         if finished {
             self.signals.micro_batches.fetch_add(1, Ordering::Relaxed);
+        }
+        #[cfg(test)]
+        {
+            let at = self.signals.cancel_after.load(Ordering::Relaxed);
+            if at > 0 && self.signals.micro_batches.load(Ordering::Relaxed) >= at {
+                self.signals.cancel.store(true, Ordering::Relaxed);
+            }
         }
         if self.signals.cancel.load(Ordering::Relaxed) {
             return Err(Cancelled.into());
@@ -569,21 +581,16 @@ mod tests {
         );
         assert_eq!(signals.micro_batches.load(Ordering::Relaxed), 4);
 
-        // From another thread, in the middle of a long evaluation.
+        // In the middle of a long evaluation: the abort arrives as its
+        // sixth micro-batch ends (the count includes the step's four), and
+        // not one more runs.
         signals.cancel.store(false, Ordering::Relaxed);
+        signals.cancel_after.store(4 + 6, Ordering::Relaxed);
         let windows: Vec<u64> = (0..100).collect();
-        let stopped = std::thread::scope(|s| {
-            s.spawn(|| {
-                while signals.micro_batches.load(Ordering::Relaxed) < 6 {
-                    std::thread::yield_now();
-                }
-                signals.cancel.store(true, Ordering::Relaxed);
-            });
-            t.evaluate(&windows)
-        });
+        let stopped = t.evaluate(&windows);
         assert!(stopped.expect_err("cancelled").is::<Cancelled>());
         let done = signals.micro_batches.load(Ordering::Relaxed) - 4;
-        assert!(done < 50, "{done} of 50 micro-batches ran after the cancel");
+        assert_eq!(done, 6, "micro-batches of 50 that ran");
     }
 
     /// Validation reads disjoint windows whatever the training stride, so

@@ -220,6 +220,9 @@ impl Config {
         if let Some(why) = cl.collective.refusal(&w.device) {
             check(false, "cluster.collective", cl.collective, why)?;
         }
+        if let Some(why) = t.grad_comm_dtype.refusal(cl.collective.on(&w.device)) {
+            check(false, "train.grad_comm_dtype", t.grad_comm_dtype, why)?;
+        }
 
         if w.engine == Engine::Fused {
             if matches!(w.device, Device::Cuda(_)) {

@@ -54,6 +54,7 @@ pub const SCHEMA: &[(&str, &[&str])] = &[
             "eval_interval",
             "eval_batches",
             "seed",
+            "grad_comm_dtype",
         ],
     ),
     (

@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
-use stride_job::config::CollectiveKind;
+use stride_job::config::{CollectiveKind, GradCommDtype};
 use stride_proto::v1::PeerAddress;
 
 #[cfg(feature = "cuda")]
@@ -35,7 +35,7 @@ pub mod nccl;
 pub mod ring;
 
 use ring::RingListener;
-pub use ring::{PART, TcpRing, local_ring};
+pub use ring::{PART, TcpRing, local_ring, local_ring_with};
 
 /// What went wrong in a collective.
 #[derive(Debug, thiserror::Error)]
@@ -322,6 +322,9 @@ pub struct Formation<'a> {
     pub shared_id: &'a [u8],
     /// How long a stalled peer may keep a call waiting.
     pub timeout: Duration,
+    /// The dtype gradients cross the wire in (`train.grad_comm_dtype`;
+    /// validation refused what the backend cannot carry).
+    pub wire: GradCommDtype,
 }
 
 /// Forms this rank's collective of `kind` (resolved,
@@ -339,6 +342,7 @@ pub fn form(
         generation,
         shared_id,
         timeout,
+        wire,
     } = *f;
     if peers.len() != world {
         anyhow::bail!(
@@ -361,7 +365,7 @@ pub fn form(
                 .collect::<Result<_>>()?;
             bootstrap
                 .ring
-                .connect(rank, &peers, generation, shared_id, timeout)
+                .connect(rank, &peers, generation, shared_id, timeout, wire)
                 .with_context(|| format!("rank {rank} could not join the ring"))?
         }
     })

@@ -9,7 +9,12 @@
 //! larger buffer (`all_reduce_part`) keeps the whole buffer's chunk bounds,
 //! so every value is summed in the same order whether the buffer goes in
 //! one call or bucket by bucket: bucketing changes no bit. The data is sent
-//! as native-endian `f32` (all supported targets are little-endian).
+//! as native-endian `f32` (all supported targets are little-endian), or,
+//! with `train.grad_comm_dtype = "bf16"`, rounded to bf16 (nearest even)
+//! for the wire and added in f32 on arrival: half the bytes, one rounding
+//! of each partial sum per hop. Every rank still ends with the same bits:
+//! the rank that finishes a chunk's sum rounds it in place as it sends it
+//! on, so it keeps exactly what the others receive.
 //!
 //! Speed: one thread drives both sockets, non-blocking, through one `mio`
 //! poll. Each chunk travels in parts of [`PART`] values, sent straight from
@@ -35,6 +40,9 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use mio::{Events, Interest, Poll, Token};
+
+use half::bf16;
+use stride_job::config::GradCommDtype;
 
 use super::{AbortHandle, Collective, CollectiveError, Solo};
 
@@ -85,6 +93,7 @@ impl RingListener {
         generation: u64,
         shared_id: &[u8],
         timeout: Duration,
+        wire: GradCommDtype,
     ) -> Result<Box<dyn Collective>, CollectiveError> {
         let id_hash = xxhash_rust::xxh3::xxh3_64(shared_id);
         let world = peers.len();
@@ -167,7 +176,9 @@ impl RingListener {
                 Err(e) => return Err(peer_err("accept", prev_rank, e)),
             }
         };
-        Ok(Box::new(TcpRing::new(rank, world, next, prev, timeout)?))
+        Ok(Box::new(TcpRing::new(
+            rank, world, next, prev, timeout, wire,
+        )?))
     }
 }
 
@@ -197,6 +208,11 @@ pub struct TcpRing {
     timeout: Duration,
     /// One part, received while reducing.
     scratch: Vec<f32>,
+    /// The dtype on the wire.
+    wire: GradCommDtype,
+    /// One part as bf16 bits, sent and received (a bf16 wire only).
+    send_bits: Vec<u16>,
+    recv_bits: Vec<u16>,
 }
 
 impl TcpRing {
@@ -206,6 +222,7 @@ impl TcpRing {
         next: TcpStream,
         prev: TcpStream,
         timeout: Duration,
+        wire: GradCommDtype,
     ) -> Result<TcpRing, CollectiveError> {
         let setup = |e: std::io::Error| CollectiveError::Setup(e.to_string());
         let handles = [
@@ -233,6 +250,15 @@ impl TcpRing {
             handles,
             timeout,
             scratch: vec![0.0; PART],
+            wire,
+            send_bits: match wire {
+                GradCommDtype::F32 => Vec::new(),
+                GradCommDtype::Bf16 => vec![0; PART],
+            },
+            recv_bits: match wire {
+                GradCommDtype::F32 => Vec::new(),
+                GradCommDtype::Bf16 => vec![0; PART],
+            },
         })
     }
 
@@ -317,7 +343,14 @@ impl Collective for TcpRing {
 
     fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<Range<usize>, CollectiveError> {
         self.rounds(buf, TcpRing::whole(buf), 0..self.world - 1)?;
-        Ok(self.shard(buf.len()))
+        let shard = self.shard(buf.len());
+        if self.wire == GradCommDtype::Bf16 {
+            // What an all-reduce would leave: the sum as it is sent on.
+            for x in &mut buf[shard.clone()] {
+                *x = bf16::from_bits(bf16_bits(*x)).to_f32();
+            }
+        }
+        Ok(shard)
     }
 
     fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
@@ -369,6 +402,10 @@ impl TcpRing {
         // Segment and byte offset reached on each side.
         let (mut sent, mut sent_bytes) = (first, 0);
         let (mut received, mut received_bytes) = (first, 0);
+        // The segment `send_bits` holds (a bf16 wire).
+        let mut encoded = None;
+        let bf16_wire = self.wire == GradCommDtype::Bf16;
+        let value_bytes = if bf16_wire { 2 } else { 4 };
         let mut last_progress = Instant::now();
         while sent < total || received < total {
             let mut progressed = false;
@@ -376,7 +413,25 @@ impl TcpRing {
             // of round s has arrived (the call's first round: at once).
             while sent < total && (sent < first + parts || sent - parts < received) {
                 let range = self.segment(p, parts, sent, true);
-                let bytes: &[u8] = bytemuck::cast_slice(&buf[range]);
+                let bytes: &[u8] = if bf16_wire {
+                    let bits = &mut self.send_bits[..range.len()];
+                    if encoded != Some(sent) {
+                        encoded = Some(sent);
+                        for (b, x) in bits.iter_mut().zip(&buf[range.clone()]) {
+                            *b = bf16_bits(*x);
+                        }
+                        // The first all-gather round sends the chunk this
+                        // rank finished summing: it keeps what it sends.
+                        if sent / parts == w - 1 {
+                            for (x, b) in buf[range].iter_mut().zip(bits.iter()) {
+                                *x = bf16::from_bits(*b).to_f32();
+                            }
+                        }
+                    }
+                    bytemuck::cast_slice(bits)
+                } else {
+                    bytemuck::cast_slice(&buf[range])
+                };
                 if sent_bytes == bytes.len() {
                     // Done (or empty: a chunk that misses this call's
                     // part). Progress too, or the loop would wait on the
@@ -397,8 +452,19 @@ impl TcpRing {
             while received < total {
                 let range = self.segment(p, parts, received, false);
                 let reducing = received / parts < w - 1;
-                if received_bytes == 4 * range.len() {
-                    if reducing {
+                if received_bytes == value_bytes * range.len() {
+                    if bf16_wire {
+                        let bits = &self.recv_bits[..range.len()];
+                        if reducing {
+                            for (x, b) in buf[range.clone()].iter_mut().zip(bits) {
+                                *x += bf16::from_bits(*b).to_f32();
+                            }
+                        } else {
+                            for (x, b) in buf[range.clone()].iter_mut().zip(bits) {
+                                *x = bf16::from_bits(*b).to_f32();
+                            }
+                        }
+                    } else if reducing {
                         for (x, y) in buf[range.clone()].iter_mut().zip(&self.scratch) {
                             *x += *y;
                         }
@@ -406,7 +472,9 @@ impl TcpRing {
                     (received, received_bytes, progressed) = (received + 1, 0, true);
                     continue;
                 }
-                let into: &mut [u8] = if reducing {
+                let into: &mut [u8] = if bf16_wire {
+                    bytemuck::cast_slice_mut(&mut self.recv_bits[..range.len()])
+                } else if reducing {
                     bytemuck::cast_slice_mut(&mut self.scratch[..range.len()])
                 } else {
                     bytemuck::cast_slice_mut(&mut buf[range])
@@ -453,10 +521,30 @@ impl TcpRing {
     }
 }
 
+/// `x` rounded to bf16, to nearest even (a NaN stays a NaN): `half`'s
+/// `bf16::from_f32`, written so that the loops over a part vectorise.
+#[inline]
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    if x.is_nan() {
+        return (b >> 16) as u16 | 0x0040;
+    }
+    ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
 /// Starts `world` ring members in threads of this process on 127.0.0.1 and
-/// runs `f` on each (tests and benchmarks).
+/// runs `f` on each (tests and benchmarks); f32 on the wire.
 pub fn local_ring<T: Send>(
     world: usize,
+    f: impl Fn(Box<dyn Collective>) -> T + Sync,
+) -> Result<Vec<T>, CollectiveError> {
+    local_ring_with(world, GradCommDtype::F32, f)
+}
+
+/// [`local_ring`] with `wire` the dtype on the wire.
+pub fn local_ring_with<T: Send>(
+    world: usize,
+    wire: GradCommDtype,
     f: impl Fn(Box<dyn Collective>) -> T + Sync,
 ) -> Result<Vec<T>, CollectiveError> {
     let listeners: Vec<RingListener> = (0..world)
@@ -474,7 +562,7 @@ pub fn local_ring<T: Send>(
             .map(|(rank, l)| {
                 let (peers, f) = (&peers, &f);
                 s.spawn(move || {
-                    let c = l.connect(rank, peers, 1, b"local", Duration::from_secs(30))?;
+                    let c = l.connect(rank, peers, 1, b"local", Duration::from_secs(30), wire)?;
                     Ok(f(c))
                 })
             })
@@ -541,6 +629,101 @@ mod tests {
                                 want[i]
                             );
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The ring's rounding is `half`'s, value for value, over every sign,
+    /// exponent and the mantissas that decide a rounding (ties included).
+    #[test]
+    fn the_wire_rounds_to_bf16_as_half_does() {
+        let mut rng = Rng::new(3, Stream::Init);
+        for top in 0..=0x1FFu32 {
+            for low in [0u32, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x1_7FFF, 0x1_8000] {
+                let random = rng.below(1 << 23) as u32;
+                for mant in [low, random] {
+                    let x = f32::from_bits((top << 23) | (mant & 0x7F_FFFF));
+                    let (ours, theirs) = (bf16_bits(x), bf16::from_f32(x).to_bits());
+                    if x.is_nan() {
+                        assert!(bf16::from_bits(ours).is_nan(), "{x:?}");
+                    } else {
+                        assert_eq!(ours, theirs, "{x:e} ({:#010x})", x.to_bits());
+                    }
+                }
+            }
+        }
+    }
+
+    /// With `train.grad_comm_dtype = "bf16"`: every rank holds the same
+    /// bits; small integers (exact in bf16, as are all their partial sums
+    /// here) are summed exactly; any other value is the exact sum within
+    /// one bf16 rounding (2^-9 relative) per hop of the partial sums it
+    /// went through; bucketing changes no bit, and a reduce-scatter leaves
+    /// the all-reduce's bits in its shard.
+    #[test]
+    fn a_bf16_wire_keeps_ranks_identical_and_sums_within_its_rounding() {
+        let small = |rank: usize, n: usize| -> Vec<f32> {
+            let mut rng = Rng::new(rank as u64 + 7, Stream::Init);
+            (0..n).map(|_| rng.below(64) as f32 - 32.0).collect()
+        };
+        let cases = (2..=4)
+            .flat_map(|w| [0, 1, 7, 1000].map(|n| (w, n)))
+            .chain([(2, 2 * PART + 13)]);
+        for (world, n) in cases {
+            for integer in [true, false] {
+                let make = |rank: usize| {
+                    if integer {
+                        small(rank, n)
+                    } else {
+                        input(rank, n, false)
+                    }
+                };
+                let results = local_ring_with(world, GradCommDtype::Bf16, |mut c| {
+                    let mut whole = make(c.rank());
+                    c.all_reduce_sum(&mut whole)?;
+                    // The same input in three buckets.
+                    let mut parts = make(c.rank());
+                    let cuts = [0, n / 3, n / 2, n];
+                    for k in 0..3 {
+                        let (a, b) = (cuts[k], cuts[k + 1]);
+                        c.all_reduce_part(&mut parts[a..b], a, n)?;
+                    }
+                    let mut scattered = make(c.rank());
+                    let mine = c.reduce_scatter_sum(&mut scattered)?;
+                    Ok::<_, CollectiveError>((whole, parts, mine, scattered))
+                })
+                .expect("ring");
+                let inputs: Vec<Vec<f32>> = (0..world).map(make).collect();
+                let first = &results[0].as_ref().expect("rank 0").0;
+                for (rank, r) in results.iter().enumerate() {
+                    let (whole, parts, mine, scattered) = r.as_ref().expect("collectives");
+                    let same = |a: &[f32], b: &[f32]| {
+                        a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+                    };
+                    assert!(
+                        same(whole, first),
+                        "world {world} n {n}: rank {rank} differs"
+                    );
+                    assert!(same(parts, whole), "world {world} n {n}: buckets differ");
+                    assert!(
+                        same(&scattered[mine.clone()], &whole[mine.clone()]),
+                        "world {world} n {n}: the shard differs"
+                    );
+                    for i in 0..n {
+                        let exact: f64 = inputs.iter().map(|x| f64::from(x[i])).sum();
+                        let size: f64 = inputs.iter().map(|x| f64::from(x[i]).abs()).sum();
+                        let tol = if integer {
+                            0.0
+                        } else {
+                            world as f64 * size / 256.0
+                        };
+                        assert!(
+                            (f64::from(whole[i]) - exact).abs() <= tol,
+                            "world {world} n {n} [{i}]: {} vs {exact}",
+                            whole[i]
+                        );
                     }
                 }
             }
@@ -715,7 +898,14 @@ mod tests {
             SocketAddr::from(([127, 0, 0, 1], ghost.port())),
         ];
         let e = l
-            .connect(0, &peers, 1, b"id", Duration::from_millis(300))
+            .connect(
+                0,
+                &peers,
+                1,
+                b"id",
+                Duration::from_millis(300),
+                GradCommDtype::F32,
+            )
             .expect_err("must time out")
             .to_string();
         assert!(e.contains("rank 1"), "{e}");
@@ -733,12 +923,26 @@ mod tests {
         ];
         let results = std::thread::scope(|s| {
             let ha = s.spawn(|| {
-                a.connect(0, &peers, 1, b"id-one", Duration::from_millis(500))
-                    .map(|_| ())
+                a.connect(
+                    0,
+                    &peers,
+                    1,
+                    b"id-one",
+                    Duration::from_millis(500),
+                    GradCommDtype::F32,
+                )
+                .map(|_| ())
             });
             let hb = s.spawn(|| {
-                b.connect(1, &peers, 1, b"id-two", Duration::from_millis(500))
-                    .map(|_| ())
+                b.connect(
+                    1,
+                    &peers,
+                    1,
+                    b"id-two",
+                    Duration::from_millis(500),
+                    GradCommDtype::F32,
+                )
+                .map(|_| ())
             });
             [ha.join().expect("join"), hb.join().expect("join")]
         });

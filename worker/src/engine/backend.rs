@@ -99,21 +99,21 @@ same_on_device!(f32, f64, u32, u8);
 
 impl Elem for Bf16 {
     #[cfg(feature = "cuda")]
-    type Device = gpu::half::bf16;
+    type Device = half::bf16;
     #[cfg(feature = "cuda")]
-    fn to_device(self) -> gpu::half::bf16 {
+    fn to_device(self) -> half::bf16 {
         gpu::DeviceStorage::from_host(self)
     }
     #[cfg(feature = "cuda")]
-    fn from_device(x: gpu::half::bf16) -> Bf16 {
+    fn from_device(x: half::bf16) -> Bf16 {
         gpu::DeviceStorage::to_host(x)
     }
     #[cfg(feature = "cuda")]
-    fn as_device(_: &[Bf16]) -> Option<&[gpu::half::bf16]> {
+    fn as_device(_: &[Bf16]) -> Option<&[half::bf16]> {
         None
     }
     #[cfg(feature = "cuda")]
-    fn as_device_mut(_: &mut [Bf16]) -> Option<&mut [gpu::half::bf16]> {
+    fn as_device_mut(_: &mut [Bf16]) -> Option<&mut [half::bf16]> {
         None
     }
 }

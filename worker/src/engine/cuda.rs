@@ -80,7 +80,7 @@ use std::sync::Arc;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaStream, CudaView, CudaViewMut, DriverError,
 };
-use stride_cuda_kernels::gpu::half::bf16;
+use half::bf16;
 use stride_cuda_kernels::gpu::{
     self, Blas, DeviceStorage, Gemm, GpuError, Indices, Kernels, Op, TokenBuckets,
 };

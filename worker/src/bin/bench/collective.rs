@@ -3,11 +3,14 @@
 use std::time::Instant;
 
 use anyhow::Result;
-use stride_worker::collective::local_ring;
+use stride_job::config::GradCommDtype;
+use stride_worker::collective::local_ring_with;
 
-pub(crate) fn bench_ring(mib: usize, reps: usize) -> Result<f64> {
+/// A 2-rank ring all-reduce of `mib` MiB of f32 with `wire` on the wire;
+/// its algorithm bandwidth counts the f32 bytes summed.
+pub(crate) fn bench_ring(mib: usize, reps: usize, wire: GradCommDtype) -> Result<f64> {
     let n = mib * (1 << 20) / 4;
-    let times = local_ring(2, |mut c| {
+    let times = local_ring_with(2, wire, |mut c| {
         let mut buf = vec![1.0f32; n];
         let _ = c.all_reduce_sum(&mut buf); // warm-up: connection, page faults
         let start = Instant::now();
@@ -22,7 +25,7 @@ pub(crate) fn bench_ring(mib: usize, reps: usize) -> Result<f64> {
     let gbs = (n * 4) as f64 / t / 1e9;
     // For 2 ranks the bus bandwidth (NCCL's 2(n−1)/n × bytes / time) equals the algorithm bandwidth.
     println!(
-        "ring all-reduce, 2 ranks, {mib:>3} MiB: {:>7.1} ms  algorithm bandwidth {gbs:>6.2} GB/s",
+        "ring all-reduce, 2 ranks, {mib:>3} MiB, {wire:>4} wire: {:>7.1} ms  algorithm bandwidth {gbs:>6.2} GB/s",
         1e3 * t
     );
     Ok(gbs)

@@ -37,6 +37,7 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use stride_job::config::GradCommDtype;
 
 use crate::checkpoint::{bench_checkpoint, child_load};
 use crate::collective::{bench_memcpy, bench_ring, bench_tcp};
@@ -189,12 +190,14 @@ fn main() -> Result<()> {
     }
     let copy = bench_memcpy(args.reps.max(3));
     let tcp = bench_tcp(args.reps)?;
-    bench_ring(4, args.reps)?;
-    let ring = bench_ring(64, args.reps)?;
+    bench_ring(4, args.reps, GradCommDtype::F32)?;
+    let ring = bench_ring(64, args.reps, GradCommDtype::F32)?;
+    let ring_bf16 = bench_ring(64, args.reps, GradCommDtype::Bf16)?;
     let mut ratios = format!(
-        "ring all-reduce 64 MiB: {:.2}x memcpy, {:.2}x one-way TCP",
+        "ring all-reduce 64 MiB: {:.2}x memcpy, {:.2}x one-way TCP; bf16 wire / f32 wire: {:.2}x",
         ring / copy,
-        ring / tcp
+        ring / tcp,
+        ring_bf16 / ring
     );
     if let Some(python) = &args.pytorch {
         let mut cmd = Command::new(python);

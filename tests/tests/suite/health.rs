@@ -14,12 +14,14 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::common::{Proc, beside_others, coordinator_url, spawn_env};
 
-/// The tests are async (tonic clients); each holds its turn outside.
-fn runtime() -> tokio::runtime::Runtime {
+/// Runs an async test (tonic clients) in its turn beside the others.
+fn in_turn(test: impl Future<Output = ()>) {
+    let _turn = beside_others();
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime")
+        .block_on(test);
 }
 
 /// A coordinator in `dir` waiting for its one worker, with the job token
@@ -48,8 +50,7 @@ fn start_coordinator(
 
 #[test]
 fn health_is_open_and_the_job_service_needs_the_token() {
-    let _turn = beside_others();
-    runtime().block_on(health_is_open_and_the_job_service_needs_the_token_());
+    in_turn(health_is_open_and_the_job_service_needs_the_token_());
 }
 
 async fn health_is_open_and_the_job_service_needs_the_token_() {
@@ -101,8 +102,7 @@ async fn health_is_open_and_the_job_service_needs_the_token_() {
 
 #[test]
 fn another_version_and_oversized_messages_are_refused() {
-    let _turn = beside_others();
-    runtime().block_on(another_version_and_oversized_messages_are_refused_());
+    in_turn(another_version_and_oversized_messages_are_refused_());
 }
 
 async fn another_version_and_oversized_messages_are_refused_() {
@@ -151,8 +151,7 @@ async fn another_version_and_oversized_messages_are_refused_() {
 /// coordinator that merely waits for workers stays SERVING past it.
 #[test]
 fn health_says_not_serving_while_the_driver_loop_is_stuck() {
-    let _turn = beside_others();
-    runtime().block_on(health_says_not_serving_while_the_driver_loop_is_stuck_());
+    in_turn(health_says_not_serving_while_the_driver_loop_is_stuck_());
 }
 
 async fn health_says_not_serving_while_the_driver_loop_is_stuck_() {

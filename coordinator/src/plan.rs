@@ -121,10 +121,8 @@ pub fn build(
         Some(e) => data_plan_warnings(e, schedule.max_steps(), val_windows)?,
         None => Vec::new(),
     };
-    // The config as the extended run would hold it: the schedule is the
-    // source of max_steps (as `--resume --extend-steps` sets it).
-    let mut config = config.clone();
-    config.train.max_steps = schedule.max_steps();
+    // The config as written; the run's length is the schedule's (above).
+    let config = config.clone();
     Ok(PlanReport {
         config,
         schedule,

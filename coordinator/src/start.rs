@@ -320,7 +320,6 @@ fn resume(req: &Request, path: &Path) -> Result<StartPoint> {
     let old_max = schedule.max_steps();
     if let Some(n) = req.extend_steps {
         schedule = schedule.extend(r, n, config.train.lr * config.train.min_lr_ratio, req.decay)?;
-        config.train.max_steps = n;
         let seg = schedule.segments.last().copied();
         let detail = seg.map_or(String::new(), |s| {
             format!(

@@ -105,9 +105,9 @@ fn start_check(
     Some(driver::StartCheck { check, fallback })
 }
 
-/// A config as the workers see it, but for `train.max_steps` (checkpoints
-/// of one run before and after an extension differ in it; the schedule
-/// carries it).
+/// A config as the workers see it, but for `train.max_steps`, which only
+/// seeds a fresh run's schedule (checkpoints written before 2026-12-05
+/// recorded an extension's length there).
 fn comparable(config: &stride_job::Config) -> String {
     let mut c = config.clone();
     c.train.max_steps = 0;

@@ -166,18 +166,23 @@ fn plan_json_has_the_spec_fields_and_the_h100_1k_schedule() {
     );
     assert_eq!(segs[2]["start_lr"], 1e-3);
     assert!((segs[2]["end_lr"].as_f64().expect("f64") - 1e-4).abs() < 1e-18);
-    // The schedule is the one source of max_steps: the config shows N too.
-    assert_eq!(j["config"]["train"]["max_steps"], 10_000);
+    // The schedule is the one source of the run's length; the config's
+    // max_steps stays the value that seeded the first schedule.
+    assert_eq!(
+        j["schedule"]
+            .as_array()
+            .and_then(|s| s.last())
+            .map(|s| s["end_step"].clone()),
+        Some(10_000.into())
+    );
+    assert_eq!(j["config"]["train"]["max_steps"], 1000);
     assert_eq!(j["extension"]["shape"], "cosine");
     let text = stdout(&coordinator(
         &["plan", "--config", "h100_1k", "--extend-steps", "10000"],
         dir.path(),
     ));
-    assert!(text.contains("max_steps = 10000"), "{text}");
-    assert!(
-        !text.lines().any(|l| l.trim() == "max_steps = 1000"),
-        "{text}"
-    );
+    assert!(text.contains("max_steps 1000 → 10000"), "{text}");
+    assert!(text.contains("LR schedule (10000 steps)"), "{text}");
 }
 
 /// `plan` reports what an evaluation reads: disjoint windows whatever the

@@ -90,7 +90,6 @@ impl Driver {
         );
         tracing::warn!("{detail}");
         self.course.schedule = new;
-        self.course.config.train.max_steps = end;
         self.course.history.push(HistoryEvent {
             step: s,
             event: "decay".into(),

@@ -74,9 +74,9 @@ pub struct Course {
     /// The config the workers get (a fallback replaces it with its
     /// checkpoint's).
     pub config: Config,
-    /// The LR schedule, whose end is the job's `max_steps` (a decay or an
-    /// extension changes it; `config.train.max_steps` is kept equal to it
-    /// for what reads the config).
+    /// The LR schedule, whose end is the job's `max_steps`: the one source
+    /// of the run's length (a decay or an extension changes it;
+    /// `config.train.max_steps` only seeded a fresh run's schedule).
     pub schedule: Schedule,
     /// Where the job starts (and, after a restart, where the attempt did).
     pub start: RestartPoint,

@@ -38,7 +38,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 use indicatif::ProgressBar;
 use stride_job::checkpoint::{self, HistoryEvent, MetricsSoFar, RngState, TrainState};
+use stride_job::config::Config;
 use stride_job::sampler::{DataCursor, Sampler, eval_samples, shard, shard_uneven};
+use stride_job::schedule::Schedule;
 use stride_job::test_hooks::{self, Hook};
 use stride_proto::exit;
 use stride_proto::v1::{
@@ -625,10 +627,13 @@ impl Driver {
         );
         let trace_context = stride_telemetry::carrier(&span);
         let tag = format!("{}-g{generation}", std::process::id());
-        let tmp = self
-            .boundary
-            .checkpoints
-            .plan(state, c.to_toml(), best, &tag, span)?;
+        let tmp = self.boundary.checkpoints.plan(
+            state,
+            checkpoint_config(c, &self.course.schedule),
+            best,
+            &tag,
+            span,
+        )?;
         let step = self.step;
         self.workers
             .send_all(step, |rank| {
@@ -749,6 +754,18 @@ async fn hold_for_tests(step: u64) {
     while !release.exists() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A checkpoint's `config.toml`: the job's config, with a first line that
+/// says where the run's length lives (a reader of an extended run's
+/// checkpoint would otherwise take `train.max_steps` for it).
+fn checkpoint_config(c: &Config, schedule: &Schedule) -> String {
+    format!(
+        "# train.max_steps only seeds a fresh run's LR schedule; this run's\n\
+         # schedule (train_state.json) ends at step {}.\n{}",
+        schedule.max_steps(),
+        c.to_toml()
+    )
 }
 
 fn samples_digest(samples: &[u64]) -> String {

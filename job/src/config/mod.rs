@@ -216,7 +216,9 @@ impl GradCommDtype {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TrainConfig {
-    /// Total optimiser steps of the run.
+    /// Optimiser steps of a fresh run: where its LR schedule ends. Only
+    /// that: a resumed run's length is its checkpoint's schedule, which
+    /// `--extend-steps` and `decay` change, never this key.
     pub max_steps: u64,
     /// Steps of linear warmup to the peak LR: `lr(s) = lr · (s+1)/warmup_steps`.
     pub warmup_steps: u64,

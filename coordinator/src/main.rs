@@ -329,6 +329,7 @@ fn count(max: u64) -> clap::builder::RangedU64ValueParser<usize> {
 }
 
 fn main() -> ExitCode {
+    stride_job::test_hooks::answer_probe();
     let cli = Cli::parse();
     let result = match cli.command {
         Some(command) => {

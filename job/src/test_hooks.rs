@@ -54,6 +54,23 @@ impl Hook {
     }
 }
 
+/// The variable the suite sets to ask a binary whether it has the hooks:
+/// one that has them answers [`PROBE_ANSWER`] on stdout and exits 0 before
+/// doing anything else ([`answer_probe`]); one built by `cargo build`
+/// ignores it and goes on to parse its flags.
+pub const PROBE: &str = "STRIDE_TEST_HOOKS_PROBE";
+pub const PROBE_ANSWER: &str = "stride test hooks: on";
+
+/// Called first in `main` of the coordinator and the worker (see
+/// [`PROBE`]).
+pub fn answer_probe() {
+    #[cfg(feature = "test-hooks")]
+    if std::env::var_os(PROBE).is_some() {
+        println!("{PROBE_ANSWER}");
+        std::process::exit(0);
+    }
+}
+
 /// The hook's raw value, where this build has hooks and the test set it.
 #[cfg(feature = "test-hooks")]
 fn raw(hook: Hook) -> Option<String> {

@@ -186,6 +186,7 @@ fn sample(a: SampleArgs) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    stride_job::test_hooks::answer_probe();
     // Before anything allocates: see stride_worker::alloc.
     stride_worker::alloc::tune_malloc();
     // In the CUDA image: check the CUDA build can start here, then become it.

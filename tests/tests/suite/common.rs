@@ -41,7 +41,34 @@ pub fn bin(name: &str) -> PathBuf {
         "{} is not built; run the tests with `cargo test --workspace` (which builds every binary)",
         p.display()
     );
+    if ["coordinator", "worker"].contains(&name) {
+        has_test_hooks(&p);
+    }
     p
+}
+
+/// Panics unless the binary at `p` was built with the test hooks (by
+/// `cargo test`, not `cargo build`, which builds the same path without
+/// them); asked once per binary.
+fn has_test_hooks(p: &Path) {
+    static CHECKED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if checked.iter().any(|c| c == p) {
+        return;
+    }
+    // `--help`: a binary without the hooks prints its help and exits.
+    let out = Command::new(p)
+        .arg("--help")
+        .env(stride_job::test_hooks::PROBE, "1")
+        .stdin(Stdio::null())
+        .output()
+        .expect("the binary runs");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(stride_job::test_hooks::PROBE_ANSWER),
+        "{} has no test hooks: it was built by `cargo build` since the last `cargo test --workspace`; run `cargo test --workspace` (which rebuilds it with them)",
+        p.display()
+    );
+    checked.push(p.to_path_buf());
 }
 
 /// A child process killed on drop.

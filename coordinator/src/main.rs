@@ -16,6 +16,7 @@ mod plan;
 mod prepare;
 mod refused;
 mod report;
+mod resume_check;
 mod serve;
 mod server;
 mod start;

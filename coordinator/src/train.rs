@@ -10,13 +10,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use stride_job::checkpoint::{self, Sums};
 use stride_job::sampler::window_count;
-use stride_job::test_hooks::{self, Hook};
 use stride_job::tokens::{Corpus, Fingerprint, Scan};
 
-use crate::{RunArgs, driver, local, metrics, output, refused, serve, server, start};
+use crate::{RunArgs, driver, local, metrics, output, refused, resume_check, serve, server, start};
 
 impl RunArgs {
-    fn request(&self, sums: Sums) -> start::Request<'_> {
+    pub(crate) fn request(&self, sums: Sums) -> start::Request<'_> {
         start::Request {
             config: self.config.config.as_deref(),
             set: &self.config.set,
@@ -42,76 +41,6 @@ impl RunArgs {
             addr_file_dir: run_dir,
         }
     }
-}
-
-/// A resume hashes its checkpoint's two large files while the workers load
-/// them (a dry run, or a start refused for any reason, hashes them first).
-/// The first step waits for the verdict; a damaged `latest` then starts from the
-/// checkpoint before it, found by resolving the start again with the files
-/// hashed first.
-fn start_check(
-    args: &RunArgs,
-    sp: &start::StartPoint,
-    data: Arc<std::sync::OnceLock<Vec<Fingerprint>>>,
-) -> Option<driver::StartCheck> {
-    if sp.unverified.is_empty() {
-        return None;
-    }
-    let unverified = sp.unverified.clone();
-    // A test that must see the ranks load before the hashing ends.
-    let delay = test_hooks::seconds(Hook::DelayCheckS);
-    let check = tokio::task::spawn_blocking(move || {
-        if let Some(s) = delay {
-            std::thread::sleep(Duration::from_secs_f64(s));
-        }
-        unverified.verify()
-    });
-    let fallback = sp.falls_back.then(|| {
-        let (args, first) = (args.clone(), comparable(&sp.config));
-        let (name, run_dir) = (sp.name.clone(), sp.run_dir.clone());
-        driver::Replan(Box::new(move || {
-            let sp = start::start(&args.request(Sums::Now))?;
-            for w in &sp.warnings {
-                tracing::warn!("{w}");
-            }
-            if sp.name != name || sp.run_dir != run_dir || comparable(&sp.config) != first {
-                let dir = sp.from.load.as_ref().map(|l| l.dir.display().to_string());
-                let dir = dir.unwrap_or_default();
-                return Err(refused::Refused(format!(
-                    "the checkpoint {dir} falls back to was written with another config or run directory than the one the workers were started with; resume it explicitly: --resume {dir}"
-                ))
-                .into());
-            }
-            for n in &sp.notes {
-                tracing::info!("{n}");
-            }
-            let (mut from, mut history, mut marker) = (sp.from, sp.history, sp.marker);
-            // The older checkpoint's data is judged as the first one's was.
-            if let Some(now) = data.get()
-                && let Some(change) = resumed_data(&sp.data, now, args.data_changed)?
-            {
-                tracing::warn!("{change}");
-                change.apply(&mut from, &mut history, &mut marker);
-            }
-            Ok(driver::Fallback {
-                config: sp.config,
-                schedule: sp.schedule,
-                start: from,
-                history,
-                marker,
-            })
-        }) as Box<dyn FnOnce() -> Result<driver::Fallback> + Send>)
-    });
-    Some(driver::StartCheck { check, fallback })
-}
-
-/// A config as the workers see it, but for `train.max_steps`, which only
-/// seeds a fresh run's schedule (checkpoints written before 2026-12-05
-/// recorded an extension's length there).
-fn comparable(config: &stride_job::Config) -> String {
-    let mut c = config.clone();
-    c.train.max_steps = 0;
-    c.to_toml()
 }
 
 /// Runs a training job: checks the config and data, serves gRPC, starts
@@ -209,7 +138,7 @@ pub async fn train(args: RunArgs) -> Result<()> {
     // The data's fingerprints, for the resume's fallback to check too.
     let fingerprints: Arc<std::sync::OnceLock<Vec<Fingerprint>>> = Arc::default();
     // From here on, the checkpoint's files are hashed beside everything else.
-    let check = start_check(&args, &sp, fingerprints.clone());
+    let check = resume_check::start_check(&args, &sp, fingerprints.clone());
 
     // Check the data once, here, before any worker starts.
     let corpus = Corpus::open(&config.data, &config.model, config.train.seed, Scan::Full)?;
@@ -401,7 +330,7 @@ async fn finished(args: &RunArgs, e: anyhow::Error) -> Result<()> {
 /// What a resume does about its data, when it differs from the data the
 /// checkpoint was trained on.
 #[derive(Debug)]
-struct DataChange {
+pub(crate) struct DataChange {
     recorded: Vec<Fingerprint>,
     now: Vec<Fingerprint>,
 }
@@ -420,7 +349,7 @@ impl DataChange {
     /// The run goes on from the start of the next epoch: a new permutation
     /// of the new data's samples (a position inside the old data's
     /// permutation means nothing for other data).
-    fn apply(
+    pub(crate) fn apply(
         &self,
         from: &mut driver::RestartPoint,
         history: &mut Vec<checkpoint::HistoryEvent>,
@@ -465,7 +394,7 @@ fn describe_change(recorded: &[Fingerprint], now: &[Fingerprint]) -> String {
 /// A resume must read the data its checkpoint was trained on: otherwise it
 /// is refused, naming both fingerprints, unless `--data-changed` says the
 /// change is on purpose. Checkpoints of format 1 recorded no fingerprint.
-fn resumed_data(
+pub(crate) fn resumed_data(
     recorded: &[Fingerprint],
     now: &[Fingerprint],
     data_changed: bool,

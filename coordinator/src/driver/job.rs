@@ -1,48 +1,17 @@
 //! What a job is and keeps being (`JobSpec`: its name, data and folders),
 //! what changes as it runs (`Course`: config, schedule, start, history —
-//! changed only by `decay.rs` and `recovery.rs`), a resume's checkpoint
-//! check and its fallback, and how a finished job went (`Summary`).
+//! changed only by `decay.rs` and `recovery.rs`), and how a finished job
+//! went (`Summary`).
 
 use std::path::PathBuf;
 
-use anyhow::Result;
 use stride_job::checkpoint::HistoryEvent;
 use stride_job::config::Config;
 use stride_job::schedule::Schedule;
 use stride_job::tokens::Fingerprint;
 
 use super::RestartPoint;
-use super::worker_set;
-
-/// Where a resume of `latest` (or of a folder) starts instead when its
-/// checkpoint does not check out: the start resolved again, hashing first.
-#[derive(Debug)]
-pub struct Fallback {
-    /// The same as the job's but for `train.max_steps` (checked).
-    pub config: Config,
-    pub schedule: Schedule,
-    pub start: RestartPoint,
-    pub history: Vec<HistoryEvent>,
-    pub marker: Option<serde_json::Value>,
-}
-
-/// Resolves the start again (see [`Fallback`]).
-pub struct Replan(pub Box<dyn FnOnce() -> Result<Fallback> + Send>);
-
-impl std::fmt::Debug for Replan {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Replan")
-    }
-}
-
-/// A resume's checkpoint files being hashed while the workers load them.
-#[derive(Debug)]
-pub struct StartCheck {
-    pub check: worker_set::Check,
-    /// Where to start instead if they do not check out; None (an explicit
-    /// checkpoint): the job fails with the checksum error.
-    pub fallback: Option<Replan>,
-}
+use crate::resume_check::StartCheck;
 
 /// What a job is and keeps being, from its start to its end: its name,
 /// its data and where it writes. Nothing changes it while the job runs;

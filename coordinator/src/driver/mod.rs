@@ -58,7 +58,8 @@ pub use recovery::RestartPoint;
 use recovery::Restarts;
 use worker_set::{Aside, Asides, Formation, Occasion, Patience, WorkerSet};
 
-pub use job::{Course, DataFile, Fallback, FileStamp, JobSpec, Replan, StartCheck, Summary};
+use crate::resume_check::Replan;
+pub use job::{Course, DataFile, FileStamp, JobSpec, Summary};
 pub use stops::{
     CheckpointFailed, DamagedStart, Interrupted, PREEMPTED_EXIT, Preempted, PreemptedForming,
     Regrow,

@@ -21,7 +21,8 @@ use stride_job::checkpoint::{Checkpoint, HistoryEvent, MetricsSoFar};
 use stride_job::sampler::DataCursor;
 
 use super::worker_set::Occasion;
-use super::{DamagedStart, Driver, Regrow, Replan, Summary};
+use super::{DamagedStart, Driver, Regrow, Summary};
+use crate::resume_check::Replan;
 
 /// Where an attempt starts: the step, the data cursor at that step, what
 /// every rank loads first, and the metrics carried over.

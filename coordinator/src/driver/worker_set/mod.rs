@@ -27,37 +27,22 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, anyhow};
-use stride_job::checkpoint::CheckpointError;
+use anyhow::Result;
 use stride_job::config::Config;
 use stride_proto::exit;
 use stride_proto::v1::{
     Abort, CheckpointReport, CoordinatorMessage, Shutdown, coordinator_message, worker_message,
 };
 use tokio::sync::mpsc::UnboundedReceiver;
-use tokio::task::JoinHandle;
 use tokio::time::Instant as TokioInstant;
 
 use stride_job::tokens::Fingerprint;
 
-use super::DamagedStart;
 use super::decay::DecayRequest;
 use super::recovery::Load;
 use crate::local::{Exited, LocalWorkers};
+use crate::resume_check::{self, Check};
 use crate::server::{Event, Outbound, Shared, WorkerInfo};
-
-/// The checkpoint check's result: a damaged checkpoint is a
-/// [`DamagedStart`].
-fn verdict_of(v: Result<Result<(), CheckpointError>, tokio::task::JoinError>) -> Result<Wait> {
-    match v {
-        Ok(Ok(())) => {
-            tracing::info!("the checkpoint's files match their sha256");
-            Ok(Wait::Checked)
-        }
-        Ok(Err(e)) => Err(DamagedStart(e).into()),
-        Err(e) => Err(anyhow!("the checkpoint check stopped: {e}")),
-    }
-}
 
 /// Upper bound on the collective id rank 0 may send (NCCL's is 128 bytes).
 const MAX_COLLECTIVE_ID_BYTES: usize = 1024;
@@ -141,10 +126,6 @@ enum Wait {
     /// A local worker process that held no rank exited.
     Exited(Exited),
 }
-
-/// The hashing of a resume's checkpoint files, running on a blocking
-/// thread.
-pub type Check = JoinHandle<Result<(), CheckpointError>>;
 
 /// Why the worker set forms, which says how long it waits for workers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,7 +245,7 @@ impl WorkerSet {
         if !formed {
             let verdict = check.await;
             self.check = None;
-            return verdict_of(verdict).map(|_| ());
+            return resume_check::verdict(verdict);
         }
         tracing::info!(
             "the ranks are ready; the first step waits for the checkpoint's sha256 check"

@@ -9,10 +9,11 @@ use stride_proto::exit;
 use stride_proto::v1::worker_message;
 use tokio::time::Instant as TokioInstant;
 
-use super::{Aside, Asides, Patience, Wait, Worker, WorkerSet, verdict_of};
+use super::{Aside, Asides, Patience, Wait, Worker, WorkerSet};
 use crate::driver::Interrupted;
 use crate::driver::decay::DecayRequest;
 use crate::driver::recovery::RankFailure;
+use crate::resume_check;
 use crate::server::Event;
 
 impl WorkerSet {
@@ -299,7 +300,7 @@ impl WorkerSet {
         if let Some(v) = verdict {
             // A finished task must not be awaited again.
             self.check = None;
-            verdict_of(v)?;
+            resume_check::verdict(v)?;
         }
         waited
     }

@@ -13,20 +13,6 @@ use common::*;
 use stride_cuda_kernels::emu::{self, Heads};
 use stride_cuda_kernels::{Bf16, Storage};
 
-/// (B, T, C, NH): T = 1, T not a multiple of the 32-row tiles, T below and
-/// above a tile; one head and several; head sizes 8, 32, 64 (GPT-2), 96,
-/// 128.
-const SHAPES: &[(usize, usize, usize, usize)] = &[
-    (1, 1, 8, 1),
-    (2, 17, 24, 3),
-    (1, 33, 64, 2),
-    (2, 100, 96, 1),
-    (1, 70, 128, 2),
-    (1, 45, 128, 1),
-    (2, 32, 16, 2),
-    (1, 64, 256, 2),
-];
-
 fn heads((b, t, c, nh): (usize, usize, usize, usize)) -> Heads {
     Heads { b, t, c, nh }
 }
@@ -111,7 +97,7 @@ fn reference<T: Storage>(qkv: &[f32], dout: &[f32], s: Heads) -> Reference {
 }
 
 fn attention<T: Storage>(seed: u64) {
-    for &shape in SHAPES {
+    for &shape in ATTENTION_SHAPES {
         let s = heads(shape);
         let (b, t, c, nh) = shape;
         let mut rng = Inputs::new(seed + (b * t * c * nh) as u64);

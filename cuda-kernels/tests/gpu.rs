@@ -405,25 +405,16 @@ gpu_test!(
 
 // ---- attention ------------------------------------------------------------------------------
 
-/// (B, T, C, NH), as tests/attention.rs (head sizes 8 to 128: the
-/// backward of hs ≥ 64 needs the shared-memory opt-in), and GPT-2 small's
-/// heads at T = 256 (the emulator's side must stay quick).
-const ATTENTION_SHAPES: &[(usize, usize, usize, usize)] = &[
-    (1, 1, 8, 1),
-    (2, 17, 24, 3),
-    (1, 33, 64, 2),
-    (2, 100, 96, 1),
-    (1, 70, 128, 2),
-    (1, 45, 128, 1),
-    (2, 32, 16, 2),
-    (1, 64, 256, 2),
-    (2, 256, 768, 12),
-];
+/// The attention tests' shapes (`common::ATTENTION_SHAPES`: head sizes 8
+/// to 128; the backward of hs ≥ 64 needs the shared-memory opt-in), and
+/// GPT-2 small's heads at T = 256 (B, T, C, NH; the emulator's side must
+/// stay quick).
+const GPT2_HEADS: (usize, usize, usize, usize) = (2, 256, 768, 12);
 
 fn attention<D: DeviceStorage>(seed: u64) {
     type H<D> = <D as DeviceStorage>::Host;
     let g = gpu();
-    for &(b, t, c, nh) in ATTENTION_SHAPES {
+    for &(b, t, c, nh) in ATTENTION_SHAPES.iter().chain([&GPT2_HEADS]) {
         let s = Heads { b, t, c, nh };
         let mut rng = Inputs::new(seed + (b * t * c * nh) as u64);
         let what = format!("{} B{b} T{t} C{c} NH{nh}", D::SUFFIX);
@@ -552,30 +543,7 @@ gpu_test!(sum_of_squares_matches_the_emulator, {
 
 gpu_test!(casts_are_the_emulators_bits, {
     let g = gpu();
-    let mut x = vec![
-        0.0,
-        -0.0,
-        1.0,
-        f32::from_bits(0x3f80_8000), // a tie, to even (down)
-        f32::from_bits(0x3f81_8000), // a tie, to even (up)
-        f32::from_bits(0x3f80_8001),
-        f32::from_bits(0x3f80_7fff),
-        f32::MAX,
-        f32::MIN,
-        f32::from_bits(0x7f7f_8000), // rounds to infinity
-        f32::INFINITY,
-        f32::NEG_INFINITY,
-        f32::NAN,
-        f32::from_bits(0xffc0_1234),
-        f32::from_bits(0x7f80_0001), // signalling NaN
-        f32::from_bits(0x0000_8000), // subnormal tie
-        f32::from_bits(0x0001_8000),
-        f32::from_bits(0x8000_0001),
-        f32::MIN_POSITIVE,
-    ];
-    let mut rng = Inputs::new(70);
-    x.extend(rng.uniform(5000, 100.0));
-    x.extend(rng.below(100_000, u32::MAX).into_iter().map(f32::from_bits));
+    let x = awkward(100_000);
     let mut want = vec![Bf16::default(); x.len()];
     emu::cast_f32_to_bf16(&mut want, &x).expect("emulated");
     let mut out = g.nans::<half::bf16>(x.len());

@@ -32,39 +32,9 @@ fn sum_of_squares_matches_an_f64_sum() {
     }
 }
 
-/// Values that exercise the rounding: ties, near-ties, subnormals, the
-/// largest finite values, infinities, NaNs, both signs.
-fn awkward() -> Vec<f32> {
-    let mut x = vec![
-        0.0,
-        -0.0,
-        1.0,
-        f32::from_bits(0x3f80_8000), // 1 + 2⁻⁸: a tie, to even (down)
-        f32::from_bits(0x3f81_8000), // a tie, to even (up)
-        f32::from_bits(0x3f80_8001), // just above a tie
-        f32::from_bits(0x3f80_7fff), // just below a tie
-        f32::MAX,
-        f32::MIN,
-        f32::from_bits(0x7f7f_8000), // rounds to infinity
-        f32::INFINITY,
-        f32::NEG_INFINITY,
-        f32::NAN,
-        f32::from_bits(0xffc0_1234),
-        f32::from_bits(0x7f80_0001), // signalling NaN
-        f32::from_bits(0x0000_8000), // subnormal tie
-        f32::from_bits(0x0001_8000),
-        f32::from_bits(0x8000_0001),
-        f32::MIN_POSITIVE,
-    ];
-    let mut rng = Inputs::new(70);
-    x.extend(rng.uniform(5000, 100.0));
-    x.extend(rng.below(5000, u32::MAX).into_iter().map(f32::from_bits));
-    x
-}
-
 #[test]
 fn cast_to_bf16_rounds_to_nearest_even_and_keeps_nan() {
-    let x = awkward();
+    let x = awkward(5000);
     let mut got = vec![Bf16::default(); x.len()];
     emu::cast_f32_to_bf16(&mut got, &x).expect("cast");
     for (&v, g) in x.iter().zip(&got) {

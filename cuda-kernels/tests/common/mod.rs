@@ -140,3 +140,52 @@ pub fn assert_bits(what: &str, got: &[f32], want: &[f32]) {
         );
     }
 }
+
+/// Values that exercise the rounding: ties, near-ties, subnormals, the
+/// largest finite values, infinities, NaNs, both signs; then 5,000
+/// uniform values and `random_bits` random bit patterns.
+pub fn awkward(random_bits: usize) -> Vec<f32> {
+    let mut x = vec![
+        0.0,
+        -0.0,
+        1.0,
+        f32::from_bits(0x3f80_8000), // 1 + 2⁻⁸: a tie, to even (down)
+        f32::from_bits(0x3f81_8000), // a tie, to even (up)
+        f32::from_bits(0x3f80_8001), // just above a tie
+        f32::from_bits(0x3f80_7fff), // just below a tie
+        f32::MAX,
+        f32::MIN,
+        f32::from_bits(0x7f7f_8000), // rounds to infinity
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::from_bits(0xffc0_1234),
+        f32::from_bits(0x7f80_0001), // signalling NaN
+        f32::from_bits(0x0000_8000), // subnormal tie
+        f32::from_bits(0x0001_8000),
+        f32::from_bits(0x8000_0001),
+        f32::MIN_POSITIVE,
+    ];
+    let mut rng = Inputs::new(70);
+    x.extend(rng.uniform(5000, 100.0));
+    x.extend(
+        rng.below(random_bits, u32::MAX)
+            .into_iter()
+            .map(f32::from_bits),
+    );
+    x
+}
+
+/// (B, T, C, NH): T = 1, T not a multiple of the 32-row tiles, T below and
+/// above a tile; one head and several; head sizes 8, 32, 64 (GPT-2), 96,
+/// 128 (the attention tests, on the emulator and on a GPU).
+pub const ATTENTION_SHAPES: &[(usize, usize, usize, usize)] = &[
+    (1, 1, 8, 1),
+    (2, 17, 24, 3),
+    (1, 33, 64, 2),
+    (2, 100, 96, 1),
+    (1, 70, 128, 2),
+    (1, 45, 128, 1),
+    (2, 32, 16, 2),
+    (1, 64, 256, 2),
+];

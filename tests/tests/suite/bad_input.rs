@@ -302,6 +302,28 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
         ),
         (
             "coordinator",
+            vec!["--config", "tiny", "--set", "cluster.collective=nccl"],
+            2,
+            vec!["`cluster.collective` = nccl", "worker.device is `cpu`"],
+        ),
+        (
+            "coordinator",
+            vec![
+                "--config",
+                "tiny",
+                "--set",
+                "worker.device=cuda",
+                "--set",
+                "train.grad_comm_dtype=bf16",
+            ],
+            2,
+            vec![
+                "`train.grad_comm_dtype` = bf16",
+                "NCCL carries the gradient in f32",
+            ],
+        ),
+        (
+            "coordinator",
             vec![
                 "--config",
                 "tiny",

@@ -74,7 +74,7 @@ pub async fn start(listen: Listen<'_>, token: &str, shared: Arc<Shared>) -> Resu
     let url = format!("{}://{bound}", if tls.is_some() { "https" } else { "http" });
     if let Some(dir) = listen.addr_file_dir {
         let file = dir.join("coordinator.addr");
-        std::fs::write(&file, format!("{url}\n"))
+        stride_job::files::write_whole(&file, &format!("{url}\n"))
             .with_context(|| format!("cannot write {}", file.display()))?;
     }
     let service = tonic::service::interceptor::InterceptedService::new(

@@ -200,7 +200,7 @@ pub async fn train(args: RunArgs) -> Result<()> {
     if let Some(addr) = args.metrics_listen {
         let bound = metrics::serve(addr, metrics.clone()).await?;
         let addr_file = run_dir.join("metrics.addr");
-        std::fs::write(&addr_file, format!("http://{bound}/metrics\n"))
+        stride_job::files::write_whole(&addr_file, &format!("http://{bound}/metrics\n"))
             .with_context(|| format!("cannot write {}", addr_file.display()))?;
         tracing::info!("Prometheus metrics at http://{bound}/metrics");
     }

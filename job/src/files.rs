@@ -4,7 +4,8 @@
 //! socket cannot be read at all; each is refused before it is opened,
 //! with what it is.
 //!
-//! Used for token files, config files, the job token and TLS material.
+//! Used for token files, config files, the job token and TLS material;
+//! [`write_whole`] writes the small files other processes poll.
 //! It never opens the file (opening a FIFO for reading blocks).
 
 use std::path::{Path, PathBuf};
@@ -67,9 +68,45 @@ pub fn free_bytes(path: &Path) -> Option<u64> {
     Some(s.f_bavail.saturating_mul(s.f_frsize))
 }
 
+/// Writes `contents` to `path` so that a reader sees the file whole or
+/// not at all (a sibling temporary file, then a rename): for the small
+/// files other processes poll, such as `coordinator.addr` (a plain write
+/// can be read between its truncation and its bytes, as an empty file).
+pub fn write_whole(path: &Path, contents: &str) -> std::io::Result<()> {
+    let name = path.file_name().map_or_else(
+        || std::ffi::OsString::from("file"),
+        std::ffi::OsStr::to_os_string,
+    );
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(&name);
+    tmp_name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(tmp_name);
+    std::fs::write(&tmp, contents)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_whole_write_replaces_the_file_and_leaves_nothing_beside_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("coordinator.addr");
+        std::fs::write(&p, "old\n").expect("write");
+        write_whole(&p, "http://127.0.0.1:1\n").expect("write_whole");
+        assert_eq!(
+            std::fs::read_to_string(&p).expect("read"),
+            "http://127.0.0.1:1\n"
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(names, ["coordinator.addr"]);
+    }
 
     #[test]
     fn only_regular_files_pass() {

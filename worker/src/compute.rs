@@ -360,7 +360,7 @@ impl Compute {
         );
         stride_telemetry::set_parent(&span, &p.trace_context);
         let generation = p.generation;
-        let snapshot = match span.in_scope(|| t.snapshot()) {
+        let snapshot = match span.in_scope(|| t.snapshot(p.hash_weights)) {
             Ok(s) => s,
             Err(e) => {
                 let e = e.context(format!("copying the state of step {} to the host", p.step));
@@ -385,7 +385,10 @@ impl Compute {
                 match written {
                     Ok(sha256) => {
                         report.sha256 = sha256.into_iter().collect();
-                        report.weights_hash = snapshot.weights_hash().to_le_bytes().to_vec();
+                        report.weights_hash = snapshot
+                            .weights_hash()
+                            .map(|h| h.to_le_bytes().to_vec())
+                            .unwrap_or_default();
                     }
                     Err(e) => {
                         tracing::error!("writing the checkpoint of step {}: {e:#}", p.step);

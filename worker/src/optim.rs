@@ -160,26 +160,91 @@ impl From<Coefficients> for stride_cuda_kernels::AdamWCoefficients {
     }
 }
 
+/// The sum of a gradient's squares, accumulated in f64 in order (so every
+/// rank computes the same bits from the same values).
+pub fn sum_of_squares(grad: &[f32]) -> f64 {
+    grad.iter().map(|g| f64::from(*g) * f64::from(*g)).sum()
+}
+
 /// The L2 norm of a gradient, accumulated in f64 in a fixed order (so every
 /// rank computes the same bits from the same gradient).
 pub fn global_norm(grad: &[f32]) -> f64 {
-    grad.iter()
-        .map(|g| f64::from(*g) * f64::from(*g))
-        .sum::<f64>()
+    sum_of_squares(grad).sqrt()
+}
+
+/// The L2 norm of a gradient as a job of `world` ranks computes it, sharded
+/// or not: the squares summed per [`crate::collective::chunk`] (a rank's
+/// shard), the chunks' sums added in order from 0.0
+/// ([`crate::collective::sum_by_shard`] adds the ranks' sums so).
+pub fn norm_by_chunks(grad: &[f32], world: usize) -> f64 {
+    let n = grad.len();
+    (0..world.max(1))
+        .fold(0.0, |sum, k| {
+            sum + sum_of_squares(&grad[crate::collective::chunk(n, world, k)])
+        })
         .sqrt()
 }
 
-/// Scales `grad` so its global norm is at most `max_norm` (0 = no clipping).
-/// Returns the norm before clipping.
-pub fn clip_global_norm(grad: &mut [f32], max_norm: f64) -> f64 {
-    let norm = global_norm(grad);
+/// Scales `grad` so that a global norm of `norm` becomes at most
+/// `max_norm` (0 = no clipping).
+pub fn clip_to(grad: &mut [f32], norm: f64, max_norm: f64) {
     if max_norm > 0.0 && norm > max_norm {
         let scale = (max_norm / (norm + 1e-6)) as f32;
         for g in grad.iter_mut() {
             *g *= scale;
         }
     }
+}
+
+/// Scales `grad` so its global norm is at most `max_norm` (0 = no clipping).
+/// Returns the norm before clipping.
+pub fn clip_global_norm(grad: &mut [f32], max_norm: f64) -> f64 {
+    let norm = global_norm(grad);
+    clip_to(grad, norm, max_norm);
     norm
+}
+
+/// One host optimizer step on a gradient summed over `micro_batches` — the
+/// whole of it, or one rank's shard: averaging, the global norm (`norm`
+/// computes it from the averaged values this rank holds), clipping, AdamW
+/// on the values held (`decay`: ranges relative to them). Returns the norm
+/// before clipping. The fused CPU engine's update, sharded or not: the
+/// same operations on every value in both cases, so the same bits.
+#[allow(clippy::too_many_arguments)]
+pub fn host_step<E>(
+    k: &Coefficients,
+    weights: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    grad: &mut [f32],
+    decay: &[(usize, usize)],
+    micro_batches: usize,
+    grad_clip: f64,
+    norm: impl FnOnce(&[f32]) -> Result<f64, E>,
+) -> Result<f64, E> {
+    let scale = 1.0 / micro_batches as f32;
+    for g in grad.iter_mut() {
+        *g *= scale;
+    }
+    let norm = norm(grad)?;
+    clip_to(grad, norm, grad_clip);
+    adamw_step(k, weights, m, v, grad, decay);
+    Ok(norm)
+}
+
+/// `ranges` (`(offset, len)` in the whole layout) as they fall in `part`,
+/// relative to its start: a shard's decay ranges.
+pub fn ranges_within(
+    ranges: &[(usize, usize)],
+    part: &std::ops::Range<usize>,
+) -> Vec<(usize, usize)> {
+    ranges
+        .iter()
+        .filter_map(|&(at, len)| {
+            let (lo, hi) = (at.max(part.start), (at + len).min(part.end));
+            (lo < hi).then(|| (lo - part.start, hi - lo))
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@
 //! counted by [`Transfers`] ([`StepOutcome::host_device_bytes`]).
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,19 +73,39 @@ impl SnapshotBuffers {
 /// page-locked the first time ([`Pinned`]), so the copy is a DMA at the
 /// link's speed. Only the rank that writes (rank 0) ever holds them; they
 /// stay allocated (and locked) for the trainer's life.
+///
+/// A rank of a job that shards its optimizer state copies only the
+/// parameters of its shard (weights and moments: a world-th of the state)
+/// and writes that part of both files ([`checkpoint::write_model_part`]);
+/// every rank writes, and the coordinator hashes the files once all parts
+/// are in.
 #[derive(Debug)]
 pub struct Snapshot {
     slots: Vec<Slot>,
     buffers: SnapshotBuffers,
     optimizer_step: u64,
     spare: Arc<Mutex<Option<SnapshotBuffers>>>,
+    /// The parameters the buffers hold: all, or this rank's shard.
+    part: Range<usize>,
+    /// Whether `part` is all of them.
+    whole: bool,
+    /// xxh3 of all the weights, taken at the boundary where a part's
+    /// snapshot was asked for it.
+    weights_hash: Option<u64>,
 }
 
 impl Snapshot {
-    /// xxh3 of the snapshot's weights: [`Trainer::weights_hash`] at the
-    /// step boundary it was taken at (the checkpoint records it).
-    pub fn weights_hash(&self) -> u64 {
-        xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(&self.buffers.weights))
+    /// xxh3 of the weights at the step boundary the snapshot was taken at
+    /// ([`Trainer::weights_hash`]; the checkpoint records it): of its
+    /// buffers when it holds all of them, else the hash taken then, if
+    /// one was asked for.
+    pub fn weights_hash(&self) -> Option<u64> {
+        if self.whole {
+            return Some(xxhash_rust::xxh3::xxh3_64(bytemuck::cast_slice(
+                &self.buffers.weights,
+            )));
+        }
+        self.weights_hash
     }
 
     /// Bytes of tensor data the two files hold (weights, both moments; the
@@ -96,9 +117,23 @@ impl Snapshot {
 
     /// Writes model.safetensors and optimizer.safetensors into `dir`
     /// (fsynced), straight from the snapshot's buffers; returns file name →
-    /// sha256.
+    /// sha256 — nothing for a part (the coordinator hashes the whole
+    /// files).
     pub fn write(&self, dir: &Path) -> Result<BTreeMap<String, String>> {
         let b = &self.buffers;
+        if !self.whole {
+            let part = self.part.clone();
+            checkpoint::write_model_part(dir, &self.slots, part.clone(), &b.weights)?;
+            checkpoint::write_optimizer_part(
+                dir,
+                &self.slots,
+                part,
+                &b.m,
+                &b.v,
+                self.optimizer_step,
+            )?;
+            return Ok(BTreeMap::new());
+        }
         let model = checkpoint::write_model(dir, &self.slots, &b.weights)?;
         let optim = checkpoint::write_optimizer(dir, &self.slots, &b.m, &b.v, self.optimizer_step)?;
         Ok(BTreeMap::from([
@@ -199,6 +234,9 @@ impl Trainer {
         let slots = model::layout(&config.model);
         let weights = model::initial_weights(&config.model, config.train.seed);
         let transfers = Transfers::default();
+        let shard = config
+            .shards_optimizer(collective.world_size())
+            .then(|| collective.shard(weights.len()));
         // Master weights and optimizer state stay f32 whatever the engine
         // computes in (bf16 on GPUs by default).
         let engine = Engine::new(
@@ -211,6 +249,7 @@ impl Trainer {
                 device: &device,
                 precision: config.worker.precision,
                 transfers: transfers.clone(),
+                shard,
             },
         )?;
         // Building the state is not a step's traffic.
@@ -296,23 +335,35 @@ impl Trainer {
 
     /// A copy of everything a checkpoint holds from this rank, taken at a
     /// step boundary (into the last snapshot's buffers when it has been
-    /// written).
-    pub fn snapshot(&self) -> Result<Snapshot> {
+    /// written): all the state, or this rank's shard of it. `hash_weights`:
+    /// a shard's snapshot also hashes all the weights now (the coordinator
+    /// has no hash of this step's).
+    pub fn snapshot(&self, hash_weights: bool) -> Result<Snapshot> {
         let mut buffers = self
             .spare
             .lock()
             .ok()
             .and_then(|mut s| s.take())
             .unwrap_or_default();
-        buffers.prepare(self.engine.device(), self.engine.len());
+        let part = self.engine.shard();
+        let whole = part.len() == self.engine.len();
+        buffers.prepare(self.engine.device(), part.len());
         let optimizer_step =
             self.engine
                 .read_state(&mut buffers.weights, &mut buffers.m, &mut buffers.v)?;
+        let weights_hash = if !whole && hash_weights {
+            Some(self.engine.weights_hash()?)
+        } else {
+            None
+        };
         Ok(Snapshot {
             slots: self.slots.clone(),
             buffers,
             optimizer_step,
             spare: self.spare.clone(),
+            part,
+            whole,
+            weights_hash,
         })
     }
 
@@ -411,9 +462,9 @@ impl Trainer {
         let reduce_start = Instant::now();
         let floats = self.parameter_count() as i64;
         tracing::info_span!("allreduce", rank, floats)
-            .in_scope(|| self.engine.all_reduce(self.collective.as_mut()))?;
-        let allreduce_s = reduce_start.elapsed().as_secs_f64();
-        let _optimizer = tracing::info_span!("optimizer", rank).entered();
+            .in_scope(|| self.engine.sum_gradient(self.collective.as_mut()))?;
+        let mut allreduce_s = reduce_start.elapsed().as_secs_f64();
+        let optimizer = tracing::info_span!("optimizer", rank).entered();
 
         // Sum over all micro-batches of all ranks → mean over the global
         // batch; clipping; AdamW; then the step's losses and norm are read.
@@ -421,7 +472,15 @@ impl Trainer {
         let Scalars {
             loss_sum,
             grad_norm,
-        } = self.engine.update(micro_batches, lr)?;
+        } = self
+            .engine
+            .update(micro_batches, lr, self.collective.as_mut())?;
+        drop(optimizer);
+        // Sharded: the updated shards of the weights to every rank.
+        let gather_start = Instant::now();
+        tracing::info_span!("all_gather", rank, floats)
+            .in_scope(|| self.engine.gather_weights(self.collective.as_mut()))?;
+        allreduce_s += gather_start.elapsed().as_secs_f64();
 
         Ok(StepOutcome {
             loss: loss_sum / self.accumulation as f64,
@@ -471,6 +530,7 @@ mod tests {
     use super::*;
     use crate::collective::{Solo, local_ring};
     use stride_job::config::{ConfigSource, RawConfig};
+    use stride_job::sampler::shard as shard_of;
     use stride_job::sampler::{DataCursor, Sampler, shard};
 
     fn config(extra: &str) -> Config {
@@ -494,7 +554,7 @@ mod tests {
 
     /// Weights, both moments and the update count, copied to the host.
     fn state_of(t: &Trainer) -> (Vec<f32>, Vec<f32>, Vec<f32>, u64) {
-        let s = t.snapshot().expect("snapshot");
+        let s = t.snapshot(false).expect("snapshot");
         let b = &s.buffers;
         (
             b.weights.clone(),
@@ -635,7 +695,7 @@ mod tests {
         let batches = samples_of(&c, 2);
         let mut t = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
         t.step(&batches[0], 1e-2).expect("step");
-        let first = t.snapshot().expect("snapshot");
+        let first = t.snapshot(false).expect("snapshot");
         let held = [&first.buffers.weights, &first.buffers.m, &first.buffers.v].map(|b| b.as_ptr());
         assert!(
             first.buffers.pins.is_empty(),
@@ -645,7 +705,7 @@ mod tests {
         first.write(dir.path()).expect("write");
         drop(first);
         t.step(&batches[1], 1e-2).expect("step");
-        let second = t.snapshot().expect("snapshot");
+        let second = t.snapshot(false).expect("snapshot");
         let now = [
             &second.buffers.weights,
             &second.buffers.m,
@@ -655,7 +715,7 @@ mod tests {
         assert_eq!(now, held, "reused, not allocated");
         assert_eq!(
             second.weights_hash(),
-            t.weights_hash().expect("hash"),
+            Some(t.weights_hash().expect("hash")),
             "the snapshot holds the weights after the second step"
         );
     }
@@ -669,7 +729,7 @@ mod tests {
         let batches = samples_of(&c, 2);
         let mut t = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
         t.step(&batches[0], 1e-2).expect("step");
-        let first = t.snapshot().expect("snapshot");
+        let first = t.snapshot(false).expect("snapshot");
         let held = first.buffers.weights.as_ptr();
         let (dir_a, dir_b) = (
             tempfile::tempdir().expect("tmp"),
@@ -678,7 +738,7 @@ mod tests {
         first.write(dir_a.path()).expect("write");
         drop(first);
         t.step(&batches[1], 1e-2).expect("step");
-        let second = t.snapshot().expect("snapshot");
+        let second = t.snapshot(false).expect("snapshot");
         assert_eq!(
             second.buffers.weights.as_ptr(),
             held,
@@ -783,7 +843,7 @@ mod tests {
             a.step(b, 1e-2).expect("step");
         }
         let dir = tempfile::tempdir().expect("tmp");
-        a.snapshot()
+        a.snapshot(false)
             .expect("snapshot")
             .write(dir.path())
             .expect("write");
@@ -803,7 +863,7 @@ mod tests {
 
         // And back: the device-resident state loads one tensor at a time.
         let dir = tempfile::tempdir().expect("tmp");
-        b.snapshot()
+        b.snapshot(false)
             .expect("snapshot")
             .write(dir.path())
             .expect("write");
@@ -860,6 +920,136 @@ mod tests {
         }
     }
 
+    /// What one rank of [`sharded_run`] ends with: each step's loss and
+    /// norm bits, then the weights and its snapshot's part.
+    type RankEnd = (
+        Vec<(u64, u64)>,
+        Vec<f32>,
+        Range<usize>,
+        (Vec<f32>, Vec<f32>, u64),
+    );
+
+    /// `steps` steps of a job of `world` ranks with `train.shard_optimizer`
+    /// = `shard` (clipping active), each rank's end, and its checkpoint
+    /// files written into `dir` (rank 0's whole files, or every rank's
+    /// part).
+    fn sharded_run(world: usize, shard: &str, steps: usize, dir: &Path) -> Vec<RankEnd> {
+        let c = twelve(&format!("shard_optimizer = \"{shard}\"\n"));
+        assert_eq!(c.shards_optimizer(world), shard == "on");
+        let batches = samples_of(&c, steps);
+        local_ring(world, |coll| {
+            let rank = coll.rank();
+            let accumulation = 12 / (world * 2);
+            let mut t = Trainer::new(&c, coll, accumulation, Device::Cpu).expect("trainer");
+            let scalars = batches
+                .iter()
+                .map(|b| {
+                    let o = t.step(shard_of(b, world, rank), 1e-2).expect("step");
+                    (o.loss.to_bits(), o.grad_norm.to_bits())
+                })
+                .collect();
+            let snapshot = t.snapshot(true).expect("snapshot");
+            if rank == 0 || shard == "on" {
+                snapshot.write(dir).expect("write");
+            }
+            let b = &snapshot.buffers;
+            let part = (b.m.clone(), b.v.clone(), snapshot.optimizer_step);
+            let weights = state_of_whole(&t);
+            (scalars, weights, snapshot.part.clone(), part)
+        })
+        .expect("ring")
+    }
+
+    /// A config of 12 samples a step (2 and 3 ranks divide it), clipping
+    /// on, with `train` keys added.
+    fn twelve(train: &str) -> Config {
+        let text = format!(
+            "[model]\nn_layer = 1\nn_head = 2\nn_embd = 16\nvocab_size = 32\ncontext = 16\n\
+             [data]\nsynthetic_tokens = 20000\n[train]\nglobal_batch = 12\nmicro_batch = 2\n\
+             warmup_steps = 0\nlr = 1e-2\n{train}[optim]\ngrad_clip = 0.05\n"
+        );
+        RawConfig::parse(&text, "t".into(), ConfigSource::File("t.toml".into()))
+            .and_then(|r| r.resolve())
+            .expect("config")
+    }
+
+    /// All the weights of a trainer (its snapshot may hold a shard).
+    fn state_of_whole(t: &Trainer) -> Vec<f32> {
+        t.engine.weights().expect("weights")
+    }
+
+    /// ZeRO-1 on the ring is the unsharded step bit for bit, with 2 and 3
+    /// ranks: every step's loss and gradient norm (clipping active), the
+    /// weights on every rank, and each rank's moments are the unsharded
+    /// moments of its shard — a world-th of them; the shards cover the
+    /// parameters once. The checkpoint the ranks write in parts is byte
+    /// for byte the one rank 0 writes whole, and it resumes on one rank
+    /// unsharded and on another world size sharded, with the same state.
+    #[test]
+    fn a_sharded_optimizer_is_the_unsharded_step_bit_for_bit() {
+        let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+        for world in [2usize, 3] {
+            let (whole_dir, parts_dir) = (
+                tempfile::tempdir().expect("tmp"),
+                tempfile::tempdir().expect("tmp"),
+            );
+            let off = sharded_run(world, "off", 4, whole_dir.path());
+            let on = sharded_run(world, "on", 4, parts_dir.path());
+            let (_, _, _, (m, v, step)) = &off[0];
+            let n = m.len();
+            let mut covered = 0;
+            for (rank, (a, b)) in off.iter().zip(&on).enumerate() {
+                assert_eq!(a.0, b.0, "world {world} rank {rank}: losses and norms");
+                assert_eq!(bits(&a.1), bits(&b.1), "world {world} rank {rank}: weights");
+                assert_eq!(bits(&b.1), bits(&on[0].1), "ranks agree");
+                let shard = b.2.clone();
+                assert!(shard.len() <= n.div_ceil(world), "{shard:?} of {n}");
+                covered += shard.len();
+                let (sm, sv, sstep) = &b.3;
+                assert_eq!(sm.len(), shard.len(), "a shard's moments only");
+                assert_eq!(bits(sm), bits(&m[shard.clone()]), "first moments");
+                assert_eq!(bits(sv), bits(&v[shard.clone()]), "second moments");
+                assert_eq!(sstep, step);
+            }
+            assert_eq!(covered, n, "the shards cover the state once");
+            for file in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE] {
+                let read =
+                    |d: &tempfile::TempDir| std::fs::read(d.path().join(file)).expect("read");
+                assert!(
+                    read(&whole_dir) == read(&parts_dir),
+                    "world {world}: {file} differs"
+                );
+            }
+
+            // Resumes: unsharded on one rank, sharded on the other world
+            // size; the next step is the same bits.
+            let c = twelve("");
+            let next = &samples_of(&c, 5)[4];
+            let mut solo = Trainer::new(&c, Box::new(Solo), 6, Device::Cpu).expect("trainer");
+            solo.load_checkpoint(parts_dir.path(), false).expect("load");
+            assert_eq!(bits(&state_of(&solo).1), bits(m));
+            let want = solo.step(next, 1e-2).expect("step");
+            let other = 5 - world;
+            let resumed = local_ring(other, |coll| {
+                let rank = coll.rank();
+                let mut t = Trainer::new(&c, coll, 6 / other, Device::Cpu).expect("trainer");
+                t.load_checkpoint(parts_dir.path(), false).expect("load");
+                t.step(shard_of(next, other, rank), 1e-2).expect("step");
+                state_of_whole(&t)
+            })
+            .expect("ring");
+            let close = resumed[0]
+                .iter()
+                .zip(&state_of(&solo).0)
+                .all(|(a, b)| (a - b).abs() <= 1e-6 * b.abs().max(1e-3));
+            assert!(
+                close,
+                "world {other} resumed where one rank did (to f32 sums' order)"
+            );
+            assert!(want.loss.is_finite());
+        }
+    }
+
     /// The composed engine's state stays on its device: a step moves the
     /// token ids in and one scalar per micro-batch (its loss) and one for
     /// the gradient norm out, in one copy at the step's end (the host's one
@@ -887,7 +1077,7 @@ mod tests {
         }
         let n = t.parameter_count();
         t.take_state_bytes();
-        let _snapshot = t.snapshot().expect("snapshot");
+        let _snapshot = t.snapshot(false).expect("snapshot");
         assert_eq!(
             t.take_state_bytes(),
             (3 * n * 4) as u64,
@@ -1110,7 +1300,7 @@ mod tests {
             for b in &batches[..2] {
                 gpu.step(b, 1e-2).expect("step");
             }
-            let snapshot = gpu.snapshot().expect("snapshot");
+            let snapshot = gpu.snapshot(false).expect("snapshot");
             assert_eq!(
                 snapshot.buffers.pins.len(),
                 3,
@@ -1131,7 +1321,7 @@ mod tests {
                 gpu.weights_hash().expect("hash")
             );
             cpu.step(&batches[2], 1e-2).expect("step");
-            cpu.snapshot()
+            cpu.snapshot(false)
                 .expect("snapshot")
                 .write(d2.path())
                 .expect("write");
@@ -1236,7 +1426,7 @@ mod tests {
             );
             let mut cpu = Trainer::new(&c, Box::new(Solo), 4, Device::Cpu).expect("trainer");
             cpu.step(&batches[0], 1e-2).expect("step");
-            cpu.snapshot()
+            cpu.snapshot(false)
                 .expect("snapshot")
                 .write(d1.path())
                 .expect("write");
@@ -1244,7 +1434,7 @@ mod tests {
             gpu.load_checkpoint(d1.path(), false)
                 .expect("load on the GPU");
             gpu.step(&batches[1], 1e-2).expect("step");
-            let snapshot = gpu.snapshot().expect("snapshot");
+            let snapshot = gpu.snapshot(false).expect("snapshot");
             assert_eq!(
                 snapshot.buffers.pins.len(),
                 3,

@@ -1,9 +1,12 @@
 //! The job's checkpoints, from plan to commit: a checkpoint is planned at
 //! a step boundary (its train state captured then), rank 0 writes the
-//! files in the background while training goes on, and when rank 0
-//! reports them this module writes the manifest and COMPLETE, renames the
-//! folder into place, moves the `latest` / `best` pointers and prunes to
-//! `checkpoint.keep_last`. A checkpoint never committed is never loaded.
+//! files in the background while training goes on — or, in a job that
+//! shards its optimizer state, every rank writes its shard's part of both
+//! files — and when every writer has reported this module writes the
+//! manifest and COMPLETE (hashing the files itself when they came in
+//! parts), renames the folder into place, moves the `latest` / `best`
+//! pointers and prunes to `checkpoint.keep_last`. A checkpoint never
+//! committed is never loaded.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +33,12 @@ struct Pending {
     planned: Instant,
     /// Open from the plan to the commit.
     span: tracing::Span,
+    /// Writers that have not reported yet (1, or every rank of a sharded
+    /// job).
+    parts_left: usize,
+    /// The reports in so far: the longest write, and rank 0's weights hash.
+    write_s: f64,
+    weights_hash: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -57,8 +66,9 @@ impl Checkpoints {
     }
 
     /// Plans the checkpoint of `state` (its step): returns the temporary
-    /// folder rank 0 writes into. `tag` makes the folder's name unique to
-    /// this coordinator and worker-set generation.
+    /// folder its `writers` (rank 0, or every rank of a sharded job) write
+    /// into. `tag` makes the folder's name unique to this coordinator and
+    /// worker-set generation.
     pub fn plan(
         &mut self,
         state: TrainState,
@@ -66,6 +76,7 @@ impl Checkpoints {
         best: bool,
         tag: &str,
         span: tracing::Span,
+        writers: usize,
     ) -> Result<PathBuf> {
         let step = state.step;
         let tmp = std::path::absolute(checkpoint::temp_dir(&self.folder, step, tag)?)?;
@@ -78,6 +89,9 @@ impl Checkpoints {
                 best,
                 planned: Instant::now(),
                 span,
+                parts_left: writers.max(1),
+                write_s: 0.0,
+                weights_hash: Vec::new(),
             },
         );
         Ok(tmp)
@@ -89,6 +103,19 @@ impl Checkpoints {
     /// a [`CheckpointFailed`]: the temporary folder is removed at once and
     /// the job stops, the checkpoint before staying the newest.
     pub fn commit(&mut self, r: CheckpointReport) -> Result<()> {
+        let Some(p) = self.pending.get_mut(&r.step) else {
+            return Ok(());
+        };
+        // A part of a sharded job's files: the commit waits for the others
+        // (a failed part fails the checkpoint at once).
+        p.write_s = p.write_s.max(r.write_s);
+        if !r.weights_hash.is_empty() {
+            p.weights_hash = r.weights_hash.clone();
+        }
+        p.parts_left = p.parts_left.saturating_sub(1);
+        if p.parts_left > 0 && r.error.is_empty() {
+            return Ok(());
+        }
         let Some(p) = self.pending.remove(&r.step) else {
             return Ok(());
         };
@@ -126,21 +153,34 @@ impl Checkpoints {
         .into())
     }
 
-    /// [`Checkpoints::commit`] of files rank 0 wrote.
+    /// [`Checkpoints::commit`] of files every writer has reported: rank
+    /// 0's whole files with their sums, or a sharded job's parts, which
+    /// are hashed here.
     fn commit_written(&mut self, mut p: Pending, r: CheckpointReport) -> Result<()> {
-        for file in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE] {
-            if !r.sha256.contains_key(file) {
-                bail!(
-                    "rank 0 reported the checkpoint of step {} without {file}",
-                    r.step
-                );
+        let files = [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE];
+        p.state.files = if r.sha256.is_empty() {
+            let paths: Vec<PathBuf> = files.iter().map(|f| p.tmp.join(f)).collect();
+            let sums = p.span.in_scope(|| checkpoint::sha256_files(&paths));
+            files
+                .iter()
+                .zip(sums)
+                .map(|(f, sum)| Ok((f.to_string(), sum?)))
+                .collect::<Result<_, checkpoint::CheckpointError>>()?
+        } else {
+            for file in files {
+                if !r.sha256.contains_key(file) {
+                    bail!(
+                        "rank 0 reported the checkpoint of step {} without {file}",
+                        r.step
+                    );
+                }
             }
-        }
-        p.state.files = r.sha256.into_iter().collect();
+            r.sha256.into_iter().collect()
+        };
         // Rank 0's hash of the weights it wrote (the step's own report may
         // not have hashed them: `worker.weights_check_interval`).
-        if !r.weights_hash.is_empty() {
-            p.state.weights_hash = stride_job::names::hex(&r.weights_hash);
+        if !p.weights_hash.is_empty() {
+            p.state.weights_hash = stride_job::names::hex(&p.weights_hash);
         }
         let folder = &self.folder;
         let commit_span =
@@ -150,6 +190,7 @@ impl Checkpoints {
             .in_scope(|| checkpoint::commit(&p.tmp, folder, p.state, &p.config_toml))
             .map_err(|e| environment(e, folder))?;
         p.span.record("dir", dir.display().to_string());
+        let write_s = p.write_s;
         let m = &self.shared.metrics;
         m.checkpoint_seconds
             .observe(p.planned.elapsed().as_secs_f64());
@@ -173,7 +214,7 @@ impl Checkpoints {
             "checkpoint {} committed{} (written in {:.2} s in the background){pruned}",
             dir.display(),
             if p.best { " as best" } else { "" },
-            r.write_s,
+            write_s,
         );
         Ok(())
     }

@@ -107,6 +107,8 @@ pub struct Driver {
     /// The metrics so far, as the next checkpoint records them.
     metrics: MetricsSoFar,
     last_weights_hash: Vec<u8>,
+    /// The step boundary `last_weights_hash` is of.
+    last_weights_step: Option<u64>,
     restarts: Restarts,
     /// Root of the job's trace; steps, formations and restarts link to it.
     job_span: tracing::Span,
@@ -159,6 +161,7 @@ impl Driver {
             step: course.start.step,
             metrics: course.start.metrics.clone(),
             last_weights_hash: Vec::new(),
+            last_weights_step: None,
             restarts: Restarts::new(course.start.clone()),
             job_span,
             spec,
@@ -396,6 +399,7 @@ impl Driver {
             );
             if hash_weights {
                 self.last_weights_hash = first_hash.clone();
+                self.last_weights_step = Some(self.step);
             }
             let improved = self.metrics.record(step, loss, val_loss, tokens);
             let interval = c.checkpoint.interval;
@@ -586,8 +590,10 @@ impl Driver {
     }
 
     /// Stops every rank at this step boundary for a checkpoint: rank 0
-    /// copies its state and writes it in the background; the commit happens
-    /// when it reports (`Checkpoints::commit`).
+    /// copies its state and writes it in the background — or, in a job
+    /// that shards its optimizer state, every rank its shard's part of the
+    /// files (rank 0 hashing the weights when no step has) — and the
+    /// commit happens when all have reported (`Checkpoints::commit`).
     async fn plan_checkpoint(
         &mut self,
         best: bool,
@@ -628,22 +634,27 @@ impl Driver {
         );
         let trace_context = stride_telemetry::carrier(&span);
         let tag = format!("{}-g{generation}", std::process::id());
+        let world = self.workers.ranks().len();
+        let sharded = c.shards_optimizer(world);
         let tmp = self.boundary.checkpoints.plan(
             state,
             checkpoint_config(c, &self.course.schedule),
             best,
             &tag,
             span,
+            if sharded { world } else { 1 },
         )?;
         let step = self.step;
+        let hash_weights = sharded && self.last_weights_step != Some(step);
         self.workers
             .send_all(step, |rank| {
                 coordinator_message::Body::Checkpoint(CheckpointPlan {
                     generation,
                     step,
                     tmp_dir: tmp.display().to_string(),
-                    write: rank == 0,
+                    write: rank == 0 || sharded,
                     trace_context: trace_context.clone(),
+                    hash_weights: hash_weights && rank == 0,
                 })
             })
             .await;

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, Write};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -38,51 +39,24 @@ pub fn write_tensors(
         path: path.to_path_buf(),
         message,
     };
-    /// A header entry, fields in the safetensors crate's order.
-    #[derive(Serialize)]
-    struct Info<'a> {
-        dtype: &'static str,
-        shape: &'a [usize],
-        data_offsets: (usize, usize),
-    }
-    let mut order: Vec<&(String, Vec<usize>, &[f32])> = tensors.iter().collect();
-    order.sort_by(|a, b| a.0.cmp(&b.0));
-    let json_err = |e: serde_json::Error| invalid(format!("cannot write the header: {e}"));
-    let metadata: BTreeMap<String, String> = metadata.into_iter().collect();
-    let mut json = format!(
-        "{{\"__metadata__\":{}",
-        serde_json::to_string(&metadata).map_err(json_err)?
-    );
-    let mut offset = 0usize;
-    for (name, shape, data) in &order {
+    for (name, shape, data) in tensors {
         if shape.iter().product::<usize>() != data.len() {
             return Err(invalid(format!(
                 "cannot write tensor {name}: shape {shape:?} does not hold {} values",
                 data.len()
             )));
         }
-        let end = offset + 4 * data.len();
-        let info = Info {
-            dtype: "F32",
-            shape,
-            data_offsets: (offset, end),
-        };
-        json.push(',');
-        json.push_str(&serde_json::to_string(name).map_err(json_err)?);
-        json.push(':');
-        json.push_str(&serde_json::to_string(&info).map_err(json_err)?);
-        offset = end;
     }
-    json.push('}');
-    let mut json = json.into_bytes();
-    json.resize(json.len().next_multiple_of(8), b' ');
-    let len = (json.len() as u64).to_le_bytes();
-    let pieces: Vec<&[u8]> = [&len[..], &json[..]]
-        .into_iter()
+    let shapes: Vec<(&str, &[usize])> = tensors
+        .iter()
+        .map(|(n, s, _)| (n.as_str(), s.as_slice()))
+        .collect();
+    let head = FileHead::new(path, &shapes, metadata)?;
+    let pieces: Vec<&[u8]> = std::iter::once(&head.bytes[..])
         .chain(
-            order
+            head.order
                 .iter()
-                .map(|(_, _, d)| bytemuck::cast_slice::<f32, u8>(d)),
+                .map(|&i| bytemuck::cast_slice::<f32, u8>(tensors[i].2)),
         )
         .collect();
     std::thread::scope(|scope| {
@@ -110,6 +84,151 @@ pub fn write_tensors(
         written.map_err(io_err(path))?;
         sha256
     })
+}
+
+/// The start of an f32 safetensors file as [`write_tensors`] lays it out:
+/// the header's length and the header (tensors by name, padded to 8
+/// bytes), and where each tensor's bytes begin.
+#[derive(Debug)]
+struct FileHead {
+    /// The length (u64 LE) and the header.
+    bytes: Vec<u8>,
+    /// The tensors' indices in file order (by name).
+    order: Vec<usize>,
+    /// Each tensor's first byte in the file, by the caller's index.
+    starts: Vec<u64>,
+}
+
+impl FileHead {
+    /// The head of a file of `tensors` (name, shape) with `metadata`.
+    fn new(
+        path: &Path,
+        tensors: &[(&str, &[usize])],
+        metadata: HashMap<String, String>,
+    ) -> Result<FileHead, CheckpointError> {
+        /// A header entry, fields in the safetensors crate's order.
+        #[derive(Serialize)]
+        struct Info<'a> {
+            dtype: &'static str,
+            shape: &'a [usize],
+            data_offsets: (usize, usize),
+        }
+        let json_err = |e: serde_json::Error| CheckpointError::Invalid {
+            path: path.to_path_buf(),
+            message: format!("cannot write the header: {e}"),
+        };
+        let mut order: Vec<usize> = (0..tensors.len()).collect();
+        order.sort_by(|&a, &b| tensors[a].0.cmp(tensors[b].0));
+        let metadata: BTreeMap<String, String> = metadata.into_iter().collect();
+        let mut json = format!(
+            "{{\"__metadata__\":{}",
+            serde_json::to_string(&metadata).map_err(json_err)?
+        );
+        let mut offsets = vec![0usize; tensors.len()];
+        let mut offset = 0usize;
+        for &i in &order {
+            let (name, shape) = tensors[i];
+            let end = offset + 4 * shape.iter().product::<usize>();
+            let info = Info {
+                dtype: "F32",
+                shape,
+                data_offsets: (offset, end),
+            };
+            json.push(',');
+            json.push_str(&serde_json::to_string(name).map_err(json_err)?);
+            json.push(':');
+            json.push_str(&serde_json::to_string(&info).map_err(json_err)?);
+            offsets[i] = offset;
+            offset = end;
+        }
+        json.push('}');
+        let mut json = json.into_bytes();
+        json.resize(json.len().next_multiple_of(8), b' ');
+        let mut bytes = (json.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&json);
+        let data = bytes.len() as u64;
+        let starts = offsets.iter().map(|&o| data + o as u64).collect();
+        Ok(FileHead {
+            bytes,
+            order,
+            starts,
+        })
+    }
+}
+
+/// A tensor of a checkpoint file cut from one of the flat buffers the file
+/// holds (weights; first or second moments): its name, shape, which
+/// buffer, and the values of that buffer it is.
+#[derive(Debug, Clone)]
+pub struct Cut {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub source: usize,
+    pub values: Range<usize>,
+}
+
+/// Writes this rank's part of a checkpoint file laid out as
+/// [`write_tensors`] lays out the `cuts` (a sharded optimizer's writer):
+/// the header, and for each cut the values of `part` it holds, taken from
+/// `sources` (each the values `part` of its flat buffer), at their place in
+/// the file; then fsyncs. The file is created if it is not there and
+/// never truncated: the ranks write disjoint parts of it (and the same
+/// header bytes), which together are the whole file, byte for byte the
+/// file one writer makes. Its sha256 is the committer's to compute, once
+/// every part is written.
+pub fn write_part(
+    path: &Path,
+    cuts: &[Cut],
+    metadata: HashMap<String, String>,
+    part: Range<usize>,
+    sources: &[&[f32]],
+) -> Result<(), CheckpointError> {
+    use std::os::unix::fs::FileExt;
+    let invalid = |message: String| CheckpointError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    if let Some(s) = sources.iter().find(|s| s.len() != part.len()) {
+        return Err(invalid(format!(
+            "{} values given for the part {part:?} of the state",
+            s.len()
+        )));
+    }
+    let shapes: Vec<(&str, &[usize])> = cuts
+        .iter()
+        .map(|c| (c.name.as_str(), c.shape.as_slice()))
+        .collect();
+    let head = FileHead::new(path, &shapes, metadata)?;
+    let written = (|| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        f.write_all_at(&head.bytes, 0)?;
+        for (cut, start) in cuts.iter().zip(&head.starts) {
+            let (lo, hi) = (
+                cut.values.start.max(part.start),
+                cut.values.end.min(part.end),
+            );
+            if lo >= hi {
+                continue;
+            }
+            let Some(source) = sources.get(cut.source) else {
+                return Err(std::io::Error::other(format!(
+                    "tensor {} reads buffer {} of {}",
+                    cut.name,
+                    cut.source,
+                    sources.len()
+                )));
+            };
+            let values = &source[lo - part.start..hi - part.start];
+            let at = start + 4 * (lo - cut.values.start) as u64;
+            f.write_all_at(bytemuck::cast_slice(values), at)?;
+        }
+        f.sync_all()
+    })();
+    written.map_err(io_err(path))
 }
 
 /// One tensor as a safetensors header describes it.
@@ -406,10 +525,17 @@ pub(super) fn model_tensors<'a>(
             )
         })
         .collect();
-    (
-        tensors,
-        HashMap::from([("format".to_string(), "pt".to_string())]),
-    )
+    (tensors, model_metadata())
+}
+
+/// The metadata of `model.safetensors`.
+fn model_metadata() -> HashMap<String, String> {
+    HashMap::from([("format".to_string(), "pt".to_string())])
+}
+
+/// The metadata of `optimizer.safetensors` after `step` updates.
+fn optimizer_metadata(step: u64) -> HashMap<String, String> {
+    HashMap::from([("step".to_string(), step.to_string())])
 }
 
 /// The tensors of `optimizer.safetensors`: AdamW moments as
@@ -431,10 +557,64 @@ pub(super) fn optimizer_tensors<'a>(
         ));
         tensors.push((format!("exp_avg_sq.{}", s.name), s.shape.clone(), &v[range]));
     }
-    (
-        tensors,
-        HashMap::from([("step".to_string(), step.to_string())]),
-    )
+    (tensors, optimizer_metadata(step))
+}
+
+/// The tensors of `model.safetensors` as cuts of the weights (buffer 0).
+pub fn model_cuts(slots: &[Slot]) -> (Vec<Cut>, HashMap<String, String>) {
+    let cuts = slots
+        .iter()
+        .map(|s| Cut {
+            name: s.name.clone(),
+            shape: s.shape.clone(),
+            source: 0,
+            values: s.offset..s.offset + s.len,
+        })
+        .collect();
+    (cuts, model_metadata())
+}
+
+/// The tensors of `optimizer.safetensors` as cuts of the first (buffer 0)
+/// and second (buffer 1) moments, after `step` updates.
+pub fn optimizer_cuts(slots: &[Slot], step: u64) -> (Vec<Cut>, HashMap<String, String>) {
+    let mut cuts = Vec::new();
+    for s in slots {
+        for (source, prefix) in [(0, "exp_avg."), (1, "exp_avg_sq.")] {
+            cuts.push(Cut {
+                name: format!("{prefix}{}", s.name),
+                shape: s.shape.clone(),
+                source,
+                values: s.offset..s.offset + s.len,
+            });
+        }
+    }
+    (cuts, optimizer_metadata(step))
+}
+
+/// Writes this rank's part `part` of `model.safetensors` ([`write_part`]):
+/// `weights` holds the weights of `part`.
+pub fn write_model_part(
+    dir: &Path,
+    slots: &[Slot],
+    part: Range<usize>,
+    weights: &[f32],
+) -> Result<(), CheckpointError> {
+    let (cuts, meta) = model_cuts(slots);
+    write_part(&dir.join(MODEL_FILE), &cuts, meta, part, &[weights])
+}
+
+/// Writes this rank's part `part` of `optimizer.safetensors`
+/// ([`write_part`]): `m` and `v` hold the moments of `part`.
+pub fn write_optimizer_part(
+    dir: &Path,
+    slots: &[Slot],
+    part: Range<usize>,
+    m: &[f32],
+    v: &[f32],
+    step: u64,
+) -> Result<(), CheckpointError> {
+    let (cuts, meta) = optimizer_cuts(slots, step);
+    write_part(&dir.join(OPTIMIZER_FILE), &cuts, meta, part, &[m, v])
 }
 
 /// Writes `model.safetensors` from flat weights; returns its sha256.

@@ -224,6 +224,10 @@ impl Config {
             check(false, "train.grad_comm_dtype", t.grad_comm_dtype, why)?;
         }
 
+        if let Some(why) = t.shard_optimizer.refusal(w.device, w.engine, w.precision) {
+            check(false, "train.shard_optimizer", t.shard_optimizer, why)?;
+        }
+
         if w.engine == Engine::Fused {
             if matches!(w.device, Device::Cuda(_)) {
                 // Refused here, naming the key, rather than by a kernel in

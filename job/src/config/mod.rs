@@ -212,6 +212,66 @@ impl GradCommDtype {
     }
 }
 
+named_choices! {
+    /// Whether each rank keeps the optimizer state of its shard only
+    /// (ZeRO-1: the AdamW moments of 1/world of the parameters), reducing
+    /// the gradient into its shard, updating it and gathering the new
+    /// weights. The steps are the same bits either way, and so are the
+    /// checkpoints (see the worker's `engine::fused` doc). Written
+    /// `"on"`/`"off"` or `true`/`false`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+    #[serde(try_from = "Switch", into = "String")]
+    pub enum ShardOptimizer: "optimizer sharding" {
+        /// On for a CPU job of more than one worker (the fused engine);
+        /// off on CUDA until its sharded update is written.
+        #[default]
+        Auto = "auto" ("on for a CPU job of more than one worker"),
+        On = "on",
+        Off = "off",
+    }
+}
+
+/// A switch as TOML writes it: a boolean or a name.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Switch {
+    Bool(bool),
+    Text(String),
+}
+
+impl TryFrom<Switch> for ShardOptimizer {
+    type Error = UnknownName;
+    fn try_from(s: Switch) -> Result<ShardOptimizer, UnknownName> {
+        match s {
+            Switch::Bool(true) => Ok(ShardOptimizer::On),
+            Switch::Bool(false) => Ok(ShardOptimizer::Off),
+            Switch::Text(t) => t.parse(),
+        }
+    }
+}
+
+impl ShardOptimizer {
+    /// Why a job on `device` with `engine` at `precision` cannot shard its
+    /// optimizer, if it cannot: only the fused engine on the CPU keeps its
+    /// state by shard so far.
+    fn refusal(self, device: Device, engine: Engine, precision: Precision) -> Option<&'static str> {
+        if self != ShardOptimizer::On {
+            return None;
+        }
+        if matches!(device, Device::Cuda(_)) {
+            return Some(
+                "the fused CUDA engine keeps the whole optimizer state in this build (its sharded update is not written yet): use `auto` or `off`",
+            );
+        }
+        if engine == Engine::Composed || precision == Precision::Bf16 {
+            return Some(
+                "only the fused engine (f32 on the CPU) keeps its optimizer state by shard; the composed engine keeps it whole: use `auto` or `off`, or `worker.engine` `auto`/`fused` in f32",
+            );
+        }
+        None
+    }
+}
+
 /// The optimisation schedule and batch geometry.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -242,6 +302,9 @@ pub struct TrainConfig {
     /// halves the bytes, rounding each partial sum once per hop; a resume
     /// may change it.
     pub grad_comm_dtype: GradCommDtype,
+    /// Each rank keeps the optimizer state of its shard only (ZeRO-1):
+    /// `auto`, `on`, `off`; a resume may change it.
+    pub shard_optimizer: ShardOptimizer,
 }
 
 impl Default for TrainConfig {
@@ -258,6 +321,7 @@ impl Default for TrainConfig {
             eval_batches: 4,
             seed: 1337,
             grad_comm_dtype: GradCommDtype::F32,
+            shard_optimizer: ShardOptimizer::Auto,
         }
     }
 }
@@ -550,6 +614,23 @@ impl Config {
         .resolve()
     }
 
+    /// Whether a generation of `world` ranks keeps the optimizer state by
+    /// shard (`train.shard_optimizer`, `auto` resolved): the one answer the
+    /// coordinator (which ranks write a checkpoint) and every worker (what
+    /// its engine keeps) read. One rank has nothing to shard.
+    pub fn shards_optimizer(&self, world: usize) -> bool {
+        let t = &self.train;
+        let w = &self.worker;
+        world > 1
+            && match t.shard_optimizer {
+                ShardOptimizer::On => true,
+                ShardOptimizer::Off => false,
+                ShardOptimizer::Auto => ShardOptimizer::On
+                    .refusal(w.device, w.engine, w.precision)
+                    .is_none(),
+            }
+    }
+
     /// sha256 of the resolved TOML: two runs with the same hash have the
     /// same configuration.
     pub fn hash(&self) -> String {
@@ -567,6 +648,33 @@ mod tests {
 
     fn resolve(text: &str) -> Result<Config, ConfigError> {
         raw(text)?.resolve()
+    }
+
+    /// `train.shard_optimizer` reads as a switch or a name; `auto` shards
+    /// a CPU job of more than one rank, and one rank never shards; the
+    /// saved config says it by name, and reads back the same.
+    #[test]
+    fn shard_optimizer_reads_booleans_and_names() {
+        for (value, want) in [
+            ("true", ShardOptimizer::On),
+            ("false", ShardOptimizer::Off),
+            ("\"on\"", ShardOptimizer::On),
+            ("\"auto\"", ShardOptimizer::Auto),
+        ] {
+            let c = resolve(&format!("[train]\nshard_optimizer = {value}\n")).expect(value);
+            assert_eq!(c.train.shard_optimizer, want, "{value}");
+            let again = resolve(&c.to_toml()).expect("saved config");
+            assert_eq!(again.train.shard_optimizer, want, "{value} saved");
+        }
+        let auto = resolve("").expect("default");
+        assert_eq!(auto.train.shard_optimizer, ShardOptimizer::Auto);
+        assert!(auto.shards_optimizer(2) && !auto.shards_optimizer(1));
+        let composed = resolve("[worker]\nengine = \"composed\"\n").expect("composed");
+        assert!(!composed.shards_optimizer(4), "auto keeps the composed engine's state whole");
+        let gpu = resolve("[worker]\ndevice = \"cuda\"\n").expect("cuda");
+        assert!(!gpu.shards_optimizer(8), "auto: not on CUDA yet");
+        let off = resolve("[train]\nshard_optimizer = false\n").expect("off");
+        assert!(!off.shards_optimizer(8));
     }
 
     /// `auto` is NCCL on CUDA and the ring on CPUs; a named backend is
@@ -732,6 +840,26 @@ mod tests {
             (
                 "[train]\ngrad_comm_dtype = \"fp8\"\n",
                 &["`train.grad_comm_dtype`", "`f32`", "`bf16`"],
+            ),
+            (
+                "[train]\nshard_optimizer = true\n[worker]\ndevice = \"cuda\"\n",
+                &[
+                    "`train.shard_optimizer` = on",
+                    "sharded update is not written yet",
+                    "`auto` or `off`",
+                ],
+            ),
+            (
+                "[train]\nshard_optimizer = \"on\"\n[worker]\nengine = \"composed\"\n",
+                &["`train.shard_optimizer` = on", "the composed engine keeps it whole"],
+            ),
+            (
+                "[train]\nshard_optimizer = \"yes\"\n",
+                &["`train.shard_optimizer`", "`auto`", "`on`", "`off`"],
+            ),
+            (
+                "[train]\nshard_optimizer = 2\n",
+                &["`train.shard_optimizer`"],
             ),
             (
                 "[cluster]\ncollective = \"gloo\"\n",

@@ -55,6 +55,7 @@ pub const SCHEMA: &[(&str, &[&str])] = &[
             "eval_batches",
             "seed",
             "grad_comm_dtype",
+            "shard_optimizer",
         ],
     ),
     (

@@ -62,11 +62,13 @@ pub trait Collective: std::fmt::Debug {
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError>;
     /// The values of a buffer of `n` this rank holds summed after
     /// [`Collective::reduce_scatter_sum`] and gives everyone in
-    /// [`Collective::all_gather`]: the ranks' shards are disjoint and
-    /// cover `0..n`. A rank keeps the optimizer state of its shard only
-    /// (ZeRO-1). The default, for one rank: everything.
+    /// [`Collective::all_gather`]: one of the [`chunk`]s of `n` — the same
+    /// chunk index for every `n` (so [`sum_by_shard`] can order the
+    /// ranks' values as their shards lie); the ranks' shards are disjoint
+    /// and cover `0..n`. A rank keeps the optimizer state of its shard
+    /// only (ZeRO-1). The default: chunk `rank`.
     fn shard(&self, n: usize) -> Range<usize> {
-        0..n
+        chunk(n, self.world_size(), self.rank())
     }
     /// Sums `buf` over all ranks into this rank's [`Collective::shard`],
     /// with the same bits there as [`Collective::all_reduce_sum`] would
@@ -153,6 +155,43 @@ pub trait Collective: std::fmt::Debug {
             buf.len()
         )))
     }
+}
+
+/// Chunk `i` of `world` of a buffer of `n` values: `i·n/world ..
+/// (i+1)·n/world` — the ring's chunk bounds, the shards of a sharded
+/// optimizer, and the groups a gradient's norm is summed in.
+pub fn chunk(n: usize, world: usize, i: usize) -> Range<usize> {
+    let world = world.max(1);
+    (i * n / world)..((i + 1) * n / world)
+}
+
+/// The sum of one `f64` from each rank, added in the order of the ranks'
+/// shards (chunk 0 first, from `0.0`): the same bits on every rank, and
+/// the same bits as a one-rank loop `sum += x[k]` over the chunks in
+/// order — the sharded optimizer's global gradient norm is the unsharded
+/// one's, bit for bit. The values travel as their bits (two f32 words
+/// each) in an all-gather, which moves them unchanged.
+pub fn sum_by_shard(c: &mut dyn Collective, mine: f64) -> Result<f64, CollectiveError> {
+    let w = c.world_size();
+    if w == 1 {
+        return Ok(0.0 + mine);
+    }
+    let mut words = vec![0f32; 2 * w];
+    let at = c.shard(2 * w);
+    if at.len() != 2 {
+        return Err(CollectiveError::Setup(format!(
+            "a shard of {:?} of a buffer of {}: shards are one chunk each",
+            at,
+            2 * w
+        )));
+    }
+    let bits = mine.to_bits();
+    words[at.start] = f32::from_bits(bits as u32);
+    words[at.start + 1] = f32::from_bits((bits >> 32) as u32);
+    c.all_gather(&mut words)?;
+    Ok(words.chunks_exact(2).fold(0.0, |sum, pair| {
+        sum + f64::from_bits(u64::from(pair[0].to_bits()) | u64::from(pair[1].to_bits()) << 32)
+    }))
 }
 
 /// Runs a host sum on a CPU tensor's storage, in place (Candle hands the

@@ -268,9 +268,11 @@ impl TcpRing {
     /// ring order whatever part it is summed in. Empty where the chunk
     /// misses the part.
     fn chunk(&self, p: Part, i: usize) -> Range<usize> {
-        let i = i % self.world;
-        let (lo, hi) = (i * p.whole / self.world, (i + 1) * p.whole / self.world);
-        let (lo, hi) = (lo.clamp(p.at, p.at + p.n), hi.clamp(p.at, p.at + p.n));
+        let c = super::chunk(p.whole, self.world, i % self.world);
+        let (lo, hi) = (
+            c.start.clamp(p.at, p.at + p.n),
+            c.end.clamp(p.at, p.at + p.n),
+        );
         (lo - p.at)..(hi - p.at)
     }
 
@@ -342,7 +344,7 @@ impl Collective for TcpRing {
     }
 
     fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<Range<usize>, CollectiveError> {
-        self.rounds(buf, TcpRing::whole(buf), 0..self.world - 1)?;
+        self.rounds(buf, TcpRing::whole(buf), 0..self.world - 1, self.wire)?;
         let shard = self.shard(buf.len());
         if self.wire == GradCommDtype::Bf16 {
             // What an all-reduce would leave: the sum as it is sent on.
@@ -353,11 +355,15 @@ impl Collective for TcpRing {
         Ok(shard)
     }
 
+    /// Always f32 on the wire, whatever `train.grad_comm_dtype` says: it
+    /// gathers weights (and [`super::sum_by_shard`]'s bits), which must
+    /// arrive as they were sent.
     fn all_gather(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         self.rounds(
             buf,
             TcpRing::whole(buf),
             self.world - 1..2 * (self.world - 1),
+            GradCommDtype::F32,
         )
     }
 
@@ -373,7 +379,12 @@ impl Collective for TcpRing {
                 "a part of {n} values at {at} lies outside a buffer of {whole}"
             )));
         }
-        self.rounds(buf, Part { at, n, whole }, 0..2 * (self.world - 1))
+        self.rounds(
+            buf,
+            Part { at, n, whole },
+            0..2 * (self.world - 1),
+            self.wire,
+        )
     }
 }
 
@@ -386,12 +397,14 @@ impl TcpRing {
 
     /// Runs `rounds` of the ring on part `p` held in `buf`: rounds
     /// 0..w − 1 are the reduce-scatter, w − 1..2(w − 1) the all-gather
-    /// (see [`TcpRing::segment`]); an all-reduce runs both.
+    /// (see [`TcpRing::segment`]); an all-reduce runs both. `wire`: the
+    /// dtype on the wire for this call.
     fn rounds(
         &mut self,
         buf: &mut [f32],
         p: Part,
         rounds: Range<usize>,
+        wire: GradCommDtype,
     ) -> Result<(), CollectiveError> {
         let w = self.world;
         // Parts per chunk: enough for the largest chunk of this call.
@@ -404,7 +417,7 @@ impl TcpRing {
         let (mut received, mut received_bytes) = (first, 0);
         // The segment `send_bits` holds (a bf16 wire).
         let mut encoded = None;
-        let bf16_wire = self.wire == GradCommDtype::Bf16;
+        let bf16_wire = wire == GradCommDtype::Bf16;
         let value_bytes = if bf16_wire { 2 } else { 4 };
         let mut last_progress = Instant::now();
         while sent < total || received < total {

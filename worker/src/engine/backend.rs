@@ -45,7 +45,7 @@ use stride_cuda_kernels::gpu;
 use stride_kernels::{self as kernels, HeadGrad, Heads, Real};
 
 use crate::collective::{Collective, CollectiveError};
-use crate::optim::{Coefficients, adamw_step, clip_global_norm};
+use crate::optim::{Coefficients, host_step, norm_by_chunks};
 
 /// An element a backend's buffers hold, named by its host type.
 pub trait Elem: Copy + Default + Send + Sync + Debug + 'static {
@@ -417,6 +417,10 @@ pub struct Update<'a, B: Backend> {
     /// The largest global norm (0: no clipping).
     pub grad_clip: f64,
     pub k: Coefficients,
+    /// Ranks in the job: the host backend sums the norm's squares by
+    /// chunk of this many ([`crate::optim::norm_by_chunks`]), the bits a
+    /// sharded step gets; a device backend sums them its own way.
+    pub world: usize,
 }
 
 impl<B: Backend> Debug for Update<'_, B> {
@@ -725,13 +729,18 @@ impl Train for Cpu<f32> {
         OK
     }
     fn update(&mut self, u: Update<'_, Self>) -> Result<f64, BackendError> {
-        let scale = 1.0 / u.micro_batches as f32;
-        for g in u.grad.iter_mut() {
-            *g *= scale;
-        }
-        let norm = clip_global_norm(u.grad, u.grad_clip);
-        adamw_step(&u.k, u.weights, u.m, u.v, u.grad, u.decay_ranges);
-        Ok(norm)
+        let world = u.world;
+        host_step(
+            &u.k,
+            u.weights,
+            u.m,
+            u.v,
+            u.grad,
+            u.decay_ranges,
+            u.micro_batches,
+            u.grad_clip,
+            |g| Ok(norm_by_chunks(g, world)),
+        )
     }
 }
 

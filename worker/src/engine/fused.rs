@@ -32,6 +32,7 @@
 //! It decides nothing about the schedule or the data: the trainer hands it
 //! token ids, the micro-batch count and the learning rate.
 
+use std::ops::Range;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -43,8 +44,8 @@ use stride_job::params::Slot;
 use super::Scalars;
 use super::backend::{Train, Update};
 use super::gpt::Gpt;
-use crate::collective::{Collective, CollectiveError};
-use crate::optim::{Coefficients, decay_ranges};
+use crate::collective::{Collective, CollectiveError, sum_by_shard};
+use crate::optim::{Coefficients, decay_ranges, host_step, ranges_within};
 use crate::transfer::{Purpose, Transfers};
 
 /// See the module doc.
@@ -63,10 +64,16 @@ pub struct Fused<B: Train> {
     v: B::Buf<f32>,
     /// 1 where weight decay applies ([`Train::DECAY_MASK`]).
     decay: Option<B::Buf<u8>>,
-    /// The same as `(offset, len)` ranges.
+    /// The same as `(offset, len)` ranges, relative to `shard`.
     decay_ranges: Vec<(usize, usize)>,
     /// Parameters.
     len: usize,
+    /// The parameters whose optimizer state this rank keeps (`m` and `v`
+    /// hold these): all of them, or its shard (ZeRO-1).
+    shard: Range<usize>,
+    /// Whether the state is sharded (`shard` may be all of a one-rank
+    /// job's parameters either way).
+    sharded: bool,
     /// Updates applied so far (for bias correction).
     step: u64,
     optim: OptimConfig,
@@ -84,7 +91,8 @@ impl<B: Train> Fused<B> {
     /// The model on `backend`, for micro-batches of up to `micro_batch`
     /// sequences, and its state: `weights` (layout order, `slots`) as the
     /// master weights (taken as they are into host memory, copied to a
-    /// device), zero moments.
+    /// device), zero moments — of every parameter, or with `shard` of
+    /// those in that range only (ZeRO-1; host memory only).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         backend: B,
@@ -95,6 +103,7 @@ impl<B: Train> Fused<B> {
         optim: &OptimConfig,
         device: Device,
         transfers: Transfers,
+        shard: Option<Range<usize>>,
     ) -> Result<Fused<B>> {
         let len = weights.len();
         anyhow::ensure!(
@@ -102,12 +111,23 @@ impl<B: Train> Fused<B> {
             "{len} weights for a layout of {} parameters",
             crate::model::parameter_count(slots)
         );
+        let sharded = shard.is_some();
+        let shard = shard.unwrap_or(0..len);
+        anyhow::ensure!(
+            shard.end <= len,
+            "a shard {shard:?} of a state of {len} parameters"
+        );
+        anyhow::ensure!(
+            !sharded || B::HOST_MEMORY,
+            "this engine keeps the whole optimizer state on its device (train.shard_optimizer \
+             needs the fused CPU engine): set train.shard_optimizer = \"off\""
+        );
         let mut gpt = Gpt::on(backend, model, slots, micro_batch)?;
         let be = gpt.backend_mut();
         let master = be.adopt(weights)?;
         let grad = be.alloc::<f32>(len)?;
-        let m = be.alloc::<f32>(len)?;
-        let v = be.alloc::<f32>(len)?;
+        let m = be.alloc::<f32>(shard.len())?;
+        let v = be.alloc::<f32>(shard.len())?;
         let ranges = decay_ranges(slots);
         let decay = if B::DECAY_MASK {
             let mut mask = vec![0u8; len];
@@ -139,8 +159,10 @@ impl<B: Train> Fused<B> {
             m,
             v,
             decay,
-            decay_ranges: ranges,
+            decay_ranges: ranges_within(&ranges, &shard),
             len,
+            shard,
+            sharded,
             step: 0,
             optim: optim.clone(),
             losses: Vec::new(),
@@ -157,6 +179,12 @@ impl<B: Train> Fused<B> {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The parameters whose optimizer state this rank keeps: all, or its
+    /// shard.
+    pub fn shard(&self) -> Range<usize> {
+        self.shard.clone()
     }
 
     /// Candle's device of the same memory (see the field).
@@ -192,21 +220,63 @@ impl<B: Train> Fused<B> {
         Ok(())
     }
 
-    /// Sums the gradient over all ranks, in place.
-    pub fn all_reduce(&mut self, collective: &mut dyn Collective) -> Result<(), CollectiveError> {
-        self.model
-            .backend_mut()
-            .all_reduce(&mut self.grad, collective)
+    /// Sums the gradient over all ranks, in place: all of it, or (sharded)
+    /// into this rank's shard only (a reduce-scatter, the same bits there).
+    pub fn sum_gradient(&mut self, collective: &mut dyn Collective) -> Result<(), CollectiveError> {
+        if !self.sharded {
+            return self
+                .model
+                .backend_mut()
+                .all_reduce(&mut self.grad, collective);
+        }
+        let Some(grad) = B::host_slice_mut(&mut self.grad) else {
+            return Err(CollectiveError::Setup("a sharded state on a device".into()));
+        };
+        let shard = collective.reduce_scatter_sum(grad)?;
+        if shard != self.shard {
+            return Err(CollectiveError::Setup(format!(
+                "the collective reduced {shard:?} into this rank, whose optimizer state is {:?}",
+                self.shard
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sharded: every rank's updated shard of the weights to every rank
+    /// (an all-gather, f32 on the wire), after [`Fused::update`]. Nothing
+    /// otherwise.
+    pub fn gather_weights(
+        &mut self,
+        collective: &mut dyn Collective,
+    ) -> Result<(), CollectiveError> {
+        if !self.sharded {
+            return Ok(());
+        }
+        let Some(w) = B::host_slice_mut(&mut self.master) else {
+            return Err(CollectiveError::Setup("a sharded state on a device".into()));
+        };
+        collective.all_gather(w)
     }
 
     /// Averages the summed gradient over `micro_batches` (over all ranks),
     /// clips it to `optim.grad_clip` and applies one AdamW update at `lr`,
     /// refreshes the compute copy, then reads the step's losses and norm
-    /// (one wait for a device).
-    pub fn update(&mut self, micro_batches: usize, lr: f64) -> Result<Scalars> {
+    /// (one wait for a device). Sharded, the update is of this rank's
+    /// shard, the norm's squares summed over the ranks in shard order
+    /// ([`sum_by_shard`]: the unsharded step's bits); the weights are then
+    /// gathered by [`Fused::gather_weights`].
+    pub fn update(
+        &mut self,
+        micro_batches: usize,
+        lr: f64,
+        collective: &mut dyn Collective,
+    ) -> Result<Scalars> {
         anyhow::ensure!(micro_batches > 0, "a step without micro-batches");
         self.step += 1;
         let k = Coefficients::new(&self.optim, self.step, lr);
+        if self.sharded {
+            return self.update_shard(micro_batches, &k, collective);
+        }
         let be = self.model.backend_mut();
         let norm = be.update(Update {
             weights: B::view_mut(&mut self.master),
@@ -218,6 +288,7 @@ impl<B: Train> Fused<B> {
             micro_batches,
             grad_clip: self.optim.grad_clip,
             k,
+            world: collective.world_size(),
         })?;
         if let Some(copy) = &mut self.copy {
             be.refresh(B::view_mut(copy), B::view(&self.master))?;
@@ -250,6 +321,47 @@ impl<B: Train> Fused<B> {
         })
     }
 
+    /// [`Fused::update`] of this rank's shard, on the host.
+    fn update_shard(
+        &mut self,
+        micro_batches: usize,
+        k: &Coefficients,
+        collective: &mut dyn Collective,
+    ) -> Result<Scalars> {
+        let shard = self.shard.clone();
+        let (Some(w), Some(g), Some(m), Some(v)) = (
+            B::host_slice_mut(&mut self.master),
+            B::host_slice_mut(&mut self.grad),
+            B::host_slice_mut(&mut self.m),
+            B::host_slice_mut(&mut self.v),
+        ) else {
+            anyhow::bail!("a sharded optimizer state on a device");
+        };
+        let grad_norm = host_step(
+            k,
+            &mut w[shard.clone()],
+            m,
+            v,
+            &mut g[shard],
+            &self.decay_ranges,
+            micro_batches,
+            self.optim.grad_clip,
+            |g| {
+                let squares = crate::optim::sum_of_squares(g);
+                sum_by_shard(collective, squares).map(f64::sqrt)
+            },
+        )?;
+        let mut loss_sum = 0.0;
+        for (sum, tokens) in self.losses.iter().zip(&self.tokens) {
+            loss_sum += self.model.backend().loss_value(sum)? / *tokens as f64;
+        }
+        self.losses.clear();
+        Ok(Scalars {
+            loss_sum,
+            grad_norm,
+        })
+    }
+
     /// Mean loss of one micro-batch, without gradients (evaluation).
     pub fn loss(&mut self, inputs: &[u32], targets: &[u32]) -> Result<f64> {
         let total = {
@@ -268,9 +380,10 @@ impl<B: Train> Fused<B> {
         Ok(sum / inputs.len() as f64)
     }
 
-    /// Copies the master weights and both moments into `weights`, `m`,
-    /// `v` (resized to the parameter count; their memory reused: a
-    /// snapshot's buffers) and returns the update count.
+    /// Copies the master weights and both moments of [`Fused::shard`]
+    /// (all parameters unless sharded) into `weights`, `m`, `v` (resized
+    /// to the shard; their memory reused: a snapshot's buffers) and
+    /// returns the update count.
     pub fn read_state(
         &self,
         weights: &mut Vec<f32>,
@@ -278,13 +391,18 @@ impl<B: Train> Fused<B> {
         v: &mut Vec<f32>,
     ) -> Result<u64> {
         let be = self.model.backend();
-        for (out, buf) in [(weights, &self.master), (m, &self.m), (v, &self.v)] {
-            out.resize(self.len, 0.0);
-            be.download(B::view(buf), out)?;
+        let n = self.shard.len();
+        let master = B::part(&self.master, self.shard.clone());
+        for (out, buf) in [
+            (weights, master),
+            (m, B::view(&self.m)),
+            (v, B::view(&self.v)),
+        ] {
+            out.resize(n, 0.0);
+            be.download(buf, out)?;
         }
         if !B::HOST_MEMORY {
-            self.transfers
-                .record_download(Purpose::State, 3 * 4 * self.len);
+            self.transfers.record_download(Purpose::State, 3 * 4 * n);
         }
         Ok(self.step)
     }
@@ -310,6 +428,9 @@ impl<B: Train> Fused<B> {
     /// through one reused host buffer (never a host copy of the whole
     /// state). After an error the state is half-loaded.
     pub fn load(&mut self, dir: &Path, slots: &[Slot], weights_only: bool) -> Result<()> {
+        if self.sharded {
+            return self.load_shard(dir, slots, weights_only);
+        }
         if let Some(w) = B::host_slice_mut(&mut self.master) {
             checkpoint::read_model_into(dir, slots, w)?;
             if !weights_only {
@@ -360,6 +481,40 @@ impl<B: Train> Fused<B> {
         Ok(())
     }
 
+    /// [`Fused::load`] of a sharded state (host memory): all the weights,
+    /// the moments of the shard only, read a tensor at a time.
+    fn load_shard(&mut self, dir: &Path, slots: &[Slot], weights_only: bool) -> Result<()> {
+        let shard = self.shard.clone();
+        let (Some(w), Some(m), Some(v)) = (
+            B::host_slice_mut(&mut self.master),
+            B::host_slice_mut(&mut self.m),
+            B::host_slice_mut(&mut self.v),
+        ) else {
+            anyhow::bail!("a sharded optimizer state on a device");
+        };
+        checkpoint::read_model_into(dir, slots, w)?;
+        if weights_only {
+            return Ok(());
+        }
+        for (kind, out) in [(Kind::FirstMoments, m), (Kind::SecondMoments, v)] {
+            let mut tensors = TensorReader::open(dir, slots, kind)?;
+            while let Some((slot, values)) = tensors.next_tensor()? {
+                let (lo, hi) = (
+                    slot.offset.max(shard.start),
+                    (slot.offset + values.len()).min(shard.end),
+                );
+                if lo < hi {
+                    out[lo - shard.start..hi - shard.start]
+                        .copy_from_slice(&values[lo - slot.offset..hi - slot.offset]);
+                }
+            }
+            if kind == Kind::SecondMoments {
+                self.step = tensors.optimizer_step()?;
+            }
+        }
+        Ok(())
+    }
+
     /// The token ids the backend uploaded, counted as the step's traffic.
     fn count_uploads(&mut self) {
         let bytes = self.model.backend_mut().take_uploaded();
@@ -367,6 +522,13 @@ impl<B: Train> Fused<B> {
             self.transfers
                 .record_upload(Purpose::Step, usize::try_from(bytes).unwrap_or(usize::MAX));
         }
+    }
+
+    /// All the master weights into `w` (tests).
+    #[cfg(test)]
+    pub fn weights_into(&self, w: &mut [f32]) -> Result<()> {
+        self.model.backend().download(B::view(&self.master), w)?;
+        Ok(())
     }
 
     /// The step's summed gradient (before averaging and clipping on a

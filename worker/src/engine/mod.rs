@@ -47,6 +47,7 @@ pub mod gpt;
 #[cfg(test)]
 pub(crate) mod tests;
 
+use std::ops::Range;
 use std::path::Path;
 
 use anyhow::Result;
@@ -123,6 +124,9 @@ pub struct Setup<'a> {
     pub device: &'a Device,
     pub precision: Precision,
     pub transfers: Transfers,
+    /// The parameters whose optimizer state this rank keeps, when the job
+    /// shards it (`Config::shards_optimizer`); `None`: all of them.
+    pub shard: Option<Range<usize>>,
 }
 
 /// The kind of device, as the engine choice sees it.
@@ -217,6 +221,7 @@ impl Engine {
             device,
             precision,
             transfers,
+            shard,
         } = setup;
         let dtype = model::compute_dtype(device, precision);
         let shape = ModelShape {
@@ -242,6 +247,7 @@ impl Engine {
                 optim,
                 Device::Cpu,
                 transfers,
+                shard,
             )?)),
             #[cfg(feature = "cuda")]
             Resolved::FusedCuda { bf16 } => {
@@ -256,6 +262,7 @@ impl Engine {
                         optim,
                         device.clone(),
                         transfers,
+                        shard,
                     )?))
                 } else {
                     Engine::FusedCudaF32(Box::new(Fused::new(
@@ -267,6 +274,7 @@ impl Engine {
                         optim,
                         device.clone(),
                         transfers,
+                        shard,
                     )?))
                 }
             }
@@ -274,6 +282,10 @@ impl Engine {
             Resolved::FusedCuda { .. } => {
                 anyhow::bail!("the fused CUDA engine needs a worker built with `--features cuda`")
             }
+            Resolved::Composed if shard.is_some() => anyhow::bail!(
+                "the composed engine keeps the whole optimizer state (train.shard_optimizer needs \
+                 the fused engine, f32 on the CPU): set train.shard_optimizer = \"off\""
+            ),
             Resolved::Composed => Engine::Composed(Box::new(Composed::new(
                 model_config,
                 &weights,
@@ -317,6 +329,12 @@ impl Engine {
         self.len() == 0
     }
 
+    /// The parameters whose optimizer state this rank keeps (what
+    /// [`Engine::read_state`] copies): all, or its shard.
+    pub fn shard(&self) -> Range<usize> {
+        each!(self, f => f.shard(), c => 0..c.state().len())
+    }
+
     /// The device the state lives on (for page-locking snapshot buffers).
     pub fn device(&self) -> &Device {
         each!(self, f => f.device(), c => c.device())
@@ -348,16 +366,33 @@ impl Engine {
     }
 
     /// Sums the step's gradient over all ranks, in place where it lives
-    /// (the parts not summed during backward).
-    pub fn all_reduce(&mut self, collective: &mut dyn Collective) -> Result<(), CollectiveError> {
-        each!(self, f => f.all_reduce(collective), c => c.all_reduce(collective))
+    /// (the parts not summed during backward): all of it, or — sharded —
+    /// into this rank's shard.
+    pub fn sum_gradient(&mut self, collective: &mut dyn Collective) -> Result<(), CollectiveError> {
+        each!(self, f => f.sum_gradient(collective), c => c.all_reduce(collective))
     }
 
     /// Averages the summed gradient over `micro_batches` (all ranks'),
-    /// clips it to `optim.grad_clip`, applies AdamW at `lr`, refreshes the
-    /// compute weights, and reads the step's losses and norm (one wait).
-    pub fn update(&mut self, micro_batches: usize, lr: f64) -> Result<Scalars> {
-        each!(self, f => f.update(micro_batches, lr), c => c.update(micro_batches, lr))
+    /// clips it to `optim.grad_clip`, applies AdamW at `lr` (to this rank's
+    /// shard, sharded), refreshes the compute weights, and reads the step's
+    /// losses and norm (one wait).
+    pub fn update(
+        &mut self,
+        micro_batches: usize,
+        lr: f64,
+        collective: &mut dyn Collective,
+    ) -> Result<Scalars> {
+        each!(self,
+            f => f.update(micro_batches, lr, collective),
+            c => c.update(micro_batches, lr))
+    }
+
+    /// Sharded: the ranks' updated shards of the weights to every rank.
+    pub fn gather_weights(
+        &mut self,
+        collective: &mut dyn Collective,
+    ) -> Result<(), CollectiveError> {
+        each!(self, f => f.gather_weights(collective), _c => Ok(()))
     }
 
     /// Mean loss of one micro-batch, without gradients.
@@ -365,8 +400,9 @@ impl Engine {
         each!(self, f => f.loss(inputs, targets), c => c.loss(inputs, targets))
     }
 
-    /// Copies the f32 master weights and both moments into the three
-    /// buffers (resized to [`Engine::len`]); returns the update count.
+    /// Copies the f32 master weights and both moments of
+    /// [`Engine::shard`] into the three buffers (resized to it); returns
+    /// the update count.
     pub fn read_state(
         &self,
         weights: &mut Vec<f32>,
@@ -385,6 +421,15 @@ impl Engine {
     /// xxh3 of the master weights' bits, layout order.
     pub fn weights_hash(&self) -> Result<u64> {
         each!(self, f => f.weights_hash(), c => c.weights_hash())
+    }
+
+    /// All the f32 master weights on the host (tests; [`Engine::read_state`]
+    /// copies a sharded state's shard only).
+    #[cfg(test)]
+    pub fn weights(&self) -> Result<Vec<f32>> {
+        let mut w = vec![0f32; self.len()];
+        each!(self, f => f.weights_into(&mut w)?, c => c.state().weights_to_host(&mut w)?);
+        Ok(w)
     }
 
     /// The step's gradient on the host (tests): summed (device fused),

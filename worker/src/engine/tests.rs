@@ -916,6 +916,7 @@ fn engine_new_builds_the_resolved_engine_or_refuses_it() {
                 device: &Device::Cpu,
                 precision,
                 transfers: Transfers::default(),
+                shard: None,
             },
         )
     };
@@ -951,9 +952,9 @@ fn fused_step<B: super::backend::Train>(
     for (x, y) in batches {
         f.forward_backward(x, y).expect("forward and backward");
     }
-    f.all_reduce(&mut Solo).expect("all-reduce");
+    f.sum_gradient(&mut Solo).expect("all-reduce");
     let grad = f.gradient().expect("gradient");
-    (grad, f.update(batches.len(), lr).expect("update"))
+    (grad, f.update(batches.len(), lr, &mut Solo).expect("update"))
 }
 
 /// Weights, both moments and the update count of `f`.
@@ -983,6 +984,7 @@ fn fused_on<B: super::backend::Train>(backend: B, lr_clip: f64) -> super::Fused<
         &optim,
         Device::Cpu,
         crate::transfer::Transfers::default(),
+        None,
     )
     .expect("fused engine")
 }

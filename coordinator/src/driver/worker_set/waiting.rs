@@ -163,10 +163,11 @@ impl WorkerSet {
                             }
                         }
                         worker_message::Body::Error(_) => {}
-                        // Only rank 0 writes, and only its report of this
-                        // generation counts.
+                        // The writers' reports of this generation (rank 0,
+                        // or every rank of a sharded job): the commit
+                        // counts them.
                         worker_message::Body::Checkpoint(r) => {
-                            if rank == 0 && r.generation == self.generation {
+                            if r.generation == self.generation {
                                 asides.take(Aside::Checkpoint(r))?;
                             }
                             return Ok(None);

@@ -57,6 +57,10 @@ pub struct MetricsRecord {
     /// in and scalars out where the state is device-resident; 0 where it is
     /// host memory).
     pub host_device_bytes: u64,
+    /// Seconds of communication the step waited for on its slowest rank
+    /// in that (the gradient sums backward did not hide, a sharded
+    /// optimizer's all-gather).
+    pub comm_exposed_s: f64,
 }
 
 /// The run directory and its append-only files.

@@ -324,6 +324,7 @@ impl Compute {
                     tokens: o.tokens,
                     compute_s: o.compute_s,
                     allreduce_s: o.allreduce_s,
+                    exposed_comm_s: o.exposed_comm_s,
                     total_s: o.total_s,
                     weights_hash,
                     host_device_bytes: o.host_device_bytes,

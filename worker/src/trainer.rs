@@ -183,7 +183,12 @@ pub struct StepOutcome {
     pub grad_norm: f64,
     pub tokens: u64,
     pub compute_s: f64,
+    /// Time in the collective after backward: the sum of what backward
+    /// did not sum, and (sharded) the weights' all-gather.
     pub allreduce_s: f64,
+    /// The communication the step waited for: `allreduce_s` plus what the
+    /// last micro-batch's overlapped sums ran on after its backward.
+    pub exposed_comm_s: f64,
     pub total_s: f64,
     /// Bytes this step moved between host and device memory (token ids in,
     /// scalars out on the device-resident path; 0 for the fused engine,
@@ -314,6 +319,12 @@ impl Trainer {
         &self.slots
     }
 
+    /// Bytes of AdamW moments this rank keeps: two f32 per parameter of
+    /// its shard (all of them unless the job shards its optimizer state).
+    pub fn optimizer_bytes(&self) -> usize {
+        8 * self.engine.shard().len()
+    }
+
     /// How many parameters the model has.
     pub fn parameter_count(&self) -> usize {
         model::parameter_count(&self.slots)
@@ -439,19 +450,22 @@ impl Trainer {
         );
         let entered = span.enter();
         let chunks = samples.len().div_ceil(micro.max(1));
+        let overlap = self.config.train.overlap_grad_comm && self.collective.world_size() > 1;
+        let mut waited_s = 0.0;
         for (i, chunk) in samples.chunks(micro).enumerate() {
             self.micro_batch_boundary(false)?;
             self.batch(&train, chunk, self.config.data.stride)?;
-            // The last micro-batch may all-reduce buckets as backward
-            // finishes them (the composed engine does).
-            let reduce: Option<&mut dyn Collective> = if i + 1 == chunks {
+            // The last micro-batch sums the blocks' gradients as backward
+            // finishes them (`train.overlap_grad_comm`).
+            let reduce: Option<&mut dyn Collective> = if overlap && i + 1 == chunks {
                 Some(&mut *self.collective)
             } else {
                 None
             };
             // Its loss is read with the norm after the update (one wait
             // for a device a step).
-            self.engine
+            waited_s += self
+                .engine
                 .forward_backward(&self.inputs, &self.targets, reduce)?;
             self.micro_batch_boundary(true)?;
         }
@@ -476,11 +490,13 @@ impl Trainer {
             .engine
             .update(micro_batches, lr, self.collective.as_mut())?;
         drop(optimizer);
-        // Sharded: the updated shards of the weights to every rank.
-        let gather_start = Instant::now();
-        tracing::info_span!("all_gather", rank, floats)
-            .in_scope(|| self.engine.gather_weights(self.collective.as_mut()))?;
-        allreduce_s += gather_start.elapsed().as_secs_f64();
+        if self.engine.is_sharded() {
+            // The updated shards of the weights to every rank.
+            let gather_start = Instant::now();
+            tracing::info_span!("all_gather", rank, floats)
+                .in_scope(|| self.engine.gather_weights(self.collective.as_mut()))?;
+            allreduce_s += gather_start.elapsed().as_secs_f64();
+        }
 
         Ok(StepOutcome {
             loss: loss_sum / self.accumulation as f64,
@@ -488,6 +504,7 @@ impl Trainer {
             tokens: (samples.len() * self.config.model.context) as u64,
             compute_s,
             allreduce_s,
+            exposed_comm_s: waited_s + allreduce_s,
             total_s: start.elapsed().as_secs_f64(),
             host_device_bytes: self.transfers.take(Purpose::Step),
         })
@@ -930,11 +947,17 @@ mod tests {
     );
 
     /// `steps` steps of a job of `world` ranks with `train.shard_optimizer`
-    /// = `shard` (clipping active), each rank's end, and its checkpoint
-    /// files written into `dir` (rank 0's whole files, or every rank's
-    /// part).
-    fn sharded_run(world: usize, shard: &str, steps: usize, dir: &Path) -> Vec<RankEnd> {
-        let c = twelve(&format!("shard_optimizer = \"{shard}\"\n"));
+    /// = `shard` and the `train` keys `extra` (clipping active), each
+    /// rank's end, and its checkpoint files written into `dir` (rank 0's
+    /// whole files, or every rank's part).
+    fn sharded_run(
+        world: usize,
+        shard: &str,
+        extra: &str,
+        steps: usize,
+        dir: &Path,
+    ) -> Vec<RankEnd> {
+        let c = twelve(&format!("shard_optimizer = \"{shard}\"\n{extra}"));
         assert_eq!(c.shards_optimizer(world), shard == "on");
         let batches = samples_of(&c, steps);
         local_ring(world, |coll| {
@@ -993,8 +1016,8 @@ mod tests {
                 tempfile::tempdir().expect("tmp"),
                 tempfile::tempdir().expect("tmp"),
             );
-            let off = sharded_run(world, "off", 4, whole_dir.path());
-            let on = sharded_run(world, "on", 4, parts_dir.path());
+            let off = sharded_run(world, "off", "", 4, whole_dir.path());
+            let on = sharded_run(world, "on", "", 4, parts_dir.path());
             let (_, _, _, (m, v, step)) = &off[0];
             let n = m.len();
             let mut covered = 0;
@@ -1047,6 +1070,39 @@ mod tests {
                 "world {other} resumed where one rank did (to f32 sums' order)"
             );
             assert!(want.loss.is_finite());
+        }
+    }
+
+    /// The fused engine's backward hands each block's gradient to the
+    /// collective as it finishes it (`train.overlap_grad_comm`, on a
+    /// thread of its own): 3 ranks, whole and sharded optimizer state —
+    /// the same bits of loss, norm, weights and moments as the sum after
+    /// backward, and the same checkpoint bytes.
+    #[test]
+    fn gradients_summed_during_backward_are_the_same_bits() {
+        for shard in ["off", "on"] {
+            let dirs = [
+                tempfile::tempdir().expect("tmp"),
+                tempfile::tempdir().expect("tmp"),
+            ];
+            let after = sharded_run(3, shard, "overlap_grad_comm = false\n", 3, dirs[0].path());
+            let during = sharded_run(3, shard, "overlap_grad_comm = true\n", 3, dirs[1].path());
+            for (rank, (a, b)) in after.iter().zip(&during).enumerate() {
+                let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+                let what = format!("shard {shard}, rank {rank}");
+                assert_eq!(a.0, b.0, "{what}: losses and norms");
+                assert_eq!(bits(&a.1), bits(&b.1), "{what}: weights");
+                assert_eq!(bits(&a.3.0), bits(&b.3.0), "{what}: first moments");
+                assert_eq!(bits(&a.3.1), bits(&b.3.1), "{what}: second moments");
+            }
+            for file in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE] {
+                let read =
+                    |d: &tempfile::TempDir| std::fs::read(d.path().join(file)).expect("read");
+                assert!(
+                    read(&dirs[0]) == read(&dirs[1]),
+                    "shard {shard}: {file} differs"
+                );
+            }
         }
     }
 

@@ -386,6 +386,7 @@ impl Driver {
                 weights_hash: stride_job::names::hex(first_hash),
                 samples_digest: samples_digest(&batch.samples),
                 host_device_bytes: reports[0].host_device_bytes,
+                comm_exposed_s: reports.iter().map(|r| r.exposed_comm_s).fold(0.0, f64::max),
             };
             self.run.write_metrics(&record)?;
             if let Some(v) = val_loss {

@@ -305,6 +305,11 @@ pub struct TrainConfig {
     /// Each rank keeps the optimizer state of its shard only (ZeRO-1):
     /// `auto`, `on`, `off`; a resume may change it.
     pub shard_optimizer: ShardOptimizer,
+    /// Sum each block's gradient while backward computes the blocks below
+    /// it (the step's last micro-batch), rather than all of it after
+    /// backward: the same bits either way. The fused engine on the CPU
+    /// does it on a thread of its own; the composed engine by buckets.
+    pub overlap_grad_comm: bool,
 }
 
 impl Default for TrainConfig {
@@ -322,6 +327,7 @@ impl Default for TrainConfig {
             seed: 1337,
             grad_comm_dtype: GradCommDtype::F32,
             shard_optimizer: ShardOptimizer::Auto,
+            overlap_grad_comm: true,
         }
     }
 }
@@ -670,7 +676,10 @@ mod tests {
         assert_eq!(auto.train.shard_optimizer, ShardOptimizer::Auto);
         assert!(auto.shards_optimizer(2) && !auto.shards_optimizer(1));
         let composed = resolve("[worker]\nengine = \"composed\"\n").expect("composed");
-        assert!(!composed.shards_optimizer(4), "auto keeps the composed engine's state whole");
+        assert!(
+            !composed.shards_optimizer(4),
+            "auto keeps the composed engine's state whole"
+        );
         let gpu = resolve("[worker]\ndevice = \"cuda\"\n").expect("cuda");
         assert!(!gpu.shards_optimizer(8), "auto: not on CUDA yet");
         let off = resolve("[train]\nshard_optimizer = false\n").expect("off");
@@ -851,7 +860,10 @@ mod tests {
             ),
             (
                 "[train]\nshard_optimizer = \"on\"\n[worker]\nengine = \"composed\"\n",
-                &["`train.shard_optimizer` = on", "the composed engine keeps it whole"],
+                &[
+                    "`train.shard_optimizer` = on",
+                    "the composed engine keeps it whole",
+                ],
             ),
             (
                 "[train]\nshard_optimizer = \"yes\"\n",

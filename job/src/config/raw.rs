@@ -56,6 +56,7 @@ pub const SCHEMA: &[(&str, &[&str])] = &[
             "seed",
             "grad_comm_dtype",
             "shard_optimizer",
+            "overlap_grad_comm",
         ],
     ),
     (

@@ -295,6 +295,7 @@ fn a_run_exports_linked_traces_serves_metrics_and_plots_its_curves() {
         "assign",
         "forward_backward",
         "allreduce",
+        "all_gather",
         "optimizer",
         "restart",
     ];

@@ -114,6 +114,19 @@ pub trait Collective: std::fmt::Debug {
         let _ = (at, whole);
         self.all_reduce_sum(buf)
     }
+    /// [`Collective::reduce_scatter_sum`] of `buf`, the values `at..at +
+    /// buf.len()` of a buffer of `whole` (a bucket): the values of this
+    /// rank's shard of the whole that lie in the part are summed, with the
+    /// bits the unbucketed call gives them; the others are left
+    /// unspecified. The default all-reduces the part.
+    fn reduce_scatter_part(
+        &mut self,
+        buf: &mut [f32],
+        at: usize,
+        whole: usize,
+    ) -> Result<(), CollectiveError> {
+        self.all_reduce_part(buf, at, whole)
+    }
     /// Element-wise sum over all ranks of the values `part` of the flat,
     /// contiguous f32 tensor `t` (a bucket of the device-resident step's
     /// gradient), in place on its device. The default sums a CPU tensor's

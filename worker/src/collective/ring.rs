@@ -344,15 +344,33 @@ impl Collective for TcpRing {
     }
 
     fn reduce_scatter_sum(&mut self, buf: &mut [f32]) -> Result<Range<usize>, CollectiveError> {
-        self.rounds(buf, TcpRing::whole(buf), 0..self.world - 1, self.wire)?;
-        let shard = self.shard(buf.len());
+        let n = buf.len();
+        self.reduce_scatter_part(buf, 0, n)?;
+        Ok(self.shard(n))
+    }
+
+    fn reduce_scatter_part(
+        &mut self,
+        buf: &mut [f32],
+        at: usize,
+        whole: usize,
+    ) -> Result<(), CollectiveError> {
+        let n = buf.len();
+        if at + n > whole {
+            return Err(CollectiveError::Setup(format!(
+                "a part of {n} values at {at} lies outside a buffer of {whole}"
+            )));
+        }
+        let p = Part { at, n, whole };
+        self.rounds(buf, p, 0..self.world - 1, self.wire)?;
         if self.wire == GradCommDtype::Bf16 {
             // What an all-reduce would leave: the sum as it is sent on.
-            for x in &mut buf[shard.clone()] {
+            let mine = self.chunk(p, self.rank + 1);
+            for x in &mut buf[mine] {
                 *x = bf16::from_bits(bf16_bits(*x)).to_f32();
             }
         }
-        Ok(shard)
+        Ok(())
     }
 
     /// Always f32 on the wire, whatever `train.grad_comm_dtype` says: it

@@ -74,6 +74,13 @@ pub struct Fused<B: Train> {
     /// Whether the state is sharded (`shard` may be all of a one-rank
     /// job's parameters either way).
     sharded: bool,
+    /// The gradient's values `0..reduced` were summed over the ranks
+    /// during this step's backward ([`Fused::forward_backward_overlapped`]);
+    /// [`Fused::sum_gradient`] sums the rest.
+    reduced: usize,
+    /// Host copies of the blocks' gradients for the communication, kept
+    /// from step to step.
+    buckets: Vec<Vec<f32>>,
     /// Updates applied so far (for bias correction).
     step: u64,
     optim: OptimConfig,
@@ -163,6 +170,8 @@ impl<B: Train> Fused<B> {
             len,
             shard,
             sharded,
+            reduced: 0,
+            buckets: Vec::new(),
             step: 0,
             optim: optim.clone(),
             losses: Vec::new(),
@@ -196,6 +205,7 @@ impl<B: Train> Fused<B> {
     pub fn begin_step(&mut self) -> Result<()> {
         self.losses.clear();
         self.tokens.clear();
+        self.reduced = 0;
         let be = self.model.backend_mut();
         be.zero(B::view_mut(&mut self.grad))?;
         Ok(())
@@ -223,23 +233,33 @@ impl<B: Train> Fused<B> {
     /// Sums the gradient over all ranks, in place: all of it, or (sharded)
     /// into this rank's shard only (a reduce-scatter, the same bits there).
     pub fn sum_gradient(&mut self, collective: &mut dyn Collective) -> Result<(), CollectiveError> {
-        if !self.sharded {
+        let reduced = std::mem::take(&mut self.reduced);
+        if !self.sharded && reduced == 0 {
             return self
                 .model
                 .backend_mut()
                 .all_reduce(&mut self.grad, collective);
         }
         let Some(grad) = B::host_slice_mut(&mut self.grad) else {
-            return Err(CollectiveError::Setup("a sharded state on a device".into()));
+            return Err(CollectiveError::Setup(
+                "a sharded or overlapped sum of a gradient on a device".into(),
+            ));
         };
-        let shard = collective.reduce_scatter_sum(grad)?;
-        if shard != self.shard {
+        if collective.shard(self.len) != self.shard && self.sharded {
             return Err(CollectiveError::Setup(format!(
-                "the collective reduced {shard:?} into this rank, whose optimizer state is {:?}",
+                "the collective reduces {:?} into this rank, whose optimizer state is {:?}",
+                collective.shard(self.len),
                 self.shard
             )));
         }
-        Ok(())
+        // The part backward did not sum, as the whole buffer's part: the
+        // same bits as one call over all of it.
+        let (n, rest) = (self.len, &mut grad[reduced..]);
+        if self.sharded {
+            collective.reduce_scatter_part(rest, reduced, n)
+        } else {
+            collective.all_reduce_part(rest, reduced, n)
+        }
     }
 
     /// Sharded: every rank's updated shard of the weights to every rank
@@ -539,5 +559,100 @@ impl<B: Train> Fused<B> {
         let mut g = vec![0f32; self.len];
         self.model.backend().download(B::view(&self.grad), &mut g)?;
         Ok(g)
+    }
+}
+
+/// What the backward thread of [`Fused::forward_backward_overlapped`]
+/// hands the communicating one.
+enum Handed {
+    /// A block's parameters and a copy of their gradient, final.
+    Bucket(Range<usize>, Vec<f32>),
+    /// The backward ended then.
+    Done(std::time::Instant),
+}
+
+impl Fused<super::backend::Cpu<f32>> {
+    /// [`Fused::forward_backward`] of a step's last micro-batch with the
+    /// blocks' gradients summed over the ranks while backward computes
+    /// the blocks below (a reduce-scatter into this rank's shard when
+    /// sharded): the backward runs on a thread of its own and hands each
+    /// block's gradient over as it finishes it (a copy: the backward goes
+    /// on writing the buffer); this thread, which holds the collective,
+    /// sums each as it comes, as the part of the whole gradient it is (the
+    /// ring then keeps the whole buffer's chunk bounds: the same bits as
+    /// one sum after backward), and copies them back once backward is
+    /// done. `ln_f`, `wpe` and the tied `wte` are left to
+    /// [`Fused::sum_gradient`]. Returns the seconds this thread went on
+    /// summing after the backward had ended: the communication the step
+    /// waited for here.
+    pub fn forward_backward_overlapped(
+        &mut self,
+        inputs: &[u32],
+        targets: &[u32],
+        collective: &mut dyn Collective,
+    ) -> Result<f64> {
+        let (whole, sharded) = (self.len, self.sharded);
+        let blocks_end = self.model.blocks_end();
+        let mut pool = std::mem::take(&mut self.buckets);
+        let (model, master, grad) = (&mut self.model, &self.master, &mut self.grad);
+        let (tx, rx) = std::sync::mpsc::channel::<Handed>();
+        let (loss, summed, exposed) = std::thread::scope(|scope| -> Result<_> {
+            let backward = std::thread::Builder::new()
+                .name("backward".into())
+                .spawn_scoped(scope, move || {
+                    let mut hand = |_: &super::backend::Cpu<f32>, at: Range<usize>, g: &[f32]| {
+                        let mut copy = pool.pop().unwrap_or_default();
+                        copy.clear();
+                        copy.extend_from_slice(g);
+                        // A communicating thread that gave up has said why.
+                        let _ = tx.send(Handed::Bucket(at, copy));
+                        Ok(())
+                    };
+                    let loss = model.forward_backward_ready(
+                        &master.as_slice(),
+                        &mut grad.as_mut_slice(),
+                        inputs,
+                        targets,
+                        &mut hand,
+                    );
+                    let _ = tx.send(Handed::Done(std::time::Instant::now()));
+                    loss
+                })
+                .context("cannot start the backward thread")?;
+            let (mut summed, mut exposed, mut failed) = (Vec::new(), 0.0, None);
+            // Ends when the backward thread has ended (its sender dropped).
+            for handed in rx {
+                match handed {
+                    Handed::Bucket(at, mut copy) if failed.is_none() => {
+                        let sum = if sharded {
+                            collective.reduce_scatter_part(&mut copy, at.start, whole)
+                        } else {
+                            collective.all_reduce_part(&mut copy, at.start, whole)
+                        };
+                        match sum {
+                            Ok(()) => summed.push((at, copy)),
+                            Err(e) => failed = Some(e),
+                        }
+                    }
+                    Handed::Bucket(..) => {}
+                    Handed::Done(at) => exposed = at.elapsed().as_secs_f64(),
+                }
+            }
+            let loss = backward
+                .join()
+                .map_err(|_| anyhow::anyhow!("the backward thread panicked"))??;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            Ok((loss, summed, exposed))
+        })?;
+        for (at, copy) in summed {
+            self.grad[at].copy_from_slice(&copy);
+            self.buckets.push(copy);
+        }
+        self.reduced = blocks_end;
+        self.losses.push(loss);
+        self.tokens.push(inputs.len());
+        Ok(exposed)
     }
 }

@@ -145,6 +145,32 @@ impl ParamIndex {
     }
 }
 
+/// What [`Gpt::forward_backward_ready`] calls with a block's parameters and
+/// their finished gradient.
+pub type Ready<'a, B> = dyn FnMut(&B, Range<usize>, <B as Backend>::View<'_, <B as Backend>::G>) -> Result<(), BackendError>
+    + 'a;
+
+/// The flat range a block's parameters span (contiguous in the layout).
+fn block_range(b: &BlockParams) -> Range<usize> {
+    let all = [
+        &b.ln_1.w,
+        &b.ln_1.b,
+        &b.c_attn.w,
+        &b.c_attn.b,
+        &b.attn_proj.w,
+        &b.attn_proj.b,
+        &b.ln_2.w,
+        &b.ln_2.b,
+        &b.c_fc.w,
+        &b.c_fc.b,
+        &b.mlp_proj.w,
+        &b.mlp_proj.b,
+    ];
+    let start = all.iter().map(|r| r.start).min().unwrap_or(0);
+    let end = all.iter().map(|r| r.end).max().unwrap_or(0);
+    start..end
+}
+
 /// A LayerNorm's output, with the statistics its backward needs, for up
 /// to N rows of C.
 #[derive(Debug)]
@@ -609,6 +635,34 @@ impl<B: Backend> Gpt<B> {
         inputs: &[u32],
         targets: &[u32],
     ) -> Result<B::Loss, BatchError> {
+        self.forward_backward_ready(w, grad, inputs, targets, &mut |_, _, _| Ok(()))
+    }
+
+    /// The parameters of the blocks (all of them): a prefix of the flat
+    /// layout, which sorts `transformer.h.*` before `ln_f`, `wpe`, `wte`.
+    pub fn blocks_end(&self) -> usize {
+        self.index
+            .blocks
+            .iter()
+            .map(|b| block_range(b).end)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// [`Gpt::forward_backward_sum`], calling `ready` with each block's
+    /// parameters and their gradient as soon as the backward is done with
+    /// them (last block first): a data-parallel step sums those while the
+    /// blocks below compute. What is left — `ln_f`, `wpe` and the tied
+    /// `wte`, whose gradient the embedding backward completes last — is
+    /// the layout's tail from [`Gpt::blocks_end`].
+    pub fn forward_backward_ready(
+        &mut self,
+        w: &B::View<'_, B::A>,
+        grad: &mut B::ViewMut<'_, B::G>,
+        inputs: &[u32],
+        targets: &[u32],
+        ready: &mut Ready<'_, B>,
+    ) -> Result<B::Loss, BatchError> {
         let b = self.check(inputs, targets)?;
         self.forward(w, inputs, b)?;
         let (t, c, nh) = (self.config.context, self.config.n_embd, self.config.n_head);
@@ -706,6 +760,9 @@ impl<B: Backend> Gpt<B> {
                 B::part(&self.res[l], 0..n * c),
                 n,
             )?;
+            // This block's parameters get no more gradient.
+            let params = block_range(bp);
+            ready(&*be, params.clone(), B::sub(&B::shared(grad), params))?;
         }
 
         // x = wte[tokens] + wpe[positions]

@@ -335,6 +335,11 @@ impl Engine {
         each!(self, f => f.shard(), c => 0..c.state().len())
     }
 
+    /// Whether this rank keeps the optimizer state of a shard only.
+    pub fn is_sharded(&self) -> bool {
+        self.shard().len() != self.len()
+    }
+
     /// The device the state lives on (for page-locking snapshot buffers).
     pub fn device(&self) -> &Device {
         each!(self, f => f.device(), c => c.device())
@@ -351,18 +356,30 @@ impl Engine {
     /// Forward and backward of one micro-batch (`inputs`, `targets`: B·T
     /// token ids each): adds the gradient of its mean loss into the step's
     /// gradient; its loss is read at the step's end. With `reduce` (the
-    /// step's last micro-batch) the composed engine all-reduces each bucket
-    /// as backward finishes it; the fused engine sums once, in
-    /// [`Engine::all_reduce`] (no buckets during its backward yet).
+    /// step's last micro-batch, `train.overlap_grad_comm`) the gradient is
+    /// summed by block as backward finishes each: the fused CPU engine on
+    /// a thread of its own ([`Fused::forward_backward_overlapped`]), the
+    /// composed engine by buckets in line (on CUDA, on NCCL's stream); the
+    /// fused CUDA engine sums once, in [`Engine::sum_gradient`] (no
+    /// buckets during its backward yet). Returns the seconds the call
+    /// waited for communication after its backward had ended (the fused
+    /// CPU engine's; 0 for the others, whose in-line sums are counted in
+    /// the compute).
     pub fn forward_backward(
         &mut self,
         inputs: &[u32],
         targets: &[u32],
         reduce: Option<&mut dyn Collective>,
-    ) -> Result<()> {
-        each!(self,
-            f => f.forward_backward(inputs, targets),
-            c => c.forward_backward(inputs, targets, reduce).map(drop))
+    ) -> Result<f64> {
+        match (self, reduce) {
+            (Engine::Fused(f), Some(c)) => f.forward_backward_overlapped(inputs, targets, c),
+            (engine, reduce) => {
+                each!(engine,
+                    f => f.forward_backward(inputs, targets),
+                    c => c.forward_backward(inputs, targets, reduce).map(drop))?;
+                Ok(0.0)
+            }
+        }
     }
 
     /// Sums the step's gradient over all ranks, in place where it lives

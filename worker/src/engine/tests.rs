@@ -954,7 +954,10 @@ fn fused_step<B: super::backend::Train>(
     }
     f.sum_gradient(&mut Solo).expect("all-reduce");
     let grad = f.gradient().expect("gradient");
-    (grad, f.update(batches.len(), lr, &mut Solo).expect("update"))
+    (
+        grad,
+        f.update(batches.len(), lr, &mut Solo).expect("update"),
+    )
 }
 
 /// Weights, both moments and the update count of `f`.

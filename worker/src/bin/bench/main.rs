@@ -1,7 +1,8 @@
 //! `bench`: the worker's training speed and memory next to PyTorch's, the
-//! ring all-reduce next to memcpy, the device-resident AdamW update (fused
-//! in-place pass) next to its Candle-op reference, and a checkpoint next
-//! to `dd`.
+//! ring all-reduce next to memcpy, two ranks' step with the optimizer
+//! state whole and sharded (`--parallel-only`), the device-resident AdamW
+//! update (fused in-place pass) next to its Candle-op reference, and a
+//! checkpoint next to `dd`.
 //!
 //!     cargo run --release -p stride-worker --bin bench -- [--pytorch python3] [--steps N]
 //!
@@ -31,6 +32,7 @@ mod checkpoint;
 mod collective;
 mod lines;
 mod measure;
+mod parallel;
 mod update;
 
 use std::process::Command;
@@ -43,6 +45,7 @@ use crate::checkpoint::{bench_checkpoint, child_load};
 use crate::collective::{bench_memcpy, bench_ring, bench_tcp};
 use crate::lines::{bench_cuda, child, shapes, stride_line};
 use crate::measure::{figure_before, measured};
+use crate::parallel::bench_parallel;
 use crate::update::{bench_update, child_update};
 
 #[derive(Debug, Parser)]
@@ -71,6 +74,14 @@ struct Args {
     /// Where the checkpoint benchmark writes (the disk checkpoints go to).
     #[arg(long, default_value = "target/bench-checkpoint")]
     checkpoint_dir: std::path::PathBuf,
+    /// Run only the data-parallel benchmark (2 ranks on the ring: the
+    /// optimizer state whole and sharded).
+    #[arg(long, conflicts_with_all = ["checkpoint_only", "update_only"])]
+    parallel_only: bool,
+    /// Alternating rounds of the data-parallel benchmark (each variant's
+    /// best is printed).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Run only the optimiser-update benchmark (fused vs Candle ops).
     #[arg(long, conflicts_with = "checkpoint_only")]
     update_only: bool,
@@ -114,6 +125,9 @@ fn main() -> Result<()> {
     }
     if args.update_only {
         return bench_update(args.steps);
+    }
+    if args.parallel_only {
+        return bench_parallel(args.steps, args.rounds);
     }
     if let (Some(name), Some(engine)) = (&args.child, &args.engine) {
         if !args.default_malloc {
@@ -217,6 +231,7 @@ fn main() -> Result<()> {
         }
     }
     println!("{ratios}");
+    bench_parallel(args.steps, args.rounds)?;
     bench_update(args.steps)?;
     if !args.no_checkpoint {
         bench_checkpoint(&args.checkpoint_dir)?;

@@ -327,6 +327,33 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
             vec![
                 "--config",
                 "tiny",
+                "--set",
+                "worker.device=cuda",
+                "--set",
+                "train.shard_optimizer=true",
+            ],
+            2,
+            vec![
+                "`train.shard_optimizer` = on",
+                "sharded update is not written yet",
+            ],
+        ),
+        (
+            "coordinator",
+            vec![
+                "--config",
+                "tiny",
+                "--set",
+                "train.shard_optimizer=maybe",
+            ],
+            2,
+            vec!["`train.shard_optimizer`", "`auto`", "`on`", "`off`"],
+        ),
+        (
+            "coordinator",
+            vec![
+                "--config",
+                "tiny",
                 "--listen",
                 "127.0.0.1:0",
                 "--run-dir",

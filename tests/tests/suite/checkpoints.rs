@@ -1090,3 +1090,91 @@ fn a_checkpoint_can_be_sampled_and_exported() {
     assert_eq!(status.code(), Some(2), "{out}");
     assert!(out.contains("--force"), "{out}");
 }
+
+/// A job that shards its optimizer state (ZeRO-1: every rank writes its
+/// shard's part of both files, the coordinator hashes them) leaves
+/// checkpoints byte for byte those of the same job with the state whole,
+/// which record the same sums and weights hash; the sharded job's
+/// checkpoint resumes on one worker (nothing to shard) to the same losses
+/// as the whole job's.
+#[test]
+fn a_sharded_jobs_checkpoints_are_the_whole_jobs_byte_for_byte() {
+    let _turn = crate::common::beside_others();
+    let (sharded, whole) = (
+        tempfile::tempdir().expect("tmp"),
+        tempfile::tempdir().expect("tmp"),
+    );
+    let run = |dir: &Path, shard: &str| {
+        let set = format!("train.shard_optimizer={shard}");
+        let out = ok(
+            &args(&[
+                "--workers",
+                "2",
+                "--set",
+                "train.max_steps=20",
+                "--set",
+                "checkpoint.interval=10",
+                "--set",
+                &set,
+            ]),
+            dir,
+        );
+        dir.join("runs/tiny/checkpoints")
+            .join(checkpoint::step_dir_name(20))
+            .canonicalize()
+            .unwrap_or_else(|e| panic!("no step 20 ({e}):\n{out}"))
+    };
+    let (a, b) = (run(sharded.path(), "true"), run(whole.path(), "false"));
+    for step in [10, 20] {
+        let dir = |root: &Path| {
+            root.join("runs/tiny/checkpoints")
+                .join(checkpoint::step_dir_name(step))
+        };
+        for file in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE] {
+            let read = |root: &Path| std::fs::read(dir(root).join(file)).expect("read");
+            assert!(
+                read(sharded.path()) == read(whole.path()),
+                "step {step}: {file} differs between the sharded and the whole job"
+            );
+        }
+        let (sa, sb) = (state(&dir(sharded.path())), state(&dir(whole.path())));
+        for file in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE] {
+            assert_eq!(
+                sa.files[file], sb.files[file],
+                "step {step}: {file}'s recorded sum"
+            );
+        }
+        assert_eq!(
+            sa.weights_hash, sb.weights_hash,
+            "step {step}: the weights hash"
+        );
+        assert!(!sa.weights_hash.is_empty());
+    }
+    assert_eq!(steps(&sharded.path().join("runs/tiny")).len(), 20);
+    // Both resume on one worker to the same next losses.
+    let resume = |root: &Path| {
+        let ckpt = root
+            .join("runs/tiny/checkpoints")
+            .join(checkpoint::step_dir_name(10));
+        let to = tempfile::tempdir().expect("tmp");
+        ok(
+            &[
+                "--resume",
+                ckpt.to_str().expect("utf8"),
+                "--local",
+                "--workers",
+                "1",
+                "--run-dir",
+                "runs/tiny",
+            ],
+            to.path(),
+        );
+        steps(&to.path().join("runs/tiny"))
+    };
+    let (ra, rb) = (resume(sharded.path()), resume(whole.path()));
+    for s in 10..20 {
+        assert_eq!(ra[&s]["loss"], rb[&s]["loss"], "step {s}");
+        assert_eq!(ra[&s]["weights_hash"], rb[&s]["weights_hash"], "step {s}");
+    }
+    assert_ne!(a, b);
+}

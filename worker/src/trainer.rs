@@ -1362,7 +1362,10 @@ mod tests {
                 3,
                 "weights and moments are copied into page-locked buffers"
             );
-            assert_eq!(snapshot.weights_hash(), gpu.weights_hash().expect("hash"));
+            assert_eq!(
+                snapshot.weights_hash(),
+                Some(gpu.weights_hash().expect("hash"))
+            );
             snapshot.write(d1.path()).expect("write");
             drop(snapshot);
             let written = state_of(&gpu);

@@ -340,12 +340,7 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
         ),
         (
             "coordinator",
-            vec![
-                "--config",
-                "tiny",
-                "--set",
-                "train.shard_optimizer=maybe",
-            ],
+            vec!["--config", "tiny", "--set", "train.shard_optimizer=maybe"],
             2,
             vec!["`train.shard_optimizer`", "`auto`", "`on`", "`off`"],
         ),

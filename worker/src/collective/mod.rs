@@ -403,7 +403,7 @@ pub fn form(
         );
     }
     Ok(match kind {
-        CollectiveKind::Nccl => nccl_form(device, rank, world, shared_id)?,
+        CollectiveKind::Nccl => nccl_form(device, rank, world, shared_id, timeout)?,
         CollectiveKind::Ring | CollectiveKind::Auto => {
             let peers: Vec<SocketAddr> = peers
                 .iter()
@@ -429,15 +429,16 @@ fn nccl_form(
     rank: usize,
     world: usize,
     shared_id: &[u8],
+    timeout: Duration,
 ) -> Result<Box<dyn Collective>> {
     Ok(Box::new(
-        nccl::Nccl::new(device, rank, world, shared_id)
+        nccl::Nccl::new(device, rank, world, shared_id, timeout)
             .with_context(|| format!("rank {rank} could not join the NCCL communicator"))?,
     ))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn nccl_form(_: &Device, _: usize, _: usize, _: &[u8]) -> Result<Box<dyn Collective>> {
+fn nccl_form(_: &Device, _: usize, _: usize, _: &[u8], _: Duration) -> Result<Box<dyn Collective>> {
     Err(no_nccl())
 }
 

@@ -984,10 +984,11 @@ mod tests {
     }
 
     /// A config of 12 samples a step (2 and 3 ranks divide it), clipping
-    /// on, with `train` keys added.
+    /// on, with `train` keys added; 4,096 parameters (vocabulary 33), which
+    /// 3 ranks do not divide.
     fn twelve(train: &str) -> Config {
         let text = format!(
-            "[model]\nn_layer = 1\nn_head = 2\nn_embd = 16\nvocab_size = 32\ncontext = 16\n\
+            "[model]\nn_layer = 1\nn_head = 2\nn_embd = 16\nvocab_size = 33\ncontext = 16\n\
              [data]\nsynthetic_tokens = 20000\n[train]\nglobal_batch = 12\nmicro_batch = 2\n\
              warmup_steps = 0\nlr = 1e-2\n{train}[optim]\ngrad_clip = 0.05\n"
         );
@@ -1002,7 +1003,7 @@ mod tests {
     }
 
     /// ZeRO-1 on the ring is the unsharded step bit for bit, with 2 and 3
-    /// ranks: every step's loss and gradient norm (clipping active), the
+    /// ranks (3 does not divide this model's 4,096 parameters): every step's loss and gradient norm (clipping active), the
     /// weights on every rank, and each rank's moments are the unsharded
     /// moments of its shard — a world-th of them; the shards cover the
     /// parameters once. The checkpoint the ranks write in parts is byte
@@ -1035,6 +1036,11 @@ mod tests {
                 assert_eq!(sstep, step);
             }
             assert_eq!(covered, n, "the shards cover the state once");
+            if world == 3 {
+                // A world size that does not divide the parameters: shards
+                // one value apart, nothing refused, nothing padded.
+                assert_ne!(n % world, 0, "{n} parameters");
+            }
             for file in [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE] {
                 let read =
                     |d: &tempfile::TempDir| std::fs::read(d.path().join(file)).expect("read");

@@ -355,13 +355,7 @@ impl Collective for TcpRing {
         at: usize,
         whole: usize,
     ) -> Result<(), CollectiveError> {
-        let n = buf.len();
-        if at + n > whole {
-            return Err(CollectiveError::Setup(format!(
-                "a part of {n} values at {at} lies outside a buffer of {whole}"
-            )));
-        }
-        let p = Part { at, n, whole };
+        let p = Part::of(buf, at, whole)?;
         self.rounds(buf, p, 0..self.world - 1, self.wire)?;
         if self.wire == GradCommDtype::Bf16 {
             // What an all-reduce would leave: the sum as it is sent on.
@@ -391,18 +385,22 @@ impl Collective for TcpRing {
         at: usize,
         whole: usize,
     ) -> Result<(), CollectiveError> {
+        let p = Part::of(buf, at, whole)?;
+        self.rounds(buf, p, 0..2 * (self.world - 1), self.wire)
+    }
+}
+
+impl Part {
+    /// `buf` as the values `at..` of a buffer of `whole`; refused (before
+    /// anything is sent, on every rank alike) when it lies outside.
+    fn of(buf: &[f32], at: usize, whole: usize) -> Result<Part, CollectiveError> {
         let n = buf.len();
         if at + n > whole {
             return Err(CollectiveError::Setup(format!(
                 "a part of {n} values at {at} lies outside a buffer of {whole}"
             )));
         }
-        self.rounds(
-            buf,
-            Part { at, n, whole },
-            0..2 * (self.world - 1),
-            self.wire,
-        )
+        Ok(Part { at, n, whole })
     }
 }
 

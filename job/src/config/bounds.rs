@@ -224,8 +224,8 @@ impl Config {
             check(false, "train.grad_comm_dtype", t.grad_comm_dtype, why)?;
         }
 
-        if let Some(why) = t.shard_optimizer.refusal(w.device, w.engine, w.precision) {
-            check(false, "train.shard_optimizer", t.shard_optimizer, why)?;
+        if let Some(why) = self.shard_refusal(t.shard_optimizer) {
+            check(false, "train.shard_optimizer", t.shard_optimizer, &why)?;
         }
 
         if w.engine == Engine::Fused {

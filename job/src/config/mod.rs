@@ -250,25 +250,24 @@ impl TryFrom<Switch> for ShardOptimizer {
     }
 }
 
-impl ShardOptimizer {
-    /// Why a job on `device` with `engine` at `precision` cannot shard its
-    /// optimizer, if it cannot: only the fused engine on the CPU keeps its
-    /// state by shard so far.
-    fn refusal(self, device: Device, engine: Engine, precision: Precision) -> Option<&'static str> {
-        if self != ShardOptimizer::On {
-            return None;
+/// Why the fused engine would not run a job on `device` with `engine` at
+/// `precision` for `shape` (the composed engine, which keeps its optimizer
+/// state whole, would), if it would not.
+fn composed_because(
+    device: Device,
+    engine: Engine,
+    precision: Precision,
+    shape: &crate::cuda_shapes::ModelShape,
+) -> Option<String> {
+    match (device, engine) {
+        (_, Engine::Composed) => Some("`worker.engine` is `composed`".into()),
+        (Device::Cpu, _) if precision == Precision::Bf16 => {
+            Some("the CPU computes bf16 with the composed engine (`worker.precision`)".into())
         }
-        if matches!(device, Device::Cuda(_)) {
-            return Some(
-                "the fused CUDA engine keeps the whole optimizer state in this build (its sharded update is not written yet): use `auto` or `off`",
-            );
-        }
-        if engine == Engine::Composed || precision == Precision::Bf16 {
-            return Some(
-                "only the fused engine (f32 on the CPU) keeps its optimizer state by shard; the composed engine keeps it whole: use `auto` or `off`, or `worker.engine` `auto`/`fused` in f32",
-            );
-        }
-        None
+        (Device::Cuda(_), Engine::Auto) => crate::cuda_shapes::supports(shape)
+            .err()
+            .map(|u| format!("`worker.engine = auto` runs this model composed on CUDA ({u})")),
+        _ => None,
     }
 }
 
@@ -625,16 +624,38 @@ impl Config {
     /// coordinator (which ranks write a checkpoint) and every worker (what
     /// its engine keeps) read. One rank has nothing to shard.
     pub fn shards_optimizer(&self, world: usize) -> bool {
-        let t = &self.train;
         let w = &self.worker;
         world > 1
-            && match t.shard_optimizer {
+            && match self.train.shard_optimizer {
                 ShardOptimizer::On => true,
                 ShardOptimizer::Off => false,
-                ShardOptimizer::Auto => ShardOptimizer::On
-                    .refusal(w.device, w.engine, w.precision)
-                    .is_none(),
+                // The CPU's fused engine: measured, no slower. Not on CUDA
+                // until a GPU has measured it (ARCHITECTURE, ZeRO-1).
+                ShardOptimizer::Auto => {
+                    w.device == Device::Cpu && self.shard_refusal(ShardOptimizer::On).is_none()
+                }
             }
+    }
+
+    /// Why `train.shard_optimizer = value` cannot run, if it cannot: the
+    /// composed engine keeps the whole optimizer state.
+    pub(crate) fn shard_refusal(&self, value: ShardOptimizer) -> Option<String> {
+        if value != ShardOptimizer::On {
+            return None;
+        }
+        let shape = crate::cuda_shapes::ModelShape {
+            n_head: self.model.n_head,
+            n_embd: self.model.n_embd,
+            vocab_size: self.model.vocab_size,
+            context: self.model.context,
+            micro_batch: self.train.micro_batch,
+        };
+        let w = &self.worker;
+        composed_because(w.device, w.engine, w.precision, &shape).map(|why| {
+            format!(
+                "only the fused engine keeps its optimizer state by shard, and this job runs the composed one, which keeps it whole: {why}; use `auto` or `off`"
+            )
+        })
     }
 
     /// sha256 of the resolved TOML: two runs with the same hash have the
@@ -682,6 +703,9 @@ mod tests {
         );
         let gpu = resolve("[worker]\ndevice = \"cuda\"\n").expect("cuda");
         assert!(!gpu.shards_optimizer(8), "auto: not on CUDA yet");
+        let asked = resolve("[train]\nshard_optimizer = true\n[worker]\ndevice = \"cuda\"\n")
+            .expect("asked for on CUDA");
+        assert!(asked.shards_optimizer(8) && !asked.shards_optimizer(1));
         let off = resolve("[train]\nshard_optimizer = false\n").expect("off");
         assert!(!off.shards_optimizer(8));
     }
@@ -851,10 +875,11 @@ mod tests {
                 &["`train.grad_comm_dtype`", "`f32`", "`bf16`"],
             ),
             (
-                "[train]\nshard_optimizer = true\n[worker]\ndevice = \"cuda\"\n",
+                "[train]\nshard_optimizer = true\n[worker]\ndevice = \"cuda\"\n[model]\nn_embd = 96\nn_head = 8\n",
                 &[
                     "`train.shard_optimizer` = on",
-                    "sharded update is not written yet",
+                    "runs this model composed on CUDA",
+                    "`model.n_head`",
                     "`auto` or `off`",
                 ],
             ),
@@ -862,8 +887,13 @@ mod tests {
                 "[train]\nshard_optimizer = \"on\"\n[worker]\nengine = \"composed\"\n",
                 &[
                     "`train.shard_optimizer` = on",
-                    "the composed engine keeps it whole",
+                    "which keeps it whole",
+                    "`worker.engine` is `composed`",
                 ],
+            ),
+            (
+                "[train]\nshard_optimizer = \"on\"\n[worker]\nprecision = \"bf16\"\n",
+                &["`train.shard_optimizer` = on", "`worker.precision`"],
             ),
             (
                 "[train]\nshard_optimizer = \"yes\"\n",

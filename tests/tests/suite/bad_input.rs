@@ -328,14 +328,14 @@ fn every_bad_input_is_one_clear_error_and_damages_nothing() {
                 "--config",
                 "tiny",
                 "--set",
-                "worker.device=cuda",
+                "worker.engine=composed",
                 "--set",
                 "train.shard_optimizer=true",
             ],
             2,
             vec![
                 "`train.shard_optimizer` = on",
-                "sharded update is not written yet",
+                "the composed one, which keeps it whole",
             ],
         ),
         (

@@ -168,6 +168,33 @@ pub trait Collective: std::fmt::Debug {
             buf.len()
         )))
     }
+
+    /// [`Collective::reduce_scatter_sum`] of a raw CUDA buffer, in place:
+    /// this rank's [`Collective::shard`] summed (a sharded optimizer's
+    /// gradient). The default sums every value
+    /// ([`Collective::all_reduce_device`]).
+    #[cfg(feature = "cuda")]
+    fn reduce_scatter_device(
+        &mut self,
+        buf: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<(), CollectiveError> {
+        self.all_reduce_device(buf)
+    }
+
+    /// [`Collective::all_gather`] of a raw CUDA buffer, in place (a
+    /// sharded optimizer's weights). Only a backend that moves device
+    /// memory (NCCL) can; the default refuses, saying so.
+    #[cfg(feature = "cuda")]
+    fn all_gather_device(
+        &mut self,
+        buf: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<(), CollectiveError> {
+        Err(CollectiveError::Setup(format!(
+            "this collective moves host memory; the fused CUDA engine's weights ({} values) are \
+             device memory: a CUDA job gathers them with NCCL",
+            buf.len()
+        )))
+    }
 }
 
 /// Chunk `i` of `world` of a buffer of `n` values: `i·n/world ..

@@ -378,6 +378,92 @@ impl Nccl {
     }
 }
 
+/// A sharded optimizer's half of a sum: which NCCL operation each chunk
+/// gets, rooted at the rank whose shard it is.
+#[derive(Debug, Clone, Copy)]
+enum PerChunk {
+    /// `ncclReduce` into the chunk's owner: a reduce-scatter into chunks
+    /// of unequal length (NCCL's own needs equal counts).
+    Reduce,
+    /// `ncclBroadcast` from the chunk's owner: an all-gather of them.
+    Broadcast,
+}
+
+impl Nccl {
+    /// One NCCL operation per [`super::chunk`] of `buf` (chunk k rooted at
+    /// rank k, this rank's shard being chunk `rank`: the trait's default
+    /// `shard`), in place, grouped into one launch on the communicator's
+    /// stream; no host wait beyond NCCL's enqueue.
+    fn per_chunk<B: DevicePtrMut<f32>>(
+        &self,
+        buf: &mut B,
+        op: PerChunk,
+    ) -> Result<(), CollectiveError> {
+        let n = buf.len();
+        let world = self.world;
+        let (ptr, record) = buf.device_ptr_mut(&self.stream);
+        let stream = self.stream.cu_stream();
+        let code = self.shared.call(|c| {
+            // SAFETY: every chunk lies inside the `n` f32 of device memory
+            // at `ptr`, borrowed for this call; the communicator is live
+            // (`call`), the stream alive; the group is closed on every path.
+            unsafe {
+                let start = sys::ncclGroupStart();
+                if start != sys::ncclResult_t::ncclSuccess {
+                    return start;
+                }
+                for k in 0..world {
+                    let r = super::chunk(n, world, k);
+                    let at = (ptr + 4 * r.start as u64) as *mut std::ffi::c_void;
+                    let root = k as i32;
+                    let code = match op {
+                        PerChunk::Reduce => sys::ncclReduce(
+                            at,
+                            at,
+                            r.len(),
+                            sys::ncclDataType_t::ncclFloat32,
+                            sys::ncclRedOp_t::ncclSum,
+                            root,
+                            c,
+                            stream as _,
+                        ),
+                        PerChunk::Broadcast => sys::ncclBroadcast(
+                            at,
+                            at,
+                            r.len(),
+                            sys::ncclDataType_t::ncclFloat32,
+                            root,
+                            c,
+                            stream as _,
+                        ),
+                    };
+                    if !matches!(
+                        code,
+                        sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress
+                    ) {
+                        let _ = sys::ncclGroupEnd();
+                        return code;
+                    }
+                }
+                sys::ncclGroupEnd()
+            }
+        })?;
+        if code != NCCL_OK && code != NCCL_IN_PROGRESS {
+            self.shared.abort();
+            return Err(nccl_error(
+                match op {
+                    PerChunk::Reduce => "the reduce-scatter (grouped ncclReduce)",
+                    PerChunk::Broadcast => "the all-gather (grouped ncclBroadcast)",
+                },
+                code,
+            ));
+        }
+        self.shared.settle(None)?;
+        drop(record);
+        Ok(())
+    }
+}
+
 impl Collective for Nccl {
     fn rank(&self) -> usize {
         self.rank
@@ -414,6 +500,23 @@ impl Collective for Nccl {
         buf: &mut cudarc::driver::CudaViewMut<'_, f32>,
     ) -> Result<(), CollectiveError> {
         self.all_reduce_in_place(buf)
+    }
+
+    /// Chunk k of the buffer summed into rank k (this rank's shard: chunk
+    /// `rank`, the trait's default), one grouped launch.
+    fn reduce_scatter_device(
+        &mut self,
+        buf: &mut cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<(), CollectiveError> {
+        self.per_chunk(buf, PerChunk::Reduce)
+    }
+
+    /// Chunk k of the buffer from rank k to every rank, one grouped launch.
+    fn all_gather_device(
+        &mut self,
+        buf: &mut cudarc::driver::CudaViewMut<'_, f32>,
+    ) -> Result<(), CollectiveError> {
+        self.per_chunk(buf, PerChunk::Broadcast)
     }
 
     /// In place on the tensor's device memory, on the communicator's

@@ -44,8 +44,9 @@ use stride_cuda_kernels::Bf16;
 use stride_cuda_kernels::gpu;
 use stride_kernels::{self as kernels, HeadGrad, Heads, Real};
 
+use crate::collective::sum_by_shard;
 use crate::collective::{Collective, CollectiveError};
-use crate::optim::{Coefficients, host_step, norm_by_chunks};
+use crate::optim::{Coefficients, host_step, norm_by_chunks, sum_of_squares};
 
 /// An element a backend's buffers hold, named by its host type.
 pub trait Elem: Copy + Default + Send + Sync + Debug + 'static {
@@ -362,12 +363,26 @@ pub trait Train: Backend<G = f32> {
     /// One optimizer step (see [`Update`]); returns the global gradient
     /// norm before clipping, a value the step reads with its losses
     /// ([`Train::read_scalars`]).
-    fn update(&mut self, u: Update<'_, Self>) -> Result<Self::Loss, BackendError>;
+    fn update(&mut self, u: Update<'_, Self>) -> Result<Self::Loss, UpdateError>;
     /// The gradient summed over all ranks, in place: the step's one
     /// exchange between ranks.
     fn all_reduce(
         &mut self,
         grad: &mut Self::Buf<f32>,
+        collective: &mut dyn Collective,
+    ) -> Result<(), CollectiveError>;
+    /// The gradient summed over all ranks into this rank's shard
+    /// ([`Collective::reduce_scatter_sum`]; a sharded optimizer's).
+    fn reduce_scatter(
+        &mut self,
+        grad: &mut Self::Buf<f32>,
+        collective: &mut dyn Collective,
+    ) -> Result<(), CollectiveError>;
+    /// Every rank's shard of the weights to every rank
+    /// ([`Collective::all_gather`]; a sharded optimizer's).
+    fn all_gather(
+        &mut self,
+        weights: &mut Self::Buf<f32>,
         collective: &mut dyn Collective,
     ) -> Result<(), CollectiveError>;
     /// The values of `scalars` (a step's losses and its norm) appended to
@@ -421,6 +436,24 @@ pub struct Update<'a, B: Backend> {
     /// chunk of this many ([`crate::optim::norm_by_chunks`]), the bits a
     /// sharded step gets; a device backend sums them its own way.
     pub world: usize,
+    /// A sharded optimizer's step: the operands are this rank's shard, and
+    /// the sum of the gradient's squares is summed over the ranks through
+    /// this collective (the host's f64 sums in shard order,
+    /// [`crate::collective::sum_by_shard`]; a device's f32 sum in place,
+    /// without a host wait) before the norm is taken. `None`: the whole
+    /// gradient is here.
+    pub across: Option<&'a mut dyn Collective>,
+}
+
+/// Why an optimizer step failed: its backend, or the collective that sums
+/// a sharded step's norm (kept apart, so that a peer's failure still names
+/// the peer).
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Collective(#[from] CollectiveError),
 }
 
 impl<B: Backend> Debug for Update<'_, B> {
@@ -445,6 +478,20 @@ macro_rules! host_train {
             collective: &mut dyn crate::collective::Collective,
         ) -> Result<(), crate::collective::CollectiveError> {
             collective.all_reduce_sum(grad)
+        }
+        fn reduce_scatter(
+            &mut self,
+            grad: &mut Vec<f32>,
+            collective: &mut dyn crate::collective::Collective,
+        ) -> Result<(), crate::collective::CollectiveError> {
+            collective.reduce_scatter_sum(grad).map(drop)
+        }
+        fn all_gather(
+            &mut self,
+            weights: &mut Vec<f32>,
+            collective: &mut dyn crate::collective::Collective,
+        ) -> Result<(), crate::collective::CollectiveError> {
+            collective.all_gather(weights)
         }
         fn read_scalars(
             &mut self,
@@ -728,9 +775,9 @@ impl Train for Cpu<f32> {
     fn refresh(&mut self, _copy: &mut [f32], _master: &[f32]) -> Result<(), BackendError> {
         OK
     }
-    fn update(&mut self, u: Update<'_, Self>) -> Result<f64, BackendError> {
-        let world = u.world;
-        host_step(
+    fn update(&mut self, u: Update<'_, Self>) -> Result<f64, UpdateError> {
+        let (world, across) = (u.world, u.across);
+        Ok(host_step(
             &u.k,
             u.weights,
             u.m,
@@ -739,8 +786,11 @@ impl Train for Cpu<f32> {
             u.decay_ranges,
             u.micro_batches,
             u.grad_clip,
-            |g| Ok(norm_by_chunks(g, world)),
-        )
+            |g| match across {
+                None => Ok(norm_by_chunks(g, world)),
+                Some(c) => sum_by_shard(c, sum_of_squares(g)).map(f64::sqrt),
+            },
+        )?)
     }
 }
 

@@ -88,7 +88,9 @@ use stride_cuda_kernels::launch::partial_blocks;
 use stride_cuda_kernels::launch::sumsq_blocks;
 use stride_kernels::Heads;
 
-use super::backend::{AttentionSizes, Backend, BackendError, Elem, HEAD_ROWS, Train, Update};
+use super::backend::{
+    AttentionSizes, Backend, BackendError, Elem, HEAD_ROWS, Train, Update, UpdateError,
+};
 use crate::collective::{Collective, CollectiveError};
 
 fn gpu_err(e: GpuError) -> BackendError {
@@ -808,7 +810,7 @@ where
         <S::Device as ComputeStorage>::refresh(&self.kernels, &mut copy.get(), &master)
             .map_err(gpu_err)
     }
-    fn update(&mut self, u: Update<'_, Self>) -> Result<CudaSlice<f32>, BackendError> {
+    fn update(&mut self, u: Update<'_, Self>) -> Result<CudaSlice<f32>, UpdateError> {
         let Update {
             mut weights,
             mut m,
@@ -818,6 +820,7 @@ where
             micro_batches,
             grad_clip,
             k,
+            across,
             ..
         } = u;
         let decay = decay.ok_or_else(|| {
@@ -836,7 +839,7 @@ where
             });
         }
         let Some(o) = self.optimizer.as_mut() else {
-            return Err(BackendError("CUDA backend: no optimizer scratch".into()));
+            return Err(BackendError("CUDA backend: no optimizer scratch".into()).into());
         };
         // The norm is the step's: a buffer of its own, read with the losses.
         let mut norm = self
@@ -847,6 +850,11 @@ where
         self.kernels
             .sum_of_squares(&mut o.sumsq, &mut o.partials, &grad)
             .map_err(gpu_err)?;
+        // A shard's sum of squares, summed over the ranks in place on the
+        // device (NCCL's stream, ordered by cudarc's events): no host wait.
+        if let Some(c) = across {
+            c.all_reduce_device(&mut o.sumsq.as_view_mut())?;
+        }
         self.kernels
             .grad_factor(
                 &mut o.factor,
@@ -880,6 +888,20 @@ where
             return Ok(());
         }
         collective.all_reduce_device(&mut grad.as_view_mut())
+    }
+    fn reduce_scatter(
+        &mut self,
+        grad: &mut CudaSlice<f32>,
+        collective: &mut dyn Collective,
+    ) -> Result<(), CollectiveError> {
+        collective.reduce_scatter_device(&mut grad.as_view_mut())
+    }
+    fn all_gather(
+        &mut self,
+        weights: &mut CudaSlice<f32>,
+        collective: &mut dyn Collective,
+    ) -> Result<(), CollectiveError> {
+        collective.all_gather_device(&mut weights.as_view_mut())
     }
     fn read_scalars(
         &mut self,

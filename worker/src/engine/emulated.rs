@@ -22,7 +22,9 @@ use stride_cuda_kernels::matmul::{self, Gemm, Op};
 use stride_cuda_kernels::{Bf16, Storage};
 use stride_kernels::Heads;
 
-use super::backend::{AttentionSizes, Backend, BackendError, Elem, Train, Update, host_copy, pair};
+use super::backend::{
+    AttentionSizes, Backend, BackendError, Elem, Train, Update, UpdateError, host_copy, pair,
+};
 
 /// See the module doc.
 #[derive(Debug, Default)]
@@ -301,13 +303,18 @@ impl<S: EmuStorage> Train for Emulated<S> {
     fn refresh(&mut self, copy: &mut [S], master: &[f32]) -> Result<(), BackendError> {
         S::refresh(copy, master)
     }
-    fn update(&mut self, u: Update<'_, Self>) -> Result<f64, BackendError> {
+    fn update(&mut self, u: Update<'_, Self>) -> Result<f64, UpdateError> {
         let decay = u
             .decay
             .ok_or_else(|| BackendError("the optimizer kernel reads a decay mask".into()))?;
         self.sumsq_partials.resize(sumsq_blocks(u.grad.len()), 0.0);
         let (mut sumsq, mut factor, mut norm) = ([0f32], [0f32], [0f32]);
         emu::sum_of_squares(&mut sumsq, &mut self.sumsq_partials, u.grad).map_err(emu_err)?;
+        // A shard's sum of squares, summed over the ranks as the device's
+        // would be (NCCL's in-place sum of the one value).
+        if let Some(c) = u.across {
+            c.all_reduce_sum(&mut sumsq)?;
+        }
         let scale = 1.0 / u.micro_batches as f64;
         emu::grad_factor(&mut factor, &mut norm, &sumsq, scale, u.grad_clip).map_err(emu_err)?;
         emu::adamw(u.weights, u.m, u.v, u.grad, decay, &factor, u.k.into()).map_err(emu_err)?;

@@ -42,10 +42,10 @@ use stride_job::config::{ModelConfig, OptimConfig};
 use stride_job::params::Slot;
 
 use super::Scalars;
-use super::backend::{Train, Update};
+use super::backend::{Train, Update, UpdateError};
 use super::gpt::Gpt;
-use crate::collective::{Collective, CollectiveError, sum_by_shard};
-use crate::optim::{Coefficients, decay_ranges, host_step, ranges_within};
+use crate::collective::{Collective, CollectiveError};
+use crate::optim::{Coefficients, decay_ranges, ranges_within};
 use crate::transfer::{Purpose, Transfers};
 
 /// See the module doc.
@@ -123,11 +123,6 @@ impl<B: Train> Fused<B> {
         anyhow::ensure!(
             shard.end <= len,
             "a shard {shard:?} of a state of {len} parameters"
-        );
-        anyhow::ensure!(
-            !sharded || B::HOST_MEMORY,
-            "this engine keeps the whole optimizer state on its device (train.shard_optimizer \
-             needs the fused CPU engine): set train.shard_optimizer = \"off\""
         );
         let mut gpt = Gpt::on(backend, model, slots, micro_batch)?;
         let be = gpt.backend_mut();
@@ -234,24 +229,25 @@ impl<B: Train> Fused<B> {
     /// into this rank's shard only (a reduce-scatter, the same bits there).
     pub fn sum_gradient(&mut self, collective: &mut dyn Collective) -> Result<(), CollectiveError> {
         let reduced = std::mem::take(&mut self.reduced);
-        if !self.sharded && reduced == 0 {
-            return self
-                .model
-                .backend_mut()
-                .all_reduce(&mut self.grad, collective);
-        }
-        let Some(grad) = B::host_slice_mut(&mut self.grad) else {
-            return Err(CollectiveError::Setup(
-                "a sharded or overlapped sum of a gradient on a device".into(),
-            ));
-        };
-        if collective.shard(self.len) != self.shard && self.sharded {
+        if self.sharded && collective.shard(self.len) != self.shard {
             return Err(CollectiveError::Setup(format!(
                 "the collective reduces {:?} into this rank, whose optimizer state is {:?}",
                 collective.shard(self.len),
                 self.shard
             )));
         }
+        let be = self.model.backend_mut();
+        match (reduced, self.sharded) {
+            (0, false) => return be.all_reduce(&mut self.grad, collective),
+            (0, true) => return be.reduce_scatter(&mut self.grad, collective),
+            _ => {}
+        }
+        // Backward summed the blocks' part (host memory: the CPU engine).
+        let Some(grad) = B::host_slice_mut(&mut self.grad) else {
+            return Err(CollectiveError::Setup(
+                "an overlapped sum of a gradient on a device".into(),
+            ));
+        };
         // The part backward did not sum, as the whole buffer's part: the
         // same bits as one call over all of it.
         let (n, rest) = (self.len, &mut grad[reduced..]);
@@ -265,17 +261,18 @@ impl<B: Train> Fused<B> {
     /// Sharded: every rank's updated shard of the weights to every rank
     /// (an all-gather, f32 on the wire), after [`Fused::update`]. Nothing
     /// otherwise.
-    pub fn gather_weights(
-        &mut self,
-        collective: &mut dyn Collective,
-    ) -> Result<(), CollectiveError> {
+    pub fn gather_weights(&mut self, collective: &mut dyn Collective) -> Result<()> {
         if !self.sharded {
             return Ok(());
         }
-        let Some(w) = B::host_slice_mut(&mut self.master) else {
-            return Err(CollectiveError::Setup("a sharded state on a device".into()));
-        };
-        collective.all_gather(w)
+        let be = self.model.backend_mut();
+        be.all_gather(&mut self.master, collective)?;
+        // The compute copy, from all the weights (the update refreshed
+        // none of it).
+        if let Some(copy) = &mut self.copy {
+            be.refresh(B::view_mut(copy), B::view(&self.master))?;
+        }
+        Ok(())
     }
 
     /// Averages the summed gradient over `micro_batches` (over all ranks),
@@ -283,7 +280,7 @@ impl<B: Train> Fused<B> {
     /// refreshes the compute copy, then reads the step's losses and norm
     /// (one wait for a device). Sharded, the update is of this rank's
     /// shard, the norm's squares summed over the ranks in shard order
-    /// ([`sum_by_shard`]: the unsharded step's bits); the weights are then
+    /// ([`crate::collective::sum_by_shard`]: the unsharded step's bits); the weights are then
     /// gathered by [`Fused::gather_weights`].
     pub fn update(
         &mut self,
@@ -294,23 +291,30 @@ impl<B: Train> Fused<B> {
         anyhow::ensure!(micro_batches > 0, "a step without micro-batches");
         self.step += 1;
         let k = Coefficients::new(&self.optim, self.step, lr);
-        if self.sharded {
-            return self.update_shard(micro_batches, &k, collective);
-        }
+        let shard = self.shard.clone();
+        let world = collective.world_size();
         let be = self.model.backend_mut();
         let norm = be.update(Update {
-            weights: B::view_mut(&mut self.master),
+            weights: B::part_mut(&mut self.master, shard.clone()),
             m: B::view_mut(&mut self.m),
             v: B::view_mut(&mut self.v),
-            grad: B::view_mut(&mut self.grad),
-            decay: self.decay.as_ref().map(B::view),
+            grad: B::part_mut(&mut self.grad, shard.clone()),
+            decay: self.decay.as_ref().map(|d| B::part(d, shard.clone())),
             decay_ranges: &self.decay_ranges,
             micro_batches,
             grad_clip: self.optim.grad_clip,
             k,
-            world: collective.world_size(),
-        })?;
-        if let Some(copy) = &mut self.copy {
+            world,
+            across: if self.sharded { Some(collective) } else { None },
+        });
+        let norm = match norm {
+            Ok(norm) => norm,
+            // A peer's failure stays a collective error (it names the peer).
+            Err(UpdateError::Collective(e)) => return Err(e.into()),
+            Err(UpdateError::Backend(e)) => return Err(e.into()),
+        };
+        // Sharded, the copy is refreshed once the weights are gathered.
+        if let (Some(copy), false) = (&mut self.copy, self.sharded) {
             be.refresh(B::view_mut(copy), B::view(&self.master))?;
         }
         // Everything is enqueued: the step's one read.
@@ -338,47 +342,6 @@ impl<B: Train> Fused<B> {
         Ok(Scalars {
             loss_sum,
             grad_norm: *grad_norm,
-        })
-    }
-
-    /// [`Fused::update`] of this rank's shard, on the host.
-    fn update_shard(
-        &mut self,
-        micro_batches: usize,
-        k: &Coefficients,
-        collective: &mut dyn Collective,
-    ) -> Result<Scalars> {
-        let shard = self.shard.clone();
-        let (Some(w), Some(g), Some(m), Some(v)) = (
-            B::host_slice_mut(&mut self.master),
-            B::host_slice_mut(&mut self.grad),
-            B::host_slice_mut(&mut self.m),
-            B::host_slice_mut(&mut self.v),
-        ) else {
-            anyhow::bail!("a sharded optimizer state on a device");
-        };
-        let grad_norm = host_step(
-            k,
-            &mut w[shard.clone()],
-            m,
-            v,
-            &mut g[shard],
-            &self.decay_ranges,
-            micro_batches,
-            self.optim.grad_clip,
-            |g| {
-                let squares = crate::optim::sum_of_squares(g);
-                sum_by_shard(collective, squares).map(f64::sqrt)
-            },
-        )?;
-        let mut loss_sum = 0.0;
-        for (sum, tokens) in self.losses.iter().zip(&self.tokens) {
-            loss_sum += self.model.backend().loss_value(sum)? / *tokens as f64;
-        }
-        self.losses.clear();
-        Ok(Scalars {
-            loss_sum,
-            grad_norm,
         })
     }
 
@@ -501,36 +464,47 @@ impl<B: Train> Fused<B> {
         Ok(())
     }
 
-    /// [`Fused::load`] of a sharded state (host memory): all the weights,
-    /// the moments of the shard only, read a tensor at a time.
+    /// [`Fused::load`] of a sharded state: all the weights, the moments of
+    /// the shard only, read a tensor at a time (host memory in place; a
+    /// device's through the reader's buffer).
     fn load_shard(&mut self, dir: &Path, slots: &[Slot], weights_only: bool) -> Result<()> {
         let shard = self.shard.clone();
-        let (Some(w), Some(m), Some(v)) = (
-            B::host_slice_mut(&mut self.master),
-            B::host_slice_mut(&mut self.m),
-            B::host_slice_mut(&mut self.v),
-        ) else {
-            anyhow::bail!("a sharded optimizer state on a device");
+        let kinds: &[Kind] = if weights_only {
+            &[Kind::Weights]
+        } else {
+            &[Kind::Weights, Kind::FirstMoments, Kind::SecondMoments]
         };
-        checkpoint::read_model_into(dir, slots, w)?;
-        if weights_only {
-            return Ok(());
-        }
-        for (kind, out) in [(Kind::FirstMoments, m), (Kind::SecondMoments, v)] {
+        let be = self.model.backend_mut();
+        for &kind in kinds {
+            // The weights are all this rank's; the moments its shard's.
+            let (buf, keep) = match kind {
+                Kind::Weights => (&mut self.master, 0..self.len),
+                Kind::FirstMoments => (&mut self.m, shard.clone()),
+                Kind::SecondMoments => (&mut self.v, shard.clone()),
+            };
             let mut tensors = TensorReader::open(dir, slots, kind)?;
             while let Some((slot, values)) = tensors.next_tensor()? {
                 let (lo, hi) = (
-                    slot.offset.max(shard.start),
-                    (slot.offset + values.len()).min(shard.end),
+                    slot.offset.max(keep.start),
+                    (slot.offset + values.len()).min(keep.end),
                 );
-                if lo < hi {
-                    out[lo - shard.start..hi - shard.start]
-                        .copy_from_slice(&values[lo - slot.offset..hi - slot.offset]);
+                if lo >= hi {
+                    continue;
+                }
+                be.upload(
+                    B::part_mut(buf, lo - keep.start..hi - keep.start),
+                    &values[lo - slot.offset..hi - slot.offset],
+                )?;
+                if !B::HOST_MEMORY {
+                    self.transfers.record_upload(Purpose::State, 4 * (hi - lo));
                 }
             }
             if kind == Kind::SecondMoments {
                 self.step = tensors.optimizer_step()?;
             }
+        }
+        if let Some(copy) = &mut self.copy {
+            be.refresh(B::view_mut(copy), B::view(&self.master))?;
         }
         Ok(())
     }

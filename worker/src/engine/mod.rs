@@ -405,10 +405,7 @@ impl Engine {
     }
 
     /// Sharded: the ranks' updated shards of the weights to every rank.
-    pub fn gather_weights(
-        &mut self,
-        collective: &mut dyn Collective,
-    ) -> Result<(), CollectiveError> {
+    pub fn gather_weights(&mut self, collective: &mut dyn Collective) -> Result<()> {
         each!(self, f => f.gather_weights(collective), _c => Ok(()))
     }
 

@@ -972,6 +972,15 @@ fn fused_state<B: super::backend::Train>(
 /// A fused engine and its state on `backend` for `gpu_shaped` (micro-batches
 /// of 2), from the tests' weights.
 fn fused_on<B: super::backend::Train>(backend: B, lr_clip: f64) -> super::Fused<B> {
+    fused_on_shard(backend, lr_clip, None)
+}
+
+/// [`fused_on`], keeping the optimizer state of `shard` only.
+fn fused_on_shard<B: super::backend::Train>(
+    backend: B,
+    lr_clip: f64,
+    shard: Option<std::ops::Range<usize>>,
+) -> super::Fused<B> {
     use stride_job::config::OptimConfig;
     let c = gpu_shaped();
     let optim = OptimConfig {
@@ -987,7 +996,7 @@ fn fused_on<B: super::backend::Train>(backend: B, lr_clip: f64) -> super::Fused<
         &optim,
         Device::Cpu,
         crate::transfer::Transfers::default(),
-        None,
+        shard,
     )
     .expect("fused engine")
 }
@@ -1040,6 +1049,120 @@ fn the_fused_state_on_the_emulated_gpu_tracks_the_cpu_engine() {
         );
     }
     assert!(clipped > 0, "clipping was exercised");
+}
+
+/// One rank's three steps of [`sharded_on_the_emulated_gpu`]: each step's
+/// scalars, then all its weights and the moments it keeps.
+type RankRun = (
+    Vec<super::Scalars>,
+    Vec<f32>,
+    Vec<f32>,
+    Vec<f32>,
+    std::ops::Range<usize>,
+);
+
+/// Three steps of `world` ranks on the ring, each the fused engine on the
+/// emulated GPU backend `make()` (the CUDA backend's kernels), its
+/// optimizer state whole or (`shard`) by shard: the step as the trainer
+/// runs it — backward over two micro-batches, the gradient summed (or
+/// reduce-scattered), the update, the weights gathered.
+fn sharded_on_the_emulated_gpu<B: super::backend::Train + Send>(
+    world: usize,
+    shard: bool,
+    make: impl Fn() -> B + Sync,
+) -> Vec<RankRun> {
+    let c = gpu_shaped();
+    let n = weights(&c).len();
+    crate::collective::local_ring(world, |mut coll| {
+        let rank = coll.rank();
+        let mut f = fused_on_shard(make(), 0.5, shard.then(|| coll.shard(n)));
+        let mut scalars = Vec::new();
+        for step in 0..3 {
+            f.begin_step().expect("begin");
+            for b in 0..2 {
+                let (x, y) = tokens(&c, 2, 1000 * step + 10 * rank + b);
+                f.forward_backward(&x, &y).expect("forward and backward");
+            }
+            f.sum_gradient(coll.as_mut()).expect("sum");
+            scalars.push(f.update(2 * world, 1e-3, coll.as_mut()).expect("update"));
+            f.gather_weights(coll.as_mut()).expect("gather");
+        }
+        let (mut w, mut m, mut v) = (vec![0f32; n], Vec::new(), Vec::new());
+        f.weights_into(&mut w).expect("weights");
+        let mut part = Vec::new();
+        f.read_state(&mut part, &mut m, &mut v).expect("state");
+        (scalars, w, m, v, f.shard())
+    })
+    .expect("ring")
+}
+
+/// A sharded optimizer through the GPU's optimizer kernels (emulated), on
+/// the ring, 2 and 3 ranks, f32 and bf16 compute: each rank keeps its
+/// shard's moments only, sums its shard's squares and sums that over the
+/// ranks in place (as NCCL sums the one device value: no host wait), runs
+/// the gradient factor and AdamW kernels on its shard, gathers the
+/// weights and refreshes the bf16 compute copy from them. Three steps
+/// (clipping active) track the same job with the whole state: losses and
+/// norms to 1e-5, weights to 1e-6, each shard's moments to 1e-5 of the
+/// whole state's (the norm's f32 sum is grouped by shard, so not the same
+/// bits — the CPU's f64 sums are, `trainer`'s test).
+#[test]
+fn a_sharded_optimizer_on_the_emulated_gpu_tracks_the_whole_state() {
+    use super::emulated::Emulated;
+    use stride_cuda_kernels::Bf16;
+    fn check(what: &str, whole: &[RankRun], sharded: &[RankRun], n: usize) {
+        let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * b.abs().max(1e-3);
+        let mut covered = 0;
+        for (rank, (a, b)) in whole.iter().zip(sharded).enumerate() {
+            for (step, (x, y)) in a.0.iter().zip(&b.0).enumerate() {
+                assert!(
+                    close(y.loss_sum, x.loss_sum, 1e-5) && close(y.grad_norm, x.grad_norm, 1e-5),
+                    "{what} rank {rank} step {step}: sharded {y:?}, whole {x:?}"
+                );
+            }
+            let worst =
+                a.1.iter()
+                    .zip(&b.1)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+            assert!(
+                worst <= 1e-6,
+                "{what} rank {rank}: weights apart by {worst}"
+            );
+            assert_eq!(b.1, sharded[0].1, "{what}: ranks hold the same weights");
+            let at = b.4.start;
+            assert_eq!(
+                b.4.len(),
+                b.2.len(),
+                "{what} rank {rank}: moments of its shard only"
+            );
+            covered += b.2.len();
+            for (moments, (whole_m, shard_m)) in [("first", (&a.2, &b.2)), ("second", (&a.3, &b.3))]
+            {
+                let scale = whole_m.iter().fold(0f32, |s, x| s.max(x.abs()));
+                let apart = shard_m
+                    .iter()
+                    .zip(&whole_m[at..at + shard_m.len()])
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    apart <= 1e-5 * scale,
+                    "{what} rank {rank}: {moments} moments apart by {apart} (scale {scale})"
+                );
+            }
+        }
+        assert_eq!(covered, n, "{what}: the shards cover the state once");
+    }
+    let n = weights(&gpu_shaped()).len();
+    for world in [2, 3] {
+        let whole = sharded_on_the_emulated_gpu(world, false, Emulated::<f32>::default);
+        let sharded = sharded_on_the_emulated_gpu(world, true, Emulated::<f32>::default);
+        check(&format!("f32, world {world}"), &whole, &sharded, n);
+        assert!(sharded[0].2.len() < n, "a rank keeps part of the moments");
+    }
+    let whole = sharded_on_the_emulated_gpu(2, false, Emulated::<Bf16>::default);
+    let sharded = sharded_on_the_emulated_gpu(2, true, Emulated::<Bf16>::default);
+    check("bf16, world 2", &whole, &sharded, n);
 }
 
 /// Mixed precision through the fused state (emulated GPU): the bf16

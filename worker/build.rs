@@ -1,5 +1,5 @@
 //! With the `cuda` feature: compiles `cuda/adamw.cu` (the fused AdamW
-//! update, `src/fused_adamw.rs`) to PTX with nvcc, for the compute
+//! update, `src/engine/composed/adamw.rs`) to PTX with nvcc, for the compute
 //! capability in `CUDA_COMPUTE_CAP` (default 90, H100), as Candle's own
 //! kernels are. Without the feature there is nothing to build.
 

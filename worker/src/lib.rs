@@ -10,9 +10,7 @@
 pub mod alloc;
 pub mod collective;
 mod compute;
-pub mod device_state;
 pub mod engine;
-pub mod fused_adamw;
 pub mod handoff;
 pub mod model;
 pub mod optim;

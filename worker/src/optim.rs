@@ -93,7 +93,7 @@ pub fn adamw_step(
 
 /// The constants of one AdamW update, in the f32 the element arithmetic
 /// uses. One definition for every implementation: the host loop above, the
-/// device state's fused update on the CPU (`crate::fused_adamw`) and its
+/// device state's fused update on the CPU (`crate::engine::composed::adamw`) and its
 /// CUDA kernel (`worker/cuda/adamw.cu`, which repeats [`Coefficients::apply`]
 /// operation for operation and is compiled without multiply-add
 /// contraction), so all three give the same bits from the same gradient.

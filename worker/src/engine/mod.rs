@@ -37,7 +37,7 @@
 //! of its losses and norm).
 
 pub mod backend;
-mod composed;
+pub mod composed;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 #[cfg(test)]
@@ -68,7 +68,7 @@ pub use gpt::FusedGpt;
 use stride_cuda_kernels::Bf16;
 
 #[cfg(doc)]
-use crate::device_state::DeviceState;
+use composed::state::DeviceState;
 
 /// What a step reads back at its end: the sum of its micro-batches' mean
 /// losses, and the global gradient norm (averaged over ranks, before

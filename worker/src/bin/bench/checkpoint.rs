@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Result;
 use candle_core::Device;
 use stride_job::config::ModelConfig;
-use stride_worker::device_state::DeviceState;
+use stride_worker::engine::composed::state::DeviceState;
 use stride_worker::model;
 use stride_worker::transfer::Transfers;
 

@@ -15,6 +15,13 @@
 //! and AdamW as one device pass, the compute weights refreshed by device
 //! casts, then the micro-batches' losses and the norm read in one copy.
 //! Every host↔device copy goes through [`Transfers`].
+//!
+//! Its files live here, with the path they serve: `state.rs` the
+//! device-resident state, `adamw.rs` its update as one in-place pass (the
+//! CPU loop, and the CUDA kernel of `worker/cuda/adamw.cu`).
+
+pub mod adamw;
+pub mod state;
 
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
@@ -23,9 +30,9 @@ use stride_job::config::{ModelConfig, OptimConfig};
 
 use super::Scalars;
 use crate::collective::{Collective, CollectiveError};
-use crate::device_state::DeviceState;
 use crate::model::{self, Gpt, Slot};
 use crate::transfer::{Purpose, Transfers};
+use state::DeviceState;
 
 /// See the module doc.
 #[derive(Debug)]

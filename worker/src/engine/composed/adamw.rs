@@ -22,7 +22,7 @@
 //! clip factor when clipping): the device computes it from the norm, so
 //! the host never waits for the norm before enqueuing the update.
 //!
-//! [`DeviceState::update_reference`]: crate::device_state::DeviceState::update_reference
+//! [`DeviceState::update_reference`]: super::state::DeviceState::update_reference
 
 use std::ops::Range;
 

@@ -55,8 +55,8 @@ use candle_core::{DType, Device, Error, Result, Tensor};
 use stride_job::checkpoint::{Kind, TensorReader};
 use stride_job::config::OptimConfig;
 
+use super::adamw::FusedAdamW;
 use crate::collective::{Collective, CollectiveError};
-use crate::fused_adamw::FusedAdamW;
 use crate::model::Slot;
 use crate::optim::Coefficients;
 use crate::transfer::{Purpose, Transfers};

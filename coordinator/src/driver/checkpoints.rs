@@ -4,9 +4,10 @@
 //! shards its optimizer state, every rank writes its shard's part of both
 //! files — and when every writer has reported this module writes the
 //! manifest and COMPLETE (hashing the files itself when they came in
-//! parts), renames the folder into place, moves the `latest` / `best`
-//! pointers and prunes to `checkpoint.keep_last`. A checkpoint never
-//! committed is never loaded.
+//! parts: on a thread of its own, the driver's next wake committing them,
+//! so that the hashing never holds a step), renames the folder into place,
+//! moves the `latest` / `best` pointers and prunes to
+//! `checkpoint.keep_last`. A checkpoint never committed is never loaded.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,6 +22,9 @@ use stride_job::test_hooks::{self, Hook};
 use stride_proto::v1::CheckpointReport;
 
 use crate::server::Shared;
+
+/// The files the writers write (and a sharded job's committer hashes).
+const FILES: [&str; 2] = [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE];
 
 /// A checkpoint planned at a step boundary whose files are being written.
 #[derive(Debug)]
@@ -39,6 +43,9 @@ struct Pending {
     /// The reports in so far: the longest write, and rank 0's weights hash.
     write_s: f64,
     weights_hash: Vec<u8>,
+    /// A sharded job's files, every part reported, being hashed on a
+    /// thread of their own (committed by [`Checkpoints::commit_hashed`]).
+    hashing: Option<std::thread::JoinHandle<Vec<Result<String, checkpoint::CheckpointError>>>>,
 }
 
 #[derive(Debug)]
@@ -92,16 +99,20 @@ impl Checkpoints {
                 parts_left: writers.max(1),
                 write_s: 0.0,
                 weights_hash: Vec::new(),
+                hashing: None,
             },
         );
         Ok(tmp)
     }
 
-    /// Rank 0 wrote its files: write the manifest and COMPLETE, rename into
-    /// place, move the pointers, prune. A write that failed (rank 0's
-    /// report says why) or a commit that fails here (the disk is full) is
-    /// a [`CheckpointFailed`]: the temporary folder is removed at once and
-    /// the job stops, the checkpoint before staying the newest.
+    /// A writer wrote its files: once every writer has, write the manifest
+    /// and COMPLETE, rename into place, move the pointers, prune — for a
+    /// sharded job's parts once a thread has hashed them
+    /// ([`Checkpoints::commit_hashed`]: the driver does not wait for the
+    /// hashing). A write that failed (the report says why) or a commit
+    /// that fails here (the disk is full) is a [`CheckpointFailed`]: the
+    /// temporary folder is removed at once and the job stops, the
+    /// checkpoint before staying the newest.
     pub fn commit(&mut self, r: CheckpointReport) -> Result<()> {
         let Some(p) = self.pending.get_mut(&r.step) else {
             return Ok(());
@@ -116,17 +127,80 @@ impl Checkpoints {
         if p.parts_left > 0 && r.error.is_empty() {
             return Ok(());
         }
-        let Some(p) = self.pending.remove(&r.step) else {
+        if r.error.is_empty() && r.sha256.is_empty() && p.hashing.is_none() {
+            // Every part is in: the files are hashed while training goes on.
+            let paths: Vec<PathBuf> = FILES.iter().map(|f| p.tmp.join(f)).collect();
+            let span = p.span.clone();
+            let hashing = std::thread::Builder::new()
+                .name("checkpoint-hash".into())
+                .spawn(move || span.in_scope(|| checkpoint::sha256_files(&paths)));
+            match hashing {
+                Ok(h) => {
+                    p.hashing = Some(h);
+                    return Ok(());
+                }
+                Err(e) => {
+                    let p = self.pending.remove(&r.step);
+                    return self.finish(
+                        p,
+                        r.step,
+                        Err(format!("cannot start a hashing thread: {e}")),
+                    );
+                }
+            }
+        }
+        let p = self.pending.remove(&r.step);
+        let outcome = if r.error.is_empty() {
+            Ok(r.sha256.into_iter().collect())
+        } else {
+            Err(r.error)
+        };
+        self.finish(p, r.step, outcome)
+    }
+
+    /// Commits the checkpoints whose parts a thread has finished hashing;
+    /// whether there was one.
+    pub fn commit_hashed(&mut self) -> Result<bool> {
+        let done: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.hashing.as_ref().is_some_and(|h| h.is_finished()))
+            .map(|(step, _)| *step)
+            .collect();
+        for &step in &done {
+            let mut p = self.pending.remove(&step);
+            let sums = match p.as_mut().and_then(|p| p.hashing.take()).map(|h| h.join()) {
+                Some(Ok(sums)) => FILES
+                    .iter()
+                    .zip(sums)
+                    .map(|(f, sum)| sum.map(|s| (f.to_string(), s)))
+                    .collect::<Result<BTreeMap<_, _>, _>>()
+                    .map_err(|e| format!("hashing the written files: {e}")),
+                _ => Err("the thread hashing the written files failed".to_string()),
+            };
+            self.finish(p, step, sums)?;
+        }
+        Ok(!done.is_empty())
+    }
+
+    /// The end of the checkpoint of `step` (`p`, if still pending): the
+    /// commit with the files' sums, or the failure `outcome` says.
+    fn finish(
+        &mut self,
+        p: Option<Pending>,
+        step: u64,
+        outcome: Result<BTreeMap<String, String>, String>,
+    ) -> Result<()> {
+        let Some(p) = p else {
             return Ok(());
         };
-        let (step, tmp) = (r.step, p.tmp.clone());
-        let failed = if r.error.is_empty() {
-            match self.commit_written(p, r) {
+        let tmp = p.tmp.clone();
+        let failed = match outcome {
+            Ok(sums) => match self.commit_written(p, step, sums) {
                 Ok(()) => return Ok(()),
                 Err(e) => format!("{e:#}"),
-            }
-        } else {
-            r.error
+            },
+            Err(why) => why,
         };
         let removed = match std::fs::remove_dir_all(&tmp) {
             Ok(()) => format!("its temporary folder {} was removed", tmp.display()),
@@ -153,30 +227,21 @@ impl Checkpoints {
         .into())
     }
 
-    /// [`Checkpoints::commit`] of files every writer has reported: rank
-    /// 0's whole files with their sums, or a sharded job's parts, which
-    /// are hashed here.
-    fn commit_written(&mut self, mut p: Pending, r: CheckpointReport) -> Result<()> {
-        let files = [checkpoint::MODEL_FILE, checkpoint::OPTIMIZER_FILE];
-        p.state.files = if r.sha256.is_empty() {
-            let paths: Vec<PathBuf> = files.iter().map(|f| p.tmp.join(f)).collect();
-            let sums = p.span.in_scope(|| checkpoint::sha256_files(&paths));
-            files
-                .iter()
-                .zip(sums)
-                .map(|(f, sum)| Ok((f.to_string(), sum?)))
-                .collect::<Result<_, checkpoint::CheckpointError>>()?
-        } else {
-            for file in files {
-                if !r.sha256.contains_key(file) {
-                    bail!(
-                        "rank 0 reported the checkpoint of step {} without {file}",
-                        r.step
-                    );
-                }
+    /// [`Checkpoints::commit`] of files every writer has reported, with
+    /// their sums (rank 0's, or the hashing thread's for a sharded job's
+    /// parts).
+    fn commit_written(
+        &mut self,
+        mut p: Pending,
+        step: u64,
+        sums: BTreeMap<String, String>,
+    ) -> Result<()> {
+        for file in FILES {
+            if !sums.contains_key(file) {
+                bail!("rank 0 reported the checkpoint of step {step} without {file}");
             }
-            r.sha256.into_iter().collect()
-        };
+        }
+        p.state.files = sums;
         // Rank 0's hash of the weights it wrote (the step's own report may
         // not have hashed them: `worker.weights_check_interval`).
         if !p.weights_hash.is_empty() {
@@ -184,8 +249,8 @@ impl Checkpoints {
         }
         let folder = &self.folder;
         let commit_span =
-            tracing::info_span!(parent: &p.span, "checkpoint_commit", step = r.step as i64);
-        full_disk_for_tests(r.step, &p.tmp);
+            tracing::info_span!(parent: &p.span, "checkpoint_commit", step = step as i64);
+        full_disk_for_tests(step, &p.tmp);
         let dir = commit_span
             .in_scope(|| checkpoint::commit(&p.tmp, folder, p.state, &p.config_toml))
             .map_err(|e| environment(e, folder))?;
@@ -197,11 +262,11 @@ impl Checkpoints {
         m.checkpoints.inc();
         self.committed.push(dir.clone());
         let env = |e| environment(e, folder);
-        if checkpoint::pointer_step(folder, checkpoint::LATEST).is_none_or(|s| s <= r.step) {
-            checkpoint::set_pointer(folder, checkpoint::LATEST, r.step).map_err(env)?;
+        if checkpoint::pointer_step(folder, checkpoint::LATEST).is_none_or(|s| s <= step) {
+            checkpoint::set_pointer(folder, checkpoint::LATEST, step).map_err(env)?;
         }
         if p.best {
-            checkpoint::set_pointer(folder, checkpoint::BEST, r.step).map_err(env)?;
+            checkpoint::set_pointer(folder, checkpoint::BEST, step).map_err(env)?;
         }
         let removed = checkpoint::prune(folder, self.keep_last).map_err(env)?;
         let pruned = if removed.is_empty() {

@@ -91,6 +91,10 @@ impl Asides for Boundary {
         }
         Ok(())
     }
+
+    fn tick(&mut self) -> Result<bool> {
+        self.checkpoints.commit_hashed()
+    }
 }
 
 #[derive(Debug)]

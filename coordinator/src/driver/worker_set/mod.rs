@@ -91,7 +91,8 @@ impl Rank {
 /// not one of the answers it waits for.
 #[derive(Debug)]
 pub enum Aside {
-    /// Rank 0 of the current generation wrote a checkpoint's files.
+    /// A writer of the current generation (rank 0; every rank of a
+    /// sharded job) wrote its checkpoint files.
     Checkpoint(CheckpointReport),
     /// A first SIGTERM: stop after the step in flight, with a checkpoint.
     Preempt,
@@ -102,6 +103,13 @@ pub enum Aside {
 /// The driver's side of [`Aside`]s.
 pub trait Asides {
     fn take(&mut self, aside: Aside) -> Result<()>;
+    /// Called whenever a wait wakes (a message, or the heartbeat interval
+    /// at the latest): work the driver finishes on its own time (a
+    /// sharded checkpoint hashed in the background, committed now).
+    /// Whether it did something (the wait then returns to its caller).
+    fn tick(&mut self) -> Result<bool> {
+        Ok(false)
+    }
 }
 
 /// How long the driver waits for ranks to answer.

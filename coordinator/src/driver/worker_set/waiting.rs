@@ -40,6 +40,9 @@ impl WorkerSet {
         // from each) must not keep postponing the look at the silent one.
         let mut next_check = TokioInstant::now() + hb_every;
         loop {
+            if asides.tick()? {
+                return Ok(None);
+            }
             if TokioInstant::now() >= next_check {
                 next_check = TokioInstant::now() + hb_every;
                 if let Some(failure) = self

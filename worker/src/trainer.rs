@@ -450,7 +450,7 @@ impl Trainer {
         );
         let entered = span.enter();
         let chunks = samples.len().div_ceil(micro.max(1));
-        let overlap = self.config.train.overlap_grad_comm && self.collective.world_size() > 1;
+        let overlap = self.config.overlaps_grad_comm(self.collective.world_size());
         let mut waited_s = 0.0;
         for (i, chunk) in samples.chunks(micro).enumerate() {
             self.micro_batch_boundary(false)?;
@@ -900,8 +900,15 @@ mod tests {
 
     #[test]
     fn world_sizes_agree_and_ranks_stay_identical() {
-        // 1 × accumulation 4, 2 × 2, 4 × 1: same global batch, same math.
-        let c = config("");
+        for switches in ["", "shard_optimizer = true\noverlap_grad_comm = true\n"] {
+            worlds_agree(&config(switches));
+        }
+    }
+
+    /// 1 × accumulation 4, 2 × 2, 4 × 1 with `c`: same global batch, same
+    /// math; every rank the same bits after every step.
+    fn worlds_agree(c: &Config) {
+        let c = c.clone();
         let batches = samples_of(&c, 8);
         let mut per_world: Vec<Vec<f64>> = Vec::new();
         for world in [1usize, 2, 4] {

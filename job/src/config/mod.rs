@@ -213,23 +213,31 @@ impl GradCommDtype {
 }
 
 named_choices! {
-    /// Whether each rank keeps the optimizer state of its shard only
-    /// (ZeRO-1: the AdamW moments of 1/world of the parameters), reducing
-    /// the gradient into its shard, updating it and gathering the new
-    /// weights. The steps are the same bits either way, and so are the
-    /// checkpoints (see the worker's `engine::fused` doc). Written
-    /// `"on"`/`"off"` or `true`/`false`.
+    /// A data-parallel feature that changes no bit of a step, only what
+    /// it costs (`train.shard_optimizer`, `train.overlap_grad_comm`):
+    /// `auto` turns it on where it was measured to pay, for models of at
+    /// least [`AUTO_MIN_PARAMETERS`] (`Config::shards_optimizer`,
+    /// `Config::overlaps_grad_comm`). Written `"on"`/`"off"` or
+    /// `true`/`false`.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
     #[serde(try_from = "Switch", into = "String")]
-    pub enum ShardOptimizer: "optimizer sharding" {
-        /// On for a CPU job of more than one worker (the fused engine);
-        /// off on CUDA until its sharded update is written.
+    pub enum Toggle: "switch" {
         #[default]
-        Auto = "auto" ("on for a CPU job of more than one worker"),
+        Auto = "auto" ("on where it pays: more than one worker, a model of at least 4 M parameters"),
         On = "on",
         Off = "off",
     }
 }
+
+/// The smallest model (parameters) for which `auto` shards the optimizer
+/// state and sums gradients during backward. Measured on 2 CPU workers
+/// (BENCHMARKS.md, "Data parallelism on the CPU"): for `tiny` (0.1 M) each
+/// costs 12-15 % of the tokens/s (its steps are a few ms, and each adds
+/// collective calls whose latency dominates); for the 16 M-parameter
+/// `main` shape neither costs anything measurable, and sharding halves
+/// the moments. Between the two the line is a judgment: a model whose
+/// moments are 32 MB per rank.
+pub const AUTO_MIN_PARAMETERS: usize = 4_000_000;
 
 /// A switch as TOML writes it: a boolean or a name.
 #[derive(Debug, Deserialize)]
@@ -239,12 +247,12 @@ pub enum Switch {
     Text(String),
 }
 
-impl TryFrom<Switch> for ShardOptimizer {
+impl TryFrom<Switch> for Toggle {
     type Error = UnknownName;
-    fn try_from(s: Switch) -> Result<ShardOptimizer, UnknownName> {
+    fn try_from(s: Switch) -> Result<Toggle, UnknownName> {
         match s {
-            Switch::Bool(true) => Ok(ShardOptimizer::On),
-            Switch::Bool(false) => Ok(ShardOptimizer::Off),
+            Switch::Bool(true) => Ok(Toggle::On),
+            Switch::Bool(false) => Ok(Toggle::Off),
             Switch::Text(t) => t.parse(),
         }
     }
@@ -302,13 +310,15 @@ pub struct TrainConfig {
     /// may change it.
     pub grad_comm_dtype: GradCommDtype,
     /// Each rank keeps the optimizer state of its shard only (ZeRO-1):
-    /// `auto`, `on`, `off`; a resume may change it.
-    pub shard_optimizer: ShardOptimizer,
+    /// `auto` (CPU jobs, [`Toggle`]), `on`, `off`; a resume may change it.
+    /// The same bits either way, and the same checkpoints.
+    pub shard_optimizer: Toggle,
     /// Sum each block's gradient while backward computes the blocks below
     /// it (the step's last micro-batch), rather than all of it after
-    /// backward: the same bits either way. The fused engine on the CPU
-    /// does it on a thread of its own; the composed engine by buckets.
-    pub overlap_grad_comm: bool,
+    /// backward: `auto` ([`Toggle`]), `on`, `off`; the same bits either
+    /// way. The fused engine on the CPU does it on a thread of its own;
+    /// the composed engine by buckets.
+    pub overlap_grad_comm: Toggle,
 }
 
 impl Default for TrainConfig {
@@ -325,8 +335,8 @@ impl Default for TrainConfig {
             eval_batches: 4,
             seed: 1337,
             grad_comm_dtype: GradCommDtype::F32,
-            shard_optimizer: ShardOptimizer::Auto,
-            overlap_grad_comm: true,
+            shard_optimizer: Toggle::Auto,
+            overlap_grad_comm: Toggle::Auto,
         }
     }
 }
@@ -627,20 +637,41 @@ impl Config {
         let w = &self.worker;
         world > 1
             && match self.train.shard_optimizer {
-                ShardOptimizer::On => true,
-                ShardOptimizer::Off => false,
-                // The CPU's fused engine: measured, no slower. Not on CUDA
-                // until a GPU has measured it (ARCHITECTURE, ZeRO-1).
-                ShardOptimizer::Auto => {
-                    w.device == Device::Cpu && self.shard_refusal(ShardOptimizer::On).is_none()
+                Toggle::On => true,
+                Toggle::Off => false,
+                // The CPU's fused engine, for models where it was measured
+                // to cost nothing. Not on CUDA until a GPU has measured it
+                // (ARCHITECTURE, ZeRO-1).
+                Toggle::Auto => {
+                    w.device == Device::Cpu
+                        && self.shard_refusal(Toggle::On).is_none()
+                        && self.parameter_count() >= AUTO_MIN_PARAMETERS
                 }
             }
     }
 
+    /// Whether a generation of `world` ranks sums each block's gradient
+    /// during backward (`train.overlap_grad_comm`, `auto` resolved).
+    pub fn overlaps_grad_comm(&self, world: usize) -> bool {
+        world > 1
+            && match self.train.overlap_grad_comm {
+                Toggle::On => true,
+                Toggle::Off => false,
+                Toggle::Auto => self.parameter_count() >= AUTO_MIN_PARAMETERS,
+            }
+    }
+
+    /// The model's parameter count (the tied head counted once).
+    pub fn parameter_count(&self) -> usize {
+        crate::params::layout(&self.model)
+            .last()
+            .map_or(0, |s| s.offset + s.len)
+    }
+
     /// Why `train.shard_optimizer = value` cannot run, if it cannot: the
     /// composed engine keeps the whole optimizer state.
-    pub(crate) fn shard_refusal(&self, value: ShardOptimizer) -> Option<String> {
-        if value != ShardOptimizer::On {
+    pub(crate) fn shard_refusal(&self, value: Toggle) -> Option<String> {
+        if value != Toggle::On {
             return None;
         }
         let shape = crate::cuda_shapes::ModelShape {
@@ -683,10 +714,10 @@ mod tests {
     #[test]
     fn shard_optimizer_reads_booleans_and_names() {
         for (value, want) in [
-            ("true", ShardOptimizer::On),
-            ("false", ShardOptimizer::Off),
-            ("\"on\"", ShardOptimizer::On),
-            ("\"auto\"", ShardOptimizer::Auto),
+            ("true", Toggle::On),
+            ("false", Toggle::Off),
+            ("\"on\"", Toggle::On),
+            ("\"auto\"", Toggle::Auto),
         ] {
             let c = resolve(&format!("[train]\nshard_optimizer = {value}\n")).expect(value);
             assert_eq!(c.train.shard_optimizer, want, "{value}");
@@ -694,8 +725,23 @@ mod tests {
             assert_eq!(again.train.shard_optimizer, want, "{value} saved");
         }
         let auto = resolve("").expect("default");
-        assert_eq!(auto.train.shard_optimizer, ShardOptimizer::Auto);
+        assert_eq!(auto.train.shard_optimizer, Toggle::Auto);
+        assert!(auto.parameter_count() >= AUTO_MIN_PARAMETERS, "GPT-2 small");
         assert!(auto.shards_optimizer(2) && !auto.shards_optimizer(1));
+        assert!(auto.overlaps_grad_comm(2) && !auto.overlaps_grad_comm(1));
+        let small =
+            "[model]\nn_layer = 2\nn_embd = 64\nn_head = 2\nvocab_size = 128\ncontext = 64\n";
+        let tiny = resolve(small).expect("a tiny model");
+        assert!(
+            !tiny.shards_optimizer(2) && !tiny.overlaps_grad_comm(2),
+            "auto leaves a model of {} parameters alone",
+            tiny.parameter_count()
+        );
+        let asked = resolve(&format!(
+            "{small}[train]\nshard_optimizer = true\noverlap_grad_comm = \"on\"\n"
+        ))
+        .expect("asked");
+        assert!(asked.shards_optimizer(2) && asked.overlaps_grad_comm(2));
         let composed = resolve("[worker]\nengine = \"composed\"\n").expect("composed");
         assert!(
             !composed.shards_optimizer(4),

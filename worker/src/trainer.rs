@@ -71,8 +71,9 @@ impl SnapshotBuffers {
 /// and touched (no allocation, no page faults) — for a device-resident
 /// state too: `Transfers::to_host` copies into them, and on CUDA they are
 /// page-locked the first time ([`Pinned`]), so the copy is a DMA at the
-/// link's speed. Only the rank that writes (rank 0) ever holds them; they
-/// stay allocated (and locked) for the trainer's life.
+/// link's speed. Only a rank that writes (rank 0; every rank of a job
+/// that shards its optimizer state) ever holds them; they stay allocated
+/// (and locked) for the trainer's life.
 ///
 /// A rank of a job that shards its optimizer state copies only the
 /// parameters of its shard (weights and moments: a world-th of the state)
@@ -206,6 +207,9 @@ pub struct Trainer {
     corpus: Corpus,
     collective: Box<dyn Collective>,
     accumulation: usize,
+    /// Whether the step's last micro-batch sums the blocks' gradients
+    /// during backward (`Config::overlaps_grad_comm` for this world).
+    overlap: bool,
     /// Reused token buffers: one window, and a micro-batch's inputs and
     /// targets.
     window: Vec<u32>,
@@ -259,6 +263,7 @@ impl Trainer {
         )?;
         // Building the state is not a step's traffic.
         transfers.take(Purpose::Step);
+        let overlap = config.overlaps_grad_comm(collective.world_size());
         Ok(Trainer {
             config: config.clone(),
             engine,
@@ -267,6 +272,7 @@ impl Trainer {
             corpus,
             collective,
             accumulation,
+            overlap,
             window: Vec::new(),
             inputs: Vec::new(),
             targets: Vec::new(),
@@ -450,14 +456,13 @@ impl Trainer {
         );
         let entered = span.enter();
         let chunks = samples.len().div_ceil(micro.max(1));
-        let overlap = self.config.overlaps_grad_comm(self.collective.world_size());
         let mut waited_s = 0.0;
         for (i, chunk) in samples.chunks(micro).enumerate() {
             self.micro_batch_boundary(false)?;
             self.batch(&train, chunk, self.config.data.stride)?;
             // The last micro-batch sums the blocks' gradients as backward
             // finishes them (`train.overlap_grad_comm`).
-            let reduce: Option<&mut dyn Collective> = if overlap && i + 1 == chunks {
+            let reduce: Option<&mut dyn Collective> = if self.overlap && i + 1 == chunks {
                 Some(&mut *self.collective)
             } else {
                 None

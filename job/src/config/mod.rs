@@ -663,9 +663,7 @@ impl Config {
 
     /// The model's parameter count (the tied head counted once).
     pub fn parameter_count(&self) -> usize {
-        crate::params::layout(&self.model)
-            .last()
-            .map_or(0, |s| s.offset + s.len)
+        crate::params::parameter_count(&crate::params::layout(&self.model))
     }
 
     /// Why `train.shard_optimizer = value` cannot run, if it cannot: the

@@ -99,7 +99,7 @@ impl<B: Train> Fused<B> {
     /// sequences, and its state: `weights` (layout order, `slots`) as the
     /// master weights (taken as they are into host memory, copied to a
     /// device), zero moments — of every parameter, or with `shard` of
-    /// those in that range only (ZeRO-1; host memory only).
+    /// those in that range only (ZeRO-1).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         backend: B,
@@ -411,51 +411,22 @@ impl<B: Train> Fused<B> {
     /// through one reused host buffer (never a host copy of the whole
     /// state). After an error the state is half-loaded.
     pub fn load(&mut self, dir: &Path, slots: &[Slot], weights_only: bool) -> Result<()> {
-        if self.sharded {
-            return self.load_shard(dir, slots, weights_only);
-        }
-        if let Some(w) = B::host_slice_mut(&mut self.master) {
+        let whole_on_host = (!self.sharded)
+            .then(|| {
+                Some((
+                    B::host_slice_mut(&mut self.master)?,
+                    B::host_slice_mut(&mut self.m)?,
+                    B::host_slice_mut(&mut self.v)?,
+                ))
+            })
+            .flatten();
+        if let Some((w, m, v)) = whole_on_host {
             checkpoint::read_model_into(dir, slots, w)?;
             if !weights_only {
-                let (Some(m), Some(v)) = (
-                    B::host_slice_mut(&mut self.m),
-                    B::host_slice_mut(&mut self.v),
-                ) else {
-                    anyhow::bail!("host weights with moments elsewhere");
-                };
                 self.step = checkpoint::read_optimizer_into(dir, slots, m, v)?;
             }
         } else {
-            let kinds: &[Kind] = if weights_only {
-                &[Kind::Weights]
-            } else {
-                &[Kind::Weights, Kind::FirstMoments, Kind::SecondMoments]
-            };
-            let be = self.model.backend_mut();
-            for &kind in kinds {
-                let buf = match kind {
-                    Kind::Weights => &mut self.master,
-                    Kind::FirstMoments => &mut self.m,
-                    Kind::SecondMoments => &mut self.v,
-                };
-                let mut tensors = TensorReader::open(dir, slots, kind)?;
-                while let Some((slot, values)) = tensors.next_tensor()? {
-                    let at = slot.offset..slot.offset + values.len();
-                    anyhow::ensure!(
-                        at.end <= self.len,
-                        "{} values at {} lie outside a state of {} parameters",
-                        values.len(),
-                        slot.offset,
-                        self.len
-                    );
-                    be.upload(B::part_mut(buf, at), values)?;
-                    self.transfers
-                        .record_upload(Purpose::State, 4 * values.len());
-                }
-                if kind == Kind::SecondMoments {
-                    self.step = tensors.optimizer_step()?;
-                }
-            }
+            self.load_by_tensor(dir, slots, weights_only)?;
         }
         if let Some(copy) = &mut self.copy {
             let be = self.model.backend_mut();
@@ -464,10 +435,10 @@ impl<B: Train> Fused<B> {
         Ok(())
     }
 
-    /// [`Fused::load`] of a sharded state: all the weights, the moments of
-    /// the shard only, read a tensor at a time (host memory in place; a
-    /// device's through the reader's buffer).
-    fn load_shard(&mut self, dir: &Path, slots: &[Slot], weights_only: bool) -> Result<()> {
+    /// [`Fused::load`] a tensor at a time, through the reader's buffer (a
+    /// device's state, or a sharded one): all the weights, and the moments
+    /// of [`Fused::shard`] only.
+    fn load_by_tensor(&mut self, dir: &Path, slots: &[Slot], weights_only: bool) -> Result<()> {
         let shard = self.shard.clone();
         let kinds: &[Kind] = if weights_only {
             &[Kind::Weights]
@@ -484,6 +455,13 @@ impl<B: Train> Fused<B> {
             };
             let mut tensors = TensorReader::open(dir, slots, kind)?;
             while let Some((slot, values)) = tensors.next_tensor()? {
+                anyhow::ensure!(
+                    slot.offset + values.len() <= self.len,
+                    "{} values at {} lie outside a state of {} parameters",
+                    values.len(),
+                    slot.offset,
+                    self.len
+                );
                 let (lo, hi) = (
                     slot.offset.max(keep.start),
                     (slot.offset + values.len()).min(keep.end),
@@ -502,9 +480,6 @@ impl<B: Train> Fused<B> {
             if kind == Kind::SecondMoments {
                 self.step = tensors.optimizer_step()?;
             }
-        }
-        if let Some(copy) = &mut self.copy {
-            be.refresh(B::view_mut(copy), B::view(&self.master))?;
         }
         Ok(())
     }

@@ -515,17 +515,8 @@ pub(super) fn model_tensors<'a>(
     slots: &[Slot],
     weights: &'a [f32],
 ) -> (Tensors<'a>, HashMap<String, String>) {
-    let tensors = slots
-        .iter()
-        .map(|s| {
-            (
-                s.name.clone(),
-                s.shape.clone(),
-                &weights[s.offset..s.offset + s.len],
-            )
-        })
-        .collect();
-    (tensors, model_metadata())
+    let (cuts, meta) = model_cuts(slots);
+    (cut_out(&cuts, &[weights]), meta)
 }
 
 /// The metadata of `model.safetensors`.
@@ -547,17 +538,21 @@ pub(super) fn optimizer_tensors<'a>(
     v: &'a [f32],
     step: u64,
 ) -> (Tensors<'a>, HashMap<String, String>) {
-    let mut tensors = Vec::new();
-    for s in slots {
-        let range = s.offset..s.offset + s.len;
-        tensors.push((
-            format!("exp_avg.{}", s.name),
-            s.shape.clone(),
-            &m[range.clone()],
-        ));
-        tensors.push((format!("exp_avg_sq.{}", s.name), s.shape.clone(), &v[range]));
-    }
-    (tensors, optimizer_metadata(step))
+    let (cuts, meta) = optimizer_cuts(slots, step);
+    (cut_out(&cuts, &[m, v]), meta)
+}
+
+/// Each cut's values, taken from the whole flat buffers `sources`.
+fn cut_out<'a>(cuts: &[Cut], sources: &[&'a [f32]]) -> Tensors<'a> {
+    cuts.iter()
+        .map(|c| {
+            (
+                c.name.clone(),
+                c.shape.clone(),
+                &sources[c.source][c.values.clone()],
+            )
+        })
+        .collect()
 }
 
 /// The tensors of `model.safetensors` as cuts of the weights (buffer 0).

@@ -284,7 +284,8 @@ impl Engine {
             }
             Resolved::Composed if shard.is_some() => anyhow::bail!(
                 "the composed engine keeps the whole optimizer state (train.shard_optimizer needs \
-                 the fused engine, f32 on the CPU): set train.shard_optimizer = \"off\""
+                 the fused engine: f32 on the CPU, a model its CUDA kernels take on a GPU): set \
+                 train.shard_optimizer = \"off\""
             ),
             Resolved::Composed => Engine::Composed(Box::new(Composed::new(
                 model_config,
